@@ -1,0 +1,153 @@
+"""The node's log: every topic's partitions under ``<data>/log/<topic>/<partition>/``.
+
+A topic directory holds ``topic.meta`` (partition count and storage settings, written
+atomically) and one directory per partition. Deleting a topic renames its directory out of
+the way first (one atomic step), then removes the files, so a crash mid-delete never leaves
+a half-topic that looks alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import msgspec
+
+from storage.errors import StorageError
+from storage.partition import Partition, PartitionConfig, RecoveryReport
+from storage.segment import fsync_dir
+
+log = logging.getLogger("herald.storage")
+
+META_FILE = "topic.meta"
+_DELETED_SUFFIX = ".deleted"
+
+
+class TopicMeta(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    partitions: int
+    config: PartitionConfig
+    created_ms: int
+    internal: bool = False
+
+
+class TopicExists(StorageError):
+    code = "topic_exists"
+
+
+class UnknownTopic(StorageError):
+    code = "unknown_topic"
+
+
+_meta_enc = msgspec.msgpack.Encoder()
+_meta_dec = msgspec.msgpack.Decoder(TopicMeta)
+
+
+def _write_meta(directory: Path, meta: TopicMeta) -> None:
+    tmp = directory / (META_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(_meta_enc.encode(meta))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / META_FILE)
+    fsync_dir(directory)
+
+
+class Log:
+    """All partitions of one node. Topic names are validated by the broker, not here."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "log"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.topics: dict[str, TopicMeta] = {}
+        self.partitions: dict[tuple[str, int], Partition] = {}
+        self.recovery: list[RecoveryReport] = []
+
+    def open(self) -> list[RecoveryReport]:
+        """Open and recover every topic found on disk; finish interrupted deletions."""
+        reports: list[RecoveryReport] = []
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if not entry.is_dir():
+                continue
+            path = Path(entry.path)
+            if entry.name.endswith(_DELETED_SUFFIX):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            try:
+                meta = _meta_dec.decode((path / META_FILE).read_bytes())
+            except (FileNotFoundError, msgspec.DecodeError) as exc:
+                log.error("event=topic_unreadable dir=%s error=%r", path, exc)
+                continue
+            self.topics[meta.name] = meta
+            for p in range(meta.partitions):
+                part, report = Partition.open(path / str(p), meta.config, name=f"{meta.name}-{p}")
+                self.partitions[(meta.name, p)] = part
+                reports.append(report)
+        self.recovery = reports
+        return reports
+
+    def create_topic(
+        self, name: str, partitions: int, config: PartitionConfig, *, internal: bool = False
+    ) -> TopicMeta:
+        if name in self.topics:
+            raise TopicExists(f"topic {name!r} already exists")
+        if partitions < 1:
+            raise StorageError("a topic needs at least one partition")
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=False)
+        meta = TopicMeta(
+            name=name,
+            partitions=partitions,
+            config=config,
+            created_ms=time.time_ns() // 1_000_000,
+            internal=internal,
+        )
+        for p in range(partitions):
+            part, _ = Partition.open(path / str(p), config, name=f"{name}-{p}")
+            self.partitions[(name, p)] = part
+        _write_meta(path, meta)  # the topic exists once its meta file does
+        fsync_dir(self.root)
+        self.topics[name] = meta
+        return meta
+
+    async def delete_topic(self, name: str) -> None:
+        meta = self.topics.pop(name, None)
+        if meta is None:
+            raise UnknownTopic(f"unknown topic {name!r}")
+        for p in range(meta.partitions):
+            part = self.partitions.pop((name, p), None)
+            if part is not None:
+                await part.close()
+        path = self.root / name
+        gone = self.root / f"{name}.{time.time_ns()}{_DELETED_SUFFIX}"
+        os.rename(path, gone)
+        fsync_dir(self.root)
+        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, gone, True)
+
+    def partition(self, topic: str, index: int) -> Partition:
+        try:
+            return self.partitions[(topic, index)]
+        except KeyError:
+            if topic not in self.topics:
+                raise UnknownTopic(f"unknown topic {topic!r}") from None
+            raise UnknownTopic(f"topic {topic!r} has no partition {index}") from None
+
+    def apply_retention(self) -> int:
+        deleted = 0
+        for part in list(self.partitions.values()):
+            deleted += len(part.apply_retention())
+        return deleted
+
+    async def run_retention(self, interval_s: float) -> None:
+        """Check retention every ``interval_s`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.apply_retention()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.partitions.values()))
+        self.partitions.clear()

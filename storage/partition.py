@@ -1,0 +1,637 @@
+"""A partition: an ordered run of segments with group commit, reads by offset, retention and
+crash recovery.
+
+Concurrency model: every method runs on the event loop thread except the blocking syncs,
+which run in the loop's default executor. Appends write to the page cache immediately (in
+the caller's turn of the loop, so offsets follow call order) and then, for ``acks=all``,
+wait for a sync that covers them. One sync is in flight at a time; appends that arrive
+meanwhile share the next one (group commit).
+
+Visibility: consumers read up to the **high watermark**, which on a single node is the
+offset up to which the log is synced. A consumer therefore never sees a record that a power
+failure could take back, and an offset is never handed out twice. (With replication the high
+watermark will also wait for the in-sync followers.) Every write, whatever its ``acks``,
+schedules a sync, so the high watermark trails the log end by one fsync at most.
+
+Failure model: a failed write (ENOSPC, EIO) is rolled back and raised to that producer; the
+log stays as it was. A failed *sync* cannot be rolled back or retried and trusted (the
+kernel may have dropped the dirty pages), so the partition goes offline: pending and future
+appends get :class:`LogOffline` until the node reopens it and recovery re-reads the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from storage import records
+from storage.checkpoint import Checkpoint, new_checkpoint, read_checkpoint, write_checkpoint
+from storage.errors import (
+    CorruptBatch,
+    LogClosed,
+    LogOffline,
+    OffsetOutOfRange,
+    StorageError,
+)
+from storage.producers import ProducerTable
+from storage.segment import Segment, fsync_dir, list_segments
+
+log = logging.getLogger("herald.storage")
+
+
+class Acks(enum.IntEnum):
+    NONE = 0  # written to the page cache when the call returns; nothing awaited
+    LEADER = 1  # same on a single node; in a cluster: written by the leader
+    ALL = -1  # synced to disk (and, in a cluster, by the in-sync replicas)
+
+
+class PartitionConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-partition storage settings (the topic's config maps onto these)."""
+
+    segment_bytes: int = 128 * 1024 * 1024
+    segment_ms: int = 7 * 24 * 3600 * 1000
+    index_interval_bytes: int = 4096
+    retention_ms: int | None = 7 * 24 * 3600 * 1000  # None: keep forever
+    retention_bytes: int | None = None  # None: no size limit
+    max_batch_bytes: int = 8 * 1024 * 1024
+    checkpoint_interval_ms: int = 1000
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    base_offset: int
+    last_offset: int
+    duplicate: bool = False
+
+
+class RecoveryReport(msgspec.Struct, frozen=True):
+    """What opening a partition found. ``truncated_bytes`` > 0 means a torn or corrupt tail
+    was cut; ``scanned_bytes`` is what recovery read (bounded by the checkpoint interval, not
+    by the log size)."""
+
+    partition: str
+    checkpoint_found: bool
+    scanned_bytes: int
+    truncated_bytes: int
+    removed_segments: list[int]
+    next_offset: int
+    seconds: float
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+FsyncFn = Callable[[int], None]
+_MAX_READ: Final = 64 * 1024 * 1024
+
+
+class Partition:
+    """An open partition. Create with :meth:`open`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config: PartitionConfig,
+        segments: list[Segment],
+        producers: ProducerTable,
+        *,
+        fsync: FsyncFn,
+        clock: Callable[[], int],
+        name: str,
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self.name = name
+        self._segments = segments
+        self._bases = [s.base_offset for s in segments]
+        self._producers = producers
+        self._fsync = fsync
+        self._clock = clock
+        active = segments[-1]
+        self._active_created_ms = clock()
+        # durable state: everything below _flushed_offset is synced
+        self._flushed_offset = active.next_offset
+        self._flushed_segment = active.base_offset
+        self._flushed_position = active.size
+        self._dirty: list[Segment] = []
+        self._dir_dirty = False
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._hw_waiters: list[asyncio.Future[None]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._last_checkpoint_ms = clock()
+        self._checkpointed_offset = -1
+        self.on_high_watermark: Callable[[Partition], None] | None = None
+
+    # ------------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        config: PartitionConfig | None = None,
+        *,
+        fsync: FsyncFn = os.fdatasync,
+        clock: Callable[[], int] = _now_ms,
+        name: str | None = None,
+    ) -> tuple[Partition, RecoveryReport]:
+        """Open (creating if needed) the partition in ``directory`` and recover it.
+
+        Recovery trusts the bytes before the checkpoint and scans only what follows: every
+        batch past it is verified (both checksums, contiguous offsets); the first batch that
+        fails, and everything after it, is cut and reported. Blocking: at start-up, call it
+        before serving or from a thread.
+        """
+        config = config or PartitionConfig()
+        started = time.perf_counter()
+        directory.mkdir(parents=True, exist_ok=True)
+        label = name or directory.name
+        checkpoint = read_checkpoint(directory)
+        bases = list_segments(directory)
+        segments: list[Segment] = []
+        scanned = truncated = 0
+        removed: list[int] = []
+        producers = ProducerTable.restore(checkpoint.producers) if checkpoint else ProducerTable()
+        if checkpoint is not None and checkpoint.segment_base not in bases:
+            checkpoint = None  # the checkpoint names a segment that is gone: trust nothing
+            producers = ProducerTable()
+        cut = False
+        for base in bases:
+            if cut:
+                removed.append(base)
+                Segment.open(
+                    directory, base, index_interval_bytes=config.index_interval_bytes
+                ).delete()
+                continue
+            expected = segments[-1].next_offset if segments else None
+            if expected is not None and base != expected:
+                # a gap or overlap between segments: the later ones cannot be trusted
+                removed.append(base)
+                Segment.open(
+                    directory, base, index_interval_bytes=config.index_interval_bytes
+                ).delete()
+                cut = True
+                continue
+            if checkpoint is not None and base < checkpoint.segment_base:
+                trusted: int | None = None
+            elif checkpoint is not None and base == checkpoint.segment_base:
+                trusted = checkpoint.position
+            else:
+                trusted = 0
+            try:
+                seg = Segment.open(
+                    directory,
+                    base,
+                    index_interval_bytes=config.index_interval_bytes,
+                    trusted_size=trusted,
+                )
+            except CorruptBatch:
+                seg = Segment.open(
+                    directory,
+                    base,
+                    index_interval_bytes=config.index_interval_bytes,
+                    trusted_size=0,
+                )
+                trusted = 0
+            if trusted is not None:
+                start = seg.size
+                kept, lost = seg.recover_tail()
+                scanned += kept + lost
+                truncated += lost
+                if kept:
+                    cls._replay_producers(seg, start, producers)
+                if lost:
+                    cut = True
+            segments.append(seg)
+        if not segments:
+            start_offset = checkpoint.next_offset if checkpoint else 0
+            segments.append(
+                Segment.create(
+                    directory, start_offset, index_interval_bytes=config.index_interval_bytes
+                )
+            )
+            fsync_dir(directory)
+        if truncated or removed:
+            producers.truncate(segments[-1].next_offset)
+        part = cls(directory, config, segments, producers, fsync=fsync, clock=clock, name=label)
+        report = RecoveryReport(
+            partition=label,
+            checkpoint_found=checkpoint is not None,
+            scanned_bytes=scanned,
+            truncated_bytes=truncated,
+            removed_segments=removed,
+            next_offset=part.log_end_offset,
+            seconds=time.perf_counter() - started,
+        )
+        if truncated or removed:
+            log.warning(
+                "event=recovery_truncated partition=%s truncated_bytes=%d removed_segments=%s "
+                "next_offset=%d",
+                label,
+                truncated,
+                removed,
+                part.log_end_offset,
+            )
+        # what survived recovery is on disk as far as we can tell; make it so
+        for seg in segments[-2:]:
+            seg.sync()
+        part._write_checkpoint_now()
+        return part, report
+
+    @staticmethod
+    def _replay_producers(seg: Segment, start: int, producers: ProducerTable) -> None:
+        for _pos, header in seg._walk(start, seg.size, verify=False):
+            if header.producer_id >= 0:
+                producers.update(
+                    header.producer_id,
+                    header.base_sequence,
+                    header.record_count,
+                    header.base_offset,
+                    header.max_timestamp,
+                )
+
+    # --------------------------------------------------------------------- properties
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        """The offset the next appended record will get."""
+        return self._segments[-1].next_offset
+
+    @property
+    def high_watermark(self) -> int:
+        """Records below this offset are durable and visible to consumers."""
+        return self._flushed_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return list(self._segments)
+
+    @property
+    def offline(self) -> bool:
+        return self._failure is not None
+
+    # ------------------------------------------------------------------------- append
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise LogClosed(f"partition {self.name} is closed")
+        if self._failure is not None:
+            raise LogOffline(
+                f"partition {self.name} is offline after an I/O error: {self._failure}"
+            )
+
+    def append_nowait(
+        self, batches: Sequence[bytes | memoryview], *, leader_epoch: int = 0
+    ) -> AppendResult:
+        """Validate, stamp and write ``batches`` (all or none), then schedule a sync.
+
+        Returns the offsets given. An idempotent producer's duplicate batch is not written
+        again: its original offsets come back with ``duplicate=True`` (only when the request
+        holds that single batch; a duplicate inside a multi-batch request is refused).
+
+        Raises :class:`CorruptBatch` for a batch that fails its checks or is larger than
+        ``max_batch_bytes``, :class:`OutOfOrderSequence`, :class:`StorageFull`,
+        :class:`LogOffline`.
+        """
+        self._check_writable()
+        if not batches:
+            raise CorruptBatch("no batches to append")
+        self._maybe_roll()
+        active = self._segments[-1]
+        next_offset = active.next_offset
+        items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]] = []
+        pending: list[tuple[int, int, int, int, int]] = []
+        for batch in batches:
+            if len(batch) > self.config.max_batch_bytes:
+                raise CorruptBatch(
+                    f"batch of {len(batch)} bytes exceeds "
+                    f"max_batch_bytes={self.config.max_batch_bytes}"
+                )
+            header = records.validate_batch(batch)
+            if header.batch_length != len(batch):
+                raise CorruptBatch(
+                    f"batch length {header.batch_length} != {len(batch)} bytes given"
+                )
+            if header.producer_id >= 0:
+                original = self._producers.check(
+                    header.producer_id, header.base_sequence, header.record_count
+                )
+                if original is not None:
+                    if len(batches) == 1:
+                        return AppendResult(original, original + header.record_count - 1, True)
+                    raise CorruptBatch("duplicate batch inside a multi-batch append")
+                pending.append(
+                    (
+                        header.producer_id,
+                        header.base_sequence,
+                        header.record_count,
+                        next_offset,
+                        header.max_timestamp,
+                    )
+                )
+            head = records.stamp_header(batch, next_offset, leader_epoch)
+            stamped = msgspec.structs.replace(
+                header, base_offset=next_offset, leader_epoch=leader_epoch
+            )
+            items.append((head, memoryview(batch)[records.HEADER_SIZE :], stamped))
+            next_offset += header.record_count
+        base = active.next_offset
+        active.append_many(items)  # raises StorageFull/StorageError with the file rolled back
+        for pid, seq, count, offset, ts in pending:
+            self._producers.update(pid, seq, count, offset, ts)
+        if not self._dirty or self._dirty[-1] is not active:
+            self._dirty.append(active)
+        self._kick_flush()
+        return AppendResult(base, next_offset - 1)
+
+    async def append(
+        self, batches: Sequence[bytes | memoryview], acks: Acks = Acks.ALL, *, leader_epoch: int = 0
+    ) -> AppendResult:
+        """Append and, for ``acks=ALL``, wait until the batches are synced."""
+        result = self.append_nowait(batches, leader_epoch=leader_epoch)
+        if acks == Acks.ALL:
+            await self.wait_durable(result.last_offset + 1)
+        return result
+
+    async def wait_durable(self, offset: int) -> None:
+        """Wait until every record below ``offset`` is synced. Raises :class:`LogOffline` if
+        the sync fails."""
+        if self._flushed_offset >= offset:
+            return
+        self._check_writable()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((offset, fut))
+        self._kick_flush()
+        await fut
+
+    def _maybe_roll(self) -> None:
+        active = self._segments[-1]
+        if active.size == 0:
+            return
+        too_big = active.size >= self.config.segment_bytes
+        too_old = self._clock() - self._active_created_ms >= self.config.segment_ms
+        if too_big or too_old:
+            self.roll()
+
+    def roll(self) -> Segment:
+        """Start a new active segment at the log end. The old one is sealed by the next sync;
+        the new file's directory entry is synced before anything in it is acknowledged."""
+        old = self._segments[-1]
+        seg = Segment.create(
+            self.directory, old.next_offset, index_interval_bytes=self.config.index_interval_bytes
+        )
+        if not self._dirty or self._dirty[-1] is not old:
+            self._dirty.append(old)
+        self._segments.append(seg)
+        self._bases.append(seg.base_offset)
+        self._active_created_ms = self._clock()
+        self._dir_dirty = True
+        self._kick_flush()
+        return seg
+
+    # -------------------------------------------------------------------------- flush
+    def _kick_flush(self) -> None:
+        if self._flush_task is None and not self._closed:
+            self._flush_task = asyncio.get_running_loop().create_task(
+                self._flush_loop(), name=f"flush:{self.name}"
+            )
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._failure is None and (
+                self._dirty or self._dir_dirty or self._flushed_offset < self.log_end_offset
+            ):
+                active = self._segments[-1]
+                target = active.next_offset
+                target_segment, target_position = active.base_offset, active.size
+                dirty, self._dirty = self._dirty, []
+                dir_dirty, self._dir_dirty = self._dir_dirty, False
+                now = self._clock()
+                checkpoint = None
+                if now - self._last_checkpoint_ms >= self.config.checkpoint_interval_ms or any(
+                    s is not active for s in dirty
+                ):
+                    checkpoint = new_checkpoint(
+                        target_segment, target_position, target, self._producers.snapshot()
+                    )
+                    self._last_checkpoint_ms = now
+                try:
+                    await loop.run_in_executor(
+                        None, self._sync_files, dirty, active, dir_dirty, checkpoint
+                    )
+                except OSError as exc:
+                    self._go_offline(exc)
+                    return
+                self._advance_flushed(target, target_segment, target_position)
+        finally:
+            self._flush_task = None
+
+    def _sync_files(
+        self,
+        dirty: list[Segment],
+        active: Segment,
+        dir_dirty: bool,
+        checkpoint: Checkpoint | None,
+    ) -> None:
+        """Runs in a worker thread. Order: data, then directory, then checkpoint."""
+        for seg in dirty:
+            if seg.closed:
+                continue
+            self._fsync(seg.fd)
+            if seg is not active:
+                seg.seal()
+        if dir_dirty:
+            fsync_dir(self.directory)
+        if checkpoint is not None:
+            write_checkpoint(self.directory, checkpoint)
+
+    def _advance_flushed(self, offset: int, segment: int, position: int) -> None:
+        if offset > self._flushed_offset:
+            self._flushed_offset = offset
+            self._flushed_segment = segment
+            self._flushed_position = position
+            hw_waiters, self._hw_waiters = self._hw_waiters, []
+            for fut in hw_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            if self.on_high_watermark is not None:
+                self.on_high_watermark(self)
+        if self._waiters:
+            keep = []
+            for want, fut in self._waiters:
+                if want <= offset:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    keep.append((want, fut))
+            self._waiters = keep
+
+    def _go_offline(self, exc: BaseException) -> None:
+        self._failure = exc
+        log.error("event=partition_offline partition=%s error=%r", self.name, exc)
+        err = LogOffline(f"partition {self.name}: sync failed ({exc}); the log is offline")
+        waiters, self._waiters = self._waiters, []
+        for _want, fut in waiters:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _write_checkpoint_now(self) -> None:
+        write_checkpoint(
+            self.directory,
+            new_checkpoint(
+                self._flushed_segment,
+                self._flushed_position,
+                self._flushed_offset,
+                self._producers.snapshot(),
+            ),
+        )
+        self._checkpointed_offset = self._flushed_offset
+
+    # --------------------------------------------------------------------------- read
+    def _segment_for(self, offset: int) -> int:
+        return max(0, bisect.bisect_right(self._bases, offset) - 1)
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Raw batches from the one holding ``offset`` onward, up to ``max_bytes`` (but at
+        least one whole batch) and never past the high watermark. The first batch may start
+        before ``offset``; consumers skip records below the offset they asked for. Returns
+        b"" at the high watermark. Raises :class:`OffsetOutOfRange`."""
+        hw = self._flushed_offset
+        if offset < self.log_start_offset or offset > hw:
+            raise OffsetOutOfRange(offset, self.log_start_offset, hw)
+        if offset == hw:
+            return b""
+        i = self._segment_for(offset)
+        while i < len(self._segments):
+            seg = self._segments[i]
+            limit = self._flushed_position if seg.base_offset == self._flushed_segment else seg.size
+            pos = seg.find_position(offset, limit)
+            if pos < limit:
+                want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, _MAX_READ)
+                data = seg.read(pos, want)
+                return self._whole_batches(seg, pos, data, limit)
+            if seg.base_offset == self._flushed_segment:
+                break
+            i += 1
+        return b""
+
+    @staticmethod
+    def _whole_batches(seg: Segment, pos: int, data: bytes, limit: int) -> bytes:
+        end = 0
+        size = len(data)
+        while end + records.HEADER_SIZE <= size:
+            _base, length = records.peek_length(data, end)
+            if end + length > size:
+                break
+            end += length
+        if end == 0:
+            # the first batch is larger than max_bytes: return it whole anyway
+            _base, length = records.peek_length(seg.read(pos, records.HEADER_SIZE))
+            return seg.read(pos, min(length, limit - pos))
+        return data if end == size else data[:end]
+
+    def high_watermark_changed(self) -> asyncio.Future[None]:
+        """A future resolved the next time the high watermark advances (for long polls)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hw_waiters.append(fut)
+        return fut
+
+    def offset_for_timestamp(self, timestamp: int) -> int:
+        """The first offset of the first batch whose max timestamp is >= ``timestamp``, or the
+        high watermark if there is none (Kafka's ListOffsets by time)."""
+        for seg in self._segments:
+            found = seg.find_offset_by_timestamp(timestamp)
+            if found is not None:
+                return min(found, self._flushed_offset)
+        return self._flushed_offset
+
+    # ---------------------------------------------------------------------- retention
+    def apply_retention(self, now_ms: int | None = None) -> list[int]:
+        """Delete whole closed segments that are past the retention time or beyond the
+        retention size. Never deletes the active segment or one not yet synced. Returns the
+        base offsets deleted."""
+        now = self._clock() if now_ms is None else now_ms
+        cfg = self.config
+        deleted: list[int] = []
+        total = self.size_bytes
+        while len(self._segments) > 1:
+            seg = self._segments[0]
+            if seg in self._dirty or seg.next_offset > self._flushed_offset:
+                break
+            expired = cfg.retention_ms is not None and seg.max_timestamp < now - cfg.retention_ms
+            oversize = cfg.retention_bytes is not None and total - seg.size >= cfg.retention_bytes
+            if not (expired or oversize):
+                break
+            total -= seg.size
+            self._segments.pop(0)
+            self._bases.pop(0)
+            seg.delete()
+            deleted.append(seg.base_offset)
+        if deleted:
+            log.info(
+                "event=retention_deleted partition=%s segments=%d log_start_offset=%d",
+                self.name,
+                len(deleted),
+                self.log_start_offset,
+            )
+        return deleted
+
+    # -------------------------------------------------------------------------- close
+    async def flush(self) -> None:
+        """Sync everything written so far."""
+        await self.wait_durable(self.log_end_offset)
+        while self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+
+    async def close(self) -> None:
+        """Sync, write a final checkpoint and close the files. Idempotent."""
+        if self._closed:
+            return
+        if self._failure is None:
+            try:
+                await self.flush()
+            except StorageError:
+                pass
+        self._closed = True
+        if self._flush_task is not None:
+            await asyncio.gather(self._flush_task, return_exceptions=True)
+        if self._failure is None:
+            await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint_now)
+        for seg in self._segments:
+            seg.close()
+        err = LogClosed(f"partition {self.name} closed")
+        for fut in self._hw_waiters:
+            if not fut.done():
+                fut.set_exception(err)
+        self._hw_waiters = []
+
+    def close_sync(self) -> None:
+        """Close without an event loop (tests, tools). Syncs and checkpoints."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._failure is None:
+            for seg in {id(s): s for s in [*self._dirty, self._segments[-1]]}.values():
+                seg.sync()
+            active = self._segments[-1]
+            self._flushed_offset = active.next_offset
+            self._flushed_segment, self._flushed_position = active.base_offset, active.size
+            self._write_checkpoint_now()
+        for seg in self._segments:
+            seg.close()

@@ -1,0 +1,109 @@
+"""Idempotent-producer state of one partition: pure, no I/O.
+
+A producer that sets ``producer_id`` and ``base_sequence`` on its batches may retry a batch
+whose acknowledgement it never saw; the partition must then answer with the offsets the batch
+already has instead of appending it twice (Kafka's idempotent producer, in small).
+
+Per producer the table keeps the last ``WINDOW`` batches' sequence ranges and base offsets,
+so up to ``WINDOW`` in-flight batches can be retried in any order. A batch is:
+
+- a **duplicate** if its sequence range equals one remembered: answered with its offsets;
+- **in order** if its base sequence is one past the producer's last sequence, or if the
+  producer is unknown here (first batch, or its state expired): appended;
+- **out of order** otherwise: refused with :class:`OutOfOrderSequence`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+import msgspec
+
+from storage.errors import OutOfOrderSequence
+
+WINDOW: Final = 5
+
+
+class BatchMark(msgspec.Struct, array_like=True, frozen=True):
+    base_sequence: int
+    last_sequence: int
+    base_offset: int
+
+
+class ProducerEntry(msgspec.Struct, array_like=True):
+    producer_id: int
+    last_sequence: int
+    last_timestamp: int
+    batches: list[BatchMark]
+
+
+class ProducerTable:
+    """Sequence bookkeeping for the producers of one partition."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[int, int, deque[BatchMark]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check(self, producer_id: int, base_sequence: int, count: int) -> int | None:
+        """Return the original base offset if this batch is a duplicate, None if it may be
+        appended. Raises :class:`OutOfOrderSequence` for a gap or a stale sequence."""
+        entry = self._entries.get(producer_id)
+        if entry is None:
+            return None
+        last_sequence, _ts, marks = entry
+        last = base_sequence + count - 1
+        for mark in marks:
+            if mark.base_sequence == base_sequence and mark.last_sequence == last:
+                return mark.base_offset
+        if base_sequence == last_sequence + 1:
+            return None
+        raise OutOfOrderSequence(
+            f"producer {producer_id}: sequence {base_sequence} does not follow {last_sequence}"
+        )
+
+    def update(
+        self, producer_id: int, base_sequence: int, count: int, base_offset: int, timestamp: int
+    ) -> None:
+        """Record an appended batch (from an append or a recovery scan)."""
+        entry = self._entries.get(producer_id)
+        marks: deque[BatchMark] = entry[2] if entry is not None else deque(maxlen=WINDOW)
+        last = base_sequence + count - 1
+        marks.append(BatchMark(base_sequence, last, base_offset))
+        self._entries[producer_id] = (last, timestamp, marks)
+
+    def expire(self, older_than: int) -> int:
+        """Forget producers idle since before ``older_than`` (ms). Returns how many."""
+        stale = [pid for pid, (_s, ts, _m) in self._entries.items() if ts < older_than]
+        for pid in stale:
+            del self._entries[pid]
+        return len(stale)
+
+    def truncate(self, next_offset: int) -> None:
+        """Forget batches at or past ``next_offset`` (the log was cut back)."""
+        for pid in list(self._entries):
+            _last, ts, marks = self._entries[pid]
+            kept = deque((m for m in marks if m.base_offset < next_offset), maxlen=WINDOW)
+            if not kept:
+                del self._entries[pid]
+            else:
+                self._entries[pid] = (kept[-1].last_sequence, ts, kept)
+
+    def snapshot(self) -> list[ProducerEntry]:
+        return [
+            ProducerEntry(pid, last, ts, list(marks))
+            for pid, (last, ts, marks) in self._entries.items()
+        ]
+
+    @classmethod
+    def restore(cls, entries: list[ProducerEntry]) -> ProducerTable:
+        table = cls()
+        for e in entries:
+            table._entries[e.producer_id] = (
+                e.last_sequence,
+                e.last_timestamp,
+                deque(e.batches, maxlen=WINDOW),
+            )
+        return table

@@ -127,13 +127,19 @@ def encode_batch(
     batch. Tuples encode straight to msgpack arrays, so no per-record object is built.
 
     ``max_timestamp`` defaults to ``first_timestamp + max(delta)``. Raises ``ValueError`` for
-    an empty batch.
+    an empty batch, or when ``max_timestamp`` would be below ``first_timestamp`` (every
+    reader rejects such a batch).
     """
     if not records:
         raise ValueError("a batch holds at least one record")
     body = _encoder.encode(records)
     if max_timestamp is None:
         max_timestamp = first_timestamp + max(r[0] for r in records)
+    if max_timestamp < first_timestamp:
+        raise ValueError(
+            f"max_timestamp {max_timestamp} < first_timestamp {first_timestamp}: "
+            "at least one record must be at or after first_timestamp"
+        )
     return _assemble(
         body,
         len(records),

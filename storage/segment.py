@@ -146,8 +146,12 @@ class Segment:
             max_timestamp=_NO_TIMESTAMP,
             first_timestamp=None,
         )
-        seg._load_index(size)
-        seg._advance_over_trusted(size)
+        try:
+            seg._load_index(size)
+            seg._advance_over_trusted(size)
+        except BaseException:
+            seg.close()  # recovery retries the open; do not leak two fds per attempt
+            raise
         return seg
 
     def close(self) -> None:

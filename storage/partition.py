@@ -40,6 +40,7 @@ from storage.errors import (
     LogClosed,
     LogOffline,
     OffsetOutOfRange,
+    OutOfOrderSequence,
     StorageError,
 )
 from storage.producers import ProducerTable
@@ -123,6 +124,7 @@ class Partition:
         self._flushed_segment = active.base_offset
         self._flushed_position = active.size
         self._dirty: list[Segment] = []
+        self._syncing: list[Segment] = []  # handed to the sync thread: retention keeps off
         self._dir_dirty = False
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._hw_waiters: list[asyncio.Future[None]] = []
@@ -316,6 +318,7 @@ class Partition:
         next_offset = active.next_offset
         items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]] = []
         pending: list[tuple[int, int, int, int, int]] = []
+        taken: dict[int, int] = {}  # producer id -> last sequence this request appends
         for batch in batches:
             if len(batch) > self.config.max_batch_bytes:
                 raise CorruptBatch(
@@ -328,13 +331,25 @@ class Partition:
                     f"batch length {header.batch_length} != {len(batch)} bytes given"
                 )
             if header.producer_id >= 0:
-                original = self._producers.check(
-                    header.producer_id, header.base_sequence, header.record_count
-                )
-                if original is not None:
-                    if len(batches) == 1:
-                        return AppendResult(original, original + header.record_count - 1, True)
+                # the table does not know this request's earlier batches yet (it is updated
+                # only once the write succeeded): a producer's next batch follows those
+                last = taken.get(header.producer_id)
+                if last is None:
+                    original = self._producers.check(
+                        header.producer_id, header.base_sequence, header.record_count
+                    )
+                    if original is not None:
+                        if len(batches) == 1:
+                            return AppendResult(original, original + header.record_count - 1, True)
+                        raise CorruptBatch("duplicate batch inside a multi-batch append")
+                elif header.base_sequence <= last:
                     raise CorruptBatch("duplicate batch inside a multi-batch append")
+                elif header.base_sequence != last + 1:
+                    raise OutOfOrderSequence(
+                        f"producer {header.producer_id}: sequence {header.base_sequence} "
+                        f"does not follow {last}"
+                    )
+                taken[header.producer_id] = header.last_sequence
                 pending.append(
                     (
                         header.producer_id,
@@ -431,6 +446,7 @@ class Partition:
                         target_segment, target_position, target, self._producers.snapshot()
                     )
                     self._last_checkpoint_ms = now
+                self._syncing = dirty
                 try:
                     await loop.run_in_executor(
                         None, self._sync_files, dirty, active, dir_dirty, checkpoint
@@ -438,6 +454,8 @@ class Partition:
                 except OSError as exc:
                     self._go_offline(exc)
                     return
+                finally:
+                    self._syncing = []
                 self._advance_flushed(target, target_segment, target_position)
         finally:
             self._flush_task = None
@@ -572,7 +590,11 @@ class Partition:
         total = self.size_bytes
         while len(self._segments) > 1:
             seg = self._segments[0]
-            if seg in self._dirty or seg.next_offset > self._flushed_offset:
+            if (
+                seg in self._dirty
+                or seg in self._syncing  # deleting it would close the fd the thread syncs
+                or seg.next_offset > self._flushed_offset
+            ):
                 break
             expired = cfg.retention_ms is not None and seg.max_timestamp < now - cfg.retention_ms
             oversize = cfg.retention_bytes is not None and total - seg.size >= cfg.retention_bytes

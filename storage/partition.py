@@ -383,16 +383,24 @@ class Partition:
             await self.wait_durable(result.last_offset + 1)
         return result
 
-    async def wait_durable(self, offset: int) -> None:
-        """Wait until every record below ``offset`` is synced. Raises :class:`LogOffline` if
-        the sync fails."""
+    def durable_future(self, offset: int) -> asyncio.Future[None] | None:
+        """A future resolved once every record below ``offset`` is synced (or failed with
+        :class:`LogOffline`), or None if that is already so. For callers that answer from a
+        callback rather than a task (the TCP server's pipelined produce path)."""
         if self._flushed_offset >= offset:
-            return
+            return None
         self._check_writable()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((offset, fut))
         self._kick_flush()
-        await fut
+        return fut
+
+    async def wait_durable(self, offset: int) -> None:
+        """Wait until every record below ``offset`` is synced. Raises :class:`LogOffline` if
+        the sync fails."""
+        fut = self.durable_future(offset)
+        if fut is not None:
+            await fut
 
     def _maybe_roll(self) -> None:
         active = self._segments[-1]

@@ -1,0 +1,97 @@
+"""API keys, scopes and tenants.
+
+A key from the config grants a tenant and scopes (``produce``, ``consume``, ``admin``). With
+no keys configured the node runs open but binds to loopback only (the node refuses to start
+otherwise) and every client acts as tenant ``default`` with every scope.
+
+Tenancy: each topic belongs to the tenant that created it; a principal sees only its own
+tenant's topics and groups (another tenant's topic is answered as unknown, so its existence
+does not leak). The tenant ``*`` is the operator: it sees everything, internal topics too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from typing import Final
+
+from broker.config import ApiKey
+
+DEFAULT_TENANT: Final = "default"
+OPERATOR_TENANT: Final = "*"
+ALL_SCOPES: Final = frozenset({"produce", "consume", "admin"})
+
+
+class AuthError(Exception):
+    code = "unauthenticated"
+
+
+class Forbidden(Exception):
+    code = "forbidden"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    scopes: frozenset[str]
+    name: str = ""
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise Forbidden(f"this API key lacks the {scope!r} scope")
+
+    @property
+    def operator(self) -> bool:
+        return self.tenant == OPERATOR_TENANT
+
+    def qualify_group(self, group: str) -> str:
+        """Groups are per tenant: the coordinator sees ``tenant/group``."""
+        return f"{self.tenant}/{group}"
+
+
+OPEN_PRINCIPAL: Final = Principal(DEFAULT_TENANT, ALL_SCOPES, "open")
+
+
+class Authenticator:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._keys = [
+            (k.key.encode(), Principal(k.tenant, frozenset(k.scopes), k.name)) for k in keys
+        ]
+
+    @property
+    def open(self) -> bool:
+        """True when no keys are configured (loopback-only mode)."""
+        return not self._keys
+
+    def authenticate(self, api_key: str | None) -> Principal:
+        """The principal for ``api_key``. Raises :class:`AuthError`. Constant-time compare
+        over every key, so timing does not reveal which prefix matched."""
+        if self.open:
+            return OPEN_PRINCIPAL
+        if not api_key:
+            raise AuthError("an API key is required (Authorization: Bearer <key>)")
+        given = api_key.encode()
+        found = None
+        for key, principal in self._keys:
+            if hmac.compare_digest(key, given):
+                found = principal
+        if found is None:
+            raise AuthError("unknown API key")
+        return found
+
+    def bearer(self, header: str | None) -> Principal:
+        if self.open:
+            return OPEN_PRINCIPAL
+        if not header or not header.startswith("Bearer "):
+            raise AuthError("an API key is required (Authorization: Bearer <key>)")
+        return self.authenticate(header[7:].strip())
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,93 @@
+"""The ``herald`` command line: ``herald serve`` runs a node; the other commands talk to a
+running node over its TCP protocol (see ``herald --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import msgspec
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.config import ConfigError, load_config
+    from broker.logs import setup_logging
+    from broker.node import DataDirLocked, Node, install_signal_handlers
+
+    try:
+        cfg = load_config(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+    listen = cfg.listen
+    overrides = {
+        "host": args.host,
+        "http_port": args.http_port,
+        "tcp_port": args.tcp_port,
+        "ws_port": args.ws_port,
+    }
+    listen = msgspec.structs.replace(
+        listen, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    storage = cfg.storage
+    if args.data_dir:
+        storage = msgspec.structs.replace(storage, data_dir=args.data_dir)
+    cfg = msgspec.structs.replace(cfg, listen=listen, storage=storage)
+    setup_logging(cfg.log.level, cfg.log.format)
+
+    import uvloop
+
+    async def main() -> None:
+        node = Node(cfg)
+        install_signal_handlers(node)
+        await node.run()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except (DataDirLocked, ConfigError) as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="herald",
+        description="Herald: notifications platform and durable pub-sub broker.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run a Herald node",
+        description="Run a Herald node. Without --config: data in ./data, HTTP 8080, "
+        "TCP 9092, WebSocket 8765, bound to 127.0.0.1.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML config (see config.example.toml)")
+    serve.add_argument("--data-dir", metavar="DIR", help="override storage.data-dir")
+    serve.add_argument("--host", metavar="H", help="override listen.host")
+    serve.add_argument("--http-port", type=int, metavar="N", help="override listen.http-port")
+    serve.add_argument("--tcp-port", type=int, metavar="N", help="override listen.tcp-port")
+    serve.add_argument("--ws-port", type=int, metavar="N", help="override listen.ws-port")
+    serve.set_defaults(func=_serve)
+    try:
+        from broker import cli_client
+    except ImportError:  # pragma: no cover - during bootstrap only
+        pass
+    else:
+        cli_client.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,850 @@
+"""Asyncio client for Herald's TCP protocol: a pipelined :class:`Client` connection with admin
+calls, a batching idempotent :class:`Producer` and a group-member :class:`Consumer`.
+
+The benchmark, the tests, the CLI and (later) the engines use it. Usage::
+
+    async with await Client.connect("127.0.0.1", 9092) as client:
+        producer = await client.producer()
+        meta = await producer.send("orders", b"hello", key=b"user-1")
+        consumer = await client.consumer("orders", group="billing")
+        for record in await consumer.getmany(timeout_ms=1000):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from broker import protocol as p
+from broker.topics import partition_for_key
+from storage import records
+
+log = logging.getLogger("herald.client")
+_LEN = struct.Struct(">I")
+TopicPartition = tuple[str, int]
+
+
+class BrokerError(Exception):
+    """An error answered by the node (``code`` as in docs/PROTOCOL.md)."""
+
+    def __init__(self, code: str, message: str, retriable: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retriable = retriable
+
+
+class ConnectionLost(BrokerError):
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__("connection_lost", message, True)
+
+
+# ---------------------------------------------------------------------------- client
+class Client:
+    """One pipelined connection. Requests may be issued concurrently; replies are matched by
+    correlation id. Reconnects on the next request after a loss."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        api_key: str | None = None,
+        client_id: str = "herald-py",
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.api_key = api_key
+        self.client_id = client_id
+        self.connect_timeout = connect_timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[p.Response]] = {}
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+        self.tenant = ""
+        self._partition_counts: dict[str, int] = {}
+
+    @classmethod
+    async def connect(cls, host: str = "127.0.0.1", port: int = 9092, **kw: Any) -> Client:
+        client = cls(host, port, **kw)
+        await client._ensure_connected()
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def _ensure_connected(self) -> None:
+        if self.connected:
+            return
+        if self._closed:
+            raise ConnectionLost("client is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self.connected:
+                return
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=64 * 1024 * 1024),
+                self.connect_timeout,
+            )
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                import socket
+
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._reader, self._writer = reader, writer
+            self._read_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
+            hello = await self._request_now(
+                p.Hello(id=next(self._ids), client_id=self.client_id, api_key=self.api_key)
+            )
+            assert isinstance(hello, p.HelloOk)
+            self.tenant = hello.tenant
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        error: BaseException = ConnectionLost()
+        try:
+            while True:
+                head = await reader.readexactly(4)
+                (size,) = _LEN.unpack(head)
+                body = await reader.readexactly(size)
+                msg = p.decode_response(body)
+                fut = self._pending.pop(msg.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                elif isinstance(msg, p.Error):
+                    # an error not tied to a request (e.g. frame too large): the node closes
+                    error = BrokerError(msg.code, msg.message, msg.retriable)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except p.ProtocolError as exc:
+            error = BrokerError(exc.code, exc.message)
+        finally:
+            writer = self._writer
+            self._writer = None
+            if writer is not None:
+                writer.close()
+            pending, self._pending = self._pending, {}
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_exception(error)
+
+    def send_nowait(self, msg: Any) -> asyncio.Future[p.Response]:
+        """Write a request (its ``id`` is assigned here) and return the future of its reply.
+        Raises :class:`ConnectionLost` if not connected."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise ConnectionLost()
+        msg.id = next(self._ids)
+        fut: asyncio.Future[p.Response] = asyncio.get_running_loop().create_future()
+        self._pending[msg.id] = fut
+        writer.write(p.encode_message(msg))
+        return fut
+
+    async def _request_now(self, msg: Any) -> p.Response:
+        fut = self.send_nowait(msg)
+        writer = self._writer
+        if writer is not None and writer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
+            await writer.drain()
+        resp = await fut
+        if isinstance(resp, p.Error):
+            raise BrokerError(resp.code, resp.message, resp.retriable)
+        return resp
+
+    async def request(self, msg: Any, *, retries: int = 3) -> p.Response:
+        """Send one request and await its reply, reconnecting and retrying on a lost
+        connection or a retriable error (not for produce: see :class:`Producer`)."""
+        delay = 0.05
+        for attempt in range(retries + 1):
+            try:
+                await self._ensure_connected()
+                return await self._request_now(msg)
+            except (ConnectionLost, ConnectionError, OSError, TimeoutError) as exc:
+                if attempt == retries:
+                    raise ConnectionLost(str(exc)) from exc
+            except BrokerError as exc:
+                if not exc.retriable or attempt == retries:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    async def drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        if self._read_task is not None:
+            with contextlib.suppress(BaseException):
+                await self._read_task
+
+    # ----------------------------------------------------------------------- admin
+    async def create_topic(
+        self,
+        topic: str,
+        partitions: int | None = None,
+        *,
+        retention_ms: int | None = None,
+        retention_bytes: int | None = None,
+        exist_ok: bool = False,
+    ) -> p.TopicInfo:
+        resp = await self.request(
+            p.CreateTopic(
+                id=0,
+                topic=topic,
+                partitions=partitions,
+                retention_ms=retention_ms,
+                retention_bytes=retention_bytes,
+                exist_ok=exist_ok,
+            )
+        )
+        assert isinstance(resp, p.TopicCreated)
+        self._partition_counts[topic] = len(resp.topic.partitions)
+        return resp.topic
+
+    async def delete_topic(self, topic: str) -> None:
+        await self.request(p.DeleteTopic(id=0, topic=topic))
+        self._partition_counts.pop(topic, None)
+
+    async def metadata(
+        self, topics: list[str] | None = None, *, auto_create: bool = False
+    ) -> list[p.TopicInfo]:
+        resp = await self.request(p.Metadata(id=0, topics=topics, auto_create=auto_create))
+        assert isinstance(resp, p.MetadataResult)
+        for t in resp.topics:
+            self._partition_counts[t.name] = len(t.partitions)
+        return resp.topics
+
+    async def partition_count(
+        self, topic: str, *, refresh: bool = False, auto_create: bool = False
+    ) -> int | None:
+        if refresh or topic not in self._partition_counts:
+            try:
+                await self.metadata([topic], auto_create=auto_create)
+            except BrokerError as exc:
+                if exc.code != p.Code.UNKNOWN_TOPIC:
+                    raise
+                return None
+        return self._partition_counts.get(topic)
+
+    async def list_offsets(
+        self, topic: str, partition: int, spec: Literal["earliest", "latest"] | int = "latest"
+    ) -> int:
+        resp = await self.request(p.ListOffsets(id=0, topic=topic, partition=partition, spec=spec))
+        assert isinstance(resp, p.Offsets)
+        return resp.offset
+
+    async def list_groups(self) -> list[str]:
+        resp = await self.request(p.ListGroups(id=0))
+        assert isinstance(resp, p.GroupsListed)
+        return resp.groups
+
+    async def describe_group(self, group: str) -> p.GroupInfo:
+        resp = await self.request(p.DescribeGroup(id=0, group=group))
+        assert isinstance(resp, p.GroupDescribed)
+        return resp.group
+
+    async def fetch(
+        self,
+        partitions: Sequence[tuple[str, int, int]],
+        *,
+        max_wait_ms: int = 0,
+        max_bytes: int = 16 * 1024 * 1024,
+        partition_max_bytes: int = 1024 * 1024,
+        min_bytes: int = 1,
+    ) -> list[p.FetchedPartition]:
+        resp = await self.request(
+            p.Fetch(
+                id=0,
+                partitions=[
+                    p.FetchPartition(t, i, o, partition_max_bytes) for t, i, o in partitions
+                ],
+                max_wait_ms=max_wait_ms,
+                max_bytes=max_bytes,
+                min_bytes=min_bytes,
+            )
+        )
+        assert isinstance(resp, p.Fetched)
+        return resp.partitions
+
+    async def producer(self, **kw: Any) -> Producer:
+        producer = Producer(self, **kw)
+        await producer.start()
+        return producer
+
+    async def consumer(self, *topics: str, group: str | None = None, **kw: Any) -> Consumer:
+        consumer = Consumer(self, list(topics), group=group, **kw)
+        await consumer.start()
+        return consumer
+
+
+# -------------------------------------------------------------------------- producer
+@dataclass(frozen=True, slots=True)
+class RecordMetadata:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class _Accumulator:
+    topic: str
+    partition: int
+    rows: list[records.RecordInput] = field(default_factory=list)
+    futures: list[asyncio.Future[RecordMetadata]] = field(default_factory=list)
+    size: int = 0
+    first_ts: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Producer:
+    """Batches records per partition (up to ``batch_bytes`` or ``linger_ms``), sends each
+    batch as one produce request, pipelines up to ``max_inflight`` requests, and retries
+    retriable failures with backoff. With ``idempotent=True`` (the default) every batch
+    carries this producer's id and a per-partition sequence, so a batch retried after a lost
+    reply is stored once. Ordering per partition holds: batches of a partition are sent in
+    order and a retry resends the same bytes."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        acks: Literal[0, 1, -1] = -1,
+        linger_ms: float = 2.0,
+        batch_bytes: int = 512 * 1024,
+        max_inflight: int = 64,
+        idempotent: bool = True,
+        retries: int = 5,
+        retry_backoff_ms: int = 50,
+    ) -> None:
+        self.client = client
+        self.acks = acks
+        self.linger_ms = linger_ms
+        self.batch_bytes = batch_bytes
+        self.idempotent = idempotent
+        self.retries = retries
+        self.retry_backoff_ms = retry_backoff_ms
+        self.producer_id = records.NO_PRODUCER
+        self._sequences: dict[TopicPartition, int] = {}
+        self._acc: dict[TopicPartition, _Accumulator] = {}
+        self._rr = itertools.count()
+        self._inflight = asyncio.Semaphore(max_inflight)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._counts: dict[str, int] = {}
+
+    async def start(self) -> None:
+        if self.idempotent:
+            resp = await self.client.request(p.InitProducer(id=0))
+            assert isinstance(resp, p.ProducerId)
+            self.producer_id = resp.producer_id
+
+    async def _partitions(self, topic: str) -> int:
+        n = self._counts.get(topic)
+        if n is None:
+            n = await self.client.partition_count(topic, auto_create=True)
+            if n is None:
+                raise BrokerError(p.Code.UNKNOWN_TOPIC, f"unknown topic {topic!r}")
+            self._counts[topic] = n
+        return n
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> RecordMetadata:
+        """Queue one record and wait for its acknowledgement."""
+        fut = await self.send_nowait(
+            topic, value, key=key, partition=partition, headers=headers, timestamp_ms=timestamp_ms
+        )
+        return await fut
+
+    async def send_nowait(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> asyncio.Future[RecordMetadata]:
+        """Queue one record; returns the future of its acknowledgement without waiting."""
+        if partition is None:
+            n = await self._partitions(topic)
+            partition = partition_for_key(key, n) if key is not None else next(self._rr) % n
+        ts = timestamp_ms if timestamp_ms is not None else time.time_ns() // 1_000_000
+        tp = (topic, partition)
+        acc = self._acc.get(tp)
+        if acc is None:
+            acc = self._acc[tp] = _Accumulator(topic, partition, first_ts=ts)
+            acc.timer = asyncio.get_running_loop().call_later(
+                self.linger_ms / 1000, self._linger_expired, tp
+            )
+        delta = ts - acc.first_ts
+        if headers:
+            acc.rows.append((delta, key, value, list(headers)))
+        else:
+            acc.rows.append((delta, key, value))
+        fut: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        acc.futures.append(fut)
+        acc.size += len(value) + (len(key) if key else 0) + 8
+        if acc.size >= self.batch_bytes:
+            self._seal(tp)
+        return fut
+
+    def _linger_expired(self, tp: TopicPartition) -> None:
+        if tp in self._acc:
+            self._seal(tp)
+
+    def _seal(self, tp: TopicPartition) -> None:
+        acc = self._acc.pop(tp)
+        if acc.timer is not None:
+            acc.timer.cancel()
+        batch = self._encode(tp, acc.rows, acc.first_ts)
+        task = asyncio.get_running_loop().create_task(self._send_batch(tp, batch, acc.futures))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _encode(self, tp: TopicPartition, rows: list[records.RecordInput], first_ts: int) -> bytes:
+        seq = records.NO_SEQUENCE
+        if self.idempotent:
+            seq = self._sequences.get(tp, 0)
+            self._sequences[tp] = seq + len(rows)
+        deltas = [r[0] for r in rows]
+        return records.encode_batch(
+            rows,
+            first_timestamp=first_ts,
+            max_timestamp=first_ts + max(deltas),
+            producer_id=self.producer_id,
+            base_sequence=seq,
+        )
+
+    async def _send_batch(
+        self, tp: TopicPartition, batch: bytes, futures: list[asyncio.Future[RecordMetadata]]
+    ) -> None:
+        try:
+            produced = await self._produce_with_retries(tp[0], tp[1], batch)
+        except BaseException as exc:
+            for f in futures:
+                if not f.done():
+                    f.set_exception(exc if isinstance(exc, Exception) else ConnectionLost())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for i, f in enumerate(futures):
+            if not f.done():
+                f.set_result(RecordMetadata(tp[0], produced.partition, produced.base_offset + i))
+
+    async def _produce_with_retries(
+        self, topic: str, partition: int | None, batch: bytes, key: bytes | None = None
+    ) -> p.Produced:
+        delay = self.retry_backoff_ms / 1000
+        async with self._inflight:
+            for attempt in range(self.retries + 1):
+                try:
+                    await self.client._ensure_connected()
+                    resp = await self.client._request_now(
+                        p.Produce(
+                            id=0,
+                            topic=topic,
+                            partition=partition,
+                            key=key,
+                            batches=[batch],
+                            acks=self.acks,
+                        )
+                    )
+                    assert isinstance(resp, p.Produced)
+                    return resp
+                except (ConnectionLost, ConnectionError, OSError, TimeoutError) as exc:
+                    if attempt == self.retries:
+                        raise ConnectionLost(str(exc)) from exc
+                except BrokerError as exc:
+                    if not exc.retriable or attempt == self.retries:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    async def send_batch(
+        self,
+        topic: str,
+        values: Sequence[bytes],
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+    ) -> p.Produced:
+        """Send ``values`` as one batch now (no accumulation) and wait for the ack. With
+        ``partition`` None the node chooses: by ``key``, else round robin. Fast path for
+        callers that batch themselves (the benchmark)."""
+        ts = time.time_ns() // 1_000_000
+        rows: list[records.RecordInput] = [(0, key, v) for v in values]
+        if self.idempotent and partition is None:
+            n = await self._partitions(topic)
+            partition = partition_for_key(key, n) if key is not None else next(self._rr) % n
+        if self.idempotent:
+            assert partition is not None
+            batch = self._encode((topic, partition), rows, ts)
+        else:
+            batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
+        return await self._produce_with_retries(topic, partition, batch, key)
+
+    async def flush(self) -> None:
+        """Send everything queued and wait for every acknowledgement."""
+        for tp in list(self._acc):
+            self._seal(tp)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.flush()
+
+
+# -------------------------------------------------------------------------- consumer
+@dataclass(frozen=True, slots=True)
+class ConsumerRecord:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+AssignCallback = Callable[[list[TopicPartition]], Awaitable[None] | None]
+
+
+class Consumer:
+    """A consumer of ``topics``: a member of ``group`` (the node assigns its partitions and
+    moves them cooperatively), or, with ``group=None``, of every partition of the topics
+    with positions from ``auto_offset_reset`` or :meth:`seek`.
+
+    ``getmany`` returns records in offset order per partition. With ``auto_commit`` the
+    positions of records returned by the previous ``getmany`` are committed at the start of
+    the next one, every ``auto_commit_interval_ms``, on revocation and on close: a record is
+    committed only after the application had it, so delivery is at least once.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        topics: list[str],
+        *,
+        group: str | None = None,
+        auto_commit: bool = True,
+        auto_commit_interval_ms: int = 1000,
+        auto_offset_reset: Literal["earliest", "latest"] = "earliest",
+        session_timeout_ms: int | None = None,
+        assignor: Literal["range", "sticky"] | None = None,
+        on_assign: AssignCallback | None = None,
+        on_revoke: AssignCallback | None = None,
+        max_partition_bytes: int = 1024 * 1024,
+        max_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.client = client
+        self.topics = topics
+        self.group = group
+        self.auto_commit = auto_commit and group is not None
+        self.auto_commit_interval_ms = auto_commit_interval_ms
+        self.auto_offset_reset = auto_offset_reset
+        self.session_timeout_ms = session_timeout_ms
+        self.assignor = assignor
+        self.on_assign = on_assign
+        self.on_revoke = on_revoke
+        self.max_partition_bytes = max_partition_bytes
+        self.max_bytes = max_bytes
+        self.member_id: str | None = None
+        self.generation = -1
+        self.assignment: list[TopicPartition] = []
+        self.positions: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._heartbeat_interval = 1.0
+        self._hb_task: asyncio.Task[None] | None = None
+        self._assignment_changed = asyncio.Event()
+        self._last_commit = time.monotonic()
+        self._rebalancing = False
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self.group is None:
+            parts: list[TopicPartition] = []
+            for t in self.topics:
+                n = await self.client.partition_count(t)
+                if n is None:
+                    raise BrokerError(p.Code.UNKNOWN_TOPIC, f"unknown topic {t!r}")
+                parts.extend((t, i) for i in range(n))
+            await self._apply_assignment(parts)
+            return
+        await self._join()
+        self._hb_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    async def _join(self) -> None:
+        assert self.group is not None
+        resp = await self.client.request(
+            p.JoinGroup(
+                id=0,
+                group=self.group,
+                topics=self.topics,
+                member_id=None,
+                session_timeout_ms=self.session_timeout_ms,
+                assignor=self.assignor,
+                client_id=self.client.client_id,
+            )
+        )
+        assert isinstance(resp, p.Joined)
+        self.member_id = resp.member_id
+        self.generation = resp.generation
+        self._heartbeat_interval = resp.heartbeat_interval_ms / 1000
+        await self._apply_assignment([tuple(tp) for tp in resp.assignment])  # type: ignore[misc]
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(0.05 if self._rebalancing else self._heartbeat_interval)
+            if self._closed:
+                return
+            try:
+                await self.heartbeat()
+            except BrokerError as exc:
+                if exc.code == p.Code.UNKNOWN_MEMBER:
+                    log.warning("event=consumer_rejoin group=%s reason=%s", self.group, exc.code)
+                    await self._revoke(list(self.assignment), commit=False)
+                    await self._join()
+                elif not exc.retriable:
+                    log.error("event=heartbeat_failed group=%s error=%s", self.group, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the member alive through transient trouble
+                log.warning("event=heartbeat_error group=%s error=%r", self.group, exc)
+
+    async def heartbeat(self) -> None:
+        assert self.group is not None and self.member_id is not None
+        resp = await self.client.request(
+            p.Heartbeat(
+                id=0,
+                group=self.group,
+                member_id=self.member_id,
+                generation=self.generation,
+                owned=list(self.assignment),
+            ),
+            retries=1,
+        )
+        assert isinstance(resp, p.HeartbeatResult)
+        self.generation = resp.generation
+        self._rebalancing = resp.rebalancing
+        await self._apply_assignment([tuple(tp) for tp in resp.assignment])  # type: ignore[misc]
+
+    async def _apply_assignment(self, new: list[TopicPartition]) -> None:
+        async with self._lock:
+            old = set(self.assignment)
+            new_set = set(new)
+            revoked = [tp for tp in self.assignment if tp not in new_set]
+            added = [tp for tp in new if tp not in old]
+            if revoked:
+                await self._revoke(revoked, commit=True, locked=True)
+            if added:
+                await self._init_positions(added)
+                self.assignment = self.assignment + added
+                await self._call(self.on_assign, added)
+            if revoked or added:
+                self._assignment_changed.set()
+
+    async def _revoke(
+        self, tps: list[TopicPartition], *, commit: bool, locked: bool = False
+    ) -> None:
+        if not tps:
+            return
+        if commit and self.auto_commit:
+            with contextlib.suppress(BrokerError):
+                await self.commit({tp: self.positions[tp] for tp in tps if tp in self.positions})
+        await self._call(self.on_revoke, tps)
+        gone = set(tps)
+        self.assignment = [tp for tp in self.assignment if tp not in gone]
+        for tp in tps:
+            self.positions.pop(tp, None)
+
+    @staticmethod
+    async def _call(cb: AssignCallback | None, tps: list[TopicPartition]) -> None:
+        if cb is not None:
+            result = cb(list(tps))
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def _init_positions(self, tps: list[TopicPartition]) -> None:
+        committed: dict[TopicPartition, int] = {}
+        if self.group is not None:
+            resp = await self.client.request(p.FetchOffsets(id=0, group=self.group, partitions=tps))
+            assert isinstance(resp, p.OffsetsFetched)
+            committed = {(o.topic, o.partition): o.offset for o in resp.offsets if o.offset >= 0}
+        for tp in tps:
+            if tp in committed:
+                self.positions[tp] = committed[tp]
+                self._committed[tp] = committed[tp]
+            else:
+                self.positions[tp] = await self.client.list_offsets(
+                    tp[0], tp[1], self.auto_offset_reset
+                )
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.positions[(topic, partition)] = offset
+
+    async def getmany(
+        self, timeout_ms: int = 1000, max_records: int | None = None
+    ) -> list[ConsumerRecord]:
+        """Records from the assigned partitions, waiting up to ``timeout_ms`` for some."""
+        if (
+            self.auto_commit
+            and time.monotonic() - self._last_commit >= self.auto_commit_interval_ms / 1000
+        ):
+            with contextlib.suppress(BrokerError):
+                await self.commit()
+        batches = await self.fetch_batches(timeout_ms)
+        out: list[ConsumerRecord] = []
+        for topic, partition, data, start in batches:
+            for _pos, header in records.iter_batches(data, verify=True):
+                recs = records.decode_records(data[_pos : _pos + header.batch_length], header)
+                base, ts0 = header.base_offset, header.first_timestamp
+                for i, r in enumerate(recs):
+                    off = base + i
+                    if off >= start:
+                        out.append(
+                            ConsumerRecord(
+                                topic,
+                                partition,
+                                off,
+                                ts0 + r.timestamp_delta,
+                                r.key,
+                                r.value,
+                                r.headers,
+                            )
+                        )
+        if max_records is not None and len(out) > max_records:
+            # rewind positions to the first record not returned
+            for rec in out[max_records:]:
+                tp = (rec.topic, rec.partition)
+                if self.positions.get(tp, rec.offset + 1) > rec.offset:
+                    self.positions[tp] = rec.offset
+            out = out[:max_records]
+        return out
+
+    async def fetch_batches(self, timeout_ms: int = 1000) -> list[tuple[str, int, bytes, int]]:
+        """Raw record batches (``topic, partition, bytes, first wanted offset``) from the
+        assigned partitions, advancing positions past them. For callers that decode
+        themselves."""
+        if not self.assignment:
+            self._assignment_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._assignment_changed.wait(), timeout_ms / 1000)
+            if not self.assignment:
+                return []
+        wanted = [
+            (t, i, self.positions[(t, i)]) for t, i in self.assignment if (t, i) in self.positions
+        ]
+        results = await self.client.fetch(
+            wanted,
+            max_wait_ms=timeout_ms,
+            max_bytes=self.max_bytes,
+            partition_max_bytes=self.max_partition_bytes,
+        )
+        out = []
+        for res in results:
+            tp = (res.topic, res.partition)
+            if tp not in self.positions:
+                continue  # revoked while the fetch was in flight
+            start = self.positions[tp]
+            if res.error == p.Code.OFFSET_OUT_OF_RANGE:
+                reset = (
+                    res.log_start_offset
+                    if self.auto_offset_reset == "earliest"
+                    else res.high_watermark
+                )
+                log.warning(
+                    "event=offset_reset topic=%s partition=%d from=%d to=%d",
+                    res.topic,
+                    res.partition,
+                    start,
+                    reset,
+                )
+                self.positions[tp] = reset
+                continue
+            if res.error is not None or not res.records:
+                continue
+            last_next = start
+            for _pos, header in records.iter_batches(res.records, verify=False):
+                last_next = header.next_offset
+            if last_next > start:
+                self.positions[tp] = last_next
+                out.append((res.topic, res.partition, res.records, start))
+        return out
+
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit ``offsets`` (next offset to read, per partition), default: the current
+        positions of every assigned partition that moved since the last commit."""
+        if self.group is None:
+            raise BrokerError(p.Code.INVALID_REQUEST, "a consumer without a group cannot commit")
+        if offsets is None:
+            offsets = {
+                tp: off for tp, off in self.positions.items() if self._committed.get(tp) != off
+            }
+        self._last_commit = time.monotonic()
+        if not offsets:
+            return
+        await self.client.request(
+            p.CommitOffsets(
+                id=0,
+                group=self.group,
+                member_id=self.member_id,
+                generation=self.generation,
+                offsets=[(t, i, o) for (t, i), o in offsets.items()],
+            )
+        )
+        self._committed.update(offsets)
+
+    async def close(self) -> None:
+        """Commit (with auto commit), leave the group and stop heartbeating."""
+        if self._closed:
+            return
+        if self.auto_commit:
+            with contextlib.suppress(BrokerError):
+                await self.commit()
+        self._closed = True
+        if self._hb_task is not None:
+            self._hb_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._hb_task
+        if self.group is not None and self.member_id is not None:
+            with contextlib.suppress(BrokerError):
+                await self.client.request(
+                    p.LeaveGroup(id=0, group=self.group, member_id=self.member_id), retries=0
+                )
+
+
+def topic_partitions(items: Iterable[Sequence[Any]]) -> list[TopicPartition]:
+    return [(str(t), int(i)) for t, i in items]

@@ -1,0 +1,159 @@
+"""Node configuration: one TOML file decoded into ``msgspec.Struct``s.
+
+Every key is documented in ``config.example.toml`` (a test decodes that file, so it cannot
+drift from this module). Unknown keys are errors that name the key. Keys are kebab-case in
+TOML. No other module reads the environment or a file for settings: the node gets a
+:class:`Config` and passes pieces of it down.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from storage.partition import PartitionConfig
+
+
+class ConfigError(Exception):
+    code = "config_error"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
+    pass
+
+
+class ListenConfig(_Section):
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    tcp_port: int = 9092
+    ws_port: int = 8765
+
+
+class StorageConfig(_Section):
+    data_dir: str = "./data"
+    segment_bytes: int = 128 * 1024 * 1024
+    segment_ms: int = 7 * 24 * 3600 * 1000
+    index_interval_bytes: int = 4096
+    checkpoint_interval_ms: int = 1000
+    retention_check_interval_ms: int = 60_000
+    kv_map_size: int = 1 << 30
+    offsets_sync_interval_ms: int = 1000
+
+
+class TopicDefaults(_Section):
+    partitions: int = 4
+    retention_ms: int | None = 7 * 24 * 3600 * 1000
+    retention_bytes: int | None = None
+    auto_create: bool = True
+    events_partitions: int = 8
+
+
+class LimitsConfig(_Section):
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_batch_bytes: int = 8 * 1024 * 1024
+    max_batches_per_request: int = 1000
+    max_fetch_bytes: int = 16 * 1024 * 1024
+    max_wait_ms: int = 30_000
+    max_connections: int = 10_000
+    max_inflight_per_connection: int = 1024
+    max_event_bytes: int = 1024 * 1024
+    max_events_per_batch: int = 10_000
+    max_http_body_bytes: int = 32 * 1024 * 1024
+    request_timeout_ms: int = 30_000
+
+
+class GroupsConfig(_Section):
+    min_session_timeout_ms: int = 1000
+    max_session_timeout_ms: int = 300_000
+    default_session_timeout_ms: int = 10_000
+    default_assignor: Literal["range", "sticky"] = "sticky"
+
+
+class ApiKey(_Section):
+    key: str
+    tenant: str = "default"
+    scopes: list[Literal["produce", "consume", "admin"]] = msgspec.field(
+        default_factory=lambda: ["produce", "consume"]
+    )
+    name: str = ""
+
+
+class AuthConfig(_Section):
+    keys: list[ApiKey] = []
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
+
+
+class Config(_Section):
+    node_id: int = 0
+    listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    topics: TopicDefaults = msgspec.field(default_factory=TopicDefaults)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    groups: GroupsConfig = msgspec.field(default_factory=GroupsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    def partition_config(
+        self,
+        *,
+        retention_ms: int | Literal["default"] | None = "default",
+        retention_bytes: int | Literal["default"] | None = "default",
+    ) -> PartitionConfig:
+        s = self.storage
+        return PartitionConfig(
+            segment_bytes=s.segment_bytes,
+            segment_ms=s.segment_ms,
+            index_interval_bytes=s.index_interval_bytes,
+            retention_ms=self.topics.retention_ms if retention_ms == "default" else retention_ms,
+            retention_bytes=(
+                self.topics.retention_bytes if retention_bytes == "default" else retention_bytes
+            ),
+            max_batch_bytes=self.limits.max_batch_bytes,
+            checkpoint_interval_ms=s.checkpoint_interval_ms,
+        )
+
+
+def _validate(cfg: Config) -> Config:
+    for name, port in (
+        ("listen.http-port", cfg.listen.http_port),
+        ("listen.tcp-port", cfg.listen.tcp_port),
+        ("listen.ws-port", cfg.listen.ws_port),
+    ):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{name}: {port} is not a port number")
+    if cfg.topics.partitions < 1 or cfg.topics.events_partitions < 1:
+        raise ConfigError("topics.partitions and topics.events-partitions must be >= 1")
+    if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
+        raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
+    seen = set()
+    for i, key in enumerate(cfg.auth.keys):
+        if len(key.key) < 16:
+            raise ConfigError(f"auth.keys[{i}].key: API keys must be at least 16 characters")
+        if key.key in seen:
+            raise ConfigError(f"auth.keys[{i}].key: duplicate key")
+        seen.add(key.key)
+    return cfg
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate the TOML file at ``path`` (or the embedded default if None).
+    Raises :class:`ConfigError` with the offending key's path."""
+    if path is None:
+        return _validate(Config())
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return _validate(msgspec.convert(raw, Config))
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

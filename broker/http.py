@@ -1,0 +1,556 @@
+"""The HTTP API (aiohttp): event ingest, raw records, topics and groups admin, health and
+metrics. Reference: ``docs/HTTP.md``.
+
+Every error is JSON ``{"error": {"code", "message", "field"}}`` with a 4xx/5xx status; request
+bodies are decoded into ``msgspec`` structs, so a bad body names the offending field.
+
+``POST /events`` validates the event, gives it an ``event_id`` (UUID) unless the producer
+chose one, appends it durably to the internal ``__events`` topic (partitioned by ``key``, else
+by ``event_id``) and answers at once; delivery is asynchronous. A repeated ``event_id`` inside
+the idempotency window is answered with the original partition and offset and not appended
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from broker import protocol as p
+from broker.auth import Authenticator, AuthError, Principal
+from broker.config import Config
+from broker.service import BadRequest, BrokerService, error_fields
+from broker.topics import EVENTS_TOPIC, partition_for_key
+from storage import records
+from storage.errors import CorruptBatch
+from storage.partition import Partition
+
+_STATUS = {
+    p.Code.INVALID_REQUEST: 400,
+    p.Code.BAD_FRAME: 400,
+    p.Code.CORRUPT_BATCH: 400,
+    p.Code.INVALID_TOPIC: 400,
+    p.Code.TOO_MANY_BATCHES: 413,
+    p.Code.BATCH_TOO_LARGE: 413,
+    "payload_too_large": 413,
+    p.Code.UNAUTHENTICATED: 401,
+    p.Code.FORBIDDEN: 403,
+    p.Code.UNKNOWN_TOPIC: 404,
+    p.Code.UNKNOWN_PARTITION: 404,
+    p.Code.UNKNOWN_GROUP: 404,
+    "not_found": 404,
+    p.Code.TOPIC_EXISTS: 409,
+    p.Code.OFFSET_OUT_OF_RANGE: 416,
+    p.Code.OUT_OF_ORDER_SEQUENCE: 409,
+    p.Code.STORAGE_FULL: 507,
+    p.Code.LOG_OFFLINE: 503,
+    p.Code.SHUTTING_DOWN: 503,
+    p.Code.TIMEOUT: 504,
+}
+_FIELD = re.compile(r"at `\$\.?([^`]*)`")
+_UUID = re.compile(r"^[0-9a-fA-F-]{8,64}$")
+
+
+class HttpStats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.events = 0
+
+
+# ---------------------------------------------------------------------------- bodies
+class EventIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    topic: str
+    payload: msgspec.Raw
+    event_id: str | None = None
+    key: str | None = None
+    users: list[str] | None = None
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+    metadata: dict[str, str] | None = None
+
+
+class EventBatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    events: list[EventIn]
+
+
+class StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The record value written to ``__events`` (JSON, so any consumer can read it)."""
+
+    event_id: str
+    tenant: str
+    topic: str
+    payload: msgspec.Raw
+    received_ms: int
+    priority: str = "normal"
+    key: str | None = None
+    users: list[str] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class SeenEvent(msgspec.Struct, array_like=True):
+    partition: int
+    offset: int
+    received_ms: int
+
+
+class TopicIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    partitions: int | None = None
+    retention_ms: int | None = None
+    retention_bytes: int | None = None
+    exist_ok: bool = False
+
+
+class RecordIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    value: str | None = None
+    value_b64: str | None = None
+    key: str | None = None
+    headers: dict[str, str] | None = None
+    timestamp: int | None = None
+
+
+class RecordsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    records: list[RecordIn]
+    partition: int | None = None
+    key: str | None = None
+    acks: Literal[0, 1, -1] = -1
+
+
+def _text_or_b64(data: bytes | None) -> tuple[str | None, str]:
+    if data is None:
+        return None, "none"
+    try:
+        return data.decode("utf-8"), "utf8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode(), "base64"
+
+
+class HttpApi:
+    IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+
+    def __init__(self, config: Config, service: BrokerService, auth: Authenticator) -> None:
+        self.config = config
+        self.service = service
+        self.auth = auth
+        self.stats = HttpStats()
+        self._seen = service.kv.table("event_ids", SeenEvent)
+        self._event_dec = msgspec.json.Decoder(EventIn)
+        self._batch_dec = msgspec.json.Decoder(EventBatchIn)
+        self._enc = msgspec.json.Encoder()
+        self.metrics_body: Callable[[], bytes] = lambda: b""
+
+    # ------------------------------------------------------------------- plumbing
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.config.limits.max_http_body_bytes,
+            middlewares=[self._errors],
+        )
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics)
+        r.add_post("/events", self.post_event)
+        r.add_post("/events/batch", self.post_events_batch)
+        r.add_get("/topics", self.list_topics)
+        r.add_post("/topics", self.create_topic)
+        r.add_get("/topics/{topic}", self.describe_topic)
+        r.add_delete("/topics/{topic}", self.delete_topic)
+        r.add_post("/topics/{topic}/records", self.produce_records)
+        r.add_get("/topics/{topic}/partitions/{partition}/records", self.fetch_records)
+        r.add_get("/topics/{topic}/partitions/{partition}/offsets", self.list_offsets)
+        r.add_get("/groups", self.list_groups)
+        r.add_get("/groups/{group}", self.describe_group)
+        return app
+
+    def json(self, body: Any, status: int = 200) -> web.Response:
+        return web.Response(
+            body=self._enc.encode(body), status=status, content_type="application/json"
+        )
+
+    def error(self, status: int, code: str, message: str, field: str | None = None) -> web.Response:
+        self.stats.errors += 1
+        return self.json({"error": {"code": code, "message": message, "field": field}}, status)
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.stats.requests += 1
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+                exc.status, "http_error"
+            )
+            return self.error(exc.status, code, exc.reason)
+        except msgspec.ValidationError as exc:
+            m = _FIELD.search(str(exc))
+            return self.error(400, p.Code.INVALID_REQUEST, str(exc), m.group(1) if m else None)
+        except msgspec.DecodeError as exc:
+            return self.error(400, p.Code.INVALID_REQUEST, f"body is not valid JSON: {exc}")
+        except BadRequest as exc:
+            return self.error(_STATUS.get(exc.code, 400), exc.code, str(exc), exc.field)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, message, _retriable = error_fields(exc)
+            status = _STATUS.get(code, 500)
+            if status == 500:
+                request.app.logger.exception("event=http_error path=%s", request.path)
+            return self.error(status, code, message)
+
+    def principal(self, request: web.Request) -> Principal:
+        return self.auth.bearer(request.headers.get("Authorization"))
+
+    async def body(self, request: web.Request) -> bytes:
+        if not request.can_read_body:
+            raise BadRequest(p.Code.INVALID_REQUEST, "a JSON body is required")
+        return await request.read()
+
+    @staticmethod
+    def _int_param(request: web.Request, name: str, default: int | None = None) -> int:
+        raw = request.query.get(name)
+        if raw is None:
+            if default is None:
+                raise BadRequest(
+                    p.Code.INVALID_REQUEST, f"query parameter {name} is required", name
+                )
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise BadRequest(p.Code.INVALID_REQUEST, f"{name} must be an integer", name) from None
+
+    # --------------------------------------------------------------------- health
+    async def healthz(self, request: web.Request) -> web.Response:
+        svc = self.service
+        offline = [part.name for part in svc.log.partitions.values() if part.offline]
+        status = "shutting_down" if svc.stopping else ("degraded" if offline else "ok")
+        return self.json(
+            {
+                "status": status,
+                "node_id": self.config.node_id,
+                "topics": len(svc.log.topics),
+                "partitions": len(svc.log.partitions),
+                "offline_partitions": offline,
+            },
+            200 if status == "ok" else 503,
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics_body(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    # --------------------------------------------------------------------- events
+    def _prepare_event(
+        self, principal: Principal, ev: EventIn, now: int, index: int | None = None
+    ) -> tuple[str, int, bytes | None, SeenEvent | None]:
+        """Validate one event; returns (event_id, partition, value or None if duplicate,
+        original if duplicate)."""
+        where = "" if index is None else f"events[{index}]."
+        if not ev.topic or len(ev.topic) > 200:
+            raise BadRequest(
+                p.Code.INVALID_REQUEST, "topic must be 1-200 characters", where + "topic"
+            )
+        if len(ev.payload) > self.config.limits.max_event_bytes:
+            raise BadRequest(
+                "payload_too_large",
+                f"payload of {len(ev.payload)} bytes exceeds max_event_bytes="
+                f"{self.config.limits.max_event_bytes}",
+                where + "payload",
+            )
+        if ev.event_id is not None:
+            if not _UUID.match(ev.event_id):
+                raise BadRequest(
+                    p.Code.INVALID_REQUEST,
+                    "event_id must be a UUID (8-64 hex digits and dashes)",
+                    where + "event_id",
+                )
+            event_id = ev.event_id.lower()
+            seen = self._seen.get(f"{principal.tenant}\x00{event_id}")
+            if seen is not None and now - seen.received_ms < self.IDEMPOTENCY_WINDOW_MS:
+                return event_id, seen.partition, None, seen
+        else:
+            event_id = str(uuid.uuid4())
+        n = self.service.log.topics[EVENTS_TOPIC].partitions
+        pkey = (ev.key or event_id).encode()
+        partition = partition_for_key(pkey, n)
+        value = self._enc.encode(
+            StoredEvent(
+                event_id=event_id,
+                tenant=principal.tenant,
+                topic=ev.topic,
+                payload=ev.payload,
+                received_ms=now,
+                priority=ev.priority,
+                key=ev.key,
+                users=ev.users,
+                metadata=ev.metadata,
+            )
+        )
+        return event_id, partition, value, None
+
+    async def post_event(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        principal.require("produce")
+        ev = self._event_dec.decode(await self.body(request))
+        now = time.time_ns() // 1_000_000
+        event_id, partition, value, seen = self._prepare_event(principal, ev, now)
+        if seen is not None:
+            return self.json(
+                {
+                    "event_id": event_id,
+                    "partition": seen.partition,
+                    "offset": seen.offset,
+                    "duplicate": True,
+                }
+            )
+        assert value is not None
+        part = self.service.log.partition(EVENTS_TOPIC, partition)
+        batch = records.encode_batch(
+            [(0, (ev.key or event_id).encode(), value)], first_timestamp=now
+        )
+        result = self._append(part, [batch])
+        self._seen.put(f"{principal.tenant}\x00{event_id}", SeenEvent(partition, result, now))
+        await part.wait_durable(result + 1)
+        self.stats.events += 1
+        return self.json({"event_id": event_id, "partition": partition, "offset": result})
+
+    def _append(self, part: Partition, batches: list[bytes]) -> int:
+        if self.service.stopping:
+            raise BadRequest(p.Code.SHUTTING_DOWN, "the node is shutting down")
+        return part.append_nowait(batches).base_offset
+
+    async def post_events_batch(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        principal.require("produce")
+        batch_in = self._batch_dec.decode(await self.body(request))
+        events = batch_in.events
+        limit = self.config.limits.max_events_per_batch
+        if not events:
+            raise BadRequest(p.Code.INVALID_REQUEST, "events must not be empty", "events")
+        if len(events) > limit:
+            raise BadRequest(
+                "payload_too_large",
+                f"{len(events)} events exceed max_events_per_batch={limit}",
+                "events",
+            )
+        now = time.time_ns() // 1_000_000
+        results: list[dict[str, Any]] = [{} for _ in events]
+        by_partition: dict[int, list[tuple[int, str, str | None, bytes]]] = {}
+        seen_here: set[str] = set()
+        for i, ev in enumerate(events):
+            event_id, partition, value, seen = self._prepare_event(principal, ev, now, i)
+            if seen is not None:
+                results[i] = {
+                    "event_id": event_id,
+                    "partition": seen.partition,
+                    "offset": seen.offset,
+                    "duplicate": True,
+                }
+                continue
+            if event_id in seen_here:
+                raise BadRequest(
+                    p.Code.INVALID_REQUEST,
+                    f"event_id {event_id} appears twice in the batch",
+                    f"events[{i}].event_id",
+                )
+            seen_here.add(event_id)
+            assert value is not None
+            by_partition.setdefault(partition, []).append((i, event_id, ev.key, value))
+        waits = []
+        seen_rows: list[tuple[str | bytes, SeenEvent]] = []
+        for partition, items in by_partition.items():
+            part = self.service.log.partition(EVENTS_TOPIC, partition)
+            batch = records.encode_batch(
+                [(0, (key or eid).encode(), value) for _i, eid, key, value in items],
+                first_timestamp=now,
+            )
+            base = self._append(part, [batch])
+            for j, (i, eid, _key, _value) in enumerate(items):
+                results[i] = {"event_id": eid, "partition": partition, "offset": base + j}
+                seen_rows.append(
+                    (f"{principal.tenant}\x00{eid}", SeenEvent(partition, base + j, now))
+                )
+            waits.append(part.wait_durable(base + len(items)))
+        self._seen.put_many(seen_rows)
+        await asyncio.gather(*waits)
+        self.stats.events += len(seen_rows)
+        return self.json({"results": results})
+
+    # --------------------------------------------------------------------- topics
+    async def list_topics(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        return self.json({"topics": self.service.metadata(principal, None)})
+
+    async def create_topic(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        t = msgspec.json.decode(await self.body(request), type=TopicIn)
+        info, created = self.service.create_topic(
+            principal,
+            t.name,
+            partitions=t.partitions,
+            retention_ms=t.retention_ms,
+            retention_bytes=t.retention_bytes,
+            exist_ok=t.exist_ok,
+        )
+        return self.json({"topic": info, "created": created}, 201 if created else 200)
+
+    async def describe_topic(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        (info,) = self.service.metadata(principal, [request.match_info["topic"]])
+        return self.json(info)
+
+    async def delete_topic(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        await self.service.delete_topic(principal, request.match_info["topic"])
+        return self.json({"deleted": request.match_info["topic"]})
+
+    # -------------------------------------------------------------------- records
+    async def produce_records(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        body = msgspec.json.decode(await self.body(request), type=RecordsIn)
+        if not body.records:
+            raise BadRequest(p.Code.INVALID_REQUEST, "records must not be empty", "records")
+        now = time.time_ns() // 1_000_000
+        rows: list[records.RecordInput] = []
+        first_ts = min((r.timestamp for r in body.records if r.timestamp is not None), default=now)
+        for i, r in enumerate(body.records):
+            if (r.value is None) == (r.value_b64 is None):
+                raise BadRequest(
+                    p.Code.INVALID_REQUEST,
+                    "give exactly one of value and value_b64",
+                    f"records[{i}].value",
+                )
+            if r.value is not None:
+                value = r.value.encode()
+            else:
+                try:
+                    value = base64.b64decode(r.value_b64 or "", validate=True)
+                except ValueError:
+                    raise BadRequest(
+                        p.Code.INVALID_REQUEST, "value_b64 is not base64", f"records[{i}].value_b64"
+                    ) from None
+            delta = (r.timestamp if r.timestamp is not None else now) - first_ts
+            key = r.key.encode() if r.key is not None else None
+            if r.headers:
+                rows.append((delta, key, value, [(k, v.encode()) for k, v in r.headers.items()]))
+            else:
+                rows.append((delta, key, value))
+        batch = records.encode_batch(rows, first_timestamp=first_ts)
+        try:
+            partition, part, result = self.service.produce(
+                principal,
+                request.match_info["topic"],
+                [batch],
+                partition=body.partition,
+                key=body.key.encode() if body.key is not None else None,
+            )
+        except CorruptBatch as exc:
+            raise BadRequest(p.Code.BATCH_TOO_LARGE, str(exc), "records") from None
+        if body.acks == -1:
+            await part.wait_durable(result.last_offset + 1)
+        return self.json(
+            {
+                "partition": partition,
+                "base_offset": result.base_offset,
+                "last_offset": result.last_offset,
+            }
+        )
+
+    async def fetch_records(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        topic = request.match_info["topic"]
+        try:
+            partition = int(request.match_info["partition"])
+        except ValueError:
+            raise BadRequest(
+                p.Code.INVALID_REQUEST, "partition must be an integer", "partition"
+            ) from None
+        offset = self._int_param(request, "offset", 0)
+        max_bytes = self._int_param(request, "max_bytes", 1024 * 1024)
+        max_wait = self._int_param(request, "max_wait_ms", 0)
+        limit = self._int_param(request, "limit", 1000)
+        req = p.Fetch(
+            id=0,
+            partitions=[p.FetchPartition(topic, partition, offset, max_bytes)],
+            max_wait_ms=max_wait,
+        )
+        (res,) = await self.service.fetch(principal, req)
+        if res.error is not None:
+            status = _STATUS.get(res.error, 400)
+            return self.error(status, res.error, f"{topic}/{partition}: {res.error}")
+        out: list[dict[str, Any]] = []
+        next_offset = offset
+        for _pos, header in records.iter_batches(res.records):
+            batch = res.records[_pos : _pos + header.batch_length]
+            for i, rec in enumerate(records.decode_records(batch, header)):
+                off = header.base_offset + i
+                if off < offset or len(out) >= limit:
+                    continue
+                value, venc = _text_or_b64(rec.value)
+                key, kenc = _text_or_b64(rec.key)
+                item: dict[str, Any] = {
+                    "offset": off,
+                    "timestamp": header.first_timestamp + rec.timestamp_delta,
+                    "key": key,
+                    "value": value,
+                }
+                if venc == "base64" or kenc == "base64":
+                    item["encoding"] = {"key": kenc, "value": venc}
+                if rec.headers:
+                    item["headers"] = {k: _text_or_b64(v)[0] for k, v in rec.headers}
+                out.append(item)
+                next_offset = off + 1
+        return self.json(
+            {
+                "records": out,
+                "next_offset": next_offset,
+                "high_watermark": res.high_watermark,
+                "log_start_offset": res.log_start_offset,
+            }
+        )
+
+    async def list_offsets(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        topic = request.match_info["topic"]
+        try:
+            partition = int(request.match_info["partition"])
+        except ValueError:
+            raise BadRequest(
+                p.Code.INVALID_REQUEST, "partition must be an integer", "partition"
+            ) from None
+        raw = request.query.get("spec", "latest")
+        spec: Literal["earliest", "latest"] | int
+        if raw in ("earliest", "latest"):
+            spec = raw  # type: ignore[assignment]
+        else:
+            try:
+                spec = int(raw)
+            except ValueError:
+                raise BadRequest(
+                    p.Code.INVALID_REQUEST, "spec is earliest, latest or a timestamp (ms)", "spec"
+                ) from None
+        off = self.service.list_offsets(principal, topic, partition, spec)
+        return self.json({"topic": topic, "partition": partition, "offset": off})
+
+    # --------------------------------------------------------------------- groups
+    async def list_groups(self, request: web.Request) -> web.Response:
+        return self.json({"groups": self.service.list_groups(self.principal(request))})
+
+    async def describe_group(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        return self.json(self.service.describe_group(principal, request.match_info["group"]))
+
+
+__all__ = ["AuthError", "HttpApi"]

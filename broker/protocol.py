@@ -1,0 +1,477 @@
+"""Herald's binary protocol, sans-I/O: frames and messages, no sockets.
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack. Every request
+is a msgpack map with ``op`` (the message type) and ``id`` (a correlation id chosen by the
+client); the response carries the same ``id``, so one connection can pipeline many requests
+and responses may come back out of order. The full description is in ``docs/PROTOCOL.md``.
+
+Decoding validates: a request that is not one of the known ops, lacks a field or has a field
+of the wrong type becomes a :class:`ProtocolError` naming the field, answered with an
+``Error`` frame; the connection stays usable. A frame larger than the configured maximum
+cannot be skipped safely without reading it, so the connection is answered and closed.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, Literal
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A request the server cannot act on. ``fatal`` errors close the connection."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+# Error codes (stable; documented in docs/PROTOCOL.md).
+class Code:
+    BAD_FRAME: Final = "bad_frame"  # not msgpack / not a map
+    FRAME_TOO_LARGE: Final = "frame_too_large"  # fatal
+    INVALID_REQUEST: Final = "invalid_request"  # schema violation; message names the field
+    UNSUPPORTED_VERSION: Final = "unsupported_version"
+    UNAUTHENTICATED: Final = "unauthenticated"
+    FORBIDDEN: Final = "forbidden"
+    UNKNOWN_TOPIC: Final = "unknown_topic"
+    UNKNOWN_PARTITION: Final = "unknown_partition"
+    TOPIC_EXISTS: Final = "topic_exists"
+    INVALID_TOPIC: Final = "invalid_topic"
+    CORRUPT_BATCH: Final = "corrupt_batch"
+    BATCH_TOO_LARGE: Final = "batch_too_large"
+    TOO_MANY_BATCHES: Final = "too_many_batches"
+    OUT_OF_ORDER_SEQUENCE: Final = "out_of_order_sequence"
+    OFFSET_OUT_OF_RANGE: Final = "offset_out_of_range"
+    STORAGE_FULL: Final = "storage_full"
+    LOG_OFFLINE: Final = "log_offline"
+    STORAGE_ERROR: Final = "storage_error"
+    UNKNOWN_MEMBER: Final = "unknown_member"
+    NOT_ASSIGNED: Final = "not_assigned"
+    INVALID_SESSION_TIMEOUT: Final = "invalid_session_timeout"
+    UNKNOWN_GROUP: Final = "unknown_group"
+    TOO_MANY_INFLIGHT: Final = "too_many_inflight"
+    SHUTTING_DOWN: Final = "shutting_down"
+    TIMEOUT: Final = "timeout"
+    INTERNAL: Final = "internal_error"
+
+
+RETRIABLE: Final = frozenset(
+    {Code.LOG_OFFLINE, Code.SHUTTING_DOWN, Code.TIMEOUT, Code.TOO_MANY_INFLIGHT}
+)
+
+# ------------------------------------------------------------------------------- framing
+
+
+def encode_frame(payload: bytes) -> bytes:
+    return _LEN.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames. Feed bytes with :meth:`feed`; it returns the
+    complete frames' payloads. Raises a fatal :class:`ProtocolError` for a frame declared
+    larger than ``max_frame_bytes`` (memory cost: at most one partial frame of that size is
+    buffered per connection)."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        if not buf and len(data) >= 4:
+            # fast path: no partial frame pending, parse straight from ``data``
+            frames, pos = self._split(data)
+            if pos < len(data):
+                buf += data[pos:]
+            return frames
+        buf += data
+        frames, pos = self._split(buf)
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def _split(self, data: bytes | bytearray) -> tuple[list[bytes], int]:
+        frames: list[bytes] = []
+        pos = 0
+        end = len(data)
+        limit = self.max_frame_bytes
+        while end - pos >= 4:
+            (size,) = _LEN.unpack_from(data, pos)
+            if size > limit:
+                raise ProtocolError(
+                    Code.FRAME_TOO_LARGE,
+                    f"frame of {size} bytes exceeds max_frame_bytes={limit}",
+                    fatal=True,
+                )
+            if end - pos - 4 < size:
+                break
+            frames.append(bytes(data[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+        return frames, pos
+
+
+# ------------------------------------------------------------------------------ requests
+
+Acks = Literal[0, 1, -1]
+OffsetSpec = Literal["earliest", "latest"] | int
+
+
+class _Req(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    id: int
+
+
+class Hello(_Req, tag="hello"):
+    """Optional first request: protocol version, client name and API key."""
+
+    version: int = PROTOCOL_VERSION
+    client_id: str = ""
+    api_key: str | None = None
+
+
+class Produce(_Req, tag="produce"):
+    """Append ``batches`` (record batches as built by ``storage.records``) to one partition:
+    ``partition`` if given, else the partition of ``key``'s xxhash, else round robin."""
+
+    topic: str
+    batches: list[bytes]
+    partition: int | None = None
+    key: bytes | None = None
+    acks: Acks = -1
+
+
+class FetchPartition(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    topic: str
+    partition: int
+    offset: int
+    max_bytes: int = 1024 * 1024
+
+
+class Fetch(_Req, tag="fetch"):
+    """Raw batches from each partition at its offset. Waits up to ``max_wait_ms`` until at
+    least ``min_bytes`` are available in total (long poll)."""
+
+    partitions: list[FetchPartition]
+    max_wait_ms: int = 0
+    min_bytes: int = 1
+    max_bytes: int = 16 * 1024 * 1024
+
+
+class ListOffsets(_Req, tag="list_offsets"):
+    topic: str
+    partition: int
+    spec: OffsetSpec = "latest"
+
+
+class Metadata(_Req, tag="metadata"):
+    """Describe ``topics`` (all visible ones if None). With ``auto_create``, missing topics
+    are created as a produce would create them (when the node's policy allows)."""
+
+    topics: list[str] | None = None
+    auto_create: bool = False
+
+
+class CreateTopic(_Req, tag="create_topic"):
+    topic: str
+    partitions: int | None = None
+    retention_ms: int | None = None
+    retention_bytes: int | None = None
+    exist_ok: bool = False
+
+
+class DeleteTopic(_Req, tag="delete_topic"):
+    topic: str
+
+
+class InitProducer(_Req, tag="init_producer"):
+    pass
+
+
+class JoinGroup(_Req, tag="join_group"):
+    group: str
+    topics: list[str]
+    member_id: str | None = None
+    session_timeout_ms: int | None = None
+    assignor: Literal["range", "sticky"] | None = None
+    client_id: str = ""
+
+
+class Heartbeat(_Req, tag="heartbeat"):
+    """Report the partitions this member is consuming; the answer is what it may consume
+    now (cooperative hand-off: a partition moves only after its previous owner stopped
+    reporting it)."""
+
+    group: str
+    member_id: str
+    generation: int
+    owned: list[tuple[str, int]] = []
+
+
+class LeaveGroup(_Req, tag="leave_group"):
+    group: str
+    member_id: str
+
+
+class CommitOffsets(_Req, tag="commit_offsets"):
+    """Store offsets (the next offset to consume) for partitions the member owns. With
+    ``member_id`` None the commit is accepted only while the group has no live members
+    (a consumer managing its own assignment)."""
+
+    group: str
+    offsets: list[tuple[str, int, int]]
+    member_id: str | None = None
+    generation: int = -1
+    metadata: str = ""
+
+
+class FetchOffsets(_Req, tag="fetch_offsets"):
+    group: str
+    partitions: list[tuple[str, int]] | None = None
+
+
+class ListGroups(_Req, tag="list_groups"):
+    pass
+
+
+class DescribeGroup(_Req, tag="describe_group"):
+    group: str
+
+
+Request = (
+    Hello
+    | Produce
+    | Fetch
+    | ListOffsets
+    | Metadata
+    | CreateTopic
+    | DeleteTopic
+    | InitProducer
+    | JoinGroup
+    | Heartbeat
+    | LeaveGroup
+    | CommitOffsets
+    | FetchOffsets
+    | ListGroups
+    | DescribeGroup
+)
+
+# ----------------------------------------------------------------------------- responses
+
+
+class _Resp(msgspec.Struct, tag_field="op", kw_only=True):
+    id: int
+
+
+class Error(_Resp, tag="error"):
+    code: str
+    message: str
+    retriable: bool = False
+
+
+class HelloOk(_Resp, tag="hello_ok"):
+    version: int
+    node_id: int
+    tenant: str
+    scopes: list[str]
+
+
+class Produced(_Resp, tag="produced"):
+    topic: str
+    partition: int
+    base_offset: int
+    last_offset: int
+    duplicate: bool = False
+
+
+class FetchedPartition(msgspec.Struct, array_like=True):
+    topic: str
+    partition: int
+    high_watermark: int
+    log_start_offset: int
+    records: bytes
+    error: str | None = None
+
+
+class Fetched(_Resp, tag="fetched"):
+    partitions: list[FetchedPartition]
+
+
+class Offsets(_Resp, tag="offsets"):
+    topic: str
+    partition: int
+    offset: int
+
+
+class PartitionInfo(msgspec.Struct):
+    partition: int
+    leader: int
+    log_start_offset: int
+    high_watermark: int
+    size_bytes: int
+    segments: int
+
+
+class TopicInfo(msgspec.Struct):
+    name: str
+    partitions: list[PartitionInfo]
+    internal: bool
+    retention_ms: int | None
+    retention_bytes: int | None
+
+
+class MetadataResult(_Resp, tag="metadata_result"):
+    node_id: int
+    topics: list[TopicInfo]
+
+
+class TopicCreated(_Resp, tag="topic_created"):
+    topic: TopicInfo
+    created: bool
+
+
+class TopicDeleted(_Resp, tag="topic_deleted"):
+    topic: str
+
+
+class ProducerId(_Resp, tag="producer_id"):
+    producer_id: int
+
+
+class Joined(_Resp, tag="joined"):
+    group: str
+    member_id: str
+    generation: int
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    assignment: list[tuple[str, int]]
+
+
+class HeartbeatResult(_Resp, tag="heartbeat_result"):
+    generation: int
+    assignment: list[tuple[str, int]]
+    # true while partitions are still moving: heartbeat again soon
+    rebalancing: bool
+
+
+class Left(_Resp, tag="left"):
+    pass
+
+
+class Committed(_Resp, tag="committed"):
+    count: int
+
+
+class CommittedOffset(msgspec.Struct, array_like=True):
+    topic: str
+    partition: int
+    offset: int  # -1: none committed
+    metadata: str
+
+
+class OffsetsFetched(_Resp, tag="offsets_fetched"):
+    offsets: list[CommittedOffset]
+
+
+class MemberInfo(msgspec.Struct):
+    member_id: str
+    client_id: str
+    assignment: list[tuple[str, int]]
+    last_heartbeat_ms_ago: int
+
+
+class PartitionLag(msgspec.Struct):
+    topic: str
+    partition: int
+    committed: int
+    high_watermark: int
+    lag: int
+
+
+class GroupInfo(msgspec.Struct):
+    group: str
+    state: str
+    generation: int
+    assignor: str
+    topics: list[str]
+    members: list[MemberInfo]
+    offsets: list[PartitionLag]
+
+
+class GroupsListed(_Resp, tag="groups_listed"):
+    groups: list[str]
+
+
+class GroupDescribed(_Resp, tag="group_described"):
+    group: GroupInfo
+
+
+Response = (
+    Error
+    | HelloOk
+    | Produced
+    | Fetched
+    | Offsets
+    | MetadataResult
+    | TopicCreated
+    | TopicDeleted
+    | ProducerId
+    | Joined
+    | HeartbeatResult
+    | Left
+    | Committed
+    | OffsetsFetched
+    | GroupsListed
+    | GroupDescribed
+)
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_response_decoder = msgspec.msgpack.Decoder(Response)
+_encoder = msgspec.msgpack.Encoder()
+_id_decoder = msgspec.msgpack.Decoder(dict[str, object])
+
+
+def decode_request(payload: bytes) -> Request:
+    """Decode one request frame. Raises :class:`ProtocolError` (not fatal): ``bad_frame``
+    when the payload is not a msgpack map, ``invalid_request`` naming the field otherwise."""
+    try:
+        req: Request = _request_decoder.decode(payload)
+        return req
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(Code.INVALID_REQUEST, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(Code.BAD_FRAME, f"not a msgpack message: {exc}") from None
+
+
+def request_id_of(payload: bytes) -> int:
+    """Best-effort correlation id of a request that failed to decode (0 if none), so the
+    error reply can still be matched by the client."""
+    try:
+        raw = _id_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return 0
+    rid = raw.get("id")
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
+
+
+def encode_message(msg: _Req | _Resp) -> bytes:
+    """Encode a request or response as a whole frame (length prefix included)."""
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_response(payload: bytes) -> Response:
+    try:
+        resp: Response = _response_decoder.decode(payload)
+        return resp
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(Code.BAD_FRAME, f"bad response frame: {exc}") from None

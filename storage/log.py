@@ -98,6 +98,10 @@ class Log:
         if partitions < 1:
             raise StorageError("a topic needs at least one partition")
         path = self.root / name
+        if path.is_dir() and not (path / META_FILE).exists():
+            # left by a create that crashed before its meta file: the topic never existed
+            # and its partitions never acknowledged a write
+            shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=False)
         meta = TopicMeta(
             name=name,

@@ -1,0 +1,249 @@
+"""The LMDB state store (``storage/kv.py``): typed tables, durability, group-committed sync."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import msgspec
+import pytest
+
+from storage.errors import StorageError, StorageFull
+from storage.kv import KV
+
+
+class GroupOffset(msgspec.Struct, frozen=True):
+    offset: int
+    metadata: str = ""
+
+
+class Contact(msgspec.Struct, frozen=True):
+    name: str
+    channels: list[str]
+
+
+@pytest.fixture
+def kv(tmp_path: Path) -> Iterator[KV]:
+    store = KV(tmp_path / "state", map_size=16 << 20)
+    yield store
+    store.close()
+
+
+def test_put_get_and_overwrite(kv: KV) -> None:
+    offsets = kv.table("offsets", GroupOffset)
+    assert offsets.get("g1/orders/0") is None
+    offsets.put("g1/orders/0", GroupOffset(10))
+    offsets.put(b"g1/orders/1", GroupOffset(3, "m"))
+    assert offsets.get("g1/orders/0") == GroupOffset(10)
+    assert offsets.get("g1/orders/1") == GroupOffset(3, "m")  # str and bytes keys agree
+    offsets.put("g1/orders/0", GroupOffset(11))
+    assert offsets.get(b"g1/orders/0") == GroupOffset(11)
+
+
+def test_values_come_back_as_the_stored_type(kv: KV) -> None:
+    contacts = kv.table("contacts", Contact)
+    contacts.put("u1", Contact("Ada", ["email", "sms"]))
+    got = contacts.get("u1")
+    assert isinstance(got, Contact)
+    assert got.channels == ["email", "sms"]
+
+
+def test_reading_a_value_as_the_wrong_type_is_an_error(kv: KV) -> None:
+    kv.table("t", Contact).put("k", Contact("Ada", []))
+    with pytest.raises(msgspec.ValidationError):
+        kv.table("t", GroupOffset).get("k")
+
+
+def test_tables_are_separate(kv: KV) -> None:
+    a = kv.table("a", GroupOffset)
+    b = kv.table("b", GroupOffset)
+    a.put("k", GroupOffset(1))
+    b.put("k", GroupOffset(2))
+    assert (a.get("k"), b.get("k")) == (GroupOffset(1), GroupOffset(2))
+    a.delete_prefix("")
+    assert a.get("k") is None
+    assert b.get("k") == GroupOffset(2)
+
+
+def test_scan_by_prefix_in_key_order(kv: KV) -> None:
+    t = kv.table("offsets", GroupOffset)
+    t.put_many(
+        [
+            ("g2/x/0", GroupOffset(5)),
+            ("g1/b/1", GroupOffset(2)),
+            ("g1/a/0", GroupOffset(1)),
+            ("g1/b/0", GroupOffset(3)),
+            ("g10/a/0", GroupOffset(9)),
+            ("g0", GroupOffset(0)),
+        ]
+    )
+    assert list(t.scan("g1/")) == [
+        (b"g1/a/0", GroupOffset(1)),
+        (b"g1/b/0", GroupOffset(3)),
+        (b"g1/b/1", GroupOffset(2)),
+    ]
+    assert [k for k, _v in t.scan("g1")] == [b"g1/a/0", b"g1/b/0", b"g1/b/1", b"g10/a/0"]
+    assert [k for k, _v in t.scan()] == [
+        b"g0",
+        b"g1/a/0",
+        b"g1/b/0",
+        b"g1/b/1",
+        b"g10/a/0",
+        b"g2/x/0",
+    ]
+    assert list(t.scan("g3")) == []
+    assert list(t.scan("zzz")) == []
+
+
+def test_scan_is_a_snapshot(kv: KV) -> None:
+    t = kv.table("t", GroupOffset)
+    t.put_many([(f"k{i}", GroupOffset(i)) for i in range(5)])
+    seen = []
+    for key, value in t.scan("k"):
+        t.put(key + b"x", GroupOffset(100))  # writes during the scan do not show up in it
+        seen.append(value.offset)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_delete(kv: KV) -> None:
+    t = kv.table("t", GroupOffset)
+    t.put("a", GroupOffset(1))
+    assert t.delete("a") is True
+    assert t.delete("a") is False
+    assert t.get("a") is None
+
+
+@pytest.mark.parametrize(
+    ("prefix", "left"),
+    [
+        ("g1/", ["g0", "g1", "g10/a", "g2/a"]),
+        ("g1", ["g0", "g2/a"]),
+        ("g2/a", ["g0", "g1", "g1/a", "g1/b", "g10/a"]),  # the last key in the table
+        ("g", []),
+        ("", []),
+        ("h", ["g0", "g1", "g1/a", "g1/b", "g10/a", "g2/a"]),
+        ("a", ["g0", "g1", "g1/a", "g1/b", "g10/a", "g2/a"]),
+    ],
+)
+def test_delete_prefix(kv: KV, prefix: str, left: list[str]) -> None:
+    t = kv.table("t", GroupOffset)
+    keys = ["g0", "g1", "g1/a", "g1/b", "g10/a", "g2/a"]
+    t.put_many([(k, GroupOffset(i)) for i, k in enumerate(keys)])
+    assert t.delete_prefix(prefix) == len(keys) - len(left)
+    assert [k.decode() for k, _v in t.scan()] == left
+
+
+def test_put_many_is_one_transaction(tmp_path: Path) -> None:
+    store = KV(tmp_path / "state", map_size=1 << 20)
+    try:
+        t = store.table("t", Contact)
+        t.put("keep", Contact("kept", []))
+        big = [(f"k{i:06d}", Contact("x" * 2000, [])) for i in range(2000)]  # ~4 MB > map
+        with pytest.raises(StorageFull):
+            t.put_many(big)
+        # all or nothing: none of the batch landed, the earlier write is intact
+        assert t.get("k000000") is None
+        assert [k for k, _v in t.scan()] == [b"keep"]
+        t.put_many(big[:10])
+        assert len(list(t.scan("k0"))) == 10
+    finally:
+        store.close()
+
+
+def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    store = KV(tmp_path / "state")
+    t = store.table("offsets", GroupOffset)
+    t.put_many([(f"g/{i}", GroupOffset(i)) for i in range(100)])
+    t.delete("g/7")
+    store.close()
+    again = KV(tmp_path / "state")
+    try:
+        t = again.table("offsets", GroupOffset)
+        assert len(list(t.scan())) == 99
+        assert t.get("g/7") is None
+        assert t.get("g/42") == GroupOffset(42)
+    finally:
+        again.close()
+
+
+async def test_concurrent_syncs_all_complete_and_share_fsyncs(
+    kv: KV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    real = kv.sync_now
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        real()
+
+    monkeypatch.setattr(kv, "sync_now", counting)
+    t = kv.table("t", GroupOffset)
+
+    async def write_then_sync(i: int) -> int:
+        t.put(f"k{i}", GroupOffset(i))
+        await kv.sync()
+        return i
+
+    async with asyncio.timeout(10):
+        done = await asyncio.gather(*(write_then_sync(i) for i in range(20)))
+    assert done == list(range(20))
+    assert calls < 20  # callers that arrived together shared one fsync
+    # later callers get a sync of their own (not the one that already ran)
+    before = calls
+    await kv.sync()
+    assert calls == before + 1
+
+
+async def test_a_sync_called_during_a_sync_gets_a_later_one(
+    kv: KV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    events: list[str] = []
+    real = kv.sync_now
+
+    def slow() -> None:
+        events.append("sync")
+        entered.set()
+        release.wait(10)
+        real()
+
+    monkeypatch.setattr(kv, "sync_now", slow)
+    t = kv.table("t", GroupOffset)
+    t.put("a", GroupOffset(1))
+    first = asyncio.create_task(kv.sync())
+    await asyncio.to_thread(entered.wait, 10)
+    # this write may postdate the fsync in flight: its caller must not ride on that fsync
+    t.put("b", GroupOffset(2))
+    events.append("put b")
+    second = asyncio.create_task(kv.sync())
+    await asyncio.sleep(0)
+    assert not second.done()
+    release.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(first, second)
+    assert events == ["sync", "put b", "sync"]
+
+
+async def test_sync_failure_reaches_every_waiter_and_the_store_recovers(
+    kv: KV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise lmdb.Error("mdb_env_sync: Input/output error")
+
+    monkeypatch.setattr(kv, "sync_now", broken)
+    results = await asyncio.gather(*(kv.sync() for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, StorageError) for r in results), results
+    monkeypatch.undo()
+    await kv.sync()
+
+
+def test_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "data.mdb").mkdir()  # a directory where the data file should be
+    with pytest.raises(StorageError):
+        KV(tmp_path / "state")

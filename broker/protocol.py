@@ -443,6 +443,8 @@ _id_decoder = msgspec.msgpack.Decoder(dict[str, object])
 def decode_request(payload: bytes) -> Request:
     """Decode one request frame. Raises :class:`ProtocolError` (not fatal): ``bad_frame``
     when the payload is not a msgpack map, ``invalid_request`` naming the field otherwise."""
+    if not payload or not (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):
+        raise ProtocolError(Code.BAD_FRAME, "a request must be a msgpack map")
     try:
         req: Request = _request_decoder.decode(payload)
         return req
@@ -450,6 +452,10 @@ def decode_request(payload: bytes) -> Request:
         raise ProtocolError(Code.INVALID_REQUEST, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(Code.BAD_FRAME, f"not a msgpack message: {exc}") from None
+    except RecursionError:
+        # msgspec raises it for values nested past the interpreter's recursion limit; left
+        # alone it would escape the connection handler
+        raise ProtocolError(Code.BAD_FRAME, "message nested too deeply") from None
 
 
 def request_id_of(payload: bytes) -> int:

@@ -452,6 +452,8 @@ def decode_request(payload: bytes) -> Request:
         raise ProtocolError(Code.INVALID_REQUEST, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(Code.BAD_FRAME, f"not a msgpack message: {exc}") from None
+    except UnicodeDecodeError:  # msgspec raises it bare for a str that is not UTF-8
+        raise ProtocolError(Code.BAD_FRAME, "a string is not valid UTF-8") from None
     except RecursionError:
         # msgspec raises it for values nested past the interpreter's recursion limit; left
         # alone it would escape the connection handler
@@ -463,7 +465,7 @@ def request_id_of(payload: bytes) -> int:
     error reply can still be matched by the client."""
     try:
         raw = _id_decoder.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return 0
     rid = raw.get("id")
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0

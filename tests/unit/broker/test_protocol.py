@@ -150,6 +150,16 @@ def test_deeply_nested_msgpack_is_a_bad_frame_not_a_crash() -> None:
     assert p.request_id_of(payload) == 0
 
 
+def test_invalid_utf8_in_a_string_is_bad_frame() -> None:
+    bad_str = b"\xa2\xff\xfe"  # a 2-byte msgpack str that is not UTF-8
+    for payload in (
+        b"\x82\xa2op" + bad_str + b"\xa2id\x01",  # as a value
+        b"\x82" + bad_str + b"\x01\xa2op\xa5hello",  # as a key
+    ):
+        assert decode_error(payload).code == p.Code.BAD_FRAME
+        assert p.request_id_of(payload) == 0
+
+
 def test_unknown_op_is_invalid_request_naming_op() -> None:
     err = decode_error(enc({"op": "launch_rockets", "id": 1}))
     assert err.code == p.Code.INVALID_REQUEST

@@ -1,0 +1,185 @@
+"""A real ``herald serve`` process for tests: free loopback ports, a data directory, and the
+signals a test needs to stop it (SIGTERM drain, SIGKILL crash) and start it again on the
+same data directory.
+
+Imported by ``tests/integration/conftest.py`` and by the system tests; no pytest in here so
+both can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bind to port 0 and let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def herald_command() -> list[str]:
+    """The ``herald`` console script of this interpreter's environment, as users run it."""
+    script = Path(sys.executable).with_name("herald")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "broker.cli"]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+class HeraldProcess:
+    """One node. Ports are chosen once and kept across restarts, so clients reconnect to the
+    same address. The server's output goes to ``log_path`` (never a pipe, which could fill up
+    and stall the server)."""
+
+    def __init__(self, data_dir: Path, work_dir: Path, *, config: str | None = None) -> None:
+        self.host = HOST
+        self.data_dir = data_dir
+        self.work_dir = work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.tcp_port = free_port()
+        self.http_port = free_port()
+        self.ws_port = free_port()
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = work_dir / "herald.toml"
+            self.config_path.write_text(config)
+        self.log_path = work_dir / "herald.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        cmd = [
+            *herald_command(),
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            self.host,
+            "--tcp-port",
+            str(self.tcp_port),
+            "--http-port",
+            str(self.http_port),
+            "--ws-port",
+            str(self.ws_port),
+        ]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------------- lifecycle
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start a ``herald serve`` on this node's data directory and ports without waiting
+        for it (a second one on a running node's directory must fail on its own)."""
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- start {self.starts} ---\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=child_env(),
+                cwd=self.work_dir,
+            )
+        self.starts += 1
+        return proc
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        assert not self.running, "node already running"
+        self.proc = self.spawn()
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise RuntimeError(f"herald serve exited with {code} at start:\n{self.log_tail()}")
+            if self.healthy():
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"herald serve not healthy after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as resp:
+                body = json.loads(resp.read())
+                return resp.status == 200 and body.get("status") == "ok"
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+            return False
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (graceful drain) and wait for the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> int:
+        """SIGKILL (a crash) and wait for the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait()
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop (SIGKILL if ``crash`` else SIGTERM) and start again on the same data
+        directory and ports."""
+        if self.running:
+            if crash:
+                self.kill()
+            else:
+                code = self.stop()
+                assert code == 0, f"herald serve exited with {code}:\n{self.log_tail()}"
+        self.start()
+
+    def close(self) -> None:
+        """Teardown: never leave a server behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])

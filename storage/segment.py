@@ -99,7 +99,16 @@ class Segment:
             fd = os.open(directory / (name + LOG_SUFFIX), flags, 0o644)
         except OSError as exc:
             _raise_write_error(exc)
-        index_fd = os.open(directory / (name + INDEX_SUFFIX), flags, 0o644)
+        try:
+            index_fd = os.open(directory / (name + INDEX_SUFFIX), flags, 0o644)
+        except OSError as exc:
+            # take the .log back, or every later roll would fail on it with EEXIST
+            os.close(fd)
+            try:
+                os.unlink(directory / (name + LOG_SUFFIX))
+            except OSError:
+                pass
+            _raise_write_error(exc)
         return cls(
             directory,
             base_offset,

@@ -966,3 +966,32 @@ async def test_disk_full_does_not_record_the_producer_sequence(
     # the refused batch was never stored: its retry is a new append, not a duplicate
     result = await part.append([pbatch(1, 1)])
     assert (result.base_offset, result.duplicate) == (1, False)
+
+
+async def test_disk_full_while_rolling_is_storage_full_and_a_later_roll_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = open_partition(tmp_path / "p", config=PartitionConfig(segment_bytes=100))
+    try:
+        await part.append([batch(values_for(0, 1, size=100))])  # the next append rolls
+        real_open = os.open
+
+        def no_room_for_the_index(path: Path, flags: int, mode: int = 0o777) -> int:
+            if str(path).endswith(".index") and flags & os.O_EXCL:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(path, flags, mode)
+
+        monkeypatch.setattr(segment.os, "open", no_room_for_the_index)
+        with pytest.raises(StorageFull):
+            await part.append([batch(values_for(1, 1))])
+        monkeypatch.undo()
+        assert part.log_end_offset == 1
+        for first in (1, 2):
+            assert (await part.append([batch(values_for(first, 1))])).base_offset == first
+        assert len(part.segments) == 2
+        found = read_all(part)
+        assert sorted(found) == [0, 1, 2]
+        assert_values_match_offsets(found)
+    finally:
+        await part.close()
+    assert segment.list_segments(tmp_path / "p") == [0, 1]

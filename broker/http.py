@@ -458,8 +458,12 @@ class HttpApi:
             )
         except CorruptBatch as exc:
             raise BadRequest(p.Code.BATCH_TOO_LARGE, str(exc), "records") from None
-        if body.acks == -1:
-            await part.wait_durable(result.last_offset + 1)
+        end = result.last_offset + 1
+        fut = part.durable_future(end) if body.acks == -1 else None
+        if body.acks == 1:
+            fut = part.written_future(end)
+        if fut is not None:
+            await fut
         return self.json(
             {
                 "partition": partition,

@@ -179,8 +179,9 @@ class BrokerProtocol(asyncio.Protocol):
             partition, part, result = svc.produce(
                 principal, req.topic, req.batches, partition=req.partition, key=req.key
             )
-            if req.acks == -1 and not result.duplicate:
-                fut = part.durable_future(result.last_offset + 1)
+            if req.acks != 0 and not result.duplicate:
+                end = result.last_offset + 1
+                fut = part.durable_future(end) if req.acks == -1 else part.written_future(end)
                 if fut is not None:
                     self._track(fut, self._produced_cb(req, partition, result))
                     return

@@ -1,11 +1,14 @@
 """A partition: an ordered run of segments with group commit, reads by offset, retention and
 crash recovery.
 
-Concurrency model: every method runs on the event loop thread except the blocking syncs,
-which run in the loop's default executor. Appends write to the page cache immediately (in
-the caller's turn of the loop, so offsets follow call order) and then, for ``acks=all``,
-wait for a sync that covers them. One sync is in flight at a time; appends that arrive
-meanwhile share the next one (group commit).
+Concurrency model: every method runs on the event loop thread except the blocking I/O,
+which runs in the loop's default executor. An append validates, stamps and accounts its
+batches at once (in the caller's turn of the loop, so offsets follow call order) and queues
+the bytes; one job at a time in a worker thread writes everything queued with ``pwritev``
+and then ``fdatasync``s it. Appends that arrive while a job runs share the next one (group
+commit). The loop itself never blocks on the file: on ext4 a write that lands while an
+fsync of the same file is in flight can stall for milliseconds (journal and writeback
+locks), which would stall every connection of the node.
 
 Visibility: consumers read up to the **high watermark**, which on a single node is the
 offset up to which the log is synced. A consumer therefore never sees a record that a power
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import enum
+import errno
 import logging
 import os
 import time
@@ -42,6 +46,7 @@ from storage.errors import (
     OffsetOutOfRange,
     OutOfOrderSequence,
     StorageError,
+    StorageFull,
 )
 from storage.producers import ProducerTable
 from storage.segment import Segment, fsync_dir, list_segments
@@ -87,6 +92,20 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     seconds: float
 
 
+def _resolve(
+    waiters: list[tuple[int, asyncio.Future[None]]], offset: int
+) -> list[tuple[int, asyncio.Future[None]]]:
+    """Resolve the waiters for offsets up to ``offset``; return the others."""
+    keep = []
+    for want, fut in waiters:
+        if want <= offset:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            keep.append((want, fut))
+    return keep
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -124,6 +143,11 @@ class Partition:
         self._flushed_segment = active.base_offset
         self._flushed_position = active.size
         self._dirty: list[Segment] = []
+        # stamped batches accounted but not yet written: (segment, position, iovec, end offset)
+        self._queue: list[tuple[Segment, int, list[bytes | memoryview], int]] = []
+        self._written_offset = active.next_offset
+        self._written_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._syncing: list[Segment] = []  # handed to the sync thread: retention keeps off
         self._dir_dirty = False
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -300,15 +324,17 @@ class Partition:
     def append_nowait(
         self, batches: Sequence[bytes | memoryview], *, leader_epoch: int = 0
     ) -> AppendResult:
-        """Validate, stamp and write ``batches`` (all or none), then schedule a sync.
+        """Validate, stamp and queue ``batches`` (all or none) for the next write-and-sync.
 
         Returns the offsets given. An idempotent producer's duplicate batch is not written
         again: its original offsets come back with ``duplicate=True`` (only when the request
         holds that single batch; a duplicate inside a multi-batch request is refused).
 
         Raises :class:`CorruptBatch` for a batch that fails its checks or is larger than
-        ``max_batch_bytes``, :class:`OutOfOrderSequence`, :class:`StorageFull`,
-        :class:`LogOffline`.
+        ``max_batch_bytes``, :class:`OutOfOrderSequence`, :class:`LogOffline`. A write that
+        fails later (ENOSPC) fails the futures of :meth:`written_future` and
+        :meth:`durable_future` with :class:`StorageFull`, and the log is cut back to what was
+        written before it.
         """
         self._check_writable()
         if not batches:
@@ -366,7 +392,12 @@ class Partition:
             items.append((head, memoryview(batch)[records.HEADER_SIZE :], stamped))
             next_offset += header.record_count
         base = active.next_offset
-        active.append_many(items)  # raises StorageFull/StorageError with the file rolled back
+        position = active.reserve(items)
+        iov: list[bytes | memoryview] = []
+        for head, body, _header in items:
+            iov.append(head)
+            iov.append(body)
+        self._queue.append((active, position, iov, next_offset))
         for pid, seq, count, offset, ts in pending:
             self._producers.update(pid, seq, count, offset, ts)
         if not self._dirty or self._dirty[-1] is not active:
@@ -377,10 +408,15 @@ class Partition:
     async def append(
         self, batches: Sequence[bytes | memoryview], acks: Acks = Acks.ALL, *, leader_epoch: int = 0
     ) -> AppendResult:
-        """Append and, for ``acks=ALL``, wait until the batches are synced."""
+        """Append and wait as ``acks`` says: NONE not at all, LEADER until written to the
+        file, ALL until synced."""
         result = self.append_nowait(batches, leader_epoch=leader_epoch)
         if acks == Acks.ALL:
             await self.wait_durable(result.last_offset + 1)
+        elif acks == Acks.LEADER:
+            fut = self.written_future(result.last_offset + 1)
+            if fut is not None:
+                await fut
         return result
 
     def durable_future(self, offset: int) -> asyncio.Future[None] | None:
@@ -392,6 +428,17 @@ class Partition:
         self._check_writable()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((offset, fut))
+        self._kick_flush()
+        return fut
+
+    def written_future(self, offset: int) -> asyncio.Future[None] | None:
+        """Like :meth:`durable_future` but resolved once the records are written to the file
+        (the page cache), before the sync: ``acks=1``."""
+        if self._written_offset >= offset:
+            return None
+        self._check_writable()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._written_waiters.append((offset, fut))
         self._kick_flush()
         return fut
 
@@ -430,9 +477,8 @@ class Partition:
     # -------------------------------------------------------------------------- flush
     def _kick_flush(self) -> None:
         if self._flush_task is None and not self._closed:
-            self._flush_task = asyncio.get_running_loop().create_task(
-                self._flush_loop(), name=f"flush:{self.name}"
-            )
+            self._loop = asyncio.get_running_loop()
+            self._flush_task = self._loop.create_task(self._flush_loop(), name=f"flush:{self.name}")
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -443,6 +489,7 @@ class Partition:
                 active = self._segments[-1]
                 target = active.next_offset
                 target_segment, target_position = active.base_offset, active.size
+                queue, self._queue = self._queue, []
                 dirty, self._dirty = self._dirty, []
                 dir_dirty, self._dir_dirty = self._dir_dirty, False
                 now = self._clock()
@@ -456,17 +503,92 @@ class Partition:
                     self._last_checkpoint_ms = now
                 self._syncing = dirty
                 try:
-                    await loop.run_in_executor(
-                        None, self._sync_files, dirty, active, dir_dirty, checkpoint
+                    failed = await loop.run_in_executor(
+                        None, self._write_and_sync, queue, dirty, active, dir_dirty, checkpoint
                     )
                 except OSError as exc:
                     self._go_offline(exc)
                     return
                 finally:
                     self._syncing = []
+                if failed is not None:
+                    index, write_error = failed
+                    self._dirty = [*dirty, *self._dirty]
+                    self._dir_dirty = self._dir_dirty or dir_dirty
+                    self._undo_writes(queue[index:], write_error)
+                    continue
                 self._advance_flushed(target, target_segment, target_position)
         finally:
             self._flush_task = None
+
+    def _write_and_sync(
+        self,
+        queue: list[tuple[Segment, int, list[bytes | memoryview], int]],
+        dirty: list[Segment],
+        active: Segment,
+        dir_dirty: bool,
+        checkpoint: Checkpoint | None,
+    ) -> tuple[int, OSError] | None:
+        """Runs in a worker thread: write the queued batches, tell the loop (``acks=1``),
+        then sync data, the directory and the checkpoint, in that order. A failed write
+        returns ``(index of the failed queue entry, error)`` without syncing; a failed sync
+        raises."""
+        for i, (seg, position, iov, _end) in enumerate(queue):
+            try:
+                seg.write_at(position, iov)
+            except OSError as exc:
+                return i, exc
+        if queue and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._advance_written, queue[-1][3])
+        self._sync_files(dirty, active, dir_dirty, checkpoint)
+        return None
+
+    def _advance_written(self, offset: int) -> None:
+        if offset > self._written_offset:
+            self._written_offset = offset
+        self._written_waiters = _resolve(self._written_waiters, self._written_offset)
+
+    def _undo_writes(
+        self, failed: list[tuple[Segment, int, list[bytes | memoryview], int]], exc: OSError
+    ) -> None:
+        """A queued write failed: cut the log back to what was written before it. Every
+        append queued from that one on (including those queued meanwhile) is dropped and
+        its waiters fail; the producer table forgets their batches."""
+        seg, position = failed[0][0], failed[0][1]
+        self._queue = []
+        idx = self._segments.index(seg)
+        for later in self._segments[idx + 1 :]:
+            later.delete()  # created by a roll after the failed write: nothing was written
+        del self._segments[idx + 1 :]
+        del self._bases[idx + 1 :]
+        try:
+            seg.truncate_to(position)
+        except OSError as trunc_exc:
+            self._go_offline(trunc_exc)
+            return
+        self._producers.truncate(seg.next_offset)
+        self._written_offset = min(self._written_offset, seg.next_offset)
+        error: StorageError
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            error = StorageFull(f"partition {self.name}: disk full: {exc.strerror}")
+        else:
+            error = StorageError(f"partition {self.name}: write failed: {exc}")
+        log.error(
+            "event=append_failed partition=%s error=%r log_end_offset=%d",
+            self.name,
+            exc,
+            seg.next_offset,
+        )
+        cut = seg.next_offset
+        for name in ("_waiters", "_written_waiters"):
+            keep = []
+            for want, fut in getattr(self, name):
+                if want > cut:
+                    if not fut.done():
+                        fut.set_exception(error)
+                else:
+                    keep.append((want, fut))
+            setattr(self, name, keep)
 
     def _sync_files(
         self,
@@ -475,7 +597,7 @@ class Partition:
         dir_dirty: bool,
         checkpoint: Checkpoint | None,
     ) -> None:
-        """Runs in a worker thread. Order: data, then directory, then checkpoint."""
+        """Order: data, then directory, then checkpoint."""
         for seg in dirty:
             if seg.closed:
                 continue
@@ -499,20 +621,14 @@ class Partition:
             if self.on_high_watermark is not None:
                 self.on_high_watermark(self)
         if self._waiters:
-            keep = []
-            for want, fut in self._waiters:
-                if want <= offset:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    keep.append((want, fut))
-            self._waiters = keep
+            self._waiters = _resolve(self._waiters, offset)
 
     def _go_offline(self, exc: BaseException) -> None:
         self._failure = exc
         log.error("event=partition_offline partition=%s error=%r", self.name, exc)
         err = LogOffline(f"partition {self.name}: sync failed ({exc}); the log is offline")
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters + self._written_waiters, []
+        self._written_waiters = []
         for _want, fut in waiters:
             if not fut.done():
                 fut.set_exception(err)
@@ -657,6 +773,9 @@ class Partition:
             return
         self._closed = True
         if self._failure is None:
+            queue, self._queue = self._queue, []
+            for seg, position, iov, _end in queue:
+                seg.write_at(position, iov)
             for seg in {id(s): s for s in [*self._dirty, self._segments[-1]]}.values():
                 seg.sync()
             active = self._segments[-1]

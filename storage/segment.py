@@ -201,7 +201,12 @@ class Segment:
         self._idx_timestamps.append(max_ts)
         self._last_indexed_position = position
         entry = _ENTRY.pack(offset - self.base_offset, position, max_ts)
-        os.pwrite(self._index_fd, entry, (len(self._idx_offsets) - 1) * _ENTRY.size)
+        try:
+            os.pwrite(self._index_fd, entry, (len(self._idx_offsets) - 1) * _ENTRY.size)
+        except OSError:
+            # the index is a hint: a missing entry costs a longer scan, and the next load
+            # drops whatever did not reach the file
+            pass
 
     def _truncate_index(self, size: int) -> None:
         keep = bisect.bisect_left(self._idx_positions, size)
@@ -376,6 +381,32 @@ class Segment:
         for _head, _body, header in items:
             self._note_batch(self.size, header)
         assert self.size == pos + want
+
+    def reserve(self, items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]]) -> int:
+        """Account stamped batches at the end of the segment *without writing them* (the
+        partition's sync thread writes them with :meth:`write_at` before it syncs). Returns
+        the position of the first. The index may then name positions not yet in the file;
+        loading an index drops such entries."""
+        pos = self.size
+        for _head, _body, header in items:
+            self._note_batch(self.size, header)
+        return pos
+
+    def write_at(self, position: int, iov: list[bytes | memoryview]) -> None:
+        """Write ``iov`` at ``position`` completely (IOV_MAX slices, short writes resumed).
+        Blocking; raises ``OSError``. For the sync thread."""
+        written = 0
+        for i in range(0, len(iov), 1024):
+            chunk = iov[i : i + 1024]
+            n = os.pwritev(self._fd, chunk, position + written)
+            chunk_len = sum(len(c) for c in chunk)
+            if n < chunk_len:
+                rest = b"".join(bytes(c) for c in chunk)[n:]
+                while rest:
+                    m = os.pwrite(self._fd, rest, position + written + n)
+                    n += m
+                    rest = rest[m:]
+            written += n
 
     def sync(self) -> None:
         """fdatasync the log file. Blocks: call it from a worker thread."""

@@ -177,7 +177,7 @@ def test_acked_records_survive_sigkill(tmp_path: Path) -> None:
     stats = run_trials(tmp_path, 50, seed)
     assert stats.trials == 50
     assert stats.acked_appends >= 50
-    print(f"crash: seed={seed} {stats}")
+    print(f"crash: seed={seed} appends={stats.acked_appends} truncated={stats.truncated_bytes}")
 
 
 @pytest.mark.slow
@@ -186,4 +186,4 @@ def test_acked_records_survive_sigkill_many(tmp_path: Path) -> None:
     seed = random.randrange(2**32)
     stats = run_trials(tmp_path, 500, seed)
     assert stats.trials == 500
-    print(f"crash: seed={seed} {stats}")
+    print(f"crash: seed={seed} appends={stats.acked_appends} truncated={stats.truncated_bytes}")

@@ -13,6 +13,8 @@ from storage.errors import CorruptBatch, IncompleteBatch
 from storage.records import HEADER_SIZE, Record
 
 # ------------------------------------------------------------------------------ strategies
+# (deadline=None throughout: several properties loop over every byte of a batch, and a loaded
+# CI machine must not turn that into a DeadlineExceeded flake)
 
 _keys = st.one_of(st.none(), st.binary(max_size=16))
 _headers = st.lists(st.tuples(st.text(max_size=8), st.binary(max_size=8)), max_size=3)
@@ -61,6 +63,7 @@ def _small_batch() -> bytes:
 # ------------------------------------------------------------------------------ round trip
 
 
+@settings(deadline=None)
 @given(batch_args())
 def test_round_trip_keeps_every_field(args: dict[str, object]) -> None:
     batch = _encode(args)
@@ -116,6 +119,7 @@ def test_empty_batch_is_refused() -> None:
         records.encode_batch([], first_timestamp=0)
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(-1000, -1), min_size=1, max_size=5))
 def test_encoder_refuses_a_batch_the_validator_would_reject(deltas: list[int]) -> None:
     # All records earlier than first_timestamp would give max_timestamp < first_timestamp,
@@ -157,6 +161,7 @@ def test_every_byte_replaced_by_every_other_value_is_detected() -> None:
             _assert_detected(bytes(corrupt))
 
 
+@settings(deadline=None)
 @given(batch_args())
 def test_every_truncation_is_rejected(args: dict[str, object]) -> None:
     batch = _encode(args)
@@ -196,6 +201,7 @@ def test_record_count_must_match_the_record_section() -> None:
 # ------------------------------------------------------------------------------ stamping
 
 
+@settings(deadline=None)
 @given(batch_args(), st.integers(0, 2**62), st.integers(0, 2**32 - 1))
 def test_stamp_header_changes_only_offset_and_epoch(
     args: dict[str, object], offset: int, epoch: int
@@ -227,6 +233,7 @@ def test_stamp_header_accepts_memoryview() -> None:
 # ------------------------------------------------------------------------------ iteration
 
 
+@settings(deadline=None)
 @given(st.lists(batch_args(max_records=3), min_size=1, max_size=5), st.data())
 def test_iter_batches_walks_a_concatenation_and_stops_at_a_partial_tail(
     many: list[dict[str, object]], data: st.DataObject

@@ -319,6 +319,18 @@ async def test_offset_for_timestamp_does_not_point_past_the_high_watermark(
     await part.flush()
 
 
+async def test_high_watermark_listeners_hear_each_advance(part: Partition) -> None:
+    seen: list[int] = []
+    part.on_high_watermark = lambda p: seen.append(p.high_watermark)
+    changed = part.high_watermark_changed()
+    await part.append([batch([b"a", b"b"])])
+    assert changed.done()
+    await part.append([batch([b"c"])])
+    assert seen == [2, 3]
+    await part.wait_durable(1)  # already durable: returns at once
+    assert seen == [2, 3]
+
+
 # ------------------------------------------------------------------------------ reader/writer
 
 
@@ -646,9 +658,7 @@ async def test_recovery_cuts_at_a_corrupt_batch_and_drops_later_segments(
     clock = Clock()
     cfg = PartitionConfig(segment_bytes=1024)
     part = open_partition(tmp_path / "p", config=cfg, clock=clock)
-    await fill(part, 10)
-    # flip one byte in the checkpointed (active) segment's last batch, after the checkpoint
-    await fill(part, 40)
+    await fill(part, 50)
     crash = crash_image(tmp_path / "p", tmp_path / "crash")
     await part.close()
     (crash / CHECKPOINT_FILE).unlink()  # no checkpoint: everything is verified

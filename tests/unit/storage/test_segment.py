@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,9 @@ def _offsets_in(data: bytes) -> list[int]:
 
 
 @pytest.fixture
-def seg(tmp_path: Path) -> Segment:
+def seg(tmp_path: Path) -> Iterator[Segment]:
     s = Segment.create(tmp_path, 100, index_interval_bytes=256)
-    yield s  # type: ignore[misc]
+    yield s
     s.close()
 
 

@@ -56,7 +56,19 @@ _STATUS = {
     p.Code.TIMEOUT: 504,
 }
 _FIELD = re.compile(r"at `\$\.?([^`]*)`")
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]*)`")
 _UUID = re.compile(r"^[0-9a-fA-F-]{8,64}$")
+
+
+def _field_of(message: str) -> str | None:
+    """The path of the field a msgspec validation message is about: ``at `$.a[1]``` gives
+    the location, and a missing or unknown field is named only in the message itself."""
+    at = _FIELD.search(message)
+    path = at.group(1) if at else ""
+    named = _NAMED_FIELD.search(message)
+    if named:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    return path or None
 
 
 class HttpStats:
@@ -193,8 +205,7 @@ class HttpApi:
             )
             return self.error(exc.status, code, exc.reason)
         except msgspec.ValidationError as exc:
-            m = _FIELD.search(str(exc))
-            return self.error(400, p.Code.INVALID_REQUEST, str(exc), m.group(1) if m else None)
+            return self.error(400, p.Code.INVALID_REQUEST, str(exc), _field_of(str(exc)))
         except msgspec.DecodeError as exc:
             return self.error(400, p.Code.INVALID_REQUEST, f"body is not valid JSON: {exc}")
         except BadRequest as exc:

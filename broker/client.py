@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from broker.topics import partition_for_key
 from storage import records
 
 log = logging.getLogger("herald.client")
-_LEN = struct.Struct(">I")
 TopicPartition = tuple[str, int]
 
 
@@ -45,6 +43,80 @@ class BrokerError(Exception):
 class ConnectionLost(BrokerError):
     def __init__(self, message: str = "connection lost") -> None:
         super().__init__("connection_lost", message, True)
+
+
+class _Connection(asyncio.Protocol):
+    """The client's socket: frames out (coalesced per loop turn), replies in, matched to the
+    pending futures by id. A lost connection fails every pending request."""
+
+    def __init__(self, pending: dict[int, asyncio.Future[p.Response]]) -> None:
+        self.pending = pending
+        self.loop = asyncio.get_running_loop()
+        self.decoder = p.FrameDecoder(1 << 31)
+        self.transport: asyncio.Transport
+        self.lost = False
+        self.paused = False
+        self.closed = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._out: list[bytes] = []
+        self._error: BrokerError = ConnectionLost()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def write(self, frame: bytes) -> None:
+        if not self._out:
+            self.loop.call_soon(self.flush)
+        self._out.append(frame)
+
+    def flush(self) -> None:
+        if self._out and not self.lost:
+            out, self._out = self._out, []
+            self.transport.writelines(out)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self._resumed.clear()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._resumed.set()
+
+    async def drain(self) -> None:
+        if self.paused and not self.lost:
+            await self._resumed.wait()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+            for frame in frames:
+                msg = p.decode_response(frame)
+                fut = self.pending.pop(msg.id, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(msg)
+                elif isinstance(msg, p.Error):
+                    # not tied to a request (e.g. frame too large): the node closes next
+                    self._error = BrokerError(msg.code, msg.message, msg.retriable)
+        except p.ProtocolError as exc:
+            self._error = BrokerError(exc.code, exc.message)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._resumed.set()
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(self._error)
+        self.closed.set()
 
 
 # ---------------------------------------------------------------------------- client
@@ -67,9 +139,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[p.Response]] = {}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task[None] | None = None
+        self._conn: _Connection | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
         self.tenant = ""
@@ -89,7 +159,7 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        return self._conn is not None and not self._conn.lost
 
     async def _ensure_connected(self) -> None:
         if self.connected:
@@ -101,68 +171,36 @@ class Client:
         async with self._connecting:
             if self.connected:
                 return
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=64 * 1024 * 1024),
+            loop = asyncio.get_running_loop()
+            _transport, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self._pending), self.host, self.port),
                 self.connect_timeout,
             )
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                import socket
-
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._reader, self._writer = reader, writer
-            self._read_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
+            self._conn = conn
             hello = await self._request_now(
-                p.Hello(id=next(self._ids), client_id=self.client_id, api_key=self.api_key)
+                p.Hello(id=0, client_id=self.client_id, api_key=self.api_key)
             )
             assert isinstance(hello, p.HelloOk)
             self.tenant = hello.tenant
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        error: BaseException = ConnectionLost()
-        try:
-            while True:
-                head = await reader.readexactly(4)
-                (size,) = _LEN.unpack(head)
-                body = await reader.readexactly(size)
-                msg = p.decode_response(body)
-                fut = self._pending.pop(msg.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-                elif isinstance(msg, p.Error):
-                    # an error not tied to a request (e.g. frame too large): the node closes
-                    error = BrokerError(msg.code, msg.message, msg.retriable)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except p.ProtocolError as exc:
-            error = BrokerError(exc.code, exc.message)
-        finally:
-            writer = self._writer
-            self._writer = None
-            if writer is not None:
-                writer.close()
-            pending, self._pending = self._pending, {}
-            for fut in pending.values():
-                if not fut.done():
-                    fut.set_exception(error)
-
     def send_nowait(self, msg: Any) -> asyncio.Future[p.Response]:
-        """Write a request (its ``id`` is assigned here) and return the future of its reply.
-        Raises :class:`ConnectionLost` if not connected."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        """Queue a request (its ``id`` is assigned here) and return the future of its reply.
+        Requests queued in one turn of the event loop leave in one write. Raises
+        :class:`ConnectionLost` if not connected."""
+        conn = self._conn
+        if conn is None or conn.lost:
             raise ConnectionLost()
         msg.id = next(self._ids)
-        fut: asyncio.Future[p.Response] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[p.Response] = conn.loop.create_future()
         self._pending[msg.id] = fut
-        writer.write(p.encode_message(msg))
+        conn.write(p.encode_message(msg))
         return fut
 
     async def _request_now(self, msg: Any) -> p.Response:
         fut = self.send_nowait(msg)
-        writer = self._writer
-        if writer is not None and writer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
-            await writer.drain()
+        conn = self._conn
+        if conn is not None and conn.paused:
+            await conn.drain()
         resp = await fut
         if isinstance(resp, p.Error):
             raise BrokerError(resp.code, resp.message, resp.retriable)
@@ -187,18 +225,17 @@ class Client:
         raise AssertionError("unreachable")
 
     async def drain(self) -> None:
-        if self._writer is not None:
-            await self._writer.drain()
+        """Wait while the socket's write buffer is over its high-water mark."""
+        if self._conn is not None:
+            await self._conn.drain()
 
     async def close(self) -> None:
         self._closed = True
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-        if self._read_task is not None:
-            with contextlib.suppress(BaseException):
-                await self._read_task
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            conn.flush()
+            conn.transport.close()
+            await conn.closed.wait()
 
     # ----------------------------------------------------------------------- admin
     async def create_topic(

@@ -68,6 +68,7 @@ class BrokerService:
         self.log = log_
         self.kv = kv
         self._owners = kv.table("topic_owners", TopicOwner)
+        self._owner_cache: dict[str, str | None] = {}  # read on every request: keep off LMDB
         self._counters = kv.table("counters", Counter)
         self._round_robin: dict[str, itertools.count[int]] = {}
         g = config.groups
@@ -89,8 +90,19 @@ class BrokerService:
         return meta.partitions if meta else None
 
     def owner_of(self, topic: str) -> str | None:
-        owner = self._owners.get(topic)
-        return owner.tenant if owner else None
+        try:
+            return self._owner_cache[topic]
+        except KeyError:
+            owner = self._owners.get(topic)
+            tenant = self._owner_cache[topic] = owner.tenant if owner else None
+            return tenant
+
+    def _set_owner(self, topic: str, tenant: str | None) -> None:
+        if tenant is None:
+            self._owners.delete(topic)
+        else:
+            self._owners.put(topic, TopicOwner(tenant))
+        self._owner_cache[topic] = tenant
 
     def visible(self, principal: Principal, topic: str) -> bool:
         if topic not in self.log.topics:
@@ -109,7 +121,7 @@ class BrokerService:
                 self.config.partition_config(),
                 internal=True,
             )
-            self._owners.put(EVENTS_TOPIC, TopicOwner("*"))
+            self._set_owner(EVENTS_TOPIC, "*")
 
     def create_topic(
         self,
@@ -137,7 +149,7 @@ class BrokerService:
             retention_ms=retention_ms if retention_ms is not None else "default",
             retention_bytes=retention_bytes if retention_bytes is not None else "default",
         )
-        self._owners.put(name, TopicOwner(principal.tenant))
+        self._set_owner(name, principal.tenant)
         self.log.create_topic(name, n, cfg)
         self.groups.topics_changed()
         log.info("event=topic_created topic=%s partitions=%d tenant=%s", name, n, principal.tenant)
@@ -148,7 +160,7 @@ class BrokerService:
         if not self.visible(principal, name) or is_internal(name):
             raise UnknownTopic(f"unknown topic {name!r}")
         await self.log.delete_topic(name)
-        self._owners.delete(name)
+        self._set_owner(name, None)
         self.groups.delete_topic_offsets(name)
         self.groups.topics_changed()
         log.info("event=topic_deleted topic=%s tenant=%s", name, principal.tenant)
@@ -204,7 +216,7 @@ class BrokerService:
                     validate_topic_name(topic)
                 except InvalidTopic:
                     raise UnknownTopic(f"unknown topic {topic!r}") from None
-                self._owners.put(topic, TopicOwner(principal.tenant))
+                self._set_owner(topic, principal.tenant)
                 self.log.create_topic(
                     topic, self.config.topics.partitions, self.config.partition_config()
                 )

@@ -68,7 +68,7 @@ class BrokerProtocol(asyncio.Protocol):
         stats = self.server.stats
         if stats.open >= self.server.config.limits.max_connections:
             stats.rejected += 1
-            transport.write(
+            transport.write(  # type: ignore[attr-defined]
                 p.encode_message(
                     p.Error(
                         id=0,

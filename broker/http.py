@@ -27,6 +27,7 @@ from aiohttp import web
 from broker import protocol as p
 from broker.auth import Authenticator, AuthError, Principal
 from broker.config import Config
+from broker.idempotency import EventIds, SeenEvent
 from broker.service import BadRequest, BrokerService, error_fields
 from broker.topics import EVENTS_TOPIC, partition_for_key
 from storage import records
@@ -107,12 +108,6 @@ class StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: dict[str, str] | None = None
 
 
-class SeenEvent(msgspec.Struct, array_like=True):
-    partition: int
-    offset: int
-    received_ms: int
-
-
 class TopicIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     partitions: int | None = None
@@ -153,7 +148,7 @@ class HttpApi:
         self.service = service
         self.auth = auth
         self.stats = HttpStats()
-        self._seen = service.kv.table("event_ids", SeenEvent)
+        self.event_ids = EventIds(service.kv, self.IDEMPOTENCY_WINDOW_MS)
         self._event_dec = msgspec.json.Decoder(EventIn)
         self._batch_dec = msgspec.json.Decoder(EventBatchIn)
         self._enc = msgspec.json.Encoder()
@@ -288,8 +283,8 @@ class HttpApi:
                     where + "event_id",
                 )
             event_id = ev.event_id.lower()
-            seen = self._seen.get(f"{principal.tenant}\x00{event_id}")
-            if seen is not None and now - seen.received_ms < self.IDEMPOTENCY_WINDOW_MS:
+            seen = self.event_ids.get(principal.tenant, event_id, now)
+            if seen is not None:
                 return event_id, seen.partition, None, seen
         else:
             event_id = str(uuid.uuid4())
@@ -332,7 +327,7 @@ class HttpApi:
             [(0, (ev.key or event_id).encode(), value)], first_timestamp=now
         )
         result = self._append(part, [batch])
-        self._seen.put(f"{principal.tenant}\x00{event_id}", SeenEvent(partition, result, now))
+        self.event_ids.put_many([(principal.tenant, event_id, SeenEvent(partition, result, now))])
         await part.wait_durable(result + 1)
         self.stats.events += 1
         return self.json({"event_id": event_id, "partition": partition, "offset": result})
@@ -380,7 +375,7 @@ class HttpApi:
             assert value is not None
             by_partition.setdefault(partition, []).append((i, event_id, ev.key, value))
         waits = []
-        seen_rows: list[tuple[str | bytes, SeenEvent]] = []
+        seen_rows: list[tuple[str, str, SeenEvent]] = []
         for partition, items in by_partition.items():
             part = self.service.log.partition(EVENTS_TOPIC, partition)
             batch = records.encode_batch(
@@ -390,11 +385,9 @@ class HttpApi:
             base = self._append(part, [batch])
             for j, (i, eid, _key, _value) in enumerate(items):
                 results[i] = {"event_id": eid, "partition": partition, "offset": base + j}
-                seen_rows.append(
-                    (f"{principal.tenant}\x00{eid}", SeenEvent(partition, base + j, now))
-                )
+                seen_rows.append((principal.tenant, eid, SeenEvent(partition, base + j, now)))
             waits.append(part.wait_durable(base + len(items)))
-        self._seen.put_many(seen_rows)
+        self.event_ids.put_many(seen_rows)
         await asyncio.gather(*waits)
         self.stats.events += len(seen_rows)
         return self.json({"results": results})

@@ -148,6 +148,7 @@ class Node:
                         name="retention",
                     )
                     tg.create_task(self._sync_state(kv), name="state-sync")
+                    tg.create_task(self._sweep_event_ids(api), name="event-id-sweep")
                     log.info(
                         "event=ready node_id=%d host=%s tcp_port=%d http_port=%d data_dir=%s "
                         "auth=%s open_files_limit=%d",
@@ -179,6 +180,13 @@ class Node:
         while True:
             await asyncio.sleep(0.1)
             service.groups.expire()
+
+    async def _sweep_event_ids(self, api: HttpApi) -> None:
+        """Forget event ids past the idempotency window, a bounded slice at a time."""
+        while True:
+            await asyncio.sleep(60)
+            while api.event_ids.sweep(time.time_ns() // 1_000_000) and not self._stop.is_set():
+                await asyncio.sleep(0)
 
     async def _sync_state(self, kv: KV) -> None:
         interval = self.config.storage.offsets_sync_interval_ms / 1000

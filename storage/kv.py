@@ -150,15 +150,27 @@ class Table(Generic[T]):
                         break
         return n
 
-    def scan(self, prefix: bytes | str = b"") -> Iterator[tuple[bytes, T]]:
-        """Entries whose key starts with ``prefix``, in key order (a snapshot)."""
+    def delete_many(self, keys: list[bytes | str]) -> int:
+        """Delete ``keys`` in one transaction; returns how many existed."""
+        n = 0
+        with self._kv.write() as txn:
+            for key in keys:
+                n += bool(txn.delete(self._key(key), db=self._db))
+        return n
+
+    def scan(
+        self, prefix: bytes | str = b"", *, limit: int | None = None
+    ) -> Iterator[tuple[bytes, T]]:
+        """Entries whose key starts with ``prefix``, in key order (a snapshot of at most
+        ``limit`` entries, all of them if None). The read transaction ends before the first
+        entry is yielded, so callers may write while iterating."""
         p = self._key(prefix)
         with self._kv.read() as txn:
             cur = txn.cursor(db=self._db)
-            items = []
+            items: list[tuple[bytes, bytes]] = []
             if cur.set_range(p):
                 for k, v in cur:
-                    if not bytes(k).startswith(p):
+                    if not bytes(k).startswith(p) or (limit is not None and len(items) >= limit):
                         break
                     items.append((bytes(k), bytes(v)))
         for k, v in items:

@@ -194,8 +194,12 @@ class Partition:
         for base in bases:
             if cut:
                 removed.append(base)
+                # trusted_size=0: parse nothing in a file about to go (it may be torn too)
                 Segment.open(
-                    directory, base, index_interval_bytes=config.index_interval_bytes
+                    directory,
+                    base,
+                    index_interval_bytes=config.index_interval_bytes,
+                    trusted_size=0,
                 ).delete()
                 continue
             expected = segments[-1].next_offset if segments else None
@@ -203,7 +207,10 @@ class Partition:
                 # a gap or overlap between segments: the later ones cannot be trusted
                 removed.append(base)
                 Segment.open(
-                    directory, base, index_interval_bytes=config.index_interval_bytes
+                    directory,
+                    base,
+                    index_interval_bytes=config.index_interval_bytes,
+                    trusted_size=0,
                 ).delete()
                 cut = True
                 continue

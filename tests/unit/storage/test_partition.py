@@ -682,6 +682,47 @@ async def test_recovery_cuts_at_a_corrupt_batch_and_drops_later_segments(
         await again.close()
 
 
+@pytest.mark.parametrize("break_at", ["corrupt", "gap"])
+async def test_segments_past_a_cut_are_removed_even_with_torn_tails(
+    tmp_path: Path, break_at: str
+) -> None:
+    # A power cut can leave a segment short of its last batches (or with a corrupt one) and
+    # the segments after it with torn tails of their own: recovery keeps the valid prefix
+    # and removes the rest, whatever state those later files are in.
+    cfg = PartitionConfig(segment_bytes=1024)
+    part = open_partition(tmp_path / "p", config=cfg, clock=Clock())
+    await fill(part, 50)
+    crash = crash_image(tmp_path / "p", tmp_path / "crash")
+    await part.close()
+    (crash / CHECKPOINT_FILE).unlink()
+    bases = segment.list_segments(crash)
+    assert len(bases) > 4
+    victim = crash / f"{bases[1]:020d}.log"
+    data = victim.read_bytes()
+    last_batch = list(records.iter_batches(data))[-1][0]
+    if break_at == "corrupt":
+        victim.write_bytes(
+            data[:last_batch] + bytes([data[last_batch] ^ 1]) + data[last_batch + 1 :]
+        )
+    else:  # the last batch never reached the disk: the next segment starts past a gap
+        victim.write_bytes(data[:last_batch])
+    for base in bases[2:]:
+        with open(crash / f"{base:020d}.log", "ab") as f:
+            f.write(b"torn" * 5)
+    again, report = Partition.open(crash, cfg)
+    try:
+        assert report.removed_segments == bases[2:]
+        assert segment.list_segments(crash) == bases[:2]
+        found = read_all(again)
+        assert sorted(found) == list(range(again.log_end_offset))
+        assert again.log_end_offset == records.validate_batch(data, last_batch).base_offset
+        assert_values_match_offsets(found)
+        end = again.log_end_offset
+        assert (await again.append([batch(values_for(end, 1))])).base_offset == end
+    finally:
+        await again.close()
+
+
 async def test_a_missing_or_torn_checkpoint_means_a_full_scan(tmp_path: Path) -> None:
     cfg = PartitionConfig(segment_bytes=4096)
     part = open_partition(tmp_path / "p", config=cfg)

@@ -164,7 +164,7 @@ class Node:
                         on_ready(self)
                     await self._stop.wait()
                     log.info("event=stopping")
-                    service.stopping = True
+                    service.stop()
                     await self.tcp.stop_accepting()
                     await self.tcp.drain(self.shutdown_timeout)
                     with contextlib.suppress(Exception):

@@ -83,6 +83,15 @@ class BrokerService:
             default_assignor=g.default_assignor,
         )
         self.stopping = False
+        self._stop_waiters: set[asyncio.Future[None]] = set()
+
+    def stop(self) -> None:
+        """Refuse new work and answer every parked long poll now: shutdown must not wait
+        out their ``max_wait_ms``."""
+        self.stopping = True
+        for fut in self._stop_waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     # ------------------------------------------------------------------------ topics
     def _partition_count(self, topic: str) -> int | None:
@@ -330,10 +339,16 @@ class BrokerService:
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
                 return results
+            stop: asyncio.Future[None] = loop.create_future()
+            self._stop_waiters.add(stop)
             waits = [part.high_watermark_changed() for part in empty]
             try:
-                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [*waits, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
+                self._stop_waiters.discard(stop)
+                stop.cancel()
                 for w in waits:
                     w.cancel()
 

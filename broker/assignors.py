@@ -83,4 +83,33 @@ def sticky_assign(
             continue
         m = min(eligible[tp], key=lambda x: (len(result[x]), x))
         result[m].append(tp)
+    _even_out(members, result, eligible)
     return {m: sorted(tps) for m, tps in result.items()}
+
+
+def _even_out(
+    members: list[str], result: Assignment, eligible: Mapping[TopicPartition, list[str]]
+) -> None:
+    """With mixed subscriptions the caps above ignore who may take what, so a member can be
+    left with nothing while a peer with the same subscriptions holds everything. Move one
+    partition at a time from a member to an eligible one holding at least two fewer, newest
+    first, until no such move exists. Each move lowers the sum of squared loads, so this
+    ends; with identical subscriptions the result is already even and nothing moves."""
+    while True:
+        by_load = sorted(members, key=lambda m: (len(result[m]), m))
+        move = next(
+            (
+                (heavy, light, tp)
+                for heavy in reversed(by_load)
+                for light in by_load
+                if len(result[heavy]) - len(result[light]) >= 2
+                for tp in reversed(result[heavy])
+                if light in eligible[tp]
+            ),
+            None,
+        )
+        if move is None:
+            return
+        heavy, light, tp = move
+        result[heavy].remove(tp)
+        result[light].append(tp)

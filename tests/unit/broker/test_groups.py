@@ -1,0 +1,285 @@
+"""The group coordinator with an injected clock: membership, cooperative hand-off, session
+expiry and offset commits."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.assignors import TopicPartition
+from broker.groups import (
+    GroupCoordinator,
+    InvalidSessionTimeout,
+    NotAssigned,
+    UnknownMember,
+)
+from storage.kv import KV
+
+SESSION = 3000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KV]:
+    store = KV(Path(tmp_path_factory.mktemp("groups")) / "state", map_size=64 << 20)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+_group_names = (f"tenant/g{i}" for i in itertools.count())
+
+
+class Harness:
+    def __init__(self, kv: KV, partitions: dict[str, int], assignor: str = "sticky") -> None:
+        self.clock = Clock()
+        self.partitions = partitions
+        self.coord = GroupCoordinator(
+            kv,
+            partitions.get,
+            clock_ms=self.clock,
+            wall_ms=lambda: 1_700_000_000_000,
+            min_session_timeout_ms=1000,
+            max_session_timeout_ms=60_000,
+            default_session_timeout_ms=SESSION,
+            default_assignor=assignor,
+        )
+        self.group = next(_group_names)
+        self.topics = sorted(partitions)
+
+    def join(self, name: str = "") -> tuple[str, set[TopicPartition]]:
+        member, _g, assignment = self.coord.join(self.group, self.topics, client_id=name)
+        return member.member_id, set(assignment)
+
+    def beat(self, member_id: str, owned: set[TopicPartition]) -> set[TopicPartition]:
+        _g, assignment = self.coord.heartbeat(self.group, member_id, sorted(owned))
+        return set(assignment)
+
+    def settle(self, owned: dict[str, set[TopicPartition]], rounds: int = 6) -> None:
+        """Every member heartbeats reporting what it was last given, a few rounds."""
+        for _ in range(rounds):
+            for mid in list(owned):
+                owned[mid] = self.beat(mid, owned[mid])
+
+    @property
+    def all_partitions(self) -> set[TopicPartition]:
+        return {(t, i) for t, n in self.partitions.items() for i in range(n)}
+
+
+def test_first_member_gets_every_partition_and_the_group_is_stable(kv: KV) -> None:
+    h = Harness(kv, {"t": 4})
+    m1, got = h.join("a")
+    assert got == h.all_partitions
+    assert h.coord.groups[h.group].state == "reconciling"  # it has not reported yet
+    assert h.beat(m1, got) == got
+    assert h.coord.groups[h.group].state == "stable"
+
+
+def test_a_partition_moves_only_after_its_owner_stops_reporting_it(kv: KV) -> None:
+    h = Harness(kv, {"t": 4})
+    m1, owned1 = h.join("a")
+    owned1 = h.beat(m1, owned1)
+    m2, owned2 = h.join("b")
+    assert owned2 == set(), "m1 still consumes everything"
+    assert h.coord.groups[h.group].rebalancing
+
+    owned1 = h.beat(m1, owned1)  # m1 learns its smaller share; it still reported all
+    assert len(owned1) == 2
+    assert h.beat(m2, owned2) == set(), "m1 has not confirmed it let go yet"
+
+    owned1 = h.beat(m1, owned1)  # now m1 reports only its share
+    owned2 = h.beat(m2, owned2)
+    assert owned2 == h.all_partitions - owned1
+    h.beat(m2, owned2)
+    assert h.coord.groups[h.group].state == "stable"
+
+
+def test_session_expiry_frees_the_dead_members_partitions(kv: KV) -> None:
+    h = Harness(kv, {"t": 6})
+    owned: dict[str, set[TopicPartition]] = {}
+    for name in "abc":
+        mid, got = h.join(name)
+        owned[mid] = got
+    h.settle(owned)
+    dead, *alive = list(owned)
+    assert all(len(v) == 2 for v in owned.values())
+
+    h.clock.now += SESSION  # exactly the timeout: not yet expired
+    for mid in alive:
+        owned[mid] = h.beat(mid, owned[mid])
+    assert h.coord.expire() == []
+    h.clock.now += 1
+    assert h.coord.expire() == [(h.group, dead)]
+    with pytest.raises(UnknownMember):
+        h.beat(dead, owned.pop(dead))
+    h.settle(owned, rounds=2)
+    assert set().union(*owned.values()) == h.all_partitions
+    assert sorted(len(v) for v in owned.values()) == [3, 3]
+
+
+def test_leave_hands_partitions_to_the_others(kv: KV) -> None:
+    h = Harness(kv, {"t": 4})
+    owned: dict[str, set[TopicPartition]] = {}
+    for name in "ab":
+        mid, got = h.join(name)
+        owned[mid] = got
+    h.settle(owned)
+    leaver = next(iter(owned))
+    h.coord.leave(h.group, leaver)
+    del owned[leaver]
+    h.settle(owned, rounds=1)
+    assert set().union(*owned.values()) == h.all_partitions
+    with pytest.raises(UnknownMember):
+        h.coord.leave(h.group, leaver)
+
+
+def test_rejoin_with_member_id_keeps_the_assignment(kv: KV) -> None:
+    h = Harness(kv, {"t": 4})
+    owned: dict[str, set[TopicPartition]] = {}
+    for name in "ab":
+        mid, got = h.join(name)
+        owned[mid] = got
+    h.settle(owned)
+    generation = h.coord.groups[h.group].generation
+    m1 = next(iter(owned))
+    member, group, assignment = h.coord.join(h.group, h.topics, member_id=m1)
+    assert member.member_id == m1
+    assert set(assignment) == owned[m1]
+    assert group.generation == generation
+
+
+def test_new_partitions_are_assigned_when_a_topic_grows(kv: KV) -> None:
+    h = Harness(kv, {"t": 2})
+    m1, owned = h.join("a")
+    owned = h.beat(m1, owned)
+    h.partitions["t"] = 5
+    h.coord.topics_changed()
+    assert h.beat(m1, owned) == h.all_partitions
+
+
+def test_session_timeout_outside_the_bounds_is_refused(kv: KV) -> None:
+    h = Harness(kv, {"t": 1})
+    for bad in (999, 60_001, -1):
+        with pytest.raises(InvalidSessionTimeout):
+            h.coord.join(h.group, h.topics, session_timeout_ms=bad)
+    with pytest.raises(UnknownMember):
+        h.beat("nobody", set())
+
+
+def test_commit_only_by_the_member_holding_the_partition(kv: KV) -> None:
+    h = Harness(kv, {"t": 4})
+    m1, owned1 = h.join("a")
+    owned1 = h.beat(m1, owned1)
+    m2, owned2 = h.join("b")
+    owned1 = h.beat(m1, owned1)  # m1 reported all, and is told to give two up
+    moving = h.all_partitions - owned1
+    tp = sorted(moving)[0]
+    # m1 still reports the moving partition: its final commit on revocation is accepted
+    assert h.coord.commit(h.group, [(*tp, 7)], member_id=m1) == 1
+    # m2 does not hold it yet
+    with pytest.raises(NotAssigned):
+        h.coord.commit(h.group, [(*tp, 8)], member_id=m2)
+    owned1 = h.beat(m1, owned1)
+    owned2 = h.beat(m2, owned2)
+    assert tp in owned2
+    with pytest.raises(NotAssigned):
+        h.coord.commit(h.group, [(*tp, 9)], member_id=m1)  # a zombie's late commit
+    assert h.coord.commit(h.group, [(*tp, 10)], member_id=m2) == 1
+    stored = h.coord.committed(h.group, *tp)
+    assert stored is not None and stored.offset == 10
+
+    with pytest.raises(UnknownMember):
+        h.coord.commit(h.group, [(*tp, 11)], member_id="ghost")
+    with pytest.raises(UnknownMember):
+        h.coord.commit(h.group, [(*tp, 11)], member_id=None)  # live members: not standalone
+    assert [(t, i, o.offset) for t, i, o in h.coord.group_offsets(h.group)] == [(*tp, 10)]
+
+
+def test_a_group_without_members_accepts_standalone_commits(kv: KV) -> None:
+    h = Harness(kv, {"t": 2})
+    assert h.coord.commit(h.group, [("t", 0, 5), ("t", 1, 6)], member_id=None) == 2
+    assert [(i, o.offset) for _t, i, o in h.coord.group_offsets(h.group)] == [(0, 5), (1, 6)]
+    assert h.group in h.coord.group_names("tenant/")
+
+
+# --------------------------------------------------------------------- the hand-off model
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("join"), st.integers(0, 0)),
+        st.tuples(st.just("beat"), st.integers(0, 20)),
+        st.tuples(st.just("leave"), st.integers(0, 20)),
+        st.tuples(st.just("tick"), st.integers(0, 2 * SESSION)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    partitions=st.dictionaries(st.sampled_from(["t", "u"]), st.integers(1, 8), min_size=1),
+    steps=ops,
+    assignor=st.sampled_from(["sticky", "range"]),
+)
+def test_no_partition_is_ever_held_by_two_live_members(
+    kv: KV, partitions: dict[str, int], steps: list[tuple[str, int]], assignor: str
+) -> None:
+    """Members that report what they were last given (well-behaved clients) never consume
+    the same partition at once, whatever the order of joins, heartbeats, leaves and session
+    expiries; once heartbeats settle, every partition is consumed.
+
+    A member may still be finishing (and committing) a partition it last reported until its
+    next heartbeat says it let go, so it holds its last answer and its last report."""
+    h = Harness(kv, partitions, assignor)
+    consuming: dict[str, set[TopicPartition]] = {}  # member -> its last answer
+    reported: dict[str, set[TopicPartition]] = {}  # member -> what its last heartbeat said
+    last_beat: dict[str, int] = {}
+
+    def check() -> None:
+        held = [tp for m, tps in consuming.items() for tp in tps | reported[m]]
+        assert len(held) == len(set(held)), (consuming, reported)
+
+    for op, arg in steps:
+        if op == "join":
+            mid, got = h.join()
+            consuming[mid], reported[mid] = got, set()
+            last_beat[mid] = h.clock.now
+        elif op in ("beat", "leave") and consuming:
+            mid = sorted(consuming)[arg % len(consuming)]
+            if op == "beat":
+                reported[mid] = consuming[mid]
+                consuming[mid] = h.beat(mid, consuming[mid])
+                last_beat[mid] = h.clock.now
+            else:
+                h.coord.leave(h.group, mid)
+                del consuming[mid]
+        elif op == "tick":
+            h.clock.now += arg
+            for _group, mid in h.coord.expire():
+                # expired only if it really stayed silent past its session; then it is dead
+                assert h.clock.now - last_beat[mid] > SESSION
+                del consuming[mid]
+            group = h.coord.groups.get(h.group)
+            assert set(consuming) == set(group.members if group else ())
+        check()
+
+    for _ in range(4):  # every member heartbeats a few times, reporting its last answer
+        for mid in sorted(consuming):
+            reported[mid] = consuming[mid]
+            consuming[mid] = h.beat(mid, consuming[mid])
+            check()
+    if consuming:
+        assert set().union(*consuming.values()) == h.all_partitions
+        assert h.coord.groups[h.group].state == "stable"

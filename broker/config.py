@@ -62,7 +62,6 @@ class LimitsConfig(_Section):
     max_event_bytes: int = 1024 * 1024
     max_events_per_batch: int = 10_000
     max_http_body_bytes: int = 32 * 1024 * 1024
-    request_timeout_ms: int = 30_000
 
 
 class GroupsConfig(_Section):

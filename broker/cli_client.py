@@ -236,7 +236,7 @@ async def _open_consumer(client: Client, args: argparse.Namespace) -> Consumer:
     if offset is None:
         offset = await client.list_offsets(args.topic, args.partition, start)
     consumer = Consumer(client, [args.topic], auto_offset_reset=start)
-    consumer.assignment = [(args.topic, args.partition)]
+    await consumer.assign([(args.topic, args.partition)])
     consumer.seek(args.topic, args.partition, offset)
     return consumer
 

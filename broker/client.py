@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -705,7 +705,7 @@ class Consumer:
             revoked = [tp for tp in self.assignment if tp not in new_set]
             added = [tp for tp in new if tp not in old]
             if revoked:
-                await self._revoke(revoked, commit=True, locked=True)
+                await self._revoke(revoked, commit=True)
             if added:
                 await self._init_positions(added)
                 self.assignment = self.assignment + added
@@ -713,9 +713,7 @@ class Consumer:
             if revoked or added:
                 self._assignment_changed.set()
 
-    async def _revoke(
-        self, tps: list[TopicPartition], *, commit: bool, locked: bool = False
-    ) -> None:
+    async def _revoke(self, tps: list[TopicPartition], *, commit: bool) -> None:
         if not tps:
             return
         if commit and self.auto_commit:
@@ -748,6 +746,13 @@ class Consumer:
                 self.positions[tp] = await self.client.list_offsets(
                     tp[0], tp[1], self.auto_offset_reset
                 )
+
+    async def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        """Consume exactly ``partitions`` (no group): positions start from
+        ``auto_offset_reset`` unless :meth:`seek` sets them."""
+        if self.group is not None:
+            raise BrokerError(p.Code.INVALID_REQUEST, "a group member's partitions are assigned")
+        await self._apply_assignment(list(partitions))
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.positions[(topic, partition)] = offset
@@ -881,7 +886,3 @@ class Consumer:
                 await self.client.request(
                     p.LeaveGroup(id=0, group=self.group, member_id=self.member_id), retries=0
                 )
-
-
-def topic_partitions(items: Iterable[Sequence[Any]]) -> list[TopicPartition]:
-    return [(str(t), int(i)) for t, i in items]

@@ -9,12 +9,12 @@ import contextlib
 import struct
 import time
 
-from herald_process import HeraldProcess
-from raw_wire import RawConnection
-
 from broker import protocol as p
 from broker.client import Client
 from storage import records
+
+from .herald_process import HeraldProcess
+from .raw_wire import RawConnection
 
 TOPIC = "payments"
 _LEN = struct.Struct(">I")
@@ -149,7 +149,7 @@ class DropFirstProducedReply:
         self.dropped: list[p.Produced] = []
         self.connections = 0
         self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -158,28 +158,35 @@ class DropFirstProducedReply:
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
-        for task in list(self.tasks):
+        for task in list(self.handlers):
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.handlers, return_exceptions=True)
         await self.server.wait_closed()
 
     async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         self.connections += 1
-        ureader, uwriter = await asyncio.open_connection(self.node.host, self.node.tcp_port)
-        up = asyncio.ensure_future(self._pump_requests(creader, uwriter))
-        down = asyncio.ensure_future(self._pump_replies(ureader, cwriter))
-        self.tasks |= {up, down}
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.handlers.add(handler)  # close() ends it, so no socket outlives the test
+        writers = [cwriter]
         try:
-            await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+            ureader, uwriter = await asyncio.open_connection(self.node.host, self.node.tcp_port)
+            writers.append(uwriter)
+            up = asyncio.ensure_future(self._pump_requests(creader, uwriter))
+            down = asyncio.ensure_future(self._pump_replies(ureader, cwriter))
+            try:
+                await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (up, down):
+                    task.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
         finally:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-            self.tasks -= {up, down}
-            for w in (cwriter, uwriter):
+            for w in writers:
                 w.close()
-                with contextlib.suppress(ConnectionError):
+            for w in writers:
+                with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                     await w.wait_closed()
+            self.handlers.discard(handler)
 
     @staticmethod
     async def _pump_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

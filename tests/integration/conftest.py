@@ -7,29 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from herald_process import HeraldProcess
+
+from .herald_process import HeraldProcess, Nodes
 
 NodeFactory = Callable[..., HeraldProcess]
-
-
-class Nodes:
-    """Starts nodes under one base directory and kills every one of them on close."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.nodes: list[HeraldProcess] = []
-
-    def __call__(self, *, config: str | None = None, start: bool = True) -> HeraldProcess:
-        n = len(self.nodes)
-        node = HeraldProcess(self.base / f"node{n}" / "data", self.base / f"node{n}", config=config)
-        self.nodes.append(node)
-        if start:
-            node.start()
-        return node
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.close()
 
 
 @pytest.fixture

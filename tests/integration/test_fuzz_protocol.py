@@ -29,15 +29,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import Nodes
-from herald_process import HeraldProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from raw_wire import RawConnection, WireClosed
 
 from broker import protocol as p
 from broker.client import Client
 from storage import records
+
+from .herald_process import HeraldProcess, Nodes
+from .raw_wire import RawConnection, WireClosed
 
 MAX_FRAME = 1024 * 1024
 # long polls are capped by the node, so a mutated fetch cannot hold a reply for long

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from herald_process import HeraldProcess, child_env
 
 from broker import protocol as p
 from broker.client import Client
+
+from .herald_process import HeraldProcess, child_env
 
 MEMBER = Path(__file__).resolve().with_name("group_member.py")
 TOPIC = "orders"

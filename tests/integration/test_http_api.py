@@ -13,15 +13,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Nodes
-from herald_process import HeraldProcess
 from prometheus_client.parser import text_string_to_metric_families
-from raw_wire import RawConnection
 
 from broker import protocol as p
 from broker.client import BrokerError, Client
 from broker.topics import partition_for_key
 from storage import records
+
+from .herald_process import HeraldProcess, Nodes
+from .raw_wire import RawConnection
 
 EVENTS_PARTITIONS = 8  # topics.events-partitions default
 

@@ -7,12 +7,12 @@ import asyncio
 import time
 from collections import defaultdict
 
-from herald_process import HeraldProcess
-
 from broker import protocol as p
 from broker.client import Client, RecordMetadata
 from broker.topics import partition_for_key
 from storage import records
+
+from .herald_process import HeraldProcess
 
 RECORDS = 100_000
 KEYS = 1_000

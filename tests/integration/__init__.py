@@ -1,0 +1,1 @@
+"""Tests against a real ``herald serve`` over its TCP and HTTP ports."""

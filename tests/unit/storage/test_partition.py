@@ -252,19 +252,39 @@ async def test_read_from_the_middle_of_a_batch_starts_at_that_batch(part: Partit
     assert (header.base_offset, header.last_offset) == (5, 9)
 
 
-async def test_read_never_returns_data_past_the_high_watermark(part: Partition) -> None:
-    await part.append([batch(values_for(0, 3))])
-    # written, not yet synced: the flush task has not run since we have not yielded
-    part.append_nowait([batch(values_for(3, 3))])
-    assert part.log_end_offset == 6
-    assert part.high_watermark == 3
-    data = part.read(0, 1 << 20)
-    assert [h.next_offset for _p, h in records.iter_batches(data)] == [3]
-    assert part.read(3, 1 << 20) == b""
-    with pytest.raises(OffsetOutOfRange):
-        part.read(4, 1 << 20)
-    await part.flush()
-    assert sorted(read_all(part)) == list(range(6))
+async def test_read_never_returns_data_past_the_high_watermark(tmp_path: Path) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    blocking = False
+
+    def slow_fsync(fd: int) -> None:
+        if blocking:
+            entered.set()
+            release.wait(10)
+        os.fdatasync(fd)
+
+    part = open_partition(tmp_path / "p", fsync=slow_fsync)
+    try:
+        await part.append([batch(values_for(0, 3))])
+        blocking = True
+        pending = asyncio.create_task(part.append([batch(values_for(3, 3))]))
+        await asyncio.to_thread(entered.wait, 10)
+        # the second batch is in the file, its sync has not returned: not visible yet
+        assert os.path.getsize(part.segments[-1].log_path) == part.size_bytes
+        assert (part.log_end_offset, part.high_watermark) == (6, 3)
+        for max_bytes in (1, 1 << 20):
+            data = part.read(0, max_bytes)
+            assert [h.next_offset for _p, h in records.iter_batches(data)] == [3]
+        assert part.read(3, 1 << 20) == b""
+        with pytest.raises(OffsetOutOfRange):
+            part.read(4, 1 << 20)
+        assert not pending.done()
+        release.set()
+        assert (await pending).base_offset == 3
+        assert sorted(read_all(part)) == list(range(6))
+    finally:
+        release.set()
+        await part.close()
 
 
 async def test_read_outside_the_log_raises(part: Partition) -> None:
@@ -512,6 +532,16 @@ async def test_retention_by_size_keeps_at_least_retention_bytes(tmp_path: Path) 
         assert part.size_bytes >= 2 * seg_size
         assert part.log_start_offset == 40
         assert sorted(read_all(part)) == list(range(40, 80))
+    finally:
+        await part.close()
+    # a limit below one segment: every closed segment goes, the active one stays whole
+    cfg = PartitionConfig(retention_ms=None, retention_bytes=1)
+    part = open_partition(tmp_path / "p", config=cfg, clock=clock)
+    try:
+        await part.append([batch(values_for(80, 3))])
+        assert part.apply_retention() == [40, 60]
+        assert [s.base_offset for s in part.segments] == [80]
+        assert read_all(part) == dict(zip(range(80, 83), values_for(80, 3), strict=True))
     finally:
         await part.close()
 

@@ -169,20 +169,20 @@ def test_index_with_a_lost_tail_is_still_usable(tmp_path: Path) -> None:
         again.close()
 
 
-def test_index_pointing_at_wrong_positions_is_rebuilt_on_use(tmp_path: Path) -> None:
-    s = Segment.create(tmp_path, 0, index_interval_bytes=100)
+@pytest.mark.parametrize("shift", [-3, 6])
+def test_index_naming_the_wrong_batches_is_rebuilt_on_use(tmp_path: Path, shift: int) -> None:
+    s = Segment.create(tmp_path, 0, index_interval_bytes=250)
     positions = _fill(s, 30)
     s.close()
-    # every entry names a real batch boundary, but the wrong batch: swap offsets around
+    # every entry names a real batch boundary, but says it holds other offsets than it does
+    # (-3: a later batch than the index claims, so trusting it would skip records)
     index = tmp_path / "00000000000000000000.index"
-    entries = [
-        segment._ENTRY.unpack_from(index.read_bytes(), i)
-        for i in range(0, index.stat().st_size, 16)
-    ]
+    raw = index.read_bytes()
+    entries = [segment._ENTRY.unpack_from(raw, i) for i in range(0, len(raw), 16)]
     assert len(entries) > 3
-    lying = [(rel + 6, pos, ts) for rel, pos, ts in entries]
+    lying = entries[:1] + [(rel + shift, pos, ts) for rel, pos, ts in entries[1:]]
     index.write_bytes(b"".join(segment._ENTRY.pack(*e) for e in lying))
-    again = Segment.open(tmp_path, 0, index_interval_bytes=100)
+    again = Segment.open(tmp_path, 0, index_interval_bytes=250)
     try:
         for offset in range(90):
             assert again.find_position(offset) == positions[offset // 3]

@@ -617,6 +617,10 @@ class Partition:
             write_checkpoint(self.directory, checkpoint)
 
     def _advance_flushed(self, offset: int, segment: int, position: int) -> None:
+        if offset == self._flushed_offset and segment > self._flushed_segment:
+            # a roll with nothing after it: the synced point moves to the new, empty segment,
+            # so a checkpoint never names a segment retention may delete
+            self._flushed_segment, self._flushed_position = segment, position
         if offset > self._flushed_offset:
             self._flushed_offset = offset
             self._flushed_segment = segment

@@ -418,7 +418,12 @@ class Segment:
         if self._idx_positions and self.size > 0:
             last_pos, last_header = self._last_batch()
             if last_pos > self._last_indexed_position:
-                self._add_index_entry(last_header.base_offset, last_pos, self.max_timestamp)
+                # on disk only: this runs in the sync thread while the loop may be reading the
+                # in-memory index, which the final entry would not change for lookups anyway
+                entry = _ENTRY.pack(
+                    last_header.base_offset - self.base_offset, last_pos, self.max_timestamp
+                )
+                os.pwrite(self._index_fd, entry, len(self._idx_offsets) * _ENTRY.size)
         os.fsync(self._index_fd)
 
     def _last_batch(self) -> tuple[int, records.BatchHeader]:

@@ -1076,3 +1076,22 @@ async def test_disk_full_while_rolling_is_storage_full_and_a_later_roll_works(
     finally:
         await part.close()
     assert segment.list_segments(tmp_path / "p") == [0, 1]
+
+
+async def test_checkpoint_after_a_roll_and_retention_still_names_a_live_segment(
+    tmp_path: Path,
+) -> None:
+    # a roll with no append after it, then retention deleting every closed segment: the
+    # close-time checkpoint must point into the new segment, so the reopen trusts it
+    directory = tmp_path / "p"
+    p = open_partition(directory, config=PartitionConfig(retention_bytes=1))
+    await fill(p, 3)
+    end = p.log_end_offset
+    p.roll()
+    await p.flush()
+    assert p.apply_retention() != []
+    await p.close()
+    reopened, report = Partition.open(directory, PartitionConfig(retention_bytes=1))
+    assert report.checkpoint_found
+    assert (reopened.log_start_offset, reopened.log_end_offset) == (end, end)
+    await reopened.close()

@@ -23,7 +23,6 @@ import random
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -410,9 +409,7 @@ def run_campaign(node: HeraldProcess, examples: int, min_cases: int) -> Tally:
 
 
 def test_fuzzed_frames_get_error_replies_and_never_stop_the_node(node: HeraldProcess) -> None:
-    started = time.monotonic()
     run_campaign(node, DEFAULT_EXAMPLES, 10_000)
-    assert time.monotonic() - started < 120  # a budget for CI, not a speed claim
 
 
 @pytest.mark.slow

@@ -177,9 +177,13 @@ class Client:
                 self.connect_timeout,
             )
             self._conn = conn
-            hello = await self._request_now(
-                p.Hello(id=0, client_id=self.client_id, api_key=self.api_key)
-            )
+            try:
+                hello = await self._request_now(
+                    p.Hello(id=0, client_id=self.client_id, api_key=self.api_key)
+                )
+            except BaseException:
+                conn.transport.close()
+                raise
             assert isinstance(hello, p.HelloOk)
             self.tenant = hello.tenant
 

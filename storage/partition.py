@@ -702,7 +702,12 @@ class Partition:
     def high_watermark_changed(self) -> asyncio.Future[None]:
         """A future resolved the next time the high watermark advances (for long polls)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._hw_waiters.append(fut)
+        waiters = self._hw_waiters
+        if len(waiters) >= 64 and len(waiters) & (len(waiters) - 1) == 0:
+            # long polls that timed out leave cancelled futures behind; on an idle partition
+            # nothing resolves them, so prune at each power of two (amortised O(1))
+            waiters[:] = [w for w in waiters if not w.done()]
+        waiters.append(fut)
         return fut
 
     def offset_for_timestamp(self, timestamp: int) -> int:

@@ -1095,3 +1095,11 @@ async def test_checkpoint_after_a_roll_and_retention_still_names_a_live_segment(
     assert report.checkpoint_found
     assert (reopened.log_start_offset, reopened.log_end_offset) == (end, end)
     await reopened.close()
+
+
+async def test_abandoned_long_poll_waiters_do_not_pile_up_on_an_idle_partition(
+    part: Partition,
+) -> None:
+    for _ in range(10_000):
+        part.high_watermark_changed().cancel()
+    assert len(part._hw_waiters) <= 128

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 from broker import protocol as p
 from broker.topics import partition_for_key
 from storage import records
@@ -568,8 +570,10 @@ class Producer:
 
 
 # -------------------------------------------------------------------------- consumer
-@dataclass(frozen=True, slots=True)
-class ConsumerRecord:
+class ConsumerRecord(msgspec.Struct, frozen=True, gc=False):
+    """One consumed record. A msgspec struct: building one costs a fraction of a frozen
+    dataclass, which matters at a million records a second."""
+
     topic: str
     partition: int
     offset: int
@@ -773,24 +777,25 @@ class Consumer:
                 await self.commit()
         batches = await self.fetch_batches(timeout_ms)
         out: list[ConsumerRecord] = []
+        append = out.append
         for topic, partition, data, start in batches:
-            for _pos, header in records.iter_batches(data, verify=True):
-                recs = records.decode_records(data[_pos : _pos + header.batch_length], header)
+            view = memoryview(data)
+            for _pos, header in records.iter_batches(view, verify=True):
+                recs = records.decode_records(view[_pos : _pos + header.batch_length], header)
                 base, ts0 = header.base_offset, header.first_timestamp
-                for i, r in enumerate(recs):
-                    off = base + i
-                    if off >= start:
-                        out.append(
-                            ConsumerRecord(
-                                topic,
-                                partition,
-                                off,
-                                ts0 + r.timestamp_delta,
-                                r.key,
-                                r.value,
-                                r.headers,
-                            )
+                skip = max(0, start - base)
+                for off, r in enumerate(recs[skip:] if skip else recs, base + skip):
+                    append(
+                        ConsumerRecord(
+                            topic,
+                            partition,
+                            off,
+                            ts0 + r.timestamp_delta,
+                            r.key,
+                            r.value,
+                            r.headers,
                         )
+                    )
         if max_records is not None and len(out) > max_records:
             # rewind positions to the first record not returned
             for rec in out[max_records:]:

@@ -223,6 +223,15 @@ class HttpApi:
         return await request.read()
 
     @staticmethod
+    def _partition_param(request: web.Request) -> int:
+        try:
+            return int(request.match_info["partition"])
+        except ValueError:
+            raise BadRequest(
+                p.Code.INVALID_REQUEST, "partition must be an integer", "partition"
+            ) from None
+
+    @staticmethod
     def _int_param(request: web.Request, name: str, default: int | None = None) -> int:
         raw = request.query.get(name)
         if raw is None:
@@ -479,12 +488,7 @@ class HttpApi:
     async def fetch_records(self, request: web.Request) -> web.Response:
         principal = self.principal(request)
         topic = request.match_info["topic"]
-        try:
-            partition = int(request.match_info["partition"])
-        except ValueError:
-            raise BadRequest(
-                p.Code.INVALID_REQUEST, "partition must be an integer", "partition"
-            ) from None
+        partition = self._partition_param(request)
         offset = self._int_param(request, "offset", 0)
         max_bytes = self._int_param(request, "max_bytes", 1024 * 1024)
         max_wait = self._int_param(request, "max_wait_ms", 0)
@@ -532,12 +536,7 @@ class HttpApi:
     async def list_offsets(self, request: web.Request) -> web.Response:
         principal = self.principal(request)
         topic = request.match_info["topic"]
-        try:
-            partition = int(request.match_info["partition"])
-        except ValueError:
-            raise BadRequest(
-                p.Code.INVALID_REQUEST, "partition must be an integer", "partition"
-            ) from None
+        partition = self._partition_param(request)
         raw = request.query.get("spec", "latest")
         spec: Literal["earliest", "latest"] | int
         if raw in ("earliest", "latest"):

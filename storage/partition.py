@@ -49,7 +49,7 @@ from storage.errors import (
     StorageFull,
 )
 from storage.producers import ProducerTable
-from storage.segment import Segment, fsync_dir, list_segments
+from storage.segment import Segment, fsync_dir, list_segments, remove_segment_files
 
 log = logging.getLogger("herald.storage")
 
@@ -192,26 +192,12 @@ class Partition:
             producers = ProducerTable()
         cut = False
         for base in bases:
-            if cut:
-                removed.append(base)
-                # trusted_size=0: parse nothing in a file about to go (it may be torn too)
-                Segment.open(
-                    directory,
-                    base,
-                    index_interval_bytes=config.index_interval_bytes,
-                    trusted_size=0,
-                ).delete()
-                continue
             expected = segments[-1].next_offset if segments else None
-            if expected is not None and base != expected:
-                # a gap or overlap between segments: the later ones cannot be trusted
+            if cut or (expected is not None and base != expected):
+                # past a cut, or a gap or overlap between segments: nothing here can be
+                # trusted (nor parsed: it may be torn too)
                 removed.append(base)
-                Segment.open(
-                    directory,
-                    base,
-                    index_interval_bytes=config.index_interval_bytes,
-                    trusted_size=0,
-                ).delete()
+                remove_segment_files(directory, base)
                 cut = True
                 continue
             if checkpoint is not None and base < checkpoint.segment_base:

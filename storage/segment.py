@@ -327,60 +327,29 @@ class Segment:
         end of the segment. Returns the batch's position. On a write error the file is cut back
         to its previous size and :class:`StorageFull` or :class:`StorageError` is raised."""
         pos = self.size
-        want = header.batch_length
-        try:
-            written = os.pwritev(self._fd, [head, body], pos)
-            while written < want:  # short write: finish it from where it stopped
-                data = (head + bytes(body))[written:]
-                written += os.pwrite(self._fd, data, pos + written)
-        except OSError as exc:
-            try:
-                os.ftruncate(self._fd, pos)
-            except OSError:
-                pass
-            _raise_write_error(exc)
-        self._note_batch(pos, header)
+        self.append_many([(head, body, header)])
         return pos
 
     def append_many(
         self, items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]]
     ) -> None:
-        """Write several stamped batches with one ``pwritev`` (group write). All or nothing:
-        on error the file is cut back and nothing is accounted."""
-        if len(items) == 1:
-            head, body, header = items[0]
-            self.append(head, body, header)
-            return
+        """Write several stamped batches now, on the calling thread (tools and tests; the
+        partition queues with :meth:`reserve` and writes from its sync thread instead). All
+        or nothing: on error the file is cut back and nothing is accounted."""
         pos = self.size
         iov: list[bytes | memoryview] = []
-        want = 0
-        for head, body, header in items:
+        for head, body, _header in items:
             iov.append(head)
             iov.append(body)
-            want += header.batch_length
         try:
-            written = 0
-            # IOV_MAX is 1024 on Linux: write in slices
-            for i in range(0, len(iov), 1024):
-                chunk = iov[i : i + 1024]
-                n = os.pwritev(self._fd, chunk, pos + written)
-                chunk_len = sum(len(c) for c in chunk)
-                if n < chunk_len:
-                    rest = b"".join(bytes(c) for c in chunk)[n:]
-                    while rest:
-                        m = os.pwrite(self._fd, rest, pos + written + n)
-                        n += m
-                        rest = rest[m:]
-                written += n
+            self.write_at(pos, iov)
         except OSError as exc:
             try:
                 os.ftruncate(self._fd, pos)
             except OSError:
                 pass
             _raise_write_error(exc)
-        for _head, _body, header in items:
-            self._note_batch(self.size, header)
-        assert self.size == pos + want
+        self.reserve(items)
 
     def reserve(self, items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]]) -> int:
         """Account stamped batches at the end of the segment *without writing them* (the
@@ -476,6 +445,15 @@ class Segment:
 
     def __repr__(self) -> str:
         return f"Segment({self.log_path.name}, size={self.size}, next_offset={self.next_offset})"
+
+
+def remove_segment_files(directory: Path, base_offset: int) -> None:
+    """Delete a segment's files without opening it (recovery drops untrusted segments)."""
+    for suffix in (LOG_SUFFIX, INDEX_SUFFIX):
+        try:
+            (directory / (segment_name(base_offset) + suffix)).unlink()
+        except FileNotFoundError:
+            pass
 
 
 def list_segments(directory: Path) -> list[int]:

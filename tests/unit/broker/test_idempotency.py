@@ -43,3 +43,17 @@ def test_an_id_published_again_after_expiry_survives_the_sweep_of_its_old_entry(
     ids.sweep(3_500)
     assert ids.get("t", "e", 3_500) == SeenEvent(1, 7, 3_000)
     kv.close()
+
+
+def test_generated_event_ids_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    from broker.http import EventIdGenerator
+
+    gen = EventIdGenerator()
+    ids = [gen.next() for _ in range(3 * EventIdGenerator._BATCH)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:: EventIdGenerator._BATCH // 4]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4
+        assert str(parsed) == text

@@ -61,7 +61,7 @@ class _Connection(asyncio.Protocol):
         self.closed = asyncio.Event()
         self._resumed = asyncio.Event()
         self._resumed.set()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._error: BrokerError = ConnectionLost()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -72,7 +72,7 @@ class _Connection(asyncio.Protocol):
 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes | bytearray) -> None:
         if not self._out:
             self.loop.call_soon(self.flush)
         self._out.append(frame)

@@ -471,10 +471,13 @@ def request_id_of(payload: bytes) -> int:
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
 
 
-def encode_message(msg: _Req | _Resp) -> bytes:
-    """Encode a request or response as a whole frame (length prefix included)."""
-    body = _encoder.encode(msg)
-    return _LEN.pack(len(body)) + body
+def encode_message(msg: _Req | _Resp) -> bytearray:
+    """Encode a request or response as a whole frame (length prefix included), with one copy
+    of the payload: msgspec encodes straight into the frame buffer after the prefix."""
+    frame = bytearray(4)
+    _encoder.encode_into(msg, frame, 4)
+    _LEN.pack_into(frame, 0, len(frame) - 4)
+    return frame
 
 
 def decode_response(payload: bytes) -> Response:

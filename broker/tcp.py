@@ -53,7 +53,7 @@ class BrokerProtocol(asyncio.Protocol):
         self.peer = "?"
         self.inflight = 0
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._flush_scheduled = False
         self._paused_reading = False
         self._write_paused = False

@@ -531,6 +531,8 @@ class Partition:
                 seg.write_at(position, iov)
             except OSError as exc:
                 return i, exc
+        for seg in {id(entry[0]): entry[0] for entry in queue}.values():
+            seg.flush_index()
         if queue and self._loop is not None:
             self._loop.call_soon_threadsafe(self._advance_written, queue[-1][3])
         self._sync_files(dirty, active, dir_dirty, checkpoint)

@@ -74,6 +74,10 @@ class Segment:
         self._idx_positions = array("q")
         self._idx_timestamps = array("q")
         self._last_indexed_position = -1
+        # index entries not yet in the file, and the entry number of the first of them: the
+        # sync thread writes them (flush_index) so the loop makes no syscall per batch
+        self._index_pending: list[bytes] = []
+        self._index_pending_at = 0
         self.closed = False
 
     # ----------------------------------------------------------------- paths / lifecycle
@@ -158,6 +162,7 @@ class Segment:
         try:
             seg._load_index(size)
             seg._advance_over_trusted(size)
+            seg.flush_index()
         except BaseException:
             seg.close()  # recovery retries the open; do not leak two fds per attempt
             raise
@@ -165,6 +170,7 @@ class Segment:
 
     def close(self) -> None:
         if not self.closed:
+            self.flush_index()
             self.closed = True
             os.close(self._fd)
             os.close(self._index_fd)
@@ -200,15 +206,27 @@ class Segment:
         self._idx_positions.append(position)
         self._idx_timestamps.append(max_ts)
         self._last_indexed_position = position
-        entry = _ENTRY.pack(offset - self.base_offset, position, max_ts)
+        if not self._index_pending:
+            self._index_pending_at = len(self._idx_offsets) - 1
+        self._index_pending.append(_ENTRY.pack(offset - self.base_offset, position, max_ts))
+
+    def flush_index(self) -> None:
+        """Write the index entries added since the last flush (one ``pwrite``). Safe to call
+        from the sync thread while the loop adds entries: an entry added during the swap
+        lands in one list or the other, and each list knows its file position."""
+        pending, at = self._index_pending, self._index_pending_at
+        if not pending:
+            return
+        self._index_pending = []
         try:
-            os.pwrite(self._index_fd, entry, (len(self._idx_offsets) - 1) * _ENTRY.size)
+            os.pwrite(self._index_fd, b"".join(pending), at * _ENTRY.size)
         except OSError:
             # the index is a hint: a missing entry costs a longer scan, and the next load
             # drops whatever did not reach the file
             pass
 
     def _truncate_index(self, size: int) -> None:
+        self.flush_index()
         keep = bisect.bisect_left(self._idx_positions, size)
         del self._idx_offsets[keep:]
         del self._idx_positions[keep:]
@@ -219,6 +237,7 @@ class Segment:
     def rebuild_index(self) -> None:
         """Drop the index and rebuild it by scanning the segment's valid bytes."""
         size = self.size
+        self._index_pending = []
         del self._idx_offsets[:]
         del self._idx_positions[:]
         del self._idx_timestamps[:]
@@ -350,6 +369,7 @@ class Segment:
                 pass
             _raise_write_error(exc)
         self.reserve(items)
+        self.flush_index()
 
     def reserve(self, items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]]) -> int:
         """Account stamped batches at the end of the segment *without writing them* (the
@@ -384,6 +404,7 @@ class Segment:
     def seal(self) -> None:
         """Called when the segment stops being active: make sure the last batch has an index
         entry (so the segment's max timestamp is exact) and sync the index."""
+        self.flush_index()
         if self._idx_positions and self.size > 0:
             last_pos, last_header = self._last_batch()
             if last_pos > self._last_indexed_position:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 
@@ -308,7 +308,7 @@ class BrokerService:
             except (UnknownTopic, UnknownPartition) as exc:
                 results.append(p.FetchedPartition(fp.topic, fp.partition, -1, -1, b"", exc.code))
                 continue
-            data = b""
+            data: bytes | bytearray = b""
             error = None
             try:
                 if budget > 0:
@@ -321,9 +321,16 @@ class BrokerService:
             total += len(data)
             if not data and error is None:
                 empty.append(part)
+            # msgspec encodes any bytes-like object as bin: pass the read buffer as it is
+            records_ = cast(bytes, data)
             results.append(
                 p.FetchedPartition(
-                    fp.topic, fp.partition, part.high_watermark, part.log_start_offset, data, error
+                    fp.topic,
+                    fp.partition,
+                    part.high_watermark,
+                    part.log_start_offset,
+                    records_,
+                    error,
                 )
             )
         return results, total, empty

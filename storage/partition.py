@@ -648,11 +648,14 @@ class Partition:
     def _segment_for(self, offset: int) -> int:
         return max(0, bisect.bisect_right(self._bases, offset) - 1)
 
-    def read(self, offset: int, max_bytes: int) -> bytes:
+    def read(self, offset: int, max_bytes: int) -> bytes | bytearray:
         """Raw batches from the one holding ``offset`` onward, up to ``max_bytes`` (but at
         least one whole batch) and never past the high watermark. The first batch may start
         before ``offset``; consumers skip records below the offset they asked for. Returns
-        b"" at the high watermark. Raises :class:`OffsetOutOfRange`."""
+        b"" at the high watermark. Raises :class:`OffsetOutOfRange`.
+
+        The bytes are read once from the file into the buffer returned (a ``bytearray``
+        when the read was cut back to whole batches, so cutting copies nothing)."""
         hw = self._flushed_offset
         if offset < self.log_start_offset or offset > hw:
             raise OffsetOutOfRange(offset, self.log_start_offset, hw)
@@ -665,7 +668,7 @@ class Partition:
             pos = seg.find_position(offset, limit)
             if pos < limit:
                 want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, _MAX_READ)
-                data = seg.read(pos, want)
+                data = seg.read_into(pos, want)
                 return self._whole_batches(seg, pos, data, limit)
             if seg.base_offset == self._flushed_segment:
                 break
@@ -673,7 +676,7 @@ class Partition:
         return b""
 
     @staticmethod
-    def _whole_batches(seg: Segment, pos: int, data: bytes, limit: int) -> bytes:
+    def _whole_batches(seg: Segment, pos: int, data: bytearray, limit: int) -> bytes | bytearray:
         end = 0
         size = len(data)
         while end + records.HEADER_SIZE <= size:
@@ -685,7 +688,9 @@ class Partition:
             # the first batch is larger than max_bytes: return it whole anyway
             _base, length = records.peek_length(seg.read(pos, records.HEADER_SIZE))
             return seg.read(pos, min(length, limit - pos))
-        return data if end == size else data[:end]
+        if end < size:
+            del data[end:]  # shrinks in place: no copy of what is kept
+        return data
 
     def high_watermark_changed(self) -> asyncio.Future[None]:
         """A future resolved the next time the high watermark advances (for long polls)."""

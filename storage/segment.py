@@ -425,6 +425,15 @@ class Segment:
     def read(self, position: int, length: int) -> bytes:
         return os.pread(self._fd, length, position)
 
+    def read_into(self, position: int, length: int) -> bytearray:
+        """Read up to ``length`` bytes at ``position`` into a new ``bytearray`` (which the
+        caller may shorten in place)."""
+        buf = bytearray(length)
+        n = os.preadv(self._fd, [buf], position)
+        if n < length:
+            del buf[n:]
+        return buf
+
     def find_position(self, offset: int, limit: int | None = None) -> int:
         """Position of the batch holding ``offset`` (or of the first batch after it, or
         ``limit`` if there is none before ``limit``)."""

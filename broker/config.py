@@ -129,6 +129,9 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}: {port} is not a port number")
     if cfg.topics.partitions < 1 or cfg.topics.events_partitions < 1:
         raise ConfigError("topics.partitions and topics.events-partitions must be >= 1")
+    if not 1 << 20 <= cfg.storage.segment_bytes < 1 << 32:
+        # index entries hold 32-bit positions
+        raise ConfigError("storage.segment-bytes must be at least 1 MiB and below 4 GiB")
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
     seen = set()

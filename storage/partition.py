@@ -16,10 +16,15 @@ failure could take back, and an offset is never handed out twice. (With replicat
 watermark will also wait for the in-sync followers.) Every write, whatever its ``acks``,
 schedules a sync, so the high watermark trails the log end by one fsync at most.
 
-Failure model: a failed write (ENOSPC, EIO) is rolled back and raised to that producer; the
-log stays as it was. A failed *sync* cannot be rolled back or retried and trusted (the
-kernel may have dropped the dirty pages), so the partition goes offline: pending and future
-appends get :class:`LogOffline` until the node reopens it and recovery re-reads the disk.
+Failure model: a failed write (ENOSPC, EIO) in the sync thread cuts the log back to what was
+written before it; every append queued from that one on (also those queued while the job ran)
+is dropped and its ``acks=1``/``acks=all`` waiters get :class:`StorageFull` (or
+:class:`StorageError`). Their offsets are given out again, so an ``acks=0`` producer, which is
+never told, may see its offsets reused. A failed *sync* cannot be rolled back or retried and
+trusted (the kernel may have dropped the dirty pages), so the partition goes offline: pending
+and future appends get :class:`LogOffline` until the node reopens it and recovery re-reads the
+disk. A failed checkpoint write is only logged: the data is synced, and the next open scans
+from the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -191,6 +196,7 @@ class Partition:
             checkpoint = None  # the checkpoint names a segment that is gone: trust nothing
             producers = ProducerTable()
         cut = False
+        rescanned: list[Segment] = []  # segments whose tail recovery read: sync before trusting
         for base in bases:
             expected = segments[-1].next_offset if segments else None
             if cut or (expected is not None and base != expected):
@@ -222,6 +228,7 @@ class Partition:
                 )
                 trusted = 0
             if trusted is not None:
+                rescanned.append(seg)
                 start = seg.size
                 kept, lost = seg.recover_tail()
                 scanned += kept + lost
@@ -261,8 +268,9 @@ class Partition:
                 part.log_end_offset,
             )
         # what survived recovery is on disk as far as we can tell; make it so
-        for seg in segments[-2:]:
-            seg.sync()
+        for seg in rescanned:
+            if not seg.closed:
+                seg.sync()
         part._write_checkpoint_now()
         return part, report
 
@@ -602,7 +610,11 @@ class Partition:
         if dir_dirty:
             fsync_dir(self.directory)
         if checkpoint is not None:
-            write_checkpoint(self.directory, checkpoint)
+            try:
+                write_checkpoint(self.directory, checkpoint)
+            except OSError as exc:
+                # the data is synced; only the recovery point did not move
+                log.warning("event=checkpoint_failed partition=%s error=%r", self.name, exc)
 
     def _advance_flushed(self, offset: int, segment: int, position: int) -> None:
         if offset == self._flushed_offset and segment > self._flushed_segment:
@@ -739,6 +751,8 @@ class Partition:
             seg.delete()
             deleted.append(seg.base_offset)
         if deleted:
+            # make the deletions durable, or a crash could bring the segments back
+            fsync_dir(self.directory)
             log.info(
                 "event=retention_deleted partition=%s segments=%d log_start_offset=%d",
                 self.name,

@@ -101,3 +101,7 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
     assert "invalid TOML" in error(tmp_path, "[listen\n")
+
+
+def test_segment_size_beyond_what_the_index_can_address_is_refused(tmp_path: Path) -> None:
+    assert "segment-bytes" in error(tmp_path, "[storage]\nsegment-bytes = 5368709120\n")

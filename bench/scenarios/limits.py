@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios.measure import Spread
+from bench.storage import warm_page_cache  # one warm-up for both benchmarks
 
 MiB = 1024 * 1024
 
@@ -26,25 +27,6 @@ class Limits:
     fsyncs_per_s: Spread = field(default_factory=Spread)  # 4 KiB append + fdatasync
     fsync_ms: Spread = field(default_factory=Spread)  # median latency of one of those
     loopback_mb_s: Spread = field(default_factory=Spread)
-
-
-def warm_page_cache(base: Path, mib: int) -> float:
-    """Write ``mib`` MiB once and delete it. On a fresh VM the first touch of a guest page
-    faults on the host and makes the first writes several times slower; measuring before
-    this would report the hypervisor, not the disk (bench/storage.py found the same).
-    Returns MB/s."""
-    buf = os.urandom(MiB)
-    path = base / "warmup"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        t0 = time.perf_counter()
-        for _ in range(mib):
-            os.write(fd, buf)
-        os.fdatasync(fd)
-        return mib * MiB / (time.perf_counter() - t0) / 1e6
-    finally:
-        os.close(fd)
-        path.unlink()
 
 
 def disk_bandwidth(base: Path, seconds: float, chunk: int = MiB) -> float:

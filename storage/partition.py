@@ -541,7 +541,8 @@ class Partition:
                 return i, exc
         for seg in {id(entry[0]): entry[0] for entry in queue}.values():
             seg.flush_index()
-        if queue and self._loop is not None:
+        if queue and self._written_waiters and self._loop is not None:
+            # wake the loop only for acks=1 waiters; otherwise the sync's end advances it
             self._loop.call_soon_threadsafe(self._advance_written, queue[-1][3])
         self._sync_files(dirty, active, dir_dirty, checkpoint)
         return None
@@ -617,6 +618,7 @@ class Partition:
                 log.warning("event=checkpoint_failed partition=%s error=%r", self.name, exc)
 
     def _advance_flushed(self, offset: int, segment: int, position: int) -> None:
+        self._advance_written(offset)  # synced implies written
         if offset == self._flushed_offset and segment > self._flushed_segment:
             # a roll with nothing after it: the synced point moves to the new, empty segment,
             # so a checkpoint never names a segment retention may delete

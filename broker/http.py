@@ -49,6 +49,7 @@ _STATUS = {
     p.Code.UNKNOWN_GROUP: 404,
     "not_found": 404,
     p.Code.TOPIC_EXISTS: 409,
+    p.Code.TOPIC_BEING_DELETED: 409,
     p.Code.OFFSET_OUT_OF_RANGE: 416,
     p.Code.OUT_OF_ORDER_SEQUENCE: 409,
     p.Code.STORAGE_FULL: 507,

@@ -43,6 +43,7 @@ class Code:
     UNKNOWN_TOPIC: Final = "unknown_topic"
     UNKNOWN_PARTITION: Final = "unknown_partition"
     TOPIC_EXISTS: Final = "topic_exists"
+    TOPIC_BEING_DELETED: Final = "topic_being_deleted"
     INVALID_TOPIC: Final = "invalid_topic"
     CORRUPT_BATCH: Final = "corrupt_batch"
     BATCH_TOO_LARGE: Final = "batch_too_large"
@@ -63,7 +64,13 @@ class Code:
 
 
 RETRIABLE: Final = frozenset(
-    {Code.LOG_OFFLINE, Code.SHUTTING_DOWN, Code.TIMEOUT, Code.TOO_MANY_INFLIGHT}
+    {
+        Code.LOG_OFFLINE,
+        Code.SHUTTING_DOWN,
+        Code.TIMEOUT,
+        Code.TOO_MANY_INFLIGHT,
+        Code.TOPIC_BEING_DELETED,
+    }
 )
 
 # ------------------------------------------------------------------------------- framing

@@ -43,6 +43,12 @@ class UnknownTopic(StorageError):
     code = "unknown_topic"
 
 
+class TopicBeingDeleted(StorageError):
+    """The name is free once the deletion in progress has moved the old files away."""
+
+    code = "topic_being_deleted"
+
+
 _meta_enc = msgspec.msgpack.Encoder()
 _meta_dec = msgspec.msgpack.Decoder(TopicMeta)
 
@@ -66,6 +72,7 @@ class Log:
         self.topics: dict[str, TopicMeta] = {}
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.recovery: list[RecoveryReport] = []
+        self._deleting: set[str] = set()
 
     def open(self) -> list[RecoveryReport]:
         """Open and recover every topic found on disk; finish interrupted deletions."""
@@ -95,6 +102,8 @@ class Log:
     ) -> TopicMeta:
         if name in self.topics:
             raise TopicExists(f"topic {name!r} already exists")
+        if name in self._deleting:
+            raise TopicBeingDeleted(f"topic {name!r} is being deleted; retry shortly")
         if partitions < 1:
             raise StorageError("a topic needs at least one partition")
         path = self.root / name
@@ -122,14 +131,20 @@ class Log:
         meta = self.topics.pop(name, None)
         if meta is None:
             raise UnknownTopic(f"unknown topic {name!r}")
-        for p in range(meta.partitions):
-            part = self.partitions.pop((name, p), None)
-            if part is not None:
-                await part.close()
-        path = self.root / name
-        gone = self.root / f"{name}.{time.time_ns()}{_DELETED_SUFFIX}"
-        os.rename(path, gone)
-        fsync_dir(self.root)
+        # until the files are renamed away the name is taken: a create meanwhile (say, a
+        # produce auto-creating it) would find the old directory
+        self._deleting.add(name)
+        try:
+            for p in range(meta.partitions):
+                part = self.partitions.pop((name, p), None)
+                if part is not None:
+                    await part.close()
+            path = self.root / name
+            gone = self.root / f"{name}.{time.time_ns()}{_DELETED_SUFFIX}"
+            os.rename(path, gone)
+            fsync_dir(self.root)
+        finally:
+            self._deleting.discard(name)
         await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, gone, True)
 
     def partition(self, topic: str, index: int) -> Partition:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -174,3 +175,20 @@ async def test_retention_runs_over_every_partition(tmp_path: Path) -> None:
         assert [log.partition("t", p).log_start_offset for p in range(2)] == [1, 1]
     finally:
         await log.close()
+
+
+async def test_creating_a_topic_while_its_deletion_runs_is_refused_then_works(
+    tmp_path: Path,
+) -> None:
+    from storage.log import TopicBeingDeleted
+
+    log = Log(tmp_path)
+    log.open()
+    log.create_topic("t", 2, PartitionConfig())
+    deletion = asyncio.ensure_future(log.delete_topic("t"))
+    await asyncio.sleep(0)  # the deletion is closing the partitions
+    with pytest.raises(TopicBeingDeleted):
+        log.create_topic("t", 1, PartitionConfig())
+    await deletion
+    assert log.create_topic("t", 1, PartitionConfig()).partitions == 1
+    await log.close()

@@ -55,21 +55,18 @@ class Segment:
         index_interval_bytes: int,
         fd: int,
         index_fd: int,
-        size: int,
-        next_offset: int,
-        max_timestamp: int,
-        first_timestamp: int | None,
     ) -> None:
+        """An empty segment over open files; :meth:`create` and :meth:`open` build it."""
         self.directory = directory
         self.base_offset = base_offset
         self.index_interval_bytes = index_interval_bytes
         self._fd = fd
         self._index_fd = index_fd
-        self.size = size
-        self.next_offset = next_offset
-        self.max_timestamp = max_timestamp
-        # wall-clock ms of the first batch, for roll-by-age (Kafka rolls on the same basis)
-        self.first_timestamp = first_timestamp
+        self.size = 0
+        self.next_offset = base_offset
+        self.max_timestamp = _NO_TIMESTAMP
+        # producer timestamp of the first batch (informational; rolls count from creation)
+        self.first_timestamp: int | None = None
         self._idx_offsets = array("q")
         self._idx_positions = array("q")
         self._idx_timestamps = array("q")
@@ -119,10 +116,6 @@ class Segment:
             index_interval_bytes=index_interval_bytes,
             fd=fd,
             index_fd=index_fd,
-            size=0,
-            next_offset=base_offset,
-            max_timestamp=_NO_TIMESTAMP,
-            first_timestamp=None,
         )
 
     @classmethod
@@ -154,10 +147,6 @@ class Segment:
             index_interval_bytes=index_interval_bytes,
             fd=fd,
             index_fd=index_fd,
-            size=0,
-            next_offset=base_offset,
-            max_timestamp=_NO_TIMESTAMP,
-            first_timestamp=None,
         )
         try:
             seg._load_index(size)

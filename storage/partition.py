@@ -115,6 +115,24 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _Write:
+    """Batches accounted at the end of one segment and not yet written: the sync thread
+    writes them with one ``pwritev`` (per 1024 buffers). Appends made while the previous
+    write runs extend the same run, so a round of many small appends costs one system call
+    and not one each: on ext4 every size-extending ``pwritev`` pays ~50 us of journal and
+    inode work, which made 55 separate 20 KiB writes take 3 ms against 0.3 ms for one."""
+
+    __slots__ = ("segment", "position", "iov", "end")
+
+    def __init__(
+        self, segment: Segment, position: int, iov: list[bytes | memoryview], end: int
+    ) -> None:
+        self.segment = segment
+        self.position = position
+        self.iov = iov  # stamped header, body, header, body, ...
+        self.end = end  # offset after the last record
+
+
 FsyncFn = Callable[[int], None]
 _MAX_READ: Final = 64 * 1024 * 1024
 
@@ -148,8 +166,8 @@ class Partition:
         self._flushed_segment = active.base_offset
         self._flushed_position = active.size
         self._dirty: list[Segment] = []
-        # stamped batches accounted but not yet written: (segment, position, iovec, end offset)
-        self._queue: list[tuple[Segment, int, list[bytes | memoryview], int]] = []
+        # stamped batches accounted but not yet written, one run per segment
+        self._queue: list[_Write] = []
         self._written_offset = active.next_offset
         self._written_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -394,11 +412,17 @@ class Partition:
             next_offset += header.record_count
         base = active.next_offset
         position = active.reserve(items)
-        iov: list[bytes | memoryview] = []
+        queue = self._queue
+        if queue and queue[-1].segment is active:
+            run = queue[-1]  # contiguous: reserve() accounts at the segment's end
+            run.end = next_offset
+        else:
+            run = _Write(active, position, [], next_offset)
+            queue.append(run)
+        iov = run.iov
         for head, body, _header in items:
             iov.append(head)
             iov.append(body)
-        self._queue.append((active, position, iov, next_offset))
         for pid, seq, count, offset, ts in pending:
             self._producers.update(pid, seq, count, offset, ts)
         if not self._dirty or self._dirty[-1] is not active:
@@ -524,7 +548,7 @@ class Partition:
 
     def _write_and_sync(
         self,
-        queue: list[tuple[Segment, int, list[bytes | memoryview], int]],
+        queue: list[_Write],
         dirty: list[Segment],
         active: Segment,
         dir_dirty: bool,
@@ -534,16 +558,16 @@ class Partition:
         then sync data, the directory and the checkpoint, in that order. A failed write
         returns ``(index of the failed queue entry, error)`` without syncing; a failed sync
         raises."""
-        for i, (seg, position, iov, _end) in enumerate(queue):
+        for i, run in enumerate(queue):
             try:
-                seg.write_at(position, iov)
+                run.segment.write_at(run.position, run.iov)
             except OSError as exc:
                 return i, exc
-        for seg in {id(entry[0]): entry[0] for entry in queue}.values():
-            seg.flush_index()
+        for run in queue:
+            run.segment.flush_index()
         if queue and self._written_waiters and self._loop is not None:
             # wake the loop only for acks=1 waiters; otherwise the sync's end advances it
-            self._loop.call_soon_threadsafe(self._advance_written, queue[-1][3])
+            self._loop.call_soon_threadsafe(self._advance_written, queue[-1].end)
         self._sync_files(dirty, active, dir_dirty, checkpoint)
         return None
 
@@ -552,13 +576,11 @@ class Partition:
             self._written_offset = offset
         self._written_waiters = _resolve(self._written_waiters, self._written_offset)
 
-    def _undo_writes(
-        self, failed: list[tuple[Segment, int, list[bytes | memoryview], int]], exc: OSError
-    ) -> None:
+    def _undo_writes(self, failed: list[_Write], exc: OSError) -> None:
         """A queued write failed: cut the log back to what was written before it. Every
         append queued from that one on (including those queued meanwhile) is dropped and
         its waiters fail; the producer table forgets their batches."""
-        seg, position = failed[0][0], failed[0][1]
+        seg, position = failed[0].segment, failed[0].position
         self._queue = []
         idx = self._segments.index(seg)
         for later in self._segments[idx + 1 :]:
@@ -799,8 +821,8 @@ class Partition:
         self._closed = True
         if self._failure is None:
             queue, self._queue = self._queue, []
-            for seg, position, iov, _end in queue:
-                seg.write_at(position, iov)
+            for run in queue:
+                run.segment.write_at(run.position, run.iov)
             for seg in {id(s): s for s in [*self._dirty, self._segments[-1]]}.values():
                 seg.sync()
             active = self._segments[-1]

@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -122,7 +122,7 @@ class _Write:
     and not one each: on ext4 every size-extending ``pwritev`` pays ~50 us of journal and
     inode work, which made 55 separate 20 KiB writes take 3 ms against 0.3 ms for one."""
 
-    __slots__ = ("segment", "position", "iov", "end")
+    __slots__ = ("end", "iov", "position", "segment")
 
     def __init__(
         self, segment: Segment, position: int, iov: list[bytes | memoryview], end: int
@@ -131,6 +131,48 @@ class _Write:
         self.position = position
         self.iov = iov  # stamped header, body, header, body, ...
         self.end = end  # offset after the last record
+
+
+class _SyncPlan:
+    """What one sync does, in order: fsync ``segments``, seal those in ``seal`` (rolled
+    away and complete), fsync the directory if a roll created a file."""
+
+    __slots__ = ("dir_dirty", "seal", "segments")
+
+    def __init__(self, segments: list[Segment], seal: list[Segment], dir_dirty: bool) -> None:
+        self.segments = segments
+        self.seal = seal
+        self.dir_dirty = dir_dirty
+
+
+class _Job:
+    """The loop's view of one job in the executor: a write, a sync, or a write then a sync
+    (``signal`` is set by the thread when the write part is done)."""
+
+    __slots__ = ("checkpoint", "end", "future", "plan", "runs", "signal", "target")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Any],
+        runs: list[_Write],
+        end: tuple[int, int, int],
+        checkpoint: Checkpoint | None,
+        plan: _SyncPlan | None = None,
+        target: tuple[int, int, int] = (0, 0, 0),
+        signal: asyncio.Future[Any] | None = None,
+    ) -> None:
+        self.future = future
+        self.runs = runs  # written by this job
+        self.end = end  # offset, segment, position after them
+        self.checkpoint = checkpoint  # of ``end``, for the sync after a write-only job
+        self.plan = plan  # the sync part, if any (None once a failed write cancelled it)
+        self.target = target  # offset, segment, position durable once the sync is done
+        self.signal = signal
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 FsyncFn = Callable[[int], None]
@@ -165,7 +207,13 @@ class Partition:
         self._flushed_offset = active.next_offset
         self._flushed_segment = active.base_offset
         self._flushed_position = active.size
-        self._dirty: list[Segment] = []
+        self._unsynced: list[Segment] = []  # written by completed writes, not yet synced
+        self._sealing: list[Segment] = []  # rolled away; sealed by the sync that completes them
+        self._writing: list[Segment] = []  # in the running write job
+        self._written_segment = active.base_offset
+        self._written_position = active.size
+        self._ready_checkpoint: Checkpoint | None = None  # of a completed write, to sync
+        self._rolled = False
         # stamped batches accounted but not yet written, one run per segment
         self._queue: list[_Write] = []
         self._written_offset = active.next_offset
@@ -425,8 +473,6 @@ class Partition:
             iov.append(body)
         for pid, seq, count, offset, ts in pending:
             self._producers.update(pid, seq, count, offset, ts)
-        if not self._dirty or self._dirty[-1] is not active:
-            self._dirty.append(active)
         self._kick_flush()
         return AppendResult(base, next_offset - 1)
 
@@ -490,8 +536,8 @@ class Partition:
         seg = Segment.create(
             self.directory, old.next_offset, index_interval_bytes=self.config.index_interval_bytes
         )
-        if not self._dirty or self._dirty[-1] is not old:
-            self._dirty.append(old)
+        self._sealing.append(old)
+        self._rolled = True
         self._segments.append(seg)
         self._bases.append(seg.base_offset)
         self._active_created_ms = self._clock()
@@ -505,71 +551,169 @@ class Partition:
             self._loop = asyncio.get_running_loop()
             self._flush_task = self._loop.create_task(self._flush_loop(), name=f"flush:{self.name}")
 
+    def _sync_wanted(self) -> bool:
+        return (
+            self._written_offset > self._flushed_offset
+            or bool(self._unsynced)
+            or self._dir_dirty
+            or any(s.next_offset <= self._written_offset for s in self._sealing)
+        )
+
+    def _log_end(self) -> tuple[int, int, int]:
+        active = self._segments[-1]
+        return active.next_offset, active.base_offset, active.size
+
+    def _checkpoint_due(self) -> Checkpoint | None:
+        """A checkpoint of the log end, if one is due (after a roll, or every
+        ``checkpoint_interval_ms``). Only taken for a job that covers the log end: the
+        producer table already holds every queued batch."""
+        now = self._clock()
+        if not self._rolled and now - self._last_checkpoint_ms < self.config.checkpoint_interval_ms:
+            return None
+        self._rolled = False
+        self._last_checkpoint_ms = now
+        offset, segment, position = self._log_end()
+        return new_checkpoint(segment, position, offset, self._producers.snapshot())
+
+    def _take_sync_plan(self, target: int, written_now: list[Segment]) -> _SyncPlan:
+        """What a sync that makes everything below ``target`` durable must do: fsync the
+        segments completed writes touched (and ``written_now``, for a write-then-sync job),
+        seal the rolled-away segments it completes, fsync the directory after a roll."""
+        segments, self._unsynced = self._unsynced, []
+        for seg in written_now:
+            if seg not in segments:
+                segments.append(seg)
+        seal = [s for s in self._sealing if s.next_offset <= target]
+        if seal:
+            self._sealing = [s for s in self._sealing if s not in seal]
+            segments.extend(s for s in seal if s not in segments)
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        self._syncing = segments
+        return _SyncPlan(segments, seal, dir_dirty)
+
+    def _restore_sync_plan(self, plan: _SyncPlan) -> None:
+        self._unsynced = [*plan.segments, *(s for s in self._unsynced if s not in plan.segments)]
+        self._sealing = [*plan.seal, *self._sealing]
+        self._dir_dirty = self._dir_dirty or plan.dir_dirty
+
     async def _flush_loop(self) -> None:
+        """Runs while anything is queued, written but not synced, or waiting to be sealed.
+
+        Two stages, each at most one job at a time in the executor: *write* (``pwritev`` of
+        the queued runs into the page cache) and *sync* (``fdatasync`` of what completed
+        writes put there, then seals, the directory and a checkpoint). The stages overlap:
+        batches that arrive while a sync runs are written meanwhile, and the next sync
+        starts as soon as this one ends, so a round's write does not wait for the previous
+        round's sync. When nothing is being synced one job writes and then syncs, so a quiet
+        partition hands an append to a thread once, not twice."""
         loop = asyncio.get_running_loop()
+        writer: _Job | None = None  # the job whose write is not finished
+        syncer: _Job | None = None  # the job whose sync is not finished
         try:
-            while self._failure is None and (
-                self._dirty or self._dir_dirty or self._flushed_offset < self.log_end_offset
-            ):
-                active = self._segments[-1]
-                target = active.next_offset
-                target_segment, target_position = active.base_offset, active.size
-                queue, self._queue = self._queue, []
-                dirty, self._dirty = self._dirty, []
-                dir_dirty, self._dir_dirty = self._dir_dirty, False
-                now = self._clock()
-                checkpoint = None
-                if now - self._last_checkpoint_ms >= self.config.checkpoint_interval_ms or any(
-                    s is not active for s in dirty
-                ):
-                    checkpoint = new_checkpoint(
-                        target_segment, target_position, target, self._producers.snapshot()
-                    )
-                    self._last_checkpoint_ms = now
-                self._syncing = dirty
-                try:
-                    failed = await loop.run_in_executor(
-                        None, self._write_and_sync, queue, dirty, active, dir_dirty, checkpoint
-                    )
-                except OSError as exc:
-                    self._go_offline(exc)
+            while True:
+                if writer is None and self._queue and self._failure is None:
+                    runs, self._queue = self._queue, []
+                    end = self._log_end()
+                    checkpoint = self._checkpoint_due()
+                    self._writing = [run.segment for run in runs]
+                    if syncer is None and not self._sync_wanted():
+                        plan = self._take_sync_plan(end[0], self._writing)
+                        signal: asyncio.Future[Any] = loop.create_future()
+                        future: asyncio.Future[Any] = loop.run_in_executor(
+                            None, self._write_then_sync, runs, plan, checkpoint, signal
+                        )
+                        writer = syncer = _Job(future, runs, end, None, plan, end, signal)
+                    else:
+                        future = loop.run_in_executor(None, self._write_runs, runs)
+                        writer = _Job(future, runs, end, checkpoint)
+                if syncer is None and self._failure is None and self._sync_wanted():
+                    checkpoint, self._ready_checkpoint = self._ready_checkpoint, None
+                    if writer is None and not self._queue:
+                        target = self._log_end()
+                        checkpoint = self._checkpoint_due() or checkpoint
+                    else:
+                        target = (
+                            self._written_offset,
+                            self._written_segment,
+                            self._written_position,
+                        )
+                    plan = self._take_sync_plan(target[0], [])
+                    future = loop.run_in_executor(None, self._sync_files, plan, checkpoint)
+                    syncer = _Job(future, [], target, None, plan, target)
+
+                waits: list[asyncio.Future[Any]] = []
+                if writer is not None:
+                    waits.append(writer.signal or writer.future)
+                if syncer is not None and syncer is not writer:
+                    waits.append(syncer.future)
+                if not waits:
                     return
-                finally:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+                if writer is not None and (writer.signal or writer.future).done():
+                    job, writer = writer, None
+                    self._writing = []
+                    failed = (job.signal or job.future).result()
+                    if failed is not None:
+                        if job.plan is not None:  # a write-then-sync job skips its sync
+                            self._restore_sync_plan(job.plan)
+                            job.plan = None
+                        self._undo_writes(job.runs[failed[0] :], failed[1])
+                    elif self._failure is None:
+                        self._finish_write(job)
+                if syncer is not None and syncer is not writer and syncer.future.done():
+                    job, syncer = syncer, None
                     self._syncing = []
-                if failed is not None:
-                    index, write_error = failed
-                    self._dirty = [*dirty, *self._dirty]
-                    self._dir_dirty = self._dir_dirty or dir_dirty
-                    self._undo_writes(queue[index:], write_error)
-                    continue
-                self._advance_flushed(target, target_segment, target_position)
+                    try:
+                        job.future.result()
+                    except OSError as exc:
+                        self._go_offline(exc)
+                        continue
+                    if job.plan is not None and self._failure is None:
+                        self._advance_flushed(*job.target)
         finally:
+            self._writing = []
+            self._syncing = []
             self._flush_task = None
 
-    def _write_and_sync(
-        self,
-        queue: list[_Write],
-        dirty: list[Segment],
-        active: Segment,
-        dir_dirty: bool,
-        checkpoint: Checkpoint | None,
-    ) -> tuple[int, OSError] | None:
-        """Runs in a worker thread: write the queued batches, tell the loop (``acks=1``),
-        then sync data, the directory and the checkpoint, in that order. A failed write
-        returns ``(index of the failed queue entry, error)`` without syncing; a failed sync
-        raises."""
-        for i, run in enumerate(queue):
+    def _finish_write(self, job: _Job) -> None:
+        offset, segment, position = job.end
+        self._written_segment, self._written_position = segment, position
+        if job.plan is None:  # a write-only job: the next sync picks its segments up
+            for run in job.runs:
+                if run.segment not in self._unsynced:
+                    self._unsynced.append(run.segment)
+            if job.checkpoint is not None:
+                self._ready_checkpoint = job.checkpoint
+        self._advance_written(offset)
+
+    def _write_runs(self, runs: list[_Write]) -> tuple[int, OSError] | None:
+        """Worker thread: write the runs, then their index entries. A failed write returns
+        ``(index of the failed run, error)``; the runs before it are written."""
+        for i, run in enumerate(runs):
             try:
                 run.segment.write_at(run.position, run.iov)
             except OSError as exc:
                 return i, exc
-        for run in queue:
+        for run in runs:
             run.segment.flush_index()
-        if queue and self._written_waiters and self._loop is not None:
-            # wake the loop only for acks=1 waiters; otherwise the sync's end advances it
-            self._loop.call_soon_threadsafe(self._advance_written, queue[-1].end)
-        self._sync_files(dirty, active, dir_dirty, checkpoint)
         return None
+
+    def _write_then_sync(
+        self,
+        runs: list[_Write],
+        plan: _SyncPlan,
+        checkpoint: Checkpoint | None,
+        signal: asyncio.Future[Any],
+    ) -> None:
+        """Worker thread: write, tell the loop (so it may start the next write and answer
+        ``acks=1`` waiters), then sync as :meth:`_sync_files`. A failed write skips the
+        sync; a failed sync raises."""
+        failed = self._write_runs(runs)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_set_result, signal, failed)
+        if failed is None:
+            self._sync_files(plan, checkpoint)
 
     def _advance_written(self, offset: int) -> None:
         if offset > self._written_offset:
@@ -587,6 +731,8 @@ class Partition:
             later.delete()  # created by a roll after the failed write: nothing was written
         del self._segments[idx + 1 :]
         del self._bases[idx + 1 :]
+        self._sealing = [s for s in self._sealing if s in self._segments[:-1]]
+        self._unsynced = [s for s in self._unsynced if s in self._segments]
         try:
             seg.truncate_to(position)
         except OSError as trunc_exc:
@@ -616,21 +762,16 @@ class Partition:
                     keep.append((want, fut))
             setattr(self, name, keep)
 
-    def _sync_files(
-        self,
-        dirty: list[Segment],
-        active: Segment,
-        dir_dirty: bool,
-        checkpoint: Checkpoint | None,
-    ) -> None:
-        """Order: data, then directory, then checkpoint."""
-        for seg in dirty:
+    def _sync_files(self, plan: _SyncPlan, checkpoint: Checkpoint | None) -> None:
+        """Worker thread. Order: data, then seals, then the directory, then the checkpoint.
+        Raises ``OSError`` if a sync fails."""
+        for seg in plan.segments:
             if seg.closed:
                 continue
             self._fsync(seg.fd)
-            if seg is not active:
+            if seg in plan.seal:
                 seg.seal()
-        if dir_dirty:
+        if plan.dir_dirty:
             fsync_dir(self.directory)
         if checkpoint is not None:
             try:
@@ -760,8 +901,10 @@ class Partition:
         while len(self._segments) > 1:
             seg = self._segments[0]
             if (
-                seg in self._dirty
-                or seg in self._syncing  # deleting it would close the fd the thread syncs
+                seg in self._sealing
+                or seg in self._unsynced
+                or seg in self._syncing  # deleting it would close the fd a thread uses
+                or seg in self._writing
                 or seg.next_offset > self._flushed_offset
             ):
                 break
@@ -823,7 +966,9 @@ class Partition:
             queue, self._queue = self._queue, []
             for run in queue:
                 run.segment.write_at(run.position, run.iov)
-            for seg in {id(s): s for s in [*self._dirty, self._segments[-1]]}.values():
+            for seg in {
+                id(s): s for s in [*self._unsynced, *self._sealing, self._segments[-1]]
+            }.values():
                 seg.sync()
             active = self._segments[-1]
             self._flushed_offset = active.next_offset

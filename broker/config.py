@@ -41,6 +41,7 @@ class StorageConfig(_Section):
     retention_check_interval_ms: int = 60_000
     kv_map_size: int = 1 << 30
     offsets_sync_interval_ms: int = 1000
+    cache_window_bytes: int = 256 * 1024 * 1024
 
 
 class TopicDefaults(_Section):
@@ -110,6 +111,7 @@ class Config(_Section):
             segment_bytes=s.segment_bytes,
             segment_ms=s.segment_ms,
             index_interval_bytes=s.index_interval_bytes,
+            cache_window_bytes=s.cache_window_bytes,
             retention_ms=self.topics.retention_ms if retention_ms == "default" else retention_ms,
             retention_bytes=(
                 self.topics.retention_bytes if retention_bytes == "default" else retention_bytes

@@ -75,6 +75,11 @@ class PartitionConfig(msgspec.Struct, frozen=True, kw_only=True):
     retention_bytes: int | None = None  # None: no size limit
     max_batch_bytes: int = 8 * 1024 * 1024
     checkpoint_interval_ms: int = 1000
+    # After a sync, pages of the log more than this far behind the synced end are advised
+    # out of the page cache (0: leave them all to the kernel). Tailing consumers read from
+    # the window; the log's cold tail does not push LMDB's pages or other partitions' hot
+    # tails out of memory, and new writes reuse freed pages instead of taking fresh ones.
+    cache_window_bytes: int = 256 * 1024 * 1024
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -137,12 +142,19 @@ class _SyncPlan:
     """What one sync does, in order: fsync ``segments``, seal those in ``seal`` (rolled
     away and complete), fsync the directory if a roll created a file."""
 
-    __slots__ = ("dir_dirty", "seal", "segments")
+    __slots__ = ("dir_dirty", "drop", "seal", "segments")
 
-    def __init__(self, segments: list[Segment], seal: list[Segment], dir_dirty: bool) -> None:
+    def __init__(
+        self,
+        segments: list[Segment],
+        seal: list[Segment],
+        dir_dirty: bool,
+        drop: list[tuple[Segment, int]],
+    ) -> None:
         self.segments = segments
         self.seal = seal
         self.dir_dirty = dir_dirty
+        self.drop = drop  # (segment, position): drop its cached pages below position
 
 
 class _Job:
@@ -224,6 +236,7 @@ class Partition:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._hw_waiters: list[asyncio.Future[None]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        self._flush_wakeup: asyncio.Future[None] | None = None  # set: the task has work
         self._failure: BaseException | None = None
         self._closed = False
         self._last_checkpoint_ms = clock()
@@ -547,9 +560,14 @@ class Partition:
 
     # -------------------------------------------------------------------------- flush
     def _kick_flush(self) -> None:
-        if self._flush_task is None and not self._closed:
-            self._loop = asyncio.get_running_loop()
-            self._flush_task = self._loop.create_task(self._flush_loop(), name=f"flush:{self.name}")
+        if self._flush_task is None:
+            if not self._closed:
+                self._loop = asyncio.get_running_loop()
+                self._flush_task = self._loop.create_task(
+                    self._flush_loop(), name=f"flush:{self.name}"
+                )
+        elif self._flush_wakeup is not None and not self._flush_wakeup.done():
+            self._flush_wakeup.set_result(None)
 
     def _sync_wanted(self) -> bool:
         return (
@@ -575,7 +593,31 @@ class Partition:
         offset, segment, position = self._log_end()
         return new_checkpoint(segment, position, offset, self._producers.snapshot())
 
-    def _take_sync_plan(self, target: int, written_now: list[Segment]) -> _SyncPlan:
+    def _cache_drops(self, segment: int, position: int) -> list[tuple[Segment, int]]:
+        """Page-cache drops once the log is synced to ``position`` of ``segment``: every
+        byte more than ``cache_window_bytes`` behind that point, walking back over the
+        segments until one that was dropped entirely before (those before it were too)."""
+        keep = self.config.cache_window_bytes
+        if keep <= 0:
+            return []
+        drops = []
+        i = self._segment_for(segment)
+        end = position
+        while i >= 0:
+            seg = self._segments[i]
+            if seg.cache_dropped >= end:
+                break
+            if end > keep:
+                drops.append((seg, end - keep))
+            keep = max(0, keep - end)
+            i -= 1
+            if i >= 0:
+                end = self._segments[i].size
+        return drops
+
+    def _take_sync_plan(
+        self, target: tuple[int, int, int], written_now: list[Segment]
+    ) -> _SyncPlan:
         """What a sync that makes everything below ``target`` durable must do: fsync the
         segments completed writes touched (and ``written_now``, for a write-then-sync job),
         seal the rolled-away segments it completes, fsync the directory after a roll."""
@@ -583,13 +625,14 @@ class Partition:
         for seg in written_now:
             if seg not in segments:
                 segments.append(seg)
-        seal = [s for s in self._sealing if s.next_offset <= target]
+        seal = [s for s in self._sealing if s.next_offset <= target[0]]
         if seal:
             self._sealing = [s for s in self._sealing if s not in seal]
             segments.extend(s for s in seal if s not in segments)
         dir_dirty, self._dir_dirty = self._dir_dirty, False
-        self._syncing = segments
-        return _SyncPlan(segments, seal, dir_dirty)
+        drop = self._cache_drops(target[1], target[2])
+        self._syncing = [*segments, *(seg for seg, _pos in drop)]
+        return _SyncPlan(segments, seal, dir_dirty, drop)
 
     def _restore_sync_plan(self, plan: _SyncPlan) -> None:
         self._unsynced = [*plan.segments, *(s for s in self._unsynced if s not in plan.segments)]
@@ -617,7 +660,7 @@ class Partition:
                     checkpoint = self._checkpoint_due()
                     self._writing = [run.segment for run in runs]
                     if syncer is None and not self._sync_wanted():
-                        plan = self._take_sync_plan(end[0], self._writing)
+                        plan = self._take_sync_plan(end, self._writing)
                         signal: asyncio.Future[Any] = loop.create_future()
                         future: asyncio.Future[Any] = loop.run_in_executor(
                             None, self._write_then_sync, runs, plan, checkpoint, signal
@@ -637,7 +680,7 @@ class Partition:
                             self._written_segment,
                             self._written_position,
                         )
-                    plan = self._take_sync_plan(target[0], [])
+                    plan = self._take_sync_plan(target, [])
                     future = loop.run_in_executor(None, self._sync_files, plan, checkpoint)
                     syncer = _Job(future, [], target, None, plan, target)
 
@@ -648,7 +691,11 @@ class Partition:
                     waits.append(syncer.future)
                 if not waits:
                     return
+                if writer is None:  # an append may start the next write at once
+                    self._flush_wakeup = loop.create_future()
+                    waits.append(self._flush_wakeup)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                self._flush_wakeup = None
 
                 if writer is not None and (writer.signal or writer.future).done():
                     job, writer = writer, None
@@ -773,6 +820,9 @@ class Partition:
                 seg.seal()
         if plan.dir_dirty:
             fsync_dir(self.directory)
+        for seg, position in plan.drop:
+            if not seg.closed:
+                seg.drop_cache(position)
         if checkpoint is not None:
             try:
                 write_checkpoint(self.directory, checkpoint)

@@ -15,6 +15,7 @@ names) is detected on use and rebuilt from the log.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import struct
 from array import array
@@ -26,6 +27,7 @@ from storage.errors import CorruptBatch, IncompleteBatch, StorageError, StorageF
 
 LOG_SUFFIX: Final = ".log"
 INDEX_SUFFIX: Final = ".index"
+_PAGE = 4096
 _ENTRY = struct.Struct("<IIq")
 _SCAN_CHUNK: Final = 64 * 1024
 _NO_TIMESTAMP: Final = -(2**63)
@@ -71,6 +73,7 @@ class Segment:
         self._idx_positions = array("q")
         self._idx_timestamps = array("q")
         self._last_indexed_position = -1
+        self._cache_dropped = 0  # pages below this were advised out of the page cache
         # index entries not yet in the file, and the entry number of the first of them: the
         # sync thread writes them (flush_index) so the loop makes no syscall per batch
         self._index_pending: list[bytes] = []
@@ -389,6 +392,26 @@ class Segment:
     def sync(self) -> None:
         """fdatasync the log file. Blocks: call it from a worker thread."""
         os.fdatasync(self._fd)
+
+    @property
+    def cache_dropped(self) -> int:
+        """Bytes at the start of the file already advised out of the page cache."""
+        return self._cache_dropped
+
+    def drop_cache(self, upto: int) -> None:
+        """Advise the kernel to drop this file's cached pages below ``upto``: whole pages,
+        or everything when ``upto`` is the segment's size (a sealed segment's last, partial
+        page too). Each range once; for synced data only (dirty pages are not dropped).
+        Blocking: the sync thread calls it."""
+        whole = upto >= self.size
+        if not whole:
+            upto -= upto % _PAGE
+        if upto <= self._cache_dropped:
+            return
+        with contextlib.suppress(OSError):  # advice only
+            length = 0 if whole else upto - self._cache_dropped  # 0: to the end of the file
+            os.posix_fadvise(self._fd, self._cache_dropped, length, os.POSIX_FADV_DONTNEED)
+        self._cache_dropped = upto
 
     def seal(self) -> None:
         """Called when the segment stops being active: make sure the last batch has an index

@@ -1,0 +1,123 @@
+"""The partition's two flush stages (write, then sync) and its page-cache window."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from storage.partition import PartitionConfig
+from tests.unit.storage.test_partition import batch, open_partition, read_all, values_for
+
+PAGE = 4096
+
+
+class GatedFsync:
+    """An fsync that, once armed, blocks the sync thread until released."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.armed:
+            self.entered.set()
+            self.release.wait(10)
+        os.fdatasync(fd)
+
+
+async def test_batches_arriving_during_a_sync_are_written_before_it_ends(tmp_path: Path) -> None:
+    gate = GatedFsync()
+    part = open_partition(tmp_path / "p", fsync=gate)
+    try:
+        await part.append([batch(values_for(0, 5))])
+        gate.armed = True
+        first = part.append_nowait([batch(values_for(5, 5))])
+        assert await asyncio.to_thread(gate.entered.wait, 5), "the sync never started"
+        # the first sync is stuck in fdatasync; a new append must still reach the file
+        second = part.append_nowait([batch(values_for(10, 5))])
+        written = part.written_future(second.last_offset + 1)
+        assert written is not None
+        await asyncio.wait_for(written, 5)
+        assert part.high_watermark == first.base_offset  # neither is durable yet
+        gate.armed = False
+        gate.release.set()
+        await asyncio.wait_for(part.wait_durable(second.last_offset + 1), 5)
+        assert part.high_watermark == 15
+        assert read_all(part) == {o: v for o, v in enumerate(values_for(0, 15))}
+    finally:
+        gate.release.set()
+        await part.close()
+
+
+async def test_a_lone_append_is_written_and_synced_by_one_job(tmp_path: Path) -> None:
+    gate = GatedFsync()
+    part = open_partition(tmp_path / "p", fsync=gate)
+    try:
+        for i in range(5):
+            await part.append([batch(values_for(i * 3, 3))])
+        assert gate.calls == 5  # one fdatasync per append, none extra
+    finally:
+        await part.close()
+
+
+def resident_pages(path: Path) -> list[bool]:
+    """Which pages of ``path`` are in the page cache (mincore(2) on a shared mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    # a private mapping is writable for ctypes and, untouched, reports the file's pages
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = (size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        buf = ctypes.c_char.from_buffer(m)
+        try:
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), size, vec)
+            assert rc == 0, os.strerror(ctypes.get_errno())
+        finally:
+            del buf
+        return [bool(b & 1) for b in vec]
+
+
+async def test_the_log_keeps_only_its_newest_window_in_the_page_cache(tmp_path: Path) -> None:
+    window = 64 * 1024
+    config = PartitionConfig(segment_bytes=256 * 1024, cache_window_bytes=window)
+    part = open_partition(tmp_path / "p", config=config)
+    try:
+        for i in range(200):  # ~4 KiB batches: ~800 KiB over four segments
+            await part.append([batch(values_for(i * 4, 4, size=1000))])
+        await part.flush()
+        segments = part.segments
+        assert len(segments) >= 3
+        files = [s.log_path for s in segments]
+        active = resident_pages(files[-1])
+        older = [resident_pages(f) for f in files[:-2]]
+        # everything more than a window behind the end is out of the cache...
+        for pages in older:
+            assert not any(pages), "a segment wholly behind the window is still cached"
+        behind = len(active) - window // PAGE - 1
+        if behind > 0:
+            assert not any(active[:behind])
+        # ...and the newest window is still in it
+        assert all(active[-(min(len(active), window // PAGE) - 1) :])
+        # reads of dropped data still work (from disk)
+        assert len(read_all(part)) == 800
+    finally:
+        await part.close()
+
+
+async def test_a_zero_window_leaves_the_page_cache_alone(tmp_path: Path) -> None:
+    config = PartitionConfig(segment_bytes=256 * 1024, cache_window_bytes=0)
+    part = open_partition(tmp_path / "p", config=config)
+    try:
+        for i in range(100):
+            await part.append([batch(values_for(i * 4, 4, size=1000))])
+        first = part.segments[0].log_path
+        assert all(resident_pages(first))
+    finally:
+        await part.close()

@@ -6,19 +6,26 @@ bodies are decoded into ``msgspec`` structs, so a bad body names the offending f
 
 ``POST /events`` validates the event, gives it an ``event_id`` (UUID) unless the producer
 chose one, appends it durably to the internal ``__events`` topic (partitioned by ``key``, else
-by ``event_id``) and answers at once; delivery is asynchronous. A repeated ``event_id`` inside
-the idempotency window is answered with the original partition and offset and not appended
-again.
+by ``event_id``) and answers once it is synced; delivery is asynchronous. A repeated
+``event_id`` inside the idempotency window is answered with the original partition and offset
+and not appended again.
+
+The ingest handlers are two halves: :meth:`HttpApi.accept_event` / :meth:`HttpApi.accept_batch`
+take a principal and the body bytes, validate and append, and return what to answer once
+synced; :meth:`HttpApi.error_answer` maps an exception to the error body. They know nothing of
+aiohttp, so another HTTP front end can share them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -33,6 +40,8 @@ from broker.topics import EVENTS_TOPIC, partition_for_key
 from storage import records
 from storage.errors import CorruptBatch
 from storage.partition import Partition
+
+log = logging.getLogger("herald.http")
 
 _STATUS = {
     p.Code.INVALID_REQUEST: 400,
@@ -74,10 +83,24 @@ def _field_of(message: str) -> str | None:
 
 
 class HttpStats:
+    """Counters of both HTTP paths (aiohttp and the ingest fast path), read by ``/metrics``."""
+
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.events = 0
+
+
+@dataclass(slots=True)
+class Accepted:
+    """An ingest request validated and appended: the ``answer`` to send once ``durable`` (None
+    when there is nothing to wait for) resolves, and the ``events`` it counts in the stats.
+    ``durable`` fails with the storage error (``LogOffline``, ``StorageFull``) if the sync
+    does."""
+
+    answer: dict[str, Any]
+    events: int
+    durable: asyncio.Future[Any] | None
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -199,6 +222,9 @@ class HttpApi:
         r.add_get("/groups/{group}", self.describe_group)
         return app
 
+    def encode(self, body: Any) -> bytes:
+        return self._enc.encode(body)
+
     def json(self, body: Any, status: int = 200) -> web.Response:
         return web.Response(
             body=self._enc.encode(body), status=status, content_type="application/json"
@@ -222,20 +248,31 @@ class HttpApi:
                 exc.status, "http_error"
             )
             return self.error(exc.status, code, exc.reason)
-        except msgspec.ValidationError as exc:
-            return self.error(400, p.Code.INVALID_REQUEST, str(exc), _field_of(str(exc)))
-        except msgspec.DecodeError as exc:
-            return self.error(400, p.Code.INVALID_REQUEST, f"body is not valid JSON: {exc}")
-        except BadRequest as exc:
-            return self.error(_STATUS.get(exc.code, 400), exc.code, str(exc), exc.field)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            status, body = self.error_answer(exc, request.path)
+            return self.json(body, status)
+
+    def error_answer(self, exc: BaseException, path: str) -> tuple[int, dict[str, Any]]:
+        """The status and ``{"error": {"code", "message", "field"}}`` body for an exception
+        raised while serving ``path``, the same for every HTTP path; counts the error. An
+        unexpected exception is logged with its traceback and answered 500."""
+        field: str | None = None
+        if isinstance(exc, msgspec.ValidationError):
+            status, code, message = 400, p.Code.INVALID_REQUEST, str(exc)
+            field = _field_of(message)
+        elif isinstance(exc, msgspec.DecodeError):
+            status, code, message = 400, p.Code.INVALID_REQUEST, f"body is not valid JSON: {exc}"
+        elif isinstance(exc, BadRequest):
+            status, code, message, field = _STATUS.get(exc.code, 400), exc.code, str(exc), exc.field
+        else:
             code, message, _retriable = error_fields(exc)
             status = _STATUS.get(code, 500)
             if status == 500:
-                request.app.logger.exception("event=http_error path=%s", request.path)
-            return self.error(status, code, message)
+                log.error("event=http_error path=%s", path, exc_info=exc)
+        self.stats.errors += 1
+        return status, {"error": {"code": code, "message": message, "field": field}}
 
     def principal(self, request: web.Request) -> Principal:
         return self.auth.bearer(request.headers.get("Authorization"))
@@ -320,9 +357,6 @@ class HttpApi:
                 return event_id, seen.partition, None, seen
         else:
             event_id = self._ids.next()
-        n = self.service.log.topics[EVENTS_TOPIC].partitions
-        pkey = (ev.key or event_id).encode()
-        partition = partition_for_key(pkey, n)
         value = self._enc.encode(
             StoredEvent(
                 event_id=event_id,
@@ -336,23 +370,43 @@ class HttpApi:
                 metadata=ev.metadata,
             )
         )
+        n = self.service.log.topics[EVENTS_TOPIC].partitions
+        partition = partition_for_key((ev.key or event_id).encode(), n)
         return event_id, partition, value, None
 
     async def post_event(self, request: web.Request) -> web.Response:
-        principal = self.principal(request)
+        return await self._answer(
+            self.accept_event(self.principal(request), await self.body(request))
+        )
+
+    async def post_events_batch(self, request: web.Request) -> web.Response:
+        return await self._answer(
+            self.accept_batch(self.principal(request), await self.body(request))
+        )
+
+    async def _answer(self, accepted: Accepted) -> web.Response:
+        if accepted.durable is not None:
+            await accepted.durable
+        self.stats.events += accepted.events
+        return self.json(accepted.answer)
+
+    def accept_event(self, principal: Principal, body: bytes) -> Accepted:
+        """``POST /events``: validate, append and return what to answer once synced. Raises
+        what :meth:`error_answer` maps (auth, validation, limits, storage)."""
         principal.require("produce")
-        ev = self._event_dec.decode(await self.body(request))
+        if not body:
+            raise BadRequest(p.Code.INVALID_REQUEST, "a JSON body is required")
+        ev = self._event_dec.decode(body)
         now = time.time_ns() // 1_000_000
         event_id, partition, value, seen = self._prepare_event(principal, ev, now)
         if seen is not None:
-            return self.json(
-                {
-                    "event_id": event_id,
-                    "partition": seen.partition,
-                    "offset": seen.offset,
-                    "duplicate": True,
-                }
-            )
+            answer = {
+                "event_id": event_id,
+                "partition": seen.partition,
+                "offset": seen.offset,
+                "duplicate": True,
+            }
+            return Accepted(answer, 0, None)
         assert value is not None
         part = self.service.log.partition(EVENTS_TOPIC, partition)
         batch = records.encode_batch(
@@ -364,20 +418,21 @@ class HttpApi:
             self.event_ids.put_many(
                 [(principal.tenant, event_id, SeenEvent(partition, result, now))]
             )
-        await part.wait_durable(result + 1)
-        self.stats.events += 1
-        return self.json({"event_id": event_id, "partition": partition, "offset": result})
+        answer = {"event_id": event_id, "partition": partition, "offset": result}
+        return Accepted(answer, 1, part.durable_future(result + 1))
 
     def _append(self, part: Partition, batches: list[bytes]) -> int:
         if self.service.stopping:
             raise BadRequest(p.Code.SHUTTING_DOWN, "the node is shutting down")
         return part.append_nowait(batches).base_offset
 
-    async def post_events_batch(self, request: web.Request) -> web.Response:
-        principal = self.principal(request)
+    def accept_batch(self, principal: Principal, body: bytes) -> Accepted:
+        """``POST /events/batch``: like :meth:`accept_event` for every event, one batch per
+        partition; answers in request order."""
         principal.require("produce")
-        batch_in = self._batch_dec.decode(await self.body(request))
-        events = batch_in.events
+        if not body:
+            raise BadRequest(p.Code.INVALID_REQUEST, "a JSON body is required")
+        events = self._batch_dec.decode(body).events
         limit = self.config.limits.max_events_per_batch
         if not events:
             raise BadRequest(p.Code.INVALID_REQUEST, "events must not be empty", "events")
@@ -411,7 +466,7 @@ class HttpApi:
                 seen_here.add(event_id)
             assert value is not None
             by_partition.setdefault(partition, []).append((i, event_id, ev.key, value))
-        waits = []
+        waits: list[asyncio.Future[None]] = []
         seen_rows: list[tuple[str, str, SeenEvent]] = []
         for partition, items in by_partition.items():
             part = self.service.log.partition(EVENTS_TOPIC, partition)
@@ -424,12 +479,17 @@ class HttpApi:
                 results[i] = {"event_id": eid, "partition": partition, "offset": base + j}
                 if eid in seen_here:  # chosen by the producer: remember it
                     seen_rows.append((principal.tenant, eid, SeenEvent(partition, base + j, now)))
-            waits.append(part.wait_durable(base + len(items)))
+            fut = part.durable_future(base + len(items))
+            if fut is not None:
+                waits.append(fut)
         if seen_rows:
             self.event_ids.put_many(seen_rows)
-        await asyncio.gather(*waits)
-        self.stats.events += len(events)
-        return self.json({"results": results})
+        durable: asyncio.Future[Any] | None = None
+        if len(waits) == 1:
+            durable = waits[0]
+        elif waits:
+            durable = asyncio.gather(*waits)
+        return Accepted({"results": results}, len(events), durable)
 
     # --------------------------------------------------------------------- topics
     async def list_topics(self, request: web.Request) -> web.Response:

@@ -5,10 +5,11 @@ Every error is JSON ``{"error": {"code", "message", "field"}}`` with a 4xx/5xx s
 bodies are decoded into ``msgspec`` structs, so a bad body names the offending field.
 
 ``POST /events`` validates the event, gives it an ``event_id`` (UUID) unless the producer
-chose one, appends it durably to the internal ``__events`` topic (partitioned by ``key``, else
-by ``event_id``) and answers once it is synced; delivery is asynchronous. A repeated
-``event_id`` inside the idempotency window is answered with the original partition and offset
-and not appended again.
+chose one, appends it durably to the internal ``__events`` topic (partitioned by ``key``; an
+event without one goes to the partition the :class:`StickyPartitioner` has open, so the
+keyless events of one group-commit round share one fsync) and answers once it is synced;
+delivery is asynchronous. A repeated ``event_id`` inside the idempotency window is answered
+with the original partition and offset and not appended again.
 
 The ingest handlers are two halves: :meth:`HttpApi.accept_event` / :meth:`HttpApi.accept_batch`
 take a principal and the body bytes, validate and append, and return what to answer once
@@ -36,7 +37,7 @@ from broker.auth import Authenticator, AuthError, Principal
 from broker.config import Config
 from broker.idempotency import EventIds, SeenEvent
 from broker.service import BadRequest, BrokerService, error_fields
-from broker.topics import EVENTS_TOPIC, partition_for_key
+from broker.topics import EVENTS_TOPIC, StickyPartitioner, partition_for_key
 from storage import records
 from storage.errors import CorruptBatch
 from storage.partition import Partition
@@ -195,6 +196,8 @@ class HttpApi:
         self.stats = HttpStats()
         self.event_ids = EventIds(service.kv, self.IDEMPOTENCY_WINDOW_MS)
         self._ids = EventIdGenerator()
+        self._sticky = StickyPartitioner()
+        self._events_partitions: list[Partition] = []
         self._event_dec = msgspec.json.Decoder(EventIn)
         self._batch_dec = msgspec.json.Decoder(EventBatchIn)
         self._enc = msgspec.json.Encoder()
@@ -329,9 +332,9 @@ class HttpApi:
     # --------------------------------------------------------------------- events
     def _prepare_event(
         self, principal: Principal, ev: EventIn, now: int, index: int | None = None
-    ) -> tuple[str, int, bytes | None, SeenEvent | None]:
-        """Validate one event; returns (event_id, partition, value or None if duplicate,
-        original if duplicate)."""
+    ) -> tuple[str, int | None, bytes | None, SeenEvent | None]:
+        """Validate one event; returns (event_id, partition by key or None without a key,
+        value or None if duplicate, original if duplicate)."""
         where = "" if index is None else f"events[{index}]."
         if not ev.topic or len(ev.topic) > 200:
             raise BadRequest(
@@ -370,9 +373,18 @@ class HttpApi:
                 metadata=ev.metadata,
             )
         )
-        n = self.service.log.topics[EVENTS_TOPIC].partitions
-        partition = partition_for_key((ev.key or event_id).encode(), n)
+        partition = None
+        if ev.key:
+            n = self.service.log.topics[EVENTS_TOPIC].partitions
+            partition = partition_for_key(ev.key.encode(), n)
         return event_id, partition, value, None
+
+    def _keyless_partition(self, size: int) -> int:
+        parts = self._events_partitions
+        if not parts:  # __events is internal: never deleted, so its partitions never change
+            n = self.service.log.topics[EVENTS_TOPIC].partitions
+            parts[:] = [self.service.log.partition(EVENTS_TOPIC, i) for i in range(n)]
+        return self._sticky.choose(parts, size)
 
     async def post_event(self, request: web.Request) -> web.Response:
         return await self._answer(
@@ -408,6 +420,8 @@ class HttpApi:
             }
             return Accepted(answer, 0, None)
         assert value is not None
+        if partition is None:
+            partition = self._keyless_partition(len(value))
         part = self.service.log.partition(EVENTS_TOPIC, partition)
         batch = records.encode_batch(
             [(0, (ev.key or event_id).encode(), value)], first_timestamp=now
@@ -445,6 +459,7 @@ class HttpApi:
         now = time.time_ns() // 1_000_000
         results: list[dict[str, Any]] = [{} for _ in events]
         by_partition: dict[int, list[tuple[int, str, str | None, bytes]]] = {}
+        keyless: list[tuple[int, str, str | None, bytes]] = []
         seen_here: set[str] = set()
         for i, ev in enumerate(events):
             event_id, partition, value, seen = self._prepare_event(principal, ev, now, i)
@@ -465,7 +480,16 @@ class HttpApi:
                     )
                 seen_here.add(event_id)
             assert value is not None
-            by_partition.setdefault(partition, []).append((i, event_id, ev.key, value))
+            item = (i, event_id, ev.key, value)
+            if partition is None:
+                keyless.append(item)
+            else:
+                by_partition.setdefault(partition, []).append(item)
+        if keyless:
+            # one partition for all of them: chosen per event, the partition would still look
+            # idle (nothing is appended yet) and they would be dealt over every partition
+            partition = self._keyless_partition(sum(len(item[3]) for item in keyless))
+            by_partition.setdefault(partition, []).extend(keyless)
         waits: list[asyncio.Future[None]] = []
         seen_rows: list[tuple[str, str, SeenEvent]] = []
         for partition, items in by_partition.items():

@@ -11,10 +11,10 @@ keyless events of one group-commit round share one fsync) and answers once it is
 delivery is asynchronous. A repeated ``event_id`` inside the idempotency window is answered
 with the original partition and offset and not appended again.
 
-The ingest handlers are two halves: :meth:`HttpApi.accept_event` / :meth:`HttpApi.accept_batch`
-take a principal and the body bytes, validate and append, and return what to answer once
-synced; :meth:`HttpApi.error_answer` maps an exception to the error body. They know nothing of
-aiohttp, so another HTTP front end can share them.
+The two ingest endpoints are also served without aiohttp by ``broker/http_ingest.py`` (the
+listener's fast path); both paths call :meth:`HttpApi.accept_event` /
+:meth:`HttpApi.accept_batch` and :meth:`HttpApi.error_answer`, so validation, idempotency,
+stats and error bodies are the same whichever path served the request.
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from broker.auth import Authenticator, is_loopback
 from broker.config import Config, ConfigError
 from broker.http import HttpApi, HttpStats
+from broker.http_ingest import IngestServer
 from broker.metrics import make_registry, render
 from broker.service import BrokerService
 from broker.tcp import TcpServer
@@ -134,12 +134,13 @@ class Node:
             api.metrics_body = lambda: render(registry)
             host = cfg.listen.host
             self.ports["tcp"] = await self.tcp.start(host, cfg.listen.tcp_port)
+            # the HTTP port is the ingest fast path's; it hands every other request's
+            # connection to the aiohttp app through the runner's low-level server
             runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
             await runner.setup()
-            site = web.TCPSite(runner, host, cfg.listen.http_port, backlog=1024, reuse_address=True)
-            await site.start()
-            server: Any = site._server  # uvloop's Server is not an asyncio.Server
-            self.ports["http"] = int(server.sockets[0].getsockname()[1])
+            assert runner.server is not None
+            http = IngestServer(cfg, api, runner.server)
+            self.ports["http"] = await http.start(host, cfg.listen.http_port)
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._expire_members(service), name="group-expiry")
@@ -166,7 +167,10 @@ class Node:
                     log.info("event=stopping")
                     service.stop()
                     await self.tcp.stop_accepting()
-                    await self.tcp.drain(self.shutdown_timeout)
+                    http.stop_accepting()
+                    await asyncio.gather(
+                        self.tcp.drain(self.shutdown_timeout), http.drain(self.shutdown_timeout)
+                    )
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(runner.cleanup(), self.shutdown_timeout)
                     raise _Stop

@@ -359,13 +359,20 @@ class _Accumulator:
     futures: list[asyncio.Future[RecordMetadata]] = field(default_factory=list)
     size: int = 0
     first_ts: int = 0
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
 
 
 class Producer:
     """Batches records per partition (up to ``batch_bytes`` or ``linger_ms``), sends each
     batch as one produce request, pipelines up to ``max_inflight`` requests, and retries
-    retriable failures with backoff. With ``idempotent=True`` (the default) every batch
+    retriable failures with backoff.
+
+    ``linger_ms=0`` batches by load instead of by time: a record for a partition with no
+    request in flight goes out at the end of the current loop turn (with whatever else was
+    queued in that turn); records for a partition that has one in flight wait for its reply
+    and then leave together. A lone record pays one round trip and no timer; under load,
+    batches grow with the rate (one per round trip), so a fast sender does not turn into one
+    request per record. With ``idempotent=True`` (the default) every batch
     carries this producer's id and a per-partition sequence, so a batch retried after a lost
     reply is stored once. Ordering per partition holds: batches of a partition are sent in
     order and a retry resends the same bytes."""
@@ -392,6 +399,7 @@ class Producer:
         self.producer_id = records.NO_PRODUCER
         self._sequences: dict[TopicPartition, int] = {}
         self._acc: dict[TopicPartition, _Accumulator] = {}
+        self._busy: dict[TopicPartition, int] = {}  # requests in flight per partition
         self._rr = itertools.count()
         self._inflight = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -447,9 +455,12 @@ class Producer:
         acc = self._acc.get(tp)
         if acc is None:
             acc = self._acc[tp] = _Accumulator(topic, partition, first_ts=ts)
-            acc.timer = asyncio.get_running_loop().call_later(
-                self.linger_ms / 1000, self._linger_expired, tp
-            )
+            loop = asyncio.get_running_loop()
+            if self.linger_ms > 0:
+                acc.timer = loop.call_later(self.linger_ms / 1000, self._linger_expired, tp)
+            elif not self._busy.get(tp):
+                acc.timer = loop.call_soon(self._linger_expired, tp)
+            # else: sealed when the partition's request in flight is answered
         delta = ts - acc.first_ts
         if headers:
             acc.rows.append((delta, key, value, list(headers)))
@@ -471,9 +482,20 @@ class Producer:
         if acc.timer is not None:
             acc.timer.cancel()
         batch = self._encode(tp, acc.rows, acc.first_ts)
+        self._busy[tp] = self._busy.get(tp, 0) + 1
         task = asyncio.get_running_loop().create_task(self._send_batch(tp, batch, acc.futures))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _answered(self, tp: TopicPartition, *, send_next: bool = True) -> None:
+        left = self._busy[tp] - 1
+        if left:
+            self._busy[tp] = left
+            return
+        del self._busy[tp]
+        acc = self._acc.get(tp)
+        if send_next and acc is not None and acc.timer is None:  # linger_ms=0: it waited
+            self._seal(tp)
 
     def _encode(self, tp: TopicPartition, rows: list[records.RecordInput], first_ts: int) -> bytes:
         seq = records.NO_SEQUENCE
@@ -495,12 +517,14 @@ class Producer:
         try:
             produced = await self._produce_with_retries(tp[0], tp[1], batch)
         except BaseException as exc:
+            self._answered(tp, send_next=isinstance(exc, Exception))
             for f in futures:
                 if not f.done():
                     f.set_exception(exc if isinstance(exc, Exception) else ConnectionLost())
             if not isinstance(exc, Exception):
                 raise
             return
+        self._answered(tp)
         for i, f in enumerate(futures):
             if not f.done():
                 f.set_result(RecordMetadata(tp[0], produced.partition, produced.base_offset + i))

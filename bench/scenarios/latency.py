@@ -14,7 +14,9 @@ then a measured window; a short pause between rates lets any backlog drain.
   read. Redis replies from memory (AOF fsync once a second, off the reply path).
 * NATS: ``js.publish_async`` per message; a durable push consumer (``AckPolicy.ALL``, manual
   acks), acknowledged every 20 ms. Acked once written to the OS, no fsync.
-* Herald: ``Producer.send_nowait`` with acks=all and ``linger_ms=1``; a group consumer
+* Herald: ``Producer.send_nowait`` with acks=all and ``linger_ms=0`` (batching by load: the
+  records due in a loop turn leave together, and those sent while a request is in flight
+  follow its reply, as Redis's pipeline sends what is due each turn); a group consumer
   long-polls with ``getmany(timeout_ms=500)``, auto-committing every 100 ms. A consumer sees a
   record only after its fdatasync (the high watermark is the durable offset), so Herald's
   figure includes the sync, the peers' do not.
@@ -186,7 +188,7 @@ async def herald_producer(port: int, topic: str, steps: list[Step]) -> RunResult
             drained.set()
 
     async with await Client.connect(HOST, port, client_id="bench-lat-producer") as client:
-        producer = await client.producer(acks=-1, linger_ms=1.0)
+        producer = await client.producer(acks=-1, linger_ms=0.0)
 
         async def send(value: bytes) -> None:
             nonlocal pending

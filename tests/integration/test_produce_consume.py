@@ -129,3 +129,36 @@ async def test_long_poll_returns_early_when_a_record_arrives(herald: HeraldProce
             for r in records.decode_records(res.records[pos : pos + h.batch_length], h)
         ]
         assert values == [b"wake up"]
+
+
+async def batch_sizes(client: Client, topic: str) -> list[int]:
+    """Record count of every batch in partition 0, in log order (one batch per request)."""
+    (fetched,) = await client.fetch([(topic, 0, 0)], partition_max_bytes=16 * 1024 * 1024)
+    data = bytes(fetched.records)
+    return [h.record_count for _pos, h in records.iter_batches(data)]
+
+
+async def test_linger_zero_batches_by_load_not_by_time(herald: HeraldProcess) -> None:
+    """linger_ms=0: a record for an idle partition leaves at the end of the loop turn; the
+    records sent while its request is in flight wait for the reply and leave together."""
+    topic = "linger0"
+    async with await Client.connect(herald.host, herald.tcp_port) as client:
+        await client.create_topic(topic, 1)
+        producer = await client.producer(linger_ms=0)
+        lone = await producer.send_nowait(topic, b"alone", partition=0)
+        await lone
+        assert await batch_sizes(client, topic) == [1]
+
+        # 200 records, each in its own loop turn: one request per record would be 200
+        # batches; each fdatasync round trip spans many turns, so they share requests
+        futures = []
+        for i in range(200):
+            futures.append(await producer.send_nowait(topic, b"%03d" % i, partition=0))
+            await asyncio.sleep(0)
+        offsets = [(await f).offset for f in futures]
+        assert offsets == list(range(1, 201))
+        sizes = await batch_sizes(client, topic)
+        assert sizes[0] == 1 and sum(sizes) == 201
+        assert sizes[1] == 1, "the first record of an idle partition should not wait"
+        assert len(sizes) - 1 <= 50, f"{len(sizes) - 1} requests for 200 records: {sizes}"
+        assert max(sizes) > 1

@@ -365,17 +365,17 @@ class _Accumulator:
 class Producer:
     """Batches records per partition (up to ``batch_bytes`` or ``linger_ms``), sends each
     batch as one produce request, pipelines up to ``max_inflight`` requests, and retries
-    retriable failures with backoff.
-
-    ``linger_ms=0`` batches by load instead of by time: a record for a partition with no
-    request in flight goes out at the end of the current loop turn (with whatever else was
-    queued in that turn); records for a partition that has one in flight wait for its reply
-    and then leave together. A lone record pays one round trip and no timer; under load,
-    batches grow with the rate (one per round trip), so a fast sender does not turn into one
-    request per record. With ``idempotent=True`` (the default) every batch
+    retriable failures with backoff. With ``idempotent=True`` (the default) every batch
     carries this producer's id and a per-partition sequence, so a batch retried after a lost
     reply is stored once. Ordering per partition holds: batches of a partition are sent in
-    order and a retry resends the same bytes."""
+    order and a retry resends the same bytes.
+
+    ``linger_ms=0`` batches by load instead of by time: the records queued for a partition in
+    one loop turn leave together at the end of that turn, as long as the partition has fewer
+    than ``partition_inflight`` requests unanswered; past that, they wait for a reply and
+    then leave as one batch (Kafka's ``max.in.flight.requests.per.connection`` does the
+    same). A record pays its own round trip and no timer; under load, batches grow with the
+    rate, so a fast sender does not turn into one request per record."""
 
     def __init__(
         self,
@@ -385,6 +385,7 @@ class Producer:
         linger_ms: float = 2.0,
         batch_bytes: int = 512 * 1024,
         max_inflight: int = 64,
+        partition_inflight: int = 5,
         idempotent: bool = True,
         retries: int = 5,
         retry_backoff_ms: int = 50,
@@ -392,6 +393,7 @@ class Producer:
         self.client = client
         self.acks = acks
         self.linger_ms = linger_ms
+        self.partition_inflight = partition_inflight
         self.batch_bytes = batch_bytes
         self.idempotent = idempotent
         self.retries = retries
@@ -458,9 +460,9 @@ class Producer:
             loop = asyncio.get_running_loop()
             if self.linger_ms > 0:
                 acc.timer = loop.call_later(self.linger_ms / 1000, self._linger_expired, tp)
-            elif not self._busy.get(tp):
+            elif self._busy.get(tp, 0) < self.partition_inflight:
                 acc.timer = loop.call_soon(self._linger_expired, tp)
-            # else: sealed when the partition's request in flight is answered
+            # else: sealed when one of the partition's requests in flight is answered
         delta = ts - acc.first_ts
         if headers:
             acc.rows.append((delta, key, value, list(headers)))
@@ -491,8 +493,8 @@ class Producer:
         left = self._busy[tp] - 1
         if left:
             self._busy[tp] = left
-            return
-        del self._busy[tp]
+        else:
+            del self._busy[tp]
         acc = self._acc.get(tp)
         if send_next and acc is not None and acc.timer is None:  # linger_ms=0: it waited
             self._seal(tp)

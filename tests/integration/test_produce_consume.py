@@ -139,18 +139,20 @@ async def batch_sizes(client: Client, topic: str) -> list[int]:
 
 
 async def test_linger_zero_batches_by_load_not_by_time(herald: HeraldProcess) -> None:
-    """linger_ms=0: a record for an idle partition leaves at the end of the loop turn; the
-    records sent while its request is in flight wait for the reply and leave together."""
+    """linger_ms=0: a record leaves at the end of its loop turn while the partition has
+    fewer than ``partition_inflight`` requests unanswered; after that, records wait for a
+    reply and leave together."""
     topic = "linger0"
     async with await Client.connect(herald.host, herald.tcp_port) as client:
         await client.create_topic(topic, 1)
-        producer = await client.producer(linger_ms=0)
+        producer = await client.producer(linger_ms=0, partition_inflight=2)
         lone = await producer.send_nowait(topic, b"alone", partition=0)
         await lone
         assert await batch_sizes(client, topic) == [1]
 
         # 200 records, each in its own loop turn: one request per record would be 200
-        # batches; each fdatasync round trip spans many turns, so they share requests
+        # batches; a round trip (with its fdatasync) spans many turns, so once two requests
+        # are in flight the records that follow share one
         futures = []
         for i in range(200):
             futures.append(await producer.send_nowait(topic, b"%03d" % i, partition=0))
@@ -160,5 +162,5 @@ async def test_linger_zero_batches_by_load_not_by_time(herald: HeraldProcess) ->
         sizes = await batch_sizes(client, topic)
         assert sizes[0] == 1 and sum(sizes) == 201
         assert sizes[1] == 1, "the first record of an idle partition should not wait"
-        assert len(sizes) - 1 <= 50, f"{len(sizes) - 1} requests for 200 records: {sizes}"
+        assert len(sizes) - 1 <= 80, f"{len(sizes) - 1} requests for 200 records: {sizes}"
         assert max(sizes) > 1

@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
@@ -159,32 +159,23 @@ class _SyncPlan:
 
 class _Job:
     """The loop's view of one job in the executor: a write, a sync, or a write then a sync
-    (``signal`` is set by the thread when the write part is done)."""
+    (both ``runs`` and ``plan``)."""
 
-    __slots__ = ("checkpoint", "end", "future", "plan", "runs", "signal", "target")
+    __slots__ = ("checkpoint", "end", "plan", "runs", "target")
 
     def __init__(
         self,
-        future: asyncio.Future[Any],
         runs: list[_Write],
         end: tuple[int, int, int],
         checkpoint: Checkpoint | None,
         plan: _SyncPlan | None = None,
         target: tuple[int, int, int] = (0, 0, 0),
-        signal: asyncio.Future[Any] | None = None,
     ) -> None:
-        self.future = future
         self.runs = runs  # written by this job
         self.end = end  # offset, segment, position after them
         self.checkpoint = checkpoint  # of ``end``, for the sync after a write-only job
-        self.plan = plan  # the sync part, if any (None once a failed write cancelled it)
+        self.plan = plan  # the sync part, if any
         self.target = target  # offset, segment, position durable once the sync is done
-        self.signal = signal
-
-
-def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
 
 
 FsyncFn = Callable[[int], None]
@@ -235,8 +226,11 @@ class Partition:
         self._dir_dirty = False
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._hw_waiters: list[asyncio.Future[None]] = []
-        self._flush_task: asyncio.Task[None] | None = None
-        self._flush_wakeup: asyncio.Future[None] | None = None  # set: the task has work
+        self._writer: _Job | None = None  # the job whose write is not finished
+        self._syncer: _Job | None = None  # the job whose sync is not finished
+        self._pump_scheduled = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._shut = False  # closed and idle: no job may start (the files are closing)
         self._failure: BaseException | None = None
         self._closed = False
         self._last_checkpoint_ms = clock()
@@ -560,14 +554,12 @@ class Partition:
 
     # -------------------------------------------------------------------------- flush
     def _kick_flush(self) -> None:
-        if self._flush_task is None:
-            if not self._closed:
-                self._loop = asyncio.get_running_loop()
-                self._flush_task = self._loop.create_task(
-                    self._flush_loop(), name=f"flush:{self.name}"
-                )
-        elif self._flush_wakeup is not None and not self._flush_wakeup.done():
-            self._flush_wakeup.set_result(None)
+        """There may be something to write or sync: run :meth:`_pump` at the end of this
+        loop turn (once however many appends the turn makes, so they share one job)."""
+        if not self._pump_scheduled and not self._closed:
+            self._loop = asyncio.get_running_loop()
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
 
     def _sync_wanted(self) -> bool:
         return (
@@ -639,89 +631,91 @@ class Partition:
         self._sealing = [*plan.seal, *self._sealing]
         self._dir_dirty = self._dir_dirty or plan.dir_dirty
 
-    async def _flush_loop(self) -> None:
-        """Runs while anything is queued, written but not synced, or waiting to be sealed.
+    def _pump(self) -> None:
+        """Start whatever job may start now. Two stages, each at most one job at a time in
+        the executor: *write* (``pwritev`` of the queued runs into the page cache) and *sync*
+        (``fdatasync`` of what completed writes put there, then seals, the directory and a
+        checkpoint). They overlap: batches that arrive while a sync runs are written
+        meanwhile, and the next sync starts as soon as this one ends, so a round's write does
+        not wait for the previous round's sync. When nothing is being synced one job writes
+        and then syncs, so a quiet partition hands an append to a thread once, not twice.
 
-        Two stages, each at most one job at a time in the executor: *write* (``pwritev`` of
-        the queued runs into the page cache) and *sync* (``fdatasync`` of what completed
-        writes put there, then seals, the directory and a checkpoint). The stages overlap:
-        batches that arrive while a sync runs are written meanwhile, and the next sync
-        starts as soon as this one ends, so a round's write does not wait for the previous
-        round's sync. When nothing is being synced one job writes and then syncs, so a quiet
-        partition hands an append to a thread once, not twice."""
-        loop = asyncio.get_running_loop()
-        writer: _Job | None = None  # the job whose write is not finished
-        syncer: _Job | None = None  # the job whose sync is not finished
-        try:
-            while True:
-                if writer is None and self._queue and self._failure is None:
-                    runs, self._queue = self._queue, []
-                    end = self._log_end()
-                    checkpoint = self._checkpoint_due()
-                    self._writing = [run.segment for run in runs]
-                    if syncer is None and not self._sync_wanted():
-                        plan = self._take_sync_plan(end, self._writing)
-                        signal: asyncio.Future[Any] = loop.create_future()
-                        future: asyncio.Future[Any] = loop.run_in_executor(
-                            None, self._write_then_sync, runs, plan, checkpoint, signal
-                        )
-                        writer = syncer = _Job(future, runs, end, None, plan, end, signal)
-                    else:
-                        future = loop.run_in_executor(None, self._write_runs, runs)
-                        writer = _Job(future, runs, end, checkpoint)
-                if syncer is None and self._failure is None and self._sync_wanted():
-                    checkpoint, self._ready_checkpoint = self._ready_checkpoint, None
-                    if writer is None and not self._queue:
-                        target = self._log_end()
-                        checkpoint = self._checkpoint_due() or checkpoint
-                    else:
-                        target = (
-                            self._written_offset,
-                            self._written_segment,
-                            self._written_position,
-                        )
-                    plan = self._take_sync_plan(target, [])
-                    future = loop.run_in_executor(None, self._sync_files, plan, checkpoint)
-                    syncer = _Job(future, [], target, None, plan, target)
+        Driven by callbacks, not a task: the threads report with ``call_soon_threadsafe``
+        straight to :meth:`_write_done` / :meth:`_sync_done`, which call this again. A lone
+        append costs one loop callback to start and one to finish."""
+        self._pump_scheduled = False
+        if self._shut:
+            return
+        loop = self._loop
+        assert loop is not None
+        if self._writer is None and self._queue and self._failure is None:
+            runs, self._queue = self._queue, []
+            end = self._log_end()
+            checkpoint = self._checkpoint_due()
+            self._writing = [run.segment for run in runs]
+            if self._syncer is None and not self._sync_wanted():
+                plan = self._take_sync_plan(end, self._writing)
+                job = _Job(runs, end, None, plan, end)
+                self._writer = self._syncer = job
+                loop.run_in_executor(None, self._write_then_sync, job, checkpoint)
+            else:
+                job = _Job(runs, end, checkpoint)
+                self._writer = job
+                loop.run_in_executor(None, self._write_job, job)
+        if self._syncer is None and self._failure is None and self._sync_wanted():
+            checkpoint, self._ready_checkpoint = self._ready_checkpoint, None
+            if self._writer is None and not self._queue:
+                target = self._log_end()
+                checkpoint = self._checkpoint_due() or checkpoint
+            else:
+                target = (self._written_offset, self._written_segment, self._written_position)
+            plan = self._take_sync_plan(target, [])
+            job = _Job([], target, None, plan, target)
+            self._syncer = job
+            loop.run_in_executor(None, self._sync_job, job, checkpoint)
+        if self._writer is None and self._syncer is None and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
-                waits: list[asyncio.Future[Any]] = []
-                if writer is not None:
-                    waits.append(writer.signal or writer.future)
-                if syncer is not None and syncer is not writer:
-                    waits.append(syncer.future)
-                if not waits:
-                    return
-                if writer is None:  # an append may start the next write at once
-                    self._flush_wakeup = loop.create_future()
-                    waits.append(self._flush_wakeup)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                self._flush_wakeup = None
+    def _write_done(self, job: _Job, failed: tuple[int, OSError] | BaseException | None) -> None:
+        """Loop: a job's write finished (``failed``: ``(index of the failed run, error)``)."""
+        self._writer = None
+        self._writing = []
+        if isinstance(failed, BaseException):  # not an I/O error: a bug; stop writing
+            log.error("event=write_crashed partition=%s error=%r", self.name, failed)
+            if self._syncer is job:
+                self._syncer = None
+                self._syncing = []
+            self._go_offline(failed)
+        elif failed is not None:
+            if self._syncer is job:  # a write-then-sync job: its sync is off
+                assert job.plan is not None
+                self._restore_sync_plan(job.plan)
+                self._syncer = None
+                self._syncing = []
+            self._undo_writes(job.runs[failed[0] :], failed[1])
+        elif self._failure is None:
+            self._finish_write(job)
+        self._pump()
 
-                if writer is not None and (writer.signal or writer.future).done():
-                    job, writer = writer, None
-                    self._writing = []
-                    failed = (job.signal or job.future).result()
-                    if failed is not None:
-                        if job.plan is not None:  # a write-then-sync job skips its sync
-                            self._restore_sync_plan(job.plan)
-                            job.plan = None
-                        self._undo_writes(job.runs[failed[0] :], failed[1])
-                    elif self._failure is None:
-                        self._finish_write(job)
-                if syncer is not None and syncer is not writer and syncer.future.done():
-                    job, syncer = syncer, None
-                    self._syncing = []
-                    try:
-                        job.future.result()
-                    except OSError as exc:
-                        self._go_offline(exc)
-                        continue
-                    if job.plan is not None and self._failure is None:
-                        self._advance_flushed(*job.target)
-        finally:
-            self._writing = []
-            self._syncing = []
-            self._flush_task = None
+    def _sync_done(self, job: _Job, error: BaseException | None) -> None:
+        """Loop: a job's sync finished."""
+        self._syncer = None
+        self._syncing = []
+        if error is not None:
+            self._go_offline(error)
+        elif self._failure is None:
+            self._advance_flushed(*job.target)
+        self._pump()
+
+    async def _wait_idle(self) -> None:
+        """Until no write or sync job runs and none is about to start."""
+        while self._writer is not None or self._syncer is not None or self._pump_scheduled:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)  # resolved by _pump once nothing runs
+            await fut
 
     def _finish_write(self, job: _Job) -> None:
         offset, segment, position = job.end
@@ -746,21 +740,40 @@ class Partition:
             run.segment.flush_index()
         return None
 
-    def _write_then_sync(
-        self,
-        runs: list[_Write],
-        plan: _SyncPlan,
-        checkpoint: Checkpoint | None,
-        signal: asyncio.Future[Any],
-    ) -> None:
-        """Worker thread: write, tell the loop (so it may start the next write and answer
-        ``acks=1`` waiters), then sync as :meth:`_sync_files`. A failed write skips the
-        sync; a failed sync raises."""
-        failed = self._write_runs(runs)
+    def _write_job(self, job: _Job) -> None:
+        """Worker thread: write, then report to the loop."""
+        failed: tuple[int, OSError] | BaseException | None
+        try:
+            failed = self._write_runs(job.runs)
+        except BaseException as exc:
+            failed = exc
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(_set_result, signal, failed)
+        self._loop.call_soon_threadsafe(self._write_done, job, failed)
+
+    def _write_then_sync(self, job: _Job, checkpoint: Checkpoint | None) -> None:
+        """Worker thread: write, report (so the loop may start the next write and answer
+        ``acks=1`` waiters), then sync as :meth:`_sync_files` and report again. A failed
+        write skips the sync."""
+        failed: tuple[int, OSError] | BaseException | None
+        try:
+            failed = self._write_runs(job.runs)
+        except BaseException as exc:
+            failed = exc
+        assert self._loop is not None and job.plan is not None
+        self._loop.call_soon_threadsafe(self._write_done, job, failed)
         if failed is None:
-            self._sync_files(plan, checkpoint)
+            self._sync_job(job, checkpoint)
+
+    def _sync_job(self, job: _Job, checkpoint: Checkpoint | None) -> None:
+        """Worker thread: sync as the job's plan says, then report to the loop."""
+        error: BaseException | None = None
+        assert job.plan is not None
+        try:
+            self._sync_files(job.plan, checkpoint)
+        except BaseException as exc:
+            error = exc
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._sync_done, job, error)
 
     def _advance_written(self, offset: int) -> None:
         if offset > self._written_offset:
@@ -982,8 +995,7 @@ class Partition:
     async def flush(self) -> None:
         """Sync everything written so far."""
         await self.wait_durable(self.log_end_offset)
-        while self._flush_task is not None:
-            await asyncio.shield(self._flush_task)
+        await self._wait_idle()
 
     async def close(self) -> None:
         """Sync, write a final checkpoint and close the files. Idempotent."""
@@ -995,8 +1007,8 @@ class Partition:
             except StorageError:
                 pass
         self._closed = True
-        if self._flush_task is not None:
-            await asyncio.gather(self._flush_task, return_exceptions=True)
+        await self._wait_idle()
+        self._shut = True
         if self._failure is None:
             await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint_now)
         for seg in self._segments:

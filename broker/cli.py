@@ -36,6 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
         storage = msgspec.structs.replace(storage, data_dir=args.data_dir)
     cfg = msgspec.structs.replace(cfg, listen=listen, storage=storage)
     setup_logging(cfg.log.level, cfg.log.format)
+    from broker.malloc import keep_freed_memory
+
+    keep_freed_memory()  # see broker/malloc.py: fresh pages cost a fault each
 
     import uvloop
 

@@ -113,6 +113,7 @@ class FrameDecoder:
         pos = 0
         end = len(data)
         limit = self.max_frame_bytes
+        view = memoryview(data)  # slicing a bytearray copies; a view's slice does not
         while end - pos >= 4:
             (size,) = _LEN.unpack_from(data, pos)
             if size > limit:
@@ -123,8 +124,9 @@ class FrameDecoder:
                 )
             if end - pos - 4 < size:
                 break
-            frames.append(bytes(data[pos + 4 : pos + 4 + size]))
+            frames.append(bytes(view[pos + 4 : pos + 4 + size]))  # the one copy
             pos += 4 + size
+        view.release()  # or ``del buf[:pos]`` in feed() fails: a view pins the bytearray
         return frames, pos
 
 

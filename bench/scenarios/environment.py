@@ -85,6 +85,12 @@ def machine(base: Path, servers: Servers, commit: str) -> list[tuple[str, str]]:
         ("Kernel", platform.release()),
         ("Python", f"{platform.python_version()}; clients: {', '.join(clients)}"),
         (
+            "Client processes",
+            "one per workload, each keeping freed memory instead of returning it to the kernel"
+            " (glibc mmap/trim thresholds, `broker/malloc.py`, as `herald serve` does), for"
+            " every system alike",
+        ),
+        (
             "Disk",
             f"data directories under `{base.relative_to(REPO)}` on {dev} ({fstype}, mounted at"
             f" {mnt}); same filesystem as the repository: {'yes' if same else 'NO'}",

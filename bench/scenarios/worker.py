@@ -27,6 +27,12 @@ class WorkerFailed(Exception):
 
 def _entry(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Every system's client alike keeps freed memory instead of returning it to the kernel
+    # (glibc thresholds, as `herald serve` sets them): on this VM a client that receives
+    # MiB replies otherwise spends a third of its time in page faults (broker/malloc.py).
+    from broker.malloc import keep_freed_memory
+
+    keep_freed_memory()
     try:
         result = fn(*args)
         if asyncio.iscoroutine(result):

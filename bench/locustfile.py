@@ -9,9 +9,9 @@ Start a node, then run locust headless against it::
 
 Locust's own per-request cost (gevent, requests) is high: on a small machine the locust
 process, not the node, is usually the bound, which is why ``bench.run``'s ``http`` scenario
-drives the node with aiohttp from several processes instead. This file is for load shapes
-(ramps, mixes, many users) and for the gateway users to come. Events per second = the
-``/events`` request rate + 100 x the ``/events/batch`` request rate.
+drives the node with a lean raw-socket client from several processes instead. This file is
+for load shapes (ramps, mixes, many users) and for the gateway users to come. Events per
+second = the ``/events`` request rate + 100 x the ``/events/batch`` request rate.
 
 TODO(gateway): add a WebSocket user (connect, subscribe, count deliveries and their
 end-to-end latency) once the gateway exists; locust needs a custom ``User`` for it (e.g.

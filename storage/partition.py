@@ -180,6 +180,7 @@ class _Job:
 
 FsyncFn = Callable[[int], None]
 _MAX_READ: Final = 64 * 1024 * 1024
+_READ_AHEAD_CHUNKS: Final = 4  # fetches' worth read ahead below the page-cache window
 
 
 class Partition:
@@ -909,11 +910,29 @@ class Partition:
             if pos < limit:
                 want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, _MAX_READ)
                 data = seg.read_into(pos, want)
+                if pos < seg.cache_dropped:
+                    self._read_ahead(seg, pos + len(data), want)
                 return self._whole_batches(seg, pos, data, limit)
             if seg.base_offset == self._flushed_segment:
                 break
             i += 1
         return b""
+
+    def _read_ahead(self, seg: Segment, end: int, chunk: int) -> None:
+        """A read below the page-cache window (a consumer catching up) was served from disk,
+        on the loop. Ask the kernel, from a worker thread, to start reading the next few
+        chunks of that dropped range (``POSIX_FADV_WILLNEED``), so the consumer's next
+        fetches find them in memory instead of blocking the loop on the disk again."""
+        stop = min(end + _READ_AHEAD_CHUNKS * chunk, seg.cache_dropped)
+        start = max(end, seg.read_ahead_to)
+        if stop - start < chunk:  # what the next fetch needs is already on its way
+            return
+        seg.read_ahead_to = stop
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a tool reading without a loop: nothing to overlap with
+            return
+        loop.run_in_executor(None, seg.prefetch, start, stop - start)
 
     @staticmethod
     def _whole_batches(seg: Segment, pos: int, data: bytearray, limit: int) -> bytes | bytearray:

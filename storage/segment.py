@@ -74,6 +74,7 @@ class Segment:
         self._idx_timestamps = array("q")
         self._last_indexed_position = -1
         self._cache_dropped = 0  # pages below this were advised out of the page cache
+        self.read_ahead_to = 0  # a read-ahead of the dropped range was asked up to here
         # index entries not yet in the file, and the entry number of the first of them: the
         # sync thread writes them (flush_index) so the loop makes no syscall per batch
         self._index_pending: list[bytes] = []
@@ -412,6 +413,14 @@ class Segment:
             length = 0 if whole else upto - self._cache_dropped  # 0: to the end of the file
             os.posix_fadvise(self._fd, self._cache_dropped, length, os.POSIX_FADV_DONTNEED)
         self._cache_dropped = upto
+
+    def prefetch(self, position: int, length: int) -> None:
+        """Ask the kernel to start reading ``length`` bytes at ``position`` into the page
+        cache (``POSIX_FADV_WILLNEED``; advice only, errors ignored: the segment may have
+        been closed meanwhile). Blocking: for a worker thread."""
+        if not self.closed:
+            with contextlib.suppress(OSError, ValueError):
+                os.posix_fadvise(self._fd, position, length, os.POSIX_FADV_WILLNEED)
 
     def seal(self) -> None:
         """Called when the segment stops being active: make sure the last batch has an index

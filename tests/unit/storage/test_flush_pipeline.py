@@ -121,3 +121,33 @@ async def test_a_zero_window_leaves_the_page_cache_alone(tmp_path: Path) -> None
         assert all(resident_pages(first))
     finally:
         await part.close()
+
+
+async def test_a_read_below_the_window_reads_the_next_chunks_ahead(tmp_path: Path) -> None:
+    window = 64 * 1024
+    config = PartitionConfig(segment_bytes=1024 * 1024, cache_window_bytes=window)
+    part = open_partition(tmp_path / "p", config=config)
+    try:
+        for i in range(200):  # ~800 KiB in one segment
+            await part.append([batch(values_for(i * 4, 4, size=1000))])
+        await part.flush()
+        (seg,) = part.segments
+        pages = resident_pages(seg.log_path)
+        assert not any(pages[:100]), "the start of the log should be out of the page cache"
+
+        # the kernel's own readahead would blur what the partition asks for: switch it off
+        os.posix_fadvise(seg.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        chunk = 64 * 1024
+        data = part.read(0, chunk)  # from disk
+        assert data
+        # two and three fetches ahead: beyond anything the read itself brought in
+        ahead = range((len(data) + 2 * chunk) // PAGE, (len(data) + 3 * chunk) // PAGE)
+        for _ in range(100):  # the read-ahead runs in a worker thread
+            pages = resident_pages(seg.log_path)
+            if all(pages[i] for i in ahead):
+                break
+            await asyncio.sleep(0.01)
+        assert all(pages[i] for i in ahead), "the next chunks were not read ahead"
+        assert len(read_all(part)) == 800
+    finally:
+        await part.close()

@@ -292,11 +292,14 @@ class BrokerService:
         return nxt
 
     # ------------------------------------------------------------------------- fetch
-    def fetch_now(
+    async def fetch_pass(
         self, principal: Principal, req: p.Fetch
     ) -> tuple[list[p.FetchedPartition], int, list[Partition]]:
         """One pass over the requested partitions. Returns the results, the bytes found and
-        the partitions that had nothing (for a long poll to wait on)."""
+        the partitions that had nothing (for a long poll to wait on). Reads within the
+        page-cache window are served at once; a read further back (a consumer catching up)
+        runs in a worker thread (:meth:`Partition.read_async`), so the loop never waits on
+        the disk."""
         principal.require("consume")
         budget = min(req.max_bytes, self.config.limits.max_fetch_bytes)
         results: list[p.FetchedPartition] = []
@@ -312,7 +315,7 @@ class BrokerService:
             error = None
             try:
                 if budget > 0:
-                    data = part.read(fp.offset, min(fp.max_bytes, budget))
+                    data = await part.read_async(fp.offset, min(fp.max_bytes, budget))
             except OffsetOutOfRange as exc:
                 error = exc.code
             except StorageError as exc:
@@ -342,7 +345,7 @@ class BrokerService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
         while True:
-            results, total, empty = self.fetch_now(principal, req)
+            results, total, empty = await self.fetch_pass(principal, req)
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
                 return results

@@ -187,11 +187,7 @@ class BrokerProtocol(asyncio.Protocol):
                     return
             self.send(self._produced(req, partition, result))
         elif isinstance(req, p.Fetch):
-            if req.max_wait_ms <= 0:
-                results, _total, _empty = svc.fetch_now(principal, req)
-                self.send(p.Fetched(id=req.id, partitions=results))
-            else:
-                self._spawn(req.id, self._fetch(principal, req))
+            self._spawn(req.id, self._fetch(principal, req))
         elif isinstance(req, p.ListOffsets):
             off = svc.list_offsets(principal, req.topic, req.partition, req.spec)
             self.send(p.Offsets(id=req.id, topic=req.topic, partition=req.partition, offset=off))

@@ -232,6 +232,7 @@ class Partition:
         self._pump_scheduled = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._shut = False  # closed and idle: no job may start (the files are closing)
+        self._unpin_waiters: list[asyncio.Future[None]] = []  # close() waiting for reads
         self._failure: BaseException | None = None
         self._closed = False
         self._last_checkpoint_ms = clock()
@@ -889,19 +890,15 @@ class Partition:
     def _segment_for(self, offset: int) -> int:
         return max(0, bisect.bisect_right(self._bases, offset) - 1)
 
-    def read(self, offset: int, max_bytes: int) -> bytes | bytearray:
-        """Raw batches from the one holding ``offset`` onward, up to ``max_bytes`` (but at
-        least one whole batch) and never past the high watermark. The first batch may start
-        before ``offset``; consumers skip records below the offset they asked for. Returns
-        b"" at the high watermark. Raises :class:`OffsetOutOfRange`.
-
-        The bytes are read once from the file into the buffer returned (a ``bytearray``
-        when the read was cut back to whole batches, so cutting copies nothing)."""
+    def _locate(self, offset: int, max_bytes: int) -> tuple[Segment, int, int, int] | None:
+        """Where a read of ``offset`` starts: (segment, position, bytes to read, the
+        segment's readable end), or None at the high watermark. Raises
+        :class:`OffsetOutOfRange`."""
         hw = self._flushed_offset
         if offset < self.log_start_offset or offset > hw:
             raise OffsetOutOfRange(offset, self.log_start_offset, hw)
         if offset == hw:
-            return b""
+            return None
         i = self._segment_for(offset)
         while i < len(self._segments):
             seg = self._segments[i]
@@ -909,14 +906,57 @@ class Partition:
             pos = seg.find_position(offset, limit)
             if pos < limit:
                 want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, _MAX_READ)
-                data = seg.read_into(pos, want)
-                if pos < seg.cache_dropped:
-                    self._read_ahead(seg, pos + len(data), want)
-                return self._whole_batches(seg, pos, data, limit)
+                return seg, pos, want, limit
             if seg.base_offset == self._flushed_segment:
                 break
             i += 1
-        return b""
+        return None
+
+    def read(self, offset: int, max_bytes: int) -> bytes | bytearray:
+        """Raw batches from the one holding ``offset`` onward, up to ``max_bytes`` (but at
+        least one whole batch) and never past the high watermark. The first batch may start
+        before ``offset``; consumers skip records below the offset they asked for. Returns
+        b"" at the high watermark. Raises :class:`OffsetOutOfRange`.
+
+        The bytes are read once from the file into the buffer returned (a ``bytearray``
+        when the read was cut back to whole batches, so cutting copies nothing). Blocking:
+        on the loop, prefer :meth:`read_async`, which reads ranges likely on disk in a
+        worker thread."""
+        found = self._locate(offset, max_bytes)
+        if found is None:
+            return b""
+        seg, pos, want, limit = found
+        data = seg.read_into(pos, want)
+        if pos < seg.cache_dropped:
+            self._read_ahead(seg, pos + len(data), want)
+        return self._whole_batches(seg, pos, data, limit)
+
+    async def read_async(self, offset: int, max_bytes: int) -> bytes | bytearray:
+        """:meth:`read`, without blocking the loop on the disk: a read that starts below
+        the page-cache window (the range was advised out, so it is probably on disk: a
+        consumer catching up) runs in a worker thread, with the segment pinned so that
+        retention and :meth:`close` leave its file open. A read within the window is
+        served at once (it is in memory; a hand-off would cost more than the copy)."""
+        found = self._locate(offset, max_bytes)
+        if found is None:
+            return b""
+        seg, pos, want, limit = found
+        if pos >= seg.cache_dropped:
+            data = seg.read_into(pos, want)
+        else:
+            seg.pins += 1
+            try:
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(None, seg.read_into, pos, want)
+            finally:
+                seg.pins -= 1
+                if not seg.pins and self._unpin_waiters:
+                    waiters, self._unpin_waiters = self._unpin_waiters, []
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_result(None)
+            self._read_ahead(seg, pos + len(data), want)
+        return self._whole_batches(seg, pos, data, limit)
 
     def _read_ahead(self, seg: Segment, end: int, chunk: int) -> None:
         """A read below the page-cache window (a consumer catching up) was served from disk,
@@ -987,6 +1027,7 @@ class Partition:
                 or seg in self._unsynced
                 or seg in self._syncing  # deleting it would close the fd a thread uses
                 or seg in self._writing
+                or seg.pins  # a read in a worker thread uses its file
                 or seg.next_offset > self._flushed_offset
             ):
                 break
@@ -1028,6 +1069,10 @@ class Partition:
         self._closed = True
         await self._wait_idle()
         self._shut = True
+        while any(seg.pins for seg in self._segments):  # reads in worker threads
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._unpin_waiters.append(fut)
+            await fut
         if self._failure is None:
             await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint_now)
         for seg in self._segments:

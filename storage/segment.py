@@ -75,6 +75,7 @@ class Segment:
         self._last_indexed_position = -1
         self._cache_dropped = 0  # pages below this were advised out of the page cache
         self.read_ahead_to = 0  # a read-ahead of the dropped range was asked up to here
+        self.pins = 0  # reads running in worker threads: the file must stay open
         # index entries not yet in the file, and the entry number of the first of them: the
         # sync thread writes them (flush_index) so the loop makes no syscall per batch
         self._index_pending: list[bytes] = []

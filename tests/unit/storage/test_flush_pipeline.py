@@ -151,3 +151,71 @@ async def test_a_read_below_the_window_reads_the_next_chunks_ahead(tmp_path: Pat
         assert len(read_all(part)) == 800
     finally:
         await part.close()
+
+
+async def test_reads_behind_the_window_run_in_a_thread_and_hold_the_file_open(
+    tmp_path: Path,
+) -> None:
+    config = PartitionConfig(
+        segment_bytes=256 * 1024, cache_window_bytes=64 * 1024, retention_bytes=1
+    )
+    part = open_partition(tmp_path / "p", config=config)
+    closing: asyncio.Task[None] | None = None
+    try:
+        for i in range(200):
+            await part.append([batch(values_for(i * 4, 4, size=1000))])
+        await part.flush()
+        first = part.segments[0]
+        assert first.cache_dropped == first.size  # wholly behind the window
+        expected = part.read(0, 16 * 1024)
+
+        entered, release = threading.Event(), threading.Event()
+        read_into = first.read_into
+        threads: list[str] = []
+
+        def gated(position: int, length: int) -> bytearray:
+            threads.append(threading.current_thread().name)
+            entered.set()
+            release.wait(10)
+            return read_into(position, length)
+
+        first.read_into = gated  # type: ignore[method-assign]
+        reading = asyncio.ensure_future(part.read_async(0, 16 * 1024))
+        assert await asyncio.to_thread(entered.wait, 5)
+        assert threads and threads[0] != threading.main_thread().name
+
+        # the pinned segment outlives retention (which would delete it: retention_bytes=1)
+        assert first.base_offset not in part.apply_retention()
+        assert part.segments[0] is first
+        # and close() waits for the read
+        closing = asyncio.ensure_future(part.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done() and not first.closed
+        release.set()
+        assert bytes(await asyncio.wait_for(reading, 5)) == bytes(expected)
+        await asyncio.wait_for(closing, 5)
+        assert first.closed
+    finally:
+        release.set()
+        if closing is None:
+            await part.close()
+
+
+async def test_reads_within_the_window_are_served_on_the_loop(tmp_path: Path) -> None:
+    part = open_partition(tmp_path / "p", config=PartitionConfig(cache_window_bytes=1 << 20))
+    try:
+        for i in range(20):
+            await part.append([batch(values_for(i * 4, 4, size=1000))])
+        (seg,) = part.segments
+        threads: list[str] = []
+        read_into = seg.read_into
+
+        def spy(position: int, length: int) -> bytearray:
+            threads.append(threading.current_thread().name)
+            return read_into(position, length)
+
+        seg.read_into = spy  # type: ignore[method-assign]
+        assert await part.read_async(0, 1 << 20) == part.read(0, 1 << 20)
+        assert threads == [threading.main_thread().name] * 2
+    finally:
+        await part.close()

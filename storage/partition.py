@@ -4,11 +4,13 @@ crash recovery.
 Concurrency model: every method runs on the event loop thread except the blocking I/O,
 which runs in the loop's default executor. An append validates, stamps and accounts its
 batches at once (in the caller's turn of the loop, so offsets follow call order) and queues
-the bytes; one job at a time in a worker thread writes everything queued with ``pwritev``
-and then ``fdatasync``s it. Appends that arrive while a job runs share the next one (group
+the bytes. Worker threads then *write* what is queued (one ``pwritev`` per segment run) and
+*sync* what was written (``fdatasync``); the two stages overlap, each one job at a time (see
+:meth:`Partition._pump`). Appends that arrive while a sync runs share the next one (group
 commit). The loop itself never blocks on the file: on ext4 a write that lands while an
 fsync of the same file is in flight can stall for milliseconds (journal and writeback
-locks), which would stall every connection of the node.
+locks), which would stall every connection of the node. Reads of ranges likely on disk
+(behind the page-cache window) run in a worker thread too (:meth:`Partition.read_async`).
 
 Visibility: consumers read up to the **high watermark**, which on a single node is the
 offset up to which the log is synced. A consumer therefore never sees a record that a power

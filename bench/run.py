@@ -5,7 +5,7 @@
 
 (``make bench SCENARIO=produce BENCH_ARGS=--quick``). The run starts its own servers, each
 on free ports on 127.0.0.1 with a fresh directory under ``bench/out/`` (on the repository's
-disk, checked not to be tmpfs): a Herald node (``python -m broker.cli serve``), redis-server
+disk, checked not to be tmpfs): a Herald node (``python -m herald.cli serve``), redis-server
 (AOF on, ``appendfsync everysec``) and nats-server (JetStream, file storage). A peer that is
 missing or fails to start is reported and skipped; Herald's rows are still measured. Every
 server and client process is stopped when the run ends, also on Ctrl-C or an error.

@@ -17,18 +17,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from broker.config import ApiKey
+from broker.errors import Forbidden, Unauthenticated
 
 DEFAULT_TENANT: Final = "default"
 OPERATOR_TENANT: Final = "*"
 ALL_SCOPES: Final = frozenset({"produce", "consume", "admin"})
-
-
-class AuthError(Exception):
-    code = "unauthenticated"
-
-
-class Forbidden(Exception):
-    code = "forbidden"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +44,8 @@ class Principal:
 
 
 OPEN_PRINCIPAL: Final = Principal(DEFAULT_TENANT, ALL_SCOPES, "open")
+# the node's own engines (broker/local.py) act as the operator: internal topics are theirs
+NODE_PRINCIPAL: Final = Principal(OPERATOR_TENANT, ALL_SCOPES, "node")
 
 
 class Authenticator:
@@ -65,26 +60,26 @@ class Authenticator:
         return not self._keys
 
     def authenticate(self, api_key: str | None) -> Principal:
-        """The principal for ``api_key``. Raises :class:`AuthError`. Constant-time compare
+        """The principal for ``api_key``. Raises :class:`Unauthenticated`. Constant-time compare
         over every key, so timing does not reveal which prefix matched."""
         if self.open:
             return OPEN_PRINCIPAL
         if not api_key:
-            raise AuthError("an API key is required (Authorization: Bearer <key>)")
+            raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
         given = api_key.encode()
         found = None
         for key, principal in self._keys:
             if hmac.compare_digest(key, given):
                 found = principal
         if found is None:
-            raise AuthError("unknown API key")
+            raise Unauthenticated("unknown API key")
         return found
 
     def bearer(self, header: str | None) -> Principal:
         if self.open:
             return OPEN_PRINCIPAL
         if not header or not header.startswith("Bearer "):
-            raise AuthError("an API key is required (Authorization: Bearer <key>)")
+            raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
         return self.authenticate(header[7:].strip())
 
 

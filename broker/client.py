@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from broker import errors
 from broker import protocol as p
-from broker.topics import partition_for_key
 from storage import records
 
 log = logging.getLogger("herald.client")
@@ -107,7 +107,7 @@ class _Connection(asyncio.Protocol):
                     # not tied to a request (e.g. frame too large): the node closes next
                     self._error = BrokerError(msg.code, msg.message, msg.retriable)
         except p.ProtocolError as exc:
-            self._error = BrokerError(exc.code, exc.message)
+            self._error = BrokerError(exc.code, str(exc))
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -287,7 +287,7 @@ class Client:
             try:
                 await self.metadata([topic], auto_create=auto_create)
             except BrokerError as exc:
-                if exc.code != p.Code.UNKNOWN_TOPIC:
+                if exc.code != errors.UnknownTopic.code:
                     raise
                 return None
         return self._partition_counts.get(topic)
@@ -418,7 +418,7 @@ class Producer:
         if n is None:
             n = await self.client.partition_count(topic, auto_create=True)
             if n is None:
-                raise BrokerError(p.Code.UNKNOWN_TOPIC, f"unknown topic {topic!r}")
+                raise BrokerError(errors.UnknownTopic.code, f"unknown topic {topic!r}")
             self._counts[topic] = n
         return n
 
@@ -451,7 +451,7 @@ class Producer:
         """Queue one record; returns the future of its acknowledgement without waiting."""
         if partition is None:
             n = await self._partitions(topic)
-            partition = partition_for_key(key, n) if key is not None else next(self._rr) % n
+            partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
         ts = timestamp_ms if timestamp_ms is not None else time.time_ns() // 1_000_000
         tp = (topic, partition)
         acc = self._acc.get(tp)
@@ -576,7 +576,7 @@ class Producer:
         rows: list[records.RecordInput] = [(0, key, v) for v in values]
         if self.idempotent and partition is None:
             n = await self._partitions(topic)
-            partition = partition_for_key(key, n) if key is not None else next(self._rr) % n
+            partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
         if self.idempotent:
             assert partition is not None
             batch = self._encode((topic, partition), rows, ts)
@@ -670,7 +670,7 @@ class Consumer:
             for t in self.topics:
                 n = await self.client.partition_count(t)
                 if n is None:
-                    raise BrokerError(p.Code.UNKNOWN_TOPIC, f"unknown topic {t!r}")
+                    raise BrokerError(errors.UnknownTopic.code, f"unknown topic {t!r}")
                 parts.extend((t, i) for i in range(n))
             await self._apply_assignment(parts)
             return
@@ -704,7 +704,7 @@ class Consumer:
             try:
                 await self.heartbeat()
             except BrokerError as exc:
-                if exc.code == p.Code.UNKNOWN_MEMBER:
+                if exc.code == errors.UnknownMember.code:
                     log.warning("event=consumer_rejoin group=%s reason=%s", self.group, exc.code)
                     await self._revoke(list(self.assignment), commit=False)
                     await self._join()
@@ -785,7 +785,9 @@ class Consumer:
         """Consume exactly ``partitions`` (no group): positions start from
         ``auto_offset_reset`` unless :meth:`seek` sets them."""
         if self.group is not None:
-            raise BrokerError(p.Code.INVALID_REQUEST, "a group member's partitions are assigned")
+            raise BrokerError(
+                errors.InvalidRequest.code, "a group member's partitions are assigned"
+            )
         await self._apply_assignment(list(partitions))
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
@@ -856,7 +858,7 @@ class Consumer:
             if tp not in self.positions:
                 continue  # revoked while the fetch was in flight
             start = self.positions[tp]
-            if res.error == p.Code.OFFSET_OUT_OF_RANGE:
+            if res.error == errors.OffsetOutOfRange.code:
                 reset = (
                     res.log_start_offset
                     if self.auto_offset_reset == "earliest"
@@ -885,7 +887,9 @@ class Consumer:
         """Commit ``offsets`` (next offset to read, per partition), default: the current
         positions of every assigned partition that moved since the last commit."""
         if self.group is None:
-            raise BrokerError(p.Code.INVALID_REQUEST, "a consumer without a group cannot commit")
+            raise BrokerError(
+                errors.InvalidRequest.code, "a consumer without a group cannot commit"
+            )
         if offsets is None:
             offsets = {
                 tp: off for tp, off in self.positions.items() if self._committed.get(tp) != off

@@ -33,29 +33,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from broker.assignors import TopicPartition, range_assign, sticky_assign
+from broker.errors import InvalidSessionTimeout, NotAssigned, UnknownMember
 from storage.kv import KV
 
 log = logging.getLogger("herald.groups")
-
-
-class GroupError(Exception):
-    code = "group_error"
-
-
-class UnknownMember(GroupError):
-    code = "unknown_member"
-
-
-class NotAssigned(GroupError):
-    code = "not_assigned"
-
-
-class InvalidSessionTimeout(GroupError):
-    code = "invalid_session_timeout"
-
-
-class UnknownGroup(GroupError):
-    code = "unknown_group"
 
 
 class StoredOffset(msgspec.Struct, array_like=True):

@@ -40,10 +40,9 @@ from typing import Any, Final, cast
 import httptools
 from aiohttp import web
 
-from broker import protocol as p
 from broker.config import Config
+from broker.errors import Internal, InvalidRequest, PayloadTooLarge, ShuttingDown
 from broker.http import Accepted, HttpApi
-from storage.errors import StorageError
 
 log = logging.getLogger("herald.http")
 
@@ -210,7 +209,7 @@ class IngestConnection(asyncio.Protocol):
             if self.state == OPEN:  # not one of our stops: a bug in a callback
                 self._internal_error(exc.__context__ or exc)
         except httptools.HttpParserError as exc:
-            self._fail(400, p.Code.INVALID_REQUEST, f"malformed HTTP request: {exc}")
+            self._fail(400, InvalidRequest.code, f"malformed HTTP request: {exc}")
         except Exception as exc:
             self._internal_error(exc)
         if not self._in_request:
@@ -253,7 +252,7 @@ class IngestConnection(asyncio.Protocol):
         if self._head > MAX_HEAD_BYTES:
             self._fail(
                 400,
-                p.Code.INVALID_REQUEST,
+                InvalidRequest.code,
                 f"request line and headers exceed {MAX_HEAD_BYTES} bytes",
             )
             raise _Stop
@@ -326,7 +325,7 @@ class IngestConnection(asyncio.Protocol):
     ) -> None:
         """The events are durable (or their sync failed): answer."""
         try:
-            exc = StorageError("sync cancelled") if fut.cancelled() else fut.exception()
+            exc = ShuttingDown("sync cancelled") if fut.cancelled() else fut.exception()
             if exc is None:
                 self.api.stats.events += accepted.events
                 self._answer(reply, 200, accepted.answer)
@@ -335,7 +334,7 @@ class IngestConnection(asyncio.Protocol):
         except Exception as exc:
             self._internal_error(exc)
 
-    def _answer(self, reply: _Reply, status: int, answer: dict[str, Any]) -> None:
+    def _answer(self, reply: _Reply, status: int, answer: Any) -> None:
         reply.status = status
         reply.body = self.api.encode(answer)
         if self.replies and self.replies[0] is reply:
@@ -359,7 +358,7 @@ class IngestConnection(asyncio.Protocol):
 
     def _too_large(self) -> None:
         limit = self.server.max_body
-        self._fail(413, "payload_too_large", f"request body exceeds max_http_body_bytes={limit}")
+        self._fail(413, PayloadTooLarge.code, f"request body exceeds max_http_body_bytes={limit}")
 
     def _internal_error(self, exc: BaseException) -> None:
         log.error("event=http_ingest_failed peer=%s state=%s", self.peer, self.state, exc_info=exc)
@@ -367,7 +366,7 @@ class IngestConnection(asyncio.Protocol):
             self.close()
         else:
             self.replies.clear()  # their order can no longer be kept: answer this and close
-            self._fail(500, p.Code.INTERNAL, "internal error")
+            self._fail(500, Internal.code, "internal error")
 
     def _guarded(self, step: Any) -> None:
         try:

@@ -1,10 +1,11 @@
 """Event-id idempotency: which ``event_id`` each tenant already published, and where it went.
 
-``POST /events`` with an ``event_id`` seen inside the window (24 h by default) is answered
-with the original partition and offset instead of being stored twice. Two LMDB tables: one
-keyed by ``tenant \\0 event_id`` for the look-up, one keyed by ``received_ms \\0 tenant \\0
-event_id`` so :meth:`EventIds.sweep` can drop expired ids in key order without scanning the
-whole store.
+An event published with an ``event_id`` seen inside the window (24 h by default) is answered
+with the original partition and offset instead of being stored twice (``broker/events.py``
+decides; this module keeps the index). Three LMDB tables: one keyed by ``tenant \\0
+event_id`` for the look-up, one keyed by ``received_ms \\0 tenant \\0 event_id`` so
+:meth:`EventIds.sweep` can drop expired ids in key order without scanning the whole store,
+and the marks: per ``__events`` partition, the offset below which every id is indexed.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ class _Nothing(msgspec.Struct, array_like=True):
     pass
 
 
+class _Mark(msgspec.Struct, array_like=True):
+    offset: int
+
+
 class EventIds:
     def __init__(self, kv: KV, window_ms: int) -> None:
         self.window_ms = window_ms
         self._by_id = kv.table("event_ids", SeenEvent)
         self._by_time = kv.table("event_ids_by_time", _Nothing)
+        self._marks = kv.table("event_ids_marks", _Mark)
+
+    def marks(self) -> dict[int, int]:
+        """Per partition, the offset below which every event's id is indexed."""
+        return {int(k): m.offset for k, m in self._marks.scan(b"")}
+
+    def put_marks(self, marks: dict[int, int]) -> None:
+        self._marks.put_many([(f"{p:010d}", _Mark(off)) for p, off in marks.items()])
 
     @staticmethod
     def _key(tenant: str, event_id: str) -> str:

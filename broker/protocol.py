@@ -14,64 +14,27 @@ cannot be skipped safely without reading it, so the connection is answered and c
 from __future__ import annotations
 
 import struct
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
+import xxhash
+
+from broker import errors
 
 PROTOCOL_VERSION: Final = 1
 _LEN = struct.Struct(">I")
 
 
-class ProtocolError(Exception):
-    """A request the server cannot act on. ``fatal`` errors close the connection."""
-
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.fatal = fatal
+# Errors are the classes of broker/errors.py: each carries its code, retriability and HTTP
+# status (codes documented in docs/PROTOCOL.md).
+ProtocolError = errors.ProtocolError
 
 
-# Error codes (stable; documented in docs/PROTOCOL.md).
-class Code:
-    BAD_FRAME: Final = "bad_frame"  # not msgpack / not a map
-    FRAME_TOO_LARGE: Final = "frame_too_large"  # fatal
-    INVALID_REQUEST: Final = "invalid_request"  # schema violation; message names the field
-    UNSUPPORTED_VERSION: Final = "unsupported_version"
-    UNAUTHENTICATED: Final = "unauthenticated"
-    FORBIDDEN: Final = "forbidden"
-    UNKNOWN_TOPIC: Final = "unknown_topic"
-    UNKNOWN_PARTITION: Final = "unknown_partition"
-    TOPIC_EXISTS: Final = "topic_exists"
-    TOPIC_BEING_DELETED: Final = "topic_being_deleted"
-    INVALID_TOPIC: Final = "invalid_topic"
-    CORRUPT_BATCH: Final = "corrupt_batch"
-    BATCH_TOO_LARGE: Final = "batch_too_large"
-    TOO_MANY_BATCHES: Final = "too_many_batches"
-    OUT_OF_ORDER_SEQUENCE: Final = "out_of_order_sequence"
-    OFFSET_OUT_OF_RANGE: Final = "offset_out_of_range"
-    STORAGE_FULL: Final = "storage_full"
-    LOG_OFFLINE: Final = "log_offline"
-    STORAGE_ERROR: Final = "storage_error"
-    UNKNOWN_MEMBER: Final = "unknown_member"
-    NOT_ASSIGNED: Final = "not_assigned"
-    INVALID_SESSION_TIMEOUT: Final = "invalid_session_timeout"
-    UNKNOWN_GROUP: Final = "unknown_group"
-    TOO_MANY_INFLIGHT: Final = "too_many_inflight"
-    SHUTTING_DOWN: Final = "shutting_down"
-    TIMEOUT: Final = "timeout"
-    INTERNAL: Final = "internal_error"
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """Stable key -> partition: xxh3_64 of the key modulo the partition count. Clients and
+    the broker use the same function, so either may choose."""
+    return xxhash.xxh3_64_intdigest(key) % partitions
 
-
-RETRIABLE: Final = frozenset(
-    {
-        Code.LOG_OFFLINE,
-        Code.SHUTTING_DOWN,
-        Code.TIMEOUT,
-        Code.TOO_MANY_INFLIGHT,
-        Code.TOPIC_BEING_DELETED,
-    }
-)
 
 # ------------------------------------------------------------------------------- framing
 
@@ -117,11 +80,7 @@ class FrameDecoder:
         while end - pos >= 4:
             (size,) = _LEN.unpack_from(data, pos)
             if size > limit:
-                raise ProtocolError(
-                    Code.FRAME_TOO_LARGE,
-                    f"frame of {size} bytes exceeds max_frame_bytes={limit}",
-                    fatal=True,
-                )
+                raise errors.FrameTooLarge(f"frame of {size} bytes exceeds max_frame_bytes={limit}")
             if end - pos - 4 < size:
                 break
             frames.append(bytes(view[pos + 4 : pos + 4 + size]))  # the one copy
@@ -252,6 +211,26 @@ class ListGroups(_Req, tag="list_groups"):
     pass
 
 
+class EventSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An event as ``publish`` carries it (the same fields as ``POST /events``; ``payload``
+    is any msgpack value that has a JSON form)."""
+
+    topic: str
+    payload: Any
+    event_id: str | None = None
+    key: str | None = None
+    users: list[str] | None = None
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+    metadata: dict[str, str] | None = None
+
+
+class Publish(_Req, tag="publish"):
+    """Publish notification events into ``__events`` (the event front door, as ``POST
+    /events/batch``). Answered once they are durable."""
+
+    events: list[EventSpec]
+
+
 class DescribeGroup(_Req, tag="describe_group"):
     group: str
 
@@ -272,6 +251,7 @@ Request = (
     | FetchOffsets
     | ListGroups
     | DescribeGroup
+    | Publish
 )
 
 # ----------------------------------------------------------------------------- responses
@@ -424,6 +404,17 @@ class GroupDescribed(_Resp, tag="group_described"):
     group: GroupInfo
 
 
+class PublishedEvent(msgspec.Struct, array_like=True):
+    event_id: str
+    partition: int
+    offset: int
+    duplicate: bool
+
+
+class Published(_Resp, tag="published"):
+    results: list[PublishedEvent]
+
+
 Response = (
     Error
     | HelloOk
@@ -441,6 +432,7 @@ Response = (
     | OffsetsFetched
     | GroupsListed
     | GroupDescribed
+    | Published
 )
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
@@ -453,20 +445,20 @@ def decode_request(payload: bytes) -> Request:
     """Decode one request frame. Raises :class:`ProtocolError` (not fatal): ``bad_frame``
     when the payload is not a msgpack map, ``invalid_request`` naming the field otherwise."""
     if not payload or not (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):
-        raise ProtocolError(Code.BAD_FRAME, "a request must be a msgpack map")
+        raise errors.BadFrame("a request must be a msgpack map")
     try:
         req: Request = _request_decoder.decode(payload)
         return req
     except msgspec.ValidationError as exc:
-        raise ProtocolError(Code.INVALID_REQUEST, str(exc)) from None
+        raise errors.InvalidRequest(str(exc), field=errors.field_of(str(exc))) from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError(Code.BAD_FRAME, f"not a msgpack message: {exc}") from None
+        raise errors.BadFrame(f"not a msgpack message: {exc}") from None
     except UnicodeDecodeError:  # msgspec raises it bare for a str that is not UTF-8
-        raise ProtocolError(Code.BAD_FRAME, "a string is not valid UTF-8") from None
+        raise errors.BadFrame("a string is not valid UTF-8") from None
     except RecursionError:
         # msgspec raises it for values nested past the interpreter's recursion limit; left
         # alone it would escape the connection handler
-        raise ProtocolError(Code.BAD_FRAME, "message nested too deeply") from None
+        raise errors.BadFrame("message nested too deeply") from None
 
 
 def request_id_of(payload: bytes) -> int:
@@ -494,4 +486,4 @@ def decode_response(payload: bytes) -> Response:
         resp: Response = _response_decoder.decode(payload)
         return resp
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise ProtocolError(Code.BAD_FRAME, f"bad response frame: {exc}") from None
+        raise errors.BadFrame(f"bad response frame: {exc}") from None

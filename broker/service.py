@@ -1,9 +1,21 @@
-"""The broker's operations, independent of the wire: the TCP server and the HTTP API both
-call these with an authenticated :class:`Principal`.
+"""The broker's front door: the one way into the log.
 
-Everything here runs on the event loop. The produce path is synchronous up to the page
-cache (validate, stamp, write); waiting for durability is the caller's choice, so the TCP
-layer can answer pipelined requests from callbacks without a task per request.
+The TCP server, the HTTP API, the event intake (``broker/events.py``) and the node's own
+engines (``broker/local.py``) all call :class:`BrokerService` with an authenticated
+:class:`Principal`; none of them touches a partition. Each operation checks scopes and
+tenancy, validates limits and answers in the protocol's own types (``broker/protocol.py``),
+so a transport only parses, authenticates, calls and encodes.
+
+Acknowledgements: :meth:`BrokerService.produce` appends (validate, stamp, queue for the
+worker threads) and returns an :class:`Appended` whose ``ack`` is the future to wait for
+before answering, chosen in one place by ``acks`` through :mod:`broker.replication` (where
+the cluster's replication plugs in). A state change that an answer depends on (an issued
+producer id, a committed offset) is durable before the answer, or can be rebuilt from the
+log.
+
+Everything here runs on the event loop; operations that must wait (fetch long polls, topic
+deletion, syncs of the state store) are coroutines, the rest are plain calls, so the TCP
+server can answer most requests inside ``data_received``.
 """
 
 from __future__ import annotations
@@ -13,45 +25,31 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal, cast
 
-import msgspec
-
 from broker import protocol as p
-from broker.auth import Forbidden, Principal
+from broker.auth import Principal
 from broker.config import Config
-from broker.groups import GroupCoordinator, StoredOffset, UnknownGroup
-from broker.topics import (
-    EVENTS_TOPIC,
-    InvalidTopic,
-    TopicOwner,
-    is_internal,
-    partition_for_key,
-    validate_topic_name,
+from broker.errors import (
+    BatchTooLarge,
+    InvalidRequest,
+    ShuttingDown,
+    TooManyBatches,
+    UnknownGroup,
+    UnknownPartition,
+    UnknownTopic,
 )
-from storage.errors import OffsetOutOfRange, StorageError
+from broker.groups import GroupCoordinator, StoredOffset
+from broker.producer_ids import ProducerIds
+from broker.replication import Acks, LocalReplication, Replication
+from broker.topics import Topics, partition_for_key
+from storage.errors import StorageError
 from storage.kv import KV
-from storage.log import Log, TopicExists, UnknownTopic
-from storage.partition import AppendResult, Partition
+from storage.log import Log
+from storage.partition import Partition
 
 log = logging.getLogger("herald.broker")
-
-
-class UnknownPartition(Exception):
-    code = "unknown_partition"
-
-
-class BadRequest(Exception):
-    """A request that is well-formed on the wire but not acceptable (limits, values)."""
-
-    def __init__(self, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.field = field
-
-
-class Counter(msgspec.Struct, array_like=True):
-    value: int
 
 
 def now_ms() -> int:
@@ -62,19 +60,36 @@ def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+@dataclass(slots=True)
+class Appended:
+    """An append accepted by the front door. Answer the producer once ``ack`` resolves (at
+    once if it is None); ``ack`` fails with the storage error if the append does. A
+    ``duplicate`` (an idempotent producer's retry) carries the original offsets, and its
+    ``ack`` still waits for the original to be as durable as ``acks`` asks."""
+
+    topic: str
+    partition: int
+    base_offset: int
+    last_offset: int
+    duplicate: bool
+    ack: asyncio.Future[None] | None
+
+
 class BrokerService:
-    def __init__(self, config: Config, log_: Log, kv: KV) -> None:
+    def __init__(
+        self, config: Config, log_: Log, kv: KV, replication: Replication | None = None
+    ) -> None:
         self.config = config
         self.log = log_
         self.kv = kv
-        self._owners = kv.table("topic_owners", TopicOwner)
-        self._owner_cache: dict[str, str | None] = {}  # read on every request: keep off LMDB
-        self._counters = kv.table("counters", Counter)
+        self.replication: Replication = replication or LocalReplication()
+        self.topics = Topics(config, log_, kv)
+        self.producer_ids = ProducerIds(kv)
         self._round_robin: dict[str, itertools.count[int]] = {}
         g = config.groups
         self.groups = GroupCoordinator(
             kv,
-            self._partition_count,
+            self.topics.partition_count,
             clock_ms=monotonic_ms,
             wall_ms=now_ms,
             min_session_timeout_ms=g.min_session_timeout_ms,
@@ -82,6 +97,7 @@ class BrokerService:
             default_session_timeout_ms=g.default_session_timeout_ms,
             default_assignor=g.default_assignor,
         )
+        self.topics.on_change = self.groups.topics_changed
         self.stopping = False
         self._stop_waiters: set[asyncio.Future[None]] = set()
 
@@ -93,109 +109,35 @@ class BrokerService:
             if not fut.done():
                 fut.set_result(None)
 
+    def health(self) -> dict[str, object]:
+        """What ``/healthz`` reports: ``ok``, ``degraded`` (some partitions cannot take
+        writes) or ``shutting_down``."""
+        offline = [part.name for part in self.log.partitions.values() if part.offline]
+        status = "shutting_down" if self.stopping else ("degraded" if offline else "ok")
+        return {
+            "status": status,
+            "node_id": self.config.node_id,
+            "topics": len(self.log.topics),
+            "partitions": len(self.log.partitions),
+            "offline_partitions": offline,
+        }
+
     # ------------------------------------------------------------------------ topics
-    def _partition_count(self, topic: str) -> int | None:
-        meta = self.log.topics.get(topic)
-        return meta.partitions if meta else None
-
-    def owner_of(self, topic: str) -> str | None:
-        try:
-            return self._owner_cache[topic]
-        except KeyError:
-            owner = self._owners.get(topic)
-            tenant = self._owner_cache[topic] = owner.tenant if owner else None
-            return tenant
-
-    def _set_owner(self, topic: str, tenant: str | None) -> None:
-        if tenant is None:
-            self._owners.delete(topic)
-        else:
-            self._owners.put(topic, TopicOwner(tenant))
-        self._owner_cache[topic] = tenant
-
-    def visible(self, principal: Principal, topic: str) -> bool:
-        if topic not in self.log.topics:
-            return False
-        if principal.operator:
-            return True
-        if is_internal(topic):
-            return False
-        return self.owner_of(topic) == principal.tenant
-
-    def ensure_internal_topics(self) -> None:
-        if EVENTS_TOPIC not in self.log.topics:
-            self.log.create_topic(
-                EVENTS_TOPIC,
-                self.config.topics.events_partitions,
-                self.config.partition_config(),
-                internal=True,
-            )
-            self._set_owner(EVENTS_TOPIC, "*")
-
-    def create_topic(
-        self,
-        principal: Principal,
-        name: str,
-        *,
-        partitions: int | None = None,
-        retention_ms: int | None = None,
-        retention_bytes: int | None = None,
-        exist_ok: bool = False,
-    ) -> tuple[p.TopicInfo, bool]:
+    def create_topic(self, principal: Principal, req: p.CreateTopic) -> tuple[p.TopicInfo, bool]:
         principal.require("admin")
-        validate_topic_name(name)
-        n = self.config.topics.partitions if partitions is None else partitions
-        if not 1 <= n <= 10_000:
-            raise BadRequest("invalid_request", "partitions must be in [1, 10000]", "partitions")
-        for fld, val in (("retention_ms", retention_ms), ("retention_bytes", retention_bytes)):
-            if val is not None and val <= 0:
-                raise BadRequest("invalid_request", f"{fld} must be positive", fld)
-        if name in self.log.topics:
-            if exist_ok and self.visible(principal, name):
-                return self.topic_info(name), False
-            raise TopicExists(f"topic {name!r} already exists")
-        cfg = self.config.partition_config(
-            retention_ms=retention_ms if retention_ms is not None else "default",
-            retention_bytes=retention_bytes if retention_bytes is not None else "default",
+        return self.topics.create(
+            principal,
+            req.topic,
+            partitions=req.partitions,
+            retention_ms=req.retention_ms,
+            retention_bytes=req.retention_bytes,
+            exist_ok=req.exist_ok,
         )
-        self._set_owner(name, principal.tenant)
-        self.log.create_topic(name, n, cfg)
-        self.groups.topics_changed()
-        log.info("event=topic_created topic=%s partitions=%d tenant=%s", name, n, principal.tenant)
-        return self.topic_info(name), True
 
     async def delete_topic(self, principal: Principal, name: str) -> None:
         principal.require("admin")
-        if not self.visible(principal, name) or is_internal(name):
-            raise UnknownTopic(f"unknown topic {name!r}")
-        await self.log.delete_topic(name)
-        self._set_owner(name, None)
+        await self.topics.delete(principal, name)
         self.groups.delete_topic_offsets(name)
-        self.groups.topics_changed()
-        log.info("event=topic_deleted topic=%s tenant=%s", name, principal.tenant)
-
-    def topic_info(self, name: str) -> p.TopicInfo:
-        meta = self.log.topics[name]
-        parts = []
-        for i in range(meta.partitions):
-            part = self.log.partition(name, i)
-            parts.append(
-                p.PartitionInfo(
-                    partition=i,
-                    leader=self.config.node_id,
-                    log_start_offset=part.log_start_offset,
-                    high_watermark=part.high_watermark,
-                    size_bytes=part.size_bytes,
-                    segments=len(part.segments),
-                )
-            )
-        return p.TopicInfo(
-            name=name,
-            partitions=parts,
-            internal=meta.internal,
-            retention_ms=meta.config.retention_ms,
-            retention_bytes=meta.config.retention_bytes,
-        )
 
     def metadata(
         self, principal: Principal, topics: Sequence[str] | None, *, auto_create: bool = False
@@ -204,39 +146,15 @@ class BrokerService:
         out = []
         for name in names:
             if auto_create and "produce" in principal.scopes:
-                self._topic_for(principal, name, produce=True)
-            if self.visible(principal, name):
-                out.append(self.topic_info(name))
+                self.topics.usable(principal, name, produce=True)
+            if self.topics.visible(principal, name):
+                out.append(self.topics.info(name))
             elif topics is not None:
                 raise UnknownTopic(f"unknown topic {name!r}")
         return out
 
-    def _topic_for(self, principal: Principal, topic: str, *, produce: bool) -> int:
-        """Partition count of a topic the principal may use, auto-creating on produce when
-        the config allows it."""
-        if not self.visible(principal, topic):
-            if (
-                produce
-                and topic not in self.log.topics
-                and self.config.topics.auto_create
-                and not is_internal(topic)
-            ):
-                try:
-                    validate_topic_name(topic)
-                except InvalidTopic:
-                    raise UnknownTopic(f"unknown topic {topic!r}") from None
-                self._set_owner(topic, principal.tenant)
-                self.log.create_topic(
-                    topic, self.config.topics.partitions, self.config.partition_config()
-                )
-                self.groups.topics_changed()
-                log.info("event=topic_auto_created topic=%s tenant=%s", topic, principal.tenant)
-            else:
-                raise UnknownTopic(f"unknown topic {topic!r}")
-        return self.log.topics[topic].partitions
-
     def partition(self, principal: Principal, topic: str, index: int) -> Partition:
-        n = self._topic_for(principal, topic, produce=False)
+        n = self.topics.usable(principal, topic, produce=False)
         if not 0 <= index < n:
             raise UnknownPartition(f"topic {topic!r} has partitions 0..{n - 1}, not {index}")
         return self.log.partition(topic, index)
@@ -250,27 +168,16 @@ class BrokerService:
         *,
         partition: int | None = None,
         key: bytes | None = None,
-    ) -> tuple[int, Partition, AppendResult]:
-        """Append to page cache; the caller awaits durability per ``acks``."""
+        acks: Acks = -1,
+    ) -> Appended:
+        """Append record batches to one partition: ``partition`` if given, else the one of
+        ``key``'s hash, else round robin. Raises before anything is appended if the request
+        is not acceptable (scope, limits, unknown partition, stopping)."""
         principal.require("produce")
         if self.stopping:
-            raise BadRequest(p.Code.SHUTTING_DOWN, "the node is shutting down")
-        limits = self.config.limits
-        if len(batches) > limits.max_batches_per_request:
-            raise BadRequest(
-                p.Code.TOO_MANY_BATCHES,
-                f"{len(batches)} batches exceed max_batches_per_request="
-                f"{limits.max_batches_per_request}",
-                "batches",
-            )
-        for b in batches:
-            if len(b) > limits.max_batch_bytes:
-                raise BadRequest(
-                    p.Code.BATCH_TOO_LARGE,
-                    f"batch of {len(b)} bytes exceeds max_batch_bytes={limits.max_batch_bytes}",
-                    "batches",
-                )
-        n = self._topic_for(principal, topic, produce=True)
+            raise ShuttingDown("the node is shutting down")
+        self.check_batches(batches)
+        n = self.topics.usable(principal, topic, produce=True)
         if partition is None:
             if key is not None:
                 partition = partition_for_key(key, n)
@@ -281,15 +188,41 @@ class BrokerService:
                 partition = next(rr) % n
         elif not 0 <= partition < n:
             raise UnknownPartition(f"topic {topic!r} has partitions 0..{n - 1}, not {partition}")
-        part = self.log.partition(topic, partition)
-        return partition, part, part.append_nowait(batches)
+        return self.append(topic, partition, batches, acks)
 
-    def init_producer(self, principal: Principal) -> int:
+    def check_batches(self, batches: Sequence[bytes]) -> None:
+        """The request limits every append obeys, whoever built the batches."""
+        limits = self.config.limits
+        if len(batches) > limits.max_batches_per_request:
+            raise TooManyBatches(
+                f"{len(batches)} batches exceed max_batches_per_request="
+                f"{limits.max_batches_per_request}",
+                field="batches",
+            )
+        for b in batches:
+            if len(b) > limits.max_batch_bytes:
+                raise BatchTooLarge(
+                    f"batch of {len(b)} bytes exceeds max_batch_bytes={limits.max_batch_bytes}",
+                    field="batches",
+                )
+
+    def append(self, topic: str, partition: int, batches: Sequence[bytes], acks: Acks) -> Appended:
+        """Append to a partition the caller already chose and may use (the event intake
+        places events itself). Limits are checked by the caller (:meth:`check_batches`)."""
+        if self.stopping:
+            raise ShuttingDown("the node is shutting down")
+        part = self.log.partition(topic, partition)
+        result = part.append_nowait(batches)
+        ack = self.replication.ack_future(part, result.last_offset + 1, acks)
+        return Appended(
+            topic, partition, result.base_offset, result.last_offset, result.duplicate, ack
+        )
+
+    async def init_producer(self, principal: Principal) -> int:
+        """A producer id never issued before, durable before it is returned (a power cut
+        must not hand it out again: the log may already hold its records)."""
         principal.require("produce")
-        current = self._counters.get("producer_id")
-        nxt = (current.value if current else 0) + 1
-        self._counters.put("producer_id", Counter(nxt))
-        return nxt
+        return await self.producer_ids.issue()
 
     # ------------------------------------------------------------------------- fetch
     async def fetch_pass(
@@ -298,8 +231,7 @@ class BrokerService:
         """One pass over the requested partitions. Returns the results, the bytes found and
         the partitions that had nothing (for a long poll to wait on). Reads within the
         page-cache window are served at once; a read further back (a consumer catching up)
-        runs in a worker thread (:meth:`Partition.read_async`), so the loop never waits on
-        the disk."""
+        runs in a worker thread, so the loop never waits on the disk."""
         principal.require("consume")
         budget = min(req.max_bytes, self.config.limits.max_fetch_bytes)
         results: list[p.FetchedPartition] = []
@@ -316,8 +248,6 @@ class BrokerService:
             try:
                 if budget > 0:
                     data = await part.read_async(fp.offset, min(fp.max_bytes, budget))
-            except OffsetOutOfRange as exc:
-                error = exc.code
             except StorageError as exc:
                 error = exc.code
             budget -= len(data)
@@ -325,14 +255,13 @@ class BrokerService:
             if not data and error is None:
                 empty.append(part)
             # msgspec encodes any bytes-like object as bin: pass the read buffer as it is
-            records_ = cast(bytes, data)
             results.append(
                 p.FetchedPartition(
                     fp.topic,
                     fp.partition,
                     part.high_watermark,
                     part.log_start_offset,
-                    records_,
+                    cast(bytes, data),
                     error,
                 )
             )
@@ -380,8 +309,87 @@ class BrokerService:
     # ------------------------------------------------------------------------ groups
     def _check_topics(self, principal: Principal, topics: Iterable[str]) -> None:
         for t in topics:
-            if not self.visible(principal, t):
+            if not self.topics.visible(principal, t):
                 raise UnknownTopic(f"unknown topic {t!r}")
+
+    def join_group(self, principal: Principal, req: p.JoinGroup) -> p.Joined:
+        principal.require("consume")
+        self._check_topics(principal, req.topics)
+        member, group, assignment = self.groups.join(
+            principal.qualify_group(req.group),
+            req.topics,
+            member_id=req.member_id,
+            session_timeout_ms=req.session_timeout_ms,
+            assignor=req.assignor,
+            client_id=req.client_id,
+        )
+        return p.Joined(
+            id=req.id,
+            group=req.group,
+            member_id=member.member_id,
+            generation=group.generation,
+            session_timeout_ms=member.session_timeout_ms,
+            heartbeat_interval_ms=max(100, member.session_timeout_ms // 3),
+            assignment=assignment,
+        )
+
+    def heartbeat(self, principal: Principal, req: p.Heartbeat) -> p.HeartbeatResult:
+        principal.require("consume")
+        group, assignment = self.groups.heartbeat(
+            principal.qualify_group(req.group), req.member_id, req.owned
+        )
+        return p.HeartbeatResult(
+            id=req.id,
+            generation=group.generation,
+            assignment=assignment,
+            rebalancing=group.rebalancing,
+        )
+
+    def leave_group(self, principal: Principal, req: p.LeaveGroup) -> p.Left:
+        principal.require("consume")
+        self.groups.leave(principal.qualify_group(req.group), req.member_id)
+        return p.Left(id=req.id)
+
+    async def commit_offsets(self, principal: Principal, req: p.CommitOffsets) -> p.Committed:
+        """Store the offsets, then sync the state store before answering: an acknowledged
+        commit survives a power cut. Concurrent commits share one sync (group commit)."""
+        principal.require("consume")
+        self._check_topics(principal, {t for t, _p, _o in req.offsets})
+        for i, (topic, partition, offset) in enumerate(req.offsets):
+            n = self.topics.partition_count(topic) or 0
+            if not 0 <= partition < n:
+                raise UnknownPartition(
+                    f"topic {topic!r} has partitions 0..{n - 1}, not {partition}",
+                    field=f"offsets[{i}]",
+                )
+            if offset < 0:
+                raise InvalidRequest("offsets must not be negative", field=f"offsets[{i}]")
+        n = self.groups.commit(
+            principal.qualify_group(req.group),
+            req.offsets,
+            member_id=req.member_id,
+            metadata=req.metadata,
+        )
+        await self.kv.sync()
+        return p.Committed(id=req.id, count=n)
+
+    def fetch_offsets(self, principal: Principal, req: p.FetchOffsets) -> p.OffsetsFetched:
+        principal.require("consume")
+        coord = self.groups
+        qname = principal.qualify_group(req.group)
+        if req.partitions is None:
+            found = [
+                p.CommittedOffset(t, i, o.offset, o.metadata)
+                for t, i, o in coord.group_offsets(qname)
+            ]
+        else:
+            found = []
+            for t, i in req.partitions:
+                o = coord.committed(qname, t, i)
+                found.append(
+                    p.CommittedOffset(t, i, o.offset if o else -1, o.metadata if o else "")
+                )
+        return p.OffsetsFetched(id=req.id, offsets=found)
 
     def describe_group(self, principal: Principal, group: str) -> p.GroupInfo:
         principal.require("consume")
@@ -431,15 +439,3 @@ class BrokerService:
         if principal.operator:
             return names
         return [n[len(prefix) :] for n in names]
-
-
-def error_fields(exc: BaseException) -> tuple[str, str, bool]:
-    """(code, message, retriable) for an exception raised by an operation."""
-    code = getattr(exc, "code", None)
-    if isinstance(exc, p.ProtocolError):
-        return exc.code, exc.message, False
-    if isinstance(code, str):
-        return code, str(exc), code in p.RETRIABLE
-    if isinstance(exc, Forbidden):
-        return p.Code.FORBIDDEN, str(exc), False
-    return p.Code.INTERNAL, f"internal error: {type(exc).__name__}", True

@@ -1,11 +1,14 @@
 """The msgpack TCP server: a thin asyncio ``Protocol`` around :mod:`broker.protocol` and
 :class:`BrokerService`.
 
-Hot path: bytes -> frames -> requests, handled inside ``data_received``; a produce with
-``acks=all`` registers a callback on the partition's next sync instead of spawning a task, and
-replies collected during one loop iteration leave in one ``writelines``. Only requests that
-must wait (long-poll fetches, topic deletion) get a task, owned by the connection and
-cancelled with it.
+Hot path: bytes -> frames -> requests, dispatched by op through a table of handlers
+(:func:`handler_table`) inside ``data_received``. A handler calls the front door and returns
+the reply, or a :class:`Pending` reply when the front door handed back an acknowledgement to
+wait for (a produce or publish: a callback on the future, no task per request), or a
+coroutine for requests that must wait (long-poll fetches, topic deletion, offset commits and
+producer ids, which wait for the state store's sync): those get a task owned by the
+connection and cancelled with it. Replies collected during one loop iteration leave in one
+``writelines``.
 
 Back-pressure: when a connection has ``max_inflight_per_connection`` requests waiting, or its
 socket's write buffer is full, the server stops reading from it until that drains; the kernel's
@@ -17,15 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, get_args
 
 from broker import protocol as p
-from broker.auth import Authenticator, AuthError, Principal
+from broker.auth import Authenticator, Principal
 from broker.config import Config
-from broker.service import BrokerService, error_fields
-from storage.errors import StorageError
-from storage.partition import AppendResult
+from broker.dispatch import Pending, handler_table
+from broker.errors import (
+    ShuttingDown,
+    TooManyConnections,
+    Unauthenticated,
+    UnsupportedVersion,
+    describe,
+)
+from broker.events import EventIntake
+from broker.service import BrokerService
 
 log = logging.getLogger("herald.tcp")
 
@@ -68,15 +78,9 @@ class BrokerProtocol(asyncio.Protocol):
         stats = self.server.stats
         if stats.open >= self.server.config.limits.max_connections:
             stats.rejected += 1
+            exc = TooManyConnections("connection limit reached")
             transport.write(  # type: ignore[attr-defined]
-                p.encode_message(
-                    p.Error(
-                        id=0,
-                        code="too_many_connections",
-                        message="connection limit reached",
-                        retriable=True,
-                    )
-                )
+                p.encode_message(p.Error(id=0, code=exc.code, message=str(exc), retriable=True))
             )
             transport.close()
             self.closed = True
@@ -128,11 +132,11 @@ class BrokerProtocol(asyncio.Protocol):
             self.transport.writelines(out)
 
     def send_error(self, rid: int, exc: BaseException) -> None:
-        code, message, retriable = error_fields(exc)
+        err = describe(exc)
         self.server.stats.errors += 1
-        if code == p.Code.INTERNAL:
-            log.exception("event=request_failed peer=%s id=%d", self.peer, rid, exc_info=exc)
-        self.send(p.Error(id=rid, code=code, message=message, retriable=retriable))
+        if err.http_status >= 500 and err.code == "internal_error":
+            log.error("event=request_failed peer=%s id=%d", self.peer, rid, exc_info=exc)
+        self.send(p.Error(id=rid, code=err.code, message=err.message, retriable=err.retriable))
 
     def close_with(self, rid: int, exc: BaseException) -> None:
         self.send_error(rid, exc)
@@ -168,132 +172,26 @@ class BrokerProtocol(asyncio.Protocol):
                 self.send_error(req.id, exc)
 
     def handle(self, req: p.Request) -> None:
+        """Answer one request: at once, when its acknowledgement resolves, or (for requests
+        that must wait) from a task owned by this connection."""
+        principal = self.principal
         if isinstance(req, p.Hello):
             self.on_hello(req)
             return
-        principal = self.principal
         if principal is None:
-            raise AuthError("send a hello with an API key first")
-        svc = self.service
-        if isinstance(req, p.Produce):
-            partition, part, result = svc.produce(
-                principal, req.topic, req.batches, partition=req.partition, key=req.key
-            )
-            if req.acks != 0 and not result.duplicate:
-                end = result.last_offset + 1
-                fut = part.durable_future(end) if req.acks == -1 else part.written_future(end)
-                if fut is not None:
-                    self._track(fut, self._produced_cb(req, partition, result))
-                    return
-            self.send(self._produced(req, partition, result))
-        elif isinstance(req, p.Fetch):
-            self._spawn(req.id, self._fetch(principal, req))
-        elif isinstance(req, p.ListOffsets):
-            off = svc.list_offsets(principal, req.topic, req.partition, req.spec)
-            self.send(p.Offsets(id=req.id, topic=req.topic, partition=req.partition, offset=off))
-        elif isinstance(req, p.Metadata):
-            self.send(
-                p.MetadataResult(
-                    id=req.id,
-                    node_id=self.server.config.node_id,
-                    topics=svc.metadata(principal, req.topics, auto_create=req.auto_create),
-                )
-            )
-        elif isinstance(req, p.CreateTopic):
-            info, created = svc.create_topic(
-                principal,
-                req.topic,
-                partitions=req.partitions,
-                retention_ms=req.retention_ms,
-                retention_bytes=req.retention_bytes,
-                exist_ok=req.exist_ok,
-            )
-            self.send(p.TopicCreated(id=req.id, topic=info, created=created))
-        elif isinstance(req, p.DeleteTopic):
-            self._spawn(req.id, self._delete_topic(principal, req))
-        elif isinstance(req, p.InitProducer):
-            self.send(p.ProducerId(id=req.id, producer_id=svc.init_producer(principal)))
+            raise Unauthenticated("send a hello with an API key first")
+        outcome = self.server.handlers[type(req)](principal, req)
+        if isinstance(outcome, Pending):
+            self._track(outcome.ack, req.id, outcome.reply)
+        elif asyncio.iscoroutine(outcome):
+            self._spawn(req.id, outcome)
         else:
-            self.handle_group(principal, req)
-
-    def handle_group(self, principal: Principal, req: p.Request) -> None:
-        svc = self.service
-        coord = svc.groups
-        if isinstance(req, p.ListGroups):
-            self.send(p.GroupsListed(id=req.id, groups=svc.list_groups(principal)))
-            return
-        principal.require("consume")
-        if isinstance(req, p.JoinGroup):
-            svc._check_topics(principal, req.topics)
-            member, group, assignment = coord.join(
-                principal.qualify_group(req.group),
-                req.topics,
-                member_id=req.member_id,
-                session_timeout_ms=req.session_timeout_ms,
-                assignor=req.assignor,
-                client_id=req.client_id,
-            )
-            self.send(
-                p.Joined(
-                    id=req.id,
-                    group=req.group,
-                    member_id=member.member_id,
-                    generation=group.generation,
-                    session_timeout_ms=member.session_timeout_ms,
-                    heartbeat_interval_ms=max(100, member.session_timeout_ms // 3),
-                    assignment=assignment,
-                )
-            )
-        elif isinstance(req, p.Heartbeat):
-            group, assignment = coord.heartbeat(
-                principal.qualify_group(req.group), req.member_id, req.owned
-            )
-            self.send(
-                p.HeartbeatResult(
-                    id=req.id,
-                    generation=group.generation,
-                    assignment=assignment,
-                    rebalancing=group.rebalancing,
-                )
-            )
-        elif isinstance(req, p.LeaveGroup):
-            coord.leave(principal.qualify_group(req.group), req.member_id)
-            self.send(p.Left(id=req.id))
-        elif isinstance(req, p.CommitOffsets):
-            svc._check_topics(principal, {t for t, _p, _o in req.offsets})
-            n = coord.commit(
-                principal.qualify_group(req.group),
-                req.offsets,
-                member_id=req.member_id,
-                metadata=req.metadata,
-            )
-            self.send(p.Committed(id=req.id, count=n))
-        elif isinstance(req, p.FetchOffsets):
-            qname = principal.qualify_group(req.group)
-            if req.partitions is None:
-                found = [
-                    p.CommittedOffset(t, i, o.offset, o.metadata)
-                    for t, i, o in coord.group_offsets(qname)
-                ]
-            else:
-                found = []
-                for t, i in req.partitions:
-                    o = coord.committed(qname, t, i)
-                    found.append(
-                        p.CommittedOffset(t, i, o.offset if o else -1, o.metadata if o else "")
-                    )
-            self.send(p.OffsetsFetched(id=req.id, offsets=found))
-        elif isinstance(req, p.DescribeGroup):
-            self.send(p.GroupDescribed(id=req.id, group=svc.describe_group(principal, req.group)))
-        else:  # pragma: no cover - the union is exhaustive
-            raise p.ProtocolError(p.Code.INVALID_REQUEST, f"unsupported op {type(req).__name__}")
+            self.send(outcome)
 
     def on_hello(self, req: p.Hello) -> None:
         if req.version != p.PROTOCOL_VERSION:
-            raise p.ProtocolError(
-                p.Code.UNSUPPORTED_VERSION,
-                f"protocol version {req.version} unsupported; "
-                f"this node speaks {p.PROTOCOL_VERSION}",
+            raise UnsupportedVersion(
+                f"protocol version {req.version} unsupported; this node speaks {p.PROTOCOL_VERSION}"
             )
         self.principal = self.server.auth.authenticate(req.api_key)
         self.send(
@@ -307,42 +205,25 @@ class BrokerProtocol(asyncio.Protocol):
         )
 
     # ------------------------------------------------------------ waiting requests
-    @staticmethod
-    def _produced(req: p.Produce, partition: int, result: AppendResult) -> p.Produced:
-        return p.Produced(
-            id=req.id,
-            topic=req.topic,
-            partition=partition,
-            base_offset=result.base_offset,
-            last_offset=result.last_offset,
-            duplicate=result.duplicate,
-        )
-
-    def _produced_cb(
-        self, req: p.Produce, partition: int, result: AppendResult
-    ) -> Callable[[asyncio.Future[None]], None]:
-        def done(fut: asyncio.Future[None]) -> None:
-            exc = fut.exception() if not fut.cancelled() else StorageError("cancelled")
-            if exc is not None:
-                self.send_error(req.id, exc)
-            else:
-                self.send(self._produced(req, partition, result))
-
-        return done
-
-    def _track(self, fut: asyncio.Future[None], cb: Callable[[asyncio.Future[None]], None]) -> None:
+    def _track(self, ack: asyncio.Future[Any], rid: int, reply: Any) -> None:
+        """Send ``reply`` once ``ack`` resolves (or the error it fails with). A callback,
+        not a task: a produce costs no task per request."""
         self.inflight += 1
         if self.inflight >= self.max_inflight:
             self._update_reading()
 
-        def finished(f: asyncio.Future[None]) -> None:
+        def finished(fut: asyncio.Future[Any]) -> None:
             self.inflight -= 1
-            cb(f)
+            exc = fut.exception() if not fut.cancelled() else ShuttingDown("cancelled")
+            if exc is not None:
+                self.send_error(rid, exc)
+            else:
+                self.send(reply)
             self._update_reading()
 
-        fut.add_done_callback(finished)
+        ack.add_done_callback(finished)
 
-    def _spawn(self, rid: int, coro: Any) -> None:
+    def _spawn(self, rid: int, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         self.inflight += 1
@@ -355,24 +236,23 @@ class BrokerProtocol(asyncio.Protocol):
                 exc = t.exception()
                 if exc is not None:
                     self.send_error(rid, exc)
+                else:
+                    self.send(t.result())
             self._update_reading()
 
         task.add_done_callback(finished)
 
-    async def _fetch(self, principal: Principal, req: p.Fetch) -> None:
-        results = await self.service.fetch(principal, req)
-        self.send(p.Fetched(id=req.id, partitions=results))
-
-    async def _delete_topic(self, principal: Principal, req: p.DeleteTopic) -> None:
-        await self.service.delete_topic(principal, req.topic)
-        self.send(p.TopicDeleted(id=req.id, topic=req.topic))
-
 
 class TcpServer:
-    def __init__(self, config: Config, service: BrokerService, auth: Authenticator) -> None:
+    def __init__(
+        self, config: Config, service: BrokerService, intake: EventIntake, auth: Authenticator
+    ) -> None:
         self.config = config
         self.service = service
         self.auth = auth
+        self.handlers = handler_table(service, intake, config.node_id)
+        # every op of the protocol has a handler (hello is the connection's own)
+        assert set(self.handlers) | {p.Hello} == set(get_args(p.Request))
         self.stats = ConnectionStats()
         self.connections: set[BrokerProtocol] = set()
         self._server: asyncio.Server | None = None

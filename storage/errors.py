@@ -1,7 +1,9 @@
 """The storage layer's exceptions: one hierarchy under :class:`StorageError`.
 
-Each class carries a stable ``code`` that the wire protocol and the HTTP layer map to a
-response, so a producer sees ``storage_full`` rather than a stack trace.
+Each class carries a stable ``code``, whether a client may retry (``retriable``) and the HTTP
+status that fits it (``http_status``): the broker's transports answer from these three
+attributes (``broker/errors.py`` describes the whole vocabulary), so a producer sees
+``storage_full`` rather than a stack trace.
 """
 
 from __future__ import annotations
@@ -11,24 +13,32 @@ class StorageError(Exception):
     """Base of every error the storage layer raises on purpose."""
 
     code = "storage_error"
+    retriable = False
+    http_status = 500
 
 
 class CorruptBatch(StorageError):
     """A record batch failed validation: bad magic, length, checksum or record section."""
 
     code = "corrupt_batch"
+    retriable = False
+    http_status = 400
 
 
 class IncompleteBatch(CorruptBatch):
     """The input ends before the batch does (a truncated frame or a torn log tail)."""
 
     code = "incomplete_batch"
+    retriable = False
+    http_status = 400
 
 
 class OffsetOutOfRange(StorageError):
     """A read asked for an offset below the log start or above the high watermark."""
 
     code = "offset_out_of_range"
+    retriable = False
+    http_status = 416
 
     def __init__(self, offset: int, log_start: int, high_watermark: int) -> None:
         super().__init__(
@@ -44,6 +54,8 @@ class StorageFull(StorageError):
     """The disk is full (ENOSPC/EDQUOT). The append was rolled back and not acknowledged."""
 
     code = "storage_full"
+    retriable = True
+    http_status = 507
 
 
 class LogOffline(StorageError):
@@ -51,6 +63,8 @@ class LogOffline(StorageError):
     fsync: the page cache may have dropped the data, so retrying the sync proves nothing)."""
 
     code = "log_offline"
+    retriable = False
+    http_status = 503
 
 
 class DuplicateSequence(StorageError):
@@ -58,6 +72,8 @@ class DuplicateSequence(StorageError):
     producer: the broker answers with the original offsets)."""
 
     code = "duplicate_sequence"
+    retriable = False
+    http_status = 409
 
 
 class OutOfOrderSequence(StorageError):
@@ -65,9 +81,33 @@ class OutOfOrderSequence(StorageError):
     log remembers; the producer must reset (new producer id)."""
 
     code = "out_of_order_sequence"
+    retriable = False
+    http_status = 409
 
 
 class LogClosed(StorageError):
     """The partition or log was closed."""
 
     code = "log_closed"
+    retriable = True
+    http_status = 503
+
+
+class TopicExists(StorageError):
+    code = "topic_exists"
+    retriable = False
+    http_status = 409
+
+
+class UnknownTopic(StorageError):
+    code = "unknown_topic"
+    retriable = False
+    http_status = 404
+
+
+class TopicBeingDeleted(StorageError):
+    """The name is free once the deletion in progress has moved the old files away."""
+
+    code = "topic_being_deleted"
+    retriable = True
+    http_status = 409

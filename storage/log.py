@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from storage.errors import StorageError
+from storage.errors import StorageError, TopicBeingDeleted, TopicExists, UnknownTopic
 from storage.partition import Partition, PartitionConfig, RecoveryReport
 from storage.segment import fsync_dir
 
@@ -33,20 +33,10 @@ class TopicMeta(msgspec.Struct, frozen=True, kw_only=True):
     config: PartitionConfig
     created_ms: int
     internal: bool = False
-
-
-class TopicExists(StorageError):
-    code = "topic_exists"
-
-
-class UnknownTopic(StorageError):
-    code = "unknown_topic"
-
-
-class TopicBeingDeleted(StorageError):
-    """The name is free once the deletion in progress has moved the old files away."""
-
-    code = "topic_being_deleted"
+    # who the topic belongs to (the broker's tenant), kept with the topic itself so that a
+    # topic and its owner become durable in one step (None: topics made before owners were
+    # kept here; the broker falls back to its own record)
+    owner: str | None = None
 
 
 _meta_enc = msgspec.msgpack.Encoder()
@@ -98,7 +88,13 @@ class Log:
         return reports
 
     def create_topic(
-        self, name: str, partitions: int, config: PartitionConfig, *, internal: bool = False
+        self,
+        name: str,
+        partitions: int,
+        config: PartitionConfig,
+        *,
+        internal: bool = False,
+        owner: str | None = None,
     ) -> TopicMeta:
         if name in self.topics:
             raise TopicExists(f"topic {name!r} already exists")
@@ -118,6 +114,7 @@ class Log:
             config=config,
             created_ms=time.time_ns() // 1_000_000,
             internal=internal,
+            owner=owner,
         )
         for p in range(partitions):
             part, _ = Partition.open(path / str(p), config, name=f"{name}-{p}")

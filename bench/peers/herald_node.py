@@ -1,4 +1,4 @@
-"""The Herald node under test: ``python -m broker.cli serve`` with the embedded default
+"""The Herald node under test: ``python -m herald.cli serve`` with the embedded default
 config, a fresh data directory and free ports on 127.0.0.1 (no API keys, so the node serves
 loopback only and every connection is the operator)."""
 
@@ -35,7 +35,7 @@ class HeraldNode:
 
     def start(self) -> None:
         argv = [
-            sys.executable, "-m", "broker.cli", "serve",
+            sys.executable, "-m", "herald.cli", "serve",
             "--data-dir", str(self.data_dir),
             "--host", HOST,
             "--tcp-port", str(self.tcp_port),

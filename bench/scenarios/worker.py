@@ -30,7 +30,7 @@ def _entry(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> N
     # Every system's client alike keeps freed memory instead of returning it to the kernel
     # (glibc thresholds, as `herald serve` sets them): on this VM a client that receives
     # MiB replies otherwise spends a third of its time in page faults (broker/malloc.py).
-    from broker.malloc import keep_freed_memory
+    from herald.malloc import keep_freed_memory
 
     keep_freed_memory()
     try:

@@ -37,7 +37,7 @@ def herald_command() -> list[str]:
     script = Path(sys.executable).with_name("herald")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
+    return [sys.executable, "-m", "herald.cli"]
 
 
 def child_env() -> dict[str, str]:

@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker import errors
 from broker import protocol as p
 from broker.client import Client
 from storage import records
@@ -308,7 +309,7 @@ class Tally:
 def check_reply(resp: p.Response, tally: Tally) -> None:
     if isinstance(resp, p.Error):
         assert resp.code, resp
-        assert resp.code != p.Code.INTERNAL, f"the node failed on a request: {resp}"
+        assert resp.code != errors.Internal.code, f"the node failed on a request: {resp}"
         tally.errors[resp.code] = tally.errors.get(resp.code, 0) + 1
 
 
@@ -337,7 +338,7 @@ def run_framing(node: HeraldProcess, kind: str, data: bytes, closes: bool, tally
         assert isinstance(resp, p.Error), (kind, resp)
         check_reply(resp, tally)
     if kind == "huge":
-        assert [r.code for r in replies] == [p.Code.FRAME_TOO_LARGE], replies
+        assert [r.code for r in replies] == [errors.FrameTooLarge.code], replies
         tally.closed_by_node += 1
     tally.framing += 1
 
@@ -403,7 +404,7 @@ def run_campaign(node: HeraldProcess, examples: int, min_cases: int) -> Tally:
     assert_survived(node, steady)
     assert tally.framed + tally.framing >= min_cases, vars(tally)
     # the generators reach the interesting errors, not just one kind
-    for code in (p.Code.BAD_FRAME, p.Code.INVALID_REQUEST, p.Code.UNKNOWN_TOPIC):
+    for code in (errors.BadFrame.code, errors.InvalidRequest.code, errors.UnknownTopic.code):
         assert tally.errors.get(code, 0) > 0, tally.errors
     return tally
 
@@ -425,6 +426,6 @@ def test_deeply_nested_request_is_answered_and_the_connection_stays_usable(
         conn.send_bytes(p.encode_frame(nested) + p.encode_message(p.ListGroups(id=7)))
         first, second = conn.recv(), conn.recv()
         assert isinstance(first, p.Error)
-        assert first.code == p.Code.BAD_FRAME
+        assert first.code == errors.BadFrame.code
         assert isinstance(second, p.GroupsListed)
         assert second.id == 7

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker import errors
 from broker import protocol as p
 from broker.client import BrokerError, Client
 from broker.topics import partition_for_key
@@ -458,34 +459,34 @@ async def test_one_tenant_cannot_see_or_read_another_tenants_topic(
     # the same over TCP, with the key in the hello
     with RawConnection(secured.host, secured.tcp_port) as conn:
         nokey = conn.request(p.Metadata(id=1, topics=None))
-        assert isinstance(nokey, p.Error) and nokey.code == p.Code.UNAUTHENTICATED
+        assert isinstance(nokey, p.Error) and nokey.code == errors.Unauthenticated.code
         bad = conn.request(p.Hello(id=2, api_key="wrong-key-wrong-key-0"))
-        assert isinstance(bad, p.Error) and bad.code == p.Code.UNAUTHENTICATED
+        assert isinstance(bad, p.Error) and bad.code == errors.Unauthenticated.code
     async with await Client.connect(secured.host, secured.tcp_port, api_key=BETA_ADMIN) as beta:
         assert beta.tenant == "beta"
         assert "ledger" not in [t.name for t in await beta.metadata()]
         with pytest.raises(BrokerError) as info:
             await beta.metadata(["ledger"])
-        assert info.value.code == p.Code.UNKNOWN_TOPIC
+        assert info.value.code == errors.UnknownTopic.code
         (res,) = await beta.fetch([("ledger", 0, 0)])
-        assert (res.error, res.records) == (p.Code.UNKNOWN_TOPIC, b"")
+        assert (res.error, res.records) == (errors.UnknownTopic.code, b"")
         with pytest.raises(BrokerError) as info:
             await beta.list_offsets("ledger", 0)
-        assert info.value.code == p.Code.UNKNOWN_TOPIC
+        assert info.value.code == errors.UnknownTopic.code
         with pytest.raises(BrokerError) as info:
             await beta.request(p.JoinGroup(id=0, group="spy", topics=["ledger"]))
-        assert info.value.code == p.Code.UNKNOWN_TOPIC
+        assert info.value.code == errors.UnknownTopic.code
     async with await Client.connect(secured.host, secured.tcp_port, api_key=ACME_READER) as acme:
         (res,) = await acme.fetch([("ledger", 0, 0)])
         assert res.error is None and res.records
         with pytest.raises(BrokerError) as info:
             await acme.create_topic("ledger2")
-        assert info.value.code == p.Code.FORBIDDEN
+        assert info.value.code == errors.Forbidden.code
     # (Client.connect itself leaks its socket when the hello is refused: close explicitly)
     refused = Client(secured.host, secured.tcp_port, api_key="wrong-key-wrong-key-0")
     try:
         with pytest.raises(BrokerError) as info:
             await refused.request(p.ListGroups(id=0), retries=0)
-        assert info.value.code == p.Code.UNAUTHENTICATED
+        assert info.value.code == errors.Unauthenticated.code
     finally:
         await refused.close()

@@ -9,6 +9,7 @@ import contextlib
 import struct
 import time
 
+from broker import errors
 from broker import protocol as p
 from broker.client import Client
 from storage import records
@@ -101,7 +102,7 @@ def test_batch_resent_after_a_dropped_reply_is_appended_once(herald: HeraldProce
             idempotent_batch(pid, 9, [b"debit-9"])
         ]))  # fmt: skip
         assert isinstance(gap, p.Error)
-        assert gap.code == p.Code.OUT_OF_ORDER_SEQUENCE
+        assert gap.code == errors.OutOfOrderSequence.code
         assert values_in(conn, TOPIC) == list(enumerate([*values, b"debit-5"]))
 
 

@@ -48,7 +48,7 @@ def test_an_id_published_again_after_expiry_survives_the_sweep_of_its_old_entry(
 def test_generated_event_ids_are_distinct_version_4_uuids() -> None:
     import uuid
 
-    from broker.http import EventIdGenerator
+    from broker.events import EventIdGenerator
 
     gen = EventIdGenerator()
     ids = [gen.next() for _ in range(3 * EventIdGenerator._BATCH)]

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker import errors
 from broker import protocol as p
 
 MAX = 1024
@@ -70,7 +71,7 @@ def test_a_frame_declared_over_the_limit_is_fatal_before_its_body_arrives() -> N
     dec = p.FrameDecoder(MAX)
     with pytest.raises(p.ProtocolError) as info:
         dec.feed(struct.pack(">I", MAX + 1))  # only the prefix: nothing is buffered for it
-    assert info.value.code == p.Code.FRAME_TOO_LARGE
+    assert info.value.code == errors.FrameTooLarge.code
     assert info.value.fatal
 
 
@@ -79,7 +80,7 @@ def test_an_oversized_frame_after_good_ones_is_fatal_even_when_fed_in_pieces() -
     assert dec.feed(frame(b"ok")[:3]) == []
     with pytest.raises(p.ProtocolError) as info:
         dec.feed(frame(b"ok")[3:] + struct.pack(">I", 0xFFFFFFFF))
-    assert info.value.code == p.Code.FRAME_TOO_LARGE
+    assert info.value.code == errors.FrameTooLarge.code
 
 
 @given(
@@ -133,20 +134,20 @@ def test_every_request_type_round_trips() -> None:
 
 
 def test_not_msgpack_is_bad_frame() -> None:
-    assert decode_error(b"").code == p.Code.BAD_FRAME
-    assert decode_error(b"\xc1").code == p.Code.BAD_FRAME  # never used in msgpack
-    assert decode_error(b"\x81\xa2op").code == p.Code.BAD_FRAME  # truncated map
+    assert decode_error(b"").code == errors.BadFrame.code
+    assert decode_error(b"\xc1").code == errors.BadFrame.code  # never used in msgpack
+    assert decode_error(b"\x81\xa2op").code == errors.BadFrame.code  # truncated map
 
 
 @pytest.mark.parametrize("value", [5, "produce", [1, 2], None, 1.5, b"bytes"])
 def test_msgpack_that_is_not_a_map_is_bad_frame(value: object) -> None:
-    assert decode_error(enc(value)).code == p.Code.BAD_FRAME
+    assert decode_error(enc(value)).code == errors.BadFrame.code
 
 
 def test_deeply_nested_msgpack_is_a_bad_frame_not_a_crash() -> None:
     # a value nested past the decoder's recursion limit, before the "op" tag is seen
     payload = b"\x82\xa1x" + b"\x91" * 200_000 + b"\x00" + b"\xa2op\xa5hello"
-    assert decode_error(payload).code in (p.Code.BAD_FRAME, p.Code.INVALID_REQUEST)
+    assert decode_error(payload).code in (errors.BadFrame.code, errors.InvalidRequest.code)
     assert p.request_id_of(payload) == 0
 
 
@@ -156,31 +157,31 @@ def test_invalid_utf8_in_a_string_is_bad_frame() -> None:
         b"\x82\xa2op" + bad_str + b"\xa2id\x01",  # as a value
         b"\x82" + bad_str + b"\x01\xa2op\xa5hello",  # as a key
     ):
-        assert decode_error(payload).code == p.Code.BAD_FRAME
+        assert decode_error(payload).code == errors.BadFrame.code
         assert p.request_id_of(payload) == 0
 
 
 def test_unknown_op_is_invalid_request_naming_op() -> None:
     err = decode_error(enc({"op": "launch_rockets", "id": 1}))
-    assert err.code == p.Code.INVALID_REQUEST
+    assert err.code == errors.InvalidRequest.code
     assert "op" in err.message
 
 
 def test_missing_op_is_invalid_request() -> None:
     err = decode_error(enc({"id": 1, "topic": "t"}))
-    assert err.code == p.Code.INVALID_REQUEST
+    assert err.code == errors.InvalidRequest.code
     assert "op" in err.message
 
 
 def test_missing_field_is_named() -> None:
     err = decode_error(enc({"op": "produce", "id": 1, "batches": []}))
-    assert err.code == p.Code.INVALID_REQUEST
+    assert err.code == errors.InvalidRequest.code
     assert "`topic`" in err.message
 
 
 def test_wrong_type_is_named_with_its_path() -> None:
     err = decode_error(enc({"op": "produce", "id": 1, "topic": 7, "batches": []}))
-    assert err.code == p.Code.INVALID_REQUEST
+    assert err.code == errors.InvalidRequest.code
     assert "$.topic" in err.message
     err = decode_error(
         enc({"op": "fetch", "id": 1, "partitions": [["t", "zero", 0]], "max_wait_ms": 0})
@@ -190,13 +191,13 @@ def test_wrong_type_is_named_with_its_path() -> None:
 
 def test_unknown_field_is_named() -> None:
     err = decode_error(enc({"op": "list_groups", "id": 1, "verbose": True}))
-    assert err.code == p.Code.INVALID_REQUEST
+    assert err.code == errors.InvalidRequest.code
     assert "`verbose`" in err.message
 
 
 def test_out_of_range_acks_is_refused() -> None:
     err = decode_error(enc({"op": "produce", "id": 1, "topic": "t", "batches": [], "acks": 2}))
-    assert err.code == p.Code.INVALID_REQUEST
+    assert err.code == errors.InvalidRequest.code
     assert "acks" in err.message
 
 
@@ -213,7 +214,7 @@ def test_arbitrary_bytes_decode_or_raise_protocol_error(payload: bytes) -> None:
     try:
         p.decode_request(payload)
     except p.ProtocolError as exc:
-        assert exc.code in (p.Code.BAD_FRAME, p.Code.INVALID_REQUEST)
+        assert exc.code in (errors.BadFrame.code, errors.InvalidRequest.code)
         assert not exc.fatal
     p.request_id_of(payload)  # never raises
 
@@ -221,7 +222,7 @@ def test_arbitrary_bytes_decode_or_raise_protocol_error(payload: bytes) -> None:
 # ---------------------------------------------------------------------------- responses
 def test_responses_round_trip() -> None:
     resps: list[p.Response] = [
-        p.Error(id=1, code=p.Code.UNKNOWN_TOPIC, message="no", retriable=False),
+        p.Error(id=1, code=errors.UnknownTopic.code, message="no", retriable=False),
         p.Produced(id=2, topic="t", partition=0, base_offset=3, last_offset=5, duplicate=True),
         p.Fetched(id=3, partitions=[p.FetchedPartition("t", 0, 9, 0, b"raw", None)]),
         p.HeartbeatResult(id=4, generation=3, assignment=[("t", 1)], rebalancing=True),
@@ -234,4 +235,4 @@ def test_responses_round_trip() -> None:
 def test_a_bad_response_frame_is_a_protocol_error() -> None:
     with pytest.raises(p.ProtocolError) as info:
         p.decode_response(enc({"op": "produced", "id": 1}))
-    assert info.value.code == p.Code.BAD_FRAME
+    assert info.value.code == errors.BadFrame.code

@@ -1,4 +1,4 @@
-"""The ``herald`` client commands, run as a user runs them: ``python -m broker.cli ...`` in a
+"""The ``herald`` client commands, run as a user runs them: ``python -m herald.cli ...`` in a
 subprocess against a real ``herald serve`` on 127.0.0.1 (free ports, temporary data dir).
 The pure output shapes (``broker/cli_format.py``) are tested at the end, without a node."""
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import cli_format as fmt
-from broker.cli import build_parser
+from herald import cli_format as fmt
+from herald.cli import build_parser
 
-HERALD = [sys.executable, "-m", "broker.cli"]
+HERALD = [sys.executable, "-m", "herald.cli"]
 _READY = re.compile(rb"event=ready .*tcp_port=(\d+)")
 
 

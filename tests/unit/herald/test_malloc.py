@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import resource, sys
-from broker.malloc import keep_freed_memory
+from herald.malloc import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 def churn():

@@ -13,8 +13,9 @@ import msgspec
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.config import ConfigError, load_config
-    from broker.logs import setup_logging
-    from broker.node import DataDirLocked, Node, install_signal_handlers
+    from broker.errors import StateStoreFailed
+    from herald.logs import setup_logging
+    from herald.node import DataDirLocked, Node, install_signal_handlers
 
     try:
         cfg = load_config(Path(args.config) if args.config else None)
@@ -36,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         storage = msgspec.structs.replace(storage, data_dir=args.data_dir)
     cfg = msgspec.structs.replace(cfg, listen=listen, storage=storage)
     setup_logging(cfg.log.level, cfg.log.format)
-    from broker.malloc import keep_freed_memory
+    from herald.malloc import keep_freed_memory
 
     keep_freed_memory()  # see broker/malloc.py: fresh pages cost a fault each
 
@@ -53,6 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (DataDirLocked, ConfigError) as exc:
         print(f"herald: {exc}", file=sys.stderr)
         return 2
+    except StateStoreFailed as exc:
+        print(f"herald: fatal: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", type=int, metavar="N", help="override listen.ws-port")
     serve.set_defaults(func=_serve)
     try:
-        from broker import cli_client
+        from herald import cli_client
     except ImportError:  # pragma: no cover - during bootstrap only
         pass
     else:

@@ -5,25 +5,32 @@ scraped, so serving requests costs no metric-library calls."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from broker.node import Node
+from broker.http import HttpStats
+from broker.service import BrokerService
+from broker.tcp import TcpServer
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """What the metrics are read from."""
+
+    service: BrokerService
+    tcp: TcpServer
+    http: HttpStats
 
 
 class NodeCollector(Collector):
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        node = self.node
-        service = node.service
-        if service is None:
-            return
+        service = self.stats.service
         hw = GaugeMetricFamily(
             "herald_partition_high_watermark",
             "Offset below which records are durable",
@@ -64,33 +71,31 @@ class NodeCollector(Collector):
                     )
         yield lag
         yield members
-        if node.tcp is not None:
-            s = node.tcp.stats
-            yield GaugeMetricFamily("herald_tcp_connections", "Open TCP connections", value=s.open)
-            yield CounterMetricFamily(
-                "herald_tcp_connections", "TCP connections accepted", value=s.total
-            )
-            yield CounterMetricFamily(
-                "herald_tcp_connections_rejected",
-                "Connections refused at the limit",
-                value=s.rejected,
-            )
-            yield CounterMetricFamily("herald_tcp_requests", "TCP requests", value=s.requests)
-            yield CounterMetricFamily(
-                "herald_tcp_request_errors", "TCP requests answered with an error", value=s.errors
-            )
-        if node.http_stats is not None:
-            h = node.http_stats
-            yield CounterMetricFamily("herald_http_requests", "HTTP requests", value=h.requests)
-            yield CounterMetricFamily(
-                "herald_http_request_errors", "HTTP requests answered 4xx/5xx", value=h.errors
-            )
-            yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
+        s = self.stats.tcp.stats
+        yield GaugeMetricFamily("herald_tcp_connections", "Open TCP connections", value=s.open)
+        yield CounterMetricFamily(
+            "herald_tcp_connections", "TCP connections accepted", value=s.total
+        )
+        yield CounterMetricFamily(
+            "herald_tcp_connections_rejected",
+            "Connections refused at the limit",
+            value=s.rejected,
+        )
+        yield CounterMetricFamily("herald_tcp_requests", "TCP requests", value=s.requests)
+        yield CounterMetricFamily(
+            "herald_tcp_request_errors", "TCP requests answered with an error", value=s.errors
+        )
+        h = self.stats.http
+        yield CounterMetricFamily("herald_http_requests", "HTTP requests", value=h.requests)
+        yield CounterMetricFamily(
+            "herald_http_request_errors", "HTTP requests answered 4xx/5xx", value=h.errors
+        )
+        yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
 
 
-def make_registry(node: Node) -> CollectorRegistry:
+def make_registry(stats: Stats) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node))
+    registry.register(NodeCollector(stats))
     return registry
 
 

@@ -22,9 +22,10 @@ from typing import Any, BinaryIO, Literal
 
 import msgspec
 
-from broker import cli_format as fmt
+from broker import errors
 from broker import protocol as p
 from broker.client import BrokerError, Client, ConnectionLost, Consumer, RecordMetadata
+from herald import cli_format as fmt
 
 _ACKS: dict[str, p.Acks] = {"0": 0, "1": 1, "all": -1}
 # Backpressure for `produce`: records queued but not yet acknowledged. Bounds the memory a fast
@@ -229,9 +230,9 @@ async def _open_consumer(client: Client, args: argparse.Namespace) -> Consumer:
     # one partition chosen by hand: no group; the position comes from --offset or --from
     n = await client.partition_count(args.topic, refresh=True)
     if n is None:
-        raise BrokerError(p.Code.UNKNOWN_TOPIC, f"unknown topic {args.topic!r}")
+        raise BrokerError(errors.UnknownTopic.code, f"unknown topic {args.topic!r}")
     if args.partition >= n:
-        raise BrokerError(p.Code.UNKNOWN_PARTITION, f"{args.topic!r} has partitions 0..{n - 1}")
+        raise BrokerError(errors.UnknownPartition.code, f"{args.topic!r} has partitions 0..{n - 1}")
     offset = args.offset
     if offset is None:
         offset = await client.list_offsets(args.topic, args.partition, start)
@@ -321,7 +322,7 @@ def _runner(
         except ConnectionLost as exc:
             print(f"herald: lost the connection to {where}: {exc.message}", file=sys.stderr)
         except BrokerError as exc:
-            hint = " (give one with --api-key)" if exc.code == p.Code.UNAUTHENTICATED else ""
+            hint = " (give one with --api-key)" if exc.code == errors.Unauthenticated.code else ""
             print(f"herald: {exc.code}: {exc.message}{hint}", file=sys.stderr)
         except BrokenPipeError:
             # the reader went away (`herald consume ... | head`): stop quietly, and point

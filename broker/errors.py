@@ -1,0 +1,323 @@
+"""One error vocabulary for the broker, its transports and its clients.
+
+Every error Herald answers on purpose is a class that carries three facts: its stable wire
+``code`` (documented in docs/PROTOCOL.md and docs/HTTP.md), whether the client may simply
+retry it (``retriable``) and the ``http_status`` the HTTP API answers with. The TCP server
+and the HTTP API both map an exception through :func:`describe`; neither keeps a list of
+codes of its own. The storage layer's errors (:mod:`storage.errors`) carry the same three
+attributes (storage imports nothing from the broker, so it declares them itself), and
+:func:`describe` reads them the same way.
+
+Pure: no I/O. The client SDK imports this module to name codes (``errors.UnknownTopic.code``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar, NamedTuple
+
+import msgspec
+
+from storage import errors as storage_errors
+
+# the storage layer's errors are part of the vocabulary: named here so that callers (the
+# client SDK among them) need only this module
+from storage.errors import (
+    CorruptBatch,
+    IncompleteBatch,
+    LogClosed,
+    LogOffline,
+    OffsetOutOfRange,
+    OutOfOrderSequence,
+    StorageError,
+    StorageFull,
+    TopicBeingDeleted,
+    TopicExists,
+    UnknownTopic,
+)
+
+
+class HeraldError(Exception):
+    """Base of the broker's errors. ``field`` names the request field at fault, if any."""
+
+    code: ClassVar[str] = "internal_error"
+    retriable: ClassVar[bool] = True
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message or self.code.replace("_", " "))
+        self.field = field
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+# ------------------------------------------------------------------- requests and framing
+class ProtocolError(HeraldError):
+    """A request the node cannot act on. A ``fatal`` one closes the connection after the
+    error frame (the stream can no longer be parsed)."""
+
+    code = "bad_frame"
+    retriable = False
+    http_status = 400
+    fatal: ClassVar[bool] = False
+
+
+class BadFrame(ProtocolError):
+    """Not msgpack, not a map, or a string that is not UTF-8."""
+
+    code = "bad_frame"
+
+
+class InvalidRequest(ProtocolError):
+    """A field is missing, of the wrong type or out of range; ``field`` names it."""
+
+    code = "invalid_request"
+
+
+class FrameTooLarge(ProtocolError):
+    code = "frame_too_large"
+    http_status = 413
+    fatal = True
+
+
+class UnsupportedVersion(ProtocolError):
+    code = "unsupported_version"
+
+
+class PayloadTooLarge(HeraldError):
+    """A body, event or batch over its configured limit."""
+
+    code = "payload_too_large"
+    retriable = False
+    http_status = 413
+
+
+class TooManyBatches(PayloadTooLarge):
+    code = "too_many_batches"
+
+
+class BatchTooLarge(PayloadTooLarge):
+    code = "batch_too_large"
+
+
+class NotFound(HeraldError):
+    """No such HTTP route."""
+
+    code = "not_found"
+    retriable = False
+    http_status = 404
+
+
+class MethodNotAllowed(HeraldError):
+    code = "method_not_allowed"
+    retriable = False
+    http_status = 405
+
+
+# ------------------------------------------------------------------------------- access
+class Unauthenticated(HeraldError):
+    code = "unauthenticated"
+    retriable = False
+    http_status = 401
+
+
+class Forbidden(HeraldError):
+    code = "forbidden"
+    retriable = False
+    http_status = 403
+
+
+# ------------------------------------------------------------------------------- topics
+class InvalidTopic(HeraldError):
+    code = "invalid_topic"
+    retriable = False
+    http_status = 400
+
+
+class UnknownPartition(HeraldError):
+    code = "unknown_partition"
+    retriable = False
+    http_status = 404
+
+
+# ------------------------------------------------------------------------------- groups
+class GroupError(HeraldError):
+    code = "group_error"
+    retriable = False
+    http_status = 409
+
+
+class UnknownMember(GroupError):
+    """The member left or missed its session timeout: join again."""
+
+    code = "unknown_member"
+
+
+class NotAssigned(GroupError):
+    """A commit for a partition the member does not own."""
+
+    code = "not_assigned"
+
+
+class InvalidSessionTimeout(GroupError):
+    code = "invalid_session_timeout"
+    http_status = 400
+
+
+class UnknownGroup(GroupError):
+    code = "unknown_group"
+    http_status = 404
+
+
+# ------------------------------------------------------------------------ node and load
+class ShuttingDown(HeraldError):
+    code = "shutting_down"
+    retriable = True
+    http_status = 503
+
+
+class Timeout(HeraldError):
+    code = "timeout"
+    retriable = True
+    http_status = 504
+
+
+class TooManyInflight(HeraldError):
+    code = "too_many_inflight"
+    retriable = True
+    http_status = 429
+
+
+class TooManyConnections(HeraldError):
+    code = "too_many_connections"
+    retriable = True
+    http_status = 503
+
+
+class StateStoreFailed(HeraldError):
+    """The state store (LMDB) could not sync: the node cannot keep its promises and stops."""
+
+    code = "state_store_failed"
+    retriable = False
+    http_status = 503
+
+
+class Internal(HeraldError):
+    code = "internal_error"
+    retriable = True
+    http_status = 500
+
+
+class ErrorInfo(NamedTuple):
+    code: str
+    message: str
+    retriable: bool
+    http_status: int
+    field: str | None
+
+
+def describe(exc: BaseException) -> ErrorInfo:
+    """The answer for ``exc``: a Herald or storage error answers with its own code, status
+    and retriability; a msgspec validation error is ``invalid_request`` naming the field;
+    anything else is an ``internal_error`` whose message does not leak internals."""
+    if isinstance(exc, msgspec.ValidationError):
+        message = str(exc)
+        return ErrorInfo("invalid_request", message, False, 400, field_of(message))
+    if isinstance(exc, msgspec.DecodeError):
+        return ErrorInfo("invalid_request", f"body is not valid JSON: {exc}", False, 400, None)
+    if isinstance(exc, HeraldError | storage_errors.StorageError):
+        return ErrorInfo(
+            exc.code, str(exc), exc.retriable, exc.http_status, getattr(exc, "field", None)
+        )
+    return ErrorInfo("internal_error", f"internal error: {type(exc).__name__}", True, 500, None)
+
+
+def field_of(message: str) -> str | None:
+    """The path of the field a msgspec validation message is about: ``at `$.a[1]``` gives
+    the location, and a missing or unknown field is named only in the message itself."""
+    path = ""
+    at = message.find("at `$")
+    if at >= 0:
+        end = message.find("`", at + 5)
+        path = message[at + 5 : end].lstrip(".") if end > 0 else ""
+    for marker in ("missing required field `", "contains unknown field `"):
+        i = message.find(marker)
+        if i >= 0:
+            j = message.find("`", i + len(marker))
+            name = message[i + len(marker) : j]
+            path = f"{path}.{name}" if path else name
+    return path or None
+
+
+def all_error_classes() -> list[type[BaseException]]:
+    """Every error class of the vocabulary (broker and storage), for docs and tests."""
+    out: list[type[BaseException]] = []
+    stack: list[type[BaseException]] = [HeraldError, storage_errors.StorageError]
+    while stack:
+        cls = stack.pop()
+        out.append(cls)
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+@functools.cache
+def _statuses() -> dict[str, int]:
+    return {
+        c.code: c.http_status  # type: ignore[attr-defined]
+        for c in all_error_classes()
+    }
+
+
+def http_status_of(code: str) -> int:
+    """The HTTP status for an error known only by its code (e.g. a fetch's per-partition
+    error)."""
+    return _statuses().get(code, 500)
+
+
+__all__ = [
+    "BadFrame",
+    "BatchTooLarge",
+    "CorruptBatch",
+    "ErrorInfo",
+    "Forbidden",
+    "FrameTooLarge",
+    "GroupError",
+    "HeraldError",
+    "IncompleteBatch",
+    "Internal",
+    "InvalidRequest",
+    "InvalidSessionTimeout",
+    "InvalidTopic",
+    "LogClosed",
+    "LogOffline",
+    "MethodNotAllowed",
+    "NotAssigned",
+    "NotFound",
+    "OffsetOutOfRange",
+    "OutOfOrderSequence",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "ShuttingDown",
+    "StateStoreFailed",
+    "StorageError",
+    "StorageFull",
+    "Timeout",
+    "TooManyBatches",
+    "TooManyConnections",
+    "TooManyInflight",
+    "TopicBeingDeleted",
+    "TopicExists",
+    "Unauthenticated",
+    "UnknownGroup",
+    "UnknownMember",
+    "UnknownPartition",
+    "UnknownTopic",
+    "UnsupportedVersion",
+    "_statuses",
+    "all_error_classes",
+    "describe",
+    "field_of",
+    "http_status_of",
+]

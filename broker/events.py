@@ -1,0 +1,427 @@
+"""The event front door: validation, event ids, the idempotency window and placement of events
+in the internal ``__events`` topic. ``POST /events`` (HTTP), the ``publish`` op (TCP) and the
+node's engines all publish through :class:`EventIntake`.
+
+An event is stored as one record of ``__events`` (JSON, so any consumer can read it), keyed
+by its ``key`` (events of one key keep their order) or, without a key, placed on the
+partition the :class:`StickyPartitioner` has open, so the keyless events of one group-commit
+round share one fsync.
+
+Idempotency: an event may carry a producer-chosen ``event_id``; a repeat inside the window
+(24 h) is answered with the original partition and offset and not stored again. The promise
+behind a ``duplicate`` answer is that the original *is stored*, so:
+
+- an id is remembered only once its event is durable (until then a repeat waits for the
+  original's outcome and shares it: stored, or the same error, so a retry after a failure is
+  stored, never wrongly answered as a duplicate);
+- the index (LMDB) is not synced per event: it can be rebuilt from the log. Each partition's
+  *mark* (the offset below which every event's id is in the index) is written before each
+  periodic sync of the state store; on start :meth:`EventIntake.recover` reads the log from
+  the marks to the end and re-indexes what a power cut took from the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import msgspec
+
+from broker import protocol as p
+from broker.auth import NODE_PRINCIPAL, Principal
+from broker.config import Config
+from broker.errors import InvalidRequest, PayloadTooLarge, ShuttingDown
+from broker.idempotency import EventIds, SeenEvent
+from broker.service import BrokerService
+from broker.topics import EVENTS_TOPIC, StickyPartitioner, partition_for_key
+from storage import records
+from storage.partition import Partition
+
+log = logging.getLogger("herald.events")
+
+_UUID: Final = re.compile(r"^[0-9a-fA-F-]{8,64}$")
+# the records section of a batch: msgpack array header + per-record framing; a generous bound
+_RECORD_OVERHEAD: Final = 64
+
+
+class EventIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An event as a producer publishes it (``payload`` is any JSON value)."""
+
+    topic: str
+    payload: msgspec.Raw
+    event_id: str | None = None
+    key: str | None = None
+    users: list[str] | None = None
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+    metadata: dict[str, str] | None = None
+
+
+class EventBatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    events: list[EventIn]
+
+
+class StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The record value written to ``__events``."""
+
+    event_id: str
+    tenant: str
+    topic: str
+    payload: msgspec.Raw
+    received_ms: int
+    priority: str = "normal"
+    key: str | None = None
+    users: list[str] | None = None
+    metadata: dict[str, str] | None = None
+    # the producer chose event_id: index it for the idempotency window
+    dedupe: bool = False
+
+
+class _IdOnly(msgspec.Struct):
+    """What re-indexing reads of a stored event."""
+
+    event_id: str
+    tenant: str
+    received_ms: int
+    dedupe: bool = False
+
+
+class EventResult(msgspec.Struct, omit_defaults=True):
+    event_id: str
+    partition: int
+    offset: int
+    duplicate: bool = False
+
+
+@dataclass(slots=True)
+class Accepted:
+    """Events validated and appended: the ``results`` to answer with once ``ack`` resolves
+    (at once if None; it fails with the storage error if the append does) and how many
+    ``events`` were stored (duplicates excluded)."""
+
+    results: list[EventResult]
+    events: int
+    ack: asyncio.Future[None] | None
+
+
+class EventIdGenerator:
+    """Random (version 4) UUIDs as strings, drawing the randomness for many at once: one
+    ``os.urandom`` call per 4096 ids instead of one per id."""
+
+    _BATCH = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(16 * self._BATCH), 0
+        raw = bytearray(self._pool[self._at : self._at + 16])
+        self._at += 16
+        raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+        raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class _Prepared:
+    __slots__ = ("event_id", "index", "key", "partition", "value")
+
+    def __init__(
+        self, index: int, event_id: str, key: str | None, value: bytes, partition: int | None
+    ) -> None:
+        self.index = index
+        self.event_id = event_id
+        self.key = key
+        self.value = value
+        self.partition = partition
+
+
+class EventIntake:
+    """Publishes events into ``__events``; owns the idempotency index and its recovery."""
+
+    IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+
+    def __init__(self, config: Config, service: BrokerService) -> None:
+        self.config = config
+        self.service = service
+        self.ids = EventIds(service.kv, self.IDEMPOTENCY_WINDOW_MS)
+        self._gen = EventIdGenerator()
+        self._sticky = StickyPartitioner()
+        self._enc = msgspec.json.Encoder()
+        self._event_dec = msgspec.json.Decoder(EventIn)
+        self._batch_dec = msgspec.json.Decoder(EventBatchIn)
+        self._id_dec = msgspec.json.Decoder(_IdOnly)
+        # producer-chosen ids whose events are appended but not yet durable:
+        # (tenant, id) -> (placement, the append's ack)
+        self._inflight: dict[tuple[str, str], tuple[EventResult, asyncio.Future[None]]] = {}
+        # per partition: every event below this offset is indexed (or needs no index)
+        self._indexed: dict[int, int] = {}
+        self._parts: list[Partition] = []
+
+    @property
+    def partitions(self) -> int:
+        return self.service.log.topics[EVENTS_TOPIC].partitions
+
+    def start(self) -> None:
+        """Create ``__events`` if needed and load the marks."""
+        self.service.topics.ensure_internal(EVENTS_TOPIC, self.config.topics.events_partitions)
+        self._indexed = self.ids.marks()
+
+    # ------------------------------------------------------------------------ publish
+    def decode_one(self, body: bytes) -> EventIn:
+        if not body:
+            raise InvalidRequest("a JSON body is required")
+        return self._event_dec.decode(body)
+
+    def decode_many(self, body: bytes) -> list[EventIn]:
+        if not body:
+            raise InvalidRequest("a JSON body is required")
+        return self._batch_dec.decode(body).events
+
+    def publish(self, principal: Principal, events: Sequence[EventIn], *, batch: bool) -> Accepted:
+        """Validate, append and return what to answer once durable. ``batch`` names fields
+        ``events[i].…`` in errors. Nothing is appended if any event is invalid."""
+        principal.require("produce")
+        if self.service.stopping:
+            raise ShuttingDown("the node is shutting down")
+        limit = self.config.limits.max_events_per_batch
+        if not events:
+            raise InvalidRequest("events must not be empty", field="events")
+        if len(events) > limit:
+            raise PayloadTooLarge(
+                f"{len(events)} events exceed max_events_per_batch={limit}", field="events"
+            )
+        now = time.time_ns() // 1_000_000
+        tenant = principal.tenant
+        results: list[EventResult | None] = [None] * len(events)
+        waits: list[asyncio.Future[None]] = []
+        fresh: list[_Prepared] = []
+        chosen_here: set[str] = set()
+        for i, ev in enumerate(events):
+            where = f"events[{i}]." if batch else ""
+            prepared = self._prepare(tenant, ev, now, i, where)
+            if isinstance(prepared, tuple):  # a repeat of a stored or in-flight event
+                results[i], wait = prepared
+                if wait is not None:
+                    waits.append(wait)
+                continue
+            if ev.event_id is not None:
+                if prepared.event_id in chosen_here:
+                    raise InvalidRequest(
+                        f"event_id {prepared.event_id} appears twice in the batch",
+                        field=f"{where}event_id",
+                    )
+                chosen_here.add(prepared.event_id)
+            fresh.append(prepared)
+        if fresh:
+            waits.extend(self._append(tenant, fresh, chosen_here, results, now))
+        ack: asyncio.Future[None] | None = None
+        if len(waits) == 1:
+            ack = waits[0]
+        elif waits:
+            ack = asyncio.ensure_future(_all(waits))
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)
+        return Accepted(done, len(fresh), ack)
+
+    def _prepare(
+        self, tenant: str, ev: EventIn, now: int, index: int, where: str
+    ) -> _Prepared | tuple[EventResult, asyncio.Future[None] | None]:
+        if not ev.topic or len(ev.topic) > 200:
+            raise InvalidRequest("topic must be 1-200 characters", field=where + "topic")
+        chosen = ev.event_id is not None
+        if ev.event_id is not None:
+            if not _UUID.match(ev.event_id):
+                raise InvalidRequest(
+                    "event_id must be a UUID (8-64 hex digits and dashes)",
+                    field=where + "event_id",
+                )
+            event_id = ev.event_id.lower()
+            seen = self.ids.get(tenant, event_id, now)
+            if seen is not None:
+                return EventResult(event_id, seen.partition, seen.offset, True), None
+            inflight = self._inflight.get((tenant, event_id))
+            if inflight is not None:
+                first, ack = inflight
+                return EventResult(event_id, first.partition, first.offset, True), ack
+        else:
+            event_id = self._gen.next()
+        value = self._enc.encode(
+            StoredEvent(
+                event_id=event_id,
+                tenant=tenant,
+                topic=ev.topic,
+                payload=ev.payload,
+                received_ms=now,
+                priority=ev.priority,
+                key=ev.key,
+                users=ev.users,
+                metadata=ev.metadata,
+                dedupe=chosen,
+            )
+        )
+        limit = self.config.limits.max_event_bytes
+        if len(value) > limit:
+            raise PayloadTooLarge(
+                f"event of {len(value)} bytes (as stored) exceeds max_event_bytes={limit}",
+                field=where + ("payload" if len(ev.payload) > limit // 2 else "event"),
+            )
+        partition = partition_for_key(ev.key.encode(), self.partitions) if ev.key else None
+        return _Prepared(index, event_id, ev.key, value, partition)
+
+    def _append(
+        self,
+        tenant: str,
+        fresh: list[_Prepared],
+        chosen: set[str],
+        results: list[EventResult | None],
+        now: int,
+    ) -> list[asyncio.Future[None]]:
+        by_partition: dict[int, list[_Prepared]] = {}
+        keyless = [e for e in fresh if e.partition is None]
+        for e in fresh:
+            if e.partition is not None:
+                by_partition.setdefault(e.partition, []).append(e)
+        if keyless:
+            # one partition for all of them: chosen per event, the partition would still look
+            # idle (nothing is appended yet) and they would be dealt over every partition
+            part = self._keyless_partition(sum(len(e.value) for e in keyless))
+            by_partition.setdefault(part, []).extend(keyless)
+        batches = {part: self._batches(items, now) for part, items in by_partition.items()}
+        for bs in batches.values():
+            self.service.check_batches(bs)  # every limit before any append
+        waits = []
+        for part, items in by_partition.items():
+            appended = self.service.append(EVENTS_TOPIC, part, batches[part], -1)
+            rows: list[tuple[str, str, SeenEvent]] = []
+            for j, e in enumerate(items):
+                result = EventResult(e.event_id, part, appended.base_offset + j)
+                results[e.index] = result
+                if e.event_id in chosen:
+                    rows.append((tenant, e.event_id, SeenEvent(part, result.offset, now)))
+            end = appended.last_offset + 1
+            ack = appended.ack
+            if ack is None:  # already durable (cannot happen for a new append; be safe)
+                self._indexed_to(part, end, rows)
+                continue
+            for _t, eid, seen in rows:
+                self._inflight[(tenant, eid)] = (EventResult(eid, part, seen.offset), ack)
+            ack.add_done_callback(self._on_durable(part, end, rows))
+            waits.append(ack)
+        return waits
+
+    def _batches(self, items: list[_Prepared], now: int) -> list[bytes]:
+        """Records in batches of at most ``max_batch_bytes`` (an event is smaller)."""
+        cap = self.config.limits.max_batch_bytes - records.HEADER_SIZE
+        out: list[bytes] = []
+        rows: list[records.RecordInput] = []
+        size = 0
+        for e in items:
+            need = len(e.value) + len(e.key or e.event_id) + _RECORD_OVERHEAD
+            if rows and size + need > cap:
+                out.append(records.encode_batch(rows, first_timestamp=now))
+                rows, size = [], 0
+            rows.append((0, (e.key or e.event_id).encode(), e.value))
+            size += need
+        out.append(records.encode_batch(rows, first_timestamp=now))
+        return out
+
+    def _on_durable(
+        self, partition: int, end: int, rows: list[tuple[str, str, SeenEvent]]
+    ) -> Callable[[asyncio.Future[None]], None]:
+        def done(fut: asyncio.Future[None]) -> None:
+            for tenant, eid, _seen in rows:
+                self._inflight.pop((tenant, eid), None)
+            if not fut.cancelled() and fut.exception() is None:
+                self._indexed_to(partition, end, rows)
+
+        return done
+
+    def _indexed_to(self, partition: int, end: int, rows: list[tuple[str, str, SeenEvent]]) -> None:
+        if rows:
+            try:
+                self.ids.put_many(rows)
+            except Exception:
+                # the events are stored and acknowledged; only their index entry is missing.
+                # The mark stays behind them, so the next start re-indexes them from the log.
+                log.exception("event=event_index_failed partition=%d end=%d", partition, end)
+                return
+        if end > self._indexed.get(partition, 0):
+            self._indexed[partition] = end
+
+    def _keyless_partition(self, size: int) -> int:
+        parts = self._parts
+        if not parts:  # __events is internal: never deleted, so its partitions never change
+            log_ = self.service.log
+            parts[:] = [log_.partition(EVENTS_TOPIC, i) for i in range(self.partitions)]
+        return self._sticky.choose(parts, size)
+
+    # ---------------------------------------------------------------- index upkeep
+    def save_marks(self) -> None:
+        """Write the marks; called before each periodic sync of the state store, so a synced
+        mark never runs ahead of the index rows below it."""
+        self.ids.put_marks(dict(self._indexed))
+
+    async def recover(self) -> int:
+        """Re-index the ids of events stored past each partition's mark (what a power cut
+        may have taken from the index). Returns how many ids were re-indexed."""
+        now = time.time_ns() // 1_000_000
+        restored = 0
+        for part in range(self.partitions):
+            offset = self._indexed.get(part, 0)
+            while True:
+                results, _size, _empty = await self.service.fetch_pass(
+                    NODE_PRINCIPAL, _fetch(part, offset)
+                )
+                (res,) = results
+                if res.error == "offset_out_of_range" and offset < res.log_start_offset:
+                    offset = res.log_start_offset
+                    continue
+                if res.error is not None or not res.records:
+                    break
+                rows: list[tuple[str, str, SeenEvent]] = []
+                data = res.records
+                for pos, header in records.iter_batches(data):
+                    batch = data[pos : pos + header.batch_length]
+                    for i, rec in enumerate(records.decode_records(batch, header)):
+                        off = header.base_offset + i
+                        if off < offset or rec.value is None:
+                            continue
+                        ev = self._id_dec.decode(rec.value)
+                        if ev.dedupe and now - ev.received_ms < self.IDEMPOTENCY_WINDOW_MS:
+                            seen = SeenEvent(part, off, ev.received_ms)
+                            rows.append((ev.tenant, ev.event_id, seen))
+                    offset = max(offset, header.base_offset + header.record_count)
+                if rows:
+                    self.ids.put_many(rows)
+                    restored += len(rows)
+                self._indexed[part] = offset
+        if restored:
+            log.warning("event=event_ids_reindexed count=%d", restored)
+        self.save_marks()
+        return restored
+
+    def sweep(self, now_ms: int) -> int:
+        return self.ids.sweep(now_ms)
+
+
+def _fetch(partition: int, offset: int) -> p.Fetch:
+    return p.Fetch(
+        id=0, partitions=[p.FetchPartition(EVENTS_TOPIC, partition, offset, 4 * 1024 * 1024)]
+    )
+
+
+async def _all(waits: list[asyncio.Future[None]]) -> None:
+    """Wait for every future; fail with the first failure (after all are done, so none is
+    left with an unretrieved exception)."""
+    outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    for o in outcomes:
+        if isinstance(o, BaseException):
+            raise o

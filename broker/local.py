@@ -1,0 +1,116 @@
+"""The client SDK over an in-process transport, for the node's own engines.
+
+The fan-out engine, the delivery workers and the gateway read and write the log as any
+application does: with :class:`~broker.client.Producer` and :class:`~broker.client.Consumer`
+(batching, idempotent producers, consumer groups with cooperative hand-off, commits). A
+:class:`LocalClient` gives them a :class:`~broker.client.Client` whose requests go straight to
+the front door's handlers (``broker/dispatch.py``) instead of a socket: no frames, no encoding
+of requests or replies, the same authorization (as the node's own principal, which may use
+internal topics) and the same acknowledgements (``acks=all`` waits for the fsync).
+
+Records are still encoded into batches (that is the log's format) and fetched as raw batch
+bytes, so a consumer decodes exactly what a remote one would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from broker import protocol as p
+from broker.auth import NODE_PRINCIPAL, Principal
+from broker.client import Client, ConnectionLost
+from broker.dispatch import Pending, handler_table
+from broker.errors import describe
+from broker.events import EventIntake
+from broker.service import BrokerService
+
+
+class LocalClient(Client):
+    """A :class:`Client` connected to this node's front door in process."""
+
+    def __init__(
+        self,
+        service: BrokerService,
+        intake: EventIntake,
+        *,
+        principal: Principal = NODE_PRINCIPAL,
+        client_id: str = "herald-node",
+    ) -> None:
+        super().__init__("in-process", 0, client_id=client_id)
+        self.principal = principal
+        self.tenant = principal.tenant
+        self._handlers = handler_table(service, intake, service.config.node_id)
+        self._local_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+    async def _ensure_connected(self) -> None:
+        if self._closed:
+            raise ConnectionLost("client is closed")
+
+    def send_nowait(self, msg: Any) -> asyncio.Future[p.Response]:
+        """Hand ``msg`` to its handler now; the future resolves to the reply (an ``Error``
+        reply for a failure, as over the network)."""
+        if self._closed:
+            raise ConnectionLost("client is closed")
+        msg.id = next(self._local_ids)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[p.Response] = loop.create_future()
+        try:
+            outcome = self._handlers[type(msg)](self.principal, msg)
+        except Exception as exc:
+            fut.set_result(_error(msg.id, exc))
+            return fut
+        if isinstance(outcome, Pending):
+            reply = outcome.reply
+
+            def acked(ack: asyncio.Future[Any]) -> None:
+                if fut.done():
+                    return
+                if ack.cancelled():
+                    fut.cancel()
+                elif (exc := ack.exception()) is not None:
+                    fut.set_result(_error(msg.id, exc))
+                else:
+                    fut.set_result(reply)
+
+            outcome.ack.add_done_callback(acked)
+        elif asyncio.iscoroutine(outcome):
+            task = loop.create_task(outcome)
+            self._tasks.add(task)
+
+            def finished(t: asyncio.Task[Any]) -> None:
+                self._tasks.discard(t)
+                if fut.done():
+                    return
+                if t.cancelled():
+                    fut.cancel()
+                elif (exc := t.exception()) is not None:
+                    fut.set_result(_error(msg.id, exc))
+                else:
+                    fut.set_result(t.result())
+
+            task.add_done_callback(finished)
+        else:
+            fut.set_result(outcome)
+        return fut
+
+    async def drain(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _error(rid: int, exc: BaseException) -> p.Error:
+    err = describe(exc)
+    return p.Error(id=rid, code=err.code, message=err.message, retriable=err.retriable)

@@ -1,0 +1,373 @@
+"""One Herald node: its components started in order, each ready before the next starts, and
+stopped in the exact reverse.
+
+The node composes everything; nothing below it knows the whole. Order::
+
+    data-dir lock -> state store (LMDB) -> log (open and recover every partition) ->
+    broker (the front door, internal topics, the event index re-built from the log) ->
+    listeners (TCP, HTTP) -> housekeeping loops (group sessions, retention, state-store
+    sync, event-id expiry)
+
+The product's engines (fan-out, delivery, gateway) join this list as components of their
+own, after the broker and before the listeners.
+
+A :class:`Component` has ``start`` (returns once the component is ready: start-up order is
+code, not sleeps) and ``stop``; the node pushes each ``stop`` on an ``AsyncExitStack`` as
+soon as its ``start`` returns, so a failed start-up unwinds exactly what had started. On
+SIGTERM/SIGINT the node first tells the broker to refuse new work (parked long polls answer
+at once), then unwinds: listeners stop accepting and drain in-flight requests (bounded by
+``shutdown_timeout``), the log is synced and checkpointed, the state store synced and closed,
+the lock released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from aiohttp import web
+
+from broker.auth import Authenticator, is_loopback
+from broker.config import Config, ConfigError
+from broker.errors import StateStoreFailed
+from broker.events import EventIntake
+from broker.http import HttpApi, HttpStats
+from broker.http_ingest import IngestServer
+from broker.service import BrokerService
+from broker.tcp import TcpServer
+from herald.metrics import Stats, make_registry, render
+from storage.errors import StorageError
+from storage.kv import KV
+from storage.log import Log
+
+log = logging.getLogger("herald.node")
+
+
+class DataDirLocked(Exception):
+    code = "data_dir_locked"
+
+
+class Component(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Start; return once ready to serve its dependents."""
+
+    async def stop(self) -> None:
+        """Stop and release what ``start`` took; called once, after every dependent stopped."""
+
+
+def raise_open_files_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+# -------------------------------------------------------------------------- components
+class DataDirLock:
+    """``<data>/LOCK`` held with ``flock``: a second node on the same directory exits with a
+    message naming the holder's pid."""
+
+    name = "data-dir-lock"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    async def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DataDirLocked(
+                f"data directory {self.path} is in use by pid {holder}; "
+                "stop that node or choose another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    async def stop(self) -> None:
+        with contextlib.suppress(OSError):  # a full disk must not keep the lock
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+class StateStore:
+    """The node's LMDB environment (``<data>/state``)."""
+
+    name = "state-store"
+
+    def __init__(self, path: Path, map_size: int) -> None:
+        self.path = path
+        self.map_size = map_size
+        self.kv: KV | None = None
+
+    async def start(self) -> None:
+        self.kv = KV(self.path, map_size=self.map_size)
+
+    async def stop(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+
+
+class LogComponent:
+    """Every topic's partitions, opened and recovered in a worker thread."""
+
+    name = "log"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.log = Log(data_dir)
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        reports = await asyncio.get_running_loop().run_in_executor(None, self.log.open)
+        log.info(
+            "event=log_recovered partitions=%d scanned_bytes=%d truncated_bytes=%d seconds=%.3f",
+            len(reports),
+            sum(r.scanned_bytes for r in reports),
+            sum(r.truncated_bytes for r in reports),
+            time.perf_counter() - started,
+        )
+
+    async def stop(self) -> None:
+        await self.log.close()
+
+
+class Broker:
+    """The front door and the event intake; on start the internal topics exist and the
+    event-id index is whole again (re-built from the log past its marks)."""
+
+    name = "broker"
+
+    def __init__(self, config: Config, log_: Log, kv: KV) -> None:
+        self.service = BrokerService(config, log_, kv)
+        self.intake = EventIntake(config, self.service)
+
+    async def start(self) -> None:
+        self.intake.start()
+        await self.intake.recover()
+
+    async def stop(self) -> None:
+        self.service.stop()
+
+
+class Listeners:
+    """The TCP server and the HTTP listener (the ingest fast path, which hands every other
+    request to the aiohttp app). Stopped together: stop accepting, drain both within the
+    grace period, close the aiohttp app's connections."""
+
+    name = "listeners"
+
+    def __init__(self, config: Config, broker: Broker, auth: Authenticator, grace_s: float) -> None:
+        self.config = config
+        self.grace_s = grace_s
+        self.tcp = TcpServer(config, broker.service, broker.intake, auth)
+        self.api = HttpApi(config, broker.service, broker.intake, auth)
+        self.http: IngestServer | None = None
+        self._runner: web.AppRunner | None = None
+        self.ports: dict[str, int] = {}
+
+    async def start(self) -> None:
+        host = self.config.listen.host
+        self.ports["tcp"] = await self.tcp.start(host, self.config.listen.tcp_port)
+        runner = self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        assert runner.server is not None
+        self.http = IngestServer(self.config, self.api, runner.server)
+        self.ports["http"] = await self.http.start(host, self.config.listen.http_port)
+
+    async def stop(self) -> None:
+        await self.tcp.stop_accepting()
+        drains: list[Awaitable[None]] = [self.tcp.drain(self.grace_s)]
+        if self.http is not None:
+            self.http.stop_accepting()
+            drains.append(self.http.drain(self.grace_s))
+        await asyncio.gather(*drains)
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._runner.cleanup(), self.grace_s)
+
+
+class Housekeeping:
+    """The node's periodic loops, in one task group: group session expiry (every 100 ms),
+    retention, the state store's sync (the event index's marks first), event-id expiry."""
+
+    name = "housekeeping"
+
+    def __init__(self, config: Config, broker: Broker, log_: Log, kv: KV) -> None:
+        self.config = config
+        self.broker = broker
+        self.log = log_
+        self.kv = kv
+        self._group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="housekeeping")
+        await self._ready.wait()
+
+    async def _run(self) -> None:
+        cfg = self.config
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._every(0.1, self.broker.service.groups.expire), name="groups")
+            tg.create_task(
+                self.log.run_retention(cfg.storage.retention_check_interval_ms / 1000),
+                name="retention",
+            )
+            tg.create_task(self._sync_state(), name="state-sync")
+            tg.create_task(self._sweep_event_ids(), name="event-id-sweep")
+            self._ready.set()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    @staticmethod
+    async def _every(interval: float, fn: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            fn()
+
+    async def _sync_state(self) -> None:
+        interval = self.config.storage.offsets_sync_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            self.broker.intake.save_marks()
+            try:
+                await self.kv.sync()
+            except StorageError as exc:
+                # every acknowledgement that waits on the state store would now fail; a node
+                # that cannot keep its promises stops with a clear error, not a traceback
+                raise StateStoreFailed(f"state store sync failed: {exc}") from exc
+
+    async def _sweep_event_ids(self) -> None:
+        """Forget event ids past the idempotency window, a bounded slice at a time."""
+        while True:
+            await asyncio.sleep(60)
+            while self.broker.intake.sweep(time.time_ns() // 1_000_000):
+                await asyncio.sleep(0)
+
+
+# ------------------------------------------------------------------------------ node
+class Node:
+    def __init__(self, config: Config, *, shutdown_timeout: float = 4.0) -> None:
+        self.config = config
+        self.shutdown_timeout = shutdown_timeout
+        self.service: BrokerService | None = None
+        self.tcp: TcpServer | None = None
+        self.http_stats: HttpStats | None = None
+        self.ports: dict[str, int] = {}
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
+        cfg = self.config
+        auth = Authenticator(cfg.auth.keys)
+        if auth.open and not is_loopback(cfg.listen.host):
+            raise ConfigError(
+                f"no API keys are configured, so the node serves loopback only; "
+                f"listen.host={cfg.listen.host!r} is not a loopback address "
+                "(configure [[auth.keys]] to listen elsewhere)"
+            )
+        data_dir = Path(cfg.storage.data_dir)
+        nofile = raise_open_files_limit()
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def start(component: Component) -> None:
+                started = time.perf_counter()
+                await component.start()
+                stack.push_async_callback(self._stop_component, component)
+                log.info(
+                    "event=component_ready component=%s seconds=%.3f",
+                    component.name,
+                    time.perf_counter() - started,
+                )
+
+            await start(DataDirLock(data_dir))
+            state = StateStore(data_dir / "state", cfg.storage.kv_map_size)
+            await start(state)
+            assert state.kv is not None
+            the_log = LogComponent(data_dir)
+            await start(the_log)
+            broker = Broker(cfg, the_log.log, state.kv)
+            self.service = broker.service
+            await start(broker)
+            listeners = Listeners(cfg, broker, auth, self.shutdown_timeout)
+            self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
+            registry = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))
+            listeners.api.metrics_body = lambda: render(registry)
+            await start(listeners)
+            self.ports = listeners.ports
+            housekeeping = Housekeeping(cfg, broker, the_log.log, state.kv)
+            await start(housekeeping)
+            log.info(
+                "event=ready node_id=%d host=%s tcp_port=%d http_port=%d data_dir=%s "
+                "auth=%s open_files_limit=%d",
+                cfg.node_id,
+                cfg.listen.host,
+                self.ports["tcp"],
+                self.ports["http"],
+                data_dir,
+                "api-keys" if not auth.open else "none(loopback-only)",
+                nofile,
+            )
+            if on_ready is not None:
+                on_ready(self)
+            stopped = asyncio.create_task(self._stop.wait())
+            # a housekeeping loop that fails (the state store cannot sync) ends the node
+            failed = housekeeping._runner
+            assert failed is not None
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            log.info("event=stopping")
+            broker.service.stop()  # refuse new work first; parked long polls answer now
+            if failed.done() and not failed.cancelled() and failed.exception() is not None:
+                exc = failed.exception()
+                assert exc is not None
+                raise _cause(exc)
+        log.info("event=stopped")
+
+    @staticmethod
+    async def _stop_component(component: Component) -> None:
+        started = time.perf_counter()
+        await component.stop()
+        log.info(
+            "event=component_stopped component=%s seconds=%.3f",
+            component.name,
+            time.perf_counter() - started,
+        )
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The one error inside a task group's exception group, if there is one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def install_signal_handlers(node: Node) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.stop)

@@ -40,7 +40,7 @@ from storage.errors import (
 class HeraldError(Exception):
     """Base of the broker's errors. ``field`` names the request field at fault, if any."""
 
-    code: ClassVar[str] = "internal_error"
+    code: ClassVar[str] = "herald_error"
     retriable: ClassVar[bool] = True
     http_status: ClassVar[int] = 500
 
@@ -58,7 +58,7 @@ class ProtocolError(HeraldError):
     """A request the node cannot act on. A ``fatal`` one closes the connection after the
     error frame (the stream can no longer be parsed)."""
 
-    code = "bad_frame"
+    code = "protocol_error"
     retriable = False
     http_status = 400
     fatal: ClassVar[bool] = False

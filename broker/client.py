@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +46,20 @@ class BrokerError(Exception):
 class ConnectionLost(BrokerError):
     def __init__(self, message: str = "connection lost") -> None:
         super().__init__("connection_lost", message, True)
+
+
+class CorruptData(BrokerError):
+    """The node found a damaged batch at ``offset`` of ``topic/partition`` and will not serve
+    it. The consumer stops there (its position stays at the damage) until the application
+    decides: :meth:`Consumer.seek` past it, or repair the data."""
+
+    def __init__(self, topic: str, partition: int, offset: int, code: str) -> None:
+        super().__init__(
+            code,
+            f"{topic}/{partition}: damaged data at offset {offset} is quarantined; "
+            "seek past it to go on",
+        )
+        self.topic, self.partition, self.offset = topic, partition, offset
 
 
 class _Connection(asyncio.Protocol):
@@ -346,9 +361,27 @@ class Client:
 # -------------------------------------------------------------------------- producer
 @dataclass(frozen=True, slots=True)
 class RecordMetadata:
+    """Where an acknowledged record is stored."""
+
     topic: str
     partition: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMetadata:
+    """Where an acknowledged batch is stored: offsets ``base_offset..last_offset``.
+    ``duplicate``: an idempotent retry of a batch already stored (the offsets are the
+    original's)."""
+
+    topic: str
+    partition: int
+    base_offset: int
+    last_offset: int
+    duplicate: bool = False
+
+    def record(self, index: int) -> RecordMetadata:
+        return RecordMetadata(self.topic, self.partition, self.base_offset + index)
 
 
 @dataclass
@@ -406,6 +439,10 @@ class Producer:
         self._inflight = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts: dict[str, int] = {}
+        # records for topics whose partition count is being looked up, in send order
+        self._waiting: dict[
+            str, list[tuple[records.RecordInput, asyncio.Future[RecordMetadata]]]
+        ] = {}
 
     async def start(self) -> None:
         if self.idempotent:
@@ -433,12 +470,11 @@ class Producer:
         timestamp_ms: int | None = None,
     ) -> RecordMetadata:
         """Queue one record and wait for its acknowledgement."""
-        fut = await self.send_nowait(
+        return await self.send_nowait(
             topic, value, key=key, partition=partition, headers=headers, timestamp_ms=timestamp_ms
         )
-        return await fut
 
-    async def send_nowait(
+    def send_nowait(
         self,
         topic: str,
         value: bytes,
@@ -448,11 +484,51 @@ class Producer:
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
     ) -> asyncio.Future[RecordMetadata]:
-        """Queue one record; returns the future of its acknowledgement without waiting."""
-        if partition is None:
-            n = await self._partitions(topic)
-            partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
+        """Queue one record and return the future of its acknowledgement; never waits. A
+        record for a topic whose partition count is not known yet waits (in order, with the
+        topic's later records) for one metadata request."""
         ts = timestamp_ms if timestamp_ms is not None else time.time_ns() // 1_000_000
+        fut: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        row: records.RecordInput = (ts, key, value, list(headers)) if headers else (ts, key, value)
+        if partition is None:
+            n = self._counts.get(topic)
+            waiting = self._waiting.get(topic)
+            if n is None or waiting is not None:
+                if waiting is None:
+                    waiting = self._waiting[topic] = []
+                    task = asyncio.get_running_loop().create_task(self._learn_partitions(topic))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                waiting.append((row, fut))
+                return fut
+            partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
+        self._queue(topic, partition, row, fut)
+        return fut
+
+    async def _learn_partitions(self, topic: str) -> None:
+        """Find ``topic``'s partition count, then queue the records that waited for it."""
+        try:
+            n = await self._partitions(topic)
+        except BaseException as exc:
+            for _row, fut in self._waiting.pop(topic, []):
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else ConnectionLost())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for row, fut in self._waiting.pop(topic, []):
+            key = row[1]
+            partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
+            self._queue(topic, partition, row, fut)
+
+    def _queue(
+        self,
+        topic: str,
+        partition: int,
+        row: records.RecordInput,
+        fut: asyncio.Future[RecordMetadata],
+    ) -> None:
+        ts, key, value = row[0], row[1], row[2]
         tp = (topic, partition)
         acc = self._acc.get(tp)
         if acc is None:
@@ -464,16 +540,14 @@ class Producer:
                 acc.timer = loop.call_soon(self._linger_expired, tp)
             # else: sealed when one of the partition's requests in flight is answered
         delta = ts - acc.first_ts
-        if headers:
-            acc.rows.append((delta, key, value, list(headers)))
+        if len(row) == 4:
+            acc.rows.append((delta, key, value, row[3]))
         else:
             acc.rows.append((delta, key, value))
-        fut: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
         acc.futures.append(fut)
         acc.size += len(value) + (len(key) if key else 0) + 8
         if acc.size >= self.batch_bytes:
             self._seal(tp)
-        return fut
 
     def _linger_expired(self, tp: TopicPartition) -> None:
         if tp in self._acc:
@@ -568,7 +642,7 @@ class Producer:
         *,
         key: bytes | None = None,
         partition: int | None = None,
-    ) -> p.Produced:
+    ) -> BatchMetadata:
         """Send ``values`` as one batch now (no accumulation) and wait for the ack. With
         ``partition`` None the node chooses: by ``key``, else round robin. Fast path for
         callers that batch themselves (the benchmark)."""
@@ -582,14 +656,18 @@ class Producer:
             batch = self._encode((topic, partition), rows, ts)
         else:
             batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
-        return await self._produce_with_retries(topic, partition, batch, key)
+        r = await self._produce_with_retries(topic, partition, batch, key)
+        return BatchMetadata(r.topic, r.partition, r.base_offset, r.last_offset, r.duplicate)
 
     async def flush(self) -> None:
         """Send everything queued and wait for every acknowledgement."""
-        for tp in list(self._acc):
-            self._seal(tp)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._acc or self._tasks or self._waiting:
+            for tp in list(self._acc):
+                self._seal(tp)
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            elif self._waiting:
+                await asyncio.sleep(0)
 
     async def close(self) -> None:
         await self.flush()
@@ -654,7 +732,10 @@ class Consumer:
         self.member_id: str | None = None
         self.generation = -1
         self.assignment: list[TopicPartition] = []
+        # the next offset the application gets, per partition (what a commit stores); a fetch
+        # starts there, as it happens only once what getmany buffered is all returned
         self.positions: dict[TopicPartition, int] = {}
+        self._buffer: deque[ConsumerRecord] = deque()
         self._committed: dict[TopicPartition, int] = {}
         self._heartbeat_interval = 1.0
         self._hb_task: asyncio.Task[None] | None = None
@@ -756,6 +837,7 @@ class Consumer:
         await self._call(self.on_revoke, tps)
         gone = set(tps)
         self.assignment = [tp for tp in self.assignment if tp not in gone]
+        self._drop_buffered(gone)
         for tp in tps:
             self.positions.pop(tp, None)
 
@@ -791,22 +873,47 @@ class Consumer:
         await self._apply_assignment(list(partitions))
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
-        self.positions[(topic, partition)] = offset
+        """Consume ``topic/partition`` from ``offset`` on (records already buffered for it
+        are dropped). Also the way past a damaged batch (:class:`CorruptData`): seek to its
+        ``end_offset``."""
+        tp = (topic, partition)
+        self.positions[tp] = offset
+        self._drop_buffered({tp})
+
+    def _drop_buffered(self, tps: set[TopicPartition]) -> None:
+        if self._buffer:
+            self._buffer = deque(r for r in self._buffer if (r.topic, r.partition) not in tps)
 
     async def getmany(
         self, timeout_ms: int = 1000, max_records: int | None = None
     ) -> list[ConsumerRecord]:
-        """Records from the assigned partitions, waiting up to ``timeout_ms`` for some."""
+        """Records from the assigned partitions, in offset order per partition, waiting up
+        to ``timeout_ms`` for some. With ``max_records``, at most that many: the rest of
+        what was fetched is kept for the next call (no fetch is wasted). A position moves
+        only past records returned, so a commit never covers a record the application did
+        not get."""
         if (
             self.auto_commit
             and time.monotonic() - self._last_commit >= self.auto_commit_interval_ms / 1000
         ):
             with contextlib.suppress(BrokerError):
                 await self.commit()
-        batches = await self.fetch_batches(timeout_ms)
-        out: list[ConsumerRecord] = []
-        append = out.append
-        for topic, partition, data, start in batches:
+        if not self._buffer:
+            self._decode([f[:4] for f in await self._fetch(timeout_ms)])
+        buffer = self._buffer
+        if max_records is None or len(buffer) <= max_records:
+            out = list(buffer)
+            buffer.clear()
+        else:
+            out = [buffer.popleft() for _ in range(max_records)]
+        positions = self.positions
+        for rec in out:  # the last record of each partition sets its position
+            positions[(rec.topic, rec.partition)] = rec.offset + 1
+        return out
+
+    def _decode(self, fetched: list[tuple[str, int, bytes, int]]) -> None:
+        append = self._buffer.append
+        for topic, partition, data, start in fetched:
             view = memoryview(data)
             for _pos, header in records.iter_batches(view, verify=True):
                 recs = records.decode_records(view[_pos : _pos + header.batch_length], header)
@@ -824,19 +931,21 @@ class Consumer:
                             r.headers,
                         )
                     )
-        if max_records is not None and len(out) > max_records:
-            # rewind positions to the first record not returned
-            for rec in out[max_records:]:
-                tp = (rec.topic, rec.partition)
-                if self.positions.get(tp, rec.offset + 1) > rec.offset:
-                    self.positions[tp] = rec.offset
-            out = out[:max_records]
-        return out
 
     async def fetch_batches(self, timeout_ms: int = 1000) -> list[tuple[str, int, bytes, int]]:
         """Raw record batches (``topic, partition, bytes, first wanted offset``) from the
         assigned partitions, advancing positions past them. For callers that decode
-        themselves."""
+        themselves; do not mix with :meth:`getmany`."""
+        out = []
+        for topic, partition, data, start, nxt in await self._fetch(timeout_ms):
+            self.positions[(topic, partition)] = nxt
+            out.append((topic, partition, data, start))
+        return out
+
+    async def _fetch(self, timeout_ms: int) -> list[tuple[str, int, bytes, int, int]]:
+        """One fetch from the positions of the assigned partitions: ``(topic, partition,
+        bytes, first wanted offset, offset after the last batch)`` per partition with data.
+        Positions do not move here."""
         if not self.assignment:
             self._assignment_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -873,15 +982,32 @@ class Consumer:
                 )
                 self.positions[tp] = reset
                 continue
+            if res.error == errors.CorruptData.code:
+                # stop here, loudly: nothing past a damaged batch is skipped silently
+                raise CorruptData(res.topic, res.partition, start, res.error)
             if res.error is not None or not res.records:
                 continue
             last_next = start
             for _pos, header in records.iter_batches(res.records, verify=False):
                 last_next = header.next_offset
             if last_next > start:
-                self.positions[tp] = last_next
-                out.append((res.topic, res.partition, res.records, start))
+                out.append((res.topic, res.partition, res.records, start, last_next))
         return out
+
+    async def committed(
+        self, partitions: Sequence[TopicPartition] | None = None
+    ) -> dict[TopicPartition, int]:
+        """The group's committed offsets (the next offset to consume) for ``partitions``
+        (default: the assigned ones), as stored by the node; a partition without a commit is
+        absent."""
+        if self.group is None:
+            raise BrokerError(
+                errors.InvalidRequest.code, "a consumer without a group commits nothing"
+            )
+        tps = list(self.assignment if partitions is None else partitions)
+        resp = await self.client.request(p.FetchOffsets(id=0, group=self.group, partitions=tps))
+        assert isinstance(resp, p.OffsetsFetched)
+        return {(o.topic, o.partition): o.offset for o in resp.offsets if o.offset >= 0}
 
     async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
         """Commit ``offsets`` (next offset to read, per partition), default: the current

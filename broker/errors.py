@@ -24,6 +24,7 @@ from storage import errors as storage_errors
 # client SDK among them) need only this module
 from storage.errors import (
     CorruptBatch,
+    CorruptData,
     IncompleteBatch,
     LogClosed,
     LogOffline,
@@ -280,6 +281,7 @@ __all__ = [
     "BadFrame",
     "BatchTooLarge",
     "CorruptBatch",
+    "CorruptData",
     "ErrorInfo",
     "Forbidden",
     "FrameTooLarge",

@@ -181,9 +181,7 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
     async with contextlib.aclosing(_record_source(args)) as source:
         async for values in source:
             for value in values:
-                fut = await producer.send_nowait(
-                    args.topic, value, key=key, partition=args.partition
-                )
+                fut = producer.send_nowait(args.topic, value, key=key, partition=args.partition)
                 fut.add_done_callback(acks)
                 unacked.append((fut, len(value)))
                 unacked_bytes += len(value)

@@ -50,6 +50,15 @@ class OffsetOutOfRange(StorageError):
         self.high_watermark = high_watermark
 
 
+class CorruptData(StorageError):
+    """Stored data failed its checksum: the damaged range is quarantined and never served. A
+    reader stops at it until an operator or the application decides to skip it."""
+
+    code = "corrupt_data"
+    retriable = False
+    http_status = 500
+
+
 class StorageFull(StorageError):
     """The disk is full (ENOSPC/EDQUOT). The append was rolled back and not acknowledged."""
 

@@ -196,7 +196,7 @@ async def herald_producer(port: int, topic: str, steps: list[Step]) -> RunResult
 
         async def send(value: bytes) -> None:
             nonlocal pending
-            fut = await producer.send_nowait(topic, value, partition=0)
+            fut = producer.send_nowait(topic, value, partition=0)
             pending += 1
             drained.clear()
             fut.add_done_callback(done)

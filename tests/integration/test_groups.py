@@ -102,7 +102,7 @@ async def produce_until(client: Client, stop: asyncio.Event, per_batch: int = 30
     b = 0
     while not stop.is_set():
         futures = [
-            await producer.send_nowait(TOPIC, b"order-%d-%d" % (b, i), key=b"customer-%d" % i)
+            producer.send_nowait(TOPIC, b"order-%d-%d" % (b, i), key=b"customer-%d" % i)
             for i in range(per_batch)
         ]
         await producer.flush()

@@ -222,9 +222,7 @@ async def test_producer_retry_after_a_lost_reply_stores_records_once(
         async with await Client.connect(herald.host, port) as client:
             await client.create_topic(TOPIC, 1)
             producer = await client.producer(linger_ms=20, retry_backoff_ms=20)
-            futures = [
-                await producer.send_nowait(TOPIC, b"rec-%d" % i, partition=0) for i in range(10)
-            ]
+            futures = [producer.send_nowait(TOPIC, b"rec-%d" % i, partition=0) for i in range(10)]
             await producer.flush()
             acked = [f.result() for f in futures]
             (dropped,) = proxy.dropped

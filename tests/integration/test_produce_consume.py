@@ -37,7 +37,7 @@ async def test_100k_records_consumed_once_in_order_per_partition(herald: HeraldP
             value = b"%s:%06d:%06d" % (key, seq[key], i)
             seq[key] += 1
             sent.append((key, value))
-            futures.append(await producer.send_nowait(topic, value, key=key))
+            futures.append(producer.send_nowait(topic, value, key=key))
         await producer.flush()
         acked = [f.result() for f in futures]
 
@@ -146,7 +146,7 @@ async def test_linger_zero_batches_by_load_not_by_time(herald: HeraldProcess) ->
     async with await Client.connect(herald.host, herald.tcp_port) as client:
         await client.create_topic(topic, 1)
         producer = await client.producer(linger_ms=0, partition_inflight=2)
-        lone = await producer.send_nowait(topic, b"alone", partition=0)
+        lone = producer.send_nowait(topic, b"alone", partition=0)
         await lone
         assert await batch_sizes(client, topic) == [1]
 
@@ -155,7 +155,7 @@ async def test_linger_zero_batches_by_load_not_by_time(herald: HeraldProcess) ->
         # are in flight the records that follow share one
         futures = []
         for i in range(200):
-            futures.append(await producer.send_nowait(topic, b"%03d" % i, partition=0))
+            futures.append(producer.send_nowait(topic, b"%03d" % i, partition=0))
             await asyncio.sleep(0)
         offsets = [(await f).offset for f in futures]
         assert offsets == list(range(1, 201))

@@ -1,0 +1,91 @@
+"""The client SDK's surface against a real node: ``send_nowait`` is a plain call returning a
+future (records keep their order even while the topic's metadata is looked up),
+``send_batch`` answers with metadata like ``send``, ``getmany(max_records=…)`` keeps what it
+fetched for the next call, and committed offsets can be read back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from broker.client import BatchMetadata, Client, RecordMetadata
+
+from .herald_process import HeraldProcess
+
+
+@pytest.fixture
+async def client(shared_herald: HeraldProcess) -> AsyncIterator[Client]:
+    async with Client(shared_herald.host, shared_herald.tcp_port) as c:
+        yield c
+
+
+async def test_send_nowait_is_a_plain_call_and_keeps_order_on_a_new_topic(client: Client) -> None:
+    producer = await client.producer(linger_ms=0)
+    # an unknown topic: the first records wait for one metadata request (auto-create)
+    futures = [producer.send_nowait("api-order", b"%03d" % i, partition=None) for i in range(50)]
+    assert all(isinstance(f, asyncio.Future) for f in futures)
+    metas = await asyncio.gather(*futures)
+    assert all(isinstance(m, RecordMetadata) for m in metas)
+    by_partition: dict[int, list[int]] = {}
+    for m in metas:
+        by_partition.setdefault(m.partition, []).append(m.offset)
+    for offsets in by_partition.values():
+        assert offsets == sorted(offsets)  # send order is offset order per partition
+    await producer.close()
+
+
+async def test_send_batch_answers_with_metadata_like_send(client: Client) -> None:
+    await client.create_topic("api-batch", 1)
+    producer = await client.producer()
+    meta = await producer.send_batch("api-batch", [b"a", b"b", b"c"], partition=0)
+    assert isinstance(meta, BatchMetadata)
+    assert (meta.base_offset, meta.last_offset, meta.duplicate) == (0, 2, False)
+    assert meta.record(2) == RecordMetadata("api-batch", 0, 2)
+    await producer.close()
+
+
+async def test_getmany_with_max_records_keeps_the_rest_for_the_next_call(client: Client) -> None:
+    await client.create_topic("api-max", 1)
+    producer = await client.producer()
+    await producer.send_batch("api-max", [b"%04d" % i for i in range(1000)], partition=0)
+    consumer = await client.consumer("api-max", group="api-max-g", auto_commit=False)
+    fetches = 0
+    real_fetch = client.fetch
+
+    async def counting_fetch(*args: Any, **kw: Any) -> Any:
+        nonlocal fetches
+        fetches += 1
+        return await real_fetch(*args, **kw)
+
+    client.fetch = counting_fetch  # type: ignore[method-assign]
+    got: list[bytes] = []
+    while len(got) < 1000:
+        got += [r.value for r in await consumer.getmany(timeout_ms=500, max_records=100)]
+    assert got == [b"%04d" % i for i in range(1000)]
+    assert fetches == 1, "records fetched once were fetched again"
+    # a position only covers records returned: commit after 100 of a fresh fetch
+    await consumer.commit()
+    assert await consumer.committed() == {("api-max", 0): 1000}
+    await consumer.close()
+    await producer.close()
+
+
+async def test_a_commit_covers_only_the_records_the_application_got(client: Client) -> None:
+    await client.create_topic("api-partial", 1)
+    producer = await client.producer()
+    await producer.send_batch("api-partial", [b"x"] * 500, partition=0)
+    consumer = await client.consumer("api-partial", group="api-partial-g", auto_commit=False)
+    first = await consumer.getmany(timeout_ms=500, max_records=120)
+    assert [r.offset for r in first] == list(range(120))
+    await consumer.commit()
+    assert await consumer.committed([("api-partial", 0)]) == {("api-partial", 0): 120}
+    await consumer.close()
+    # a new member starts where the commit left off, not past the buffered rest
+    again = await client.consumer("api-partial", group="api-partial-g", auto_commit=False)
+    nxt = await again.getmany(timeout_ms=500, max_records=1)
+    assert nxt[0].offset == 120
+    await again.close()
+    await producer.close()

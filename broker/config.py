@@ -42,6 +42,7 @@ class StorageConfig(_Section):
     kv_map_size: int = 1 << 30
     offsets_sync_interval_ms: int = 1000
     cache_window_bytes: int = 256 * 1024 * 1024
+    min_free_bytes: int = 64 * 1024 * 1024
 
 
 class TopicDefaults(_Section):

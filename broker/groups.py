@@ -16,10 +16,9 @@ Member lifecycle (a state machine with named states)::
     reconciling --heartbeat with owned == granted == target--> stable
     any --leave | session timeout--> gone
 
-Offsets are stored in the node's LMDB (``offsets`` table) the moment they are committed and
-synced with the rest of the state store in the background: a killed process loses none; a
-power loss may roll back the last ``offsets-sync-interval-ms`` of commits, which only means
-redelivery (at-least-once holds).
+Offsets are stored in the node's LMDB (``offsets`` table) the moment they are committed; the
+front door (``BrokerService.commit_offsets``) syncs the state store before it answers, so an
+acknowledged commit survives a power cut (commits arriving together share one sync).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -111,16 +112,29 @@ class BrokerService:
 
     def health(self) -> dict[str, object]:
         """What ``/healthz`` reports: ``ok``, ``degraded`` (some partitions cannot take
-        writes) or ``shutting_down``."""
+        writes, or the disk is nearly full) or ``shutting_down``, with the reasons."""
         offline = [part.name for part in self.log.partitions.values() if part.offline]
-        status = "shutting_down" if self.stopping else ("degraded" if offline else "ok")
+        reasons = []
+        if offline:
+            reasons.append("offline_partitions")
+        free = self.disk_free_bytes()
+        if free < self.config.storage.min_free_bytes:
+            reasons.append("disk_nearly_full")
+        status = "shutting_down" if self.stopping else ("degraded" if reasons else "ok")
         return {
             "status": status,
+            "reasons": reasons,
             "node_id": self.config.node_id,
             "topics": len(self.log.topics),
             "partitions": len(self.log.partitions),
             "offline_partitions": offline,
+            "disk_free_bytes": free,
         }
+
+    def disk_free_bytes(self) -> int:
+        """Free bytes on the log's filesystem for unprivileged writers (one statvfs call)."""
+        st = os.statvfs(self.log.root)
+        return st.f_bavail * st.f_frsize
 
     # ------------------------------------------------------------------------ topics
     def create_topic(self, principal: Principal, req: p.CreateTopic) -> tuple[p.TopicInfo, bool]:

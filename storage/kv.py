@@ -1,5 +1,6 @@
 """The node's small mutable state in one LMDB environment (``<data>/state``): consumer-group
-offsets now; the subscription registry, contacts, idempotency keys and timers later.
+offsets, producer-id reservations, the event-id index; the subscription registry, contacts
+and timers later.
 
 No other module imports ``lmdb``. Values are ``msgspec`` structs encoded as msgpack through a
 typed :class:`Table`, so a reader gets the type it stored or a clear error.
@@ -14,6 +15,7 @@ caller that arrived meanwhile. Write transactions are short and never span an ``
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -24,6 +26,17 @@ import msgspec
 from storage.errors import StorageError, StorageFull
 
 T = TypeVar("T")
+
+
+def write_failed(exc: lmdb.Error) -> StorageError:
+    """The storage error for a failed LMDB write: a full map or disk is :class:`StorageFull`
+    (retriable once space returns), anything else a plain :class:`StorageError`."""
+    if isinstance(exc, lmdb.MapFullError):
+        return StorageFull(f"state store is full (raise storage.kv-map-size): {exc}")
+    text = str(exc)
+    if "No space left" in text or f"errno {errno.ENOSPC}" in text or "EDQUOT" in text:
+        return StorageFull(f"no space left for the state store: {exc}")
+    return StorageError(f"state store write failed: {exc}")
 
 
 class KV:
@@ -124,38 +137,48 @@ class Table(Generic[T]):
         self.put_many([(key, value)])
 
     def put_many(self, items: list[tuple[bytes | str, T]]) -> None:
-        """Write many entries in one transaction."""
+        """Write many entries in one transaction. Raises :class:`StorageFull` when the map
+        or the disk is full, :class:`StorageError` for other write failures."""
         try:
             with self._kv.write() as txn:
                 for key, value in items:
                     txn.put(self._key(key), self._enc.encode(value), db=self._db)
-        except lmdb.MapFullError as exc:
-            raise StorageFull(f"state store is full (raise kv_map_size): {exc}") from exc
+        except lmdb.Error as exc:
+            raise write_failed(exc) from exc
 
     def delete(self, key: bytes | str) -> bool:
-        with self._kv.write() as txn:
-            return bool(txn.delete(self._key(key), db=self._db))
+        try:
+            with self._kv.write() as txn:
+                return bool(txn.delete(self._key(key), db=self._db))
+        except lmdb.Error as exc:
+            raise write_failed(exc) from exc
 
     def delete_prefix(self, prefix: bytes | str) -> int:
         p = self._key(prefix)
         n = 0
-        with self._kv.write() as txn:
-            cur = txn.cursor(db=self._db)
-            if cur.set_range(p):
-                while bytes(cur.key()).startswith(p):
-                    if not cur.delete():
-                        break
-                    n += 1
-                    if not cur.key():
-                        break
+        try:
+            with self._kv.write() as txn:
+                cur = txn.cursor(db=self._db)
+                if cur.set_range(p):
+                    while bytes(cur.key()).startswith(p):
+                        if not cur.delete():
+                            break
+                        n += 1
+                        if not cur.key():
+                            break
+        except lmdb.Error as exc:
+            raise write_failed(exc) from exc
         return n
 
     def delete_many(self, keys: list[bytes | str]) -> int:
         """Delete ``keys`` in one transaction; returns how many existed."""
         n = 0
-        with self._kv.write() as txn:
-            for key in keys:
-                n += bool(txn.delete(self._key(key), db=self._db))
+        try:
+            with self._kv.write() as txn:
+                for key in keys:
+                    n += bool(txn.delete(self._key(key), db=self._db))
+        except lmdb.Error as exc:
+            raise write_failed(exc) from exc
         return n
 
     def scan(

@@ -2,10 +2,11 @@
 in the internal ``__events`` topic. ``POST /events`` (HTTP), the ``publish`` op (TCP) and the
 node's engines all publish through :class:`EventIntake`.
 
-An event is stored as one record of ``__events`` (JSON, so any consumer can read it), keyed
-by its ``key`` (events of one key keep their order) or, without a key, placed on the
-partition the :class:`StickyPartitioner` has open, so the keyless events of one group-commit
-round share one fsync.
+An event is stored as one record of ``__events`` (JSON, so any consumer can read it) on the
+partition of its ``key``, or, without a key, of its tenant and topic: the events of one topic
+then keep their publishing order through the fan-out, which is what keeps notifications in
+order per (user, topic) (a producer that gives keys takes that on: events of one key keep
+their order). Events that arrive together on one partition share one fsync.
 
 Idempotency: an event may carry a producer-chosen ``event_id``; a repeat inside the window
 (24 h) is answered with the original partition and offset and not stored again. The promise
@@ -39,9 +40,8 @@ from broker.config import Config
 from broker.errors import InvalidRequest, PayloadTooLarge, ShuttingDown
 from broker.idempotency import EventIds, SeenEvent
 from broker.service import BrokerService
-from broker.topics import EVENTS_TOPIC, StickyPartitioner, partition_for_key
+from broker.topics import EVENTS_TOPIC, partition_for_key
 from storage import records
-from storage.partition import Partition
 
 log = logging.getLogger("herald.events")
 
@@ -134,7 +134,7 @@ class _Prepared:
     __slots__ = ("event_id", "index", "key", "partition", "value")
 
     def __init__(
-        self, index: int, event_id: str, key: str | None, value: bytes, partition: int | None
+        self, index: int, event_id: str, key: str | None, value: bytes, partition: int
     ) -> None:
         self.index = index
         self.event_id = event_id
@@ -153,7 +153,6 @@ class EventIntake:
         self.service = service
         self.ids = EventIds(service.kv, self.IDEMPOTENCY_WINDOW_MS)
         self._gen = EventIdGenerator()
-        self._sticky = StickyPartitioner()
         self._enc = msgspec.json.Encoder()
         self._event_dec = msgspec.json.Decoder(EventIn)
         self._batch_dec = msgspec.json.Decoder(EventBatchIn)
@@ -163,7 +162,6 @@ class EventIntake:
         self._inflight: dict[tuple[str, str], tuple[EventResult, asyncio.Future[None]]] = {}
         # per partition: every event below this offset is indexed (or needs no index)
         self._indexed: dict[int, int] = {}
-        self._parts: list[Partition] = []
 
     @property
     def partitions(self) -> int:
@@ -273,8 +271,8 @@ class EventIntake:
                 f"event of {len(value)} bytes (as stored) exceeds max_event_bytes={limit}",
                 field=where + ("payload" if len(ev.payload) > limit // 2 else "event"),
             )
-        partition = partition_for_key(ev.key.encode(), self.partitions) if ev.key else None
-        return _Prepared(index, event_id, ev.key, value, partition)
+        key = ev.key.encode() if ev.key else f"{tenant}\0{ev.topic}".encode()
+        return _Prepared(index, event_id, ev.key, value, partition_for_key(key, self.partitions))
 
     def _append(
         self,
@@ -285,15 +283,8 @@ class EventIntake:
         now: int,
     ) -> list[asyncio.Future[None]]:
         by_partition: dict[int, list[_Prepared]] = {}
-        keyless = [e for e in fresh if e.partition is None]
         for e in fresh:
-            if e.partition is not None:
-                by_partition.setdefault(e.partition, []).append(e)
-        if keyless:
-            # one partition for all of them: chosen per event, the partition would still look
-            # idle (nothing is appended yet) and they would be dealt over every partition
-            part = self._keyless_partition(sum(len(e.value) for e in keyless))
-            by_partition.setdefault(part, []).extend(keyless)
+            by_partition.setdefault(e.partition, []).append(e)
         batches = {part: self._batches(items, now) for part, items in by_partition.items()}
         for bs in batches.values():
             self.service.check_batches(bs)  # every limit before any append
@@ -355,13 +346,6 @@ class EventIntake:
                 return
         if end > self._indexed.get(partition, 0):
             self._indexed[partition] = end
-
-    def _keyless_partition(self, size: int) -> int:
-        parts = self._parts
-        if not parts:  # __events is internal: never deleted, so its partitions never change
-            log_ = self.service.log
-            parts[:] = [log_.partition(EVENTS_TOPIC, i) for i in range(self.partitions)]
-        return self._sticky.choose(parts, size)
 
     # ---------------------------------------------------------------- index upkeep
     def save_marks(self) -> None:

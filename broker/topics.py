@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Final
 
 import msgspec
 
@@ -192,54 +192,3 @@ class Topics:
             retention_ms=meta.config.retention_ms,
             retention_bytes=meta.config.retention_bytes,
         )
-
-
-class PendingSync(Protocol):
-    """What the sticky partitioner reads of a partition (``storage.partition.Partition``)."""
-
-    @property
-    def high_watermark(self) -> int: ...
-
-    @property
-    def log_end_offset(self) -> int: ...
-
-    @property
-    def offline(self) -> bool: ...
-
-
-class StickyPartitioner:
-    """Where records without a key go, so that those arriving together share one fsync.
-
-    Hashing a fresh id per keyless record spreads one round of concurrent appends over every
-    partition, and each partition touched costs its own ``fdatasync``. Instead (like Kafka's
-    sticky partitioner, KIP-480) keyless records stay on the current partition while it has an
-    append waiting for its sync (``high_watermark < log_end_offset``): they join that sync.
-    Once it has none, the next keyless record moves on to the next partition in turn, so over
-    time every partition gets its share. Two more reasons to move on: the current partition is
-    offline (its appends would all fail), or it has taken ``switch_bytes`` since it was chosen
-    (under unbroken load a partition never catches up, and one partition would take every
-    keyless record, leaving the consumers of the others idle). Keyless records have no order
-    to keep, so any partition is right for them.
-    """
-
-    def __init__(self, switch_bytes: int = 1 << 20) -> None:
-        self.switch_bytes = switch_bytes
-        self._current = -1
-        self._taken = 0  # bytes sent to the current partition since it was chosen
-
-    def choose(self, partitions: Sequence[PendingSync], size: int) -> int:
-        """The partition for one keyless record of ``size`` bytes."""
-        n = len(partitions)
-        cur = self._current
-        if 0 <= cur < n and self._taken < self.switch_bytes:
-            part = partitions[cur]
-            if part.high_watermark < part.log_end_offset and not part.offline:
-                self._taken += size
-                return cur
-        nxt = (cur + 1) % n
-        for step in range(1, n + 1):
-            if not partitions[(cur + step) % n].offline:
-                nxt = (cur + step) % n
-                break
-        self._current, self._taken = nxt, size
-        return nxt

@@ -384,19 +384,20 @@ def test_clients_that_vanish_mid_request_do_not_break_the_node(
 
 
 # ---------------------------------------------------------------- partition choice
-def test_keyless_events_share_a_partition_per_round_and_rotate_over_all(
-    conn: RawHttp,
-) -> None:
-    # one round: 40 requests read at once, appended before any of them is synced
-    conn.send(b"".join(post_json("/events", event()) for _ in range(40)))
-    round_partitions = {conn.response().json()["partition"] for _ in range(40)}
-    assert len(round_partitions) <= 2, round_partitions  # hashing would touch all 8
-    # one event per round: each finds the last partition synced and moves on
-    alone = [conn.exchange(post_json("/events", event())).json()["partition"] for _ in range(16)]
-    assert set(alone) == set(range(EVENTS_PARTITIONS)), alone
-    # a batch's keyless events stay together too
-    resp = conn.exchange(post_json("/events/batch", {"events": [event() for _ in range(50)]}))
-    assert len({r["partition"] for r in resp.json()["results"]}) == 1
+def test_keyless_events_of_a_topic_keep_their_order_on_one_partition(conn: RawHttp) -> None:
+    # without a key an event goes by its tenant and topic: one topic's events stay in order
+    conn.send(b"".join(post_json("/events", event(topic="orders.paid")) for _ in range(40)))
+    answers = [conn.response().json() for _ in range(40)]
+    assert len({a["partition"] for a in answers}) == 1
+    offsets = [a["offset"] for a in answers]
+    assert offsets == sorted(offsets)
+    assert answers[0]["partition"] == partition_for_key(b"default\0orders.paid", EVENTS_PARTITIONS)
+    # other topics spread over the partitions
+    spread = {
+        conn.exchange(post_json("/events", event(topic=f"t{i}"))).json()["partition"]
+        for i in range(40)
+    }
+    assert len(spread) > EVENTS_PARTITIONS // 2, spread
 
 
 def test_keyed_events_still_go_by_hash(conn: RawHttp) -> None:

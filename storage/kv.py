@@ -24,6 +24,7 @@ import lmdb
 import msgspec
 
 from storage.errors import StorageError, StorageFull
+from storage.segment import fsync_dir
 
 T = TypeVar("T")
 
@@ -56,6 +57,10 @@ class KV:
             )
         except lmdb.Error as exc:
             raise StorageError(f"cannot open state store at {path}: {exc}") from exc
+        # LMDB never fsyncs a directory: make the names of data.mdb and of ``path`` itself
+        # durable, or a power cut soon after the first start could lose the whole store
+        fsync_dir(path)
+        fsync_dir(path.parent)
         self._sync_task: asyncio.Task[None] | None = None
         self._requested = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []

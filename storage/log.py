@@ -59,6 +59,10 @@ class Log:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "log"
         self.root.mkdir(parents=True, exist_ok=True)
+        # a new directory's name is durable only once its parent is fsynced: without this a
+        # power cut soon after a fresh node's first start could take the whole log with it
+        fsync_dir(self.root)
+        fsync_dir(data_dir)
         self.topics: dict[str, TopicMeta] = {}
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.recovery: list[RecoveryReport] = []

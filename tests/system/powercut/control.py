@@ -22,11 +22,12 @@ from typing import Any
 
 from . import fuse_kernel
 
+EXIT_NO_FUSE = 77  # lazyfs.py's exit code when the kernel refuses the mount
 REPO = Path(__file__).resolve().parents[3]
 START_TIMEOUT_S = 10.0
 
 
-class FuseUnavailable(RuntimeError):
+class FuseUnavailable(Exception):
     """This machine cannot mount a FUSE filesystem (no /dev/fuse, not root, no fuse
     module): the reason says which."""
 
@@ -89,15 +90,18 @@ class PowerLossFS:
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            if fs.proc.poll() is not None:
+            code = fs.proc.poll()
+            if code is not None:
                 fs.close()
-                raise FuseUnavailable(f"lazyfs exited at start:\n{fs.log_tail()}")
+                if code == EXIT_NO_FUSE:
+                    raise FuseUnavailable(f"the kernel refused the FUSE mount:\n{fs.log_tail()}")
+                raise RuntimeError(f"lazyfs exited with {code} at start:\n{fs.log_tail()}")
             with contextlib.suppress(OSError):
                 if fs.call("ping").get("mounted") and fuse_kernel.is_mounted(str(fs.mountpoint)):
                     return fs
             if time.monotonic() > deadline:
                 fs.close()
-                raise FuseUnavailable(f"lazyfs not mounted after {START_TIMEOUT_S}s")
+                raise RuntimeError(f"lazyfs not mounted after {START_TIMEOUT_S}s")
             time.sleep(0.02)
 
     def __enter__(self) -> PowerLossFS:

@@ -41,6 +41,7 @@ from .model import ROOT_ID, FsError, Inode, Model
 
 log = logging.getLogger("lazyfs")
 
+EXIT_NO_FUSE = 77  # this machine refuses the mount: the caller skips, it is no bug here
 TTL_S = 3600  # entry and attribute validity: nothing changes the tree behind the kernel
 
 
@@ -457,7 +458,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
-        server.mount()
+        try:
+            server.mount()
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES, errno.ENODEV, errno.ENOENT):
+                log.error("event=mount_refused error=%r", exc)
+                return EXIT_NO_FUSE
+            raise
         log.info("event=mounted mountpoint=%s store=%s pid=%d", mountpoint, store, os.getpid())
         server.serve()
     finally:

@@ -322,10 +322,11 @@ class Model:
             self.maybe_release(node)
 
     def maybe_release(self, node: Inode) -> None:
-        """Free the volatile bytes of a file nothing names or holds any more (as the page
-        cache and the blocks of an unlinked, closed file). Its durable bytes stay until the
-        power cut decides whether a durable name still points at it."""
-        if node.nlink > 0 or node.nlookup > 0 or node.opens > 0 or node.released:
+        """Free the volatile bytes of a file that has no name and is not open (as the blocks
+        of an unlinked, closed file are). The kernel may still ask for its attributes until
+        it forgets the inode. Its durable bytes stay until the power cut decides whether a
+        durable name still points at it."""
+        if node.nlink > 0 or node.opens > 0 or node.released:
             return
         node.released = True
         node.dirty.clear()

@@ -7,10 +7,17 @@ directory is outside the mount, so the node's log survives the power cut for dia
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.integration.herald_process import HeraldProcess
+from broker import protocol as p
+from broker.client import Client, Consumer, ConsumerRecord
+from tests.integration.herald_process import HeraldProcess, child_env, herald_command
 
 from .control import PowerLossFS
 
@@ -74,3 +81,70 @@ def _short(report: dict[str, Any]) -> str:
         f"lost names {report.get('lost_names', [])[:8]}; "
         f"restored names {report.get('restored_names', [])[:8]}"
     )
+
+
+# ---------------------------------------------------------------------- client-side helpers
+async def read_partition(client: Client, topic: str, partition: int) -> dict[int, ConsumerRecord]:
+    """Every record of one partition below its high watermark, by offset."""
+    end = await client.list_offsets(topic, partition, "latest")
+    consumer = Consumer(client, [topic], group=None, auto_offset_reset="earliest")
+    await consumer.assign([(topic, partition)])
+    out: dict[int, ConsumerRecord] = {}
+    try:
+        async with asyncio.timeout(20):
+            while consumer.positions[(topic, partition)] < end:
+                for rec in await consumer.getmany(timeout_ms=200):
+                    out[rec.offset] = rec
+    finally:
+        await consumer.close()
+    return out
+
+
+async def committed_offset(client: Client, group: str, topic: str, partition: int) -> int:
+    """The group's committed offset for a partition, -1 when none."""
+    resp = await client.request(p.FetchOffsets(id=0, group=group, partitions=[(topic, partition)]))
+    assert isinstance(resp, p.OffsetsFetched)
+    for o in resp.offsets:
+        if (o.topic, o.partition) == (topic, partition):
+            return o.offset
+    return -1
+
+
+def topics_list_cli(node: PowerNode) -> list[str]:
+    """``herald topics list --json``, as an operator runs it."""
+    out = subprocess.run(
+        [
+            *herald_command(),
+            "topics",
+            "list",
+            "--json",
+            "--bootstrap",
+            f"{node.host}:{node.tcp_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+        check=False,
+    )
+    assert out.returncode == 0, f"topics list failed: {out.stderr}"
+    return [t["name"] for t in json.loads(out.stdout)]
+
+
+def post_event(node: PowerNode, event: dict[str, Any], timeout: float = 10.0) -> tuple[int, Any]:
+    """``POST /events``: (status, decoded answer)."""
+    req = urllib.request.Request(
+        f"{node.http_url}/events",
+        data=json.dumps(event).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, body.decode(errors="replace")

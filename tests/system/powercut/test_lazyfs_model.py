@@ -8,6 +8,7 @@ prove the simulation before the Herald tests trust it.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
 from pathlib import Path
@@ -326,6 +327,6 @@ def test_ranges_merge_like_a_set_of_bytes(adds: list[tuple[int, int]]) -> None:
         expected.update(range(start, start + length))
     got = [(s, e) for s, e in r]
     assert sorted(got) == got
-    assert all(e1 < s2 for (_, e1), (s2, _) in zip(got, got[1:], strict=False))
+    assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(got))
     assert {b for s, e in got for b in range(s, e)} == expected
     assert r.total() == len(expected)

@@ -19,6 +19,16 @@ from .control import FuseUnavailable, PowerLossFS, fuse_unavailable_reason
 from .herald_power import PowerNode
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-power-loss",
+        action="store_true",
+        help="power-loss tests: make everything durable before each cut (a plain SIGKILL); "
+        "a control run of the tests' own logic, under which every test must pass "
+        "(run with --runxfail)",
+    )
+
+
 @pytest.fixture
 def powerfs(tmp_path: Path) -> Iterator[PowerLossFS]:
     reason = fuse_unavailable_reason()
@@ -35,10 +45,13 @@ def powerfs(tmp_path: Path) -> Iterator[PowerLossFS]:
 
 
 @pytest.fixture
-def power_node(powerfs: PowerLossFS, tmp_path: Path) -> Iterator[PowerNode]:
+def power_node(
+    powerfs: PowerLossFS, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[PowerNode]:
     """A started node on the power-loss filesystem, its directories made durable (see
     ``PowerNode.start``)."""
     node = PowerNode(powerfs, tmp_path / "node")
+    node.no_power_loss = request.config.getoption("--no-power-loss")
     try:
         node.start()
         yield node

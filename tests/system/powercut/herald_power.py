@@ -12,6 +12,7 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,37 @@ from tests.integration.herald_process import HeraldProcess, child_env, herald_co
 
 from .control import PowerLossFS
 
+OPERATOR_KEY = "powercut-operator-key-0123456789"
+# an operator key (tenant "*"), for tests that read the internal topic __events
+OPERATOR_CONFIG = f"""
+[[auth.keys]]
+key = "{OPERATOR_KEY}"
+tenant = "*"
+scopes = ["produce", "consume", "admin"]
+name = "powercut-tests"
+"""
+
 
 class PowerNode:
-    def __init__(self, fs: PowerLossFS, work_dir: Path, *, config: str | None = None) -> None:
+    def __init__(
+        self,
+        fs: PowerLossFS,
+        work_dir: Path,
+        *,
+        config: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.fs = fs
         self.process = HeraldProcess(fs.mountpoint, work_dir, config=config)
+        self.api_key = api_key
         self.cuts: list[dict[str, Any]] = []
+        # control runs (pytest --no-power-loss): a "power cut" first makes everything
+        # durable, so it is a plain SIGKILL and restart; every test must pass that way
+        self.no_power_loss = False
+
+    async def connect(self) -> Client:
+        """A client of the node's TCP protocol (with the node's API key, if any)."""
+        return await Client.connect(self.host, self.tcp_port, api_key=self.api_key)
 
     @property
     def host(self) -> str:
@@ -56,6 +82,8 @@ class PowerNode:
         """SIGKILL the node, wait for it, then cut the power. Returns what was lost."""
         if self.process.proc is not None:
             self.process.kill()
+        if self.no_power_loss:
+            self.fs.sync_all()
         report = self.fs.power_cut()
         self.cuts.append(report)
         return report
@@ -84,6 +112,20 @@ def _short(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- client-side helpers
+async def run_until_cut(
+    node: PowerNode, workers: list[Callable[[], Awaitable[None]]], delay: float
+) -> dict[str, Any]:
+    """Run ``workers`` for ``delay`` seconds, then SIGKILL the node and cut the power while
+    they are mid-request. Replies the node sent before it died still count as sent."""
+    tasks = [asyncio.create_task(w()) for w in workers]
+    await asyncio.sleep(delay)
+    report = node.power_cut()  # blocks the loop: nothing more is sent meanwhile
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return report
+
+
 async def read_partition(client: Client, topic: str, partition: int) -> dict[int, ConsumerRecord]:
     """Every record of one partition below its high watermark, by offset."""
     end = await client.list_offsets(topic, partition, "latest")
@@ -120,6 +162,7 @@ def topics_list_cli(node: PowerNode) -> list[str]:
             "--json",
             "--bootstrap",
             f"{node.host}:{node.tcp_port}",
+            *(["--api-key", node.api_key] if node.api_key else []),
         ],
         capture_output=True,
         text=True,
@@ -136,7 +179,10 @@ def post_event(node: PowerNode, event: dict[str, Any], timeout: float = 10.0) ->
     req = urllib.request.Request(
         f"{node.http_url}/events",
         data=json.dumps(event).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {node.api_key}"} if node.api_key else {}),
+        },
         method="POST",
     )
     try:

@@ -6,16 +6,12 @@ no acknowledged offset is ever given to another record.
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from broker.client import Client
-
-from .herald_power import PowerNode, read_partition
+from .herald_power import PowerNode, read_partition, run_until_cut
 
 # the smallest segments the node takes, with large records, so cuts land around rolls (a
 # new file and a directory fsync) and checkpoints (a rename and a directory fsync) too
@@ -28,32 +24,18 @@ TOPIC = "acked"
 PARTITIONS = 3
 
 
-async def run_until_cut(
-    node: PowerNode, workers: list[Callable[[], Awaitable[None]]], delay: float
-) -> dict[str, Any]:
-    """Run ``workers`` for ``delay`` seconds, then SIGKILL the node and cut the power while
-    they are mid-request. Replies the node sent before it died still count as sent."""
-    tasks = [asyncio.create_task(w()) for w in workers]
-    await asyncio.sleep(delay)
-    report = node.power_cut()  # blocks the loop: nothing more is sent meanwhile
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return report
-
-
 async def acked_records_survive(
     node: PowerNode, cuts: int, seed: int, *, max_value: int = 900
 ) -> int:
     rng = random.Random(seed)
     acked: dict[tuple[int, int], bytes] = {}
     reused: list[str] = []
-    async with await Client.connect(node.host, node.tcp_port) as client:
+    async with await node.connect() as client:
         await client.create_topic(TOPIC, PARTITIONS)
     node.fs.sync_all()  # the topic as a durable starting point (issue 12 item 2 is elsewhere)
     for cut in range(cuts):
         delay = rng.uniform(0.02, 1.0)
-        async with await Client.connect(node.host, node.tcp_port) as client:
+        async with await node.connect() as client:
             producer = await client.producer(acks=-1, linger_ms=0, idempotent=False)
 
             def worker(w: int, producer: Any = producer, cut: int = cut) -> Any:
@@ -73,7 +55,7 @@ async def acked_records_survive(
         node.process.start()
         context = f"seed {seed}, cut {cut} at {delay:.3f}s\n{node.diagnosis()}"
         assert not reused, f"acknowledged offsets given again: {reused[:10]}; {context}"
-        async with await Client.connect(node.host, node.tcp_port) as client:
+        async with await node.connect() as client:
             for part in range(PARTITIONS):
                 stored = await read_partition(client, TOPIC, part)
                 for (p, offset), value in acked.items():
@@ -101,8 +83,9 @@ async def test_acked_records_survive_many_power_cuts(power_node: PowerNode) -> N
 
 
 @pytest.fixture
-def small_segment_node(powerfs: Any, tmp_path: Any) -> Any:
+def small_segment_node(powerfs: Any, tmp_path: Any, request: Any) -> Any:
     node = PowerNode(powerfs, tmp_path / "node", config=SMALL_SEGMENTS)
+    node.no_power_loss = request.config.getoption("--no-power-loss")
     try:
         node.start()
         yield node
@@ -130,12 +113,12 @@ async def test_fresh_node_layout_survives_power_cut(powerfs: Any, tmp_path: Any)
     node = PowerNode(powerfs, tmp_path / "node")
     try:
         node.start(settle=False)
-        async with await Client.connect(node.host, node.tcp_port) as client:
+        async with await node.connect() as client:
             await client.create_topic("fresh", 1)
             producer = await client.producer(acks=-1, linger_ms=0)
             md = await producer.send("fresh", b"acknowledged")
         node.power_cut_and_restart()
-        async with await Client.connect(node.host, node.tcp_port) as client:
+        async with await node.connect() as client:
             assert await client.partition_count("fresh") == 1, node.diagnosis()
             stored = await read_partition(client, "fresh", 0)
         assert stored[md.offset].value == b"acknowledged", node.diagnosis()

@@ -96,7 +96,10 @@ class Server:
                 if fd == fuse_fd and fd == self.fd:
                     self.drain_fuse()
                 elif fd == self.control.fileno():
-                    self.accept_command()
+                    try:
+                        self.accept_command()
+                    except OSError as exc:  # a client that went away: serve on
+                        log.warning("event=command_connection_failed error=%r", exc)
 
     def drain_fuse(self) -> None:
         """Answer every request waiting on the device, then go back to poll."""

@@ -33,10 +33,12 @@ import fnmatch
 import os
 import stat
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT_ID = 1
+OPEN_FILES_PER_TABLE = 256  # backing fds kept open, for current and for durable bytes each
 
 
 class FsError(OSError):
@@ -146,8 +148,8 @@ class Model:
         self.next_id = ROOT_ID + 1
         root = Inode(ROOT_ID, True, 0o755, nlink=1)
         self.inodes[ROOT_ID] = root
-        self._vol_fds: dict[int, int] = {}
-        self._dur_fds: dict[int, int] = {}
+        self._vol_fds: OrderedDict[int, int] = OrderedDict()
+        self._dur_fds: OrderedDict[int, int] = OrderedDict()
         # faults
         self.fsync_faults: list[list[object]] = []  # [glob, remaining count]
         self.space_limit: int | None = None  # bytes of file data the disk holds in all
@@ -192,11 +194,17 @@ class Model:
         return "/".join(reversed(parts))
 
     # ------------------------------------------------------------------ backing files
-    def _fd(self, table: dict[int, int], directory: Path, ino: int) -> int:
+    def _fd(self, table: OrderedDict[int, int], directory: Path, ino: int) -> int:
+        """An open fd on a backing file, from a bounded cache (least recently used closed
+        first): a node with thousands of files must not run the daemon out of fds."""
         fd = table.get(ino)
         if fd is None:
+            while len(table) >= OPEN_FILES_PER_TABLE:
+                os.close(table.popitem(last=False)[1])
             fd = os.open(directory / str(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             table[ino] = fd
+        else:
+            table.move_to_end(ino)
         return fd
 
     def vol_fd(self, ino: int) -> int:

@@ -49,16 +49,18 @@ def cut_delay(rng: random.Random) -> float:
     return rng.uniform(0.05, 1.5)
 
 
-async def cut_after(node: PowerNode, cut: int, rng: random.Random, op: Any) -> None:
+async def cut_after(
+    node: PowerNode, cut: int, rng: random.Random, op: Any, *, limit: int | None = None
+) -> None:
     """Cut point ``cut``: 0 = right after one acknowledged ``op()``; else a stream of
-    ``op()`` cut at a random moment."""
+    ``op()`` (at most ``limit`` of them, then idle) cut at a random moment."""
     if cut == 0:
         await op()
         node.power_cut()
         return
 
     async def stream() -> None:
-        for _ in itertools.count():
+        for _ in itertools.count() if limit is None else range(limit):
             await op()
 
     await run_until_cut(node, [stream], cut_delay(rng))
@@ -143,7 +145,8 @@ async def created_topics_survive(node: PowerNode, cuts: int) -> None:
                 md = await producer.send(topic, value, partition=0)
                 created.append((topic, md.offset, value))
 
-            await cut_after(node, cut, rng, create_and_produce)
+            # a bounded stream: every topic is recovered at each later start
+            await cut_after(node, cut, rng, create_and_produce, limit=10)
         node.process.start()
         context = f"seed {seed}, cut point {cut}\n{node.diagnosis()}"
         listed = topics_list_cli(node)

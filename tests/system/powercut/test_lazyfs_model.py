@@ -330,3 +330,12 @@ def test_ranges_merge_like_a_set_of_bytes(adds: list[tuple[int, int]]) -> None:
     assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(got))
     assert {b for s, e in got for b in range(s, e)} == expected
     assert r.total() == len(expected)
+
+
+def test_more_files_than_the_daemon_keeps_open(powerfs: PowerLossFS) -> None:
+    d = durable_dir(powerfs, "many")
+    for i in range(700):
+        write_file(d / f"f{i}", b"%d" % i, sync=True)
+    fsync_dir(d)
+    powerfs.power_cut()
+    assert all((d / f"f{i}").read_bytes() == b"%d" % i for i in range(700))

@@ -66,17 +66,11 @@ class PowerNode:
     def http_url(self) -> str:
         return self.process.http_url
 
-    def start(self, *, settle: bool = True) -> None:
-        """Start the node. On its first start, ``settle`` then makes everything durable
-        (``sync_all``), as the minutes between installing a node and using it would on a
-        journaling filesystem: the node never fsyncs the data directory after creating
-        ``log/`` and ``state/`` in it, nor ``state/`` after LMDB creates its files, so on
-        the strict model a cut before any such fsync loses the whole store (that is tested
-        on its own: ``test_fresh_node_layout_survives_power_cut``)."""
-        first = self.process.starts == 0
+    def start(self) -> None:
+        """Start the node (nothing is made durable for it: a fresh node fsyncs the
+        directories it creates itself, as ``test_fresh_node_layout_survives_power_cut``
+        checks)."""
         self.process.start()
-        if first and settle:
-            self.fs.sync_all()
 
     def power_cut(self) -> dict[str, Any]:
         """SIGKILL the node, wait for it, then cut the power. Returns what was lost."""

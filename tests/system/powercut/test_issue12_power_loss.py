@@ -7,9 +7,9 @@ Cut points: the first right after one acknowledgement, the others at random mome
 stream of such operations. The default run takes ``CUTS`` of them per test, ``-m slow``
 ``SLOW_CUTS``.
 
-Today's code fails each of them (the node's LMDB state is synced once a second, after the
-acknowledgements), so they are strict xfails: they pass CI while the bug is there and fail
-as XPASS once it is fixed, at which point the marker goes.
+Before the fixes each of them failed (the node's LMDB state was synced once a second, after
+the acknowledgements); item 6 (a restart that trusts a failed fsync) is still a strict xfail
+until the storage fix lands.
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ async def producer_ids_are_not_reused(node: PowerNode, cuts: int) -> None:
     topic = "ids"
     async with await node.connect() as client:
         await client.create_topic(topic, 1)
-    node.fs.sync_all()
     handed: set[int] = set()
     for cut in range(cuts):
         async with await node.connect() as client:
@@ -111,14 +110,12 @@ async def producer_ids_are_not_reused(node: PowerNode, cuts: int) -> None:
             )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 1: producer ids reused after a power cut")
 async def test_producer_id_not_reused_after_power_cut(power_node: PowerNode) -> None:
     await producer_ids_are_not_reused(power_node, CUTS)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="issue 12 item 1: producer ids reused after a power cut")
 async def test_producer_id_not_reused_after_many_power_cuts(power_node: PowerNode) -> None:
     await producer_ids_are_not_reused(power_node, SLOW_CUTS)
 
@@ -163,14 +160,12 @@ async def created_topics_survive(node: PowerNode, cuts: int) -> None:
                 assert stored[offset].value == value, f"{topic}@{offset}; {context}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 2: a new topic vanishes after a power cut")
 async def test_created_topic_survives_power_cut(power_node: PowerNode) -> None:
     await created_topics_survive(power_node, CUTS)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="issue 12 item 2: a new topic vanishes after a power cut")
 async def test_created_topic_survives_many_power_cuts(power_node: PowerNode) -> None:
     await created_topics_survive(power_node, SLOW_CUTS)
 
@@ -236,7 +231,6 @@ async def accepted_events_are_stored(node: PowerNode, cuts: int) -> None:
                 assert copies == [(part, offset)], f"{event_id} stored at {copies}; {context}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: event ids not durable with the event")
 async def test_accepted_event_is_stored_and_deduplicated_after_power_cut(
     operator_node: PowerNode,
 ) -> None:
@@ -245,7 +239,6 @@ async def test_accepted_event_is_stored_and_deduplicated_after_power_cut(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: event ids not durable with the event")
 async def test_accepted_event_is_stored_and_deduplicated_after_many_power_cuts(
     operator_node: PowerNode,
 ) -> None:
@@ -283,9 +276,6 @@ async def failed_events_are_not_duplicates(node: PowerNode, fault: str, rounds: 
 
 
 @pytest.mark.parametrize("fault", ["fsync_eio", "enospc"])
-@pytest.mark.xfail(
-    strict=True, reason="issue 12 item 3: an event answered 5xx is a duplicate on retry"
-)
 async def test_event_answered_5xx_is_not_a_duplicate_on_retry(
     operator_node: PowerNode, fault: str
 ) -> None:
@@ -301,7 +291,6 @@ async def acked_commits_hold(node: PowerNode, cuts: int) -> None:
         producer = await client.producer(acks=-1, idempotent=False)
         for _ in range(20):
             await producer.send_batch(topic, [b"job"] * 500, partition=0)
-    node.fs.sync_all()  # the records and the topic as a durable starting point
     next_commit = itertools.count(1)
     for cut in range(cuts):
         acked: list[int] = []
@@ -325,14 +314,12 @@ async def acked_commits_hold(node: PowerNode, cuts: int) -> None:
         )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 4: acked group commits roll back")
 async def test_acked_group_commit_holds_after_power_cut(power_node: PowerNode) -> None:
     await acked_commits_hold(power_node, CUTS)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="issue 12 item 4: acked group commits roll back")
 async def test_acked_group_commit_holds_after_many_power_cuts(power_node: PowerNode) -> None:
     await acked_commits_hold(power_node, SLOW_CUTS)
 

@@ -32,7 +32,6 @@ async def acked_records_survive(
     reused: list[str] = []
     async with await node.connect() as client:
         await client.create_topic(TOPIC, PARTITIONS)
-    node.fs.sync_all()  # the topic as a durable starting point (issue 12 item 2 is elsewhere)
     for cut in range(cuts):
         delay = rng.uniform(0.02, 1.0)
         async with await node.connect() as client:
@@ -103,16 +102,10 @@ async def test_acked_records_survive_power_cuts_across_segment_rolls(
     assert len(segments) > PARTITIONS, "no segment rolled: the test did not test rolls"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not in issue 12 yet: the node never fsyncs <data> after creating log/ and "
-    "state/ in it (nor state/ after LMDB creates data.mdb), so on a fresh node a power cut "
-    "loses the whole store, acknowledged records included",
-)
 async def test_fresh_node_layout_survives_power_cut(powerfs: Any, tmp_path: Any) -> None:
     node = PowerNode(powerfs, tmp_path / "node")
     try:
-        node.start(settle=False)
+        node.start()
         async with await node.connect() as client:
             await client.create_topic("fresh", 1)
             producer = await client.producer(acks=-1, linger_ms=0)

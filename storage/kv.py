@@ -1,9 +1,14 @@
 """The node's small mutable state in one LMDB environment (``<data>/state``): consumer-group
-offsets, producer-id reservations, the event-id index; the subscription registry, contacts
-and timers later.
+offsets, producer-id reservations, the event-id index, the notification registry
+(``notify/registry.py``); timers later.
 
 No other module imports ``lmdb``. Values are ``msgspec`` structs encoded as msgpack through a
 typed :class:`Table`, so a reader gets the type it stored or a clear error.
+
+Each table method runs in a transaction of its own unless it is given one: rows of several
+tables that must change together (a subscription and its entry in the topic's index) are
+written in one :meth:`KV.transaction`, and a reader that wants one consistent view of several
+tables (or many cheap gets without a transaction each) reads them in one :meth:`KV.snapshot`.
 
 Durability: the environment is opened without a sync per transaction (LMDB's ``NOSYNC``:
 integrity is kept; a power loss may undo the last transactions, a killed process loses
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -77,6 +83,26 @@ class KV:
     def read(self) -> lmdb.Transaction:
         return self._env.begin(write=False)
 
+    @contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        """One write transaction over any tables: pass the yielded :class:`Txn` to table
+        methods. Committed when the block ends, aborted if it raises (nothing of it lands).
+        Raises :class:`StorageFull` when the map or the disk is full, :class:`StorageError`
+        for other write failures. Never hold it across an ``await``: LMDB has one writer."""
+        try:
+            with self._env.begin(write=True) as txn:
+                yield Txn(txn, write=True)
+        except lmdb.Error as exc:
+            raise write_failed(exc) from exc
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Txn]:
+        """One read-only transaction: a consistent view of every table as of its start.
+        Cheap (no lock, no copy); a long-lived one keeps old pages from being reused, so
+        keep it to one batch of reads."""
+        with self._env.begin(write=False) as txn:
+            yield Txn(txn, write=False)
+
     def sync_now(self) -> None:
         """Blocking fsync of the environment."""
         self._env.sync(True)
@@ -120,8 +146,20 @@ class KV:
         self._env.close()
 
 
+class Txn:
+    """A transaction handed to :class:`Table` methods (``txn=``) by :meth:`KV.transaction`
+    (read-write) or :meth:`KV.snapshot` (read-only)."""
+
+    __slots__ = ("_txn", "write")
+
+    def __init__(self, txn: lmdb.Transaction, *, write: bool) -> None:
+        self._txn = txn
+        self.write = write
+
+
 class Table(Generic[T]):
-    """A typed key -> struct table. Keys are ``bytes`` or ``str`` (UTF-8)."""
+    """A typed key -> struct table. Keys are ``bytes`` or ``str`` (UTF-8). Every method takes
+    an optional ``txn`` (see :class:`Txn`); without one it runs in a transaction of its own."""
 
     def __init__(self, kv: KV, db: lmdb._Database, value_type: type[T]) -> None:
         self._kv = kv
@@ -133,73 +171,164 @@ class Table(Generic[T]):
     def _key(key: bytes | str) -> bytes:
         return key.encode() if isinstance(key, str) else key
 
-    def get(self, key: bytes | str) -> T | None:
-        with self._kv.read() as txn:
-            raw = txn.get(self._key(key), db=self._db)
-        return None if raw is None else self._dec.decode(raw)
+    @contextmanager
+    def _reading(self, txn: Txn | None) -> Iterator[lmdb.Transaction]:
+        if txn is not None:
+            yield txn._txn
+        else:
+            with self._kv.read() as own:
+                yield own
 
-    def put(self, key: bytes | str, value: T) -> None:
-        self.put_many([(key, value)])
-
-    def put_many(self, items: list[tuple[bytes | str, T]]) -> None:
-        """Write many entries in one transaction. Raises :class:`StorageFull` when the map
-        or the disk is full, :class:`StorageError` for other write failures."""
+    @contextmanager
+    def _writing(self, txn: Txn | None) -> Iterator[lmdb.Transaction]:
+        if txn is not None:
+            if not txn.write:
+                raise StorageError("a write through a read-only snapshot")
+            yield txn._txn  # the owner of the transaction maps its errors
+            return
         try:
-            with self._kv.write() as txn:
-                for key, value in items:
-                    txn.put(self._key(key), self._enc.encode(value), db=self._db)
+            with self._kv.write() as own:
+                yield own
         except lmdb.Error as exc:
             raise write_failed(exc) from exc
 
-    def delete(self, key: bytes | str) -> bool:
-        try:
-            with self._kv.write() as txn:
-                return bool(txn.delete(self._key(key), db=self._db))
-        except lmdb.Error as exc:
-            raise write_failed(exc) from exc
+    def encode(self, value: T) -> bytes:
+        """The stored bytes of ``value`` (what :meth:`put` writes)."""
+        return self._enc.encode(value)
 
-    def delete_prefix(self, prefix: bytes | str) -> int:
+    def get(self, key: bytes | str, *, txn: Txn | None = None) -> T | None:
+        with self._reading(txn) as t:
+            raw = t.get(self._key(key), db=self._db)
+            return None if raw is None else self._dec.decode(raw)
+
+    def get_raw(self, key: bytes | str, *, txn: Txn | None = None) -> bytes | None:
+        """The stored bytes of ``key`` without decoding them (a copy)."""
+        with self._reading(txn) as t:
+            raw = t.get(self._key(key), db=self._db)
+            return None if raw is None else bytes(raw)
+
+    def put(self, key: bytes | str, value: T, *, txn: Txn | None = None) -> None:
+        self.put_many([(key, value)], txn=txn)
+
+    def put_many(self, items: list[tuple[bytes | str, T]], *, txn: Txn | None = None) -> None:
+        """Write many entries in one transaction (``txn``'s if given). Raises
+        :class:`StorageFull` when the map or the disk is full, :class:`StorageError` for
+        other write failures."""
+        with self._writing(txn) as t:
+            for key, value in items:
+                t.put(self._key(key), self._enc.encode(value), db=self._db)
+
+    def delete(self, key: bytes | str, *, txn: Txn | None = None) -> bool:
+        with self._writing(txn) as t:
+            return bool(t.delete(self._key(key), db=self._db))
+
+    def delete_prefix(self, prefix: bytes | str, *, txn: Txn | None = None) -> int:
+        """Delete every entry whose key starts with ``prefix``; returns how many."""
         p = self._key(prefix)
         n = 0
-        try:
-            with self._kv.write() as txn:
-                cur = txn.cursor(db=self._db)
-                if cur.set_range(p):
-                    while bytes(cur.key()).startswith(p):
-                        if not cur.delete():
-                            break
-                        n += 1
-                        if not cur.key():
-                            break
-        except lmdb.Error as exc:
-            raise write_failed(exc) from exc
+        with self._writing(txn) as t:
+            cur = t.cursor(db=self._db)
+            if cur.set_range(p):
+                while bytes(cur.key()).startswith(p):
+                    if not cur.delete():
+                        break
+                    n += 1
+                    if not cur.key():
+                        break
         return n
 
-    def delete_many(self, keys: list[bytes | str]) -> int:
+    def delete_many(self, keys: list[bytes | str], *, txn: Txn | None = None) -> int:
         """Delete ``keys`` in one transaction; returns how many existed."""
         n = 0
-        try:
-            with self._kv.write() as txn:
-                for key in keys:
-                    n += bool(txn.delete(self._key(key), db=self._db))
-        except lmdb.Error as exc:
-            raise write_failed(exc) from exc
+        with self._writing(txn) as t:
+            for key in keys:
+                n += bool(t.delete(self._key(key), db=self._db))
         return n
 
+    def scan_raw(
+        self,
+        prefix: bytes | str = b"",
+        *,
+        after: bytes | str | None = None,
+        limit: int | None = None,
+        txn: Txn | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (key, stored bytes) pairs whose key starts with ``prefix``, in key
+        order, starting just after the key ``after`` if given (it need not exist), else at
+        the first key of the prefix. Reads only what it returns: paging a large prefix with
+        ``after`` costs one cursor seek per page, never a walk from the start."""
+        p = self._key(prefix)
+        start = p if after is None else self._key(after)
+        items: list[tuple[bytes, bytes]] = []
+        if limit is not None and limit <= 0:
+            return items
+        with self._reading(txn) as t:
+            cur = t.cursor(db=self._db)
+            if not cur.set_range(max(start, p)):
+                return items
+            for k, v in cur:
+                key = bytes(k)
+                if not key.startswith(p):
+                    break
+                if after is not None and key == start:
+                    continue
+                items.append((key, bytes(v)))
+                if limit is not None and len(items) >= limit:
+                    break
+        return items
+
     def scan(
-        self, prefix: bytes | str = b"", *, limit: int | None = None
+        self,
+        prefix: bytes | str = b"",
+        *,
+        after: bytes | str | None = None,
+        limit: int | None = None,
+        txn: Txn | None = None,
     ) -> Iterator[tuple[bytes, T]]:
         """Entries whose key starts with ``prefix``, in key order (a snapshot of at most
-        ``limit`` entries, all of them if None). The read transaction ends before the first
-        entry is yielded, so callers may write while iterating."""
-        p = self._key(prefix)
-        with self._kv.read() as txn:
-            cur = txn.cursor(db=self._db)
-            items: list[tuple[bytes, bytes]] = []
-            if cur.set_range(p):
-                for k, v in cur:
-                    if not bytes(k).startswith(p) or (limit is not None and len(items) >= limit):
-                        break
-                    items.append((bytes(k), bytes(v)))
+        ``limit`` entries, all of them if None), just after ``after`` if given (see
+        :meth:`scan_raw`). The read transaction ends before the first entry is yielded
+        (unless it is ``txn``), so callers may write while iterating."""
+        items = self.scan_raw(prefix, after=after, limit=limit, txn=txn)
         for k, v in items:
             yield k, self._dec.decode(v)
+
+    def keys(self, prefix: bytes | str = b"", *, txn: Txn | None = None) -> list[bytes]:
+        """Every key that starts with ``prefix``, in key order (values are not read)."""
+        p = self._key(prefix)
+        out: list[bytes] = []
+        with self._reading(txn) as t:
+            cur = t.cursor(db=self._db)
+            if cur.set_range(p):
+                for k in cur.iternext(keys=True, values=False):
+                    key = bytes(k)
+                    if not key.startswith(p):
+                        break
+                    out.append(key)
+        return out
+
+    def last(self, prefix: bytes | str, *, txn: Txn | None = None) -> tuple[bytes, T] | None:
+        """The entry with the greatest key that starts with ``prefix`` (None if none): one
+        seek, whatever the number of entries under the prefix."""
+        p = self._key(prefix)
+        with self._reading(txn) as t:
+            cur = t.cursor(db=self._db)
+            # the first key past every key that starts with p, then one step back
+            succ = _successor(p)
+            found = cur.prev() if succ is not None and cur.set_range(succ) else cur.last()
+            if not found:
+                return None
+            key = bytes(cur.key())
+            if not key.startswith(p):
+                return None
+            return key, self._dec.decode(cur.value())
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key that starts with ``prefix``; None when there
+    is none (an empty prefix or one of only 0xff bytes: every key starts with it or is
+    smaller)."""
+    p = prefix.rstrip(b"\xff")
+    if not p:
+        return None
+    return p[:-1] + bytes([p[-1] + 1])

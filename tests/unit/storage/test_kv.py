@@ -10,6 +10,8 @@ from pathlib import Path
 import lmdb
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storage.errors import StorageError, StorageFull
 from storage.kv import KV
@@ -247,3 +249,114 @@ def test_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / "state" / "data.mdb").mkdir()  # a directory where the data file should be
     with pytest.raises(StorageError):
         KV(tmp_path / "state")
+
+
+# ----------------------------------------------------------- transactions across tables
+def test_a_transaction_writes_several_tables_at_once(kv: KV) -> None:
+    a = kv.table("a", GroupOffset)
+    b = kv.table("b", GroupOffset)
+    with kv.transaction() as txn:
+        a.put("k", GroupOffset(1), txn=txn)
+        b.put("k", GroupOffset(2), txn=txn)
+        assert a.get("k", txn=txn) == GroupOffset(1)  # visible inside the transaction
+    assert (a.get("k"), b.get("k")) == (GroupOffset(1), GroupOffset(2))
+
+
+def test_a_transaction_that_raises_leaves_nothing(kv: KV) -> None:
+    a = kv.table("a", GroupOffset)
+    b = kv.table("b", GroupOffset)
+    a.put("old", GroupOffset(0))
+    with pytest.raises(RuntimeError), kv.transaction() as txn:
+        a.put("k", GroupOffset(1), txn=txn)
+        a.delete("old", txn=txn)
+        b.put("k", GroupOffset(2), txn=txn)
+        raise RuntimeError("half way")
+    assert (a.get("k"), b.get("k"), a.get("old")) == (None, None, GroupOffset(0))
+
+
+def test_a_full_map_inside_a_transaction_is_storage_full(tmp_path: Path) -> None:
+    store = KV(tmp_path / "state", map_size=1 << 20)
+    try:
+        t = store.table("t", Contact)
+        with pytest.raises(StorageFull), store.transaction() as txn:
+            for i in range(2000):
+                t.put(f"k{i:06d}", Contact("x" * 2000, []), txn=txn)
+        assert list(t.scan()) == []
+    finally:
+        store.close()
+
+
+def test_a_snapshot_is_a_consistent_view_and_refuses_writes(kv: KV) -> None:
+    a = kv.table("a", GroupOffset)
+    a.put("k", GroupOffset(1))
+    with kv.snapshot() as snap:
+        a.put("k", GroupOffset(2))  # a write after the snapshot began
+        assert a.get("k", txn=snap) == GroupOffset(1)
+        with pytest.raises(StorageError):
+            a.put("x", GroupOffset(3), txn=snap)
+    assert a.get("k") == GroupOffset(2)
+
+
+def test_scan_pages_with_after_and_limit(kv: KV) -> None:
+    t = kv.table("t", GroupOffset)
+    t.put_many([(f"p/{i:03d}", GroupOffset(i)) for i in range(10)] + [("q", GroupOffset(99))])
+    page = list(t.scan("p/", limit=4))
+    assert [v.offset for _k, v in page] == [0, 1, 2, 3]
+    page = list(t.scan("p/", after=page[-1][0], limit=4))
+    assert [v.offset for _k, v in page] == [4, 5, 6, 7]
+    page = list(t.scan("p/", after=page[-1][0], limit=4))
+    assert [v.offset for _k, v in page] == [8, 9]  # the prefix ends: "q" is not in it
+    assert list(t.scan("p/", after="p/009")) == []
+    # ``after`` need not exist; one before the prefix starts at the prefix
+    assert [v.offset for _k, v in t.scan("p/", after="p/0045", limit=2)] == [5, 6]
+    assert [v.offset for _k, v in t.scan("p/", after="a", limit=1)] == [0]
+    assert list(t.scan("p/", limit=0)) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    keys=st.sets(st.binary(min_size=1, max_size=4), max_size=40),
+    prefix=st.binary(max_size=2),
+    limit=st.integers(min_value=1, max_value=7),
+)
+def test_paging_visits_every_key_of_the_prefix_once_in_order(
+    tmp_path_factory: pytest.TempPathFactory, keys: set[bytes], prefix: bytes, limit: int
+) -> None:
+    store = KV(tmp_path_factory.mktemp("kv"), map_size=4 << 20)
+    try:
+        t = store.table("t", GroupOffset)
+        t.put_many([(k, GroupOffset(i)) for i, k in enumerate(sorted(keys))])
+        seen: list[bytes] = []
+        after: bytes | None = None
+        while True:
+            page = t.scan_raw(prefix, after=after, limit=limit)
+            seen.extend(k for k, _v in page)
+            if len(page) < limit:
+                break
+            after = page[-1][0]
+        assert seen == sorted(k for k in keys if k.startswith(prefix))
+        assert t.keys(prefix) == seen
+        last = t.last(prefix)
+        assert (last[0] if last else None) == (seen[-1] if seen else None)
+    finally:
+        store.close()
+
+
+def test_last_finds_the_greatest_key_of_a_prefix(kv: KV) -> None:
+    t = kv.table("t", GroupOffset)
+    assert t.last("a") is None
+    t.put_many(
+        [
+            (b"a\x00", GroupOffset(0)),
+            (b"a\x00\x00\x00\x01", GroupOffset(1)),
+            (b"a\x00\xff\xff", GroupOffset(2)),
+            (b"a\x01", GroupOffset(3)),
+            (b"b", GroupOffset(4)),
+        ]
+    )
+    assert t.last(b"a\x00") == (b"a\x00\xff\xff", GroupOffset(2))
+    assert t.last(b"a\x00\xff") == (b"a\x00\xff\xff", GroupOffset(2))
+    assert t.last("a") == (b"a\x01", GroupOffset(3))
+    assert t.last("") == (b"b", GroupOffset(4))
+    assert t.last("c") is None
+    assert t.last("a\x00\x00\x00\x02") is None

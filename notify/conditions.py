@@ -178,8 +178,19 @@ class Predicate:
         ``data.amount equals 100 (is 50)``. Slow path, for a suppression's reason only."""
         return _explain(self.node, scope) or "the condition holds"
 
+    def __eq__(self, other: object) -> bool:
+        """Two predicates are equal when they were written the same (key order aside)."""
+        return isinstance(other, Predicate) and _canonical(self.source) == _canonical(other.source)
+
+    def __hash__(self) -> int:
+        return hash(_canonical(self.source))
+
     def __repr__(self) -> str:
         return f"Predicate({self.source!r})"
+
+
+def _canonical(source: dict[str, Any]) -> bytes:
+    return msgspec.json.encode(source, order="sorted")
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -54,8 +54,25 @@ class StoredDevice(_Row, kw_only=True):
     invalid_since_ms: int | None = None  # set by a channel's permanent "invalid token"
 
 
-# Filters: field -> value (equals) | {"in": [...]} | {"prefix": "..."} | {"exists": bool}
-FilterValue = str | int | float | bool | None | dict[str, Any]
+class StoredWebhook(_Row, kw_only=True):
+    url: str
+    secret: str | None = None
+
+
+class Contact(_Row, kw_only=True):
+    """A user's contact data as stored (``User`` as accepted, plus when it changed)."""
+
+    email: str | None = None
+    phone: str | None = None
+    timezone: str = "UTC"
+    locale: str = "en"
+    webhook: StoredWebhook | None = None
+    updated_ms: int = 0
+
+
+# Filters: field -> value (equals) | [values] (in) | {"in": [...]} | {"prefix": "..."} |
+# {"exists": bool} | {"not": ...}; notify.conditions parses them
+FilterValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
 
 class Subscription(_In, kw_only=True):
@@ -63,6 +80,24 @@ class Subscription(_In, kw_only=True):
 
     channels: list[Channel]
     filter: dict[str, FilterValue] | None = None
+
+
+class StoredSubscription(_Row, kw_only=True):
+    """A subscription as stored under its user (``GET /users/{id}/subscriptions``)."""
+
+    channels: list[str]
+    filter: dict[str, Any] | None = None
+    created_ms: int
+    updated_ms: int
+
+
+class SubscriberEntry(msgspec.Struct, array_like=True):
+    """A topic's index entry for one subscriber: what the fan-out needs, in a few bytes.
+    ``channels`` is a bit set over ``CHANNELS`` (bit i = ``CHANNELS[i]``); ``filter`` the
+    msgpack of the subscription's filter, empty when it has none."""
+
+    channels: int
+    filter: bytes = b""
 
 
 # ------------------------------------------------------------------------- preferences
@@ -99,13 +134,89 @@ class Preferences(_In, kw_only=True):
 
 
 class Consent(_Row, kw_only=True):
-    """One entry of the consent ledger (append-only per user and channel)."""
+    """One entry of the consent ledger (append-only per user and channel). ``channel`` may
+    be ``"*"``: every channel."""
 
     channel: str
     opted_in: bool
     at_ms: int
     source: str  # "api", "unsubscribe_link", "sms_stop", "sms_start", ...
     legal: bool = False  # a legal opt-out (TCPA revocation, one-click unsubscribe)
+
+
+class ConsentState(_Row, kw_only=True):
+    """The current consent of one user on one channel, folded from its ledger: the last
+    entry decides ``opted_in``; ``legal`` stays true from a legal opt-out until an opt-in
+    (a later plain opt-out does not make a legal one less binding)."""
+
+    opted_in: bool
+    legal: bool = False
+    at_ms: int
+    source: str
+
+
+class StoredRule(_Row, kw_only=True):
+    topic: str | None = None
+    category: str | None = None
+    channel: str = "*"
+    allow: bool
+
+
+class StoredQuietHours(_Row, kw_only=True):
+    start: str
+    end: str
+
+
+class StoredCap(_Row, kw_only=True):
+    topic: str | None = None
+    category: str | None = None
+    channel: str = "*"
+    max: int
+    per: str
+
+
+class StoredPreferences(_Row, kw_only=True):
+    """Preferences as stored, checked by ``notify.preferences`` (a user's or a tenant's
+    defaults)."""
+
+    rules: list[StoredRule] = []
+    quiet_hours: StoredQuietHours | None = None
+    caps: list[StoredCap] = []
+    updated_ms: int = 0
+
+
+class Profile(_Row, kw_only=True):
+    """Everything the fan-out needs of one user in one row (one read per recipient):
+    contact data, devices by token, preferences, current consent per channel. The consent
+    ledger and the subscriptions have tables of their own."""
+
+    contact: Contact | None = None
+    devices: dict[str, StoredDevice] = {}
+    preferences: StoredPreferences | None = None
+    consent: dict[str, ConsentState] = {}
+    created_ms: int = 0
+
+
+class SendLog(msgspec.Struct, array_like=True):
+    """The sends counted in one sliding window (a cap or a throttle): ascending times and
+    a 32-bit tag of each send's delivery id (so counting a send again is a no-op).
+    ``notify.windows`` keeps it at most ``max`` entries long."""
+
+    per_ms: int
+    times: list[int] = []
+    tags: list[int] = []
+
+
+class UserWindows(_Row, kw_only=True):
+    """A user's cap and throttle windows by key (``notify.windows``)."""
+
+    logs: dict[str, SendLog] = {}
+
+
+class Mandatory(_Row, kw_only=True):
+    """A topic users cannot opt out of (``PUT /admin/mandatory/{topic}``)."""
+
+    since_ms: int
 
 
 # --------------------------------------------------------------------------- workflows
@@ -156,6 +267,15 @@ class Workflow(_In, kw_only=True):
     category: str | None = None
     strict_order: bool = False
     steps: list[dict[str, Any]]  # each one Step; decoded and checked by notify.workflows
+
+
+class StoredWorkflow(_Row, kw_only=True):
+    """A workflow as stored: the body as accepted (JSON object) and its version, which
+    grows by one on every PUT."""
+
+    body: dict[str, Any]
+    version: int
+    updated_ms: int
 
 
 # ------------------------------------------------------------------ deliveries & audit
@@ -221,7 +341,8 @@ class AuditRecord(_Row, kw_only=True):
     channel: str | None = None
     delivery_id: str | None = None
     status: str  # a DeliveryStatus or an Engagement
-    reason: str | None = None  # the rule, cap, window or provider answer that decided it
+    reason: str | None = None  # a short code: legal_opt_out, preference, cap, quiet_hours...
+    detail: str | None = None  # the human detail: the rule, cap, window or provider answer
     until_ms: int | None = None  # deferred until
     attempt: int | None = None
     topic: str | None = None

@@ -205,6 +205,12 @@ def parse(spec: object, *, where: str = "if") -> Predicate:
     return Predicate(spec, node)
 
 
+def never(source: dict[str, Any]) -> Predicate:
+    """A predicate that matches nothing, standing for ``source`` (e.g. a stored condition
+    this node cannot read: written by a newer node with syntax it lacks)."""
+    return Predicate(source, AnyOf(()))
+
+
 def parse_filter(spec: object, *, where: str = "filter") -> Predicate | None:
     """A subscription filter: a condition, where ``None`` or ``{}`` means "no filter"
     (None is returned). Raises like :func:`parse`."""

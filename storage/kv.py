@@ -24,7 +24,7 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import lmdb
 import msgspec
@@ -146,6 +146,15 @@ class KV:
         self._env.close()
 
 
+class TableStats(NamedTuple):
+    """What :meth:`Table.stats` answers: ``bytes`` is ``pages`` x the page size."""
+
+    entries: int
+    pages: int
+    bytes: int
+    depth: int
+
+
 class Txn:
     """A transaction handed to :class:`Table` methods (``txn=``) by :meth:`KV.transaction`
     (read-write) or :meth:`KV.snapshot` (read-only)."""
@@ -191,6 +200,13 @@ class Table(Generic[T]):
                 yield own
         except lmdb.Error as exc:
             raise write_failed(exc) from exc
+
+    def stats(self) -> TableStats:
+        """Entries and pages of this table (LMDB's own counts: cheap, no scan)."""
+        with self._kv.read() as txn:
+            st = txn.stat(self._db)
+        pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return TableStats(st["entries"], pages, pages * st["psize"], st["depth"])
 
     def encode(self, value: T) -> bytes:
         """The stored bytes of ``value`` (what :meth:`put` writes)."""

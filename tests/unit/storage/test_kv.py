@@ -360,3 +360,12 @@ def test_last_finds_the_greatest_key_of_a_prefix(kv: KV) -> None:
     assert t.last("") == (b"b", GroupOffset(4))
     assert t.last("c") is None
     assert t.last("a\x00\x00\x00\x02") is None
+
+
+def test_stats_count_entries_and_pages(kv: KV) -> None:
+    t = kv.table("t", GroupOffset)
+    assert t.stats().entries == 0
+    t.put_many([(f"k{i:05d}", GroupOffset(i)) for i in range(5000)])
+    st = t.stats()
+    assert st.entries == 5000 and st.depth >= 2
+    assert st.bytes == st.pages * 4096 and 5000 * 10 < st.bytes < 5000 * 100

@@ -38,8 +38,9 @@ import datetime as dt
 import functools
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 from notify import preferences as prefs_
 from notify import windows
@@ -64,28 +65,26 @@ def system_zones(name: str) -> dt.tzinfo:
 
 
 # ---------------------------------------------------------------------------- answers
-@dataclass(frozen=True, slots=True)
-class Reason:
+# msgspec structs: immutable, compared by type and value, and cheap to build (a decision is
+# made per recipient and channel)
+class Reason(msgspec.Struct, frozen=True, gc=False):
     """Why a notification was not delivered now: a machine ``code`` and a human ``detail``."""
 
     code: str
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(msgspec.Struct, frozen=True):
     """Deliver now; the delivery counts in ``charges`` (cap windows) once queued."""
 
     charges: tuple[Charge, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Suppress:
+class Suppress(msgspec.Struct, frozen=True, gc=False):
     reason: Reason
 
 
-@dataclass(frozen=True, slots=True)
-class Defer:
+class Defer(msgspec.Struct, frozen=True, gc=False):
     """Decide again at ``until_ms`` (Unix ms)."""
 
     until_ms: int
@@ -93,11 +92,11 @@ class Defer:
 
 
 Decision = Deliver | Suppress | Defer
+_DELIVER: Final = Deliver()
 
 
 # ---------------------------------------------------------------------------- inputs
-@dataclass(frozen=True, slots=True)
-class Recipient:
+class Recipient(msgspec.Struct, frozen=True):
     """What the registry holds on one recipient (``Registry.recipients``): their profile
     (None: no row; then only channels needing no data can reach them) and cap windows."""
 
@@ -118,8 +117,7 @@ class Recipient:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class Occasion:
+class Occasion(msgspec.Struct, frozen=True, kw_only=True):
     """What the policy knows of one event, built once per event by the caller: its topic,
     category (the event's, else the workflow's), priority, whether the topic is mandatory,
     its ``data`` and the ``event.*`` fields conditions see."""
@@ -129,7 +127,7 @@ class Occasion:
     priority: str = "normal"
     mandatory: bool = False
     data: Any = None
-    fields: Mapping[str, Any] | None = None
+    fields: Mapping[str, Any] = {}
 
 
 # ------------------------------------------------------------------------ the checks
@@ -262,6 +260,7 @@ def _zone(name: str, zones: ZoneLookup) -> tuple[dt.tzinfo, str]:
 
 
 # ------------------------------------------------------------------------ quiet hours
+@functools.lru_cache(maxsize=8192)
 def wall_instant_ms(day: dt.date, minutes: int, zone: dt.tzinfo) -> int:
     """The first instant (Unix ms) at which the clock of ``zone`` shows ``minutes`` past
     midnight on ``day``: of two such instants (clocks going back) the first; in a gap
@@ -283,11 +282,18 @@ def wall_instant_ms(day: dt.date, minutes: int, zone: dt.tzinfo) -> int:
     return lo * 1000
 
 
+@functools.lru_cache(maxsize=4096)
+def _local_date(zone: dt.tzinfo, minute: int) -> dt.date:
+    """The date in ``zone`` during the minute ``minute`` (Unix ms // 60,000); zone changes
+    fall on whole minutes. Cached: a fan-out asks for the same few (zone, minute) pairs."""
+    return dt.datetime.fromtimestamp(minute * 60, zone).date()
+
+
 def quiet_until(start: int, end: int, zone: dt.tzinfo, now_ms: int) -> int | None:
     """The end (Unix ms) of the quiet window containing ``now_ms``, None if none does.
     ``start`` and ``end`` are minutes past midnight in ``zone`` (``end < start``: the
     window crosses midnight; equal: refused by ``notify.preferences``)."""
-    today = dt.datetime.fromtimestamp(now_ms / 1000, zone).date()
+    today = _local_date(zone, now_ms // 60_000)
     for day in (today - dt.timedelta(days=1), today):
         if wall_instant_ms(day, start, zone) <= now_ms:
             end_day = day if end > start else day + dt.timedelta(days=1)
@@ -319,7 +325,7 @@ def decide(
     if step.condition is not None:
         cond = step.condition
         fields = recipient.fields() if "recipient" in cond.roots else {}
-        scope = Scope(occasion.data, fields, occasion.fields or {})
+        scope = Scope(occasion.data, fields, occasion.fields)
         if not cond.matches(scope):
             return Suppress(Reason("condition", f"{step.path}.if: {cond.explain(scope)}"))
     why = channel_data(profile, channel)
@@ -334,7 +340,7 @@ def decide(
         if why is not None:
             return Suppress(why)
     if occasion.priority == CRITICAL:
-        return Deliver()
+        return _DELIVER
     why, charges = caps(user, defaults, recipient.windows, topic, category, channel, now_ms=now_ms)
     if why is not None:
         return Suppress(why)
@@ -342,7 +348,7 @@ def decide(
     deferral = quiet_hours(user, defaults, timezone, now_ms=now_ms, zones=zones)
     if deferral is not None:
         return deferral
-    return Deliver(charges)
+    return Deliver(charges) if charges else _DELIVER
 
 
 def iso(ms: int) -> str:

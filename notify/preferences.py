@@ -23,6 +23,7 @@ are bounded (``MAX_*``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -175,10 +176,24 @@ def best_rule(rules: list[StoredRule], topic: str, category: str | None, channel
     tie, which checked bodies never have, the first)."""
     best, best_rank = -1, -1
     for i, r in enumerate(rules):
-        k = rank(scope_of(r), topic, category, channel)
+        k = _rank(r, topic, category, channel)
         if k > best_rank:
             best, best_rank = i, k
     return best
+
+
+def _rank(r: StoredRule | StoredCap, topic: str, category: str | None, channel: str) -> int:
+    """:func:`rank` of ``scope_of(r)`` without building the scope (the per-decision path)."""
+    ch = r.channel
+    if ch != "*" and ch != channel:
+        return -1
+    t = r.topic
+    if t is not None and t != "*":
+        return 4 + (ch != "*") if t == topic else -1
+    c = r.category
+    if c is not None and c != "*":
+        return 2 + (ch != "*") if c == category else -1
+    return int(ch != "*")
 
 
 def resolve_rule(
@@ -235,9 +250,9 @@ def matching_caps(
         if prefs is None:
             continue
         for i, cap in enumerate(prefs.caps):
-            scope = scope_of(cap)
-            if rank(scope, topic, category, channel) < 0:
+            if _rank(cap, topic, category, channel) < 0:
                 continue
+            scope = scope_of(cap)
             per = duration_ms(cap.per)
             if per is None:  # a row written by a newer node with a syntax this one lacks
                 continue
@@ -256,6 +271,7 @@ def quiet_hours_of(
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def clock_minutes(text: str) -> int:
     """Minutes since midnight of a stored ``"HH:MM"`` (already checked)."""
     return int(text[:2]) * 60 + int(text[3:5])

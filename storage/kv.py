@@ -213,8 +213,14 @@ class Table(Generic[T]):
         return self._enc.encode(value)
 
     def get(self, key: bytes | str, *, txn: Txn | None = None) -> T | None:
-        with self._reading(txn) as t:
-            raw = t.get(self._key(key), db=self._db)
+        """The value of ``key``, None if absent. Inside a :class:`Txn` this is one LMDB
+        lookup and one decode (no context manager: it is the per-recipient hot path)."""
+        k = key.encode() if isinstance(key, str) else key
+        if txn is not None:
+            raw = txn._txn.get(k, db=self._db)
+            return None if raw is None else self._dec.decode(raw)
+        with self._kv.read() as t:
+            raw = t.get(k, db=self._db)
             return None if raw is None else self._dec.decode(raw)
 
     def get_raw(self, key: bytes | str, *, txn: Txn | None = None) -> bytes | None:

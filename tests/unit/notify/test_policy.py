@@ -521,3 +521,23 @@ def test_quiet_until_agrees_with_a_minute_by_minute_clock(
                 brute_wall_instant(day, start, tz),
                 brute_wall_instant(day - ONE_DAY, start, tz),
             )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.sampled_from([None, "*", "orders.paid", "other"]),
+    category=st.sampled_from([None, "*", "billing", "other"]),
+    channel=st.sampled_from(["*", "sms", "email"]),
+    event_category=st.sampled_from([None, "billing"]),
+)
+def test_the_fast_rank_agrees_with_the_scope_rank(
+    topic: str | None, category: str | None, channel: str, event_category: str | None
+) -> None:
+    from notify import preferences as p
+    from notify.model import StoredRule
+
+    rule = StoredRule(topic=topic, category=category, channel=channel, allow=True)
+    for ch in ("sms", "email", "push"):
+        assert p._rank(rule, "orders.paid", event_category, ch) == p.rank(
+            p.scope_of(rule), "orders.paid", event_category, ch
+        )

@@ -120,3 +120,13 @@ class TopicBeingDeleted(StorageError):
     code = "topic_being_deleted"
     retriable = True
     http_status = 409
+
+
+class IllegalTransition(StorageError):
+    """A state machine was asked for a move its table does not allow (the flush pipeline's
+    :class:`~storage.flush.FlushState`). A bug in the storage layer, never a disk condition:
+    it is raised so that the bug shows where it happens instead of corrupting state."""
+
+    code = "illegal_transition"
+    retriable = False
+    http_status = 500

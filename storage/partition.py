@@ -5,12 +5,13 @@ Concurrency model: every method runs on the event loop thread except the blockin
 which runs in the loop's default executor. An append validates, stamps and accounts its
 batches at once (in the caller's turn of the loop, so offsets follow call order) and queues
 the bytes. Worker threads then *write* what is queued (one ``pwritev`` per segment run) and
-*sync* what was written (``fdatasync``); the two stages overlap, each one job at a time (see
-:meth:`Partition._pump`). Appends that arrive while a sync runs share the next one (group
-commit). The loop itself never blocks on the file: on ext4 a write that lands while an
-fsync of the same file is in flight can stall for milliseconds (journal and writeback
-locks), which would stall every connection of the node. Reads of ranges likely on disk
-(behind the page-cache window) run in a worker thread too (:meth:`Partition.read_async`).
+*sync* what was written (``fdatasync``); the two stages overlap, each one job at a time (the
+state machine and its shell are in :mod:`storage.flush`). Appends that arrive while a sync
+runs share the next one (group commit). The loop itself never blocks on the file: on ext4 a
+write that lands while an fsync of the same file is in flight can stall for milliseconds
+(journal and writeback locks), which would stall every connection of the node. Reads of
+ranges likely on disk (behind the page-cache window) run in a worker thread too
+(:meth:`Partition.read_async`).
 
 Visibility: consumers read up to the **high watermark**, which on a single node is the
 offset up to which the log is synced. A consumer therefore never sees a record that a power
@@ -55,6 +56,7 @@ from storage.errors import (
     StorageError,
     StorageFull,
 )
+from storage.flush import Flusher, FsyncFn, Mark, Pipeline, WriteRun
 from storage.producers import ProducerTable
 from storage.segment import Segment, fsync_dir, list_segments, remove_segment_files
 
@@ -104,83 +106,10 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     seconds: float
 
 
-def _resolve(
-    waiters: list[tuple[int, asyncio.Future[None]]], offset: int
-) -> list[tuple[int, asyncio.Future[None]]]:
-    """Resolve the waiters for offsets up to ``offset``; return the others."""
-    keep = []
-    for want, fut in waiters:
-        if want <= offset:
-            if not fut.done():
-                fut.set_result(None)
-        else:
-            keep.append((want, fut))
-    return keep
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _Write:
-    """Batches accounted at the end of one segment and not yet written: the sync thread
-    writes them with one ``pwritev`` (per 1024 buffers). Appends made while the previous
-    write runs extend the same run, so a round of many small appends costs one system call
-    and not one each: on ext4 every size-extending ``pwritev`` pays ~50 us of journal and
-    inode work, which made 55 separate 20 KiB writes take 3 ms against 0.3 ms for one."""
-
-    __slots__ = ("end", "iov", "position", "segment")
-
-    def __init__(
-        self, segment: Segment, position: int, iov: list[bytes | memoryview], end: int
-    ) -> None:
-        self.segment = segment
-        self.position = position
-        self.iov = iov  # stamped header, body, header, body, ...
-        self.end = end  # offset after the last record
-
-
-class _SyncPlan:
-    """What one sync does, in order: fsync ``segments``, seal those in ``seal`` (rolled
-    away and complete), fsync the directory if a roll created a file."""
-
-    __slots__ = ("dir_dirty", "drop", "seal", "segments")
-
-    def __init__(
-        self,
-        segments: list[Segment],
-        seal: list[Segment],
-        dir_dirty: bool,
-        drop: list[tuple[Segment, int]],
-    ) -> None:
-        self.segments = segments
-        self.seal = seal
-        self.dir_dirty = dir_dirty
-        self.drop = drop  # (segment, position): drop its cached pages below position
-
-
-class _Job:
-    """The loop's view of one job in the executor: a write, a sync, or a write then a sync
-    (both ``runs`` and ``plan``)."""
-
-    __slots__ = ("checkpoint", "end", "plan", "runs", "target")
-
-    def __init__(
-        self,
-        runs: list[_Write],
-        end: tuple[int, int, int],
-        checkpoint: Checkpoint | None,
-        plan: _SyncPlan | None = None,
-        target: tuple[int, int, int] = (0, 0, 0),
-    ) -> None:
-        self.runs = runs  # written by this job
-        self.end = end  # offset, segment, position after them
-        self.checkpoint = checkpoint  # of ``end``, for the sync after a write-only job
-        self.plan = plan  # the sync part, if any
-        self.target = target  # offset, segment, position durable once the sync is done
-
-
-FsyncFn = Callable[[int], None]
 _MAX_READ: Final = 64 * 1024 * 1024
 _READ_AHEAD_CHUNKS: Final = 4  # fetches' worth read ahead below the page-cache window
 
@@ -205,39 +134,27 @@ class Partition:
         self._segments = segments
         self._bases = [s.base_offset for s in segments]
         self._producers = producers
-        self._fsync = fsync
         self._clock = clock
-        active = segments[-1]
         self._active_created_ms = clock()
-        # durable state: everything below _flushed_offset is synced
-        self._flushed_offset = active.next_offset
-        self._flushed_segment = active.base_offset
-        self._flushed_position = active.size
-        self._unsynced: list[Segment] = []  # written by completed writes, not yet synced
-        self._sealing: list[Segment] = []  # rolled away; sealed by the sync that completes them
-        self._writing: list[Segment] = []  # in the running write job
-        self._written_segment = active.base_offset
-        self._written_position = active.size
-        self._ready_checkpoint: Checkpoint | None = None  # of a completed write, to sync
-        self._rolled = False
-        # stamped batches accounted but not yet written, one run per segment
-        self._queue: list[_Write] = []
-        self._written_offset = active.next_offset
-        self._written_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._syncing: list[Segment] = []  # handed to the sync thread: retention keeps off
-        self._dir_dirty = False
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._pipeline = Pipeline(
+            segments,
+            checkpoint_interval_ms=config.checkpoint_interval_ms,
+            cache_window_bytes=config.cache_window_bytes,
+            now_ms=clock(),
+        )
+        self._flusher = Flusher(
+            self._pipeline,
+            directory=directory,
+            name=name,
+            fsync=fsync,
+            clock=clock,
+            checkpoint_of=self._checkpoint_of,
+            on_high_watermark=self._high_watermark_advanced,
+            on_write_failed=self._undo_writes,
+        )
         self._hw_waiters: list[asyncio.Future[None]] = []
-        self._writer: _Job | None = None  # the job whose write is not finished
-        self._syncer: _Job | None = None  # the job whose sync is not finished
-        self._pump_scheduled = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
-        self._shut = False  # closed and idle: no job may start (the files are closing)
         self._unpin_waiters: list[asyncio.Future[None]] = []  # close() waiting for reads
-        self._failure: BaseException | None = None
         self._closed = False
-        self._last_checkpoint_ms = clock()
         self._checkpointed_offset = -1
         self.on_high_watermark: Callable[[Partition], None] | None = None
 
@@ -376,7 +293,7 @@ class Partition:
     @property
     def high_watermark(self) -> int:
         """Records below this offset are durable and visible to consumers."""
-        return self._flushed_offset
+        return self._pipeline.flushed_offset
 
     @property
     def size_bytes(self) -> int:
@@ -388,16 +305,15 @@ class Partition:
 
     @property
     def offline(self) -> bool:
-        return self._failure is not None
+        return self._pipeline.failure is not None
 
     # ------------------------------------------------------------------------- append
     def _check_writable(self) -> None:
         if self._closed:
             raise LogClosed(f"partition {self.name} is closed")
-        if self._failure is not None:
-            raise LogOffline(
-                f"partition {self.name} is offline after an I/O error: {self._failure}"
-            )
+        failure = self._pipeline.failure
+        if failure is not None:
+            raise LogOffline(f"partition {self.name} is offline after an I/O error: {failure}")
 
     def append_nowait(
         self, batches: Sequence[bytes | memoryview], *, leader_epoch: int = 0
@@ -471,20 +387,13 @@ class Partition:
             next_offset += header.record_count
         base = active.next_offset
         position = active.reserve(items)
-        queue = self._queue
-        if queue and queue[-1].segment is active:
-            run = queue[-1]  # contiguous: reserve() accounts at the segment's end
-            run.end = next_offset
-        else:
-            run = _Write(active, position, [], next_offset)
-            queue.append(run)
-        iov = run.iov
+        iov = self._pipeline.queue_run(active, position, next_offset)
         for head, body, _header in items:
             iov.append(head)
             iov.append(body)
         for pid, seq, count, offset, ts in pending:
             self._producers.update(pid, seq, count, offset, ts)
-        self._kick_flush()
+        self._flusher.kick()
         return AppendResult(base, next_offset - 1)
 
     async def append(
@@ -505,24 +414,18 @@ class Partition:
         """A future resolved once every record below ``offset`` is synced (or failed with
         :class:`LogOffline`), or None if that is already so. For callers that answer from a
         callback rather than a task (the TCP server's pipelined produce path)."""
-        if self._flushed_offset >= offset:
+        if self._pipeline.flushed_offset >= offset:
             return None
         self._check_writable()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((offset, fut))
-        self._kick_flush()
-        return fut
+        return self._flusher.durable_future(offset)
 
     def written_future(self, offset: int) -> asyncio.Future[None] | None:
         """Like :meth:`durable_future` but resolved once the records are written to the file
         (the page cache), before the sync: ``acks=1``."""
-        if self._written_offset >= offset:
+        if self._pipeline.written_offset >= offset:
             return None
         self._check_writable()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._written_waiters.append((offset, fut))
-        self._kick_flush()
-        return fut
+        return self._flusher.written_future(offset)
 
     async def wait_durable(self, offset: int) -> None:
         """Wait until every record below ``offset`` is synced. Raises :class:`LogOffline` if
@@ -547,263 +450,44 @@ class Partition:
         seg = Segment.create(
             self.directory, old.next_offset, index_interval_bytes=self.config.index_interval_bytes
         )
-        self._sealing.append(old)
-        self._rolled = True
+        self._pipeline.rolled_away(old)
         self._segments.append(seg)
         self._bases.append(seg.base_offset)
         self._active_created_ms = self._clock()
-        self._dir_dirty = True
-        self._kick_flush()
+        self._flusher.kick()
         return seg
 
     # -------------------------------------------------------------------------- flush
-    def _kick_flush(self) -> None:
-        """There may be something to write or sync: run :meth:`_pump` at the end of this
-        loop turn (once however many appends the turn makes, so they share one job)."""
-        if not self._pump_scheduled and not self._closed:
-            self._loop = asyncio.get_running_loop()
-            self._pump_scheduled = True
-            self._loop.call_soon(self._pump)
-
-    def _sync_wanted(self) -> bool:
-        return (
-            self._written_offset > self._flushed_offset
-            or bool(self._unsynced)
-            or self._dir_dirty
-            or any(s.next_offset <= self._written_offset for s in self._sealing)
-        )
-
-    def _log_end(self) -> tuple[int, int, int]:
-        active = self._segments[-1]
-        return active.next_offset, active.base_offset, active.size
-
-    def _checkpoint_due(self) -> Checkpoint | None:
-        """A checkpoint of the log end, if one is due (after a roll, or every
-        ``checkpoint_interval_ms``). Only taken for a job that covers the log end: the
-        producer table already holds every queued batch."""
-        now = self._clock()
-        if not self._rolled and now - self._last_checkpoint_ms < self.config.checkpoint_interval_ms:
-            return None
-        self._rolled = False
-        self._last_checkpoint_ms = now
-        offset, segment, position = self._log_end()
+    def _checkpoint_of(self, mark: Mark) -> Checkpoint:
+        offset, segment, position = mark
         return new_checkpoint(segment, position, offset, self._producers.snapshot())
 
-    def _cache_drops(self, segment: int, position: int) -> list[tuple[Segment, int]]:
-        """Page-cache drops once the log is synced to ``position`` of ``segment``: every
-        byte more than ``cache_window_bytes`` behind that point, walking back over the
-        segments until one that was dropped entirely before (those before it were too)."""
-        keep = self.config.cache_window_bytes
-        if keep <= 0:
-            return []
-        drops = []
-        i = self._segment_for(segment)
-        end = position
-        while i >= 0:
-            seg = self._segments[i]
-            if seg.cache_dropped >= end:
-                break
-            if end > keep:
-                drops.append((seg, end - keep))
-            keep = max(0, keep - end)
-            i -= 1
-            if i >= 0:
-                end = self._segments[i].size
-        return drops
+    def _high_watermark_advanced(self) -> None:
+        hw_waiters, self._hw_waiters = self._hw_waiters, []
+        for fut in hw_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        if self.on_high_watermark is not None:
+            self.on_high_watermark(self)
 
-    def _take_sync_plan(
-        self, target: tuple[int, int, int], written_now: list[Segment]
-    ) -> _SyncPlan:
-        """What a sync that makes everything below ``target`` durable must do: fsync the
-        segments completed writes touched (and ``written_now``, for a write-then-sync job),
-        seal the rolled-away segments it completes, fsync the directory after a roll."""
-        segments, self._unsynced = self._unsynced, []
-        for seg in written_now:
-            if seg not in segments:
-                segments.append(seg)
-        seal = [s for s in self._sealing if s.next_offset <= target[0]]
-        if seal:
-            self._sealing = [s for s in self._sealing if s not in seal]
-            segments.extend(s for s in seal if s not in segments)
-        dir_dirty, self._dir_dirty = self._dir_dirty, False
-        drop = self._cache_drops(target[1], target[2])
-        self._syncing = [*segments, *(seg for seg, _pos in drop)]
-        return _SyncPlan(segments, seal, dir_dirty, drop)
-
-    def _restore_sync_plan(self, plan: _SyncPlan) -> None:
-        self._unsynced = [*plan.segments, *(s for s in self._unsynced if s not in plan.segments)]
-        self._sealing = [*plan.seal, *self._sealing]
-        self._dir_dirty = self._dir_dirty or plan.dir_dirty
-
-    def _pump(self) -> None:
-        """Start whatever job may start now. Two stages, each at most one job at a time in
-        the executor: *write* (``pwritev`` of the queued runs into the page cache) and *sync*
-        (``fdatasync`` of what completed writes put there, then seals, the directory and a
-        checkpoint). They overlap: batches that arrive while a sync runs are written
-        meanwhile, and the next sync starts as soon as this one ends, so a round's write does
-        not wait for the previous round's sync. When nothing is being synced one job writes
-        and then syncs, so a quiet partition hands an append to a thread once, not twice.
-
-        Driven by callbacks, not a task: the threads report with ``call_soon_threadsafe``
-        straight to :meth:`_write_done` / :meth:`_sync_done`, which call this again. A lone
-        append costs one loop callback to start and one to finish."""
-        self._pump_scheduled = False
-        if self._shut:
-            return
-        loop = self._loop
-        assert loop is not None
-        if self._writer is None and self._queue and self._failure is None:
-            runs, self._queue = self._queue, []
-            end = self._log_end()
-            checkpoint = self._checkpoint_due()
-            self._writing = [run.segment for run in runs]
-            if self._syncer is None and not self._sync_wanted():
-                plan = self._take_sync_plan(end, self._writing)
-                job = _Job(runs, end, None, plan, end)
-                self._writer = self._syncer = job
-                loop.run_in_executor(None, self._write_then_sync, job, checkpoint)
-            else:
-                job = _Job(runs, end, checkpoint)
-                self._writer = job
-                loop.run_in_executor(None, self._write_job, job)
-        if self._syncer is None and self._failure is None and self._sync_wanted():
-            checkpoint, self._ready_checkpoint = self._ready_checkpoint, None
-            if self._writer is None and not self._queue:
-                target = self._log_end()
-                checkpoint = self._checkpoint_due() or checkpoint
-            else:
-                target = (self._written_offset, self._written_segment, self._written_position)
-            plan = self._take_sync_plan(target, [])
-            job = _Job([], target, None, plan, target)
-            self._syncer = job
-            loop.run_in_executor(None, self._sync_job, job, checkpoint)
-        if self._writer is None and self._syncer is None and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-
-    def _write_done(self, job: _Job, failed: tuple[int, OSError] | BaseException | None) -> None:
-        """Loop: a job's write finished (``failed``: ``(index of the failed run, error)``)."""
-        self._writer = None
-        self._writing = []
-        if isinstance(failed, BaseException):  # not an I/O error: a bug; stop writing
-            log.error("event=write_crashed partition=%s error=%r", self.name, failed)
-            if self._syncer is job:
-                self._syncer = None
-                self._syncing = []
-            self._go_offline(failed)
-        elif failed is not None:
-            if self._syncer is job:  # a write-then-sync job: its sync is off
-                assert job.plan is not None
-                self._restore_sync_plan(job.plan)
-                self._syncer = None
-                self._syncing = []
-            self._undo_writes(job.runs[failed[0] :], failed[1])
-        elif self._failure is None:
-            self._finish_write(job)
-        self._pump()
-
-    def _sync_done(self, job: _Job, error: BaseException | None) -> None:
-        """Loop: a job's sync finished."""
-        self._syncer = None
-        self._syncing = []
-        if error is not None:
-            self._go_offline(error)
-        elif self._failure is None:
-            self._advance_flushed(*job.target)
-        self._pump()
-
-    async def _wait_idle(self) -> None:
-        """Until no write or sync job runs and none is about to start."""
-        while self._writer is not None or self._syncer is not None or self._pump_scheduled:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(fut)  # resolved by _pump once nothing runs
-            await fut
-
-    def _finish_write(self, job: _Job) -> None:
-        offset, segment, position = job.end
-        self._written_segment, self._written_position = segment, position
-        if job.plan is None:  # a write-only job: the next sync picks its segments up
-            for run in job.runs:
-                if run.segment not in self._unsynced:
-                    self._unsynced.append(run.segment)
-            if job.checkpoint is not None:
-                self._ready_checkpoint = job.checkpoint
-        self._advance_written(offset)
-
-    def _write_runs(self, runs: list[_Write]) -> tuple[int, OSError] | None:
-        """Worker thread: write the runs, then their index entries. A failed write returns
-        ``(index of the failed run, error)``; the runs before it are written."""
-        for i, run in enumerate(runs):
-            try:
-                run.segment.write_at(run.position, run.iov)
-            except OSError as exc:
-                return i, exc
-        for run in runs:
-            run.segment.flush_index()
-        return None
-
-    def _write_job(self, job: _Job) -> None:
-        """Worker thread: write, then report to the loop."""
-        failed: tuple[int, OSError] | BaseException | None
-        try:
-            failed = self._write_runs(job.runs)
-        except BaseException as exc:
-            failed = exc
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._write_done, job, failed)
-
-    def _write_then_sync(self, job: _Job, checkpoint: Checkpoint | None) -> None:
-        """Worker thread: write, report (so the loop may start the next write and answer
-        ``acks=1`` waiters), then sync as :meth:`_sync_files` and report again. A failed
-        write skips the sync."""
-        failed: tuple[int, OSError] | BaseException | None
-        try:
-            failed = self._write_runs(job.runs)
-        except BaseException as exc:
-            failed = exc
-        assert self._loop is not None and job.plan is not None
-        self._loop.call_soon_threadsafe(self._write_done, job, failed)
-        if failed is None:
-            self._sync_job(job, checkpoint)
-
-    def _sync_job(self, job: _Job, checkpoint: Checkpoint | None) -> None:
-        """Worker thread: sync as the job's plan says, then report to the loop."""
-        error: BaseException | None = None
-        assert job.plan is not None
-        try:
-            self._sync_files(job.plan, checkpoint)
-        except BaseException as exc:
-            error = exc
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._sync_done, job, error)
-
-    def _advance_written(self, offset: int) -> None:
-        if offset > self._written_offset:
-            self._written_offset = offset
-        self._written_waiters = _resolve(self._written_waiters, self._written_offset)
-
-    def _undo_writes(self, failed: list[_Write], exc: OSError) -> None:
+    def _undo_writes(self, failed: list[WriteRun], exc: OSError) -> None:
         """A queued write failed: cut the log back to what was written before it. Every
         append queued from that one on (including those queued meanwhile) is dropped and
         its waiters fail; the producer table forgets their batches."""
         seg, position = failed[0].segment, failed[0].position
-        self._queue = []
         idx = self._segments.index(seg)
         for later in self._segments[idx + 1 :]:
             later.delete()  # created by a roll after the failed write: nothing was written
         del self._segments[idx + 1 :]
         del self._bases[idx + 1 :]
-        self._sealing = [s for s in self._sealing if s in self._segments[:-1]]
-        self._unsynced = [s for s in self._unsynced if s in self._segments]
+        self._pipeline.forget_after(self._segments)
         try:
             seg.truncate_to(position)
         except OSError as trunc_exc:
-            self._go_offline(trunc_exc)
+            self._flusher.go_offline(trunc_exc)
             return
         self._producers.truncate(seg.next_offset)
-        self._written_offset = min(self._written_offset, seg.next_offset)
+        self._pipeline.cut_written(seg.next_offset)
         error: StorageError
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             error = StorageFull(f"partition {self.name}: disk full: {exc.strerror}")
@@ -815,78 +499,20 @@ class Partition:
             exc,
             seg.next_offset,
         )
-        cut = seg.next_offset
-        for name in ("_waiters", "_written_waiters"):
-            keep = []
-            for want, fut in getattr(self, name):
-                if want > cut:
-                    if not fut.done():
-                        fut.set_exception(error)
-                else:
-                    keep.append((want, fut))
-            setattr(self, name, keep)
-
-    def _sync_files(self, plan: _SyncPlan, checkpoint: Checkpoint | None) -> None:
-        """Worker thread. Order: data, then seals, then the directory, then the checkpoint.
-        Raises ``OSError`` if a sync fails."""
-        for seg in plan.segments:
-            if seg.closed:
-                continue
-            self._fsync(seg.fd)
-            if seg in plan.seal:
-                seg.seal()
-        if plan.dir_dirty:
-            fsync_dir(self.directory)
-        for seg, position in plan.drop:
-            if not seg.closed:
-                seg.drop_cache(position)
-        if checkpoint is not None:
-            try:
-                write_checkpoint(self.directory, checkpoint)
-            except OSError as exc:
-                # the data is synced; only the recovery point did not move
-                log.warning("event=checkpoint_failed partition=%s error=%r", self.name, exc)
-
-    def _advance_flushed(self, offset: int, segment: int, position: int) -> None:
-        self._advance_written(offset)  # synced implies written
-        if offset == self._flushed_offset and segment > self._flushed_segment:
-            # a roll with nothing after it: the synced point moves to the new, empty segment,
-            # so a checkpoint never names a segment retention may delete
-            self._flushed_segment, self._flushed_position = segment, position
-        if offset > self._flushed_offset:
-            self._flushed_offset = offset
-            self._flushed_segment = segment
-            self._flushed_position = position
-            hw_waiters, self._hw_waiters = self._hw_waiters, []
-            for fut in hw_waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            if self.on_high_watermark is not None:
-                self.on_high_watermark(self)
-        if self._waiters:
-            self._waiters = _resolve(self._waiters, offset)
-
-    def _go_offline(self, exc: BaseException) -> None:
-        self._failure = exc
-        log.error("event=partition_offline partition=%s error=%r", self.name, exc)
-        err = LogOffline(f"partition {self.name}: sync failed ({exc}); the log is offline")
-        waiters, self._waiters = self._waiters + self._written_waiters, []
-        self._written_waiters = []
-        for _want, fut in waiters:
-            if not fut.done():
-                fut.set_exception(err)
+        self._flusher.fail_waiters_past(seg.next_offset, error)
 
     def _write_checkpoint_now(self) -> None:
+        pipeline = self._pipeline
         write_checkpoint(
             self.directory,
             new_checkpoint(
-                self._flushed_segment,
-                self._flushed_position,
-                self._flushed_offset,
+                pipeline.flushed_segment,
+                pipeline.flushed_position,
+                pipeline.flushed_offset,
                 self._producers.snapshot(),
             ),
         )
-        self._checkpointed_offset = self._flushed_offset
+        self._checkpointed_offset = pipeline.flushed_offset
 
     # --------------------------------------------------------------------------- read
     def _segment_for(self, offset: int) -> int:
@@ -896,7 +522,8 @@ class Partition:
         """Where a read of ``offset`` starts: (segment, position, bytes to read, the
         segment's readable end), or None at the high watermark. Raises
         :class:`OffsetOutOfRange`."""
-        hw = self._flushed_offset
+        pipeline = self._pipeline
+        hw = pipeline.flushed_offset
         if offset < self.log_start_offset or offset > hw:
             raise OffsetOutOfRange(offset, self.log_start_offset, hw)
         if offset == hw:
@@ -904,12 +531,13 @@ class Partition:
         i = self._segment_for(offset)
         while i < len(self._segments):
             seg = self._segments[i]
-            limit = self._flushed_position if seg.base_offset == self._flushed_segment else seg.size
+            flushed = seg.base_offset == pipeline.flushed_segment
+            limit = pipeline.flushed_position if flushed else seg.size
             pos = seg.find_position(offset, limit)
             if pos < limit:
                 want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, _MAX_READ)
                 return seg, pos, want, limit
-            if seg.base_offset == self._flushed_segment:
+            if flushed:
                 break
             i += 1
         return None
@@ -1010,8 +638,8 @@ class Partition:
         for seg in self._segments:
             found = seg.find_offset_by_timestamp(timestamp)
             if found is not None:
-                return min(found, self._flushed_offset)
-        return self._flushed_offset
+                return min(found, self._pipeline.flushed_offset)
+        return self._pipeline.flushed_offset
 
     # ---------------------------------------------------------------------- retention
     def apply_retention(self, now_ms: int | None = None) -> list[int]:
@@ -1025,12 +653,9 @@ class Partition:
         while len(self._segments) > 1:
             seg = self._segments[0]
             if (
-                seg in self._sealing
-                or seg in self._unsynced
-                or seg in self._syncing  # deleting it would close the fd a thread uses
-                or seg in self._writing
+                self._pipeline.holds(seg)  # deleting it would close the fd a thread uses
                 or seg.pins  # a read in a worker thread uses its file
-                or seg.next_offset > self._flushed_offset
+                or seg.next_offset > self._pipeline.flushed_offset
             ):
                 break
             expired = cfg.retention_ms is not None and seg.max_timestamp < now - cfg.retention_ms
@@ -1057,25 +682,26 @@ class Partition:
     async def flush(self) -> None:
         """Sync everything written so far."""
         await self.wait_durable(self.log_end_offset)
-        await self._wait_idle()
+        await self._flusher.wait_idle()
 
     async def close(self) -> None:
         """Sync, write a final checkpoint and close the files. Idempotent."""
         if self._closed:
             return
-        if self._failure is None:
+        if self._pipeline.failure is None:
             try:
                 await self.flush()
             except StorageError:
                 pass
         self._closed = True
-        await self._wait_idle()
-        self._shut = True
+        self._flusher.closed = True
+        await self._flusher.wait_idle()
+        self._pipeline.shut_down()
         while any(seg.pins for seg in self._segments):  # reads in worker threads
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._unpin_waiters.append(fut)
             await fut
-        if self._failure is None:
+        if self._pipeline.failure is None:
             await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint_now)
         for seg in self._segments:
             seg.close()
@@ -1090,17 +716,17 @@ class Partition:
         if self._closed:
             return
         self._closed = True
-        if self._failure is None:
-            queue, self._queue = self._queue, []
+        self._flusher.closed = True
+        pipeline = self._pipeline
+        if pipeline.failure is None:
+            queue, pipeline.queue = pipeline.queue, []
             for run in queue:
                 run.segment.write_at(run.position, run.iov)
             for seg in {
-                id(s): s for s in [*self._unsynced, *self._sealing, self._segments[-1]]
+                id(s): s for s in [*pipeline.unsynced, *pipeline.sealing, self._segments[-1]]
             }.values():
                 seg.sync()
-            active = self._segments[-1]
-            self._flushed_offset = active.next_offset
-            self._flushed_segment, self._flushed_position = active.base_offset, active.size
+            pipeline.mark_all_synced()
             self._write_checkpoint_now()
         for seg in self._segments:
             seg.close()

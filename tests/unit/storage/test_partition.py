@@ -1108,13 +1108,13 @@ async def test_abandoned_long_poll_waiters_do_not_pile_up_on_an_idle_partition(
 async def test_a_failed_checkpoint_write_does_not_take_the_partition_offline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import storage.partition as partition_module
+    import storage.flush as flush_module
 
     def full(directory: Path, checkpoint: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     p = open_partition(tmp_path / "p", config=PartitionConfig(checkpoint_interval_ms=0))
-    monkeypatch.setattr(partition_module, "write_checkpoint", full)
+    monkeypatch.setattr(flush_module, "write_checkpoint", full)
     result = await p.append([batch([b"still durable"])])
     assert p.high_watermark == result.last_offset + 1
     assert not p.offline

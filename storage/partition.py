@@ -33,7 +33,6 @@ from the previous checkpoint.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import enum
 import errno
 import logging
@@ -41,24 +40,25 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
 
 import msgspec
 
 from storage import records
-from storage.checkpoint import Checkpoint, new_checkpoint, read_checkpoint, write_checkpoint
+from storage.checkpoint import Checkpoint, new_checkpoint, write_checkpoint
 from storage.errors import (
     CorruptBatch,
     LogClosed,
     LogOffline,
-    OffsetOutOfRange,
     OutOfOrderSequence,
     StorageError,
     StorageFull,
 )
 from storage.flush import Flusher, FsyncFn, Mark, Pipeline, WriteRun
 from storage.producers import ProducerTable
-from storage.segment import Segment, fsync_dir, list_segments, remove_segment_files
+from storage.reads import Reader
+from storage.recovery import RecoveryReport as RecoveryReport
+from storage.recovery import recover
+from storage.segment import Segment, fsync_dir
 
 log = logging.getLogger("herald.storage")
 
@@ -92,26 +92,8 @@ class AppendResult(msgspec.Struct, frozen=True):
     duplicate: bool = False
 
 
-class RecoveryReport(msgspec.Struct, frozen=True):
-    """What opening a partition found. ``truncated_bytes`` > 0 means a torn or corrupt tail
-    was cut; ``scanned_bytes`` is what recovery read (bounded by the checkpoint interval, not
-    by the log size)."""
-
-    partition: str
-    checkpoint_found: bool
-    scanned_bytes: int
-    truncated_bytes: int
-    removed_segments: list[int]
-    next_offset: int
-    seconds: float
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-_MAX_READ: Final = 64 * 1024 * 1024
-_READ_AHEAD_CHUNKS: Final = 4  # fetches' worth read ahead below the page-cache window
 
 
 class Partition:
@@ -152,8 +134,8 @@ class Partition:
             on_high_watermark=self._high_watermark_advanced,
             on_write_failed=self._undo_writes,
         )
+        self._reader = Reader(segments, self._bases, self._pipeline)
         self._hw_waiters: list[asyncio.Future[None]] = []
-        self._unpin_waiters: list[asyncio.Future[None]] = []  # close() waiting for reads
         self._closed = False
         self._checkpointed_offset = -1
         self.on_high_watermark: Callable[[Partition], None] | None = None
@@ -177,108 +159,19 @@ class Partition:
         before serving or from a thread.
         """
         config = config or PartitionConfig()
-        started = time.perf_counter()
-        directory.mkdir(parents=True, exist_ok=True)
         label = name or directory.name
-        checkpoint = read_checkpoint(directory)
-        bases = list_segments(directory)
-        segments: list[Segment] = []
-        scanned = truncated = 0
-        removed: list[int] = []
-        producers = ProducerTable.restore(checkpoint.producers) if checkpoint else ProducerTable()
-        if checkpoint is not None and checkpoint.segment_base not in bases:
-            checkpoint = None  # the checkpoint names a segment that is gone: trust nothing
-            producers = ProducerTable()
-        cut = False
-        rescanned: list[Segment] = []  # segments whose tail recovery read: sync before trusting
-        for base in bases:
-            expected = segments[-1].next_offset if segments else None
-            if cut or (expected is not None and base != expected):
-                # past a cut, or a gap or overlap between segments: nothing here can be
-                # trusted (nor parsed: it may be torn too)
-                removed.append(base)
-                remove_segment_files(directory, base)
-                cut = True
-                continue
-            if checkpoint is not None and base < checkpoint.segment_base:
-                trusted: int | None = None
-            elif checkpoint is not None and base == checkpoint.segment_base:
-                trusted = checkpoint.position
-            else:
-                trusted = 0
-            try:
-                seg = Segment.open(
-                    directory,
-                    base,
-                    index_interval_bytes=config.index_interval_bytes,
-                    trusted_size=trusted,
-                )
-            except CorruptBatch:
-                seg = Segment.open(
-                    directory,
-                    base,
-                    index_interval_bytes=config.index_interval_bytes,
-                    trusted_size=0,
-                )
-                trusted = 0
-            if trusted is not None:
-                rescanned.append(seg)
-                start = seg.size
-                kept, lost = seg.recover_tail()
-                scanned += kept + lost
-                truncated += lost
-                if kept:
-                    cls._replay_producers(seg, start, producers)
-                if lost:
-                    cut = True
-            segments.append(seg)
-        if not segments:
-            start_offset = checkpoint.next_offset if checkpoint else 0
-            segments.append(
-                Segment.create(
-                    directory, start_offset, index_interval_bytes=config.index_interval_bytes
-                )
-            )
-            fsync_dir(directory)
-        if truncated or removed:
-            producers.truncate(segments[-1].next_offset)
-        part = cls(directory, config, segments, producers, fsync=fsync, clock=clock, name=label)
-        report = RecoveryReport(
-            partition=label,
-            checkpoint_found=checkpoint is not None,
-            scanned_bytes=scanned,
-            truncated_bytes=truncated,
-            removed_segments=removed,
-            next_offset=part.log_end_offset,
-            seconds=time.perf_counter() - started,
+        recovered = recover(directory, index_interval_bytes=config.index_interval_bytes, name=label)
+        part = cls(
+            directory,
+            config,
+            recovered.segments,
+            recovered.producers,
+            fsync=fsync,
+            clock=clock,
+            name=label,
         )
-        if truncated or removed:
-            log.warning(
-                "event=recovery_truncated partition=%s truncated_bytes=%d removed_segments=%s "
-                "next_offset=%d",
-                label,
-                truncated,
-                removed,
-                part.log_end_offset,
-            )
-        # what survived recovery is on disk as far as we can tell; make it so
-        for seg in rescanned:
-            if not seg.closed:
-                seg.sync()
         part._write_checkpoint_now()
-        return part, report
-
-    @staticmethod
-    def _replay_producers(seg: Segment, start: int, producers: ProducerTable) -> None:
-        for _pos, header in seg._walk(start, seg.size, verify=False):
-            if header.producer_id >= 0:
-                producers.update(
-                    header.producer_id,
-                    header.base_sequence,
-                    header.record_count,
-                    header.base_offset,
-                    header.max_timestamp,
-                )
+        return part, recovered.report
 
     # --------------------------------------------------------------------- properties
     @property
@@ -515,33 +408,6 @@ class Partition:
         self._checkpointed_offset = pipeline.flushed_offset
 
     # --------------------------------------------------------------------------- read
-    def _segment_for(self, offset: int) -> int:
-        return max(0, bisect.bisect_right(self._bases, offset) - 1)
-
-    def _locate(self, offset: int, max_bytes: int) -> tuple[Segment, int, int, int] | None:
-        """Where a read of ``offset`` starts: (segment, position, bytes to read, the
-        segment's readable end), or None at the high watermark. Raises
-        :class:`OffsetOutOfRange`."""
-        pipeline = self._pipeline
-        hw = pipeline.flushed_offset
-        if offset < self.log_start_offset or offset > hw:
-            raise OffsetOutOfRange(offset, self.log_start_offset, hw)
-        if offset == hw:
-            return None
-        i = self._segment_for(offset)
-        while i < len(self._segments):
-            seg = self._segments[i]
-            flushed = seg.base_offset == pipeline.flushed_segment
-            limit = pipeline.flushed_position if flushed else seg.size
-            pos = seg.find_position(offset, limit)
-            if pos < limit:
-                want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, _MAX_READ)
-                return seg, pos, want, limit
-            if flushed:
-                break
-            i += 1
-        return None
-
     def read(self, offset: int, max_bytes: int) -> bytes | bytearray:
         """Raw batches from the one holding ``offset`` onward, up to ``max_bytes`` (but at
         least one whole batch) and never past the high watermark. The first batch may start
@@ -552,14 +418,7 @@ class Partition:
         when the read was cut back to whole batches, so cutting copies nothing). Blocking:
         on the loop, prefer :meth:`read_async`, which reads ranges likely on disk in a
         worker thread."""
-        found = self._locate(offset, max_bytes)
-        if found is None:
-            return b""
-        seg, pos, want, limit = found
-        data = seg.read_into(pos, want)
-        if pos < seg.cache_dropped:
-            self._read_ahead(seg, pos + len(data), want)
-        return self._whole_batches(seg, pos, data, limit)
+        return self._reader.read(offset, max_bytes)
 
     async def read_async(self, offset: int, max_bytes: int) -> bytes | bytearray:
         """:meth:`read`, without blocking the loop on the disk: a read that starts below
@@ -567,59 +426,7 @@ class Partition:
         consumer catching up) runs in a worker thread, with the segment pinned so that
         retention and :meth:`close` leave its file open. A read within the window is
         served at once (it is in memory; a hand-off would cost more than the copy)."""
-        found = self._locate(offset, max_bytes)
-        if found is None:
-            return b""
-        seg, pos, want, limit = found
-        if pos >= seg.cache_dropped:
-            data = seg.read_into(pos, want)
-        else:
-            seg.pins += 1
-            try:
-                loop = asyncio.get_running_loop()
-                data = await loop.run_in_executor(None, seg.read_into, pos, want)
-            finally:
-                seg.pins -= 1
-                if not seg.pins and self._unpin_waiters:
-                    waiters, self._unpin_waiters = self._unpin_waiters, []
-                    for fut in waiters:
-                        if not fut.done():
-                            fut.set_result(None)
-            self._read_ahead(seg, pos + len(data), want)
-        return self._whole_batches(seg, pos, data, limit)
-
-    def _read_ahead(self, seg: Segment, end: int, chunk: int) -> None:
-        """A read below the page-cache window (a consumer catching up) was served from disk,
-        on the loop. Ask the kernel, from a worker thread, to start reading the next few
-        chunks of that dropped range (``POSIX_FADV_WILLNEED``), so the consumer's next
-        fetches find them in memory instead of blocking the loop on the disk again."""
-        stop = min(end + _READ_AHEAD_CHUNKS * chunk, seg.cache_dropped)
-        start = max(end, seg.read_ahead_to)
-        if stop - start < chunk:  # what the next fetch needs is already on its way
-            return
-        seg.read_ahead_to = stop
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # a tool reading without a loop: nothing to overlap with
-            return
-        loop.run_in_executor(None, seg.prefetch, start, stop - start)
-
-    @staticmethod
-    def _whole_batches(seg: Segment, pos: int, data: bytearray, limit: int) -> bytes | bytearray:
-        end = 0
-        size = len(data)
-        while end + records.HEADER_SIZE <= size:
-            _base, length = records.peek_length(data, end)
-            if end + length > size:
-                break
-            end += length
-        if end == 0:
-            # the first batch is larger than max_bytes: return it whole anyway
-            _base, length = records.peek_length(seg.read(pos, records.HEADER_SIZE))
-            return seg.read(pos, min(length, limit - pos))
-        if end < size:
-            del data[end:]  # shrinks in place: no copy of what is kept
-        return data
+        return await self._reader.read_async(offset, max_bytes)
 
     def high_watermark_changed(self) -> asyncio.Future[None]:
         """A future resolved the next time the high watermark advances (for long polls)."""
@@ -697,10 +504,7 @@ class Partition:
         self._flusher.closed = True
         await self._flusher.wait_idle()
         self._pipeline.shut_down()
-        while any(seg.pins for seg in self._segments):  # reads in worker threads
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._unpin_waiters.append(fut)
-            await fut
+        await self._reader.wait_unpinned()  # reads in worker threads
         if self._pipeline.failure is None:
             await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint_now)
         for seg in self._segments:

@@ -64,9 +64,22 @@ log = logging.getLogger("herald.storage")
 
 
 class Acks(enum.IntEnum):
-    NONE = 0  # written to the page cache when the call returns; nothing awaited
-    LEADER = 1  # same on a single node; in a cluster: written by the leader
-    ALL = -1  # synced to disk (and, in a cluster, by the in-sync replicas)
+    """How far an append has gone when it is acknowledged. An append is validated, given
+    its offsets and queued on the event loop; the *write* stage (a worker thread) then
+    writes it into the file (the page cache) and the *sync* stage fdatasyncs it
+    (:mod:`storage.flush`). Whatever ``acks`` says, every append is written and synced, and
+    consumers see it only once it is synced (the high watermark)."""
+
+    # queued in memory when the call returns: nothing is awaited and nothing is in the file
+    # yet (the write stage writes it later); a failed write is never reported to this
+    # producer, and a crash before the write loses it
+    NONE = 0
+    # written to the page cache by the write stage, not yet synced: survives a killed
+    # process, not a power loss. In a cluster: written by the leader
+    LEADER = 1
+    # fdatasync'd by the sync stage: survives a power loss. In a cluster: also by the
+    # in-sync replicas
+    ALL = -1
 
 
 class PartitionConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -292,8 +305,9 @@ class Partition:
     async def append(
         self, batches: Sequence[bytes | memoryview], acks: Acks = Acks.ALL, *, leader_epoch: int = 0
     ) -> AppendResult:
-        """Append and wait as ``acks`` says: NONE not at all, LEADER until written to the
-        file, ALL until synced."""
+        """Append and wait as ``acks`` says: NONE not at all (the batches are queued), LEADER
+        until the write stage has written them to the file (the page cache), ALL until the
+        sync stage has fdatasync'd them."""
         result = self.append_nowait(batches, leader_epoch=leader_epoch)
         if acks == Acks.ALL:
             await self.wait_durable(result.last_offset + 1)

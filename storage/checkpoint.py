@@ -8,15 +8,14 @@ A missing or unreadable checkpoint is not an error: recovery then scans the whol
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Final
 
 import msgspec
 import xxhash
 
+from storage.durable import replace_file
 from storage.producers import ProducerEntry
-from storage.segment import fsync_dir
 
 FILE_NAME: Final = "recovery-checkpoint"
 _VERSION: Final = 1
@@ -40,16 +39,7 @@ _decoder = msgspec.msgpack.Decoder(Checkpoint)
 def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
     """Atomically replace the checkpoint. Blocking (two fsyncs): run it off the event loop."""
     body = _encoder.encode(checkpoint)
-    data = xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body
-    tmp = directory / (FILE_NAME + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / FILE_NAME)
-    fsync_dir(directory)
+    replace_file(directory, FILE_NAME, xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body)
 
 
 def read_checkpoint(directory: Path) -> Checkpoint | None:

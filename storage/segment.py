@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from storage import records
+from storage.durable import fsync_dir as fsync_dir
 from storage.errors import CorruptBatch, IncompleteBatch, StorageError, StorageFull
 
 LOG_SUFFIX: Final = ".log"
@@ -518,11 +519,3 @@ def list_segments(directory: Path) -> list[int]:
             bases.append(int(name[:20]))
     bases.sort()
     return bases
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

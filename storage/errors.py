@@ -50,15 +50,6 @@ class OffsetOutOfRange(StorageError):
         self.high_watermark = high_watermark
 
 
-class CorruptData(StorageError):
-    """Stored data failed its checksum: the damaged range is quarantined and never served. A
-    reader stops at it until an operator or the application decides to skip it."""
-
-    code = "corrupt_data"
-    retriable = False
-    http_status = 500
-
-
 class StorageFull(StorageError):
     """The disk is full (ENOSPC/EDQUOT). The append was rolled back and not acknowledged."""
 
@@ -130,3 +121,38 @@ class IllegalTransition(StorageError):
     code = "illegal_transition"
     retriable = False
     http_status = 500
+
+
+class CorruptData(StorageError):
+    """A read reached a quarantined range of the log: stored bytes that failed their
+    checksums (or whose offsets do not follow), found by recovery or by an earlier read.
+    They are never served. Not retriable: the same read fails the same way until the
+    consumer is moved past the range, to ``end_offset`` (what
+    ``Partition.next_readable_offset`` returns); records before ``first_offset`` and from
+    ``end_offset`` on are served normally."""
+
+    code = "corrupt_data"
+    retriable = False
+    http_status = 500
+
+    def __init__(
+        self,
+        partition: str,
+        *,
+        segment: int,
+        position: int,
+        length: int,
+        first_offset: int,
+        end_offset: int,
+    ) -> None:
+        super().__init__(
+            f"partition {partition}: offsets {first_offset}..{end_offset - 1} are corrupt "
+            f"({length} bytes at position {position} of segment {segment}); they are "
+            f"quarantined and never served; reading from offset {end_offset} works"
+        )
+        self.partition = partition
+        self.segment = segment
+        self.position = position
+        self.length = length
+        self.first_offset = first_offset
+        self.end_offset = end_offset

@@ -55,6 +55,7 @@ from storage.errors import (
 )
 from storage.flush import Flusher, FsyncFn, Mark, Pipeline, WriteRun
 from storage.producers import ProducerTable
+from storage.quarantine import Quarantine, QuarantinedRange
 from storage.reads import Reader
 from storage.recovery import RecoveryReport as RecoveryReport
 from storage.recovery import recover
@@ -122,6 +123,7 @@ class Partition:
         fsync: FsyncFn,
         clock: Callable[[], int],
         name: str,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.directory = directory
         self.config = config
@@ -147,7 +149,8 @@ class Partition:
             on_high_watermark=self._high_watermark_advanced,
             on_write_failed=self._undo_writes,
         )
-        self._reader = Reader(segments, self._bases, self._pipeline)
+        self._quarantine = quarantine if quarantine is not None else Quarantine(directory, [])
+        self._reader = Reader(segments, self._bases, self._pipeline, self._quarantine, name=name)
         self._hw_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._checkpointed_offset = -1
@@ -182,6 +185,7 @@ class Partition:
             fsync=fsync,
             clock=clock,
             name=label,
+            quarantine=recovered.quarantine,
         )
         part._write_checkpoint_now()
         return part, recovered.report
@@ -208,6 +212,28 @@ class Partition:
     @property
     def segments(self) -> list[Segment]:
         return list(self._segments)
+
+    @property
+    def quarantined(self) -> list[QuarantinedRange]:
+        """The damaged ranges of this partition (oldest first): bytes that failed their
+        checks where valid batches should be, found by recovery or by a read. They are
+        never served (a read of their offsets raises :class:`CorruptData`) and stay on disk.
+        The broker reports a partition with any as degraded."""
+        return self._quarantine.ranges
+
+    @property
+    def corruptions_detected(self) -> int:
+        """Damaged ranges found since the partition was opened, recovery included (a
+        counter for metrics)."""
+        return self._quarantine.detected
+
+    def next_readable_offset(self, offset: int) -> int:
+        """The first offset at or after ``offset`` that is not quarantined: ``offset``
+        itself, or the end offset of the range that holds it. The way past damage for an
+        operator or an application that decides to skip it: reading from there works."""
+        while (rng := self._quarantine.covering(offset)) is not None:
+            offset = rng.end_offset
+        return offset
 
     @property
     def offline(self) -> bool:
@@ -491,6 +517,8 @@ class Partition:
         if deleted:
             # make the deletions durable, or a crash could bring the segments back
             fsync_dir(self.directory)
+            if self._quarantine.drop_before(self.log_start_offset):
+                self._reader._save()
             log.info(
                 "event=retention_deleted partition=%s segments=%d log_start_offset=%d",
                 self.name,

@@ -55,6 +55,14 @@ _PREFIX = struct.Struct("<qI")  # base_offset, batch_length: enough to walk a lo
 _STAMP = struct.Struct("<q")
 _EPOCH = struct.Struct("<I")
 _CRC = struct.Struct("<I")
+_SUMS = struct.Struct("<QI")  # body_checksum, header_checksum, at byte 52
+_SUMS_AT: Final = 52
+_COUNT = struct.Struct("<I")
+_COUNT_AT: Final = 20
+# bytes 12-15 of every header this version writes: magic 1, attributes 0, reserved 0. A scan
+# for a batch boundary after damage looks for them before hashing anything.
+HEADER_MARK: Final = b"\x01\x00\x00\x00"
+HEADER_MARK_AT: Final = 12
 _HEADER_CRC_AT: Final = 60
 _EPOCH_AT: Final = 16
 assert _HEADER.size == HEADER_SIZE
@@ -321,3 +329,45 @@ def peek_length(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int,
     already validated."""
     base, length = _PREFIX.unpack_from(buf, pos)
     return int(base), int(length)
+
+
+def verify_batches(
+    buf: bytes | bytearray | memoryview, expected_offset: int
+) -> tuple[int, int, str | None]:
+    """Check the stored batches at the start of ``buf`` (a read of a segment) as they were
+    written: each batch's header checksum, its base offset (``expected_offset``, then the
+    previous batch's next offset), its length and its body checksum.
+
+    Returns ``(end, next_offset, problem)``: ``end`` is the length of the run of good whole
+    batches at the start of ``buf``, ``next_offset`` the offset after them, and ``problem``
+    None when the walk stopped at the end of ``buf`` or at a batch ``buf`` holds only in
+    part (a read cut it), or else why the batch at ``end`` is damaged. Every step advances
+    by a checksummed length of more than 64 bytes, so the walk always ends.
+
+    The per-read check of the fetch path: O(bytes) hashing in C, a few attribute lookups in
+    Python per batch, no object built per batch."""
+    view = memoryview(buf)
+    size = len(view)
+    pos = 0
+    expected = expected_offset
+    xxh32, xxh3 = _xxh32, _xxh3
+    while pos + HEADER_SIZE <= size:
+        body_sum, head_sum = _SUMS.unpack_from(view, pos + _SUMS_AT)
+        if xxh32(view[pos : pos + _HEADER_CRC_AT]) != head_sum:
+            return pos, expected, f"header checksum mismatch at {pos}"
+        base, length = _PREFIX.unpack_from(view, pos)
+        if base != expected:
+            return pos, expected, f"base offset {base} where {expected} was expected"
+        if not HEADER_SIZE < length <= MAX_BATCH_BYTES:
+            return pos, expected, f"batch length {length} out of range"
+        end = pos + length
+        if end > size:
+            break
+        if xxh3(view[pos + HEADER_SIZE : end]) != body_sum:
+            return pos, expected, f"body checksum mismatch in the batch at offset {base}"
+        (count,) = _COUNT.unpack_from(view, pos + _COUNT_AT)
+        if count < 1:
+            return pos, expected, "batch of no records"
+        expected = base + count
+        pos = end
+    return pos, expected, None

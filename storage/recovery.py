@@ -1,36 +1,72 @@
 """Recovery: what opening a partition does to the files it finds, and the report of it.
 
-The rule: bytes the recovery checkpoint covers were synced before the checkpoint was
-written, so they are trusted; what follows it (about one checkpoint interval of appends,
-or one segment, whichever is smaller) is verified batch by batch. Start-up time therefore
-depends on the checkpoint interval, not on the size of the log.
+The rules (as Kafka and PostgreSQL with checksums keep them):
+
+- **Below the checkpoint, bytes are trusted.** The checkpoint names the last position known
+  to be fsynced (every byte before it was synced, and the sync succeeded, before it was
+  written). Those bytes are not verified: only the headers after each segment's last index
+  entry are walked, so start-up time does not grow with the log. Damage met on that walk is
+  corruption: it is quarantined (:mod:`storage.quarantine`), never cut.
+- **Past the checkpoint, every batch is verified**, read **from the device**, not from the
+  page cache (:class:`DeviceReader`): after an fsync that failed, the kernel may keep pages
+  it never wrote, and a restart must not serve them as committed.
+- **Only a torn tail is cut**: damage after which nothing valid follows, up to the end of
+  the log. Damage followed by a valid batch (in that segment or a later one) is corruption:
+  its bytes are quarantined, the batches around it are kept, later segments are never
+  deleted. Offsets missing between segments, or below the checkpoint, are quarantined as a
+  range of no bytes.
 
 :func:`recover` is blocking (it reads, truncates and syncs files): at start-up call it
 before serving, or from a thread. It returns the segments and the idempotent-producer table
-the partition starts from, and a :class:`RecoveryReport` saying exactly what it did.
+the partition starts from, its quarantine, and a :class:`RecoveryReport` saying what it
+scanned, truncated, removed and quarantined. Recovery needs no free space: it writes only
+the quarantine list (a failure to is logged, and the damage is found again).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import msgspec
 
-from storage.checkpoint import read_checkpoint
+from storage import records
+from storage.checkpoint import Checkpoint, read_checkpoint
+from storage.durable import fsync_dir
 from storage.errors import CorruptBatch
 from storage.producers import ProducerTable
-from storage.segment import Segment, fsync_dir, list_segments, remove_segment_files
+from storage.quarantine import (
+    Quarantine,
+    QuarantinedRange,
+    next_valid_batch,
+    read_quarantine,
+)
+from storage.segment import Segment, list_segments, remove_segment_files
 
 log = logging.getLogger("herald.storage")
 
+FsyncFn = Callable[[int], None]
+_ALIGN: Final = 4096  # O_DIRECT: buffer, offset and length aligned to the logical block
+_WINDOW: Final = 4 * 1024 * 1024
+
 
 class RecoveryReport(msgspec.Struct, frozen=True):
-    """What opening a partition found. ``truncated_bytes`` > 0 means a torn or corrupt tail
-    was cut; ``scanned_bytes`` is what recovery read (bounded by the checkpoint interval, not
-    by the log size)."""
+    """What opening a partition found and did.
+
+    ``scanned_bytes``: bytes verified past the checkpoint (read from the device; bounded
+    by the checkpoint interval, not by the log size). ``truncated_bytes``: a torn tail cut
+    (damage with nothing valid after it). ``removed_segments``: segments deleted because
+    they held nothing valid past such a cut, or overlapped the log. ``quarantined``: damaged
+    ranges found by this recovery (corruption, kept on disk, never served);
+    ``quarantined_total``: every range the partition now knows. ``tail_read``: how the
+    tail was read: ``"direct"`` (O_DIRECT), ``"fadvise"`` (page cache dropped, then read:
+    where O_DIRECT is refused), or ``""`` (nothing past the checkpoint)."""
 
     partition: str
     checkpoint_found: bool
@@ -39,72 +75,388 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     removed_segments: list[int]
     next_offset: int
     seconds: float
+    quarantined: list[QuarantinedRange] = []
+    quarantined_total: int = 0
+    tail_read: str = ""
 
 
 class Recovered(NamedTuple):
     """What a partition opens with: its segments (oldest first, the last one active), its
-    idempotent-producer table, and the report."""
+    idempotent-producer table, its quarantine, and the report."""
 
     segments: list[Segment]
     producers: ProducerTable
+    quarantine: Quarantine
     report: RecoveryReport
 
 
-def recover(directory: Path, *, index_interval_bytes: int, name: str) -> Recovered:
-    """Recover the partition in ``directory`` (created if missing).
+# --------------------------------------------------------------------- reading the tail
+class DeviceReader:
+    """Reads a segment file's bytes as the device holds them, bypassing the page cache.
 
-    Trusts the bytes before the checkpoint and scans only what follows: every batch past it
-    is verified (both checksums, contiguous offsets); the first batch that fails, and
-    everything after it, is cut and reported. Every segment whose tail was read is synced
-    before this returns, so what it kept is on disk. Blocking."""
+    Why: after an ``fdatasync`` that failed (EIO, ENOSPC), Linux marks the pages it could
+    not write clean and may keep them in the page cache; a plain read then returns data that
+    is not on disk, and recovery would keep (and acknowledge to readers) records whose sync
+    failed. So the segment is fdatasynced first (pages a killed process left dirty reach the
+    device: they are real writes), then read with ``O_DIRECT`` into an aligned buffer. Where
+    the filesystem refuses ``O_DIRECT`` (some FUSE filesystems, older tmpfs), its cached
+    pages of the range are dropped (``POSIX_FADV_DONTNEED``, which drops clean pages) and
+    the range is read normally, which then comes from the filesystem below. Either way the
+    range's cached pages are dropped again when the reader closes, so later reads of the
+    partition come from the device too.
+
+    :meth:`read` returns a view into a reused buffer: valid until the next call."""
+
+    def __init__(self, seg: Segment, start: int, *, fsync: FsyncFn) -> None:
+        self._seg = seg
+        self._start = start - start % _ALIGN
+        self._direct_fd = -1
+        self._buf: mmap.mmap | None = None
+        self._win_start = 0
+        self._win_len = 0
+        try:
+            fsync(seg.fd)
+        except OSError as exc:
+            # what the device holds is still what counts; the caller syncs again at the end
+            log.error(
+                "event=recovery_sync_failed segment=%s error=%r: reading the device as it is",
+                seg.log_path,
+                exc,
+            )
+        try:
+            self._direct_fd = os.open(seg.log_path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.mode = "direct"
+        except (OSError, AttributeError):  # EINVAL: O_DIRECT refused here
+            self._fall_back()
+
+    def _fall_back(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        self.mode = "fadvise"
+        self._win_len = 0
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        try:
+            os.posix_fadvise(self._seg.fd, self._start, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:  # advice; a filesystem may not take it
+            log.warning("event=fadvise_failed segment=%s error=%r", self._seg.log_path, exc)
+
+    def read(self, position: int, length: int) -> bytes | memoryview:
+        """Up to ``length`` bytes at ``position`` (fewer at the end of the file)."""
+        if self.mode == "direct":
+            end = position + length
+            if self._win_start <= position and end <= self._win_start + self._win_len:
+                at = position - self._win_start
+                assert self._buf is not None
+                return memoryview(self._buf)[at : at + length]
+            try:
+                return self._read_direct(position, length)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._fall_back()  # the filesystem took the open, not the read
+        return os.pread(self._seg.fd, length, position)
+
+    def _read_direct(self, position: int, length: int) -> memoryview:
+        aligned = position - position % _ALIGN
+        size = max(_WINDOW, position + length - aligned)
+        size += -size % _ALIGN
+        if self._buf is None or len(self._buf) < size:
+            self._buf = mmap.mmap(-1, size)  # anonymous mappings are page-aligned
+        n = os.preadv(self._direct_fd, [memoryview(self._buf)[:size]], aligned)
+        self._win_start, self._win_len = aligned, n
+        at = position - aligned
+        return memoryview(self._buf)[at : min(at + length, n)]
+
+    def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        self._drop_cache()
+
+
+# ----------------------------------------------------------------------------- scanning
+class _Scan:
+    """The outcome of one segment's walk: ``open_damage`` is damage at the end of the
+    walk with nothing valid after it in this file (``(position, offset expected there,
+    why)``); ``good`` whether the segment holds anything valid."""
+
+    __slots__ = ("good", "open_damage", "seg")
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+        self.good = False
+        self.open_damage: tuple[int, int, str] | None = None
+
+
+def _quarantine(
+    seg: Segment, quarantine: Quarantine, pos: int, length: int, first: int, end: int, why: str
+) -> QuarantinedRange:
+    rng = QuarantinedRange(seg.base_offset, pos, length, first, end, why)
+    seg.note_damage(rng)
+    quarantine.add(rng)
+    return rng
+
+
+def _walk_trusted(
+    seg: Segment, trusted: int, end_offset: int | None, quarantine: Quarantine, name: str
+) -> list[QuarantinedRange]:
+    """Walk the headers of the trusted prefix ``[last index entry, trusted)``. Damage on
+    the way is corruption: it is delimited by the next valid batch before ``trusted`` (or,
+    with none, runs to ``trusted``, whose offset is ``end_offset`` when known) and
+    quarantined. Raises :class:`CorruptBatch` if the prefix does not end on a batch
+    boundary (the caller then verifies the segment whole)."""
+    found: list[QuarantinedRange] = []
+
+    def read(position: int, length: int) -> bytes:
+        return os.pread(seg.fd, length, position)
+
+    while seg.size < trusted:
+        # the walk starts at the last index entry: if it fails at once, blame the index (a
+        # hint, never fsynced while active) before the log, and walk from the start
+        start = seg.size if seg.size and seg.size == seg.last_indexed_position else -1
+        for pos, entry in seg._entries(seg.size, trusted):
+            if isinstance(entry, records.BatchHeader):
+                if entry.base_offset != seg.next_offset:
+                    break
+                seg.note_batch(pos, entry)
+            else:
+                seg.note_damage(entry)
+        if seg.size >= trusted:
+            break
+        pos, first = seg.size, seg.next_offset
+        if pos == start:
+            seg.reset_index()
+            continue
+        try:
+            header: records.BatchHeader | None = records.parse_header(
+                os.pread(seg.fd, records.HEADER_SIZE, pos)
+            )
+        except CorruptBatch:
+            header = None
+        if header is not None and header.base_offset == first:
+            raise CorruptBatch(  # a sound batch that does not end by ``trusted``
+                f"{seg.log_path.name}: trusted prefix of {trusted} bytes ends mid-batch"
+            )
+        nxt = next_valid_batch(read, pos, trusted, first)
+        if nxt is not None:
+            end_pos, end = nxt[0], nxt[1].base_offset
+        else:
+            end_pos, end = trusted, first if end_offset is None else end_offset
+        rng = _quarantine(seg, quarantine, pos, end_pos - pos, first, end, "below checkpoint")
+        found.append(rng)
+        _log_damage(name, rng, "recovery")
+    return found
+
+
+def _scan_tail(
+    seg: Segment,
+    reader: DeviceReader,
+    file_size: int,
+    quarantine: Quarantine,
+    producers: ProducerTable,
+    scan: _Scan,
+    name: str,
+) -> list[QuarantinedRange]:
+    """Verify every batch from ``seg.size`` to the end of the file, read from the device.
+    Damage followed by a valid batch in the file is quarantined; damage with nothing valid
+    after it is left open in ``scan.open_damage`` (torn, unless a later segment holds data).
+    """
+    found: list[QuarantinedRange] = []
+    pos, expected = seg.size, seg.next_offset
+    while pos < file_size:
+        header, why = _check(reader, pos, expected, file_size)
+        if header is not None:
+            seg.note_batch(pos, header)
+            scan.good = True
+            if header.producer_id >= 0:
+                producers.update(
+                    header.producer_id,
+                    header.base_sequence,
+                    header.record_count,
+                    header.base_offset,
+                    header.max_timestamp,
+                )
+            pos, expected = pos + header.batch_length, header.next_offset
+            continue
+        nxt = next_valid_batch(reader.read, pos, file_size, expected)
+        if nxt is None:
+            scan.open_damage = (pos, expected, why)
+            return found
+        rng = _quarantine(seg, quarantine, pos, nxt[0] - pos, expected, nxt[1].base_offset, why)
+        found.append(rng)
+        _log_damage(name, rng, "recovery")
+        pos, expected = seg.size, seg.next_offset
+    return found
+
+
+def _check(
+    reader: DeviceReader, pos: int, expected: int, file_size: int
+) -> tuple[records.BatchHeader | None, str]:
+    """``(header, "")`` if a whole, valid batch at offset ``expected`` is at ``pos``, else
+    ``(None, why not)``."""
+    try:
+        header = records.parse_header(reader.read(pos, records.HEADER_SIZE))
+    except CorruptBatch as exc:
+        return None, str(exc)
+    if header.base_offset != expected:
+        return None, f"base offset {header.base_offset} where {expected} was expected"
+    if pos + header.batch_length > file_size:
+        return None, f"batch of {header.batch_length} bytes runs past the end of the file"
+    try:
+        records.validate_batch(reader.read(pos, header.batch_length))
+    except CorruptBatch as exc:
+        return None, str(exc)
+    return header, ""
+
+
+def _log_damage(name: str, rng: QuarantinedRange, found_by: str) -> None:
+    log.error(
+        "event=corrupt_data partition=%s found_by=%s segment=%d position=%d length=%d "
+        "first_offset=%d end_offset=%d reason=%r",
+        name,
+        found_by,
+        rng.segment,
+        rng.position,
+        rng.length,
+        rng.first_offset,
+        rng.end_offset,
+        rng.reason,
+    )
+
+
+# ----------------------------------------------------------------------------- recover
+def recover(
+    directory: Path,
+    *,
+    index_interval_bytes: int,
+    name: str,
+    fsync: FsyncFn = os.fdatasync,
+) -> Recovered:
+    """Recover the partition in ``directory`` (created if missing), as the module
+    docstring says. Every segment whose tail was read is synced before this returns, so
+    what it kept is on disk. Blocking."""
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoint = read_checkpoint(directory)
+    checkpoint: Checkpoint | None = read_checkpoint(directory)
     bases = list_segments(directory)
-    segments: list[Segment] = []
-    scanned = truncated = 0
-    removed: list[int] = []
     producers = ProducerTable.restore(checkpoint.producers) if checkpoint else ProducerTable()
     if checkpoint is not None and checkpoint.segment_base not in bases:
         checkpoint = None  # the checkpoint names a segment that is gone: trust nothing
         producers = ProducerTable()
-    cut = False
-    rescanned: list[Segment] = []  # segments whose tail recovery read: sync before trusting
-    for base in bases:
-        expected = segments[-1].next_offset if segments else None
-        if cut or (expected is not None and base != expected):
-            # past a cut, or a gap or overlap between segments: nothing here can be
-            # trusted (nor parsed: it may be torn too)
-            removed.append(base)
-            remove_segment_files(directory, base)
-            cut = True
-            continue
+    known = [r for r in read_quarantine(directory) if r.segment in bases]
+    quarantine = Quarantine(directory, [])
+    scans: list[_Scan] = []
+    removed: list[int] = []
+    found: list[QuarantinedRange] = []
+    scanned = truncated = 0
+    tail_read = ""
+    cut: list[Segment] = []
+    for i, base in enumerate(bases):
+        if scans and base < scans[-1].seg.next_offset:
+            # overlaps what the log already holds (a segment a cut-back deleted came
+            # back): it is not part of this log, nor is anything after it
+            log.error(
+                "event=recovery_overlap partition=%s segment=%d log_end_offset=%d",
+                name,
+                base,
+                scans[-1].seg.next_offset,
+            )
+            for later in bases[i:]:
+                remove_segment_files(directory, later)
+                removed.append(later)
+            break
+        seg = Segment.open_files(directory, base, index_interval_bytes=index_interval_bytes)
+        scan = _Scan(seg)
+        scans.append(scan)
+        file_size = seg.file_size()
         if checkpoint is not None and base < checkpoint.segment_base:
-            trusted: int | None = None
+            trusted, end_offset = file_size, bases[i + 1]  # whole: synced and sealed
+            scan.good = True
         elif checkpoint is not None and base == checkpoint.segment_base:
-            trusted = checkpoint.position
+            trusted, end_offset = min(checkpoint.position, file_size), checkpoint.next_offset
+            scan.good = True
         else:
-            trusted = 0
+            trusted, end_offset = 0, None
+        mine = [r for r in known if r.segment == base and r.end_position <= trusted]
         try:
-            seg = Segment.open(
-                directory, base, index_interval_bytes=index_interval_bytes, trusted_size=trusted
-            )
+            seg.load_index(trusted)
+            for rng in mine:
+                quarantine.add(rng)
+                if rng.position <= seg.size < rng.end_position or (
+                    rng.length == 0 and rng.position == seg.size
+                ):
+                    seg.note_damage(rng)
+                else:
+                    seg.add_damage(rng)
+            found += _walk_trusted(seg, trusted, end_offset, quarantine, name)
         except CorruptBatch:
-            seg = Segment.open(
-                directory, base, index_interval_bytes=index_interval_bytes, trusted_size=0
-            )
+            # the checkpoint does not fall on a batch boundary: verify the segment whole
+            seg.close()
+            seg = Segment.open_files(directory, base, index_interval_bytes=index_interval_bytes)
+            scan.seg = seg
             trusted = 0
-        if trusted is not None:
-            rescanned.append(seg)
+        if (
+            checkpoint is not None
+            and base == checkpoint.segment_base
+            and file_size < checkpoint.position
+            and seg.size == file_size
+            and seg.next_offset < checkpoint.next_offset
+        ):
+            # the file is shorter than the checkpoint says: synced records are missing
+            rng = _quarantine(
+                seg,
+                quarantine,
+                seg.size,
+                0,
+                seg.next_offset,
+                checkpoint.next_offset,
+                "missing below checkpoint",
+            )
+            found.append(rng)
+            _log_damage(name, rng, "recovery")
+        if seg.size < file_size:
+            reader = DeviceReader(seg, seg.size, fsync=fsync)
+            tail_read = tail_read or reader.mode
             start = seg.size
-            kept, lost = seg.recover_tail()
-            scanned += kept + lost
-            truncated += lost
-            if kept:
-                _replay_producers(seg, start, producers)
-            if lost:
-                cut = True
-        segments.append(seg)
+            try:
+                found += _scan_tail(seg, reader, file_size, quarantine, producers, scan, name)
+            finally:
+                reader.close()
+            scanned += file_size - start
+    # which segment holds the last valid batch: damage after it is a torn tail
+    last_good = max((i for i, s in enumerate(scans) if s.good), default=-1)
+    for i, scan in enumerate(scans):
+        seg = scan.seg
+        if i > last_good:
+            seg.close()
+            remove_segment_files(directory, seg.base_offset)
+            removed.append(seg.base_offset)
+            continue
+        if scan.open_damage is not None:
+            pos, first, why = scan.open_damage
+            if i == last_good:  # nothing valid after it in the log: a torn tail
+                truncated += seg.file_size() - pos
+                seg.cut_tail()
+                cut.append(seg)
+            else:
+                nxt = scans[i + 1].seg.base_offset
+                rng = _quarantine(seg, quarantine, pos, seg.file_size() - pos, first, nxt, why)
+                found.append(rng)
+                _log_damage(name, rng, "recovery")
+        if i < last_good:
+            nxt = scans[i + 1].seg.base_offset
+            if seg.next_offset < nxt:  # offsets missing between two segments
+                rng = _quarantine(
+                    seg, quarantine, seg.size, 0, seg.next_offset, nxt, "missing between segments"
+                )
+                found.append(rng)
+                _log_damage(name, rng, "recovery")
+    segments = [s.seg for s in scans[: last_good + 1]]
+    if removed:
+        fsync_dir(directory)
     if not segments:
         start_offset = checkpoint.next_offset if checkpoint else 0
         segments.append(
@@ -121,6 +473,9 @@ def recover(directory: Path, *, index_interval_bytes: int, name: str) -> Recover
         removed_segments=removed,
         next_offset=segments[-1].next_offset,
         seconds=time.perf_counter() - started,
+        quarantined=found,
+        quarantined_total=len(quarantine),
+        tail_read=tail_read,
     )
     if truncated or removed:
         log.warning(
@@ -131,20 +486,13 @@ def recover(directory: Path, *, index_interval_bytes: int, name: str) -> Recover
             removed,
             report.next_offset,
         )
-    # what survived recovery is on disk as far as we can tell; make it so
-    for seg in rescanned:
-        if not seg.closed:
-            seg.sync()
-    return Recovered(segments, producers, report)
-
-
-def _replay_producers(seg: Segment, start: int, producers: ProducerTable) -> None:
-    for _pos, header in seg._walk(start, seg.size, verify=False):
-        if header.producer_id >= 0:
-            producers.update(
-                header.producer_id,
-                header.base_sequence,
-                header.record_count,
-                header.base_offset,
-                header.max_timestamp,
-            )
+    # the tails were synced before they were read; a cut changed a file's size since
+    for seg in cut:
+        seg.sync()
+    if found or len(known) != len(quarantine):
+        try:
+            quarantine.save()
+        except OSError as exc:  # e.g. a full disk: the damage is found again next time
+            log.error("event=quarantine_write_failed partition=%s error=%r", name, exc)
+    quarantine.detected = len(found)
+    return Recovered(segments, producers, quarantine, report)

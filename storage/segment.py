@@ -5,6 +5,10 @@ A segment does no locking and no fsync policy of its own: the partition decides 
 write, sync, roll and delete. All I/O is positional (``pwrite``/``pread``), so readers never
 move the writer's file position.
 
+Damage: ``damaged`` holds this segment's quarantined ranges (see :mod:`storage.quarantine`).
+Every walk over the file steps over them whole, and stops, never spins, at a header that
+fails its checks: every step advances by a checksummed length of more than 64 bytes.
+
 The index is a hint, never the truth. Entries are 16 bytes: relative offset (u32), file
 position (u32) and the largest timestamp seen up to and including that batch (i64). An index
 may be short (a crash lost its tail): lookups then scan a little further. An index that
@@ -19,12 +23,16 @@ import contextlib
 import os
 import struct
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from storage import records
 from storage.durable import fsync_dir as fsync_dir
-from storage.errors import CorruptBatch, IncompleteBatch, StorageError, StorageFull
+from storage.errors import CorruptBatch, StorageError, StorageFull
+
+if TYPE_CHECKING:
+    from storage.quarantine import QuarantinedRange
 
 LOG_SUFFIX: Final = ".log"
 INDEX_SUFFIX: Final = ".index"
@@ -81,6 +89,7 @@ class Segment:
         # sync thread writes them (flush_index) so the loop makes no syscall per batch
         self._index_pending: list[bytes] = []
         self._index_pending_at = 0
+        self._damaged: dict[int, QuarantinedRange] = {}  # position -> quarantined range
         self.closed = False
 
     # ----------------------------------------------------------------- paths / lifecycle
@@ -141,27 +150,42 @@ class Segment:
         ``max_timestamp`` reflect only the trusted prefix. Recovery then calls
         :meth:`recover_tail` to scan and keep what follows.
         """
+        seg = cls.open_files(directory, base_offset, index_interval_bytes=index_interval_bytes)
+        file_size = seg.file_size()
+        size = file_size if trusted_size is None else min(trusted_size, file_size)
+        try:
+            seg.load_index(size)
+            seg._advance_over_trusted(size)
+            seg.flush_index()
+        except BaseException:
+            seg.close()  # a caller may retry the open; do not leak two fds per attempt
+            raise
+        return seg
+
+    @classmethod
+    def open_files(cls, directory: Path, base_offset: int, *, index_interval_bytes: int) -> Segment:
+        """Open an existing segment's files with nothing accounted yet (size 0): recovery
+        then loads the index (:meth:`load_index`) and accounts what it walks and verifies
+        (:meth:`note_batch`, :meth:`note_damage`)."""
         name = segment_name(base_offset)
         fd = os.open(directory / (name + LOG_SUFFIX), os.O_RDWR | os.O_CLOEXEC)
-        index_path = directory / (name + INDEX_SUFFIX)
-        index_fd = os.open(index_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        file_size = os.fstat(fd).st_size
-        size = file_size if trusted_size is None else min(trusted_size, file_size)
-        seg = cls(
+        try:
+            index_fd = os.open(
+                directory / (name + INDEX_SUFFIX), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(
             directory,
             base_offset,
             index_interval_bytes=index_interval_bytes,
             fd=fd,
             index_fd=index_fd,
         )
-        try:
-            seg._load_index(size)
-            seg._advance_over_trusted(size)
-            seg.flush_index()
-        except BaseException:
-            seg.close()  # recovery retries the open; do not leak two fds per attempt
-            raise
-        return seg
+
+    def file_size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         if not self.closed:
@@ -179,7 +203,11 @@ class Segment:
                 pass
 
     # ----------------------------------------------------------------------------- index
-    def _load_index(self, size: int) -> None:
+    def load_index(self, size: int) -> None:
+        """Load the index entries that point below ``size`` (the trusted bytes), in order,
+        stopping at the first that does not strictly increase; cut the file there. Then
+        position the segment at the last entry (size and next offset), from where a walk
+        continues."""
         raw = os.pread(self._index_fd, os.fstat(self._index_fd).st_size, 0)
         usable = len(raw) - len(raw) % _ENTRY.size
         prev_pos = -1
@@ -193,8 +221,14 @@ class Segment:
             prev_pos, prev_off = pos, rel
         kept = len(self._idx_offsets) * _ENTRY.size
         if kept != len(raw):
-            os.ftruncate(self._index_fd, kept)
+            with contextlib.suppress(OSError):  # a hint: a longer index only costs a scan
+                os.ftruncate(self._index_fd, kept)
         self._last_indexed_position = prev_pos
+        if self._idx_positions:
+            self.size = self._idx_positions[-1]
+            self.next_offset = self._idx_offsets[-1]
+            self.max_timestamp = self._idx_timestamps[-1]
+            self.first_timestamp = self._first_batch_timestamp()
 
     def _add_index_entry(self, offset: int, position: int, max_ts: int) -> None:
         self._idx_offsets.append(offset)
@@ -229,32 +263,50 @@ class Segment:
         os.ftruncate(self._index_fd, keep * _ENTRY.size)
         self._last_indexed_position = self._idx_positions[-1] if keep else -1
 
-    def rebuild_index(self) -> None:
-        """Drop the index and rebuild it by scanning the segment's valid bytes."""
-        size = self.size
+    @property
+    def last_indexed_position(self) -> int:
+        return self._last_indexed_position
+
+    def reset_index(self) -> None:
+        """Forget every index entry (in memory and in the file) and account nothing: a walk
+        then starts from the first byte."""
         self._index_pending = []
         del self._idx_offsets[:]
         del self._idx_positions[:]
         del self._idx_timestamps[:]
-        os.ftruncate(self._index_fd, 0)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._index_fd, 0)
         self._last_indexed_position = -1
         self.size, self.next_offset, self.max_timestamp = 0, self.base_offset, _NO_TIMESTAMP
         self.first_timestamp = None
-        self._advance_over_trusted(size)
+
+    def rebuild_index(self) -> None:
+        """Drop the index and rebuild it from the log's headers (stepping over quarantined
+        ranges). The segment's size and next offset do not change: if the walk stops early
+        at damage nobody has delimited yet, the index just ends there (a hint may be
+        short); the read that reaches the damage delimits it."""
+        size, next_offset = self.size, self.next_offset
+        max_ts, first_ts = self.max_timestamp, self.first_timestamp
+        self.reset_index()
+        for pos, entry in self._entries(0, size):
+            if isinstance(entry, records.BatchHeader):
+                self.note_batch(pos, entry)
+            else:
+                self.note_damage(entry)
+        self.size, self.next_offset = size, next_offset
+        self.max_timestamp, self.first_timestamp = max_ts, first_ts
 
     def _advance_over_trusted(self, size: int) -> None:
         """Walk the headers of the trusted prefix ``[indexed position, size)`` to learn
-        ``next_offset`` and ``max_timestamp``, adding index entries on the way."""
-        if self._idx_positions:
-            pos = self._idx_positions[-1]
-            self.max_timestamp = self._idx_timestamps[-1]
-            self.first_timestamp = self._first_batch_timestamp()
-        else:
-            pos = 0
-        self.size = pos
-        self.next_offset = self._idx_offsets[-1] if self._idx_offsets else self.base_offset
-        for hpos, header in self._walk(pos, size, verify=False):
-            self._note_batch(hpos, header)
+        ``next_offset`` and ``max_timestamp``, adding index entries on the way. Raises
+        :class:`CorruptBatch` if the walk does not end exactly at ``size``."""
+        if not self._idx_positions:
+            self.size, self.next_offset = 0, self.base_offset
+        for hpos, entry in self._entries(self.size, size):
+            if isinstance(entry, records.BatchHeader):
+                self.note_batch(hpos, entry)
+            else:
+                self.note_damage(entry)
         if self.size != size:
             raise CorruptBatch(
                 f"{self.log_path.name}: trusted prefix of {size} bytes "
@@ -268,8 +320,9 @@ class Segment:
         except CorruptBatch:
             return None
 
-    def _note_batch(self, position: int, header: records.BatchHeader) -> None:
-        """Account for a batch at ``position`` (appended or found by a scan)."""
+    def note_batch(self, position: int, header: records.BatchHeader) -> None:
+        """Account for a batch at ``position`` (appended or found by a scan): the segment
+        now ends after it."""
         if header.max_timestamp > self.max_timestamp:
             self.max_timestamp = header.max_timestamp
         if self.first_timestamp is None:
@@ -282,50 +335,73 @@ class Segment:
         self.size = position + header.batch_length
         self.next_offset = header.next_offset
 
+    def note_damage(self, rng: QuarantinedRange) -> None:
+        """Account for a quarantined range that ends the segment so far (recovery found it
+        where the next batch was expected): the segment now ends after it, at its end
+        offset, and every walk steps over it."""
+        self.add_damage(rng)
+        self.size = rng.end_position
+        self.next_offset = rng.end_offset
+
+    def add_damage(self, rng: QuarantinedRange) -> None:
+        """Step over ``rng`` from now on (a read found it inside the segment)."""
+        self._damaged[rng.position] = rng
+
+    @property
+    def damaged(self) -> list[QuarantinedRange]:
+        return sorted(self._damaged.values(), key=lambda r: r.position)
+
     # ------------------------------------------------------------------------- scanning
-    def _walk(self, start: int, end: int, *, verify: bool) -> list[tuple[int, records.BatchHeader]]:
-        """Headers of the whole batches in ``[start, end)``, stopping at the first batch that
-        is incomplete or fails its checks (the caller decides whether that is a torn tail)."""
-        found: list[tuple[int, records.BatchHeader]] = []
+    def _entries(
+        self, start: int, end: int
+    ) -> Iterator[tuple[int, records.BatchHeader | QuarantinedRange]]:
+        """The batches (header checked) and quarantined ranges in ``[start, end)``, in
+        order. Stops at the first header that fails its checks or whose batch does not end
+        by ``end`` (the caller decides what that is). Each step advances: by a quarantined
+        range, or by a checksummed batch length of more than 64 bytes."""
         pos = start
-        check = records.validate_batch if verify else records.parse_header
+        zero_done = -1  # a range of no bytes was yielded here: the batch after it is next
         while pos < end:
+            rng = self._damaged.get(pos)
+            if rng is not None and zero_done != pos:
+                yield pos, rng
+                if rng.length:
+                    pos = rng.end_position
+                    continue
+                zero_done = pos
             head = os.pread(self._fd, records.HEADER_SIZE, pos)
             try:
                 header = records.parse_header(head)
             except CorruptBatch:
-                break
+                return
             if pos + header.batch_length > end:
-                break
+                return
+            yield pos, header
+            pos += header.batch_length
+        rng = self._damaged.get(pos)
+        if pos == end and rng is not None and rng.length == 0 and zero_done != pos:
+            yield pos, rng  # offsets missing at the end of the walk
+
+    def _walk(self, start: int, end: int, *, verify: bool) -> list[tuple[int, records.BatchHeader]]:
+        """Headers of the whole batches in ``[start, end)``, stepping over quarantined
+        ranges and stopping at the first batch that is incomplete or fails its checks."""
+        found: list[tuple[int, records.BatchHeader]] = []
+        for pos, entry in self._entries(start, end):
+            if not isinstance(entry, records.BatchHeader):
+                continue
             if verify:
-                buf = os.pread(self._fd, header.batch_length, pos)
                 try:
-                    check(buf)
+                    records.validate_batch(os.pread(self._fd, entry.batch_length, pos))
                 except CorruptBatch:
                     break
-            found.append((pos, header))
-            pos += header.batch_length
+            found.append((pos, entry))
         return found
 
-    def recover_tail(self) -> tuple[int, int]:
-        """Scan from ``size`` to the end of the file, verifying every batch (both checksums)
-        and keeping the valid run of batches whose offsets continue the segment. Truncate the
-        file after the last good batch.
-
-        Returns ``(bytes kept, bytes cut)``.
-        """
-        file_size = os.fstat(self._fd).st_size
-        start = self.size
-        kept = 0
-        for pos, header in self._walk(start, file_size, verify=True):
-            if header.base_offset != self.next_offset:
-                break
-            self._note_batch(pos, header)
-            kept += header.batch_length
-        cut = file_size - self.size
-        if cut:
-            self.truncate_to(self.size)
-        return kept, cut
+    def cut_tail(self) -> None:
+        """Cut the file (and its index) to ``size``: recovery accounted the batches it kept
+        and cuts a torn tail after them."""
+        os.ftruncate(self._fd, self.size)
+        self._truncate_index(self.size)
 
     def truncate_to(self, size: int) -> None:
         """Cut the log to ``size`` bytes (which must be a batch boundary) and the index with
@@ -333,6 +409,10 @@ class Segment:
         os.ftruncate(self._fd, size)
         self._truncate_index(size)
         self.max_timestamp, self.first_timestamp = _NO_TIMESTAMP, None
+        if self._idx_positions:
+            self.size, self.next_offset = self._idx_positions[-1], self._idx_offsets[-1]
+            self.max_timestamp = self._idx_timestamps[-1]
+            self.first_timestamp = self._first_batch_timestamp()
         self._advance_over_trusted(size)
 
     # --------------------------------------------------------------------------- append
@@ -373,7 +453,7 @@ class Segment:
         loading an index drops such entries."""
         pos = self.size
         for _head, _body, header in items:
-            self._note_batch(self.size, header)
+            self.note_batch(self.size, header)
         return pos
 
     def write_at(self, position: int, iov: list[bytes | memoryview]) -> None:
@@ -428,8 +508,9 @@ class Segment:
         """Called when the segment stops being active: make sure the last batch has an index
         entry (so the segment's max timestamp is exact) and sync the index."""
         self.flush_index()
-        if self._idx_positions and self.size > 0:
-            last_pos, last_header = self._last_batch()
+        last = self._last_batch() if self._idx_positions and self.size > 0 else None
+        if last is not None:
+            last_pos, last_header = last
             if last_pos > self._last_indexed_position:
                 # on disk only: this runs in the sync thread while the loop may be reading the
                 # in-memory index, which the final entry would not change for lookups anyway
@@ -439,10 +520,10 @@ class Segment:
                 os.pwrite(self._index_fd, entry, len(self._idx_offsets) * _ENTRY.size)
         os.fsync(self._index_fd)
 
-    def _last_batch(self) -> tuple[int, records.BatchHeader]:
+    def _last_batch(self) -> tuple[int, records.BatchHeader] | None:
         start = self._idx_positions[-1]
         found = self._walk(start, self.size, verify=False)
-        return found[-1]
+        return found[-1] if found else None
 
     # ----------------------------------------------------------------------------- read
     def read(self, position: int, length: int) -> bytes:
@@ -459,31 +540,78 @@ class Segment:
 
     def find_position(self, offset: int, limit: int | None = None) -> int:
         """Position of the batch holding ``offset`` (or of the first batch after it, or
-        ``limit`` if there is none before ``limit``)."""
+        ``limit`` if there is none before ``limit``). See :meth:`find_batch`."""
+        return self.find_batch(offset, limit)[0]
+
+    def find_batch(self, offset: int, limit: int | None = None) -> tuple[int, int]:
+        """``(position, base offset)`` of the batch holding ``offset``, or of the first
+        batch after it; ``(limit, offset there)`` if there is none before ``limit``.
+
+        Walks the headers from the nearest index entry (or quarantined range) before
+        ``offset``, checking each (header checksum, offsets that follow) and stepping over
+        quarantined ranges. A header that fails its checks ends the walk there: the result
+        is that position and the offset expected at it, so the reader finds the damage and
+        delimits it. An index entry that names the wrong batch is rebuilt from the log
+        once."""
         end = self.size if limit is None else limit
-        i = bisect.bisect_right(self._idx_offsets, offset) - 1
-        pos = self._idx_positions[i] if i >= 0 else 0
-        expect = self._idx_offsets[i] if i >= 0 else self.base_offset
-        first = True
+        for attempt in range(2):
+            i = bisect.bisect_right(self._idx_offsets, offset) - 1
+            pos = self._idx_positions[i] if i >= 0 else 0
+            expect = self._idx_offsets[i] if i >= 0 else self.base_offset
+            from_index = i >= 0
+            for rng in self._damaged.values():
+                after = rng.end_position
+                if rng.end_offset <= offset and (
+                    after > pos or (after == pos and rng.end_offset > expect)
+                ):
+                    pos, expect, from_index = after, rng.end_offset, False
+            trust = attempt > 0 or not from_index
+            found = self._walk_to(offset, pos, expect, end, trust_start=trust)
+            if found is not None:
+                return found
+            self.rebuild_index()  # the entry disagrees with the log: never trust it again
+        return self._walk_to(offset, 0, self.base_offset, end, trust_start=True) or (0, 0)
+
+    def _walk_to(
+        self, offset: int, pos: int, expect: int, end: int, *, trust_start: bool
+    ) -> tuple[int, int] | None:
+        """See :meth:`find_batch`; None if the first header does not carry ``expect`` (the
+        index entry is wrong) and ``trust_start`` is false."""
+        first = not trust_start
+        zero_done = -1
         while pos < end:
+            rng = self._damaged.get(pos)
+            if rng is not None and zero_done != pos:
+                if rng.end_offset > offset:
+                    return pos, expect  # the offset is in it: the reader raises
+                first = False
+                expect = rng.end_offset
+                if rng.length:
+                    pos = rng.end_position
+                    continue
+                zero_done = pos  # no bytes: the batch after it starts right here
             chunk = os.pread(self._fd, min(_SCAN_CHUNK, end - pos), pos)
             cpos = 0
             while cpos + records.HEADER_SIZE <= len(chunk):
-                base, length = records.peek_length(chunk, cpos)
-                if first:
-                    first = False
-                    if base != expect:
-                        # the index disagrees with the log: never trust it again
-                        self.rebuild_index()
-                        return self.find_position(offset, limit)
-                count = int.from_bytes(chunk[cpos + 20 : cpos + 24], "little")
-                if base + count > offset:
-                    return pos + cpos
-                cpos += length
+                if cpos and (pos + cpos) in self._damaged:
+                    break  # the outer loop steps over it
+                try:
+                    header = records.parse_header(chunk, cpos)
+                except CorruptBatch:
+                    return None if first else (pos + cpos, expect)
+                if header.base_offset != expect:
+                    return None if first else (pos + cpos, expect)
+                first = False
+                if header.next_offset > offset:
+                    return pos + cpos, expect
+                expect = header.next_offset
+                cpos += header.batch_length
             if cpos == 0:
-                raise IncompleteBatch(f"{self.log_path.name}: no whole header at {pos}")
+                # fewer than a header's bytes before ``end``, or the read came back short:
+                # nothing whole here
+                return (None if first else (pos, expect)) if pos < end else (end, expect)
             pos += cpos
-        return end
+        return end, expect
 
     def find_offset_by_timestamp(self, timestamp: int) -> int | None:
         """Offset of the first batch whose ``max_timestamp >= timestamp``, or None."""

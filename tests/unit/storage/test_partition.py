@@ -19,6 +19,7 @@ from storage import records, segment
 from storage.checkpoint import FILE_NAME as CHECKPOINT_FILE
 from storage.errors import (
     CorruptBatch,
+    CorruptData,
     LogClosed,
     LogOffline,
     OffsetOutOfRange,
@@ -72,6 +73,39 @@ def read_all(
                 out[o] = rec.value
                 offset += 1
     return out
+
+
+def read_around(
+    part: Partition, max_bytes: int = 1 << 20
+) -> tuple[dict[int, bytes], list[CorruptData]]:
+    """Every record up to the high watermark, as an application that skips damage would
+    read them: a read that raises :class:`CorruptData` moves on to the offset the partition
+    says is readable next. Every batch served is verified. Returns (offset -> value, the
+    errors met). Fails on a repeated offset, a gap not covered by an error, or a served
+    batch that fails its checks."""
+    offset = part.log_start_offset
+    out: dict[int, bytes] = {}
+    errors: list[CorruptData] = []
+    while offset < part.high_watermark:
+        try:
+            data = part.read(offset, max_bytes)
+        except CorruptData as exc:
+            assert exc.first_offset <= offset < exc.end_offset, (offset, exc)
+            errors.append(exc)
+            offset = part.next_readable_offset(offset)
+            assert offset == exc.end_offset
+            continue
+        assert data, f"read({offset}) returned nothing below the high watermark"
+        for pos, header in records.iter_batches(data, verify=True):
+            recs = records.decode_records(data[pos : pos + header.batch_length], header)
+            for i, rec in enumerate(recs):
+                o = header.base_offset + i
+                if o < offset:
+                    continue
+                assert o == offset, f"expected offset {offset}, got {o}"
+                out[o] = rec.value
+                offset += 1
+    return out, errors
 
 
 class Clock:
@@ -682,7 +716,7 @@ async def test_recovery_truncates_a_torn_tail(tmp_path: Path, tail: bytes) -> No
         await again.close()
 
 
-async def test_recovery_cuts_at_a_corrupt_batch_and_drops_later_segments(
+async def test_a_corrupt_batch_is_quarantined_and_the_segments_after_it_are_kept(
     tmp_path: Path,
 ) -> None:
     clock = Clock()
@@ -696,29 +730,38 @@ async def test_recovery_cuts_at_a_corrupt_batch_and_drops_later_segments(
     assert len(bases) > 4
     victim = crash / f"{bases[2]:020d}.log"
     data = bytearray(victim.read_bytes())
-    data[100] ^= 0xFF
+    data[100] ^= 0xFF  # in the body of the segment's first batch (offsets base..base+4)
     victim.write_bytes(bytes(data))
     again, report = Partition.open(crash, cfg)
     try:
         assert not report.checkpoint_found
-        assert report.truncated_bytes > 0
-        assert report.removed_segments == bases[3:]
-        assert segment.list_segments(crash) == bases[:3]
-        found = read_all(again)
-        assert sorted(found) == list(range(again.log_end_offset))
-        assert bases[2] <= again.log_end_offset < bases[3]
+        assert report.truncated_bytes == 0 and report.removed_segments == []
+        assert segment.list_segments(crash) == bases
+        (rng,) = report.quarantined
+        assert (rng.segment, rng.position, rng.first_offset, rng.end_offset) == (
+            bases[2],
+            0,
+            bases[2],
+            bases[2] + 5,
+        )
+        assert again.log_end_offset == again.high_watermark == 250
+        found, errors = read_around(again)
+        lost = set(range(bases[2], bases[2] + 5))
+        assert sorted(found) == sorted(set(range(250)) - lost)
         assert_values_match_offsets(found)
+        assert [(e.first_offset, e.end_offset) for e in errors] == [(bases[2], bases[2] + 5)]
+        assert (await again.append([batch(values_for(250, 1))])).base_offset == 250
     finally:
         await again.close()
 
 
 @pytest.mark.parametrize("break_at", ["corrupt", "gap"])
-async def test_segments_past_a_cut_are_removed_even_with_torn_tails(
+async def test_damage_or_a_gap_before_later_segments_is_quarantined_and_only_the_end_cut(
     tmp_path: Path, break_at: str
 ) -> None:
-    # A power cut can leave a segment short of its last batches (or with a corrupt one) and
-    # the segments after it with torn tails of their own: recovery keeps the valid prefix
-    # and removes the rest, whatever state those later files are in.
+    # A segment's last batch is damaged (or missing) and every later segment has bytes of
+    # garbage after its batches: only the garbage at the very end of the log is a torn
+    # tail. The rest is quarantined; no segment is deleted, no valid record lost.
     cfg = PartitionConfig(segment_bytes=1024)
     part = open_partition(tmp_path / "p", config=cfg, clock=Clock())
     await fill(part, 50)
@@ -730,25 +773,31 @@ async def test_segments_past_a_cut_are_removed_even_with_torn_tails(
     victim = crash / f"{bases[1]:020d}.log"
     data = victim.read_bytes()
     last_batch = list(records.iter_batches(data))[-1][0]
+    lost_from = records.validate_batch(data, last_batch).base_offset
     if break_at == "corrupt":
         victim.write_bytes(
             data[:last_batch] + bytes([data[last_batch] ^ 1]) + data[last_batch + 1 :]
         )
-    else:  # the last batch never reached the disk: the next segment starts past a gap
+    else:  # the last batch is missing: the next segment starts past a gap
         victim.write_bytes(data[:last_batch])
     for base in bases[2:]:
         with open(crash / f"{base:020d}.log", "ab") as f:
             f.write(b"torn" * 5)
     again, report = Partition.open(crash, cfg)
     try:
-        assert report.removed_segments == bases[2:]
-        assert segment.list_segments(crash) == bases[:2]
-        found = read_all(again)
-        assert sorted(found) == list(range(again.log_end_offset))
-        assert again.log_end_offset == records.validate_batch(data, last_batch).base_offset
+        assert report.removed_segments == []
+        assert segment.list_segments(crash) == bases
+        assert report.truncated_bytes == 20  # the last segment's torn tail only
+        damaged = [r for r in report.quarantined if r.first_offset < r.end_offset]
+        assert [(r.segment, r.first_offset, r.end_offset) for r in damaged] == [
+            (bases[1], lost_from, bases[2])
+        ]
+        assert damaged[0].length == (len(data) - last_batch if break_at == "corrupt" else 0)
+        found, errors = read_around(again)
+        assert sorted(found) == sorted(set(range(250)) - set(range(lost_from, bases[2])))
         assert_values_match_offsets(found)
-        end = again.log_end_offset
-        assert (await again.append([batch(values_for(end, 1))])).base_offset == end
+        assert [(e.first_offset, e.end_offset) for e in errors] == [(lost_from, bases[2])]
+        assert (await again.append([batch(values_for(250, 1))])).base_offset == 250
     finally:
         await again.close()
 

@@ -110,41 +110,6 @@ def test_reopen_recovers_size_offsets_and_timestamps(tmp_path: Path) -> None:
         again.close()
 
 
-def test_recover_tail_cuts_a_torn_batch_and_keeps_the_rest(tmp_path: Path) -> None:
-    s = Segment.create(tmp_path, 0, index_interval_bytes=200)
-    _fill(s, 10)
-    good = s.size
-    # a batch whose last bytes never reached the disk
-    torn = records.stamp_header(_batch(3), 30, 0) + _batch(3)[records.HEADER_SIZE : -5]
-    os.pwrite(s.fd, torn, good)
-    s.close()
-    again = Segment.open(tmp_path, 0, index_interval_bytes=200, trusted_size=0)
-    try:
-        kept, cut = again.recover_tail()
-        assert (kept, cut) == (good, len(torn))
-        assert os.path.getsize(again.log_path) == good
-        assert again.next_offset == 30
-        assert _offsets_in(again.read(0, again.size)) == list(range(30))
-    finally:
-        again.close()
-
-
-def test_recover_tail_stops_at_a_batch_with_the_wrong_offset(tmp_path: Path) -> None:
-    s = Segment.create(tmp_path, 0, index_interval_bytes=200)
-    _fill(s, 4)
-    good = s.size
-    # valid checksums, but it does not continue the segment's offsets
-    stray = records.stamp_header(_batch(2), 500, 0) + _batch(2)[records.HEADER_SIZE :]
-    os.pwrite(s.fd, stray, good)
-    s.close()
-    again = Segment.open(tmp_path, 0, index_interval_bytes=200, trusted_size=0)
-    try:
-        assert again.recover_tail() == (good, len(stray))
-        assert again.next_offset == 12
-    finally:
-        again.close()
-
-
 def test_trusted_prefix_ending_mid_batch_is_refused(tmp_path: Path) -> None:
     s = Segment.create(tmp_path, 0, index_interval_bytes=200)
     _fill(s, 4)

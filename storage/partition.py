@@ -323,8 +323,11 @@ class Partition:
         for head, body, _header in items:
             iov.append(head)
             iov.append(body)
-        for pid, seq, count, offset, ts in pending:
-            self._producers.update(pid, seq, count, offset, ts)
+        if pending:
+            producers = self._producers
+            producers.settle(self._pipeline.written_offset)
+            for pid, seq, count, offset, ts in pending:
+                producers.update(pid, seq, count, offset, ts, undo=True)
         self._flusher.kick()
         return AppendResult(base, next_offset - 1)
 

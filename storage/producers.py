@@ -11,6 +11,13 @@ so up to ``WINDOW`` in-flight batches can be retried in any order. A batch is:
 - **in order** if its base sequence is one past the producer's last sequence, or if the
   producer is unknown here (first batch, or its state expired): appended;
 - **out of order** otherwise: refused with :class:`OutOfOrderSequence`.
+
+An append records its batches at once (so the next append of the same producer follows
+them), before they are written. If their write fails (a full disk), the partition cuts the
+log back and :meth:`ProducerTable.truncate` undoes exactly those records, newest first:
+the producer's window and last sequence are what they were before, so its retry of the
+same sequence is accepted (and a retry of a batch acknowledged before still answered as a
+duplicate). Undo records are kept only for batches not yet written (:meth:`settle`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ class ProducerTable:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[int, int, deque[BatchMark]]] = {}
+        # (base offset, producer id, (last sequence, timestamp) before, mark evicted): one
+        # per batch recorded with undo=True and not yet settled, in offset order
+        self._undo: deque[tuple[int, int, tuple[int, int] | None, BatchMark | None]] = deque()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,10 +75,24 @@ class ProducerTable:
         )
 
     def update(
-        self, producer_id: int, base_sequence: int, count: int, base_offset: int, timestamp: int
+        self,
+        producer_id: int,
+        base_sequence: int,
+        count: int,
+        base_offset: int,
+        timestamp: int,
+        *,
+        undo: bool = False,
     ) -> None:
-        """Record an appended batch (from an append or a recovery scan)."""
+        """Record an appended batch (from an append or a recovery scan). ``undo``: the
+        batch is not written yet; keep what :meth:`truncate` needs to take it back."""
         entry = self._entries.get(producer_id)
+        if undo:
+            if entry is None:
+                self._undo.append((base_offset, producer_id, None, None))
+            else:
+                evicted = entry[2][0] if len(entry[2]) == WINDOW else None
+                self._undo.append((base_offset, producer_id, (entry[0], entry[1]), evicted))
         marks: deque[BatchMark] = entry[2] if entry is not None else deque(maxlen=WINDOW)
         last = base_sequence + count - 1
         marks.append(BatchMark(base_sequence, last, base_offset))
@@ -81,8 +105,31 @@ class ProducerTable:
             del self._entries[pid]
         return len(stale)
 
+    def settle(self, offset: int) -> None:
+        """Batches below ``offset`` are written: the log is never cut back below it, so
+        their undo records can go."""
+        undo = self._undo
+        while undo and undo[0][0] < offset:
+            undo.popleft()
+
     def truncate(self, next_offset: int) -> None:
-        """Forget batches at or past ``next_offset`` (the log was cut back)."""
+        """Forget batches at or past ``next_offset`` (the log was cut back). Batches
+        recorded with ``undo`` are taken back exactly (the window as it was before them);
+        others (recovery's cut of a torn tail) are dropped from the window."""
+        undo = self._undo
+        while undo and undo[-1][0] >= next_offset:
+            _offset, pid, before, evicted = undo.pop()
+            entry = self._entries.get(pid)
+            if entry is None:
+                continue
+            if before is None:
+                del self._entries[pid]  # the producer was new with that batch
+                continue
+            marks = entry[2]
+            marks.pop()
+            if evicted is not None:
+                marks.appendleft(evicted)
+            self._entries[pid] = (before[0], before[1], marks)
         for pid in list(self._entries):
             _last, ts, marks = self._entries[pid]
             kept = deque((m for m in marks if m.base_offset < next_offset), maxlen=WINDOW)

@@ -7,6 +7,7 @@ never loses the file itself (the rename is durable only once its directory is sy
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,8 +24,7 @@ def fsync_dir(directory: Path) -> None:
 def replace_file(directory: Path, name: str, data: bytes) -> None:
     """Atomically and durably replace ``directory/name`` with ``data``. Blocking (two
     fsyncs): run it off the event loop. Raises ``OSError`` (e.g. ENOSPC); the old file, if
-    any, is then still in place (a ``.tmp`` file may be left behind and is overwritten by
-    the next attempt)."""
+    any, is then still in place and the temporary file removed."""
     tmp = directory / (name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -32,7 +32,11 @@ def replace_file(directory: Path, name: str, data: bytes) -> None:
         while view:  # a short write on a nearly full disk is finished, or raises
             view = view[os.write(fd, view) :]
         os.fdatasync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):  # give its blocks back (a full disk)
+            tmp.unlink()
+        raise
+    os.close(fd)
     os.replace(tmp, directory / name)
     fsync_dir(directory)

@@ -53,6 +53,18 @@ def _write_meta(directory: Path, meta: TopicMeta) -> None:
     fsync_dir(directory)
 
 
+def _delete_in_place(path: Path) -> None:
+    """Delete a topic directory without a rename: the meta file first (durably: from then
+    on the topic does not exist), then the rest, which frees the space."""
+    try:
+        (path / META_FILE).unlink()
+    except FileNotFoundError:
+        pass
+    fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
 class Log:
     """All partitions of one node. Topic names are validated by the broker, not here."""
 
@@ -129,12 +141,19 @@ class Log:
         return meta
 
     async def delete_topic(self, name: str) -> None:
+        """Close the topic's partitions and remove its files. Works on a full disk (that is
+        when an operator deletes a topic to free space): closing writes no more than a
+        checkpoint, whose failure is logged; if the filesystem refuses even the rename
+        that moves the topic aside, the topic is deleted in place, ``topic.meta`` first, so
+        that it never comes back after a restart (a directory without one is not a topic).
+        Raises :class:`UnknownTopic`."""
         meta = self.topics.pop(name, None)
         if meta is None:
             raise UnknownTopic(f"unknown topic {name!r}")
         # until the files are renamed away the name is taken: a create meanwhile (say, a
         # produce auto-creating it) would find the old directory
         self._deleting.add(name)
+        loop = asyncio.get_running_loop()
         try:
             for p in range(meta.partitions):
                 part = self.partitions.pop((name, p), None)
@@ -142,11 +161,20 @@ class Log:
                     await part.close()
             path = self.root / name
             gone = self.root / f"{name}.{time.time_ns()}{_DELETED_SUFFIX}"
-            os.rename(path, gone)
-            fsync_dir(self.root)
+            try:
+                os.rename(path, gone)
+                fsync_dir(self.root)
+            except OSError as exc:
+                log.warning(
+                    "event=topic_delete_in_place topic=%s error=%r: the rename was refused",
+                    name,
+                    exc,
+                )
+                await loop.run_in_executor(None, _delete_in_place, path)
+                return
         finally:
             self._deleting.discard(name)
-        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, gone, True)
+        await loop.run_in_executor(None, shutil.rmtree, gone, True)
 
     def partition(self, topic: str, index: int) -> Partition:
         try:

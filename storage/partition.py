@@ -438,16 +438,31 @@ class Partition:
         self._flusher.fail_waiters_past(seg.next_offset, error)
 
     def _write_checkpoint_now(self) -> None:
+        """Write a checkpoint of the synced end (at open, after recovery, and at close).
+        Blocking. A failure (a full disk) is logged, never raised: the data is synced, only
+        the recovery point stays where it was, so the next open verifies a little more.
+        Opening, closing and deleting a partition must work on a full disk."""
         pipeline = self._pipeline
-        write_checkpoint(
-            self.directory,
-            new_checkpoint(
-                pipeline.flushed_segment,
-                pipeline.flushed_position,
-                pipeline.flushed_offset,
-                self._producers.snapshot(),
-            ),
-        )
+        try:
+            write_checkpoint(
+                self.directory,
+                new_checkpoint(
+                    pipeline.flushed_segment,
+                    pipeline.flushed_position,
+                    pipeline.flushed_offset,
+                    self._producers.snapshot(),
+                ),
+            )
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.log(
+                logging.WARNING if full else logging.ERROR,
+                "event=checkpoint_failed partition=%s error=%r: the recovery point stays at "
+                "the previous checkpoint",
+                self.name,
+                exc,
+            )
+            return
         self._checkpointed_offset = pipeline.flushed_offset
 
     # --------------------------------------------------------------------------- read

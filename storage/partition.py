@@ -1,17 +1,14 @@
 """A partition: an ordered run of segments with group commit, reads by offset, retention and
 crash recovery.
 
-Concurrency model: every method runs on the event loop thread except the blocking I/O,
-which runs in the loop's default executor. An append validates, stamps and accounts its
-batches at once (in the caller's turn of the loop, so offsets follow call order) and queues
-the bytes. Worker threads then *write* what is queued (one ``pwritev`` per segment run) and
-*sync* what was written (``fdatasync``); the two stages overlap, each one job at a time (the
-state machine and its shell are in :mod:`storage.flush`). Appends that arrive while a sync
-runs share the next one (group commit). The loop itself never blocks on the file: on ext4 a
-write that lands while an fsync of the same file is in flight can stall for milliseconds
-(journal and writeback locks), which would stall every connection of the node. Reads of
-ranges likely on disk (behind the page-cache window) run in a worker thread too
-(:meth:`Partition.read_async`).
+The facade over the parts that do the work: :mod:`storage.recovery` (opening),
+:mod:`storage.flush` (the write -> sync state machine and its worker threads),
+:mod:`storage.reads` (fetches, verified), :mod:`storage.quarantine` (damage),
+:mod:`storage.retention`. Every method runs on the event loop thread; blocking I/O runs in
+the loop's default executor. An append validates, stamps and accounts its batches at once
+(in the caller's turn of the loop, so offsets follow call order) and queues the bytes; the
+loop never writes or syncs the file itself (on ext4 a write that lands while an fsync of the
+same file runs can stall for milliseconds, stalling every connection of the node).
 
 Visibility: consumers read up to the **high watermark**, which on a single node is the
 offset up to which the log is synced. A consumer therefore never sees a record that a power
@@ -19,15 +16,14 @@ failure could take back, and an offset is never handed out twice. (With replicat
 watermark will also wait for the in-sync followers.) Every write, whatever its ``acks``,
 schedules a sync, so the high watermark trails the log end by one fsync at most.
 
-Failure model: a failed write (ENOSPC, EIO) in the sync thread cuts the log back to what was
-written before it; every append queued from that one on (also those queued while the job ran)
-is dropped and its ``acks=1``/``acks=all`` waiters get :class:`StorageFull` (or
-:class:`StorageError`). Their offsets are given out again, so an ``acks=0`` producer, which is
-never told, may see its offsets reused. A failed *sync* cannot be rolled back or retried and
-trusted (the kernel may have dropped the dirty pages), so the partition goes offline: pending
-and future appends get :class:`LogOffline` until the node reopens it and recovery re-reads the
-disk. A failed checkpoint write is only logged: the data is synced, and the next open scans
-from the previous checkpoint.
+Failure model: a failed write (ENOSPC, EIO) cuts the log back to what was written before it;
+every append queued from that one on is dropped (its producer-table records undone) and its
+``acks=1``/``acks=all`` waiters get :class:`StorageFull` (or :class:`StorageError`); their
+offsets are given out again, so an ``acks=0`` producer, never told, may see them reused. A
+failed *sync* cannot be retried and trusted, so the partition goes offline
+(:class:`LogOffline`) until it is reopened and recovery reads the tail from the device. A
+failed checkpoint write is only logged. Damaged bytes are quarantined, never served
+(:class:`CorruptData`), never cut unless they are a torn tail.
 """
 
 from __future__ import annotations
@@ -49,7 +45,6 @@ from storage.errors import (
     CorruptBatch,
     LogClosed,
     LogOffline,
-    OutOfOrderSequence,
     StorageError,
     StorageFull,
 )
@@ -59,6 +54,7 @@ from storage.quarantine import Quarantine, QuarantinedRange
 from storage.reads import Reader
 from storage.recovery import RecoveryReport as RecoveryReport
 from storage.recovery import recover
+from storage.retention import segments_to_delete
 from storage.segment import Segment, fsync_dir
 
 log = logging.getLogger("herald.storage")
@@ -153,7 +149,6 @@ class Partition:
         self._reader = Reader(segments, self._bases, self._pipeline, self._quarantine, name=name)
         self._hw_waiters: list[asyncio.Future[None]] = []
         self._closed = False
-        self._checkpointed_offset = -1
         self.on_high_watermark: Callable[[Partition], None] | None = None
 
     # ------------------------------------------------------------------------ opening
@@ -169,9 +164,10 @@ class Partition:
     ) -> tuple[Partition, RecoveryReport]:
         """Open (creating if needed) the partition in ``directory`` and recover it.
 
-        Recovery trusts the bytes before the checkpoint and scans only what follows: every
-        batch past it is verified (both checksums, contiguous offsets); the first batch that
-        fails, and everything after it, is cut and reported. Blocking: at start-up, call it
+        Recovery (:func:`storage.recovery.recover`) trusts the bytes before the checkpoint
+        and verifies, read from the device, every batch after it; a torn tail is cut,
+        corruption quarantined; the report says which. Works on a full disk (the checkpoint
+        written after recovery may fail: it is logged). Blocking: at start-up, call it
         before serving or from a thread.
         """
         config = config or PartitionConfig()
@@ -266,42 +262,26 @@ class Partition:
         if not batches:
             raise CorruptBatch("no batches to append")
         self._maybe_roll()
-        active = self._segments[-1]
-        next_offset = active.next_offset
-        items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]] = []
-        pending: list[tuple[int, int, int, int, int]] = []
-        taken: dict[int, int] = {}  # producer id -> last sequence this request appends
+        headers = []
+        limit = self.config.max_batch_bytes
         for batch in batches:
-            if len(batch) > self.config.max_batch_bytes:
-                raise CorruptBatch(
-                    f"batch of {len(batch)} bytes exceeds "
-                    f"max_batch_bytes={self.config.max_batch_bytes}"
-                )
+            if len(batch) > limit:
+                raise CorruptBatch(f"batch of {len(batch)} bytes exceeds max_batch_bytes={limit}")
             header = records.validate_batch(batch)
             if header.batch_length != len(batch):
                 raise CorruptBatch(
                     f"batch length {header.batch_length} != {len(batch)} bytes given"
                 )
+            headers.append(header)
+        original = self._producers.check_request(headers)
+        if original is not None:  # one batch, already in the log
+            return AppendResult(original, original + headers[0].record_count - 1, True)
+        active = self._segments[-1]
+        next_offset = active.next_offset
+        items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]] = []
+        pending: list[tuple[int, int, int, int, int]] = []
+        for batch, header in zip(batches, headers, strict=True):
             if header.producer_id >= 0:
-                # the table does not know this request's earlier batches yet (it is updated
-                # only once the write succeeded): a producer's next batch follows those
-                last = taken.get(header.producer_id)
-                if last is None:
-                    original = self._producers.check(
-                        header.producer_id, header.base_sequence, header.record_count
-                    )
-                    if original is not None:
-                        if len(batches) == 1:
-                            return AppendResult(original, original + header.record_count - 1, True)
-                        raise CorruptBatch("duplicate batch inside a multi-batch append")
-                elif header.base_sequence <= last:
-                    raise CorruptBatch("duplicate batch inside a multi-batch append")
-                elif header.base_sequence != last + 1:
-                    raise OutOfOrderSequence(
-                        f"producer {header.producer_id}: sequence {header.base_sequence} "
-                        f"does not follow {last}"
-                    )
-                taken[header.producer_id] = header.last_sequence
                 pending.append(
                     (
                         header.producer_id,
@@ -462,8 +442,6 @@ class Partition:
                 self.name,
                 exc,
             )
-            return
-        self._checkpointed_offset = pipeline.flushed_offset
 
     # --------------------------------------------------------------------------- read
     def read(self, offset: int, max_bytes: int) -> bytes | bytearray:
@@ -508,30 +486,26 @@ class Partition:
 
     # ---------------------------------------------------------------------- retention
     def apply_retention(self, now_ms: int | None = None) -> list[int]:
-        """Delete whole closed segments that are past the retention time or beyond the
-        retention size. Never deletes the active segment or one not yet synced. Returns the
-        base offsets deleted."""
-        now = self._clock() if now_ms is None else now_ms
-        cfg = self.config
-        deleted: list[int] = []
-        total = self.size_bytes
-        while len(self._segments) > 1:
-            seg = self._segments[0]
-            if (
-                self._pipeline.holds(seg)  # deleting it would close the fd a thread uses
-                or seg.pins  # a read in a worker thread uses its file
-                or seg.next_offset > self._pipeline.flushed_offset
-            ):
-                break
-            expired = cfg.retention_ms is not None and seg.max_timestamp < now - cfg.retention_ms
-            oversize = cfg.retention_bytes is not None and total - seg.size >= cfg.retention_bytes
-            if not (expired or oversize):
-                break
-            total -= seg.size
-            self._segments.pop(0)
-            self._bases.pop(0)
+        """Delete whole closed segments past the retention time or beyond the retention size
+        (:mod:`storage.retention`); never the active segment, one not yet synced or one in
+        use. Returns the base offsets deleted."""
+        pipeline = self._pipeline
+        count = segments_to_delete(
+            self._segments,
+            now_ms=self._clock() if now_ms is None else now_ms,
+            retention_ms=self.config.retention_ms,
+            retention_bytes=self.config.retention_bytes,
+            # deleting it would close the fd a job or a read in a worker thread uses, or
+            # hide the loss of data that was never durable
+            in_use=lambda s: (
+                pipeline.holds(s) or s.pins > 0 or s.next_offset > pipeline.flushed_offset
+            ),
+        )
+        deleted = [seg.base_offset for seg in self._segments[:count]]
+        for seg in self._segments[:count]:
             seg.delete()
-            deleted.append(seg.base_offset)
+        del self._segments[:count]
+        del self._bases[:count]
         if deleted:
             # make the deletions durable, or a crash could bring the segments back
             fsync_dir(self.directory)

@@ -23,11 +23,15 @@ duplicate). Undo records are kept only for batches not yet written (:meth:`settl
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from storage.errors import OutOfOrderSequence
+from storage.errors import CorruptBatch, OutOfOrderSequence
+
+if TYPE_CHECKING:
+    from storage.records import BatchHeader
 
 WINDOW: Final = 5
 
@@ -73,6 +77,33 @@ class ProducerTable:
         raise OutOfOrderSequence(
             f"producer {producer_id}: sequence {base_sequence} does not follow {last_sequence}"
         )
+
+    def check_request(self, headers: Sequence[BatchHeader]) -> int | None:
+        """Check the batches of one append request, in order, before any is recorded: a
+        producer's batch must follow its previous one, in the table or earlier in the
+        request. Returns the original base offset when the request is a single batch that
+        duplicates a remembered one (answer it, append nothing); None when it may be
+        appended. Raises :class:`OutOfOrderSequence`, or :class:`CorruptBatch` for a
+        duplicate inside a multi-batch request (it cannot be answered in part)."""
+        taken: dict[int, int] = {}  # producer id -> last sequence this request appends
+        for h in headers:
+            if h.producer_id < 0:
+                continue
+            last = taken.get(h.producer_id)
+            if last is None:
+                original = self.check(h.producer_id, h.base_sequence, h.record_count)
+                if original is not None:
+                    if len(headers) == 1:
+                        return original
+                    raise CorruptBatch("duplicate batch inside a multi-batch append")
+            elif h.base_sequence <= last:
+                raise CorruptBatch("duplicate batch inside a multi-batch append")
+            elif h.base_sequence != last + 1:
+                raise OutOfOrderSequence(
+                    f"producer {h.producer_id}: sequence {h.base_sequence} does not follow {last}"
+                )
+            taken[h.producer_id] = h.base_sequence + h.record_count - 1
+        return None
 
     def update(
         self,

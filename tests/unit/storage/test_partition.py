@@ -1169,3 +1169,37 @@ async def test_a_failed_checkpoint_write_does_not_take_the_partition_offline(
     assert not p.offline
     monkeypatch.undo()
     await p.close()
+
+
+# ------------------------------------------------------------------------------ retention (pure)
+
+
+def test_retention_decision_stops_at_the_first_segment_that_must_stay(tmp_path: Path) -> None:
+    from storage.retention import segments_to_delete
+
+    segs = [segment.Segment.create(tmp_path, base, index_interval_bytes=4096) for base in (0, 10)]
+    try:
+        for i, seg in enumerate(segs):
+            seg.size, seg.max_timestamp = 100, T0 + i * DAY
+        old, active = segs
+
+        def decide(**kw: object) -> int:
+            args: dict[str, object] = {
+                "now_ms": T0 + 10 * DAY,
+                "retention_ms": DAY,
+                "retention_bytes": None,
+                "in_use": lambda s: False,
+            }
+            args.update(kw)
+            return segments_to_delete(segs, **args)  # type: ignore[arg-type]
+
+        assert decide() == 1  # expired; the active segment always stays
+        assert decide(retention_ms=None) == 0
+        assert decide(retention_ms=None, retention_bytes=100) == 1  # 100 B left without it
+        assert decide(retention_ms=None, retention_bytes=101) == 0
+        assert decide(in_use=lambda s: s is old) == 0
+        assert decide(now_ms=T0 + DAY) == 0  # not yet older than a day
+        assert active.size == 100
+    finally:
+        for seg in segs:
+            seg.close()

@@ -262,52 +262,51 @@ class Partition:
         if not batches:
             raise CorruptBatch("no batches to append")
         self._maybe_roll()
-        headers = []
-        limit = self.config.max_batch_bytes
-        for batch in batches:
-            if len(batch) > limit:
-                raise CorruptBatch(f"batch of {len(batch)} bytes exceeds max_batch_bytes={limit}")
-            header = records.validate_batch(batch)
-            if header.batch_length != len(batch):
-                raise CorruptBatch(
-                    f"batch length {header.batch_length} != {len(batch)} bytes given"
-                )
-            headers.append(header)
-        original = self._producers.check_request(headers)
-        if original is not None:  # one batch, already in the log
-            return AppendResult(original, original + headers[0].record_count - 1, True)
         active = self._segments[-1]
         next_offset = active.next_offset
+        limit = self.config.max_batch_bytes
         items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]] = []
-        pending: list[tuple[int, int, int, int, int]] = []
-        for batch, header in zip(batches, headers, strict=True):
+        idempotent = False
+        for batch in batches:
+            size = len(batch)
+            if size > limit:
+                raise CorruptBatch(f"batch of {size} bytes exceeds max_batch_bytes={limit}")
+            header = records.validate_batch(batch)
+            if header.batch_length != size:
+                raise CorruptBatch(f"batch length {header.batch_length} != {size} bytes given")
             if header.producer_id >= 0:
-                pending.append(
-                    (
-                        header.producer_id,
-                        header.base_sequence,
-                        header.record_count,
-                        next_offset,
-                        header.max_timestamp,
-                    )
-                )
+                idempotent = True
             head = records.stamp_header(batch, next_offset, leader_epoch)
             stamped = msgspec.structs.replace(
                 header, base_offset=next_offset, leader_epoch=leader_epoch
             )
             items.append((head, memoryview(batch)[records.HEADER_SIZE :], stamped))
             next_offset += header.record_count
+        if idempotent:  # nothing is accounted yet: a refusal or a duplicate changes nothing
+            stamped_headers = [h for _head, _body, h in items]
+            original = self._producers.check_request(stamped_headers)
+            if original is not None:  # one batch, already in the log
+                count = stamped_headers[0].record_count
+                return AppendResult(original, original + count - 1, True)
         base = active.next_offset
         position = active.reserve(items)
         iov = self._pipeline.queue_run(active, position, next_offset)
         for head, body, _header in items:
             iov.append(head)
             iov.append(body)
-        if pending:
+        if idempotent:
             producers = self._producers
             producers.settle(self._pipeline.written_offset)
-            for pid, seq, count, offset, ts in pending:
-                producers.update(pid, seq, count, offset, ts, undo=True)
+            for _head, _body, h in items:
+                if h.producer_id >= 0:
+                    producers.update(
+                        h.producer_id,
+                        h.base_sequence,
+                        h.record_count,
+                        h.base_offset,
+                        h.max_timestamp,
+                        undo=True,
+                    )
         self._flusher.kick()
         return AppendResult(base, next_offset - 1)
 

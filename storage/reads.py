@@ -111,10 +111,11 @@ class Reader:
             limit = pipeline.flushed_position if flushed else seg.size
             pos, expected = seg.find_batch(offset, limit)
             if pos < limit:
-                for rng in seg.damaged:  # never read into the next quarantined range
-                    if rng.position > pos:
-                        limit = min(limit, rng.position)
-                        break
+                if seg.has_damage:  # never read into the next quarantined range
+                    for rng in seg.damaged:
+                        if rng.position > pos:
+                            limit = min(limit, rng.position)
+                            break
                 want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, MAX_READ)
                 return Located(seg, pos, want, limit, expected)
             if flushed:

@@ -348,6 +348,10 @@ class Segment:
         self._damaged[rng.position] = rng
 
     @property
+    def has_damage(self) -> bool:
+        return bool(self._damaged)
+
+    @property
     def damaged(self) -> list[QuarantinedRange]:
         return sorted(self._damaged.values(), key=lambda r: r.position)
 

@@ -231,21 +231,21 @@ def _walk_trusted(
             seg.reset_index()
             continue
         try:
-            header: records.BatchHeader | None = records.parse_header(
-                os.pread(seg.fd, records.HEADER_SIZE, pos)
-            )
-        except CorruptBatch:
-            header = None
-        if header is not None and header.base_offset == first:
-            raise CorruptBatch(  # a sound batch that does not end by ``trusted``
-                f"{seg.log_path.name}: trusted prefix of {trusted} bytes ends mid-batch"
-            )
+            header = records.parse_header(os.pread(seg.fd, records.HEADER_SIZE, pos))
+        except CorruptBatch as exc:
+            why = f"below the checkpoint: {exc}"
+        else:
+            if header.base_offset == first:
+                raise CorruptBatch(  # a sound batch that does not end by ``trusted``
+                    f"{seg.log_path.name}: trusted prefix of {trusted} bytes ends mid-batch"
+                )
+            why = f"below the checkpoint: base offset {header.base_offset}, {first} expected"
         nxt = next_valid_batch(read, pos, trusted, first)
         if nxt is not None:
             end_pos, end = nxt[0], nxt[1].base_offset
         else:
             end_pos, end = trusted, first if end_offset is None else end_offset
-        rng = _quarantine(seg, quarantine, pos, end_pos - pos, first, end, "below checkpoint")
+        rng = _quarantine(seg, quarantine, pos, end_pos - pos, first, end, why)
         found.append(rng)
         _log_damage(name, rng, "recovery")
     return found

@@ -49,17 +49,19 @@ class ConnectionLost(BrokerError):
 
 
 class CorruptData(BrokerError):
-    """The node found a damaged batch at ``offset`` of ``topic/partition`` and will not serve
-    it. The consumer stops there (its position stays at the damage) until the application
-    decides: :meth:`Consumer.seek` past it, or repair the data."""
+    """The node found damaged data at ``offset`` of ``topic/partition`` and will not serve it
+    (offsets ``offset`` to ``end_offset - 1`` are quarantined). The consumer stops there (its
+    position stays at the damage) until the application decides: ``seek(topic, partition,
+    exc.end_offset)`` to go on without them, or repair the data."""
 
-    def __init__(self, topic: str, partition: int, offset: int, code: str) -> None:
+    def __init__(self, topic: str, partition: int, offset: int, end_offset: int) -> None:
         super().__init__(
-            code,
-            f"{topic}/{partition}: damaged data at offset {offset} is quarantined; "
-            "seek past it to go on",
+            errors.CorruptData.code,
+            f"{topic}/{partition}: damaged data from offset {offset} to {end_offset - 1} is "
+            f"quarantined; seek to {end_offset} to go on without it",
         )
-        self.topic, self.partition, self.offset = topic, partition, offset
+        self.topic, self.partition = topic, partition
+        self.offset, self.end_offset = offset, end_offset
 
 
 class _Connection(asyncio.Protocol):
@@ -984,7 +986,7 @@ class Consumer:
                 continue
             if res.error == errors.CorruptData.code:
                 # stop here, loudly: nothing past a damaged batch is skipped silently
-                raise CorruptData(res.topic, res.partition, start, res.error)
+                raise CorruptData(res.topic, res.partition, start, res.resume_offset)
             if res.error is not None or not res.records:
                 continue
             last_next = start

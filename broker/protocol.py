@@ -289,6 +289,9 @@ class FetchedPartition(msgspec.Struct, array_like=True):
     log_start_offset: int
     records: bytes
     error: str | None = None
+    # with error "corrupt_data": the first offset after the damaged (quarantined) range, where
+    # a consumer that decides to skip the damage goes on; -1 otherwise
+    resume_offset: int = -1
 
 
 class Fetched(_Resp, tag="fetched"):

@@ -45,7 +45,7 @@ from broker.groups import GroupCoordinator, StoredOffset
 from broker.producer_ids import ProducerIds
 from broker.replication import Acks, LocalReplication, Replication
 from broker.topics import Topics, partition_for_key
-from storage.errors import StorageError
+from storage.errors import CorruptData, StorageError
 from storage.kv import KV
 from storage.log import Log
 from storage.partition import Partition
@@ -113,10 +113,14 @@ class BrokerService:
     def health(self) -> dict[str, object]:
         """What ``/healthz`` reports: ``ok``, ``degraded`` (some partitions cannot take
         writes, or the disk is nearly full) or ``shutting_down``, with the reasons."""
-        offline = [part.name for part in self.log.partitions.values() if part.offline]
+        parts = self.log.partitions.values()
+        offline = [part.name for part in parts if part.offline]
+        damaged = [part.name for part in parts if part.quarantined]
         reasons = []
         if offline:
             reasons.append("offline_partitions")
+        if damaged:
+            reasons.append("corrupt_data")
         free = self.disk_free_bytes()
         if free < self.config.storage.min_free_bytes:
             reasons.append("disk_nearly_full")
@@ -128,6 +132,7 @@ class BrokerService:
             "topics": len(self.log.topics),
             "partitions": len(self.log.partitions),
             "offline_partitions": offline,
+            "corrupt_partitions": damaged,
             "disk_free_bytes": free,
         }
 
@@ -259,9 +264,12 @@ class BrokerService:
                 continue
             data: bytes | bytearray = b""
             error = None
+            resume = -1
             try:
                 if budget > 0:
                     data = await part.read_async(fp.offset, min(fp.max_bytes, budget))
+            except CorruptData as exc:
+                error, resume = exc.code, exc.end_offset
             except StorageError as exc:
                 error = exc.code
             budget -= len(data)
@@ -277,6 +285,7 @@ class BrokerService:
                     part.log_start_offset,
                     cast(bytes, data),
                     error,
+                    resume,
                 )
             )
         return results, total, empty

@@ -46,14 +46,40 @@ class NodeCollector(Collector):
             "Bytes held by the partition's segments",
             labels=["topic", "partition"],
         )
+        corrupt = CounterMetricFamily(
+            "herald_partition_corruptions_detected",
+            "Damaged ranges found in the partition's log (by recovery or by reads)",
+            labels=["topic", "partition"],
+        )
+        quarantined = GaugeMetricFamily(
+            "herald_partition_quarantined_ranges",
+            "Damaged ranges quarantined and never served",
+            labels=["topic", "partition"],
+        )
+        offline = GaugeMetricFamily(
+            "herald_partition_offline",
+            "1 if the partition stopped taking writes after an I/O error it cannot trust",
+            labels=["topic", "partition"],
+        )
         for (topic, index), part in service.log.partitions.items():
             labels = [topic, str(index)]
             hw.add_metric(labels, part.high_watermark)
             start.add_metric(labels, part.log_start_offset)
             size.add_metric(labels, part.size_bytes)
+            corrupt.add_metric(labels, part.corruptions_detected)
+            quarantined.add_metric(labels, len(part.quarantined))
+            offline.add_metric(labels, int(part.offline))
         yield hw
         yield start
         yield size
+        yield corrupt
+        yield quarantined
+        yield offline
+        yield GaugeMetricFamily(
+            "herald_disk_free_bytes",
+            "Free bytes on the data directory's filesystem",
+            value=service.disk_free_bytes(),
+        )
         lag = GaugeMetricFamily(
             "herald_group_lag",
             "High watermark minus committed offset",

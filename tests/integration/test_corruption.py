@@ -44,6 +44,11 @@ def health(node: HeraldProcess) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
+def metrics(node: HeraldProcess) -> str:
+    with urllib.request.urlopen(f"{node.http_url}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
 async def consume_all(client: Client, group: str) -> tuple[list[bytes], CorruptData | None]:
     consumer = await client.consumer(TOPIC, group=group, auto_commit=False)
     got: list[bytes] = []
@@ -96,7 +101,6 @@ async def test_damage_is_never_served_and_the_consumer_stops_at_it(
     status, body = health(herald)
     assert status == 503 and body["status"] == "degraded", body
     assert "corrupt_data" in body["reasons"] and body["corrupt_partitions"] == [f"{TOPIC}-0"]
-    with urllib.request.urlopen(f"{herald.http_url}/metrics", timeout=5) as resp:
-        metrics = resp.read().decode()
-    assert f'herald_partition_quarantined_ranges{{partition="0",topic="{TOPIC}"}} 1.0' in metrics
+    text = metrics(herald)
+    assert f'herald_partition_quarantined_ranges{{partition="0",topic="{TOPIC}"}} 1.0' in text
     assert "level=error" in herald.log_text() and "corrupt" in herald.log_text()

@@ -1,0 +1,135 @@
+"""What a channel sees and what it answers: pure types, no I/O.
+
+The notifications core's delivery worker turns a record of ``__deliver.<channel>`` (plus the
+recipient's address, looked up at send time so a retry goes to the current address) into a
+:class:`Delivery`, awaits ``channel.send(delivery)`` and acts on the :class:`Outcome`:
+
+- :class:`Delivered`: done; ``provider_message_id`` is the provider's id for the message, when
+  the provider gives one.
+- :class:`Retry`: a transient failure (throttled, provider down, timeout, connection lost, the
+  endpoint's breaker open). ``after_s`` is the provider's own wish (Retry-After, already capped)
+  or a breaker's remaining cool-down; ``None`` leaves the delay to the core's backoff schedule.
+- :class:`Permanent`: retrying cannot help (a 4xx, a redirect, a refused address).
+  ``invalidates`` names the contact data the core must mark invalid so later deliveries are not
+  attempted: ``"endpoint"`` (a webhook URL), ``"token"`` (a push device token) or ``"address"``
+  (an e-mail address or phone number); ``None`` when the contact itself is fine.
+
+Every outcome carries a short, stable ``reason`` code (``http_503``, ``timeout``,
+``circuit_open``, ``ssrf_refused``...) for the dead-letter record and the audit, and a
+``detail`` with the provider's answer, shortened, for a human.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+import msgspec
+
+Invalidates = Literal["endpoint", "token", "address"]
+
+JSON_NULL = msgspec.Raw(b"null")
+
+
+class WebhookAddress(msgspec.Struct, frozen=True, kw_only=True, tag="webhook"):
+    """Where a webhook goes: the user's endpoint URL and every secret that signs it.
+
+    ``secrets`` are ``whsec_<base64>`` strings, newest first. During a rotation the endpoint
+    holds the old and the new secret; each one signs, and the ``webhook-signature`` header
+    carries one ``v1,`` signature per secret, so the receiver may switch at its own pace.
+    """
+
+    url: str
+    secrets: tuple[str, ...]
+
+
+# The channels of issue 16 add their own address kinds (e-mail address, phone number, device
+# token) to this union; each is a tagged struct, so a channel can tell them apart.
+Address = WebhookAddress
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One notification to one user on one channel, as the channel sees it.
+
+    ``delivery_id`` is stable across retries, replays and a fan-out redone after a crash: a
+    channel sends it to the receiver as its idempotency key (``webhook-id``, ``apns-id``,
+    e-mail ``Message-ID``). ``attempt`` counts from 1. ``payload`` is the event's data as JSON
+    bytes, passed through without re-encoding (JSON ``null`` when the event had none; a Raw
+    field cannot be optional in msgspec); ``activities`` are a closed batch's events (a
+    digest), each JSON. Times are Unix milliseconds.
+    """
+
+    delivery_id: str
+    tenant: str
+    user: str
+    topic: str
+    event_id: str
+    created_ms: int
+    attempt: int = 1
+    first_attempt_ms: int | None = None
+    priority: str = "normal"
+    category: str | None = None
+    payload: msgspec.Raw = JSON_NULL
+    activities: tuple[msgspec.Raw, ...] | None = None
+    address: Address | None = None
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
+    """What became of one attempt: :class:`Delivered`, :class:`Retry` or :class:`Permanent`.
+
+    Build one with :meth:`delivered`, :meth:`retry` or :meth:`permanent`; dispatch with
+    ``match`` on the three classes. Encodable with msgspec (the ``outcome`` field is the tag),
+    so the core can store it with the attempt.
+    """
+
+    detail: str = ""
+
+    @staticmethod
+    def delivered(provider_message_id: str | None = None, *, detail: str = "") -> Delivered:
+        return Delivered(provider_message_id=provider_message_id, detail=detail)
+
+    @staticmethod
+    def retry(after_s: float | None, reason: str, *, detail: str = "") -> Retry:
+        return Retry(after_s=after_s, reason=reason, detail=detail)
+
+    @staticmethod
+    def permanent(
+        reason: str, invalidates: Invalidates | None = None, *, detail: str = ""
+    ) -> Permanent:
+        return Permanent(reason=reason, invalidates=invalidates, detail=detail)
+
+
+class Delivered(Outcome, frozen=True, kw_only=True, tag="delivered"):
+    provider_message_id: str | None = None
+
+
+class Retry(Outcome, frozen=True, kw_only=True, tag="retry"):
+    reason: str
+    after_s: float | None = None
+
+
+class Permanent(Outcome, frozen=True, kw_only=True, tag="permanent"):
+    reason: str
+    invalidates: Invalidates | None = None
+
+
+# The three outcomes as a union: the type to decode a stored outcome with, and to ``match``
+# over exhaustively.
+AnyOutcome = Delivered | Retry | Permanent
+
+
+@runtime_checkable
+class Channel(Protocol):
+    """A way out of Herald. One instance per channel per node, shared by all its workers.
+
+    ``send`` answers every delivery failure as an :class:`Outcome`; it raises only
+    ``asyncio.CancelledError`` (the caller gave up; the attempt's effect is unknown, so the
+    core treats it as not delivered) and :class:`~channels.errors.ChannelClosed` after
+    :meth:`close`. It is safe to call concurrently. ``close`` releases connections and is
+    idempotent.
+    """
+
+    name: str
+
+    async def send(self, delivery: Delivery) -> Outcome: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,67 @@
+"""The channels' settings decode from TOML with defaults, kebab-case keys, and clear errors
+naming a bad key or value."""
+
+from __future__ import annotations
+
+import tomllib
+
+import msgspec
+import pytest
+
+from channels.config import BreakerConfig, ChannelsConfig, WebhookConfig
+
+
+def decode(text: str) -> ChannelsConfig:
+    return msgspec.convert(tomllib.loads(text), ChannelsConfig)
+
+
+def test_an_empty_section_is_the_defaults() -> None:
+    assert decode("") == ChannelsConfig()
+    cfg = ChannelsConfig().webhook
+    assert cfg.timeout_ms == 15_000 and cfg.allow_networks == []
+    assert cfg.breaker == BreakerConfig()
+
+
+def test_keys_are_kebab_case_and_nest() -> None:
+    cfg = decode(
+        """
+        [webhook]
+        timeout-ms = 8000
+        allow-networks = ["127.0.0.1/32", "::1/128"]
+        [webhook.breaker]
+        failure-threshold = 2
+        [console]
+        max-payload-bytes = 10
+        """
+    )
+    assert cfg.webhook.timeout_ms == 8000 and cfg.webhook.breaker.failure_threshold == 2
+    assert cfg.webhook.allow_networks == ["127.0.0.1/32", "::1/128"]
+    assert cfg.console.max_payload_bytes == 10
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[webhook]\ntimeout_ms = 1\n", "timeout_ms"),
+        ("[webhook]\ntimeout-ms = 0\n", "timeout-ms"),
+        ("[webhook.breaker]\nfailure-rate = 1.5\n", "failure-rate"),
+        ("[webhook]\nallow-networks = ['10.0.0.0/33']\n", "allow-networks"),
+        ("[webhook]\nconnect-timeout-ms = 20000\n", "connect-timeout-ms"),
+        ("[webhok]\n", "webhok"),
+    ],
+)
+def test_a_bad_key_or_value_is_an_error_naming_it(toml: str, named: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=named):
+        decode(toml)
+
+
+def test_every_field_documents_its_default_and_why() -> None:
+    import inspect
+
+    from channels import config
+
+    source = inspect.getsource(config)
+    for struct in (WebhookConfig, BreakerConfig, config.ConsoleConfig):
+        for field in struct.__struct_fields__:
+            after = source.split(f"    {field}:", 1)[1].split("\n", 2)[1]
+            assert after.strip().startswith('"""'), f"{struct.__name__}.{field} has no docstring"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import secrets as _random
 from collections.abc import Mapping, Sequence
@@ -63,18 +64,28 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
+@functools.lru_cache(maxsize=4096)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 already keyed with ``key``, to copy: copying skips hashing the padded
+    key again, which is a third of the cost of a signature over a small body."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _v1(key: bytes, signed: bytes) -> str:
+    mac = _keyed(key).copy()
+    mac.update(signed)
+    return "v1," + binascii.b2a_base64(mac.digest(), newline=False).decode("ascii")
+
+
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """One ``v1,<base64>`` signature of ``{msg_id}.{timestamp}.{body}``."""
-    mac = hmac.digest(key, b"%s.%d.%s" % (msg_id.encode(), timestamp, body), "sha256")
-    return "v1," + base64.b64encode(mac).decode("ascii")
+    return _v1(key, b"%s.%d.%s" % (msg_id.encode(), timestamp, body))
 
 
 def signature_header(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` value: one signature per key, space-separated."""
     signed = b"%s.%d.%s" % (msg_id.encode(), timestamp, body)
-    return " ".join(
-        "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode("ascii") for key in keys
-    )
+    return " ".join([_v1(key, signed) for key in keys])
 
 
 def webhook_headers(

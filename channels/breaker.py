@@ -83,6 +83,8 @@ class CircuitBreaker:
         # rolling window: bucket index (time // width) -> [calls, failures]
         self._width = config.rate_window_ms / 1000 / _BUCKETS
         self._buckets: dict[int, list[int]] = {}
+        self._bucket_index = -1  # the bucket calls are counted in now
+        self._bucket = [0, 0]
 
     # ------------------------------------------------------------------- reading
     @property
@@ -193,15 +195,19 @@ class CircuitBreaker:
         if new is BreakerState.CLOSED:
             self._consecutive = 0
             self._buckets.clear()
+            self._bucket_index = -1
         if self._on_transition is not None:
             self._on_transition(old, new, why)
 
     def _count(self, *, failed: bool) -> None:
         now = self._clock()
-        self._expire(now)
-        bucket = self._buckets.setdefault(int(now // self._width), [0, 0])
-        bucket[0] += 1
-        bucket[1] += failed
+        index = int(now // self._width)
+        if index != self._bucket_index:  # a new bucket: the only time old ones can expire
+            self._expire(now)
+            self._bucket_index = index
+            self._bucket = self._buckets.setdefault(index, [0, 0])
+        self._bucket[0] += 1
+        self._bucket[1] += failed
 
     def _expire(self, now: float) -> None:
         oldest = int(now // self._width) - _BUCKETS + 1

@@ -58,6 +58,7 @@ from channels.ssrf import AddressPolicy, GuardedResolver, guarded_socket_factory
 
 log = logging.getLogger("herald.channels.webhook")
 
+
 # ------------------------------------------------------------------------------ the body
 class _Data(msgspec.Struct, omit_defaults=True):
     event_id: str
@@ -186,7 +187,6 @@ class WebhookChannel:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             trust_env=False,
-            headers={"User-Agent": cfg.user_agent, "Content-Type": "application/json"},
             skip_auto_headers=("Accept-Encoding",),
         )
 
@@ -271,6 +271,9 @@ class WebhookChannel:
             session = self._session = self._open_session()
         body = webhook_body(delivery)
         headers = signing.webhook_headers(keys, delivery.delivery_id, int(self._clock()), body)
+        # set per request rather than as session defaults, which aiohttp merges on every call
+        headers["Content-Type"] = "application/json"
+        headers["User-Agent"] = self.config.user_agent
         cap = self.config.max_response_bytes
         try:
             async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:

@@ -65,3 +65,22 @@ def test_every_field_documents_its_default_and_why() -> None:
         for field in struct.__struct_fields__:
             after = source.split(f"    {field}:", 1)[1].split("\n", 2)[1]
             assert after.strip().startswith('"""'), f"{struct.__name__}.{field} has no docstring"
+
+
+def test_the_defaults_written_in_docs_channels_are_the_code_s() -> None:
+    """docs/CHANNELS.md shows every key with its default; decoding that block gives exactly
+    the defaults, and it names every field, so the page cannot drift from the code."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "CHANNELS.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    data = tomllib.loads(block)["channels"]
+    assert decode_dict(data) == ChannelsConfig()
+    assert set(data["webhook"]) == {f.replace("_", "-") for f in WebhookConfig.__struct_fields__}
+    assert set(data["webhook"]["breaker"]) == {
+        f.replace("_", "-") for f in BreakerConfig.__struct_fields__
+    }
+
+
+def decode_dict(data: dict[str, object]) -> ChannelsConfig:
+    return msgspec.convert(data, ChannelsConfig)

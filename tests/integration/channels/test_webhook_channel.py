@@ -252,6 +252,19 @@ async def test_a_name_resolving_to_loopback_is_refused_unless_allowed(
     assert isinstance(allowed, Delivered)  # ::1 dropped, 127.0.0.1 allowed
 
 
+@pytest.mark.parametrize("host", ["0x7f.1", "127.1", "2130706433", "017700000001"])
+async def test_obfuscated_loopback_forms_never_reach_the_receiver(
+    receiver: Receiver, webhook_factory: ChannelFactory, host: str
+) -> None:
+    outcome = permanent(
+        await webhook_factory(allow_networks=[]).send(
+            delivery(receiver.url("/status/200", host=host))
+        )
+    )
+    assert outcome.reason in ("ssrf_refused", "invalid_url")
+    assert outcome.invalidates == "endpoint" and receiver.requests == []
+
+
 async def test_the_check_is_on_the_resolved_address_not_the_name(
     receiver: Receiver, webhook_factory: ChannelFactory
 ) -> None:

@@ -68,3 +68,17 @@ def test_delivery_carries_the_address_and_the_raw_payload() -> None:
 def test_every_channel_satisfies_the_protocol() -> None:
     for channel in (NullChannel(), ConsoleChannel(), WebhookChannel()):
         assert isinstance(channel, Channel)
+
+
+def test_the_registry_makes_each_built_in_channel_by_name() -> None:
+    from channels.config import ChannelsConfig, WebhookConfig
+    from channels.registry import BUILT_IN, make_channel
+
+    for name in BUILT_IN:
+        channel = make_channel(name)
+        assert channel.name == name and isinstance(channel, Channel)
+    cfg = ChannelsConfig(webhook=WebhookConfig(timeout_ms=9000))
+    webhook = make_channel("webhook", cfg)
+    assert isinstance(webhook, WebhookChannel) and webhook.config.timeout_ms == 9000
+    with pytest.raises(KeyError, match="sms"):
+        make_channel("sms")

@@ -1,0 +1,25 @@
+"""The built-in channels by name, for the node to open the ones its config names."""
+
+from __future__ import annotations
+
+from channels.base import Channel
+from channels.config import ChannelsConfig
+from channels.console import ConsoleChannel
+from channels.null import NullChannel
+from channels.webhook import WebhookChannel
+
+BUILT_IN: tuple[str, ...] = ("webhook", "console", "null")
+
+
+def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
+    """A new channel ``name`` configured from ``config`` (defaults when None); the caller owns
+    it and must ``await channel.close()``. Opens no connection until the first send, so it can
+    be made outside a running loop. Raises ``KeyError`` for a name not in :data:`BUILT_IN`."""
+    cfg = config or ChannelsConfig()
+    if name == "webhook":
+        return WebhookChannel(cfg.webhook)
+    if name == "console":
+        return ConsoleChannel(cfg.console)
+    if name == "null":
+        return NullChannel()
+    raise KeyError(f"no channel named {name!r} (built in: {', '.join(BUILT_IN)})")

@@ -39,6 +39,9 @@ MAX_PAGES = 256  # writes of up to 1 MiB per request
 MAX_WRITE = MAX_PAGES * 4096
 READ_BUFFER = MAX_WRITE + 64 * 1024  # a request: header, write_in and up to MAX_WRITE bytes
 
+# open_out.open_flags (<linux/fuse.h>)
+FOPEN_DIRECT_IO = 1 << 0  # this open bypasses the kernel's page cache: every read and write
+# on it reaches us as a request, at the caller's offset and length (no alignment needed)
 FOPEN_KEEP_CACHE = 1 << 1  # the kernel keeps its page cache across opens: we are the only
 # writer, so it stays right, and LMDB's mmap reads mostly never reach us
 
@@ -62,11 +65,11 @@ MKDIR_IN = struct.Struct("<II")
 RENAME_IN = struct.Struct("<Q")
 RENAME2_IN = struct.Struct("<QII")
 LINK_IN = struct.Struct("<Q")
-OPEN_IN = struct.Struct("<II")
-CREATE_IN = struct.Struct("<IIII")
+OPEN_IN = struct.Struct("<II")  # flags (the open(2) flags, O_DIRECT among them) open_flags
+CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags
 OPEN_OUT = struct.Struct("<QII")
 RELEASE_IN = struct.Struct("<QIIQ")
-READ_IN = struct.Struct("<QQIIQII")
+READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
 WRITE_IN = struct.Struct("<QQIIQII")
 WRITE_OUT = struct.Struct("<II")
 FSYNC_IN = struct.Struct("<QII")

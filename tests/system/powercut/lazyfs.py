@@ -159,12 +159,19 @@ class Server:
         node.nlookup += 1
         return fk.entry_out(node.id, self.attr(node), TTL_S)
 
-    def open_handle(self, node: Inode) -> bytes:
+    def open_handle(self, node: Inode, flags: int) -> bytes:
+        """A file handle. An ``O_DIRECT`` open gets ``FOPEN_DIRECT_IO``: the kernel then
+        bypasses its page cache for it and sends every read here, at the caller's offset
+        and length (``op_read`` serves it from the device). Every open keeps the page
+        cache (an O_DIRECT open does not drop what buffered readers see)."""
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = node.id
         node.opens += 1
-        return fk.OPEN_OUT.pack(fh, fk.FOPEN_KEEP_CACHE, 0)
+        open_flags = fk.FOPEN_KEEP_CACHE
+        if flags & os.O_DIRECT:
+            open_flags |= fk.FOPEN_DIRECT_IO
+        return fk.OPEN_OUT.pack(fh, open_flags, 0)
 
     # One method per request, found through HANDLERS; each returns the reply's body, or None
     # for the requests the kernel expects no answer to. Errors are raised as FsError.
@@ -229,10 +236,10 @@ class Server:
         return self.entry(self.model.mkdir(node, name, mode))
 
     def op_create(self, node: int, body: memoryview) -> bytes:
-        _flags, mode, _umask, _ = fk.CREATE_IN.unpack_from(body)
+        flags, mode, _umask, _ = fk.CREATE_IN.unpack_from(body)
         (name,) = fk.names(body[fk.CREATE_IN.size :], 1)
         created = self.model.create(node, name, mode)
-        return self.entry(created) + self.open_handle(created)
+        return self.entry(created) + self.open_handle(created, flags)
 
     def op_unlink(self, node: int, body: memoryview) -> bytes:
         self.model.unlink(node, fk.names(body, 1)[0])
@@ -259,11 +266,16 @@ class Server:
         (name,) = fk.names(body[fk.LINK_IN.size :], 1)
         return self.entry(self.model.link(old, node, name))
 
-    def op_open(self, node: int, _body: memoryview) -> bytes:
-        return self.open_handle(self.model.get(node))
+    def op_open(self, node: int, body: memoryview) -> bytes:
+        flags, _ = fk.OPEN_IN.unpack_from(body)
+        return self.open_handle(self.model.get(node), flags)
 
     def op_read(self, node: int, body: memoryview) -> bytes:
-        _fh, offset, size, *_ = fk.READ_IN.unpack_from(body)
+        _fh, offset, size, _read_flags, _owner, flags, _ = fk.READ_IN.unpack_from(body)
+        # ``flags`` are the file's flags now: fcntl(F_SETFL) can set or clear O_DIRECT
+        # after the open (the kernel then sends its reads here either way)
+        if flags & os.O_DIRECT:
+            return self.model.read_device(node, offset, size)
         return self.model.read(node, offset, size)
 
     def op_write(self, node: int, body: memoryview) -> bytes:
@@ -425,6 +437,7 @@ class Server:
                 "used_bytes": m.used,
                 "space_limit": m.space_limit,
                 "dirty_bytes": m.dirty_bytes(),
+                "failed_fsync_bytes": m.failed_fsync_bytes(),
                 "inodes": len(m.inodes),
                 "pending_fsync_faults": [list(f) for f in m.fsync_faults],
                 "ops": self.ops,

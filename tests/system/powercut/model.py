@@ -14,8 +14,10 @@ A conservative POSIX disk, one inode at a time:
 
 Faults: an injected fsync failure answers ``EIO`` and drops what that fsync covered from the
 set of changes still to be made durable (as Linux does after a failed writeback: the pages
-are marked clean), so a later successful fsync does not save them either; reads go on
-returning them until the power cut. A space limit (``set_free_bytes``) makes writes past it
+are marked clean), so a later successful fsync does not save them either; buffered reads
+go on returning them until the power cut (the page cache), while ``O_DIRECT`` reads
+(:meth:`Model.read_device`) return what the device holds there: the durable bytes, or zeros
+past the durable size. A space limit (``set_free_bytes``) makes writes past it
 fail with ``ENOSPC`` (a short write first when part fits).
 
 Storage: every inode's current ("volatile", the page cache) bytes live in a flat backing
@@ -76,6 +78,35 @@ class Ranges:
         self.starts[i:j] = [start]
         self.ends[i:j] = [end]
 
+    def remove(self, start: int, end: int) -> None:
+        """Take ``[start, end)`` out of the set (a range straddling an edge is cut)."""
+        if end <= start:
+            return
+        i = bisect.bisect_right(self.ends, start)  # the first range ending after start
+        j = bisect.bisect_left(self.starts, end)  # the first range starting at end or later
+        if i >= j:
+            return
+        starts, ends = [], []
+        if self.starts[i] < start:
+            starts.append(self.starts[i])
+            ends.append(start)
+        if self.ends[j - 1] > end:
+            starts.append(end)
+            ends.append(self.ends[j - 1])
+        self.starts[i:j] = starts
+        self.ends[i:j] = ends
+
+    def overlapping(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of the set inside ``[start, end)``, in order."""
+        if end <= start:
+            return []
+        i = bisect.bisect_right(self.ends, start)
+        j = bisect.bisect_left(self.starts, end)
+        return [
+            (max(s, start), min(e, end))
+            for s, e in zip(self.starts[i:j], self.ends[i:j], strict=True)
+        ]
+
     def clear(self) -> None:
         self.starts.clear()
         self.ends.clear()
@@ -109,6 +140,9 @@ class Inode:
     durable_entries: dict[str, int] = field(default_factory=dict)
     durable_size: int = 0
     dirty: Ranges = field(default_factory=Ranges)  # written since the last durable point
+    # the device (what an O_DIRECT read sees): ranges a failed fsync covered never reached
+    # it, and hold the durable bytes (zeros past the durable size) until written again
+    lost: Ranges = field(default_factory=Ranges)
 
     @property
     def st_mode(self) -> int:
@@ -119,7 +153,8 @@ class Inode:
 class CutReport:
     """What a power cut took back, for the test's failure messages."""
 
-    lost_bytes: dict[str, int] = field(default_factory=dict)  # path -> unsynced bytes dropped
+    # path -> bytes dropped: unsynced, or covered by a failed fsync
+    lost_bytes: dict[str, int] = field(default_factory=dict)
     lost_names: list[str] = field(default_factory=list)  # names that were not durable
     restored_names: list[str] = field(default_factory=list)  # removals that were not durable
     files: int = 0
@@ -162,6 +197,7 @@ class Model:
             "written_bytes": 0,
             "enospc": 0,
             "power_cuts": 0,
+            "direct_reads": 0,
         }
 
     # ------------------------------------------------------------------ lookup
@@ -338,16 +374,38 @@ class Model:
             return
         node.released = True
         node.dirty.clear()
+        node.lost.clear()
         if not node.is_dir:
             self.used -= node.size
             self._drop_backing(node.id, durable=False)
 
     # ------------------------------------------------------------------ file data
     def read(self, ino: int, offset: int, size: int) -> bytes:
+        """A buffered read: the page cache, which holds every write, including what a
+        failed fsync covered, until the power cut."""
         node = self.get(ino)
         if offset >= node.size:
             return b""
         return os.pread(self.vol_fd(ino), min(size, node.size - offset), offset)
+
+    def read_device(self, ino: int, offset: int, size: int) -> bytes:
+        """An ``O_DIRECT`` read: what the device holds. That is every write, fsynced or not
+        (Linux writes dirty pages back before a direct read), except the ranges a failed
+        fsync covered: they never reached the device, which still has the durable bytes
+        there (zeros past the durable size). Any offset and length."""
+        node = self.get(ino)
+        self.stats["direct_reads"] += 1
+        data = self.read(ino, offset, size)
+        lost = node.lost.overlapping(offset, offset + len(data))
+        if not lost:
+            return data
+        out = bytearray(data)
+        for start, end in lost:
+            durable = b""
+            if start < node.durable_size:
+                durable = os.pread(self.dur_fd(ino), min(end, node.durable_size) - start, start)
+            out[start - offset : end - offset] = durable.ljust(end - start, b"\0")
+        return bytes(out)
 
     def _room(self, grow: int) -> int:
         if self.space_limit is None:
@@ -367,6 +425,7 @@ class Model:
             data = data[:n]
         written = os.pwrite(self.vol_fd(ino), data, offset)
         node.dirty.add(offset, offset + written)
+        node.lost.remove(offset, offset + written)  # new bytes, on their way to the device
         end = offset + written
         if end > node.size:
             self.used += end - node.size
@@ -386,6 +445,7 @@ class Model:
         # the bytes between the two sizes change (cut, or zeros when it grows back), and so
         # does anything the durable copy still has past the new size
         node.dirty.add(min(size, node.size), max(size, node.size, node.durable_size))
+        node.lost.remove(min(size, node.size), max(size, node.size))  # gone, or new zeros
         self.used += size - node.size
         node.size = size
         node.mtime_ns = time.time_ns()
@@ -423,7 +483,10 @@ class Model:
         self.stats["fsyncs"] += 1
         if failed:
             # fsyncgate: what this fsync covered is dropped from the changes still to be
-            # written; the page cache (vol) keeps showing it until the power cut
+            # written; the page cache (vol) keeps showing it until the power cut, the
+            # device (direct reads) never had it
+            for start, end in node.dirty:
+                node.lost.add(start, min(end, node.size))
             node.dirty.clear()
             self.stats["fsync_failures"] += 1
             raise FsError(errno.EIO, f"injected fsync failure on {self.path(node)}")
@@ -461,6 +524,10 @@ class Model:
     def dirty_bytes(self) -> int:
         return sum(n.dirty.total() for n in self.inodes.values() if not n.is_dir)
 
+    def failed_fsync_bytes(self) -> int:
+        """Bytes the page cache holds and the device does not (a failed fsync covered them)."""
+        return sum(n.lost.total() for n in self.inodes.values() if not n.is_dir)
+
     # ------------------------------------------------------------------ power cut
     def power_cut(self) -> CutReport:
         """Forget everything not durable: the volatile state becomes the durable one.
@@ -474,8 +541,11 @@ class Model:
                     report.lost_names.append(f"{base}/{name}".lstrip("/"))
                 for name in node.durable_entries.keys() - node.entries.keys():
                     report.restored_names.append(f"{base}/{name}".lstrip("/"))
-            elif not node.is_dir and not node.released and node.dirty:
-                report.lost_bytes[self.path(node) or f"#{node.id}"] = node.dirty.total()
+            elif not node.is_dir and not node.released and (node.dirty or node.lost):
+                gone = Ranges()  # unsynced, and what failed fsyncs covered
+                for start, end in (*node.dirty, *node.lost):
+                    gone.add(start, end)
+                report.lost_bytes[self.path(node) or f"#{node.id}"] = gone.total()
         # walk the durable tree from the root
         keep: dict[int, Inode] = {}
         links: dict[int, int] = {}
@@ -502,6 +572,7 @@ class Model:
             node.released = False
             node.nlink = 1 if node.id == ROOT_ID else links.get(node.id, 0)
             node.dirty.clear()
+            node.lost.clear()
             if node.is_dir:
                 node.entries = dict(node.durable_entries)
                 report.dirs += 1

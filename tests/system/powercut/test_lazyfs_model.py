@@ -8,9 +8,12 @@ prove the simulation before the Herald tests trust it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
+import mmap
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import lmdb
@@ -20,7 +23,9 @@ from hypothesis import strategies as st
 
 from .control import PowerLossFS
 from .fuse_kernel import is_mounted
-from .model import Ranges
+from .model import ROOT_ID, FsError, Model, Ranges
+
+BLOCK = 4096
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,6 +42,23 @@ def write_file(path: Path, data: bytes, *, sync: bool = False, mode: str = "wb")
         f.flush()
         if sync:
             os.fdatasync(f.fileno())
+
+
+def read_direct(path: Path, offset: int, length: int, *, aligned: bool) -> bytes:
+    """Read through an ``O_DIRECT`` descriptor: into a page-aligned buffer at an aligned
+    offset (as storage's DeviceReader does), or plainly at any offset and length."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        if not aligned:
+            return os.pread(fd, length, offset)
+        start = offset - offset % BLOCK
+        size = offset + length - start
+        size += -size % BLOCK
+        with mmap.mmap(-1, size) as buf:  # anonymous mappings are page-aligned
+            n = os.preadv(fd, [buf], start)
+            return bytes(buf[offset - start : min(offset - start + length, n)])
+    finally:
+        os.close(fd)
 
 
 def durable_dir(fs: PowerLossFS, name: str) -> Path:
@@ -207,6 +229,105 @@ def test_failed_fsync_data_is_visible_until_the_power_cut(powerfs: PowerLossFS) 
     assert (d / "seg.log").read_bytes() == b"synced|" + b"\0" * 7 + b"later|"
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_direct_read_after_failed_fsync_sees_the_device(
+    powerfs: PowerLossFS, aligned: bool
+) -> None:
+    """The page cache keeps what a failed fsync covered; the device never got it: an
+    O_DIRECT read returns the old bytes where they were overwritten and zeros where the
+    file grew, and what it returns is what the power cut leaves."""
+    d = durable_dir(powerfs, "d")
+    path = d / "seg.log"
+    write_file(path, b"A" * 3 * BLOCK, sync=True)
+    fsync_dir(d)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"B" * 100, BLOCK + 10)  # overwrite in place
+        os.pwrite(fd, b"C" * 5000, 3 * BLOCK)  # grow
+        powerfs.fail_next_fsync("d/*.log")
+        with pytest.raises(OSError) as info:
+            os.fdatasync(fd)
+        assert info.value.errno == errno.EIO
+        written = b"A" * (BLOCK + 10) + b"B" * 100 + b"A" * (2 * BLOCK - 110) + b"C" * 5000
+        device = b"A" * 3 * BLOCK + b"\0" * 5000
+        assert os.pread(fd, len(written) + 10, 0) == written  # buffered: the page cache
+        assert read_direct(path, 0, len(written) + 10, aligned=aligned) == device
+        # any window of it, across the edges of what was lost
+        for offset, length in [(BLOCK + 5, 20), (BLOCK + 105, 10), (3 * BLOCK - 3, 9), (0, 1)]:
+            got = read_direct(path, offset, length, aligned=aligned)
+            assert got == device[offset : offset + length], (offset, length)
+            assert os.pread(fd, length, offset) == written[offset : offset + length]
+        assert powerfs.stats()["failed_fsync_bytes"] == 100 + 5000
+        # a later fsync succeeds without saving it (fsyncgate); the device is unchanged
+        os.fdatasync(fd)
+        assert read_direct(path, 0, len(written), aligned=aligned) == device
+        assert (path).read_bytes() == written
+        # dropping the page cache changes nothing here: FUSE never sees the advice
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(fd, len(written), 0) == written
+    finally:
+        os.close(fd)
+    report = powerfs.power_cut()
+    assert report["lost_bytes"] == {"d/seg.log": 100 + 5000}
+    assert path.read_bytes() == device
+    assert read_direct(path, 0, len(device), aligned=aligned) == device
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_direct_read_sees_writes_not_yet_synced(powerfs: PowerLossFS, aligned: bool) -> None:
+    """Without a failure, data written and not yet fsynced is on its way to the device
+    (Linux writes dirty pages back before a direct read): both reads see the new bytes.
+    Rewriting a range a failed fsync lost puts it back on its way to the device too."""
+    d = durable_dir(powerfs, "d")
+    path = d / "f"
+    write_file(path, b"old." * 2000, sync=True)
+    fsync_dir(d)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"new!" * 100, 4000)
+        os.pwrite(fd, b"tail" * 10, 8000)
+        expected = os.pread(fd, 9000, 0)
+        assert expected[4000:4400] == b"new!" * 100 and expected.endswith(b"tail" * 10)
+        assert read_direct(path, 0, 9000, aligned=aligned) == expected
+        assert read_direct(path, 3999, 7, aligned=aligned) == expected[3999:4006]
+        powerfs.fail_next_fsync("d/f")
+        with pytest.raises(OSError):
+            os.fdatasync(fd)
+        assert read_direct(path, 4000, 4, aligned=aligned) == b"old."
+        os.pwrite(fd, b"again", 4002)  # written again: on its way to the device
+        assert read_direct(path, 4000, 8, aligned=aligned) == b"olagain."
+        assert powerfs.stats()["failed_fsync_bytes"] == 400 - 5 + 40
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    powerfs.power_cut()
+    assert path.read_bytes()[3996:4012] == b"old.olagain.old."
+
+
+def test_o_direct_follows_the_file_flags(powerfs: PowerLossFS) -> None:
+    """What decides is O_DIRECT on the file when it reads: fcntl(F_SETFL) can set it on a
+    buffered descriptor or clear it on a direct one."""
+    d = durable_dir(powerfs, "d")
+    path = d / "f"
+    write_file(path, b"A" * BLOCK, sync=True)
+    fd = os.open(path, os.O_RDWR)
+    direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.pwrite(fd, b"B" * BLOCK, 0)
+        powerfs.fail_next_fsync("d/f")
+        with pytest.raises(OSError):
+            os.fsync(fd)
+        assert os.pread(direct, 4, 0) == b"AAAA"
+        fcntl.fcntl(direct, fcntl.F_SETFL, fcntl.fcntl(direct, fcntl.F_GETFL) & ~os.O_DIRECT)
+        assert os.pread(direct, 4, 0) == b"BBBB"
+        assert os.pread(fd, 4, 0) == b"BBBB"
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        assert os.pread(fd, 4, 0) == b"AAAA"
+    finally:
+        os.close(fd)
+        os.close(direct)
+
+
 def test_fsync_fault_matches_only_its_pattern(powerfs: PowerLossFS) -> None:
     d = durable_dir(powerfs, "d")
     powerfs.fail_next_fsync("d/*.log", count=2)
@@ -318,18 +439,99 @@ def test_close_leaves_no_mount(tmp_path: Path) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), max_size=30))
-def test_ranges_merge_like_a_set_of_bytes(adds: list[tuple[int, int]]) -> None:
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 200), st.integers(0, 40)), max_size=30),
+    st.integers(0, 220),
+    st.integers(0, 60),
+)
+def test_ranges_merge_like_a_set_of_bytes(
+    changes: list[tuple[bool, int, int]], window: int, window_length: int
+) -> None:
     r = Ranges()
     expected: set[int] = set()
-    for start, length in adds:
-        r.add(start, start + length)
-        expected.update(range(start, start + length))
+    for add, start, length in changes:
+        if add:
+            r.add(start, start + length)
+            expected.update(range(start, start + length))
+        else:
+            r.remove(start, start + length)
+            expected.difference_update(range(start, start + length))
     got = [(s, e) for s, e in r]
     assert sorted(got) == got
     assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(got))
     assert {b for s, e in got for b in range(s, e)} == expected
     assert r.total() == len(expected)
+    end = window + window_length
+    inside = r.overlapping(window, end)
+    assert all(window <= s < e <= end for s, e in inside)
+    assert {b for s, e in inside for b in range(s, e)} == {b for b in expected if window <= b < end}
+
+
+_FILE_OPS = st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 300), st.binary(min_size=1, max_size=80)),
+    st.tuples(st.just("truncate"), st.integers(0, 300)),
+    st.tuples(st.just("fsync")),
+    st.tuples(st.just("failed_fsync")),
+    st.tuples(st.just("power_cut")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_FILE_OPS, max_size=25))
+def test_model_device_reads_match_a_byte_model(ops: list[tuple[object, ...]]) -> None:
+    """The model without FUSE, against a byte-by-byte reference: buffered reads return
+    every write; the device (direct reads) the same except where a failed fsync covered
+    bytes, which hold the durable bytes (or zeros past the durable size) until written
+    again; a successful fsync makes the durable image what the device holds, and a power
+    cut makes both views the durable image."""
+    with tempfile.TemporaryDirectory() as store:
+        model = Model(Path(store))
+        try:
+            ino = model.create(ROOT_ID, "f", 0o644).id
+            model.fsync(ROOT_ID)  # its name is durable: only its data is at stake
+            vol, dev, dur = bytearray(), bytearray(), bytearray()
+            pending: set[int] = set()  # positions changed since the last fsync
+            for op in ops:
+                if op[0] == "write":
+                    offset, data = op[1], op[2]
+                    assert isinstance(offset, int) and isinstance(data, bytes)
+                    model.write(ino, offset, data)
+                    for buf in (vol, dev):
+                        buf.extend(bytes(max(0, offset - len(buf))))
+                        buf[offset : offset + len(data)] = data
+                    pending.update(range(offset, offset + len(data)))
+                elif op[0] == "truncate":
+                    size = op[1]
+                    assert isinstance(size, int)
+                    model.truncate(ino, size)
+                    old = len(vol)
+                    for buf in (vol, dev):
+                        del buf[size:]
+                        buf.extend(bytes(size - len(buf)))
+                    pending.update(range(min(size, old), max(size, old)))
+                elif op[0] == "fsync":
+                    model.fsync(ino)
+                    dur[:] = dev
+                    pending.clear()
+                elif op[0] == "failed_fsync":
+                    model.fail_fsync("f")
+                    with pytest.raises(FsError):
+                        model.fsync(ino)
+                    for pos in pending:
+                        if pos < len(dev):
+                            dev[pos] = dur[pos] if pos < len(dur) else 0
+                    pending.clear()
+                else:
+                    model.power_cut()
+                    vol[:], dev[:] = dur, dur
+                    pending.clear()
+                size = len(vol) + 10
+                assert model.read(ino, 0, size) == vol, op
+                assert model.read_device(ino, 0, size) == dev, op
+                if len(vol) > 7:
+                    assert model.read_device(ino, 3, len(vol) - 7) == dev[3:-4], op
+        finally:
+            model.close()
 
 
 def test_more_files_than_the_daemon_keeps_open(powerfs: PowerLossFS) -> None:

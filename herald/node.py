@@ -124,7 +124,10 @@ class StateStore:
 
     async def stop(self) -> None:
         if self.kv is not None:
-            self.kv.close()
+            try:
+                self.kv.close()
+            except StorageError as exc:
+                log.error("event=state_store_close_failed error=%s", exc)
 
 
 class LogComponent:
@@ -237,10 +240,17 @@ class Housekeeping:
             self._ready.set()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        runner = self._runner
+        if runner is None:
+            return
+        if runner.done():
+            # it failed (the node is stopping because of it): the node reports the error
+            if not runner.cancelled():
+                runner.exception()
+            return
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
     @staticmethod
     async def _every(interval: float, fn: Callable[[], object]) -> None:
@@ -258,7 +268,7 @@ class Housekeeping:
             except StorageError as exc:
                 # every acknowledgement that waits on the state store would now fail; a node
                 # that cannot keep its promises stops with a clear error, not a traceback
-                raise StateStoreFailed(f"state store sync failed: {exc}") from exc
+                raise StateStoreFailed(str(exc)) from exc
 
     async def _sweep_event_ids(self) -> None:
         """Forget event ids past the idempotency window, a bounded slice at a time."""

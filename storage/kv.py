@@ -104,8 +104,11 @@ class KV:
             yield Txn(txn, write=False)
 
     def sync_now(self) -> None:
-        """Blocking fsync of the environment."""
-        self._env.sync(True)
+        """Blocking fsync of the environment. Raises :class:`StorageError` if it fails."""
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            raise StorageError(f"state store sync failed: {exc}") from exc
 
     async def sync(self) -> None:
         """Make every write made before this call durable. Concurrent callers share one
@@ -126,8 +129,8 @@ class KV:
                 error: StorageError | None = None
                 try:
                     await loop.run_in_executor(None, self.sync_now)
-                except lmdb.Error as exc:
-                    error = StorageError(f"state store sync failed: {exc}")
+                except StorageError as exc:
+                    error = exc
                 keep = []
                 for ticket, fut in self._waiters:
                     if ticket > upto:
@@ -142,7 +145,14 @@ class KV:
             self._sync_task = None
 
     def close(self) -> None:
-        self._env.sync(True)
+        """Sync and close. Closes even when the sync fails, then raises
+        :class:`StorageError` (what was written since the last successful sync may be lost
+        to a power cut)."""
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            self._env.close()
+            raise StorageError(f"state store sync failed at close: {exc}") from exc
         self._env.close()
 
 

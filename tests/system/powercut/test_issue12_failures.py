@@ -1,0 +1,135 @@
+"""Issue 12 items 7 and 8 on a real node: a full disk and failing syncs answered with clear
+errors, never a traceback or a wrong promise.
+
+- Item 7: on a full disk produce, events, new producers and topic creation answer the
+  retriable ``storage_full`` (507 over HTTP), never ``internal_error``; ``/healthz`` says
+  degraded; deleting a topic frees space; writes resume once space returns, with the same
+  idempotent producer (not stuck on ``out_of_order_sequence``); a node stopped on a full disk
+  starts again.
+- Item 8: ``log_offline`` is not retried by the client (it lasts until a restart); a state
+  store that cannot sync ends the node with one clear fatal line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.client import BrokerError
+
+from .control import PowerLossFS
+from .herald_power import PowerNode
+
+SMALL_FREE = 1 << 20  # min-free-bytes for these nodes: /healthz stays ok until the disk is full
+
+
+def post(node: PowerNode, path: str, body: Any) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        node.http_url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def health_or_none(node: PowerNode) -> dict[str, Any] | None:
+    try:
+        return health(node)
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+
+
+def health(node: PowerNode) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(node.http_url + "/healthz", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+
+
+@pytest.fixture
+def node(powerfs: PowerLossFS, tmp_path: Path) -> Iterator[PowerNode]:
+    """A node whose /healthz stays ok until its disk is nearly full, with small segments."""
+    config = f"[storage]\nmin-free-bytes = {SMALL_FREE}\nsegment-bytes = 1048576\n"
+    n = PowerNode(powerfs, tmp_path / "node", config=config)
+    try:
+        n.start()
+        yield n
+    finally:
+        n.close()
+
+
+async def test_a_node_stopped_on_a_full_disk_starts_again(node: PowerNode) -> None:
+    async with await node.connect() as client:
+        await client.create_topic("t", 2)
+        producer = await client.producer(acks=-1, linger_ms=0)
+        for i in range(20):
+            await producer.send("t", b"%d" % i, partition=i % 2)
+    node.fs.set_free_bytes(0)
+    assert node.process.stop() == 0, node.process.log_tail()
+    # checkpoints cannot be written at start: logged, not fatal; the node serves, degraded
+    node.process.proc = node.process.spawn()
+    deadline = time.monotonic() + 30
+    while (h := await asyncio.to_thread(health_or_none, node)) is None:
+        assert node.process.running, node.process.log_tail()
+        assert time.monotonic() < deadline, node.process.log_tail()
+        await asyncio.sleep(0.1)
+    assert h["status"] == "degraded" and "disk_nearly_full" in h["reasons"], h
+    async with await node.connect() as client:
+        assert await client.partition_count("t") == 2
+        consumer = await client.consumer("t", group="g", auto_commit=False)
+        got = 0
+        while got < 20:
+            got += len(await consumer.getmany(timeout_ms=1000))
+        await consumer.close()
+    node.fs.unlimited()
+
+
+async def test_log_offline_is_answered_at_once_and_not_retried(node: PowerNode) -> None:
+    async with await node.connect() as client:
+        await client.create_topic("fenced", 1)
+        node.fs.fail_next_fsync("log/fenced/*/*.log")
+        producer = await client.producer(acks=-1, linger_ms=0, retry_backoff_ms=500)
+        started = time.monotonic()
+        with pytest.raises(BrokerError) as offline:
+            await producer.send("fenced", b"x", partition=0)
+        assert offline.value.code == "log_offline" and not offline.value.retriable
+        # five retries with backoff would take seconds; a non-retriable error returns at once
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(BrokerError) as again:
+            await producer.send("fenced", b"y", partition=0)
+        assert again.value.code == "log_offline"
+    h = await asyncio.to_thread(health, node)
+    assert h["offline_partitions"] == ["fenced-0"], h
+
+
+async def test_a_state_store_that_cannot_sync_stops_the_node_with_a_clear_error(
+    node: PowerNode,
+) -> None:
+    node.fs.fail_next_fsync("state/data.mdb", count=100)
+    async with await node.connect() as client:
+        await client.create_topic("t", 1)
+        consumer = await client.consumer("t", group="g", auto_commit=False)
+        with pytest.raises(BrokerError) as failed:
+            await consumer.commit({("t", 0): 0})
+        assert failed.value.code != "internal_error"
+    proc = node.process.proc
+    assert proc is not None
+    code = await asyncio.to_thread(proc.wait, 15)
+    assert code == 1
+    log = node.process.log_text()
+    assert "herald: fatal: state store sync failed" in log, node.process.log_tail()
+    assert "Traceback" not in log

@@ -299,6 +299,13 @@ class Delivery(_Row, kw_only=True):
     first_attempt_ms: int | None = None
     last_error: str | None = None
     strict_order: bool = False
+    # engine bookkeeping: earlier attempts (for the dead letter), the replay generation
+    # (a DLQ replay sends the same id again: the dedupe set lets a newer generation in),
+    # when a retry tier hands it back, and the batch it closes (None: a single event)
+    attempts: list[Attempt] = []
+    replay: int = 0
+    due_ms: int | None = None
+    batch_id: str | None = None
 
 
 class DeadLetter(_Row, kw_only=True):

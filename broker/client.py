@@ -644,12 +644,19 @@ class Producer:
         *,
         key: bytes | None = None,
         partition: int | None = None,
+        keys: Sequence[bytes | None] | None = None,
     ) -> BatchMetadata:
         """Send ``values`` as one batch now (no accumulation) and wait for the ack. With
-        ``partition`` None the node chooses: by ``key``, else round robin. Fast path for
-        callers that batch themselves (the benchmark)."""
+        ``partition`` None the node chooses: by ``key``, else round robin. ``keys`` gives
+        each record its own key (``partition`` must then be given). Fast path for callers
+        that batch themselves (the benchmark, the notification engines)."""
         ts = time.time_ns() // 1_000_000
-        rows: list[records.RecordInput] = [(0, key, v) for v in values]
+        if keys is not None:
+            if partition is None or len(keys) != len(values):
+                raise ValueError("keys needs a partition and one key per value")
+            rows: list[records.RecordInput] = [(0, k, v) for k, v in zip(keys, values, strict=True)]
+        else:
+            rows = [(0, key, v) for v in values]
         if self.idempotent and partition is None:
             n = await self._partitions(topic)
             partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n

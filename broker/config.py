@@ -14,6 +14,7 @@ from typing import Literal
 
 import msgspec
 
+from channels.config import ChannelsConfig
 from storage.partition import PartitionConfig
 
 
@@ -91,6 +92,53 @@ class LogConfig(_Section):
     format: Literal["logfmt", "json"] = "logfmt"
 
 
+class RetrySchedule(_Section):
+    """Waits between a delivery's attempts: attempt n+1 comes ``delays-ms[n-1]`` (+ jitter)
+    after attempt n fails, so ``len(delays-ms) + 1`` attempts in all; then the dead-letter
+    queue. Each distinct delay is a retry tier (``__retry.<channel>.<tier>``)."""
+
+    delays_ms: list[int] = msgspec.field(
+        default_factory=lambda: [
+            60_000,
+            300_000,
+            900_000,
+            3_600_000,
+            7_200_000,
+            21_600_000,
+            50_400_000,
+        ]
+    )
+    jitter: float = 0.2
+
+
+class ChannelRetry(RetrySchedule, kw_only=True):
+    channel: str
+
+
+class NotifyConfig(_Section):
+    """The notifications core (``notify/``, docs/NOTIFY.md)."""
+
+    channels: list[str] = msgspec.field(default_factory=lambda: ["console", "webhook"])
+    default_channels: list[str] = msgspec.field(default_factory=lambda: ["console"])
+    partitions: int = 8
+    retry_partitions: int = 2
+    fanout_page: int = 1000
+    fanout_flush_records: int = 20_000
+    deliver_batch: int = 2000
+    deliver_concurrency: int = 64
+    queue_depth_bound: int = 1_000_000
+    dedupe_ttl_ms: int = 24 * 3600 * 1000
+    timer_batch: int = 1000
+    retry: RetrySchedule = msgspec.field(default_factory=RetrySchedule)
+    retry_overrides: list[ChannelRetry] = []
+
+    def schedule(self, channel: str) -> RetrySchedule:
+        for o in self.retry_overrides:
+            if o.channel == channel:
+                return o
+        return self.retry
+
+
 class Config(_Section):
     node_id: int = 0
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
@@ -100,6 +148,8 @@ class Config(_Section):
     groups: GroupsConfig = msgspec.field(default_factory=GroupsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
+    channels: ChannelsConfig = msgspec.field(default_factory=ChannelsConfig)
 
     def partition_config(
         self,
@@ -137,6 +187,25 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("storage.segment-bytes must be at least 1 MiB and below 4 GiB")
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
+    n = cfg.notify
+    known = ("webhook", "console", "null", "inapp", "push", "email", "sms")
+    for name in (*n.channels, *n.default_channels, *(o.channel for o in n.retry_overrides)):
+        if name not in known:
+            raise ConfigError(f"notify: unknown channel {name!r} (known: {', '.join(known)})")
+    for sched in (n.retry, *n.retry_overrides):
+        if any(d <= 0 for d in sched.delays_ms) or not 0 <= sched.jitter < 1:
+            raise ConfigError("notify.retry: delays-ms must be positive, 0 <= jitter < 1")
+    for name, value in (
+        ("partitions", n.partitions),
+        ("retry-partitions", n.retry_partitions),
+        ("fanout-page", n.fanout_page),
+        ("fanout-flush-records", n.fanout_flush_records),
+        ("deliver-batch", n.deliver_batch),
+        ("deliver-concurrency", n.deliver_concurrency),
+        ("timer-batch", n.timer_batch),
+    ):
+        if value < 1:
+            raise ConfigError(f"notify.{name} must be >= 1")
     seen = set()
     for i, key in enumerate(cfg.auth.keys):
         if len(key.key) < 16:

@@ -24,6 +24,7 @@ behind a ``duplicate`` answer is that the original *is stored*, so:
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import re
@@ -60,6 +61,12 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     users: list[str] | None = None
     priority: Literal["low", "normal", "high", "critical"] = "normal"
     metadata: dict[str, str] | None = None
+    # the notifications core (docs/NOTIFY.md): who, when, and how to call it off
+    broadcast: bool = False
+    cancellation_key: str | None = None
+    category: str | None = None
+    deliver_at: str | None = None  # RFC 3339 with an offset or Z
+    data: msgspec.Raw | None = None  # for templates and conditions; else the payload is
 
 
 class EventBatchIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -80,6 +87,11 @@ class StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: dict[str, str] | None = None
     # the producer chose event_id: index it for the idempotency window
     dedupe: bool = False
+    broadcast: bool = False
+    cancellation_key: str | None = None
+    category: str | None = None
+    deliver_at_ms: int | None = None
+    data: msgspec.Raw | None = None
 
 
 class _IdOnly(msgspec.Struct):
@@ -251,6 +263,24 @@ class EventIntake:
                 return EventResult(event_id, first.partition, first.offset, True), ack
         else:
             event_id = self._gen.next()
+        deliver_at_ms = None
+        if ev.deliver_at is not None:
+            deliver_at_ms = _rfc3339_ms(ev.deliver_at)
+            if deliver_at_ms is None:
+                raise InvalidRequest(
+                    "deliver_at must be an RFC 3339 time with an offset or Z",
+                    field=where + "deliver_at",
+                )
+        if ev.cancellation_key is not None and not 1 <= len(ev.cancellation_key) <= 256:
+            raise InvalidRequest(
+                "cancellation_key must be 1-256 characters", field=where + "cancellation_key"
+            )
+        if ev.users is not None and len(ev.users) > self.config.limits.max_events_per_batch:
+            raise PayloadTooLarge(
+                f"{len(ev.users)} users exceed {self.config.limits.max_events_per_batch}; "
+                "subscribe them to a topic instead",
+                field=where + "users",
+            )
         value = self._enc.encode(
             StoredEvent(
                 event_id=event_id,
@@ -263,6 +293,11 @@ class EventIntake:
                 users=ev.users,
                 metadata=ev.metadata,
                 dedupe=chosen,
+                broadcast=ev.broadcast,
+                cancellation_key=ev.cancellation_key,
+                category=ev.category,
+                deliver_at_ms=deliver_at_ms,
+                data=ev.data,
             )
         )
         limit = self.config.limits.max_event_bytes
@@ -394,6 +429,19 @@ class EventIntake:
 
     def sweep(self, now_ms: int) -> int:
         return self.ids.sweep(now_ms)
+
+
+def _rfc3339_ms(text: str) -> int | None:
+    """Unix ms of an RFC 3339 time that carries its offset (or Z); None otherwise."""
+    if len(text) > 64:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    return int(when.timestamp() * 1000)
 
 
 def _fetch(partition: int, offset: int) -> p.Fetch:

@@ -354,3 +354,121 @@ class AuditRecord(_Row, kw_only=True):
     attempt: int | None = None
     topic: str | None = None
     at_ms: int
+
+
+# ------------------------------------------------------------------------- engine state
+# Rows the engine keeps in LMDB (notify/timers.py, digests.py, delivery.py, dlq.py,
+# audit.py, fanout.py). Keys are described where each table is defined.
+class ParkedEvent(_Row, kw_only=True):
+    """What a parked run keeps of its event: enough to resume it without the log."""
+
+    tenant: str
+    event_id: str
+    topic: str
+    priority: str = "normal"
+    category: str | None = None
+    data: bytes = b"null"  # the event's data (JSON)
+    received_ms: int
+    cancellation_key: str | None = None
+
+
+class TimerRow(_Row, kw_only=True):
+    """A parked run (or a batch window): fire at ``due_ms``, resume ``plan_ref``'s run at
+    step ``resume_at``. ``kind``: delay, quiet_hours, deliver_at, wait_seen, batch."""
+
+    timer_id: str
+    kind: str
+    due_ms: int
+    user: str
+    run_id: str
+    event: ParkedEvent
+    plan_ref: str
+    resume_at: int
+    step: int
+    batch_slot: str | None = None  # a batch window's row key
+    created_ms: int
+
+
+class PlanRow(_Row, kw_only=True):
+    """A plan parked runs refer to: a workflow body, or the default plan's channels."""
+
+    body: dict[str, Any] | None = None
+    channels: list[str] | None = None
+
+
+class OpenBatch(_Row, kw_only=True):
+    """A batch window collecting one recipient's events (per topic, step and key)."""
+
+    batch_id: str
+    timer_id: str
+    closes_ms: int
+    count: int = 0  # activities joined (members beyond max_items are counted, not kept)
+    kept: int = 0
+    max_items: int
+    next_seq: int = 0
+
+
+class BatchMember(_Row, kw_only=True):
+    run_id: str
+    event: ParkedEvent
+
+
+class CancelRef(_Row, kw_only=True):
+    """An entry of the cancellation index: a parked timer or a batch membership."""
+
+    kind: str  # "timer" | "member"
+    ref: bytes  # the timer id, or the member's row key
+    run_id: str
+    event_id: str
+    slot: str | None = None  # a member's batch window
+
+
+class FanoutMark(_Row, kw_only=True):
+    """How far a large fan-out got: every output for recipients up to ``after`` is
+    durably appended (resume after it)."""
+
+    offset: int
+    after: str
+    pages: int = 0
+
+
+class DedupeRow(_Row, kw_only=True):
+    """A delivery id the worker has handled: ``final`` (delivered, dead, suppressed, shed)
+    or handed to a retry tier at ``attempt``; ``replay`` is the DLQ replay generation."""
+
+    at_ms: int
+    attempt: int = 1
+    final: bool = False
+    replay: int = 0
+
+
+class DeadIndex(_Row, kw_only=True):
+    """The DLQ index: where a dead letter is and what it says (for list/show/replay)."""
+
+    letter: bytes  # the DeadLetter as JSON
+    partition: int
+    offset: int = -1
+    dead_ms: int
+
+
+class StatusRow(_Row, kw_only=True):
+    """The status index (GET /events/{id}): one (event, user, channel)."""
+
+    status: str
+    delivery_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    until_ms: int | None = None
+    attempts: list[Attempt] = []
+    updated_ms: int
+    topic: str | None = None
+
+
+class Notification(_Row, kw_only=True):
+    """One notification (run) of a user's feed, with its engagement set."""
+
+    event_id: str
+    topic: str
+    created_ms: int
+    engagement: list[str] = []
+    engaged_ms: dict[str, int] = {}

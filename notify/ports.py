@@ -89,7 +89,9 @@ class Directory(Protocol):
         """Whether a run passes a throttle window (``key`` names it), counting it if so
         (idempotent per ``tag``: a redone run passes again). Written without a sync."""
 
-    def record(self, tenant: str, user: str, charges: Sequence[object], now_ms: int, tag: str) -> None:
+    def record(
+        self, tenant: str, user: str, charges: Sequence[object], now_ms: int, tag: str
+    ) -> None:
         """Count one queued delivery in the policy's cap windows (``charges`` from a
         :class:`~notify.runs.Go`); idempotent per ``tag``. Written without a sync."""
 

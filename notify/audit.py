@@ -1,0 +1,252 @@
+"""The audit trail and what is built from it.
+
+Every transition of every (event, user, channel) is an :class:`~notify.model.AuditRecord` in
+``__audit`` (keyed by ``tenant\\0event_id``, so one event's records are in order on one
+partition). The indexer, group ``notify.audit``, folds them into LMDB:
+
+- ``notify_status``: ``tenant\\0event_id\\0user\\0channel`` -> :class:`StatusRow`: the delivery
+  status (one, ordered: a later stage never goes back to an earlier one, except a DLQ replay,
+  which queues again), the reason and detail of the deciding rule, cap, window or provider
+  answer, and every attempt. What ``GET /events/{id}`` answers (:meth:`AuditIndex.status`).
+- ``notify_notes``: ``tenant\\0user\\0run_id`` -> :class:`Notification` (the notification of
+  one event for one user, with its engagement set: seen, read, clicked, archived);
+  ``notify_feed``: ``tenant\\0user\\0<inverted created time>\\0run_id`` -> run id, the user's
+  feed newest first; ``notify_unread``: ``tenant\\0user`` -> how many are not read.
+
+Engagement marks (:meth:`AuditIndex.mark`) are written to LMDB at once (and synced) and also
+appended as audit records: ``wait_seen`` reads the mark at its deadline, so it must not wait
+for the indexer. Folding is idempotent (a redone batch changes nothing), so the indexer
+commits after its writes are synced like every other stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from broker.client import ConsumerRecord
+from broker.local import LocalClient
+from notify import ids
+from notify.model import Attempt, AuditRecord, Notification, StatusRow
+from notify.stage import Stage
+from storage.kv import KV, Txn
+
+AUDIT_TOPIC: Final = "__audit"
+GROUP: Final = "notify.audit"
+ENGAGEMENTS: Final = ("seen", "read", "clicked", "archived")
+# delivery statuses by stage: a record of a lower rank never overwrites a higher one
+RANK: Final = {
+    "queued": 0,
+    "deferred": 0,
+    "undelivered": 1,
+    "sent": 2,
+    "delivered": 3,
+    "dead_lettered": 3,
+    "suppressed": 3,
+    "cancelled": 3,
+    "shed": 3,
+}
+_FAR: Final = 1 << 62
+
+
+class Unread(msgspec.Struct, array_like=True):
+    count: int
+
+
+class FeedRef(msgspec.Struct, array_like=True):
+    run_id: str
+
+
+class AuditIndex:
+    """The LMDB index behind event status and user feeds (reads are safe anywhere)."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self.statuses = kv.table("notify_status", StatusRow)
+        self.notes = kv.table("notify_notes", Notification)
+        self.feed_rows = kv.table("notify_feed", FeedRef)
+        self.unread = kv.table("notify_unread", Unread)
+
+    # --------------------------------------------------------------------- folding
+    def fold(self, txn: Txn, rec: AuditRecord) -> None:
+        if rec.channel is None:
+            if rec.status in ENGAGEMENTS:
+                self._engage(txn, rec.tenant, rec.user, rec.run_id, rec.status, rec.at_ms)
+            elif rec.status in ("cancelled", "deferred"):
+                self._status(txn, rec, "*")
+            return
+        self._status(txn, rec, rec.channel)
+        if rec.status == "queued":
+            self._note(txn, rec)
+
+    def _status(self, txn: Txn, rec: AuditRecord, channel: str) -> None:
+        key = f"{rec.tenant}\0{rec.event_id}\0{rec.user}\0{channel}"
+        row = self.statuses.get(key, txn=txn)
+        rank = RANK.get(rec.status)
+        if rank is None:
+            return
+        attempts = list(row.attempts) if row is not None else []
+        counted = rec.status in ("delivered", "undelivered", "dead_lettered")
+        if rec.attempt is not None and counted and not any(a.at_ms == rec.at_ms for a in attempts):
+            attempts.append(
+                Attempt(
+                    at_ms=rec.at_ms,
+                    outcome=rec.status,
+                    detail=(rec.reason or "") + (f": {rec.detail}" if rec.detail else ""),
+                )
+            )
+        replay = rec.status == "queued" and rec.reason == "replay"
+        if row is not None and not replay and RANK.get(row.status, 0) > rank:
+            if len(attempts) != len(row.attempts):
+                row.attempts = attempts
+                self.statuses.put(key, row, txn=txn)
+            return
+        self.statuses.put(
+            key,
+            StatusRow(
+                status=rec.status,
+                delivery_id=rec.delivery_id or (row.delivery_id if row else None),
+                reason=rec.reason,
+                detail=rec.detail,
+                until_ms=rec.until_ms,
+                attempts=attempts,
+                updated_ms=rec.at_ms,
+                topic=rec.topic,
+            ),
+            txn=txn,
+        )
+
+    def _note(self, txn: Txn, rec: AuditRecord) -> None:
+        key = f"{rec.tenant}\0{rec.user}\0{rec.run_id}"
+        if self.notes.get(key, txn=txn) is not None:
+            return
+        self.notes.put(
+            key,
+            Notification(event_id=rec.event_id, topic=rec.topic or "", created_ms=rec.at_ms),
+            txn=txn,
+        )
+        self.feed_rows.put(
+            _feed_key(rec.tenant, rec.user, rec.at_ms, rec.run_id), FeedRef(rec.run_id), txn=txn
+        )
+        ukey = f"{rec.tenant}\0{rec.user}"
+        n = self.unread.get(ukey, txn=txn)
+        self.unread.put(ukey, Unread((n.count if n else 0) + 1), txn=txn)
+
+    def _engage(self, txn: Txn, tenant: str, user: str, run_id: str, what: str, at_ms: int) -> bool:
+        key = f"{tenant}\0{user}\0{run_id}"
+        note = self.notes.get(key, txn=txn)
+        if note is None:
+            return False
+        if what in note.engagement:
+            return True
+        note.engagement = [*note.engagement, what]
+        note.engaged_ms = {**note.engaged_ms, what: at_ms}
+        self.notes.put(key, note, txn=txn)
+        if what == "read":
+            ukey = f"{tenant}\0{user}"
+            n = self.unread.get(ukey, txn=txn)
+            if n is not None and n.count > 0:
+                self.unread.put(ukey, Unread(n.count - 1), txn=txn)
+        return True
+
+    # ----------------------------------------------------------------------- reads
+    def seen(self, tenant: str, user: str, run_id: str) -> bool:
+        note = self.notes.get(f"{tenant}\0{user}\0{run_id}")
+        return note is not None and "seen" in note.engagement
+
+    def status(self, tenant: str, event_id: str) -> list[dict[str, Any]]:
+        """Per recipient and channel: the delivery status and why, every attempt, and the
+        recipient's engagement with the notification. Empty for an unknown event (or one
+        of another tenant)."""
+        out: list[dict[str, Any]] = []
+        engaged: dict[str, list[str]] = {}
+        for key, row in self.statuses.scan(f"{tenant}\0{event_id}\0".encode()):
+            _t, _e, user, channel = key.decode().split("\0")
+            if user not in engaged:
+                note = self.notes.get(f"{tenant}\0{user}\0{ids.run_id(tenant, event_id, user)}")
+                engaged[user] = list(note.engagement) if note else []
+            item: dict[str, Any] = {"user": user, "channel": channel}
+            item.update(msgspec.to_builtins(row))
+            item["engagement"] = engaged[user]
+            out.append(item)
+        return out
+
+    def feed(
+        self, tenant: str, user: str, *, before: str | None = None, limit: int = 50
+    ) -> dict[str, Any]:
+        """The user's notifications, newest first, from the cursor ``before`` (the
+        ``cursor`` of the last item of the previous page), with the unread count."""
+        prefix = f"{tenant}\0{user}\0".encode()
+        after = prefix + before.encode() if before else None
+        items = []
+        for key, ref in self.feed_rows.scan(prefix, after=after, limit=min(limit, 500)):
+            note = self.notes.get(f"{tenant}\0{user}\0{ref.run_id}")
+            if note is None:
+                continue
+            items.append(
+                {
+                    "id": ref.run_id,
+                    "cursor": key[len(prefix) :].decode(),
+                    "event_id": note.event_id,
+                    "topic": note.topic,
+                    "created_ms": note.created_ms,
+                    "seen": "seen" in note.engagement,
+                    "read": "read" in note.engagement,
+                    "archived": "archived" in note.engagement,
+                    "engagement": list(note.engagement),
+                }
+            )
+        n = self.unread.get(f"{tenant}\0{user}")
+        return {"items": items, "unread": n.count if n else 0}
+
+    def mark(self, tenant: str, user: str, notification_id: str, what: str, at_ms: int) -> bool:
+        """Record an engagement (seen, read, clicked, archived) now. Returns False for an
+        unknown notification. The caller syncs and appends the audit record."""
+        if what not in ENGAGEMENTS:
+            raise ValueError(f"engagement must be one of {', '.join(ENGAGEMENTS)}")
+        with self.kv.transaction() as txn:
+            if what == "read":
+                self._engage(txn, tenant, user, notification_id, "seen", at_ms)
+            return self._engage(txn, tenant, user, notification_id, what, at_ms)
+
+
+def _feed_key(tenant: str, user: str, created_ms: int, run_id: str) -> bytes:
+    return f"{tenant}\0{user}\0{_FAR - created_ms:019d}\0{run_id}".encode()
+
+
+class AuditIndexer(Stage):
+    """Folds ``__audit`` into the index (group ``notify.audit``)."""
+
+    def __init__(
+        self,
+        client: LocalClient,
+        kv: KV,
+        index: AuditIndex,
+        *,
+        max_batch_bytes: int,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        super().__init__(
+            client,
+            kv,
+            group=GROUP,
+            topics=[AUDIT_TOPIC],
+            batch=5000,
+            max_batch_bytes=max_batch_bytes,
+            stopping=stopping,
+        )
+        self.name = "notify-audit"
+        self.index = index
+        self._decode = msgspec.msgpack.Decoder(AuditRecord).decode
+        self.folded = 0
+
+    async def handle(self, recs: list[ConsumerRecord]) -> None:
+        with self.kv.transaction() as txn:
+            for rec in recs:
+                try:
+                    self.index.fold(txn, self._decode(rec.value))
+                except msgspec.DecodeError:
+                    continue
+        self.folded += len(recs)

@@ -1,0 +1,341 @@
+"""Channel workers: group ``notify.deliver.<channel>`` over ``__deliver.<channel>``.
+
+Per batch of deliveries (records keyed by user, so one user's deliveries are on one partition,
+in order), users are served concurrently (at most ``deliver-concurrency`` at once) while each
+user's deliveries go one at a time, in order: order per (user, topic) holds up to the channel
+call. For each delivery:
+
+1. **dedupe** on its delivery id (``notify_dedupe``): one already finished (delivered, dead,
+   suppressed, shed), or already handed to a retry tier at this attempt, is skipped. A DLQ
+   replay carries a higher replay generation and passes once. Rows older than
+   ``dedupe-ttl-ms`` are swept in slices while the worker is idle.
+2. **strict order**: when its workflow asks for it and an earlier delivery of the same (user,
+   channel) waits in retry, it is held (``notify_held``) behind that one, and sent, in order,
+   once the blocker is delivered or dead.
+3. **back-pressure**: above ``queue-depth-bound`` deliveries waiting (the consumer's lag), low
+   priority deliveries are shed, normal ones above twice the bound; high and critical never.
+   Each is recorded as ``shed``.
+4. **legal opt-out**: checked again just before the send (a STOP that arrived after the
+   fan-out wins, over mandatory and critical too) -> ``suppressed legal_opt_out``.
+5. **send** (``channel.send``; the channel's own breaker answers ``retry(circuit_open)``
+   without calling a failing endpoint) and act on the outcome: delivered; retry -> the retry
+   tier (``notify.retry``) with the attempt recorded; permanent or attempts exhausted -> the
+   dead-letter queue (``notify.dlq``) with the reason and every attempt, and contact data the
+   channel found dead is invalidated through the directory.
+
+Every transition is an audit record. The batch's retry, DLQ and audit records are appended,
+the dedupe and DLQ rows synced, and only then the batch committed: a crash redoes it, and the
+dedupe set (plus the receiver's own, on ``webhook-id``) keeps the effect once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from broker.client import ConsumerRecord
+from broker.config import NotifyConfig
+from broker.local import LocalClient
+from channels.base import Channel, Delivered, Permanent, Retry
+from channels.base import Delivery as ChannelDelivery
+from notify import ids
+from notify.dlq import DeadLetters, dlq_topic, letter_of
+from notify.model import Attempt, AuditRecord, DedupeRow, Delivery
+from notify.ports import Directory
+from notify.retry import next_attempt, retried, tier_topic
+from notify.runner import emit_audit
+from notify.stage import Stage, TopicPartition
+from storage.kv import KV
+
+log = logging.getLogger("herald.notify.delivery")
+
+FINAL: Final = True
+_encode = msgspec.json.Encoder().encode
+
+
+class Blocker(msgspec.Struct, array_like=True):
+    delivery_id: str
+
+
+class Held(msgspec.Struct, array_like=True):
+    record: bytes
+
+
+class DeliveryWorker(Stage):
+    def __init__(
+        self,
+        client: LocalClient,
+        kv: KV,
+        *,
+        channel: Channel,
+        directory: Directory,
+        dead: DeadLetters,
+        config: NotifyConfig,
+        clock: Callable[[], int],
+        log_end: Callable[[str, int], int],
+        max_batch_bytes: int,
+        stopping: Callable[[], bool] = lambda: False,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        name = channel.name
+        super().__init__(
+            client,
+            kv,
+            group=f"notify.deliver.{name}",
+            topics=[f"__deliver.{name}"],
+            batch=config.deliver_batch,
+            max_batch_bytes=max_batch_bytes,
+            stopping=stopping,
+        )
+        self.name = f"notify-deliver-{name}"
+        self.channel = channel
+        self.channel_name = name
+        self.directory = directory
+        self.dead = dead
+        self.config = config
+        self.schedule = config.schedule(name)
+        self.clock = clock
+        self.log_end = log_end
+        self.rand = rand
+        self.dedupe = kv.table("notify_dedupe", DedupeRow)
+        self.blockers = kv.table("notify_blockers", Blocker)
+        self.held = kv.table("notify_held", Held)
+        self._decode = msgspec.json.Decoder(Delivery).decode
+        self._sem = asyncio.Semaphore(config.deliver_concurrency)
+        self._rows: dict[str, DedupeRow] = {}
+        self._sweep_after: bytes | None = None
+        self.sent = 0
+        self.delivered = 0
+        self.skipped = 0
+
+    # ---------------------------------------------------------------------- a batch
+    async def handle(self, recs: list[ConsumerRecord]) -> dict[TopicPartition, int] | None:
+        self._rows = {}
+        lag = self._lag(recs)
+        by_user: dict[bytes, list[Delivery]] = {}
+        for rec in recs:
+            try:
+                d = self._decode(rec.value)
+            except msgspec.DecodeError as exc:
+                log.error(
+                    "event=delivery_bad_record partition=%d offset=%d error=%s",
+                    rec.partition,
+                    rec.offset,
+                    exc,
+                )
+                continue
+            by_user.setdefault(rec.key or b"", []).append(d)
+        if len(by_user) == 1:
+            (ds,) = by_user.values()
+            await self._user(ds, lag)
+        else:
+            await asyncio.gather(*(self._user(ds, lag) for ds in by_user.values()))
+        if self._rows:
+            self.dedupe.put_many(list(self._rows.items()))
+        return None
+
+    def _lag(self, recs: list[ConsumerRecord]) -> int:
+        """Deliveries waiting behind this batch: what the queue-depth bound applies to."""
+        consumer = self.consumer
+        if consumer is None:
+            return 0
+        lag = 0
+        for t, p in consumer.assignment:
+            pos = consumer.positions.get((t, p))
+            if pos is not None:
+                lag += max(0, self.log_end(t, p) - pos)
+        return lag
+
+    async def _user(self, ds: list[Delivery], lag: int) -> None:
+        async with self._sem:
+            queue = list(ds)
+            while queue:
+                d = queue.pop(0)
+                released = await self._one(d, lag)
+                if released:
+                    queue[0:0] = released
+
+    # ---------------------------------------------------------------- one delivery
+    def _seen(self, d: Delivery) -> bool:
+        row = self._rows.get(d.delivery_id) or self.dedupe.get(d.delivery_id)
+        if row is None or d.replay > row.replay:
+            return False
+        return row.final or d.attempt <= row.attempt
+
+    def _mark(self, d: Delivery, *, final: bool) -> None:
+        self._rows[d.delivery_id] = DedupeRow(
+            at_ms=self.clock(), attempt=d.attempt, final=final, replay=d.replay
+        )
+
+    async def _one(self, d: Delivery, lag: int) -> list[Delivery]:
+        """Handle one delivery; returns deliveries released from behind it (strict order)."""
+        if self._seen(d):
+            self.skipped += 1
+            return []
+        block_key = f"{d.tenant}\0{d.user}\0{self.channel_name}"
+        if d.strict_order:
+            blocker = self.blockers.get(block_key)
+            if blocker is not None and blocker.delivery_id != d.delivery_id:
+                self.held.put(
+                    f"{block_key}\0{self.clock():016d}\0{d.delivery_id}", Held(_encode(d))
+                )
+                self._audit(
+                    d, "deferred", reason="strict_order", detail=f"behind {blocker.delivery_id}"
+                )
+                return []
+        bound = self.config.queue_depth_bound
+        if (d.priority == "low" and lag > bound) or (d.priority == "normal" and lag > 2 * bound):
+            self._mark(d, final=FINAL)
+            self._audit(d, "shed", reason="queue_depth", detail=f"{lag} waiting")
+            return self._settled(d, block_key)
+        opt_out = self.directory.legal_opt_out(d.tenant, d.user, self.channel_name)
+        if opt_out is not None:
+            self._mark(d, final=FINAL)
+            self._audit(d, "suppressed", reason="legal_opt_out", detail=opt_out)
+            return self._settled(d, block_key)
+        now = self.clock()
+        view = ChannelDelivery(
+            delivery_id=d.delivery_id,
+            tenant=d.tenant,
+            user=d.user,
+            topic=d.topic,
+            event_id=d.event_id,
+            created_ms=d.created_ms,
+            attempt=d.attempt,
+            first_attempt_ms=d.first_attempt_ms or now,
+            priority=d.priority,
+            category=d.category,
+            payload=d.data if d.data is not None else msgspec.Raw(b"null"),
+            activities=tuple(d.activities) if d.activities is not None else None,
+            address=self.directory.address(d.tenant, d.user, self.channel_name),  # type: ignore[arg-type]
+        )
+        try:
+            outcome: Any = await self.channel.send(view)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a channel must answer outcomes; be safe if one raises
+            log.exception(
+                "event=channel_raised channel=%s delivery_id=%s", self.channel_name, d.delivery_id
+            )
+            outcome = Retry(after_s=None, reason="channel_error", detail=repr(exc)[:200])
+        self.sent += 1
+        done = self.clock()
+        attempt = Attempt(at_ms=done, outcome=_kind(outcome), detail=_detail(outcome))
+        d = msgspec.structs.replace(
+            d, attempts=[*d.attempts, attempt], first_attempt_ms=d.first_attempt_ms or now
+        )
+        if isinstance(outcome, Delivered):
+            self.delivered += 1
+            self._mark(d, final=FINAL)
+            self._audit(d, "delivered", detail=outcome.detail or None, attempt=d.attempt)
+            return self._settled(d, block_key)
+        if isinstance(outcome, Retry):
+            nxt = next_attempt(self.schedule, d.attempt, done, self.rand(), outcome.after_s)
+            if nxt is not None:
+                tier, due = nxt
+                again = retried(msgspec.structs.replace(d, last_error=outcome.reason), due_ms=due)
+                self.outbox.add(
+                    tier_topic(self.channel_name, tier),
+                    ids.user_key(d.tenant, d.user),
+                    _encode(again),
+                )
+                self._mark(d, final=False)
+                self._audit(
+                    d,
+                    "undelivered",
+                    reason=outcome.reason,
+                    detail=outcome.detail or None,
+                    attempt=d.attempt,
+                    until_ms=due,
+                )
+                if d.strict_order:
+                    self.blockers.put(block_key, Blocker(d.delivery_id))
+                return []
+            reason = f"attempts_exhausted:{outcome.reason}"
+        else:
+            assert isinstance(outcome, Permanent)
+            reason = outcome.reason
+            if outcome.invalidates is not None:
+                self.directory.invalidate(
+                    d.tenant, d.user, self.channel_name, outcome.invalidates, outcome.detail
+                )
+        letter = letter_of(d, reason, done)
+        raw = self.dead.record(None, letter, 0)
+        self.outbox.add(dlq_topic(self.channel_name), ids.user_key(d.tenant, d.user), raw)
+        self._mark(d, final=FINAL)
+        self._audit(d, "dead_lettered", reason=reason, detail=_detail(outcome), attempt=d.attempt)
+        return self._settled(d, block_key)
+
+    def _settled(self, d: Delivery, block_key: str) -> list[Delivery]:
+        """``d`` is finished: if it held others back (strict order), release them."""
+        if not d.strict_order:
+            return []
+        blocker = self.blockers.get(block_key)
+        if blocker is None or blocker.delivery_id != d.delivery_id:
+            return []
+        self.blockers.delete(block_key)
+        held = list(self.held.scan(f"{block_key}\0".encode()))
+        self.held.delete_many([k for k, _v in held])
+        return [self._decode(h.record) for _k, h in held]
+
+    def _audit(
+        self,
+        d: Delivery,
+        status: str,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+        attempt: int | None = None,
+        until_ms: int | None = None,
+    ) -> None:
+        emit_audit(
+            self.outbox,
+            AuditRecord(
+                tenant=d.tenant,
+                event_id=d.event_id,
+                user=d.user,
+                run_id=d.run_id,
+                channel=self.channel_name,
+                delivery_id=d.delivery_id,
+                status=status,
+                reason=reason,
+                detail=detail,
+                until_ms=until_ms,
+                attempt=attempt,
+                topic=d.topic,
+                at_ms=self.clock(),
+            ),
+        )
+
+    # ------------------------------------------------------------------- upkeep
+    async def idle(self) -> None:
+        """Forget dedupe rows past the TTL, a slice at a time."""
+        cutoff = self.clock() - self.config.dedupe_ttl_ms
+        rows = self.dedupe.scan_raw(b"", after=self._sweep_after, limit=2000)
+        if not rows:
+            self._sweep_after = None
+            return
+        self._sweep_after = rows[-1][0]
+        dec = msgspec.msgpack.Decoder(DedupeRow).decode
+        old: list[bytes | str] = [k for k, v in rows if dec(v).at_ms < cutoff]
+        if old:
+            self.dedupe.delete_many(old)
+
+
+def _kind(outcome: object) -> str:
+    if isinstance(outcome, Delivered):
+        return "delivered"
+    if isinstance(outcome, Retry):
+        return "retry"
+    return "permanent"
+
+
+def _detail(outcome: object) -> str:
+    reason = getattr(outcome, "reason", "")
+    detail = getattr(outcome, "detail", "")
+    return f"{reason}: {detail}"[:300] if reason else str(detail)[:300]

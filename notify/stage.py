@@ -1,0 +1,252 @@
+"""The stage loop every engine of the core runs: consume a batch, compute its outputs, append
+them (batched per partition, ``acks=all``), sync the LMDB rows they depend on, and only then
+commit the batch's offsets. A crash anywhere before the commit redoes the batch; outputs carry
+stable ids (``notify.ids``), so a redo is harmless downstream.
+
+:class:`Outbox` gathers output records per (topic, partition) and appends each partition's
+records as one batch (split at ``max_batch_bytes``) through the idempotent producer of the
+in-process client (``broker/local.py``).
+
+:class:`Stage` is a consumer-group member (``broker.client.Consumer`` over a
+:class:`~broker.local.LocalClient`) running :meth:`Stage.handle` per batch. A failed batch
+(a storage error, the node refusing appends while it stops) is abandoned: its positions go
+back to the batch's start and it is tried again after a pause, or by the next owner. Stopping
+lets the batch in hand finish (bounded by ``stop_timeout``), else abandons it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from broker.client import BrokerError, Consumer, ConsumerRecord, Producer
+from broker.local import LocalClient
+from broker.protocol import partition_for_key
+from storage import records
+from storage.errors import StorageError
+from storage.kv import KV
+
+log = logging.getLogger("herald.notify")
+
+TopicPartition = tuple[str, int]
+_RECORD_OVERHEAD: Final = 32  # msgpack framing per record, generously
+
+
+class Outbox:
+    """Output records waiting to be appended, per (topic, partition), in the order added.
+
+    Memory: the encoded values and keys of at most one flush's records; the caller bounds
+    it by flushing (``len(outbox)`` is the record count)."""
+
+    def __init__(self, partitions: Callable[[str], int], max_batch_bytes: int) -> None:
+        self._partitions = partitions
+        self._max_bytes = max_batch_bytes - records.HEADER_SIZE
+        self._rows: dict[TopicPartition, tuple[list[bytes | None], list[bytes]]] = {}
+        self._counts: dict[str, int] = {}
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def partition_of(self, topic: str, key: bytes) -> int:
+        n = self._counts.get(topic)
+        if n is None:
+            n = self._counts[topic] = self._partitions(topic)
+        return partition_for_key(key, n)
+
+    def add(self, topic: str, key: bytes, value: bytes) -> None:
+        """Queue one record for the partition of ``key``."""
+        tp = (topic, self.partition_of(topic, key))
+        rows = self._rows.get(tp)
+        if rows is None:
+            rows = self._rows[tp] = ([], [])
+        rows[0].append(key)
+        rows[1].append(value)
+        self.count += 1
+
+    async def send(self, producer: Producer) -> int:
+        """Append everything queued (one batch per partition unless it exceeds the batch
+        limit) and wait for every acknowledgement. Returns the records appended. On
+        failure nothing is cleared: the caller abandons its batch."""
+        if not self._rows:
+            return 0
+        sends = []
+        for (topic, partition), (keys, values) in self._rows.items():
+            start = size = 0
+            for i, v in enumerate(values):
+                need = len(v) + len(keys[i] or b"") + _RECORD_OVERHEAD
+                if i > start and size + need > self._max_bytes:
+                    sends.append(
+                        producer.send_batch(
+                            topic, values[start:i], partition=partition, keys=keys[start:i]
+                        )
+                    )
+                    start, size = i, 0
+                size += need
+            sends.append(
+                producer.send_batch(topic, values[start:], partition=partition, keys=keys[start:])
+            )
+        await asyncio.gather(*sends)
+        sent = self.count
+        self._rows.clear()
+        self.count = 0
+        return sent
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self.count = 0
+
+
+class Stage:
+    """One consumer-group member of the core. Subclasses implement :meth:`handle` (and may
+    call :meth:`flush` mid-batch to bound memory); everything else is here."""
+
+    name = "stage"
+    retry_pause_s = 1.0
+
+    def __init__(
+        self,
+        client: LocalClient,
+        kv: KV,
+        *,
+        group: str,
+        topics: list[str],
+        batch: int,
+        max_batch_bytes: int,
+        stopping: Callable[[], bool] = lambda: False,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.kv = kv
+        self.group = group
+        self.topics = topics
+        self.batch = batch
+        self.stopping_node = stopping
+        self.stop_timeout = stop_timeout
+        self.outbox = Outbox(self._partition_count, max_batch_bytes)
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = False
+        self._busy = False
+        self.batches = 0
+        self.records_in = 0
+        self.records_out = 0
+
+    def _partition_count(self, topic: str) -> int:
+        n = self.client._partition_counts.get(topic)
+        if n is None:
+            raise KeyError(f"unknown partition count for {topic}")
+        return n
+
+    async def start(self) -> None:
+        self.producer = await self.client.producer(acks=-1, linger_ms=0)
+        await self.client.metadata(None)  # partition counts of every topic, for the outbox
+        self.consumer = Consumer(
+            self.client,
+            self.topics,
+            group=self.group,
+            auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_bytes=4 * 1024 * 1024,
+        )
+        await self.consumer.start()
+        await self.started()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def started(self) -> None:
+        """Called once the consumer has joined (subclasses: resume state)."""
+
+    async def stop(self) -> None:
+        self._stop = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.stop_timeout)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        if self.consumer is not None:
+            with contextlib.suppress(BrokerError):
+                await self.consumer.close()
+        await self.stopped()
+
+    async def stopped(self) -> None:
+        """Called after the loop ended (subclasses: release resources)."""
+
+    # ------------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        while not self._stop:
+            if self.stopping_node():
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                recs = await consumer.getmany(timeout_ms=100, max_records=self.batch)
+            except BrokerError as exc:
+                log.warning("event=stage_fetch_failed stage=%s error=%s", self.name, exc)
+                await asyncio.sleep(self.retry_pause_s)
+                continue
+            if not recs:
+                await self.idle()
+                continue
+            starts: dict[TopicPartition, int] = {}
+            ends: dict[TopicPartition, int] = {}
+            for r in recs:
+                tp = (r.topic, r.partition)
+                starts.setdefault(tp, r.offset)
+                ends[tp] = r.offset + 1
+            try:
+                self._busy = True
+                handled = await self.handle(recs)
+                await self.flush()
+                if handled is not None:
+                    ends = handled
+                if ends:
+                    await consumer.commit(ends)
+                self.batches += 1
+                self.records_in += len(recs)
+            except (BrokerError, StorageError, OSError) as exc:
+                self.outbox.clear()
+                for (t, p), off in starts.items():
+                    if (t, p) in consumer.positions:
+                        consumer.seek(t, p, off)
+                if not (self._stop or self.stopping_node()):
+                    log.warning(
+                        "event=stage_batch_abandoned stage=%s records=%d error=%r",
+                        self.name,
+                        len(recs),
+                        exc,
+                    )
+                    await asyncio.sleep(self.retry_pause_s)
+                await self.abandoned()
+            finally:
+                self._busy = False
+
+    async def flush(self) -> None:
+        """Append every queued output (``acks=all``) and sync the state store: what the
+        batch's commit (or a progress mark written next) may rely on."""
+        assert self.producer is not None
+        appended, _ = await asyncio.gather(self.outbox.send(self.producer), self.kv.sync())
+        self.records_out += appended
+
+    async def handle(self, recs: list[ConsumerRecord]) -> dict[TopicPartition, int] | None:
+        """Process a batch: LMDB writes in short transactions, outputs to ``self.outbox``.
+        Returns None when the whole batch is done, else the offsets to commit (the next
+        offset per partition; a stage that handled only a prefix seeks back itself)."""
+        raise NotImplementedError
+
+    async def idle(self) -> None:
+        """Called when a fetch brought nothing (subclasses: periodic work)."""
+
+    async def abandoned(self) -> None:
+        """Called after a batch was given up (subclasses: drop in-memory state of it)."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

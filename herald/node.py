@@ -8,8 +8,9 @@ The node composes everything; nothing below it knows the whole. Order::
     listeners (TCP, HTTP) -> housekeeping loops (group sessions, retention, state-store
     sync, event-id expiry)
 
-The product's engines (fan-out, delivery, gateway) join this list as components of their
-own, after the broker and before the listeners.
+The notifications engine (``notify/engine.py``: fan-out, timers, delivery workers, retry
+tiers, the audit indexer) is a component between the broker and the listeners; the gateway
+will join it there.
 
 A :class:`Component` has ``start`` (returns once the component is ready: start-up order is
 code, not sleeps) and ``stop``; the node pushes each ``stop`` on an ``AsyncExitStack`` as
@@ -44,7 +45,11 @@ from broker.http import HttpApi, HttpStats
 from broker.http_ingest import IngestServer
 from broker.service import BrokerService
 from broker.tcp import TcpServer
+from channels.base import Channel
 from herald.metrics import Stats, make_registry, render
+from notify.directory import EmptyDirectory
+from notify.engine import Engine
+from notify.ports import Directory
 from storage.errors import StorageError
 from storage.kv import KV
 from storage.log import Log
@@ -280,9 +285,25 @@ class Housekeeping:
 
 # ------------------------------------------------------------------------------ node
 class Node:
-    def __init__(self, config: Config, *, shutdown_timeout: float = 4.0) -> None:
+    """``directory`` answers the engine's registry and policy questions (default: the
+    registry of this node's state store); ``channels`` replaces channels by name and
+    ``clock`` the wall clock (Unix ms) of the engine: both for tests."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shutdown_timeout: float = 4.0,
+        directory: Callable[[KV], Directory] | None = None,
+        channels: dict[str, Channel] | None = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
         self.config = config
         self.shutdown_timeout = shutdown_timeout
+        self.make_directory = directory
+        self.channels = channels
+        self.clock = clock
+        self.engine: Engine | None = None
         self.service: BrokerService | None = None
         self.tcp: TcpServer | None = None
         self.http_stats: HttpStats | None = None
@@ -324,6 +345,19 @@ class Node:
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)
+            directory = (
+                self.make_directory(state.kv) if self.make_directory else EmptyDirectory()
+            )
+            engine = self.engine = Engine(
+                cfg,
+                broker.service,
+                broker.intake,
+                state.kv,
+                directory=directory,
+                channels=self.channels,
+                **({"clock": self.clock} if self.clock is not None else {}),
+            )
+            await start(engine)
             listeners = Listeners(cfg, broker, auth, self.shutdown_timeout)
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             registry = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))

@@ -210,7 +210,7 @@ class DeliveryWorker(Stage):
             first_attempt_ms=d.first_attempt_ms or now,
             priority=d.priority,
             category=d.category,
-            payload=d.data if d.data is not None else msgspec.Raw(b"null"),
+            payload=d.data,
             activities=tuple(d.activities) if d.activities is not None else None,
             address=self.directory.address(d.tenant, d.user, self.channel_name),  # type: ignore[arg-type]
         )

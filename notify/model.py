@@ -292,7 +292,7 @@ class Delivery(_Row, kw_only=True):
     step: int
     priority: str = "normal"
     category: str | None = None
-    data: msgspec.Raw | None = None  # the event's payload / data (JSON)
+    data: msgspec.Raw = msgspec.Raw(b"null")  # the event's data (JSON; a Raw is not optional)
     activities: list[msgspec.Raw] | None = None  # a closed batch's events
     created_ms: int
     attempt: int = 1

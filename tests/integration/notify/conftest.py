@@ -53,10 +53,10 @@ class RunningNode:
         self.clock.advance(ms)
         self.engine.poke()
 
-    async def drained(self, timeout: float = 10.0) -> None:
+    async def drained(self, within: float = 10.0) -> None:
         """Wait until every stage has consumed everything appended so far."""
         service = self.engine.service
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + within
         while True:
             behind = 0
             for stage in self.engine.stages:

@@ -108,9 +108,9 @@ class Receiver:
         return [h for h in self.hooks if h.user == user]
 
     async def wait_for(
-        self, check: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+        self, check: Callable[[], bool], within: float = 10.0, what: str = "condition"
     ) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while not check():
             left = deadline - time.monotonic()
             if left <= 0:

@@ -5,6 +5,7 @@ dead-letter queue and its replay, the legal opt-out re-check, tenants kept apart
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from .conftest import NodeFactory
 from .support import DictDirectory, Receiver
@@ -45,7 +46,7 @@ async def test_one_event_to_a_thousand_subscribers(
         directory.subscribe(T, u, "news", ["webhook"])
     node = await start_node(directory, fanout_page=100)
     await node.publish(topic="news", payload={"headline": "hi"})
-    await receiver.wait_for(lambda: len(receiver.hooks) >= 1000, timeout=60, what="1000 hooks")
+    await receiver.wait_for(lambda: len(receiver.hooks) >= 1000, within=60, what="1000 hooks")
     await receiver.settle(0.3)
     assert sorted(h.user for h in receiver.hooks) == users
     assert len(receiver.ids()) == 1000 and receiver.bad_signatures == 0
@@ -87,11 +88,11 @@ async def test_a_receiver_down_for_a_while_gets_retries_with_growing_delays(
     )
     receiver.down = True
     ack = await node.publish(topic="orders", users=["alice"])
-    await receiver.wait_for(lambda: len(receiver.attempts) >= 3, timeout=10, what="3 attempts")
+    await receiver.wait_for(lambda: len(receiver.attempts) >= 3, within=10, what="3 attempts")
     receiver.down = False
-    await receiver.wait_for(lambda: len(receiver.hooks) == 1, timeout=10, what="success")
+    await receiver.wait_for(lambda: len(receiver.hooks) == 1, within=10, what="success")
     times = [t for _u, _w, t, _c in receiver.attempts]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 0.28 and gaps[1] >= 0.58 and gaps[1] > gaps[0]
     assert len({w for _u, w, _t, _c in receiver.attempts}) == 1  # one webhook-id throughout
     await node.drained()

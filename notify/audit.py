@@ -74,7 +74,7 @@ class AuditIndex:
         if rec.channel is None:
             if rec.status in ENGAGEMENTS:
                 self._engage(txn, rec.tenant, rec.user, rec.run_id, rec.status, rec.at_ms)
-            elif rec.status in ("cancelled", "deferred"):
+            else:  # a run-level transition (cancelled, a throttle, a delay): channel "*"
                 self._status(txn, rec, "*")
             return
         self._status(txn, rec, rec.channel)

@@ -316,6 +316,7 @@ class FakeClock:
 
     def __init__(self, start_ms: int | None = None) -> None:
         self.now = start_ms if start_ms is not None else time.time_ns() // 1_000_000
+        self.start = self.now
 
     def __call__(self) -> int:
         return self.now

@@ -1,0 +1,249 @@
+"""Workflow steps on a real node with an injected clock: delay fires on time, deliver_at,
+batch (one message per recipient and key per window, with every activity), throttle,
+wait_seen (escalates only when unseen), cancellation by key (parked runs, one batch member
+leaving the rest intact), suppression and quiet-hours deferral with their reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+from notify.ports import Occasion
+from notify.runs import Hold, Skip
+from notify.workflows import Send
+
+from .conftest import NodeFactory, RunningNode
+from .support import DictDirectory, FakeClock, Receiver
+
+T = "default"
+MIN = 60_000
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
+
+
+async def started(
+    start_node: NodeFactory,
+    directory: DictDirectory,
+    receiver: Receiver,
+    users: list[str],
+    topic: str,
+    workflow: dict[str, Any] | None = None,
+) -> tuple[RunningNode, FakeClock]:
+    for u in users:
+        directory.add_user(T, u, receiver.url(u))
+        directory.subscribe(T, u, topic, ["webhook"])
+    if workflow is not None:
+        directory.set_workflow(T, topic, workflow)
+    clock = FakeClock()
+    node = await start_node(directory, clock=clock)
+    return node, clock
+
+
+async def quiet(node: RunningNode, receiver: Receiver) -> None:
+    await node.drained()
+    await asyncio.sleep(0.15)
+    await node.drained()
+
+
+async def test_delay_fires_on_time_not_before(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {"steps": [{"delay": "10m"}, {"channel": "webhook"}]}
+    node, clock = await started(start_node, directory, receiver, ["alice"], "remind", wf)
+    ack = await node.publish(topic="remind")
+    await quiet(node, receiver)
+    (status,) = node.engine.event_status(T, ack["event_id"])
+    assert (status["status"], status["reason"]) == ("deferred", "delay")
+    assert status["until_ms"] == clock.now + 10 * MIN
+    node.tick(10 * MIN - 1000)
+    await quiet(node, receiver)
+    assert receiver.hooks == []
+    node.tick(1000)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 1, what="the delayed webhook")
+    # the timer's row goes once its outputs are durable (they may reach the receiver first)
+    await receiver.wait_for(lambda: node.engine.timers.next_due() is None, what="row gone")
+
+
+async def test_deliver_at_parks_the_event_until_then(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    node, clock = await started(start_node, directory, receiver, ["alice"], "report")
+    at = clock.now + 2 * 3_600_000
+    await node.publish(topic="report", deliver_at=iso(at))
+    await quiet(node, receiver)
+    assert receiver.hooks == [] and node.engine.timers.next_due() == at
+    node.tick(2 * 3_600_000)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 1, what="the scheduled webhook")
+
+
+async def test_batch_sends_one_message_per_user_and_key_per_window(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {
+        "steps": [
+            {"batch": {"window": "1h", "key": "data.thread"}},
+            {"channel": "webhook"},
+        ]
+    }
+    node, _clock = await started(start_node, directory, receiver, ["alice", "bob"], "chat", wf)
+    for i in range(5):
+        await node.publish(topic="chat", payload={"thread": "t1", "n": i})
+    await node.publish(topic="chat", payload={"thread": "t2", "n": 9})
+    await quiet(node, receiver)
+    assert receiver.hooks == []
+    node.tick(3_600_000)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 4, what="4 batch messages")
+    await receiver.settle(0.3)
+    assert len(receiver.hooks) == 4
+    got = {
+        (h.user, h.body["data"]["activities"][0]["thread"]): [
+            a["n"] for a in h.body["data"]["activities"]
+        ]
+        for h in receiver.hooks
+    }
+    assert got == {
+        ("alice", "t1"): [0, 1, 2, 3, 4],
+        ("bob", "t1"): [0, 1, 2, 3, 4],
+        ("alice", "t2"): [9],
+        ("bob", "t2"): [9],
+    }
+    # the next window is a new message
+    await node.publish(topic="chat", payload={"thread": "t1", "n": 10})
+    await quiet(node, receiver)
+    node.tick(3_600_000)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 6, what="the next window")
+
+
+async def test_throttle_lets_max_per_window_through(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {"steps": [{"throttle": {"max": 2, "per": "1h"}}, {"channel": "webhook"}]}
+    node, _clock = await started(start_node, directory, receiver, ["alice"], "alerts", wf)
+    acks = [await node.publish(topic="alerts", payload={"n": i}) for i in range(4)]
+    await receiver.wait_for(lambda: len(receiver.hooks) == 2)
+    await quiet(node, receiver)
+    assert [h.body["data"]["payload"]["n"] for h in receiver.hooks] == [0, 1]
+    (status,) = node.engine.event_status(T, acks[3]["event_id"])
+    assert (status["status"], status["reason"]) == ("suppressed", "throttle")
+    node.tick(3_600_000 + 1)
+    await node.publish(topic="alerts", payload={"n": 9})
+    await receiver.wait_for(lambda: len(receiver.hooks) == 3, what="a new window")
+
+
+async def test_wait_seen_escalates_only_when_unseen(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {
+        "steps": [
+            {"channel": "webhook"},
+            {"wait_seen": "15m", "else": [{"channel": "console"}]},
+        ]
+    }
+    node, _clock = await started(start_node, directory, receiver, ["alice", "bob"], "invoice", wf)
+    ack = await node.publish(topic="invoice")
+    await receiver.wait_for(lambda: len(receiver.hooks) == 2)
+    await quiet(node, receiver)
+    feed = node.engine.feed(T, "alice")
+    assert feed["unread"] == 1
+    (item,) = feed["items"]
+    assert await node.engine.mark(T, "alice", item["id"], "seen")
+    node.tick(15 * MIN)
+    await quiet(node, receiver)
+    await asyncio.sleep(0.2)
+    await quiet(node, receiver)
+    by = {
+        (s["user"], s["channel"]): s["status"] for s in node.engine.event_status(T, ack["event_id"])
+    }
+    assert by[("bob", "console")] == "delivered"  # bob never saw it: escalated
+    assert ("alice", "console") not in by  # alice saw it in time: no escalation
+    assert node.engine.feed(T, "alice")["items"][0]["seen"] is True
+
+
+async def test_cancellation_key_cancels_parked_runs(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {"steps": [{"delay": "30m"}, {"channel": "webhook"}]}
+    node, _clock = await started(start_node, directory, receiver, ["alice", "bob"], "cart", wf)
+    ack = await node.publish(topic="cart", cancellation_key="cart-7")
+    other = await node.publish(topic="cart", cancellation_key="cart-8")
+    await quiet(node, receiver)
+    assert await node.engine.cancel(T, "cart-7", users=["alice"]) == 1
+    assert await node.engine.cancel(T, "cart-7") == 1  # bob's run
+    assert await node.engine.cancel(T, "cart-7") == 0
+    node.tick(30 * MIN)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 2, what="the other key's runs")
+    await receiver.settle(0.3)
+    assert {h.body["data"]["event_id"] for h in receiver.hooks} == {other["event_id"]}
+    await node.drained()
+    statuses = node.engine.event_status(T, ack["event_id"])
+    assert {s["status"] for s in statuses} == {"cancelled"}
+
+
+async def test_a_cancelled_batch_member_leaves_the_rest_intact(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {"steps": [{"batch": {"window": "10m"}}, {"channel": "webhook"}]}
+    node, _clock = await started(start_node, directory, receiver, ["alice"], "likes", wf)
+    await node.publish(topic="likes", payload={"n": 1}, cancellation_key="k1")
+    await node.publish(topic="likes", payload={"n": 2}, cancellation_key="k2")
+    await node.publish(topic="likes", payload={"n": 3}, cancellation_key="k3")
+    await quiet(node, receiver)
+    assert await node.engine.cancel(T, "k1") == 1  # the member that opened the window
+    node.tick(10 * MIN)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 1, what="the batch")
+    await receiver.settle(0.3)
+    (hook,) = receiver.hooks
+    assert [a["n"] for a in hook.body["data"]["activities"]] == [2, 3]
+
+
+async def test_cancelling_every_member_sends_nothing(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    wf = {"steps": [{"batch": {"window": "10m"}}, {"channel": "webhook"}]}
+    node, _clock = await started(start_node, directory, receiver, ["alice"], "likes", wf)
+    await node.publish(topic="likes", payload={"n": 1}, cancellation_key="same")
+    await node.publish(topic="likes", payload={"n": 2}, cancellation_key="same")
+    await quiet(node, receiver)
+    assert await node.engine.cancel(T, "same") == 2
+    assert node.engine.timers.next_due() is None
+    node.tick(10 * MIN)
+    await quiet(node, receiver)
+    assert receiver.hooks == []
+
+
+async def test_suppressed_with_the_rule_as_reason_and_deferred_until_quiet_hours_end(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    """The policy's verdicts flow through the engine: a muted topic is suppressed naming
+    its rule, quiet hours defer to their end and ``critical`` goes through (the verdicts
+    here come from the test directory; notify.policy decides them in a node)."""
+    clock_box: list[FakeClock] = []
+
+    def rule(occ: Occasion, user: str, step: Send, now: int) -> Hold | Skip | None:
+        if occ.topic == "promo":
+            return Skip("preference", "rule topic=promo channel=* allow=false (user)")
+        ends = clock_box[0].start + 7 * 3_600_000  # the quiet window's end
+        if occ.priority != "critical" and user == "night-owl" and now < ends:
+            return Hold(ends, "quiet_hours", "22:00-07:00 UTC")
+        return None
+
+    directory.rules.append(rule)
+    node, clock = await started(start_node, directory, receiver, ["alice", "night-owl"], "promo")
+    clock_box.append(clock)
+    for u in ("alice", "night-owl"):
+        directory.subscribe(T, u, "ops", ["webhook"])
+    muted = await node.publish(topic="promo")
+    deferred = await node.publish(topic="ops", payload={"n": 1})
+    await node.publish(topic="ops", payload={"n": 2}, priority="critical")
+    await receiver.wait_for(lambda: len(receiver.hooks) == 3, what="alice twice, owl critical")
+    await quiet(node, receiver)
+    st = {s["user"]: s for s in node.engine.event_status(T, muted["event_id"])}
+    assert st["alice"]["status"] == "suppressed" and st["alice"]["reason"] == "preference"
+    assert "topic=promo" in st["alice"]["detail"]
+    owl = {s["user"]: s for s in node.engine.event_status(T, deferred["event_id"])}["night-owl"]
+    assert (owl["status"], owl["reason"]) == ("deferred", "quiet_hours")
+    node.tick(7 * 3_600_000)
+    await receiver.wait_for(lambda: len(receiver.hooks) == 4, what="the deferred one")

@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None) -> int:
+    """Run a node. ``node_options`` go to :class:`herald.node.Node` (tests plug a directory
+    in this way; ``herald serve`` passes none)."""
     from broker.config import ConfigError, load_config
     from broker.errors import StateStoreFailed
     from herald.logs import setup_logging
@@ -44,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     async def main() -> None:
-        node = Node(cfg)
+        node = Node(cfg, **(node_options or {}))
         install_signal_handlers(node)
         await node.run()
 

@@ -128,9 +128,7 @@ class Engine:
             self.service.topics.ensure_internal(name, partitions)
         client = self.client = LocalClient(self.service, self.intake, client_id="herald-notify")
         for name in self.ncfg.channels:
-            self.channels[name] = self._given_channels.get(name) or make_channel(
-                name, self.config
-            )
+            self.channels[name] = self._given_channels.get(name) or make_channel(name, self.config)
         common: dict[str, Any] = {
             "max_batch_bytes": self.config.limits.max_batch_bytes,
             "stopping": lambda: self.service.stopping,
@@ -166,7 +164,9 @@ class Engine:
             lambda t: self.service.topics.partition_count(t) or 1,
             self.config.limits.max_batch_bytes,
         )
-        self.timer_loop = TimerLoop(self.timers, self._fire, self.clock, batch=self.ncfg.timer_batch)
+        self.timer_loop = TimerLoop(
+            self.timers, self._fire, self.clock, batch=self.ncfg.timer_batch
+        )
         self.timer_loop.start()
         self.fanout = Fanout(
             client,

@@ -21,6 +21,7 @@ Memory stays bounded by one page plus one flush of outputs, whatever the audienc
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
@@ -129,6 +130,17 @@ class Fanout(Stage):
         mark_key = str(rec.partition)
         mark = self.marks.get(mark_key)
         after = mark.after if mark is not None and mark.offset == rec.offset else None
+        if after is not None:
+            log.warning(
+                "event=fanout_resumed event_id=%s partition=%d offset=%d after=%s pages=%d",
+                ev.event_id,
+                rec.partition,
+                rec.offset,
+                after,
+                mark.pages if mark is not None else 0,
+            )
+        started = time.perf_counter()
+        before = self.recipients
         pages = 0
         default = tuple(c for c in self.config.default_channels if c in self.enabled)
         for page in self._pages(ev, after):
@@ -170,6 +182,16 @@ class Fanout(Stage):
                 )
         if pages > 1 or after is not None:
             self.marks.delete(mark_key)
+            log.info(
+                "event=fanout_done event_id=%s tenant=%s topic=%s recipients=%d pages=%d "
+                "seconds=%.3f",
+                ev.event_id,
+                ev.tenant,
+                ev.topic,
+                self.recipients - before,
+                pages,
+                time.perf_counter() - started,
+            )
 
     def _pages(self, ev: StoredEvent, after: str | None) -> Iterator[Sequence[Subscriber]]:
         size = self.config.fanout_page

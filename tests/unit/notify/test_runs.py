@@ -57,7 +57,11 @@ def test_quiet_hours_park_the_run_at_the_deferred_step_itself() -> None:
     )
     assert out.emits == []
     assert out.park is not None
-    assert (out.park.kind, out.park.until_ms, out.park.resume_at) == ("quiet_hours", NOW + 60_000, 0)
+    assert (out.park.kind, out.park.until_ms, out.park.resume_at) == (
+        "quiet_hours",
+        NOW + 60_000,
+        0,
+    )
     assert out.notes[0].status == "deferred" and out.notes[0].until_ms == NOW + 60_000
 
 

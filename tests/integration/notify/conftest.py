@@ -73,7 +73,7 @@ class RunningNode:
             await asyncio.sleep(0.05)
 
 
-def test_config(tmp: Path, **notify: Any) -> Config:
+def node_config(tmp: Path, **notify: Any) -> Config:
     retry = notify.pop("retry_delays_ms", [300, 600, 1200])
     ncfg = NotifyConfig(
         channels=notify.pop("channels", ["webhook", "console"]),
@@ -128,7 +128,7 @@ async def start_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         config: Config | None = None,
         **notify: Any,
     ) -> RunningNode:
-        cfg = config or test_config(data or tmp_path / f"node{len(running)}", **notify)
+        cfg = config or node_config(data or tmp_path / f"node{len(running)}", **notify)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         node = Node(
             cfg,

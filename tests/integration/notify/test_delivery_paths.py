@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 
-from .conftest import NodeFactory
+import msgspec
+
+from broker.config import ApiKey, AuthConfig
+
+from .conftest import NodeFactory, node_config
 from .support import DictDirectory, Receiver
 
 T = "default"
@@ -155,3 +160,47 @@ async def test_a_legal_opt_out_is_checked_again_just_before_the_send(
     assert receiver.attempts == []
     (status,) = node.engine.event_status(T, ack["event_id"])
     assert (status["status"], status["reason"]) == ("suppressed", "legal_opt_out")
+
+
+async def test_a_second_tenant_sees_nothing_of_the_first(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver, tmp_path: Path
+) -> None:
+    keys = [
+        ApiKey(key="acme-key-0123456789", tenant="acme"),
+        ApiKey(key="globex-key-0123456789", tenant="globex"),
+    ]
+    cfg = node_config(tmp_path / "tenants", default_channels=["webhook"])
+    cfg = msgspec.structs.replace(cfg, auth=AuthConfig(keys=keys))
+    # the same user name in both tenants: only acme's has an endpoint, and a workflow
+    directory.add_user("acme", "alice", receiver.url("alice"))
+    directory.set_workflow("acme", "orders", {"steps": [{"delay": "1h"}, {"channel": "webhook"}]})
+    node = await start_node(directory, config=cfg)
+    parked = await node.publish(
+        "acme-key-0123456789", topic="orders", users=["alice"], cancellation_key="k"
+    )
+    receiver.status["alice"] = 410
+    directory.set_workflow("acme", "now", {"steps": [{"channel": "webhook"}]})
+    dead = await node.publish("acme-key-0123456789", topic="now", users=["alice"])
+    await receiver.wait_for(lambda: len(receiver.attempts) == 1)
+    await node.drained()
+    globex = await node.publish("globex-key-0123456789", topic="orders", users=["alice"])
+    await node.drained()
+    engine = node.engine
+    assert engine.event_status("globex", parked["event_id"]) == []
+    assert engine.event_status("globex", dead["event_id"]) == []
+    assert engine.dlq_list("globex", "webhook") == []
+    assert (
+        engine.dlq_show(
+            "globex", "webhook", engine.dlq_list("acme", "webhook")[0].delivery.delivery_id
+        )
+        is None
+    )
+    assert await engine.dlq_replay("globex", "webhook") == []
+    assert engine.feed("globex", "alice")["items"] == []
+    assert await engine.cancel("globex", "k") == 0
+    assert engine.timers.next_due() is not None  # acme's run is still parked
+    # globex's event went by globex's (empty) directory: no workflow, no endpoint
+    (g,) = engine.event_status("globex", globex["event_id"])
+    assert (g["status"], g["reason"]) == ("suppressed", "no_channel_data")
+    assert len(engine.dlq_list("acme", "webhook")) == 1
+    assert await engine.cancel("acme", "k") == 1

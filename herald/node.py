@@ -345,9 +345,7 @@ class Node:
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)
-            directory = (
-                self.make_directory(state.kv) if self.make_directory else EmptyDirectory()
-            )
+            directory = self.make_directory(state.kv) if self.make_directory else EmptyDirectory()
             engine = self.engine = Engine(
                 cfg,
                 broker.service,

@@ -97,6 +97,7 @@ def test_components_start_in_order_and_stop_in_reverse(herald: HeraldProcess) ->
         "state-store",
         "log",
         "broker",
+        "notify",
         "listeners",
         "housekeeping",
     ]

@@ -21,6 +21,7 @@ commits after its writes are synced like every other stage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -32,6 +33,8 @@ from notify import ids
 from notify.model import Attempt, AuditRecord, Notification, StatusRow
 from notify.stage import Stage
 from storage.kv import KV, Txn
+
+log = logging.getLogger("herald.notify.audit")
 
 AUDIT_TOPIC: Final = "__audit"
 GROUP: Final = "notify.audit"
@@ -70,85 +73,98 @@ class AuditIndex:
         self.unread = kv.table("notify_unread", Unread)
 
     # --------------------------------------------------------------------- folding
+    def fold_many(self, records: list[AuditRecord]) -> None:
+        """Fold a batch of records in one transaction, each row read and written once per
+        batch (a delivery's queued and delivered records usually share one). Synchronous:
+        no engagement mark can slip between its reads and writes."""
+        with self.kv.transaction() as txn:
+            batch = _Batch(self, txn)
+            for rec in records:
+                self._fold(batch, rec)
+            batch.write()
+
     def fold(self, txn: Txn, rec: AuditRecord) -> None:
+        batch = _Batch(self, txn)
+        self._fold(batch, rec)
+        batch.write()
+
+    def _fold(self, b: _Batch, rec: AuditRecord) -> None:
         if rec.channel is None:
             if rec.status in ENGAGEMENTS:
-                self._engage(txn, rec.tenant, rec.user, rec.run_id, rec.status, rec.at_ms)
+                self._engage(b, rec.tenant, rec.user, rec.run_id, rec.status, rec.at_ms)
             else:  # a run-level transition (cancelled, a throttle, a delay): channel "*"
-                self._status(txn, rec, "*")
+                self._status(b, rec, "*")
             return
-        self._status(txn, rec, rec.channel)
+        self._status(b, rec, rec.channel)
         if rec.status == "queued":
-            self._note(txn, rec)
+            self._note(b, rec)
 
-    def _status(self, txn: Txn, rec: AuditRecord, channel: str) -> None:
-        key = f"{rec.tenant}\0{rec.event_id}\0{rec.user}\0{channel}"
-        row = self.statuses.get(key, txn=txn)
+    def _status(self, b: _Batch, rec: AuditRecord, channel: str) -> None:
         rank = RANK.get(rec.status)
         if rank is None:
             return
-        attempts = list(row.attempts) if row is not None else []
+        key = f"{rec.tenant}\0{rec.event_id}\0{rec.user}\0{channel}"
+        row = b.status(key)
+        attempts = row.attempts if row is not None else []
         counted = rec.status in ("delivered", "undelivered", "dead_lettered")
         if rec.attempt is not None and counted and not any(a.at_ms == rec.at_ms for a in attempts):
-            attempts.append(
+            attempts = [
+                *attempts,
                 Attempt(
                     at_ms=rec.at_ms,
                     outcome=rec.status,
                     detail=(rec.reason or "") + (f": {rec.detail}" if rec.detail else ""),
-                )
-            )
+                ),
+            ]
         replay = rec.status == "queued" and rec.reason == "replay"
         if row is not None and not replay and RANK.get(row.status, 0) > rank:
             if len(attempts) != len(row.attempts):
                 row.attempts = attempts
-                self.statuses.put(key, row, txn=txn)
+                b.statuses[key] = row
             return
-        self.statuses.put(
-            key,
-            StatusRow(
-                status=rec.status,
-                delivery_id=rec.delivery_id or (row.delivery_id if row else None),
-                reason=rec.reason,
-                detail=rec.detail,
-                until_ms=rec.until_ms,
-                attempts=attempts,
-                updated_ms=rec.at_ms,
-                topic=rec.topic,
-            ),
-            txn=txn,
+        b.statuses[key] = StatusRow(
+            status=rec.status,
+            delivery_id=rec.delivery_id or (row.delivery_id if row else None),
+            reason=rec.reason,
+            detail=rec.detail,
+            until_ms=rec.until_ms,
+            attempts=attempts,
+            updated_ms=rec.at_ms,
+            topic=rec.topic,
         )
 
-    def _note(self, txn: Txn, rec: AuditRecord) -> None:
+    def _note(self, b: _Batch, rec: AuditRecord) -> None:
         key = f"{rec.tenant}\0{rec.user}\0{rec.run_id}"
-        if self.notes.get(key, txn=txn) is not None:
+        if b.note(key) is not None:
             return
-        self.notes.put(
-            key,
-            Notification(event_id=rec.event_id, topic=rec.topic or "", created_ms=rec.at_ms),
-            txn=txn,
+        b.notes[key] = Notification(
+            event_id=rec.event_id, topic=rec.topic or "", created_ms=rec.at_ms
         )
-        self.feed_rows.put(
-            _feed_key(rec.tenant, rec.user, rec.at_ms, rec.run_id), FeedRef(rec.run_id), txn=txn
-        )
+        b.feed.append((_feed_key(rec.tenant, rec.user, rec.at_ms, rec.run_id), FeedRef(rec.run_id)))
         ukey = f"{rec.tenant}\0{rec.user}"
-        n = self.unread.get(ukey, txn=txn)
-        self.unread.put(ukey, Unread((n.count if n else 0) + 1), txn=txn)
+        b.unread[ukey] = b.unread_count(ukey) + 1
 
-    def _engage(self, txn: Txn, tenant: str, user: str, run_id: str, what: str, at_ms: int) -> bool:
+    def _engage(
+        self, b: _Batch, tenant: str, user: str, run_id: str, what: str, at_ms: int
+    ) -> bool:
         key = f"{tenant}\0{user}\0{run_id}"
-        note = self.notes.get(key, txn=txn)
+        note = b.note(key)
         if note is None:
             return False
         if what in note.engagement:
             return True
-        note.engagement = [*note.engagement, what]
-        note.engaged_ms = {**note.engaged_ms, what: at_ms}
-        self.notes.put(key, note, txn=txn)
+        b.notes[key] = Notification(
+            event_id=note.event_id,
+            topic=note.topic,
+            created_ms=note.created_ms,
+            engagement=[*note.engagement, what],
+            engaged_ms={**note.engaged_ms, what: at_ms},
+        )
         if what == "read":
             ukey = f"{tenant}\0{user}"
-            n = self.unread.get(ukey, txn=txn)
-            if n is not None and n.count > 0:
-                self.unread.put(ukey, Unread(n.count - 1), txn=txn)
+            n = b.unread_count(ukey)
+            if n > 0:
+                b.unread[ukey] = n - 1
         return True
 
     # ----------------------------------------------------------------------- reads
@@ -207,9 +223,59 @@ class AuditIndex:
         if what not in ENGAGEMENTS:
             raise ValueError(f"engagement must be one of {', '.join(ENGAGEMENTS)}")
         with self.kv.transaction() as txn:
+            b = _Batch(self, txn)
             if what == "read":
-                self._engage(txn, tenant, user, notification_id, "seen", at_ms)
-            return self._engage(txn, tenant, user, notification_id, what, at_ms)
+                self._engage(b, tenant, user, notification_id, "seen", at_ms)
+            found = self._engage(b, tenant, user, notification_id, what, at_ms)
+            b.write()
+            return found
+
+
+class _Batch:
+    """Rows of one fold, read once and written once at the end."""
+
+    def __init__(self, index: AuditIndex, txn: Txn) -> None:
+        self.index = index
+        self.txn = txn
+        self.statuses: dict[str, StatusRow] = {}
+        self.notes: dict[str, Notification] = {}
+        self.unread: dict[str, int] = {}
+        self.feed: list[tuple[bytes | str, FeedRef]] = []
+        self._missing: set[str] = set()
+
+    def status(self, key: str) -> StatusRow | None:
+        row = self.statuses.get(key)
+        if row is None and key not in self._missing:
+            row = self.index.statuses.get(key, txn=self.txn)
+            if row is None:
+                self._missing.add(key)
+        return row
+
+    def note(self, key: str) -> Notification | None:
+        note = self.notes.get(key)
+        if note is None and key not in self._missing:
+            note = self.index.notes.get(key, txn=self.txn)
+            if note is None:
+                self._missing.add(key)
+        return note
+
+    def unread_count(self, key: str) -> int:
+        n = self.unread.get(key)
+        if n is None:
+            row = self.index.unread.get(key, txn=self.txn)
+            n = row.count if row is not None else 0
+        return n
+
+    def write(self) -> None:
+        ix, txn = self.index, self.txn
+        if self.statuses:
+            ix.statuses.put_many(list(self.statuses.items()), txn=txn)
+        if self.notes:
+            ix.notes.put_many(list(self.notes.items()), txn=txn)
+        if self.feed:
+            ix.feed_rows.put_many(self.feed, txn=txn)
+        if self.unread:
+            ix.unread.put_many([(k, Unread(v)) for k, v in self.unread.items()], txn=txn)
 
 
 def _feed_key(tenant: str, user: str, created_ms: int, run_id: str) -> bytes:
@@ -243,10 +309,13 @@ class AuditIndexer(Stage):
         self.folded = 0
 
     async def handle(self, recs: list[ConsumerRecord]) -> None:
-        with self.kv.transaction() as txn:
-            for rec in recs:
-                try:
-                    self.index.fold(txn, self._decode(rec.value))
-                except msgspec.DecodeError:
-                    continue
+        records = []
+        for rec in recs:
+            try:
+                records.append(self._decode(rec.value))
+            except msgspec.DecodeError:
+                log.error(
+                    "event=audit_bad_record partition=%d offset=%d", rec.partition, rec.offset
+                )
+        self.index.fold_many(records)
         self.folded += len(recs)

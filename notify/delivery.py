@@ -106,8 +106,8 @@ class DeliveryWorker(Stage):
         self.blockers = kv.table("notify_blockers", Blocker)
         self.held = kv.table("notify_held", Held)
         self._decode = msgspec.json.Decoder(Delivery).decode
-        self._sem = asyncio.Semaphore(config.deliver_concurrency)
         self._rows: dict[str, DedupeRow] = {}
+        self._known: dict[str, DedupeRow | None] = {}
         self._sweep_after: bytes | None = None
         self.sent = 0
         self.delivered = 0
@@ -130,11 +130,26 @@ class DeliveryWorker(Stage):
                 )
                 continue
             by_user.setdefault(rec.key or b"", []).append(d)
-        if len(by_user) == 1:
-            (ds,) = by_user.values()
-            await self._user(ds, lag)
+        self._known = {}
+        with self.kv.snapshot() as txn:  # every dedupe row of the batch in one read
+            get = self.dedupe.get
+            for ds in by_user.values():
+                for d in ds:
+                    self._known[d.delivery_id] = get(d.delivery_id, txn=txn)
+        # a few workers take users from one queue (one user's deliveries in order, by one
+        # worker): a task per worker, not per user
+        queue = list(by_user.values())
+        queue.reverse()
+
+        async def work() -> None:
+            while queue:
+                await self._user(queue.pop(), lag)
+
+        n = min(self.config.deliver_concurrency, len(queue))
+        if n <= 1:
+            await work()
         else:
-            await asyncio.gather(*(self._user(ds, lag) for ds in by_user.values()))
+            await asyncio.gather(*(work() for _ in range(n)))
         if self._rows:
             self.dedupe.put_many(list(self._rows.items()))
         return None
@@ -152,17 +167,22 @@ class DeliveryWorker(Stage):
         return lag
 
     async def _user(self, ds: list[Delivery], lag: int) -> None:
-        async with self._sem:
-            queue = list(ds)
-            while queue:
-                d = queue.pop(0)
-                released = await self._one(d, lag)
-                if released:
-                    queue[0:0] = released
+        queue = ds
+        while queue:
+            d = queue.pop(0)
+            released = await self._one(d, lag)
+            if released:
+                queue[0:0] = released
 
     # ---------------------------------------------------------------- one delivery
     def _seen(self, d: Delivery) -> bool:
-        row = self._rows.get(d.delivery_id) or self.dedupe.get(d.delivery_id)
+        row = self._rows.get(d.delivery_id)
+        if row is None:
+            row = (
+                self._known[d.delivery_id]
+                if d.delivery_id in self._known
+                else self.dedupe.get(d.delivery_id)
+            )
         if row is None or d.replay > row.replay:
             return False
         return row.final or d.attempt <= row.attempt

@@ -79,6 +79,7 @@ class AuditIndex:
         no engagement mark can slip between its reads and writes."""
         with self.kv.transaction() as txn:
             batch = _Batch(self, txn)
+            batch.prefetch(records)
             for rec in records:
                 self._fold(batch, rec)
             batch.write()
@@ -242,9 +243,39 @@ class _Batch:
         self.unread: dict[str, int] = {}
         self.feed: list[tuple[bytes | str, FeedRef]] = []
         self._missing: set[str] = set()
+        self._unread_base: dict[str, int] = {}
+        self._loaded_s: dict[str, StatusRow] = {}
+        self._loaded_n: dict[str, Notification] = {}
+
+    def prefetch(self, records: list[AuditRecord]) -> None:
+        """Read every row the batch will touch, one read per table."""
+        skeys: list[bytes | str] = []
+        nkeys: list[bytes | str] = []
+        ukeys: list[bytes | str] = []
+        for r in records:
+            channel = r.channel if r.channel is not None else "*"
+            skeys.append(f"{r.tenant}\0{r.event_id}\0{r.user}\0{channel}")
+            nkeys.append(f"{r.tenant}\0{r.user}\0{r.run_id}")
+            ukeys.append(f"{r.tenant}\0{r.user}")
+        ix, txn = self.index, self.txn
+        for keys, table, into in (
+            (skeys, ix.statuses, self._loaded_s),
+            (nkeys, ix.notes, self._loaded_n),
+        ):
+            wanted = list(dict.fromkeys(keys))
+            for key, row in zip(wanted, table.get_many(wanted, txn=txn), strict=True):
+                assert isinstance(key, str)
+                if row is None:
+                    self._missing.add(key)
+                else:
+                    into[key] = row  # type: ignore[assignment]
+        wanted = list(dict.fromkeys(ukeys))
+        for key, urow in zip(wanted, ix.unread.get_many(wanted, txn=txn), strict=True):
+            assert isinstance(key, str)
+            self._unread_base[key] = urow.count if urow is not None else 0
 
     def status(self, key: str) -> StatusRow | None:
-        row = self.statuses.get(key)
+        row = self.statuses.get(key) or self._loaded_s.get(key)
         if row is None and key not in self._missing:
             row = self.index.statuses.get(key, txn=self.txn)
             if row is None:
@@ -252,7 +283,7 @@ class _Batch:
         return row
 
     def note(self, key: str) -> Notification | None:
-        note = self.notes.get(key)
+        note = self.notes.get(key) or self._loaded_n.get(key)
         if note is None and key not in self._missing:
             note = self.index.notes.get(key, txn=self.txn)
             if note is None:
@@ -261,6 +292,8 @@ class _Batch:
 
     def unread_count(self, key: str) -> int:
         n = self.unread.get(key)
+        if n is None:
+            n = self._unread_base.get(key)
         if n is None:
             row = self.index.unread.get(key, txn=self.txn)
             n = row.count if row is not None else 0

@@ -233,6 +233,19 @@ class Table(Generic[T]):
             raw = t.get(k, db=self._db)
             return None if raw is None else self._dec.decode(raw)
 
+    def get_many(self, keys: list[bytes | str], *, txn: Txn | None = None) -> list[T | None]:
+        """The values of ``keys`` (None where absent), read in one transaction: a batch's
+        reads without a transaction (or a context manager) per key."""
+        dec = self._dec.decode
+        db = self._db
+        out: list[T | None] = []
+        with self._reading(txn) as t:
+            get = t.get
+            for key in keys:
+                raw = get(key.encode() if isinstance(key, str) else key, db=db)
+                out.append(None if raw is None else dec(raw))
+        return out
+
     def get_raw(self, key: bytes | str, *, txn: Txn | None = None) -> bytes | None:
         """The stored bytes of ``key`` without decoding them (a copy)."""
         with self._reading(txn) as t:

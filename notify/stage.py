@@ -100,6 +100,14 @@ class Outbox:
         self._rows.clear()
         self.count = 0
 
+    def take(self) -> Outbox:
+        """Everything queued, moved to a new outbox (this one is left empty)."""
+        other = Outbox(self._partitions, self._max_bytes + records.HEADER_SIZE)
+        other._counts = self._counts
+        other._rows, self._rows = self._rows, {}
+        other.count, self.count = self.count, 0
+        return other
+
 
 class Stage:
     """One consumer-group member of the core. Subclasses implement :meth:`handle` (and may
@@ -133,6 +141,7 @@ class Stage:
         self._task: asyncio.Task[None] | None = None
         self._stop = False
         self._busy = False
+        self._pending: asyncio.Task[None] | None = None
         self.batches = 0
         self.records_in = 0
         self.records_out = 0
@@ -179,54 +188,100 @@ class Stage:
         """Called after the loop ended (subclasses: release resources)."""
 
     # ------------------------------------------------------------------------ the loop
+    @property
+    def settled(self) -> bool:
+        """No batch in hand and every batch handled so far committed."""
+        return not self._busy and (self._pending is None or self._pending.done())
+
     async def _run(self) -> None:
+        """Handle batch N+1 while batch N's outputs are appended and synced, then commit N
+        (in order: a batch commits only after the one before it). One batch is finishing
+        at most while the next is handled, so memory stays one batch deep."""
         consumer = self.consumer
         assert consumer is not None
-        while not self._stop:
-            if self.stopping_node():
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                recs = await consumer.getmany(timeout_ms=100, max_records=self.batch)
-            except BrokerError as exc:
-                log.warning("event=stage_fetch_failed stage=%s error=%s", self.name, exc)
-                await asyncio.sleep(self.retry_pause_s)
-                continue
-            if not recs:
-                await self.idle()
-                continue
-            starts: dict[TopicPartition, int] = {}
-            ends: dict[TopicPartition, int] = {}
-            for r in recs:
-                tp = (r.topic, r.partition)
-                starts.setdefault(tp, r.offset)
-                ends[tp] = r.offset + 1
-            try:
-                self._busy = True
-                handled = await self.handle(recs)
-                await self.flush()
+        uncommitted: dict[TopicPartition, int] = {}  # starts of the oldest open batch
+        try:
+            while not self._stop:
+                pending = self._pending
+                if pending is not None and pending.done():
+                    self._pending = None
+                    if pending.cancelled() or pending.exception() is not None:
+                        exc = None if pending.cancelled() else pending.exception()
+                        await self._abandon(uncommitted, exc)
+                    uncommitted = {}
+                    continue
+                if self.stopping_node():
+                    await asyncio.sleep(0.05)
+                    continue
+                try:
+                    recs = await consumer.getmany(timeout_ms=100, max_records=self.batch)
+                except BrokerError as exc:
+                    log.warning("event=stage_fetch_failed stage=%s error=%s", self.name, exc)
+                    await asyncio.sleep(self.retry_pause_s)
+                    continue
+                if not recs:
+                    if self._pending is None:
+                        await self.idle()
+                    else:
+                        await asyncio.wait([self._pending], timeout=0.1)
+                    continue
+                starts: dict[TopicPartition, int] = {}
+                ends: dict[TopicPartition, int] = {}
+                for r in recs:
+                    tp = (r.topic, r.partition)
+                    starts.setdefault(tp, r.offset)
+                    ends[tp] = r.offset + 1
+                for tp, off in starts.items():
+                    uncommitted.setdefault(tp, off)
+                try:
+                    self._busy = True
+                    handled = await self.handle(recs)
+                except (BrokerError, StorageError, OSError) as exc:
+                    if self._pending is not None:
+                        await asyncio.wait([self._pending])
+                        self._pending = None
+                    await self._abandon(uncommitted, exc)
+                    uncommitted = {}
+                    continue
+                finally:
+                    self._busy = False
                 if handled is not None:
                     ends = handled
-                if ends:
-                    await consumer.commit(ends)
-                self.batches += 1
-                self.records_in += len(recs)
-            except (BrokerError, StorageError, OSError) as exc:
-                self.outbox.clear()
-                for (t, p), off in starts.items():
-                    if (t, p) in consumer.positions:
-                        consumer.seek(t, p, off)
-                if not (self._stop or self.stopping_node()):
-                    log.warning(
-                        "event=stage_batch_abandoned stage=%s records=%d error=%r",
-                        self.name,
-                        len(recs),
-                        exc,
-                    )
-                    await asyncio.sleep(self.retry_pause_s)
-                await self.abandoned()
-            finally:
-                self._busy = False
+                prev = self._pending
+                if prev is not None:  # at most one batch finishing while one is handled
+                    await asyncio.wait([prev])
+                    if prev.cancelled() or prev.exception() is not None:
+                        continue  # the top of the loop abandons from the oldest start
+                    uncommitted = dict(starts)
+                taken = self.outbox.take()
+                self._pending = asyncio.get_running_loop().create_task(
+                    self._finish(taken, ends, len(recs))
+                )
+        finally:
+            if self._pending is not None:
+                await asyncio.wait([self._pending])
+
+    async def _finish(self, taken: Outbox, ends: dict[TopicPartition, int], count: int) -> None:
+        assert self.producer is not None and self.consumer is not None
+        appended, _ = await asyncio.gather(taken.send(self.producer), self.kv.sync())
+        self.records_out += appended
+        if ends:
+            await self.consumer.commit(ends)
+        self.batches += 1
+        self.records_in += count
+
+    async def _abandon(self, starts: dict[TopicPartition, int], exc: BaseException | None) -> None:
+        """Give up the open batches: positions go back to the oldest one's start."""
+        consumer = self.consumer
+        assert consumer is not None
+        self.outbox.clear()
+        for (t, p), off in starts.items():
+            if (t, p) in consumer.positions:
+                consumer.seek(t, p, off)
+        if not (self._stop or self.stopping_node()):
+            log.warning("event=stage_batch_abandoned stage=%s error=%r", self.name, exc)
+            await asyncio.sleep(self.retry_pause_s)
+        await self.abandoned()
 
     async def flush(self) -> None:
         """Append every queued output (``acks=all``) and sync the state store: what the

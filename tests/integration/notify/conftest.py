@@ -66,7 +66,7 @@ class RunningNode:
                 for t, p in consumer.assignment:
                     hw = service.log.partition(t, p).high_watermark
                     behind += max(0, hw - consumer.positions.get((t, p), hw))
-            if behind == 0 and not any(s._busy for s in self.engine.stages):
+            if behind == 0 and all(s.settled for s in self.engine.stages):
                 return
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"stages still {behind} records behind")

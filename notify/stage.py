@@ -1,7 +1,11 @@
 """The stage loop every engine of the core runs: consume a batch, compute its outputs, append
-them (batched per partition, ``acks=all``), sync the LMDB rows they depend on, and only then
-commit the batch's offsets. A crash anywhere before the commit redoes the batch; outputs carry
-stable ids (``notify.ids``), so a redo is harmless downstream.
+them (batched per partition, ``acks=all``), and only then commit the batch's offsets. The
+LMDB rows the outputs depend on (timers, batch windows, dedupe rows) are written while the
+batch is handled, before the commit; the commit syncs the state store before it is answered
+(``BrokerService.commit_offsets``), and LMDB makes transactions durable in order, so those
+rows are durable no later than the offset that relies on them: one fsync, not two. A crash
+anywhere before the commit redoes the batch; outputs carry stable ids (``notify.ids``), so a
+redo is harmless downstream.
 
 :class:`Outbox` gathers output records per (topic, partition) and appends each partition's
 records as one batch (split at ``max_batch_bytes``) through the idempotent producer of the
@@ -263,8 +267,7 @@ class Stage:
 
     async def _finish(self, taken: Outbox, ends: dict[TopicPartition, int], count: int) -> None:
         assert self.producer is not None and self.consumer is not None
-        appended, _ = await asyncio.gather(taken.send(self.producer), self.kv.sync())
-        self.records_out += appended
+        self.records_out += await taken.send(self.producer)
         if ends:
             await self.consumer.commit(ends)
         self.batches += 1
@@ -284,11 +287,10 @@ class Stage:
         await self.abandoned()
 
     async def flush(self) -> None:
-        """Append every queued output (``acks=all``) and sync the state store: what the
-        batch's commit (or a progress mark written next) may rely on."""
+        """Append every queued output now (``acks=all``): what a progress mark written next
+        may rely on (the fan-out of a large audience)."""
         assert self.producer is not None
-        appended, _ = await asyncio.gather(self.outbox.send(self.producer), self.kv.sync())
-        self.records_out += appended
+        self.records_out += await self.outbox.send(self.producer)
 
     async def handle(self, recs: list[ConsumerRecord]) -> dict[TopicPartition, int] | None:
         """Process a batch: LMDB writes in short transactions, outputs to ``self.outbox``.

@@ -163,12 +163,12 @@ async def fanout_runs(users: int, runs: int, data_dir: Path) -> dict[str, Any]:
             batches0 = worker.batches
             c0, t0 = cpu_s(), time.perf_counter()
             await publish(node, topic=topic)
-            t_fan = await until(lambda: fan.recipients - rec0 >= users, 120, "fan-out")
-            t_done = await until(lambda: worker.delivered - sent0 >= users, 120, "delivery")
-            await until(lambda: worker.batches > batches0 and worker.settled, 120, "commit")
+            t_fan = await until(lambda r=rec0: fan.recipients - r >= users, 120, "fan-out")
+            t_done = await until(lambda s=sent0: worker.delivered - s >= users, 120, "delivery")
+            await until(lambda b=batches0: worker.batches > b and worker.settled, 120, "commit")
             t_commit = time.perf_counter()
             # every delivery makes a queued and a delivered audit record
-            t_audit = await until(lambda: audit.folded - audit0 >= 2 * users, 120, "audit")
+            t_audit = await until(lambda a=audit0: audit.folded - a >= 2 * users, 120, "audit")
             c1 = cpu_s()
             if i == 0:
                 continue
@@ -234,6 +234,11 @@ async def scenario_fanout(args: argparse.Namespace) -> str:
 
 
 # --------------------------------------------------------------------------- start-up
+def spawn(cmd: list[str], log_file: Any) -> subprocess.Popen[bytes]:
+    """Start a process of the repository's code with its output in ``log_file``."""
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+
+
 def free_port() -> int:
     import socket
 
@@ -359,7 +364,8 @@ async def scenario_startup(args: argparse.Namespace) -> str:
         ready = [r[0] for r in runs]
         comp = [r[1] for r in runs]
         text = (
-            f"Command: `python -m bench.notify startup --runs {args.runs}`, on commit {commit()}  \n"
+            f"Command: `python -m bench.notify startup --runs {args.runs}`, "
+            f"on commit {commit()}  \n"
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
             f"load average at the end: {os.getloadavg()[0]:.2f} (2 cores, shared).  \n"
             f"`herald serve` (notify channels: null) started on a data directory holding "
@@ -427,7 +433,7 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     recv_port = runner.addresses[0][1]
     http_port = free_port()
     log_file = open(base / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             sys.executable,
             "-m",
@@ -443,9 +449,7 @@ async def scenario_latency(args: argparse.Namespace) -> str:
             "--tcp-port",
             str(free_port()),
         ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
+        log_file,
     )
     try:
         url = f"http://127.0.0.1:{http_port}"

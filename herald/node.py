@@ -47,9 +47,10 @@ from broker.service import BrokerService
 from broker.tcp import TcpServer
 from channels.base import Channel
 from herald.metrics import Stats, make_registry, render
-from notify.directory import EmptyDirectory
+from notify.directory import RegistryDirectory
 from notify.engine import Engine
 from notify.ports import Directory
+from notify.registry import Registry
 from storage.errors import StorageError
 from storage.kv import KV
 from storage.log import Log
@@ -345,7 +346,11 @@ class Node:
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)
-            directory = self.make_directory(state.kv) if self.make_directory else EmptyDirectory()
+            directory = (
+                self.make_directory(state.kv)
+                if self.make_directory
+                else RegistryDirectory(Registry(state.kv))
+            )
             engine = self.engine = Engine(
                 cfg,
                 broker.service,

@@ -1,20 +1,31 @@
 """Directories: the answers to the engine's questions (``notify.ports.Directory``).
 
-:class:`EmptyDirectory` is what a node has before a registry is plugged in: no workflows, no
-subscribers, no contact data, no preferences. Events with explicit ``users`` still flow (the
-default channels, e.g. the console), which is what ``make serve`` shows. The registry's adapter
-(``notify.registry`` + ``notify.policy``) replaces it in ``herald/node.py``.
+:class:`RegistryDirectory` is what a node uses: it answers from ``notify.registry`` (who,
+where) and ``notify.policy`` (whether, when). :class:`EmptyDirectory` knows nobody (no
+workflows, subscribers, contact data or preferences): explicit recipients still get the
+default channels, e.g. the console; for engines run without a registry.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
-from notify.model import Workflow
+import msgspec
+
+from channels.base import WebhookAddress
+from notify import policy, windows
+from notify.conditions import parse_filter
+from notify.model import StoredPreferences, Workflow
+from notify.policy import ZoneLookup, system_zones
 from notify.ports import Occasion, Ruling, Subscriber
-from notify.runs import Go, Verdict
+from notify.registry import Registry
+from notify.runs import Go, Hold, Skip, Verdict
 from notify.workflows import Send
+
+log = logging.getLogger("herald.notify")
+_GO: Final = Go()
 
 
 class _Nobody:
@@ -67,3 +78,131 @@ class EmptyDirectory:
 
     def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
         return None
+
+
+class RegistryDirectory:
+    """The directory of a node: ``notify.registry`` for who and where, ``notify.policy``
+    for whether and when. The only place the engine meets their APIs."""
+
+    def __init__(self, registry: Registry, *, zones: ZoneLookup = system_zones) -> None:
+        self.registry = registry
+        self.zones = zones
+        self._workflows: dict[tuple[str, str], tuple[int, Workflow]] = {}
+        # the policy's view of the event being fanned out (one per event, reused per user)
+        self._occasion: tuple[Occasion, policy.Occasion, StoredPreferences | None] | None = None
+
+    def workflow(self, tenant: str, topic: str) -> Workflow | None:
+        row = self.registry.workflow(tenant, topic)
+        if row is None:
+            return None
+        hit = self._workflows.get((tenant, topic))
+        if hit is None or hit[0] != row.version:
+            if len(self._workflows) > 4096:
+                self._workflows.clear()
+            hit = (row.version, msgspec.convert(row.body, Workflow))
+            self._workflows[(tenant, topic)] = hit
+        return hit[1]
+
+    def subscribers(
+        self, tenant: str, topic: str, after: str | None, limit: int
+    ) -> Sequence[Subscriber]:
+        page = self.registry.subscribers(tenant, topic, after=after, limit=limit)
+        return [Subscriber(s.user, s.channels, s.filter) for s in page.subscribers]
+
+    def subscriptions(
+        self, tenant: str, users: Sequence[str], topic: str
+    ) -> Mapping[str, Subscriber]:
+        out = {}
+        for user in users:
+            row = self.registry.subscription(tenant, user, topic)
+            if row is not None:
+                out[user] = Subscriber(user, tuple(row.channels), parse_filter(row.filter))
+        return out
+
+    def rulings(self, tenant: str, users: Sequence[str]) -> Mapping[str, Ruling]:
+        return {r.id: r for r in self.registry.recipients(tenant, users)}
+
+    def _policy_occasion(
+        self, occasion: Occasion
+    ) -> tuple[policy.Occasion, StoredPreferences | None]:
+        last = self._occasion
+        if last is not None and last[0] is occasion:
+            return last[1], last[2]
+        made = policy.Occasion(
+            topic=occasion.topic,
+            category=occasion.category,
+            priority=occasion.priority,
+            mandatory=self.registry.is_mandatory(occasion.tenant, occasion.topic),
+            data=occasion.data,
+            fields=occasion.fields,
+        )
+        defaults = self.registry.defaults(occasion.tenant)
+        self._occasion = (occasion, made, defaults)
+        return made, defaults
+
+    def decide(
+        self, occasion: Occasion, ruling: Ruling, step: Send, now_ms: int, tag: str
+    ) -> Verdict:
+        made, defaults = self._policy_occasion(occasion)
+        recipient = (
+            ruling
+            if isinstance(ruling, policy.Recipient)
+            else policy.Recipient(ruling.fields()["id"])
+        )
+        decision = policy.decide(step, made, recipient, defaults, now_ms=now_ms, zones=self.zones)
+        if isinstance(decision, policy.Deliver):
+            return Go(decision.charges) if decision.charges else _GO
+        if isinstance(decision, policy.Suppress):
+            return Skip(decision.reason.code, decision.reason.detail)
+        return Hold(decision.until_ms, decision.reason.code, decision.reason.detail)
+
+    def throttle(
+        self, tenant: str, user: str, key: str, max_: int, per_ms: int, now_ms: int, tag: str
+    ) -> bool:
+        (recipient,) = self.registry.recipients(tenant, [user])
+        state = recipient.windows.logs.get(key) if recipient.windows is not None else None
+        ok, _log = windows.admit(
+            state, max=max_, per_ms=per_ms, now_ms=now_ms, tag=windows.tag_of(tag)
+        )
+        if ok:
+            self.registry.record_charges(
+                tenant,
+                [(user, [windows.Charge(key, max_, per_ms)], windows.tag_of(tag))],
+                now_ms=now_ms,
+            )
+        return ok
+
+    def record(
+        self, tenant: str, user: str, charges: Sequence[object], now_ms: int, tag: str
+    ) -> None:
+        typed = [c for c in charges if isinstance(c, windows.Charge)]
+        if typed:
+            self.registry.record_charges(
+                tenant, [(user, typed, windows.tag_of(tag))], now_ms=now_ms
+            )
+
+    def address(self, tenant: str, user: str, channel: str) -> object | None:
+        if channel != "webhook":
+            return None
+        contact = self.registry.contact(tenant, user)
+        hook = contact.webhook if contact is not None else None
+        if hook is None:
+            return None
+        return WebhookAddress(url=hook.url, secrets=(hook.secret,) if hook.secret else ())
+
+    def legal_opt_out(self, tenant: str, user: str, channel: str) -> str | None:
+        why = policy.legal_opt_out(self.registry.profile(tenant, user), channel)
+        return None if why is None else why.detail
+
+    def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
+        # The registry keeps invalidations of push devices (invalidate_device, async, by
+        # token); a dead webhook endpoint or address has no field there yet. Logged, and in
+        # the dead letter's reason, until the registry grows one.
+        log.warning(
+            "event=contact_invalid tenant=%s user=%s channel=%s what=%s detail=%s",
+            tenant,
+            user,
+            channel,
+            what,
+            detail.replace(" ", "_")[:200],
+        )

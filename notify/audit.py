@@ -188,7 +188,13 @@ class AuditIndex:
             item.update(msgspec.to_builtins(row))
             item["engagement"] = engaged[user]
             out.append(item)
-        return out
+        # a run-level deferral (a delay, deliver_at) is over once the run reached a channel
+        reached = {i["user"] for i in out if i["channel"] != "*"}
+        return [
+            i
+            for i in out
+            if not (i["channel"] == "*" and i["status"] == "deferred" and i["user"] in reached)
+        ]
 
     def feed(
         self, tenant: str, user: str, *, before: str | None = None, limit: int = 50

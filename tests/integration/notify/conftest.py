@@ -23,7 +23,9 @@ import pytest
 from broker.config import ChannelRetry, Config, NotifyConfig
 from channels.config import BreakerConfig, ChannelsConfig, WebhookConfig
 from herald.node import Node
+from notify.directory import RegistryDirectory
 from notify.engine import Engine
+from notify.registry import Registry
 from notify.ports import Directory
 
 from .support import DictDirectory, FakeClock, Receiver
@@ -36,6 +38,12 @@ class RunningNode:
     http_url: str
     session: aiohttp.ClientSession
     clock: FakeClock | None
+
+    @property
+    def registry(self) -> Registry:
+        directory = self.engine.directory
+        assert isinstance(directory, RegistryDirectory)
+        return directory.registry
 
     async def publish(self, api_key: str | None = None, **event: Any) -> dict[str, Any]:
         event.setdefault("payload", {})

@@ -25,8 +25,8 @@ from channels.config import BreakerConfig, ChannelsConfig, WebhookConfig
 from herald.node import Node
 from notify.directory import RegistryDirectory
 from notify.engine import Engine
-from notify.registry import Registry
 from notify.ports import Directory
+from notify.registry import Registry
 
 from .support import DictDirectory, FakeClock, Receiver
 

@@ -58,6 +58,7 @@ class Receiver:
     bad_signatures: int = 0
     down: bool = False
     status: dict[str, int] = field(default_factory=dict)
+    fail_first: dict[str, int] = field(default_factory=dict)  # user -> 503s still to answer
     port: int = 0
     _runner: web.AppRunner | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -93,6 +94,9 @@ class Receiver:
             return web.Response(status=401, text="bad signature")
         wid = headers["webhook-id"]
         code = 503 if self.down else self.status.get(user, 200)
+        if code < 300 and self.fail_first.get(user, 0) > 0:
+            self.fail_first[user] -= 1
+            code = 503
         self.attempts.append((user, wid, time.monotonic(), code))
         if 200 <= code < 300:
             self.hooks.append(

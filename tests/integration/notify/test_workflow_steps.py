@@ -247,3 +247,55 @@ async def test_suppressed_with_the_rule_as_reason_and_deferred_until_quiet_hours
     assert (owl["status"], owl["reason"]) == ("deferred", "quiet_hours")
     node.tick(7 * 3_600_000)
     await receiver.wait_for(lambda: len(receiver.hooks) == 4, what="the deferred one")
+
+
+async def test_strict_order_holds_later_deliveries_behind_one_in_retry(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    for topic, strict in (("ledger", True), ("chatter", False)):
+        directory.add_user(T, "alice", receiver.url("alice"))
+        directory.subscribe(T, "alice", topic, ["webhook"])
+        directory.set_workflow(
+            T, topic, {"strict_order": strict, "steps": [{"channel": "webhook"}]}
+        )
+    node = await start_node(directory, retry_delays_ms=[300, 300, 300])
+    for topic in ("ledger", "chatter"):
+        receiver.fail_first["alice"] = 1  # the first event's first attempt fails
+        await node.publish(topic=topic, payload={"n": 1})
+        await receiver.wait_for(lambda: receiver.fail_first["alice"] == 0)
+        await node.publish(topic=topic, payload={"n": 2})
+        await receiver.wait_for(
+            lambda t=topic: len([h for h in receiver.hooks if h.body["type"] == t]) == 2,
+            what=f"both {topic} events",
+        )
+    order = {
+        t: [h.body["data"]["payload"]["n"] for h in receiver.hooks if h.body["type"] == t]
+        for t in ("ledger", "chatter")
+    }
+    assert order["ledger"] == [1, 2]  # n=2 waited behind n=1's retry
+    assert order["chatter"] == [2, 1]  # no strict order: n=2 went first
+
+
+async def test_over_the_queue_bound_low_priority_is_shed_and_recorded(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    users = [f"u{i:02d}" for i in range(40)]
+    for u in users:
+        directory.add_user(T, u, receiver.url(u))
+    node = await start_node(
+        directory, default_channels=["webhook"], deliver_batch=5, queue_depth_bound=10
+    )
+    low = await node.publish(topic="promo", users=users, priority="low")
+    high = await node.publish(topic="alerts", users=users, priority="high")
+    await receiver.wait_for(
+        lambda: len([h for h in receiver.hooks if h.body["type"] == "alerts"]) == 40,
+        within=30,
+        what="every high priority delivery",
+    )
+    await node.drained()
+    statuses = [s["status"] for s in node.engine.event_status(T, low["event_id"])]
+    assert statuses.count("shed") > 0
+    assert statuses.count("shed") + statuses.count("delivered") == 40
+    shed = [s for s in node.engine.event_status(T, low["event_id"]) if s["status"] == "shed"]
+    assert shed[0]["reason"] == "queue_depth"
+    assert {s["status"] for s in node.engine.event_status(T, high["event_id"])} == {"delivered"}

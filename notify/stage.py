@@ -262,8 +262,12 @@ class Stage:
                     self._finish(taken, ends, len(recs))
                 )
         finally:
-            if self._pending is not None:
-                await asyncio.wait([self._pending])
+            pending = self._pending
+            if pending is not None:
+                await asyncio.wait([pending])
+                if not pending.cancelled() and pending.exception() is not None:
+                    # stopping: the batch stays uncommitted and is redone after the restart
+                    log.info("event=stage_batch_left stage=%s", self.name)
 
     async def _finish(self, taken: Outbox, ends: dict[TopicPartition, int], count: int) -> None:
         assert self.producer is not None and self.consumer is not None

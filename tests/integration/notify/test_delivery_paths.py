@@ -204,3 +204,23 @@ async def test_a_second_tenant_sees_nothing_of_the_first(
     assert (g["status"], g["reason"]) == ("suppressed", "no_channel_data")
     assert len(engine.dlq_list("acme", "webhook")) == 1
     assert await engine.cancel("acme", "k") == 1
+
+
+async def test_a_broadcast_goes_once_to_the_broadcast_topic_and_fans_out_to_nobody(
+    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+) -> None:
+    directory.add_user(T, "alice", receiver.url("alice"))
+    directory.subscribe(T, "alice", "outage", ["webhook"])
+    node = await start_node(directory)
+    ack = await node.publish(topic="outage", payload={"region": "eu"}, broadcast=True)
+    await node.drained()
+    client = node.engine.client
+    assert client is not None
+    found = []
+    for p in range(node.engine.ncfg.partitions):
+        for part in await client.fetch([("__broadcast", p, 0)]):
+            if part.records:
+                found.append(part.records)
+    assert len(found) == 1 and ack["event_id"].encode() in found[0]
+    assert receiver.attempts == []
+    assert node.engine.event_status(T, ack["event_id"]) == []

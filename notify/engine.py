@@ -26,6 +26,7 @@ from broker.events import EventIntake
 from broker.local import LocalClient
 from broker.service import BrokerService
 from channels.base import Channel
+from channels.registry import make_channel
 from notify.audit import AUDIT_TOPIC, AuditIndex, AuditIndexer
 from notify.delivery import DeliveryWorker
 from notify.digests import Digests
@@ -45,23 +46,6 @@ log = logging.getLogger("herald.notify")
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def make_channel(name: str, config: Config) -> Channel:
-    """The channel called ``name``, configured from ``[channels.*]``."""
-    if name == "webhook":
-        from channels.webhook import WebhookChannel
-
-        return WebhookChannel(config.channels.webhook)
-    if name == "console":
-        from channels.console import ConsoleChannel
-
-        return ConsoleChannel(config.channels.console)
-    if name == "null":
-        from channels.null import NullChannel
-
-        return NullChannel()
-    raise ValueError(f"channel {name!r} is not available in this build")
 
 
 class Engine:
@@ -128,7 +112,9 @@ class Engine:
             self.service.topics.ensure_internal(name, partitions)
         client = self.client = LocalClient(self.service, self.intake, client_id="herald-notify")
         for name in self.ncfg.channels:
-            self.channels[name] = self._given_channels.get(name) or make_channel(name, self.config)
+            self.channels[name] = self._given_channels.get(name) or make_channel(
+                name, self.config.channels
+            )
         common: dict[str, Any] = {
             "max_batch_bytes": self.config.limits.max_batch_bytes,
             "stopping": lambda: self.service.stopping,

@@ -240,7 +240,11 @@ class Stage:
                 try:
                     self._busy = True
                     handled = await self.handle(recs)
-                except (BrokerError, StorageError, OSError) as exc:
+                except Exception as exc:
+                    # a storage or broker error is retried; anything else is a bug that
+                    # must not kill the stage silently: logged loudly, and retried too
+                    if not isinstance(exc, BrokerError | StorageError | OSError):
+                        log.exception("event=stage_batch_failed stage=%s", self.name)
                     if self._pending is not None:
                         await asyncio.wait([self._pending])
                         self._pending = None

@@ -1,0 +1,74 @@
+"""The stage loop (``notify/stage.py``) on a real broker in process: a batch whose handling
+fails is not committed and is handled again (from its first record), and outputs are
+appended before the offsets are committed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+
+from broker.client import ConsumerRecord
+from broker.config import Config
+from broker.events import EventIntake
+from broker.local import LocalClient
+from broker.service import BrokerService
+from notify.stage import Stage
+from storage import records
+from storage.kv import KV
+from storage.log import Log
+
+
+class Doubler(Stage):
+    """Copies every record of ``in`` to ``out``; fails the first time it sees ``boom``."""
+
+    failed = False  # class-level: survives the retry
+
+    async def handle(self, recs: list[ConsumerRecord]) -> None:
+        for rec in recs:
+            if rec.value == b"boom" and not self.failed:
+                Doubler.failed = True
+                raise RuntimeError("a bug")
+            self.outbox.add("out", rec.key or b"k", rec.value)
+
+
+async def test_a_failed_batch_is_redone_and_nothing_is_lost_or_committed_early(
+    tmp_path: Path,
+) -> None:
+    cfg = Config()
+    cfg = msgspec.structs.replace(
+        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
+    )
+    log = Log(tmp_path)
+    log.open()
+    kv = KV(tmp_path / "state")
+    service = BrokerService(cfg, log, kv)
+    intake = EventIntake(cfg, service)
+    intake.start()
+    for name in ("in", "out"):
+        service.topics.ensure_internal(name, 1)
+    client = LocalClient(service, intake)
+    producer = await client.producer(acks=-1)
+    for value in (b"a", b"boom", b"c"):
+        await producer.send("in", value, key=b"k")
+    stage = Doubler(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
+    stage.retry_pause_s = 0.01
+    await stage.start()
+    try:
+        async with asyncio.timeout(10):
+            while stage.records_in < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        await stage.stop()
+    got = []
+    for part in await client.fetch([("out", 0, 0)]):
+        for pos, header in records.iter_batches(part.records):
+            batch = part.records[pos : pos + header.batch_length]
+            got.extend(r.value for r in records.decode_records(batch, header))
+    assert got == [b"a", b"boom", b"c"]  # the failed batch left nothing half-written
+    committed = service.groups.committed("*/g", "in", 0)
+    assert committed is not None and committed.offset == 3
+    await client.close()
+    await log.close()
+    kv.close()

@@ -89,7 +89,9 @@ class TimerStore:
         that is already gone (fired again after a crash) is harmless."""
         self.due.delete(due_key(row.due_ms, row.timer_id), txn=txn)
         at = self.by_id.get(row.timer_id, txn=txn)
-        if at is not None and at.due_ms == row.due_ms:
+        if at is not None and at.due_ms != row.due_ms:
+            return  # parked again meanwhile (a deferral deferred again): that one stays
+        if at is not None:
             self.by_id.delete(row.timer_id, txn=txn)
         ck = row.event.cancellation_key
         if ck is not None and row.kind != "batch":

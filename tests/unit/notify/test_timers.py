@@ -66,6 +66,12 @@ def test_the_cancellation_index_finds_a_keys_timers_per_user(tmp_path: Path) -> 
     with kv.transaction() as txn:
         store.remove(row("a", 100, "k", "u1"), txn)
     assert [r.ref for _k, r in store.cancel_refs("t", "k", None)] == [b"b"]
+    # a fired timer that its own run parked again (same id, later): still cancellable
+    with kv.transaction() as txn:
+        store.put(row("b", 900, "k", "u2"), txn)
+        store.remove(row("b", 100, "k", "u2"), txn)
+    assert [r.ref for _k, r in store.cancel_refs("t", "k", None)] == [b"b"]
+    assert [r.due_ms for r in store.due_rows(1000, 10) if r.timer_id == "b"] == [900]
     kv.close()
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from broker.client import Producer
 from broker.config import Config
 from broker.events import EventIntake
 from broker.local import LocalClient
@@ -94,6 +95,7 @@ class Engine:
         self.audit: AuditIndexer | None = None
         self.timer_loop: TimerLoop | None = None
         self._timer_outbox: Outbox | None = None
+        self._own_producer: Producer | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def topics(self) -> list[tuple[str, int]]:
@@ -144,8 +146,8 @@ class Engine:
         for stage in stages:
             await stage.start()
             self.stages.append(stage)
-        # the timer loop appends through its own outbox and producer
-        self._timer_producer = await client.producer(acks=-1, linger_ms=0)
+        # the timer loop appends through its own outbox and producer (made on first use: a
+        # node on a full disk starts, degraded, and gets it once there is room)
         self._timer_outbox = Outbox(
             lambda t: self.service.topics.partition_count(t) or 1,
             self.config.limits.max_batch_bytes,
@@ -187,6 +189,14 @@ class Engine:
         if self.client is not None:
             await self.client.close()
 
+    async def _producer(self) -> Producer:
+        """The engine's own producer (timers, cancel, replay, marks), made on first use.
+        Raises the broker's error (e.g. the retriable storage_full) if it cannot be made."""
+        if self._own_producer is None:
+            assert self.client is not None
+            self._own_producer = await self.client.producer(acks=-1, linger_ms=0)
+        return self._own_producer
+
     # ------------------------------------------------------------------- timers
     async def _fire(self, rows: list[TimerRow]) -> None:
         """Resume fired timers; their outputs durable first, then their rows gone."""
@@ -194,7 +204,7 @@ class Engine:
         assert outbox is not None
         done = self.runner.fire(outbox, rows, self.index.seen)
         try:
-            await outbox.send(self._timer_producer)
+            await outbox.send(await self._producer())
         except BaseException:
             outbox.clear()
             raise
@@ -255,7 +265,7 @@ class Engine:
                     at_ms=now,
                 ),
             )
-        await asyncio.gather(outbox.send(self._timer_producer), self.kv.sync())
+        await asyncio.gather(outbox.send(await self._producer()), self.kv.sync())
         return len(cancelled)
 
     def dlq_list(
@@ -272,7 +282,7 @@ class Engine:
         """Send dead letters again (``delivery_ids``, or every one of the tenant's on the
         channel) with a fresh attempt count and the same delivery ids."""
         replayed = await self.dead.replay(
-            self._timer_producer, tenant, channel, delivery_ids, now_ms=self.clock()
+            await self._producer(), tenant, channel, delivery_ids, now_ms=self.clock()
         )
         await self.kv.sync()
         return replayed
@@ -298,7 +308,8 @@ class Engine:
             return False
         note = self.index.notes.get(f"{tenant}\0{user}\0{notification_id}")
         assert note is not None
-        ack = self._timer_producer.send_nowait(
+        producer = await self._producer()
+        ack = producer.send_nowait(
             AUDIT_TOPIC,
             _audit_bytes(
                 AuditRecord(

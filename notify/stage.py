@@ -157,7 +157,15 @@ class Stage:
         return n
 
     async def start(self) -> None:
-        self.producer = await self.client.producer(acks=-1, linger_ms=0)
+        """Join the group and start the loop; returns once the stage is consuming. On a node
+        that cannot write now (a full disk: the idempotent producer's id cannot be reserved)
+        the stage still starts and gets its producer once the disk has room again."""
+        try:
+            self.producer = await self.client.producer(acks=-1, linger_ms=0)
+        except BrokerError as exc:
+            if not _storage_trouble(exc):
+                raise
+            log.warning("event=stage_producer_deferred stage=%s error=%s", self.name, exc.code)
         await self.client.metadata(None)  # partition counts of every topic, for the outbox
         self.consumer = Consumer(
             self.client,
@@ -204,14 +212,21 @@ class Stage:
         consumer = self.consumer
         assert consumer is not None
         uncommitted: dict[TopicPartition, int] = {}  # starts of the oldest open batch
+        while self.producer is None and not self._stop:
+            try:
+                self.producer = await self.client.producer(acks=-1, linger_ms=0)
+            except BrokerError as exc:
+                if not _storage_trouble(exc):
+                    raise
+                await asyncio.sleep(self.retry_pause_s)
         try:
             while not self._stop:
                 pending = self._pending
                 if pending is not None and pending.done():
                     self._pending = None
                     if pending.cancelled() or pending.exception() is not None:
-                        exc = None if pending.cancelled() else pending.exception()
-                        await self._abandon(uncommitted, exc)
+                        failure = None if pending.cancelled() else pending.exception()
+                        await self._abandon(uncommitted, failure)
                     uncommitted = {}
                     continue
                 if self.stopping_node():
@@ -311,6 +326,11 @@ class Stage:
 
     async def abandoned(self) -> None:
         """Called after a batch was given up (subclasses: drop in-memory state of it)."""
+
+
+def _storage_trouble(exc: BrokerError) -> bool:
+    """The node cannot write right now (a full or failing disk): wait, do not die."""
+    return exc.retriable or exc.code.startswith("storage")
 
 
 def now_ms() -> int:

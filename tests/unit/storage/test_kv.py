@@ -7,7 +7,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -235,7 +234,8 @@ async def test_sync_failure_reaches_every_waiter_and_the_store_recovers(
     kv: KV, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken() -> None:
-        raise lmdb.Error("mdb_env_sync: Input/output error")
+        # sync_now maps LMDB's error to a StorageError (7347a73); this stands in for it
+        raise StorageError("state store sync failed: mdb_env_sync: Input/output error")
 
     monkeypatch.setattr(kv, "sync_now", broken)
     results = await asyncio.gather(*(kv.sync() for _ in range(3)), return_exceptions=True)

@@ -128,6 +128,7 @@ class NotifyConfig(_Section):
     deliver_concurrency: int = 64
     queue_depth_bound: int = 1_000_000
     dedupe_ttl_ms: int = 24 * 3600 * 1000
+    audit_retention_ms: int = 30 * 24 * 3600 * 1000
     timer_batch: int = 1000
     retry: RetrySchedule = msgspec.field(default_factory=RetrySchedule)
     retry_overrides: list[ChannelRetry] = []

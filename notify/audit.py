@@ -224,6 +224,37 @@ class AuditIndex:
         n = self.unread.get(f"{tenant}\0{user}")
         return {"items": items, "unread": n.count if n else 0}
 
+    def sweep(self, before_ms: int, cursors: dict[str, bytes | None], limit: int = 2000) -> int:
+        """Delete status rows last changed before ``before_ms`` and notifications created
+        before it (feed entry and unread count with them), reading at most ``limit`` rows of
+        each table from ``cursors`` (updated in place; None: from the start). Returns how
+        many rows went."""
+        gone = 0
+        rows = list(self.statuses.scan(b"", after=cursors["status"], limit=limit))
+        cursors["status"] = rows[-1][0] if rows else None
+        old_s: list[bytes | str] = [k for k, v in rows if v.updated_ms < before_ms]
+        notes = list(self.notes.scan(b"", after=cursors["notes"], limit=limit))
+        cursors["notes"] = notes[-1][0] if notes else None
+        old_n = [(k, v) for k, v in notes if v.created_ms < before_ms]
+        if not old_s and not old_n:
+            return 0
+        with self.kv.transaction() as txn:
+            if old_s:
+                gone += self.statuses.delete_many(old_s, txn=txn)
+            for key, note in old_n:
+                tenant, user, run_id = key.decode().split("\0")
+                self.notes.delete(key, txn=txn)
+                self.feed_rows.delete(_feed_key(tenant, user, note.created_ms, run_id), txn=txn)
+                if "read" not in note.engagement:
+                    ukey = f"{tenant}\0{user}"
+                    n = self.unread.get(ukey, txn=txn)
+                    if n is not None and n.count > 1:
+                        self.unread.put(ukey, Unread(n.count - 1), txn=txn)
+                    elif n is not None:
+                        self.unread.delete(ukey, txn=txn)
+                gone += 1
+        return gone
+
     def mark(self, tenant: str, user: str, notification_id: str, what: str, at_ms: int) -> bool:
         """Record an engagement (seen, read, clicked, archived) now. Returns False for an
         unknown notification. The caller syncs and appends the audit record."""
@@ -331,6 +362,8 @@ class AuditIndexer(Stage):
         index: AuditIndex,
         *,
         max_batch_bytes: int,
+        retention_ms: int,
+        clock: Callable[[], int],
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__(
@@ -344,8 +377,17 @@ class AuditIndexer(Stage):
         )
         self.name = "notify-audit"
         self.index = index
+        self.retention_ms = retention_ms
+        self.clock = clock
         self._decode = msgspec.msgpack.Decoder(AuditRecord).decode
+        self._after: dict[str, bytes | None] = {"status": None, "notes": None}
         self.folded = 0
+        self.forgotten = 0
+
+    async def idle(self) -> None:
+        """Forget what is older than ``audit-retention-ms`` (statuses by their last change,
+        notifications by their creation, with their feed entries), a slice at a time."""
+        self.forgotten += self.index.sweep(self.clock() - self.retention_ms, self._after)
 
     async def handle(self, recs: list[ConsumerRecord]) -> None:
         records = []

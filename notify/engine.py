@@ -121,7 +121,14 @@ class Engine:
             "max_batch_bytes": self.config.limits.max_batch_bytes,
             "stopping": lambda: self.service.stopping,
         }
-        self.audit = AuditIndexer(client, self.kv, self.index, **common)
+        self.audit = AuditIndexer(
+            client,
+            self.kv,
+            self.index,
+            retention_ms=self.ncfg.audit_retention_ms,
+            clock=self.clock,
+            **common,
+        )
         stages: list[Stage] = [self.audit]
         for name, channel in self.channels.items():
             for delay in tier_delays(self.ncfg.schedule(name)):

@@ -1,0 +1,72 @@
+"""The audit index (``notify/audit.py``): statuses only move forward (a replay queues again),
+attempts accumulate, the feed is newest first with an unread count, marks are idempotent,
+and the retention sweep forgets old rows with their feed entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from notify import ids
+from notify.audit import AuditIndex
+from notify.model import AuditRecord
+from storage.kv import KV
+
+
+def rec(status: str, at: int, *, user: str = "u1", event: str = "e1", **kw: Any) -> AuditRecord:
+    return AuditRecord(
+        tenant="t",
+        event_id=event,
+        user=user,
+        run_id=ids.run_id("t", event, user),
+        channel=kw.pop("channel", "webhook"),
+        status=status,
+        at_ms=at,
+        topic="news",
+        **kw,
+    )
+
+
+def test_statuses_move_forward_and_a_replay_queues_again(tmp_path: Path) -> None:
+    kv = KV(tmp_path / "kv")
+    ix = AuditIndex(kv)
+    ix.fold_many([rec("queued", 1), rec("undelivered", 2, attempt=1, reason="http_503")])
+    ix.fold_many([rec("delivered", 3, attempt=2), rec("queued", 4)])  # a late, older record
+    (row,) = ix.status("t", "e1")
+    assert row["status"] == "delivered"
+    assert [a["outcome"] for a in row["attempts"]] == ["undelivered", "delivered"]
+    ix.fold_many([rec("dead_lettered", 5, attempt=3), rec("queued", 6, reason="replay")])
+    assert ix.status("t", "e1")[0]["status"] == "queued"
+    assert ix.status("other-tenant", "e1") == []
+    kv.close()
+
+
+def test_the_feed_is_newest_first_with_unread_counts_and_idempotent_marks(tmp_path: Path) -> None:
+    kv = KV(tmp_path / "kv")
+    ix = AuditIndex(kv)
+    ix.fold_many([rec("queued", t, event=f"e{t}") for t in (10, 20, 30)])
+    ix.fold_many([rec("queued", 10, event="e10")])  # a redone batch: nothing new
+    feed = ix.feed("t", "u1")
+    assert [i["event_id"] for i in feed["items"]] == ["e30", "e20", "e10"]
+    assert feed["unread"] == 3
+    first = feed["items"][0]["id"]
+    assert ix.mark("t", "u1", first, "read", 40) and ix.mark("t", "u1", first, "read", 41)
+    feed = ix.feed("t", "u1")
+    assert feed["unread"] == 2 and feed["items"][0]["seen"] and feed["items"][0]["read"]
+    page = ix.feed("t", "u1", before=feed["items"][0]["cursor"], limit=1)
+    assert [i["event_id"] for i in page["items"]] == ["e20"]
+    assert not ix.mark("t", "u1", "no-such-notification", "seen", 42)
+    kv.close()
+
+
+def test_the_retention_sweep_forgets_old_rows_and_their_feed_entries(tmp_path: Path) -> None:
+    kv = KV(tmp_path / "kv")
+    ix = AuditIndex(kv)
+    ix.fold_many([rec("queued", t, event=f"e{t}") for t in (10, 20, 30)])
+    cursors: dict[str, bytes | None] = {"status": None, "notes": None}
+    gone = ix.sweep(25, cursors)
+    assert gone == 4  # two statuses, two notifications
+    feed = ix.feed("t", "u1")
+    assert [i["event_id"] for i in feed["items"]] == ["e30"] and feed["unread"] == 1
+    assert ix.status("t", "e10") == [] and len(ix.status("t", "e30")) == 1
+    kv.close()

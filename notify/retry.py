@@ -27,7 +27,6 @@ import msgspec
 from broker.client import ConsumerRecord
 from broker.config import RetrySchedule
 from broker.local import LocalClient
-from notify import ids
 from notify.durations import format_duration
 from notify.model import Delivery
 from notify.stage import Stage, TopicPartition
@@ -145,6 +144,3 @@ class _Due(msgspec.Struct):
 def retried(delivery: Delivery, *, due_ms: int) -> Delivery:
     """The record a retry tier holds: the next attempt, due at ``due_ms``."""
     return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1, due_ms=due_ms)
-
-
-__all__ = ["RetryTier", "ids", "max_attempts", "next_attempt", "retried", "tier_topic"]

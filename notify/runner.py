@@ -10,7 +10,7 @@ outbox and syncs before it commits its input (fan-out) or deletes the fired time
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,7 +22,7 @@ from notify.digests import Digests
 from notify.model import AuditRecord, Delivery, ParkedEvent, TimerRow
 from notify.plans import Plans
 from notify.ports import Directory, Occasion, Ruling
-from notify.runs import Go, Layout, Progress, Skip, Verdict, advance
+from notify.runs import Layout, Progress, Skip, Verdict, advance
 from notify.stage import Outbox
 from notify.timers import TimerStore
 from notify.workflows import Plan, Send, Throttle
@@ -401,10 +401,3 @@ class Runner:
 
 def emit_audit(outbox: Outbox, record: AuditRecord) -> None:
     outbox.add(AUDIT_TOPIC, f"{record.tenant}\0{record.event_id}".encode(), _audit_encode(record))
-
-
-def rulings_for(directory: Directory, tenant: str, users: list[str]) -> Mapping[str, Ruling]:
-    return directory.rulings(tenant, users)
-
-
-__all__ = ["Go", "RunEvent", "Runner", "deliver_topic", "emit_audit"]

@@ -188,9 +188,17 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("storage.segment-bytes must be at least 1 MiB and below 4 GiB")
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
+    from channels.registry import BUILT_IN  # here: it imports the channels (aiohttp)
+
     n = cfg.notify
+    for name in n.channels:
+        if name not in BUILT_IN:
+            raise ConfigError(
+                f"notify.channels: no channel {name!r} in this build "
+                f"(built in: {', '.join(BUILT_IN)})"
+            )
     known = ("webhook", "console", "null", "inapp", "push", "email", "sms")
-    for name in (*n.channels, *n.default_channels, *(o.channel for o in n.retry_overrides)):
+    for name in (*n.default_channels, *(o.channel for o in n.retry_overrides)):
         if name not in known:
             raise ConfigError(f"notify: unknown channel {name!r} (known: {', '.join(known)})")
     for sched in (n.retry, *n.retry_overrides):

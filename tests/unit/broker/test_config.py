@@ -105,3 +105,13 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
 
 def test_segment_size_beyond_what_the_index_can_address_is_refused(tmp_path: Path) -> None:
     assert "segment-bytes" in error(tmp_path, "[storage]\nsegment-bytes = 5368709120\n")
+
+
+def test_notify_channels_must_be_built_in(tmp_path: Path) -> None:
+    path = tmp_path / "herald.toml"
+    path.write_text('[notify]\nchannels = ["sms"]\n')
+    with pytest.raises(ConfigError, match=r"notify\.channels"):
+        load_config(path)
+    path.write_text("[notify.retry]\ndelays-ms = [0]\n")
+    with pytest.raises(ConfigError, match=r"notify\.retry"):
+        load_config(path)

@@ -24,7 +24,7 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Generic, NamedTuple, TypeVar
+from typing import Final, Generic, NamedTuple, TypeVar
 
 import lmdb
 import msgspec
@@ -33,6 +33,23 @@ from storage.errors import StorageError, StorageFull
 from storage.segment import fsync_dir
 
 T = TypeVar("T")
+
+# What a row costs beyond its key and value bytes, for accounting: LMDB's leaf-node header
+# (8 bytes) and its slot in the page (2), rounded up for alignment and page fill.
+ROW_OVERHEAD: Final = 16
+
+
+def row_bytes(key: bytes | memoryview, value: bytes | memoryview) -> int:
+    """The bytes a row is counted for: key, value and :data:`ROW_OVERHEAD`."""
+    return len(key) + len(value) + ROW_OVERHEAD
+
+
+class Usage(NamedTuple):
+    """How a write changed a table: rows and bytes (:func:`row_bytes`) added, negative when
+    removed."""
+
+    rows: int
+    bytes: int
 
 
 def write_failed(exc: lmdb.Error) -> StorageError:
@@ -255,13 +272,22 @@ class Table(Generic[T]):
     def put(self, key: bytes | str, value: T, *, txn: Txn | None = None) -> None:
         self.put_many([(key, value)], txn=txn)
 
-    def put_many(self, items: list[tuple[bytes | str, T]], *, txn: Txn | None = None) -> None:
-        """Write many entries in one transaction (``txn``'s if given). Raises
-        :class:`StorageFull` when the map or the disk is full, :class:`StorageError` for
-        other write failures."""
+    def put_many(self, items: list[tuple[bytes | str, T]], *, txn: Txn | None = None) -> Usage:
+        """Write many entries in one transaction (``txn``'s if given). Returns how the table
+        grew (a replaced row counts only its change in size). Raises :class:`StorageFull`
+        when the map or the disk is full, :class:`StorageError` for other write failures."""
+        rows = size = 0
         with self._writing(txn) as t:
             for key, value in items:
-                t.put(self._key(key), self._enc.encode(value), db=self._db)
+                k = self._key(key)
+                v = self._enc.encode(value)
+                old = t.replace(k, v, db=self._db)
+                if old is None:
+                    rows += 1
+                    size += row_bytes(k, v)
+                else:
+                    size += len(v) - len(old)
+        return Usage(rows, size)
 
     def delete(self, key: bytes | str, *, txn: Txn | None = None) -> bool:
         with self._writing(txn) as t:
@@ -289,6 +315,55 @@ class Table(Generic[T]):
             for key in keys:
                 n += bool(t.delete(self._key(key), db=self._db))
         return n
+
+    def remove_many(self, keys: list[bytes | str], *, txn: Txn | None = None) -> Usage:
+        """Delete ``keys`` in one transaction, like :meth:`delete_many`, and return how the
+        table shrank (negative rows and bytes; keys that did not exist count nothing)."""
+        rows = size = 0
+        with self._writing(txn) as t:
+            for key in keys:
+                k = self._key(key)
+                old = t.pop(k, db=self._db)
+                if old is not None:
+                    rows -= 1
+                    size -= row_bytes(k, old)
+        return Usage(rows, size)
+
+    def raw_size(self, key: bytes | str, *, txn: Txn | None = None) -> int | None:
+        """The stored value's length in bytes, or None if ``key`` is absent."""
+        with self._reading(txn) as t:
+            raw = t.get(self._key(key), db=self._db)
+            return None if raw is None else len(raw)
+
+    def scan_sized(self, prefix: bytes | str = b"") -> Iterator[tuple[bytes, T, int]]:
+        """``(key, value, row bytes)`` of every entry whose key starts with ``prefix``, in
+        one read transaction (for accounting at start-up: run it in a worker thread, and do
+        not await while iterating)."""
+        p = self._key(prefix)
+        with self._kv.read() as txn:
+            cur = txn.cursor(db=self._db)
+            if not cur.set_range(p):
+                return
+            for k, v in cur:
+                key, value = bytes(k), bytes(v)
+                if not key.startswith(p):
+                    return
+                yield key, self._dec.decode(value), row_bytes(key, value)
+
+    def sizes(self, prefix: bytes | str = b"") -> Iterator[tuple[bytes, int]]:
+        """``(key, row bytes)`` of every entry whose key starts with ``prefix``, without
+        decoding values (for accounting at start-up). One read transaction: run it in a
+        worker thread for a large table, and do not await while iterating."""
+        p = self._key(prefix)
+        with self._kv.read() as txn:
+            cur = txn.cursor(db=self._db)
+            if not cur.set_range(p):
+                return
+            for k, v in cur:
+                key = bytes(k)
+                if not key.startswith(p):
+                    return
+                yield key, len(key) + len(v) + ROW_OVERHEAD
 
     def scan_raw(
         self,

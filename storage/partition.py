@@ -186,6 +186,15 @@ class Partition:
         part._write_checkpoint_now()
         return part, recovered.report
 
+    def expire_producers(self, older_than_ms: int) -> int:
+        """Forget idempotent producers idle since before ``older_than_ms`` (the node's
+        clock). Returns how many; the next checkpoint no longer carries them."""
+        return self._producers.expire(older_than_ms)
+
+    @property
+    def producer_count(self) -> int:
+        return len(self._producers)
+
     # --------------------------------------------------------------------- properties
     @property
     def log_start_offset(self) -> int:
@@ -297,6 +306,7 @@ class Partition:
         if idempotent:
             producers = self._producers
             producers.settle(self._pipeline.written_offset)
+            now = self._clock()  # last use, by the node's clock, not the batch's timestamps
             for _head, _body, h in items:
                 if h.producer_id >= 0:
                     producers.update(
@@ -304,7 +314,7 @@ class Partition:
                         h.base_sequence,
                         h.record_count,
                         h.base_offset,
-                        h.max_timestamp,
+                        now,
                         undo=True,
                     )
         self._flusher.kick()

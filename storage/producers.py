@@ -18,6 +18,12 @@ log back and :meth:`ProducerTable.truncate` undoes exactly those records, newest
 the producer's window and last sequence are what they were before, so its retry of the
 same sequence is accepted (and a retry of a batch acknowledged before still answered as a
 duplicate). Undo records are kept only for batches not yet written (:meth:`settle`).
+
+Expiry (Kafka's ``producer.id.expiration.ms``): the table must not grow forever, so a
+producer idle for longer than the broker's expiration is forgotten (:meth:`ProducerTable.
+expire`). "Idle" is measured by the node's clock at append, never by the timestamps a
+producer writes into its batches. Entries are kept in order of last use, so expiry takes
+O(producers expired), not a scan of the table.
 """
 
 from __future__ import annotations
@@ -115,9 +121,10 @@ class ProducerTable:
         *,
         undo: bool = False,
     ) -> None:
-        """Record an appended batch (from an append or a recovery scan). ``undo``: the
-        batch is not written yet; keep what :meth:`truncate` needs to take it back."""
-        entry = self._entries.get(producer_id)
+        """Record an appended batch (from an append or a recovery scan); ``timestamp`` is
+        the node's clock (ms), the producer's last use. ``undo``: the batch is not written
+        yet; keep what :meth:`truncate` needs to take it back."""
+        entry = self._entries.pop(producer_id, None)  # re-inserted last: order of last use
         if undo:
             if entry is None:
                 self._undo.append((base_offset, producer_id, None, None))
@@ -130,10 +137,16 @@ class ProducerTable:
         self._entries[producer_id] = (last, timestamp, marks)
 
     def expire(self, older_than: int) -> int:
-        """Forget producers idle since before ``older_than`` (ms). Returns how many."""
-        stale = [pid for pid, (_s, ts, _m) in self._entries.items() if ts < older_than]
+        """Forget producers idle since before ``older_than`` (ms). Returns how many. Walks
+        from the least recently used and stops at the first one still in use."""
+        entries = self._entries
+        stale = []
+        for pid, (_s, ts, _m) in entries.items():
+            if ts >= older_than:
+                break
+            stale.append(pid)
         for pid in stale:
-            del self._entries[pid]
+            del entries[pid]
         return len(stale)
 
     def settle(self, offset: int) -> None:

@@ -277,7 +277,8 @@ def _scan_tail(
                     header.base_sequence,
                     header.record_count,
                     header.base_offset,
-                    header.max_timestamp,
+                    # last use: recovery's time, not the batch's own (the producer chose it)
+                    time.time_ns() // 1_000_000,
                 )
             pos, expected = pos + header.batch_length, header.next_offset
             continue

@@ -92,8 +92,14 @@ class Log:
                 continue
             try:
                 meta = _meta_dec.decode((path / META_FILE).read_bytes())
-            except (FileNotFoundError, msgspec.DecodeError) as exc:
-                log.error("event=topic_unreadable dir=%s error=%r", path, exc)
+            except FileNotFoundError:
+                # a create that crashed before its meta file: the topic never existed and
+                # its partitions never acknowledged a write; do not keep its files around
+                log.warning("event=half_made_topic_removed dir=%s", entry.name)
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            except msgspec.DecodeError as exc:
+                log.error("event=topic_unreadable dir=%s error=%r", entry.name, exc)
                 continue
             self.topics[meta.name] = meta
             for p in range(meta.partitions):
@@ -112,33 +118,82 @@ class Log:
         internal: bool = False,
         owner: str | None = None,
     ) -> TopicMeta:
+        """Create a topic now (blocking: one checkpoint and a few fsyncs per partition).
+        The broker creates tenants' topics with :meth:`check_create`, :meth:`prepare_topic`
+        in a worker thread and :meth:`add_topic`, so the loop does not wait."""
+        self.check_create(name, partitions)
+        meta, parts = self.prepare_topic(name, partitions, config, internal=internal, owner=owner)
+        self.add_topic(meta, parts)
+        return meta
+
+    def check_create(self, name: str, partitions: int) -> None:
+        """Raise if ``name`` cannot be created now (exists, still being deleted)."""
         if name in self.topics:
             raise TopicExists(f"topic {name!r} already exists")
         if name in self._deleting:
             raise TopicBeingDeleted(f"topic {name!r} is being deleted; retry shortly")
         if partitions < 1:
             raise StorageError("a topic needs at least one partition")
+
+    def prepare_topic(
+        self,
+        name: str,
+        partitions: int,
+        config: PartitionConfig,
+        *,
+        internal: bool = False,
+        owner: str | None = None,
+    ) -> tuple[TopicMeta, list[Partition]]:
+        """Make the topic's directory, partitions and meta file, and return them open,
+        not yet part of the log (:meth:`add_topic` does that, on the loop). Blocking and
+        touching none of the log's shared state, so it may run in a worker thread. All or
+        nothing: on any failure (or interruption) every file opened is closed and the
+        directory removed before the error propagates, so no half-made topic or open file
+        descriptor is left."""
         path = self.root / name
-        if path.is_dir() and not (path / META_FILE).exists():
-            # left by a create that crashed before its meta file: the topic never existed
-            # and its partitions never acknowledged a write
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=False)
-        meta = TopicMeta(
-            name=name,
-            partitions=partitions,
-            config=config,
-            created_ms=time.time_ns() // 1_000_000,
-            internal=internal,
-            owner=owner,
-        )
-        for p in range(partitions):
-            part, _ = Partition.open(path / str(p), config, name=f"{name}-{p}")
-            self.partitions[(name, p)] = part
-        _write_meta(path, meta)  # the topic exists once its meta file does
-        fsync_dir(self.root)
+        opened: list[Partition] = []
+        made = False
+        try:
+            if path.is_dir() and not (path / META_FILE).exists():
+                # left by a create that crashed before its meta file: the topic never existed
+                # and its partitions never acknowledged a write
+                shutil.rmtree(path)
+            path.mkdir(parents=True, exist_ok=False)
+            made = True
+            meta = TopicMeta(
+                name=name,
+                partitions=partitions,
+                config=config,
+                created_ms=time.time_ns() // 1_000_000,
+                internal=internal,
+                owner=owner,
+            )
+            for p in range(partitions):
+                part, _ = Partition.open(path / str(p), config, name=f"{name}-{p}")
+                opened.append(part)
+            _write_meta(path, meta)  # the topic exists once its meta file does
+            fsync_dir(self.root)
+        except BaseException:
+            for part in opened:
+                for seg in part.segments:
+                    seg.close()
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return meta, opened
+
+    def add_topic(self, meta: TopicMeta, partitions: list[Partition]) -> None:
+        """Make a prepared topic part of the log (on the loop)."""
+        for p, part in enumerate(partitions):
+            self.partitions[(meta.name, p)] = part
+        self.topics[meta.name] = meta
+
+    def set_owner(self, name: str, owner: str) -> None:
+        """Record ``owner`` in the topic's meta file (atomically; topics made before owners
+        were kept there)."""
+        meta = msgspec.structs.replace(self.topics[name], owner=owner)
+        _write_meta(self.root / name, meta)
         self.topics[name] = meta
-        return meta
 
     async def delete_topic(self, name: str) -> None:
         """Close the topic's partitions and remove its files. Works on a full disk (that is

@@ -8,9 +8,10 @@ TOML. No other module reads the environment or a file for settings: the node get
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -52,6 +53,11 @@ class TopicDefaults(_Section):
     retention_bytes: int | None = None
     auto_create: bool = True
     events_partitions: int = 8
+    # bounds on a batch's timestamps against the node's clock (Kafka's
+    # message.timestamp.after.max.ms / before.max.ms): time retention and offset-by-time
+    # look-ups trust them
+    timestamp_after_max_ms: int = 3600 * 1000
+    timestamp_before_max_ms: int | None = None
 
 
 class LimitsConfig(_Section):
@@ -72,6 +78,72 @@ class GroupsConfig(_Section):
     max_session_timeout_ms: int = 300_000
     default_session_timeout_ms: int = 10_000
     default_assignor: Literal["range", "sticky"] = "sticky"
+    max_members: int = 1000
+    max_commit_metadata_bytes: int = 4096
+    offsets_retention_ms: int = 7 * 24 * 3600 * 1000
+    offsets_retention_check_interval_ms: int = 60_000
+
+
+class TenantQuotas(_Section):
+    """One tenant's quotas where they differ from the ``[quotas]`` defaults (a key left out
+    takes the default; 0 means unlimited)."""
+
+    tenant: str
+    topics: int | None = None
+    partitions: int | None = None
+    groups: int | None = None
+    producer_ids: int | None = None
+    state_store_bytes: int | None = None
+    produce_bytes_per_second: int | None = None
+    fetch_bytes_per_second: int | None = None
+
+
+class QuotasConfig(_Section):
+    """Per-tenant quotas (the operator, tenant ``*``, has none) and the node's own totals.
+    Counts refuse with ``quota_exceeded``; rates throttle (0: unlimited)."""
+
+    topics: int = 200
+    partitions: int = 1000
+    groups: int = 1000
+    producer_ids: int = 10_000
+    state_store_bytes: int = 256 * 1024 * 1024
+    produce_bytes_per_second: int = 0
+    fetch_bytes_per_second: int = 0
+    rate_burst_ms: int = 1000
+    max_throttle_ms: int = 30_000
+    producer_id_expiration_ms: int = 24 * 3600 * 1000
+    producer_id_expiration_check_interval_ms: int = 60_000
+    node_topics: int = 2000
+    node_partitions: int = 5000
+    tenants: list[TenantQuotas] = []
+
+    def for_tenant(self, tenant: str) -> TenantQuotas:
+        """The quotas of ``tenant``: its override, each missing key from the defaults."""
+        override = self._overrides().get(tenant)
+        return TenantQuotas(
+            tenant=tenant,
+            **{
+                name: getattr(override, name, None)
+                if getattr(override, name, None) is not None
+                else getattr(self, name)
+                for name in QUOTA_NAMES
+            },
+        )
+
+    def _overrides(self) -> dict[str, TenantQuotas]:
+        return {t.tenant: t for t in self.tenants}
+
+
+# the per-tenant quotas, by field name (kebab-case in TOML and in error messages)
+QUOTA_NAMES = (
+    "topics",
+    "partitions",
+    "groups",
+    "producer_ids",
+    "state_store_bytes",
+    "produce_bytes_per_second",
+    "fetch_bytes_per_second",
+)
 
 
 class ApiKey(_Section):
@@ -147,6 +219,7 @@ class Config(_Section):
     topics: TopicDefaults = msgspec.field(default_factory=TopicDefaults)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     groups: GroupsConfig = msgspec.field(default_factory=GroupsConfig)
+    quotas: QuotasConfig = msgspec.field(default_factory=QuotasConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
@@ -215,6 +288,7 @@ def _validate(cfg: Config) -> Config:
     ):
         if value < 1:
             raise ConfigError(f"notify.{name} must be >= 1")
+    _validate_quotas(cfg)
     seen = set()
     for i, key in enumerate(cfg.auth.keys):
         if len(key.key) < 16:
@@ -222,7 +296,50 @@ def _validate(cfg: Config) -> Config:
         if key.key in seen:
             raise ConfigError(f"auth.keys[{i}].key: duplicate key")
         seen.add(key.key)
+        if key.tenant != OPERATOR_TENANT and not TENANT_NAME.fullmatch(key.tenant):
+            raise ConfigError(f"auth.keys[{i}].tenant: {TENANT_RULE}")
     return cfg
+
+
+# Tenant names appear in stored topic names (``<tenant>~<topic>``, a directory name that must
+# fit the file system's 255 bytes with the deletion suffix) and before the ``/`` of group keys.
+TENANT_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,26}")
+TENANT_RULE: Final = "a tenant is '*' or 1-26 characters of letters, digits, '.', '_', '-'"
+OPERATOR_TENANT: Final = "*"
+
+
+def _validate_quotas(cfg: Config) -> None:
+    q = cfg.quotas
+    for name in (*QUOTA_NAMES, "node_topics", "node_partitions", "max_throttle_ms"):
+        if getattr(q, name) < 0:
+            raise ConfigError(f"quotas.{name.replace('_', '-')} must not be negative")
+    if q.rate_burst_ms < 1 or q.producer_id_expiration_ms < 1:
+        raise ConfigError("quotas.rate-burst-ms and producer-id-expiration-ms must be >= 1")
+    if q.producer_id_expiration_check_interval_ms < 1:
+        raise ConfigError("quotas.producer-id-expiration-check-interval-ms must be >= 1")
+    seen: set[str] = set()
+    for i, t in enumerate(q.tenants):
+        if t.tenant in seen:
+            raise ConfigError(f"quotas.tenants[{i}].tenant: {t.tenant!r} appears twice")
+        if not TENANT_NAME.fullmatch(t.tenant):
+            raise ConfigError(f"quotas.tenants[{i}].tenant: {TENANT_RULE}")
+        seen.add(t.tenant)
+        for name in QUOTA_NAMES:
+            value = getattr(t, name)
+            if value is not None and value < 0:
+                raise ConfigError(
+                    f"quotas.tenants[{i}].{name.replace('_', '-')} must not be negative"
+                )
+    g = cfg.groups
+    if g.max_members < 1 or g.max_commit_metadata_bytes < 0:
+        raise ConfigError("groups.max-members must be >= 1, max-commit-metadata-bytes >= 0")
+    if g.offsets_retention_ms < 1 or g.offsets_retention_check_interval_ms < 1:
+        raise ConfigError("groups.offsets-retention-ms and its check interval must be >= 1")
+    td = cfg.topics
+    if td.timestamp_after_max_ms < 0 or (
+        td.timestamp_before_max_ms is not None and td.timestamp_before_max_ms < 0
+    ):
+        raise ConfigError("topics.timestamp-after-max-ms / -before-max-ms must not be negative")
 
 
 def load_config(path: Path | None) -> Config:

@@ -172,6 +172,60 @@ class UnknownGroup(GroupError):
     http_status = 404
 
 
+class InvalidGroup(GroupError):
+    """A group name that is empty, too long or has characters outside the allowed set."""
+
+    code = "invalid_group"
+    http_status = 400
+
+
+class GroupFull(GroupError):
+    """A join past ``groups.max-members`` (Kafka's GROUP_MAX_SIZE_REACHED)."""
+
+    code = "group_max_size_reached"
+    http_status = 409
+
+
+class OffsetMetadataTooLarge(PayloadTooLarge):
+    """Commit metadata over ``groups.max-commit-metadata-bytes``."""
+
+    code = "offset_metadata_too_large"
+
+
+# ------------------------------------------------------------------ producers and batches
+class UnknownProducerId(HeraldError):
+    """A batch names a producer id this node never issued to the tenant, or one that
+    expired after ``quotas.producer-id-expiration-ms`` idle: get a new one (``init_producer``)."""
+
+    code = "unknown_producer_id"
+    retriable = False
+    http_status = 400
+
+
+class InvalidTimestamp(HeraldError):
+    """A batch's timestamps are too far from the node's clock
+    (``topics.timestamp-after-max-ms`` / ``timestamp-before-max-ms``)."""
+
+    code = "invalid_timestamp"
+    retriable = False
+    http_status = 400
+
+
+# --------------------------------------------------------------------------- quotas
+class QuotaExceeded(HeraldError):
+    """A tenant's count quota (topics, partitions, groups, producer ids, state-store bytes)
+    or a node total is reached; the message names the quota. Rates never raise this: they
+    throttle."""
+
+    code = "quota_exceeded"
+    retriable = False
+    http_status = 429
+
+    def __init__(self, message: str = "", *, quota: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.quota = quota
+
+
 # ------------------------------------------------------------------------ node and load
 class ShuttingDown(HeraldError):
     code = "shutting_down"
@@ -286,21 +340,26 @@ __all__ = [
     "Forbidden",
     "FrameTooLarge",
     "GroupError",
+    "GroupFull",
     "HeraldError",
     "IncompleteBatch",
     "Internal",
+    "InvalidGroup",
     "InvalidRequest",
     "InvalidSessionTimeout",
+    "InvalidTimestamp",
     "InvalidTopic",
     "LogClosed",
     "LogOffline",
     "MethodNotAllowed",
     "NotAssigned",
     "NotFound",
+    "OffsetMetadataTooLarge",
     "OffsetOutOfRange",
     "OutOfOrderSequence",
     "PayloadTooLarge",
     "ProtocolError",
+    "QuotaExceeded",
     "ShuttingDown",
     "StateStoreFailed",
     "StorageError",
@@ -315,6 +374,7 @@ __all__ = [
     "UnknownGroup",
     "UnknownMember",
     "UnknownPartition",
+    "UnknownProducerId",
     "UnknownTopic",
     "UnsupportedVersion",
     "_statuses",

@@ -6,6 +6,10 @@ a :class:`Pending` reply (the front door handed back an acknowledgement to wait 
 produce or a publish), or a coroutine that returns the reply (requests that must wait: long
 polls, topic deletion, offset commits and producer ids, which wait for the state store's
 sync). Errors are raised; the caller answers them through ``broker.errors.describe``.
+
+A produce (or a metadata request with ``auto_create``) naming a topic that is being
+auto-created becomes a coroutine: it waits for the creation (in a worker thread, owned by
+``broker/topics.py``), then runs again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from broker.auth import Principal
 from broker.errors import InvalidRequest
 from broker.events import EventIn, EventIntake
 from broker.service import BrokerService
+from broker.topics import TopicPending, created
 
 
 class Pending(NamedTuple):
@@ -37,7 +42,7 @@ def handler_table(service: BrokerService, intake: EventIntake, node_id: int) -> 
     """One handler per op: each calls the front door and returns the reply, a
     :class:`Pending` reply or a coroutine that returns the reply."""
 
-    def produce(pr: Principal, req: p.Produce) -> Any:
+    def produce_now(pr: Principal, req: p.Produce) -> Any:
         a = service.produce(
             pr, req.topic, req.batches, partition=req.partition, key=req.key, acks=req.acks
         )
@@ -48,23 +53,31 @@ def handler_table(service: BrokerService, intake: EventIntake, node_id: int) -> 
             base_offset=a.base_offset,
             last_offset=a.last_offset,
             duplicate=a.duplicate,
+            throttle_ms=a.throttle_ms,
         )
         return reply if a.ack is None else Pending(a.ack, reply)
 
+    def produce(pr: Principal, req: p.Produce) -> Any:
+        return when_created(lambda: produce_now(pr, req))
+
     async def fetch(pr: Principal, req: p.Fetch) -> p.Fetched:
-        return p.Fetched(id=req.id, partitions=await service.fetch(pr, req))
+        partitions, throttle_ms = await service.fetch(pr, req)
+        return p.Fetched(id=req.id, partitions=partitions, throttle_ms=throttle_ms)
 
     def list_offsets(pr: Principal, req: p.ListOffsets) -> p.Offsets:
         off = service.list_offsets(pr, req.topic, req.partition, req.spec)
         return p.Offsets(id=req.id, topic=req.topic, partition=req.partition, offset=off)
 
-    def metadata(pr: Principal, req: p.Metadata) -> p.MetadataResult:
-        topics = service.metadata(pr, req.topics, auto_create=req.auto_create)
-        return p.MetadataResult(id=req.id, node_id=node_id, topics=topics)
+    def metadata(pr: Principal, req: p.Metadata) -> Any:
+        def now() -> p.MetadataResult:
+            topics = service.metadata(pr, req.topics, auto_create=req.auto_create)
+            return p.MetadataResult(id=req.id, node_id=node_id, topics=topics)
 
-    def create_topic(pr: Principal, req: p.CreateTopic) -> p.TopicCreated:
-        info, created = service.create_topic(pr, req)
-        return p.TopicCreated(id=req.id, topic=info, created=created)
+        return when_created(now)
+
+    async def create_topic(pr: Principal, req: p.CreateTopic) -> p.TopicCreated:
+        info, made = await service.create_topic(pr, req)
+        return p.TopicCreated(id=req.id, topic=info, created=made)
 
     async def delete_topic(pr: Principal, req: p.DeleteTopic) -> p.TopicDeleted:
         await service.delete_topic(pr, req.topic)
@@ -87,6 +100,7 @@ def handler_table(service: BrokerService, intake: EventIntake, node_id: int) -> 
                 p.PublishedEvent(r.event_id, r.partition, r.offset, r.duplicate)
                 for r in accepted.results
             ],
+            throttle_ms=accepted.throttle_ms,
         )
         return reply if accepted.ack is None else Pending(accepted.ack, reply)
 
@@ -107,6 +121,29 @@ def handler_table(service: BrokerService, intake: EventIntake, node_id: int) -> 
         p.DescribeGroup: describe_group,
         p.Publish: publish,
     }
+
+
+def when_created(attempt: Callable[[], Any]) -> Any:
+    """``attempt()``, or, while it names a topic being auto-created, a coroutine that waits
+    for the creation and tries again (the reply, or an error raised)."""
+    try:
+        return attempt()
+    except TopicPending as pending:
+        return _after_create(pending, attempt)
+
+
+async def _after_create(pending: TopicPending, attempt: Callable[[], Any]) -> Any:
+    while True:
+        await created(pending)
+        try:
+            outcome = attempt()
+        except TopicPending as again:
+            pending = again
+            continue
+        if isinstance(outcome, Pending):
+            await outcome.ack
+            return outcome.reply
+        return outcome
 
 
 _json = msgspec.json.Encoder()

@@ -8,6 +8,11 @@ then keep their publishing order through the fan-out, which is what keeps notifi
 order per (user, topic) (a producer that gives keys takes that on: events of one key keep
 their order). Events that arrive together on one partition share one fsync.
 
+Quotas: an event counts toward its tenant's produce rate (a throttled publish is answered
+after the throttle time, which the answer reports), and an indexed ``event_id`` toward its
+state-store bytes: a publish whose ids would take the tenant past that quota is refused
+before anything is appended, so an answer never says "error" for stored events.
+
 Idempotency: an event may carry a producer-chosen ``event_id``; a repeat inside the window
 (24 h) is answered with the original partition and offset and not stored again. The promise
 behind a ``duplicate`` answer is that the original *is stored*, so:
@@ -39,10 +44,12 @@ from broker import protocol as p
 from broker.auth import NODE_PRINCIPAL, Principal
 from broker.config import Config
 from broker.errors import InvalidRequest, PayloadTooLarge, ShuttingDown
-from broker.idempotency import EventIds, SeenEvent
+from broker.idempotency import EventIds, SeenEvent, row_estimate
+from broker.quotas import delayed
 from broker.service import BrokerService
 from broker.topics import EVENTS_TOPIC, partition_for_key
 from storage import records
+from storage.errors import StorageError
 
 log = logging.getLogger("herald.events")
 
@@ -108,6 +115,7 @@ class EventResult(msgspec.Struct, omit_defaults=True):
     partition: int
     offset: int
     duplicate: bool = False
+    throttle_ms: int = 0  # set on a single event's answer only (a batch reports it once)
 
 
 @dataclass(slots=True)
@@ -119,6 +127,7 @@ class Accepted:
     results: list[EventResult]
     events: int
     ack: asyncio.Future[None] | None
+    throttle_ms: int = 0
 
 
 class EventIdGenerator:
@@ -163,7 +172,10 @@ class EventIntake:
     def __init__(self, config: Config, service: BrokerService) -> None:
         self.config = config
         self.service = service
-        self.ids = EventIds(service.kv, self.IDEMPOTENCY_WINDOW_MS)
+        self.quotas = service.quotas
+        self.ids = EventIds(service.kv, self.IDEMPOTENCY_WINDOW_MS, service.quotas)
+        # per tenant: state-store bytes the ids of appended, not yet durable events will take
+        self._reserved: dict[str, int] = {}
         self._gen = EventIdGenerator()
         self._enc = msgspec.json.Encoder()
         self._event_dec = msgspec.json.Decoder(EventIn)
@@ -230,16 +242,35 @@ class EventIntake:
                     )
                 chosen_here.add(prepared.event_id)
             fresh.append(prepared)
+        usage = self.quotas.of(tenant)
+        if chosen_here and not usage.exempt:
+            # the ids will be indexed once durable: refuse now, before anything is stored,
+            # rather than store events whose ids cannot be kept
+            reserved = self._reserved.get(tenant, 0)
+            self.quotas.admit(
+                usage,
+                "state_store_bytes",
+                reserved + len(chosen_here) * row_estimate(tenant),
+                field="events" if batch else "event_id",
+            )
+        size = 0
         if fresh:
             waits.extend(self._append(tenant, fresh, chosen_here, results, now))
+            for e in fresh:
+                size += len(e.value)
         ack: asyncio.Future[None] | None = None
         if len(waits) == 1:
             ack = waits[0]
         elif waits:
             ack = asyncio.ensure_future(_all(waits))
+        throttle_ms = 0
+        delay = self.quotas.throttle_produce(usage, size) if size else 0.0
+        if delay:
+            ack = delayed(ack, delay)
+            throttle_ms = int(delay * 1000)
         done = [r for r in results if r is not None]
         assert len(done) == len(results)
-        return Accepted(done, len(fresh), ack)
+        return Accepted(done, len(fresh), ack, throttle_ms)
 
     def _prepare(
         self, tenant: str, ev: EventIn, now: int, index: int, where: str
@@ -339,6 +370,8 @@ class EventIntake:
                 continue
             for _t, eid, seen in rows:
                 self._inflight[(tenant, eid)] = (EventResult(eid, part, seen.offset), ack)
+            if rows:
+                self._reserve(tenant, len(rows) * row_estimate(tenant))
             ack.add_done_callback(self._on_durable(part, end, rows))
             waits.append(ack)
         return waits
@@ -365,10 +398,19 @@ class EventIntake:
         def done(fut: asyncio.Future[None]) -> None:
             for tenant, eid, _seen in rows:
                 self._inflight.pop((tenant, eid), None)
+            if rows:
+                self._reserve(rows[0][0], -len(rows) * row_estimate(rows[0][0]))
             if not fut.cancelled() and fut.exception() is None:
                 self._indexed_to(partition, end, rows)
 
         return done
+
+    def _reserve(self, tenant: str, nbytes: int) -> None:
+        left = self._reserved.get(tenant, 0) + nbytes
+        if left > 0:
+            self._reserved[tenant] = left
+        else:
+            self._reserved.pop(tenant, None)
 
     def _indexed_to(self, partition: int, end: int, rows: list[tuple[str, str, SeenEvent]]) -> None:
         if rows:
@@ -419,7 +461,19 @@ class EventIntake:
                             rows.append((ev.tenant, ev.event_id, seen))
                     offset = max(offset, header.base_offset + header.record_count)
                 if rows:
-                    self.ids.put_many(rows)
+                    try:
+                        self.ids.put_many(rows)
+                    except StorageError as exc:
+                        # the state store is full: start anyway (the events are stored;
+                        # only their dedupe is missing); the mark stays, so a later start
+                        # with room tries again
+                        log.error(
+                            "event=event_ids_reindex_failed partition=%d offset=%d error=%r",
+                            part,
+                            offset,
+                            exc,
+                        )
+                        break
                     restored += len(rows)
                 self._indexed[part] = offset
         if restored:

@@ -39,8 +39,9 @@ from broker.errors import (
     PayloadTooLarge,
     describe,
 )
-from broker.events import EventIntake, EventResult
+from broker.events import EventIntake
 from broker.service import BrokerService
+from broker.topics import TopicPending, created
 from storage import records
 from storage.errors import CorruptBatch
 
@@ -244,6 +245,8 @@ class HttpApi:
         ev = self.intake.decode_one(body)
         accepted = self.intake.publish(principal, [ev], batch=False)
         (result,) = accepted.results
+        if accepted.throttle_ms:
+            result = msgspec.structs.replace(result, throttle_ms=accepted.throttle_ms)
         return Accepted(result, accepted.events, accepted.ack)
 
     def accept_batch(self, principal: Principal, body: bytes) -> Accepted:
@@ -252,7 +255,9 @@ class HttpApi:
         principal.require("produce")
         events = self.intake.decode_many(body)
         accepted = self.intake.publish(principal, events, batch=True)
-        answer: dict[str, list[EventResult]] = {"results": accepted.results}
+        answer: dict[str, Any] = {"results": accepted.results}
+        if accepted.throttle_ms:
+            answer["throttle_ms"] = accepted.throttle_ms
         return Accepted(answer, accepted.events, accepted.ack)
 
     # --------------------------------------------------------------------- topics
@@ -271,7 +276,7 @@ class HttpApi:
             retention_bytes=t.retention_bytes,
             exist_ok=t.exist_ok,
         )
-        info, created = self.service.create_topic(principal, req)
+        info, created = await self.service.create_topic(principal, req)
         return self.json({"topic": info, "created": created}, 201 if created else 200)
 
     async def describe_topic(self, request: web.Request) -> web.Response:
@@ -314,26 +319,31 @@ class HttpApi:
             else:
                 rows.append((delta, key, value))
         batch = records.encode_batch(rows, first_timestamp=first_ts)
-        try:
-            appended = self.service.produce(
-                principal,
-                request.match_info["topic"],
-                [batch],
-                partition=body.partition,
-                key=body.key.encode() if body.key is not None else None,
-                acks=body.acks,
-            )
-        except CorruptBatch as exc:  # records too large for one batch
-            raise BatchTooLarge(str(exc), field="records") from None
+        while True:
+            try:
+                appended = self.service.produce(
+                    principal,
+                    request.match_info["topic"],
+                    [batch],
+                    partition=body.partition,
+                    key=body.key.encode() if body.key is not None else None,
+                    acks=body.acks,
+                )
+                break
+            except TopicPending as pending:  # being auto-created
+                await created(pending)
+            except CorruptBatch as exc:  # records too large for one batch
+                raise BatchTooLarge(str(exc), field="records") from None
         if appended.ack is not None:
             await appended.ack
-        return self.json(
-            {
-                "partition": appended.partition,
-                "base_offset": appended.base_offset,
-                "last_offset": appended.last_offset,
-            }
-        )
+        answer: dict[str, Any] = {
+            "partition": appended.partition,
+            "base_offset": appended.base_offset,
+            "last_offset": appended.last_offset,
+        }
+        if appended.throttle_ms:
+            answer["throttle_ms"] = appended.throttle_ms
+        return self.json(answer)
 
     async def fetch_records(self, request: web.Request) -> web.Response:
         principal = self.principal(request)
@@ -348,7 +358,7 @@ class HttpApi:
             partitions=[p.FetchPartition(topic, partition, offset, max_bytes)],
             max_wait_ms=max_wait,
         )
-        (res,) = await self.service.fetch(principal, req)
+        (res,), throttle_ms = await self.service.fetch(principal, req)
         if res.error is not None:
             status = errors.http_status_of(res.error)
             return self.error(status, res.error, f"{topic}/{partition}: {res.error}")
@@ -374,14 +384,15 @@ class HttpApi:
                     item["headers"] = {k: _text_or_b64(v)[0] for k, v in rec.headers}
                 out.append(item)
                 next_offset = off + 1
-        return self.json(
-            {
-                "records": out,
-                "next_offset": next_offset,
-                "high_watermark": res.high_watermark,
-                "log_start_offset": res.log_start_offset,
-            }
-        )
+        answer: dict[str, Any] = {
+            "records": out,
+            "next_offset": next_offset,
+            "high_watermark": res.high_watermark,
+            "log_start_offset": res.log_start_offset,
+        }
+        if throttle_ms:
+            answer["throttle_ms"] = throttle_ms
+        return self.json(answer)
 
     async def list_offsets(self, request: web.Request) -> web.Response:
         principal = self.principal(request)

@@ -6,13 +6,28 @@ decides; this module keeps the index). Three LMDB tables: one keyed by ``tenant 
 event_id`` for the look-up, one keyed by ``received_ms \\0 tenant \\0 event_id`` so
 :meth:`EventIds.sweep` can drop expired ids in key order without scanning the whole store,
 and the marks: per ``__events`` partition, the offset below which every id is indexed.
+
+The rows of a tenant's ids count toward its state-store quota (``broker/quotas.py``):
+:meth:`EventIds.load` accounts what is stored at start-up, and every write and sweep
+updates the count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
-from storage.kv import KV
+from broker.quotas import Quotas
+from storage.kv import KV, ROW_OVERHEAD
+
+
+def row_estimate(tenant: str) -> int:
+    """The bytes one indexed id of ``tenant`` takes at most, in both tables: keys of
+    ``tenant \0 id`` and ``time \0 tenant \0 id`` (a 36-character UUID; at most 64), a
+    placement of at most 28 bytes and an empty value."""
+    t = len(tenant.encode())
+    return (t + 1 + 64 + 28 + ROW_OVERHEAD) + (16 + 1 + t + 1 + 64 + 1 + ROW_OVERHEAD)
 
 
 class SeenEvent(msgspec.Struct, array_like=True):
@@ -30,11 +45,31 @@ class _Mark(msgspec.Struct, array_like=True):
 
 
 class EventIds:
-    def __init__(self, kv: KV, window_ms: int) -> None:
+    def __init__(self, kv: KV, window_ms: int, quotas: Quotas | None = None) -> None:
         self.window_ms = window_ms
+        self.quotas = quotas
         self._by_id = kv.table("event_ids", SeenEvent)
         self._by_time = kv.table("event_ids_by_time", _Nothing)
         self._marks = kv.table("event_ids_marks", _Mark)
+
+    def load(self) -> int:
+        """Account the stored ids to their tenants (at start-up; a worker thread: it reads
+        both tables). Returns how many ids."""
+        if self.quotas is None:
+            return 0
+        count = 0
+        for key, size in self._by_id.sizes():
+            self.quotas.of(key.split(b"\x00", 1)[0].decode()).state_store_bytes += size
+            count += 1
+        for key, size in self._by_time.sizes():
+            parts = key.split(b"\x00", 2)
+            if len(parts) == 3:
+                self.quotas.of(parts[1].decode()).state_store_bytes += size
+        return count
+
+    def _account(self, tenant: str, nbytes: int) -> None:
+        if self.quotas is not None:
+            self.quotas.of(tenant).state_store_bytes += nbytes
 
     def marks(self) -> dict[int, int]:
         """Per partition, the offset below which every event's id is indexed."""
@@ -55,11 +90,16 @@ class EventIds:
         return None
 
     def put_many(self, rows: list[tuple[str, str, SeenEvent]]) -> None:
-        """Remember ``(tenant, event_id, placement)`` rows, each table in one transaction."""
-        self._by_id.put_many([(self._key(t, e), seen) for t, e, seen in rows])
-        self._by_time.put_many(
-            [(f"{seen.received_ms:016d}\x00{t}\x00{e}", _Nothing()) for t, e, seen in rows]
-        )
+        """Remember ``(tenant, event_id, placement)`` rows, each table in one transaction
+        per tenant (usually one: a publish is one tenant's). Raises
+        :class:`~storage.errors.StorageFull` when the state store is full."""
+        for tenant, mine in _by_tenant(rows):
+            a = self._by_id.put_many([(self._key(t, e), seen) for t, e, seen in mine])
+            self._account(tenant, a.bytes)
+            b = self._by_time.put_many(
+                [(f"{seen.received_ms:016d}\x00{t}\x00{e}", _Nothing()) for t, e, seen in mine]
+            )
+            self._account(tenant, b.bytes)
 
     def sweep(self, now_ms: int, limit: int = 10_000) -> int:
         """Forget up to ``limit`` ids older than the window, oldest first. Returns how many.
@@ -72,13 +112,28 @@ class EventIds:
             doomed.append(key)
         if not doomed:
             return 0
-        by_id: list[bytes | str] = []
+        by_id: dict[str, list[bytes | str]] = {}
+        by_time: dict[str, list[bytes | str]] = {}
         for key in doomed:
             ms, tenant, event_id = key.decode().split("\x00")
+            by_time.setdefault(tenant, []).append(key)
             seen = self._by_id.get(self._key(tenant, event_id))
             # a later publish of the same id (after expiry) has a newer time: keep it
             if seen is not None and seen.received_ms == int(ms):
-                by_id.append(self._key(tenant, event_id).encode())
-        self._by_id.delete_many(by_id)
-        self._by_time.delete_many(list(doomed))
+                by_id.setdefault(tenant, []).append(self._key(tenant, event_id).encode())
+        for tenant, keys in by_id.items():
+            self._account(tenant, self._by_id.remove_many(keys).bytes)
+        for tenant, keys in by_time.items():
+            self._account(tenant, self._by_time.remove_many(keys).bytes)
         return len(doomed)
+
+
+def _by_tenant(
+    rows: list[tuple[str, str, SeenEvent]],
+) -> Iterable[tuple[str, list[tuple[str, str, SeenEvent]]]]:
+    if all(r[0] == rows[0][0] for r in rows):
+        return [(rows[0][0], rows)] if rows else []
+    groups: dict[str, list[tuple[str, str, SeenEvent]]] = {}
+    for row in rows:
+        groups.setdefault(row[0], []).append(row)
+    return groups.items()

@@ -274,12 +274,14 @@ class HelloOk(_Resp, tag="hello_ok"):
     scopes: list[str]
 
 
-class Produced(_Resp, tag="produced"):
+class Produced(_Resp, tag="produced", omit_defaults=True):
     topic: str
     partition: int
     base_offset: int
     last_offset: int
     duplicate: bool = False
+    # how long the answer was held back because the tenant is over its produce rate
+    throttle_ms: int = 0
 
 
 class FetchedPartition(msgspec.Struct, array_like=True):
@@ -294,8 +296,10 @@ class FetchedPartition(msgspec.Struct, array_like=True):
     resume_offset: int = -1
 
 
-class Fetched(_Resp, tag="fetched"):
+class Fetched(_Resp, tag="fetched", omit_defaults=True):
     partitions: list[FetchedPartition]
+    # how long the fetch waited because the tenant is over its fetch rate
+    throttle_ms: int = 0
 
 
 class Offsets(_Resp, tag="offsets"):
@@ -414,8 +418,9 @@ class PublishedEvent(msgspec.Struct, array_like=True):
     duplicate: bool
 
 
-class Published(_Resp, tag="published"):
+class Published(_Resp, tag="published", omit_defaults=True):
     results: list[PublishedEvent]
+    throttle_ms: int = 0
 
 
 Response = (

@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import logging
 import os
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from broker.config import Config
 from broker.errors import (
     BatchTooLarge,
     InvalidRequest,
+    InvalidTimestamp,
+    OffsetMetadataTooLarge,
     ShuttingDown,
     TooManyBatches,
     UnknownGroup,
@@ -42,7 +45,9 @@ from broker.errors import (
     UnknownTopic,
 )
 from broker.groups import GroupCoordinator, StoredOffset
+from broker.names import shown, validate_client_id, validate_group, validate_member_id
 from broker.producer_ids import ProducerIds
+from broker.quotas import Quotas, delayed
 from broker.replication import Acks, LocalReplication, Replication
 from broker.topics import Topics, partition_for_key
 from storage.errors import CorruptData, StorageError
@@ -61,6 +66,13 @@ def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+# first_timestamp, max_timestamp and producer_id of a batch header (docs/STORAGE.md), read
+# at the front door without decoding the rest
+_HEAD = struct.Struct("<qqq")
+_HEAD_AT = 24
+_NO_BOUND = 1 << 63
+
+
 @dataclass(slots=True)
 class Appended:
     """An append accepted by the front door. Answer the producer once ``ack`` resolves (at
@@ -74,6 +86,7 @@ class Appended:
     last_offset: int
     duplicate: bool
     ack: asyncio.Future[None] | None
+    throttle_ms: int = 0
 
 
 class BrokerService:
@@ -84,8 +97,11 @@ class BrokerService:
         self.log = log_
         self.kv = kv
         self.replication: Replication = replication or LocalReplication()
-        self.topics = Topics(config, log_, kv)
-        self.producer_ids = ProducerIds(kv)
+        self.quotas = Quotas(config.quotas)
+        self.topics = Topics(config, log_, kv, self.quotas)
+        self.producer_ids = ProducerIds(
+            kv, self.quotas, expiration_ms=config.quotas.producer_id_expiration_ms
+        )
         self._round_robin: dict[str, itertools.count[int]] = {}
         g = config.groups
         self.groups = GroupCoordinator(
@@ -93,14 +109,39 @@ class BrokerService:
             self.topics.partition_count,
             clock_ms=monotonic_ms,
             wall_ms=now_ms,
+            quotas=self.quotas,
             min_session_timeout_ms=g.min_session_timeout_ms,
             max_session_timeout_ms=g.max_session_timeout_ms,
             default_session_timeout_ms=g.default_session_timeout_ms,
             default_assignor=g.default_assignor,
+            max_members=g.max_members,
+            offsets_retention_ms=g.offsets_retention_ms,
         )
         self.topics.on_change = self.groups.topics_changed
+        t = config.topics
+        self._ts_after = t.timestamp_after_max_ms
+        self._ts_before = (
+            _NO_BOUND if t.timestamp_before_max_ms is None else t.timestamp_before_max_ms
+        )
+        # a list in a request naming partitions never needs more entries than the node has
+        self._max_listed = config.quotas.node_partitions or _NO_BOUND
         self.stopping = False
         self._stop_waiters: set[asyncio.Future[None]] = set()
+
+    def load_state(self) -> None:
+        """Account what the state store holds (offsets, producer ids) to the tenants'
+        quotas. Blocking, reads whole tables: at start-up, in a worker thread."""
+        self.groups.load()
+        self.producer_ids.load()
+
+    def expire_producers(self, now: int | None = None) -> tuple[int, int]:
+        """Forget producer ids and partitions' producer state idle past the expiration.
+        Returns (ids forgotten, partition entries forgotten)."""
+        now = now_ms() if now is None else now
+        ids = self.producer_ids.expire(now)
+        cutoff = now - self.producer_ids.expiration_ms
+        entries = sum(part.expire_producers(cutoff) for part in self.log.partitions.values())
+        return len(ids), entries
 
     def stop(self) -> None:
         """Refuse new work and answer every parked long poll now: shutdown must not wait
@@ -142,9 +183,11 @@ class BrokerService:
         return st.f_bavail * st.f_frsize
 
     # ------------------------------------------------------------------------ topics
-    def create_topic(self, principal: Principal, req: p.CreateTopic) -> tuple[p.TopicInfo, bool]:
+    async def create_topic(
+        self, principal: Principal, req: p.CreateTopic
+    ) -> tuple[p.TopicInfo, bool]:
         principal.require("admin")
-        return self.topics.create(
+        return await self.topics.create(
             principal,
             req.topic,
             partitions=req.partitions,
@@ -155,28 +198,32 @@ class BrokerService:
 
     async def delete_topic(self, principal: Principal, name: str) -> None:
         principal.require("admin")
-        await self.topics.delete(principal, name)
-        self.groups.delete_topic_offsets(name)
+        owner, local = await self.topics.delete(principal, name)
+        self.groups.delete_topic_offsets(owner, local)
 
     def metadata(
         self, principal: Principal, topics: Sequence[str] | None, *, auto_create: bool = False
     ) -> list[p.TopicInfo]:
-        names = sorted(self.log.topics) if topics is None else list(topics)
+        """The principal's topics (all, or ``topics``), by its names. With ``auto_create``
+        a missing one is created as a produce would: raises
+        :class:`~broker.topics.TopicPending` until it is."""
+        names = self.topics.names(principal) if topics is None else list(topics)
         out = []
         for name in names:
-            if auto_create and "produce" in principal.scopes:
-                self.topics.usable(principal, name, produce=True)
-            if self.topics.visible(principal, name):
-                out.append(self.topics.info(name))
+            stored = self.topics.resolve(principal, name)
+            if stored is None and auto_create and "produce" in principal.scopes:
+                stored, _n = self.topics.usable(principal, name, produce=True)
+            if stored is not None:
+                out.append(self.topics.info(stored, name))
             elif topics is not None:
-                raise UnknownTopic(f"unknown topic {name!r}")
+                raise UnknownTopic(f"unknown topic {shown(name)}")
         return out
 
     def partition(self, principal: Principal, topic: str, index: int) -> Partition:
-        n = self.topics.usable(principal, topic, produce=False)
+        stored, n = self.topics.usable(principal, topic, produce=False)
         if not 0 <= index < n:
-            raise UnknownPartition(f"topic {topic!r} has partitions 0..{n - 1}, not {index}")
-        return self.log.partition(topic, index)
+            raise UnknownPartition(f"topic {shown(topic)} has partitions 0..{n - 1}, not {index}")
+        return self.log.partition(stored, index)
 
     # ----------------------------------------------------------------------- produce
     def produce(
@@ -191,23 +238,57 @@ class BrokerService:
     ) -> Appended:
         """Append record batches to one partition: ``partition`` if given, else the one of
         ``key``'s hash, else round robin. Raises before anything is appended if the request
-        is not acceptable (scope, limits, unknown partition, stopping)."""
+        is not acceptable (scope, limits, timestamps, producer ids, unknown partition,
+        stopping); raises :class:`~broker.topics.TopicPending` while the topic is being
+        auto-created. Over the tenant's produce rate, the ``ack`` is delayed by the
+        throttle time (``throttle_ms``)."""
         principal.require("produce")
         if self.stopping:
             raise ShuttingDown("the node is shutting down")
         self.check_batches(batches)
-        n = self.topics.usable(principal, topic, produce=True)
+        self.check_headers(principal, batches)
+        stored, n = self.topics.usable(principal, topic, produce=True)
         if partition is None:
             if key is not None:
                 partition = partition_for_key(key, n)
             else:
-                rr = self._round_robin.get(topic)
+                rr = self._round_robin.get(stored)
                 if rr is None:
-                    rr = self._round_robin[topic] = itertools.count()
+                    rr = self._round_robin[stored] = itertools.count()
                 partition = next(rr) % n
         elif not 0 <= partition < n:
-            raise UnknownPartition(f"topic {topic!r} has partitions 0..{n - 1}, not {partition}")
-        return self.append(topic, partition, batches, acks)
+            raise UnknownPartition(
+                f"topic {shown(topic)} has partitions 0..{n - 1}, not {partition}"
+            )
+        appended = self.append(stored, partition, batches, acks)
+        size = 0
+        for b in batches:
+            size += len(b)
+        delay = self.quotas.throttle_produce(self.quotas.of(principal.tenant), size)
+        if delay:
+            appended.ack = delayed(appended.ack, delay)
+            appended.throttle_ms = int(delay * 1000)
+        return appended
+
+    def check_headers(self, principal: Principal, batches: Sequence[bytes]) -> None:
+        """Timestamps within the bounds around the node's clock, producer ids issued to
+        this tenant. One header read per batch; nothing decoded."""
+        now = time.time_ns() // 1_000_000
+        lo = now - self._ts_before
+        hi = now + self._ts_after
+        for i, b in enumerate(batches):
+            if len(b) < _HEAD_AT + _HEAD.size:
+                continue  # too short for a header: the partition refuses it as corrupt
+            first, last, pid = _HEAD.unpack_from(b, _HEAD_AT)
+            if not lo <= first <= last <= hi:
+                raise InvalidTimestamp(
+                    f"batch timestamps [{first}, {last}] are outside [{lo}, {hi}]: more than "
+                    f"topics.timestamp-after-max-ms={self._ts_after} ahead of the node's "
+                    f"clock, or more than topics.timestamp-before-max-ms behind it",
+                    field=f"batches[{i}]",
+                )
+            if pid >= 0:
+                self.producer_ids.check(principal.tenant, pid, now)
 
     def check_batches(self, batches: Sequence[bytes]) -> None:
         """The request limits every append obeys, whoever built the batches."""
@@ -239,9 +320,10 @@ class BrokerService:
 
     async def init_producer(self, principal: Principal) -> int:
         """A producer id never issued before, durable before it is returned (a power cut
-        must not hand it out again: the log may already hold its records)."""
+        must not hand it out again: the log may already hold its records), issued to the
+        principal's tenant within its ``producer-ids`` quota."""
         principal.require("produce")
-        return await self.producer_ids.issue()
+        return await self.producer_ids.issue(principal.tenant)
 
     # ------------------------------------------------------------------------- fetch
     async def fetch_pass(
@@ -290,9 +372,18 @@ class BrokerService:
             )
         return results, total, empty
 
-    async def fetch(self, principal: Principal, req: p.Fetch) -> list[p.FetchedPartition]:
+    async def fetch(
+        self, principal: Principal, req: p.Fetch
+    ) -> tuple[list[p.FetchedPartition], int]:
         """Fetch with long poll: if fewer than ``min_bytes`` are available, wait until a
-        partition's high watermark moves or ``max_wait_ms`` passes."""
+        partition's high watermark moves or ``max_wait_ms`` passes. Returns the results and
+        the throttle time (ms): over its fetch rate, a tenant's fetch first waits out the
+        debt of its earlier fetches, before it reads anything."""
+        principal.require("consume")
+        usage = self.quotas.of(principal.tenant)
+        delay = self.quotas.throttle_fetch(usage)
+        if delay:
+            await self._sleep(delay)
         max_wait = min(req.max_wait_ms, self.config.limits.max_wait_ms) / 1000
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
@@ -300,7 +391,8 @@ class BrokerService:
             results, total, empty = await self.fetch_pass(principal, req)
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
-                return results
+                self.quotas.fetched(usage, total)
+                return results, int(delay * 1000)
             stop: asyncio.Future[None] = loop.create_future()
             self._stop_waiters.add(stop)
             waits = [part.high_watermark_changed() for part in empty]
@@ -313,6 +405,18 @@ class BrokerService:
                 stop.cancel()
                 for w in waits:
                     w.cancel()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but not past the node's shutdown."""
+        if self.stopping:
+            return
+        stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stop_waiters.add(stop)
+        try:
+            await asyncio.wait([stop], timeout=seconds)
+        finally:
+            self._stop_waiters.discard(stop)
+            stop.cancel()
 
     def list_offsets(
         self,
@@ -333,11 +437,22 @@ class BrokerService:
     def _check_topics(self, principal: Principal, topics: Iterable[str]) -> None:
         for t in topics:
             if not self.topics.visible(principal, t):
-                raise UnknownTopic(f"unknown topic {t!r}")
+                raise UnknownTopic(f"unknown topic {shown(t)}")
+
+    def _check_listed(self, count: int, field: str) -> None:
+        if count > self._max_listed:
+            raise InvalidRequest(
+                f"{count} partitions listed; at most {self._max_listed} (quotas.node-partitions)",
+                field=field,
+            )
 
     def join_group(self, principal: Principal, req: p.JoinGroup) -> p.Joined:
         principal.require("consume")
-        self._check_topics(principal, req.topics)
+        validate_group(req.group)
+        validate_client_id(req.client_id)
+        if req.member_id is not None:
+            validate_member_id(req.member_id)
+        self._check_topics(principal, set(req.topics))
         member, group, assignment = self.groups.join(
             principal.qualify_group(req.group),
             req.topics,
@@ -358,6 +473,9 @@ class BrokerService:
 
     def heartbeat(self, principal: Principal, req: p.Heartbeat) -> p.HeartbeatResult:
         principal.require("consume")
+        validate_group(req.group)
+        validate_member_id(req.member_id)
+        self._check_listed(len(req.owned), "owned")
         group, assignment = self.groups.heartbeat(
             principal.qualify_group(req.group), req.member_id, req.owned
         )
@@ -370,23 +488,46 @@ class BrokerService:
 
     def leave_group(self, principal: Principal, req: p.LeaveGroup) -> p.Left:
         principal.require("consume")
+        validate_group(req.group)
+        validate_member_id(req.member_id)
         self.groups.leave(principal.qualify_group(req.group), req.member_id)
         return p.Left(id=req.id)
 
     async def commit_offsets(self, principal: Principal, req: p.CommitOffsets) -> p.Committed:
         """Store the offsets, then sync the state store before answering: an acknowledged
-        commit survives a power cut. Concurrent commits share one sync (group commit)."""
+        commit survives a power cut. Concurrent commits share one sync (group commit).
+        Every partition must exist (once per commit), the metadata is bounded, and the
+        rows count toward the tenant's groups and state-store quotas."""
         principal.require("consume")
-        self._check_topics(principal, {t for t, _p, _o in req.offsets})
+        validate_group(req.group)
+        if req.member_id is not None:
+            validate_member_id(req.member_id)
+        limit = self.config.groups.max_commit_metadata_bytes
+        if len(req.metadata) > limit or len(req.metadata.encode()) > limit:
+            raise OffsetMetadataTooLarge(
+                f"commit metadata of {len(req.metadata.encode())} bytes exceeds "
+                f"groups.max-commit-metadata-bytes={limit}",
+                field="metadata",
+            )
+        self._check_listed(len(req.offsets), "offsets")
+        seen: set[tuple[str, int]] = set()
+        tenant = principal.tenant
         for i, (topic, partition, offset) in enumerate(req.offsets):
-            n = self.topics.partition_count(topic) or 0
+            n = self.topics.partition_count(tenant, topic)
+            if n is None:
+                raise UnknownTopic(f"unknown topic {shown(topic)} (offsets[{i}])")
             if not 0 <= partition < n:
                 raise UnknownPartition(
-                    f"topic {topic!r} has partitions 0..{n - 1}, not {partition}",
+                    f"topic {shown(topic)} has partitions 0..{n - 1}, not {partition}",
                     field=f"offsets[{i}]",
                 )
             if offset < 0:
                 raise InvalidRequest("offsets must not be negative", field=f"offsets[{i}]")
+            if (topic, partition) in seen:
+                raise InvalidRequest(
+                    f"{shown(topic)}/{partition} appears twice", field=f"offsets[{i}]"
+                )
+            seen.add((topic, partition))
         n = self.groups.commit(
             principal.qualify_group(req.group),
             req.offsets,
@@ -398,6 +539,7 @@ class BrokerService:
 
     def fetch_offsets(self, principal: Principal, req: p.FetchOffsets) -> p.OffsetsFetched:
         principal.require("consume")
+        validate_group(req.group)
         coord = self.groups
         qname = principal.qualify_group(req.group)
         if req.partitions is None:
@@ -406,6 +548,7 @@ class BrokerService:
                 for t, i, o in coord.group_offsets(qname)
             ]
         else:
+            self._check_listed(len(req.partitions), "partitions")
             found = []
             for t, i in req.partitions:
                 o = coord.committed(qname, t, i)
@@ -416,11 +559,12 @@ class BrokerService:
 
     def describe_group(self, principal: Principal, group: str) -> p.GroupInfo:
         principal.require("consume")
+        validate_group(group)
         qname = principal.qualify_group(group)
         g = self.groups.groups.get(qname)
         stored = self.groups.group_offsets(qname)
         if (g is None or not g.members) and not stored:
-            raise UnknownGroup(f"unknown group {group!r}")
+            raise UnknownGroup(f"unknown group {shown(group)}")
         now = monotonic_ms()
         members = []
         if g is not None:
@@ -437,11 +581,11 @@ class BrokerService:
         topics = set(g.topics if g else []) | {t for t, _i in committed}
         lags = []
         for t in sorted(topics):
-            meta = self.log.topics.get(t)
-            if meta is None:
+            where = self.topics.resolve(principal, t)
+            if where is None:
                 continue
-            for i in range(meta.partitions):
-                hw = self.log.partition(t, i).high_watermark
+            for i in range(self.log.topics[where].partitions):
+                hw = self.log.partition(where, i).high_watermark
                 c = committed.get((t, i))
                 off = c.offset if c else -1
                 lags.append(p.PartitionLag(t, i, off, hw, hw - off if off >= 0 else hw))

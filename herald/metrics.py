@@ -11,9 +11,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.auth import OPERATOR_TENANT
 from broker.http import HttpStats
+from broker.quotas import COUNTS, UNLIMITED, quota_key
 from broker.service import BrokerService
 from broker.tcp import TcpServer
+from broker.topics import local_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,35 +37,41 @@ class NodeCollector(Collector):
         hw = GaugeMetricFamily(
             "herald_partition_high_watermark",
             "Offset below which records are durable",
-            labels=["topic", "partition"],
+            labels=["tenant", "topic", "partition"],
         )
         start = GaugeMetricFamily(
             "herald_partition_log_start_offset",
             "First offset still stored",
-            labels=["topic", "partition"],
+            labels=["tenant", "topic", "partition"],
         )
         size = GaugeMetricFamily(
             "herald_partition_size_bytes",
             "Bytes held by the partition's segments",
-            labels=["topic", "partition"],
+            labels=["tenant", "topic", "partition"],
         )
         corrupt = CounterMetricFamily(
             "herald_partition_corruptions_detected",
             "Damaged ranges found in the partition's log (by recovery or by reads)",
-            labels=["topic", "partition"],
+            labels=["tenant", "topic", "partition"],
         )
         quarantined = GaugeMetricFamily(
             "herald_partition_quarantined_ranges",
             "Damaged ranges quarantined and never served",
-            labels=["topic", "partition"],
+            labels=["tenant", "topic", "partition"],
         )
         offline = GaugeMetricFamily(
             "herald_partition_offline",
             "1 if the partition stopped taking writes after an I/O error it cannot trust",
-            labels=["topic", "partition"],
+            labels=["tenant", "topic", "partition"],
         )
-        for (topic, index), part in service.log.partitions.items():
-            labels = [topic, str(index)]
+        # topics are per tenant: labelled by the owner and the owner's name for the topic
+        names: dict[str, tuple[str, str]] = {}
+        for (stored, index), part in service.log.partitions.items():
+            owner_name = names.get(stored)
+            if owner_name is None:
+                owner = service.topics.owner_of(stored) or OPERATOR_TENANT
+                owner_name = names[stored] = (owner, local_name(owner, stored))
+            labels = [*owner_name, str(index)]
             hw.add_metric(labels, part.high_watermark)
             start.add_metric(labels, part.log_start_offset)
             size.add_metric(labels, part.size_bytes)
@@ -88,15 +97,17 @@ class NodeCollector(Collector):
         members = GaugeMetricFamily("herald_group_members", "Live group members", labels=["group"])
         for name, group in service.groups.groups.items():
             members.add_metric([name], len(group.members))
-            for topic, index, stored in service.groups.group_offsets(name):
-                key = (topic, index)
-                if key in service.log.partitions:
+            for topic, index, committed in service.groups.group_offsets(name):
+                # the group's names are its tenant's: its partitions are the tenant's topic's
+                where = service.topics.resolve_in(group.tenant, topic)
+                found = service.log.partitions.get((where, index)) if where else None
+                if found is not None:
                     lag.add_metric(
-                        [name, topic, str(index)],
-                        service.log.partitions[key].high_watermark - stored.offset,
+                        [name, topic, str(index)], found.high_watermark - committed.offset
                     )
         yield lag
         yield members
+        yield from self.quotas()
         s = self.stats.tcp.stats
         yield GaugeMetricFamily("herald_tcp_connections", "Open TCP connections", value=s.open)
         yield CounterMetricFamily(
@@ -117,6 +128,74 @@ class NodeCollector(Collector):
             "herald_http_request_errors", "HTTP requests answered 4xx/5xx", value=h.errors
         )
         yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
+
+    def quotas(self) -> Iterator[Metric]:
+        quotas = self.stats.service.quotas
+        usage = GaugeMetricFamily(
+            "herald_quota_usage",
+            "What a tenant holds of a count quota (bytes for state-store-bytes)",
+            labels=["tenant", "quota"],
+        )
+        limit = GaugeMetricFamily(
+            "herald_quota_limit",
+            "A tenant's quota (bytes per second for the rates); absent when unlimited",
+            labels=["tenant", "quota"],
+        )
+        refused = CounterMetricFamily(
+            "herald_quota_refused",
+            "Requests refused with quota_exceeded",
+            labels=["tenant", "quota"],
+        )
+        traffic = CounterMetricFamily(
+            "herald_tenant_bytes",
+            "Bytes a tenant produced (batches, events) or fetched",
+            labels=["tenant", "direction"],
+        )
+        throttled = CounterMetricFamily(
+            "herald_quota_throttle_seconds",
+            "Time answers were held back because a tenant was over its rate quota",
+            labels=["tenant", "direction"],
+        )
+        for tenant, u in sorted(quotas.tenants.items()):
+            for name in COUNTS:
+                usage.add_metric([tenant, quota_key(name)], u.used(name))
+            for name, value in u.limits.items():
+                if value != UNLIMITED:
+                    limit.add_metric([tenant, quota_key(name)], value)
+            for name, n in u.refused.items():
+                refused.add_metric([tenant, quota_key(name)], n)
+            traffic.add_metric([tenant, "produce"], u.produced_bytes)
+            traffic.add_metric([tenant, "fetch"], u.fetched_bytes)
+            for direction, ms in u.throttle_ms.items():
+                throttled.add_metric([tenant, direction], ms / 1000)
+        yield usage
+        yield limit
+        yield refused
+        yield traffic
+        yield throttled
+        cfg = quotas.config
+        node = GaugeMetricFamily(
+            "herald_node_quota_usage", "What the node holds of its totals", labels=["quota"]
+        )
+        node.add_metric(["node-topics"], quotas.node_topics)
+        node.add_metric(["node-partitions"], quotas.node_partitions)
+        yield node
+        node_limit = GaugeMetricFamily(
+            "herald_node_quota_limit", "The node's totals (absent: unlimited)", labels=["quota"]
+        )
+        for name, value in (
+            ("node-topics", cfg.node_topics),
+            ("node-partitions", cfg.node_partitions),
+        ):
+            if value:
+                node_limit.add_metric([name], value)
+        yield node_limit
+        node_refused = CounterMetricFamily(
+            "herald_node_quota_refused", "Creates refused at a node total", labels=["quota"]
+        )
+        for name, n in quotas.node_refused.items():
+            node_refused.add_metric([quota_key(name)], n)
+        yield node_refused
 
 
 def make_registry(stats: Stats) -> CollectorRegistry:

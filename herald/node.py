@@ -5,8 +5,8 @@ The node composes everything; nothing below it knows the whole. Order::
 
     data-dir lock -> state store (LMDB) -> log (open and recover every partition) ->
     broker (the front door, internal topics, the event index re-built from the log) ->
-    listeners (TCP, HTTP) -> housekeeping loops (group sessions, retention, state-store
-    sync, event-id expiry)
+    listeners (TCP, HTTP) -> housekeeping loops (group sessions, offsets retention,
+    producer-id expiry, retention, state-store sync, event-id expiry)
 
 The notifications engine (``notify/engine.py``: fan-out, timers, delivery workers, retry
 tiers, the audit indexer) is a component between the broker and the listeners; the gateway
@@ -172,9 +172,23 @@ class Broker:
     async def start(self) -> None:
         self.intake.start()
         await self.intake.recover()
+        # what each tenant holds in the state store, for its quotas: whole-table reads
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.service.load_state)
+        ids = await loop.run_in_executor(None, self.intake.ids.load)
+        log.info(
+            "event=quota_usage_loaded groups=%d producer_ids=%d event_ids=%d seconds=%.3f",
+            len(self.service.groups.stored),
+            len(self.service.producer_ids.live),
+            ids,
+            time.perf_counter() - started,
+        )
 
     async def stop(self) -> None:
         self.service.stop()
+        # topic creates in worker threads finish (or roll back) before the log closes
+        await self.service.topics.settle()
 
 
 class Listeners:
@@ -216,7 +230,8 @@ class Listeners:
 
 class Housekeeping:
     """The node's periodic loops, in one task group: group session expiry (every 100 ms),
-    retention, the state store's sync (the event index's marks first), event-id expiry."""
+    offsets retention of empty groups, producer-id expiry, retention, the state store's sync
+    (the event index's marks first), event-id expiry."""
 
     name = "housekeeping"
 
@@ -235,8 +250,23 @@ class Housekeeping:
 
     async def _run(self) -> None:
         cfg = self.config
+        service = self.broker.service
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(0.1, self.broker.service.groups.expire), name="groups")
+            tg.create_task(self._every(0.1, service.groups.expire), name="groups")
+            tg.create_task(
+                self._every(
+                    cfg.groups.offsets_retention_check_interval_ms / 1000,
+                    service.groups.expire_offsets,
+                ),
+                name="offsets-retention",
+            )
+            tg.create_task(
+                self._every(
+                    cfg.quotas.producer_id_expiration_check_interval_ms / 1000,
+                    service.expire_producers,
+                ),
+                name="producer-expiry",
+            )
             tg.create_task(
                 self.log.run_retention(cfg.storage.retention_check_interval_ms / 1000),
                 name="retention",

@@ -112,6 +112,7 @@ async def events_high_watermark(http: aiohttp.ClientSession, partition: int) -> 
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "herald_partition_high_watermark" and sample.labels == {
+                "tenant": "*",
                 "topic": "__events",
                 "partition": str(partition),
             }:
@@ -447,14 +448,34 @@ async def test_one_tenant_cannot_see_or_read_another_tenants_topic(
         ("GET", "/topics/ledger", None),
         ("GET", "/topics/ledger/partitions/0/records", None),
         ("GET", "/topics/ledger/partitions/0/offsets", None),
-        ("POST", "/topics/ledger/records", {"records": [{"value": "intruder"}]}),
         ("DELETE", "/topics/ledger", None),
     ):
         status, body = await call(secured_http, method, path, req, key=BETA_ADMIN)
         assert_error(status, body, 404, "unknown_topic", None)
-    status, body = await call(secured_http, "POST", "/topics", {"name": "ledger"}, key=BETA_ADMIN)
-    assert status in (404, 409), body  # taken, but it must not leak acme's topic
+    # names are per tenant: beta's "ledger" is its own topic, answered as a free name is
+    status, body = await call(
+        secured_http, "POST", "/topics", {"name": "ledger", "partitions": 1}, key=BETA_ADMIN
+    )
+    assert status == 201 and body["topic"]["name"] == "ledger", body
     assert "secret" not in str(body)
+    status, body = await call(
+        secured_http,
+        "POST",
+        "/topics/ledger/records",
+        {"records": [{"value": "intruder"}]},
+        key=BETA_ADMIN,
+    )
+    assert status == 200, body
+    status, body = await call(
+        secured_http, "GET", "/topics/ledger/partitions/0/records", key=BETA_ADMIN
+    )
+    assert [r["value"] for r in body["records"]] == ["intruder"]
+    status, body = await call(secured_http, "DELETE", "/topics/ledger", key=BETA_ADMIN)
+    assert status == 200, body
+    status, body = await call(
+        secured_http, "GET", "/topics/ledger/partitions/0/records", key=ACME_READER
+    )
+    assert [r["value"] for r in body["records"]] == ["secret"]  # acme's is untouched
 
     # the same over TCP, with the key in the hello
     with RawConnection(secured.host, secured.tcp_port) as conn:

@@ -49,7 +49,7 @@ class Harness:
         self.partitions = partitions
         self.coord = GroupCoordinator(
             kv,
-            partitions.get,
+            lambda _tenant, topic: partitions.get(topic),
             clock_ms=self.clock,
             wall_ms=lambda: 1_700_000_000_000,
             min_session_timeout_ms=1000,
@@ -166,7 +166,7 @@ def test_new_partitions_are_assigned_when_a_topic_grows(kv: KV) -> None:
     m1, owned = h.join("a")
     owned = h.beat(m1, owned)
     h.partitions["t"] = 5
-    h.coord.topics_changed()
+    h.coord.topics_changed("tenant", "t")
     assert h.beat(m1, owned) == h.all_partitions
 
 

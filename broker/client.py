@@ -445,6 +445,7 @@ class Producer:
         self._waiting: dict[
             str, list[tuple[records.RecordInput, asyncio.Future[RecordMetadata]]]
         ] = {}
+        self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
         if self.idempotent:
@@ -561,7 +562,9 @@ class Producer:
             acc.timer.cancel()
         batch = self._encode(tp, acc.rows, acc.first_ts)
         self._busy[tp] = self._busy.get(tp, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._send_batch(tp, batch, acc.futures))
+        task = asyncio.get_running_loop().create_task(
+            self._send_batch(tp, batch, acc.futures, acc.rows, acc.first_ts)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -590,10 +593,15 @@ class Producer:
         )
 
     async def _send_batch(
-        self, tp: TopicPartition, batch: bytes, futures: list[asyncio.Future[RecordMetadata]]
+        self,
+        tp: TopicPartition,
+        batch: bytes,
+        futures: list[asyncio.Future[RecordMetadata]],
+        rows: list[records.RecordInput],
+        first_ts: int,
     ) -> None:
         try:
-            produced = await self._produce_with_retries(tp[0], tp[1], batch)
+            produced = await self._produce_renewing(tp, batch, rows, first_ts)
         except BaseException as exc:
             self._answered(tp, send_next=isinstance(exc, Exception))
             for f in futures:
@@ -606,6 +614,31 @@ class Producer:
         for i, f in enumerate(futures):
             if not f.done():
                 f.set_result(RecordMetadata(tp[0], produced.partition, produced.base_offset + i))
+
+    async def _produce_renewing(
+        self, tp: TopicPartition, batch: bytes, rows: list[records.RecordInput], first_ts: int
+    ) -> p.Produced:
+        """Produce ``batch``; if the node no longer knows this producer's id (it expired
+        after the node's producer-id expiration, idle), get a new id and send the records
+        again under it, from sequence 0 (as Kafka's producer resets on
+        UNKNOWN_PRODUCER_ID)."""
+        pid = self.producer_id
+        try:
+            return await self._produce_with_retries(tp[0], tp[1], batch)
+        except BrokerError as exc:
+            if not self.idempotent or exc.code != errors.UnknownProducerId.code:
+                raise
+        await self._renew_producer_id(pid)
+        return await self._produce_with_retries(tp[0], tp[1], self._encode(tp, rows, first_ts))
+
+    async def _renew_producer_id(self, stale: int) -> None:
+        async with self._renewing:
+            if self.producer_id != stale:
+                return  # another batch renewed it already
+            resp = await self.client.request(p.InitProducer(id=0))
+            assert isinstance(resp, p.ProducerId)
+            self.producer_id = resp.producer_id
+            self._sequences.clear()
 
     async def _produce_with_retries(
         self, topic: str, partition: int | None, batch: bytes, key: bytes | None = None
@@ -663,9 +696,10 @@ class Producer:
         if self.idempotent:
             assert partition is not None
             batch = self._encode((topic, partition), rows, ts)
+            r = await self._produce_renewing((topic, partition), batch, rows, ts)
         else:
             batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
-        r = await self._produce_with_retries(topic, partition, batch, key)
+            r = await self._produce_with_retries(topic, partition, batch, key)
         return BatchMetadata(r.topic, r.partition, r.base_offset, r.last_offset, r.duplicate)
 
     async def flush(self) -> None:

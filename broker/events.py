@@ -428,7 +428,12 @@ class EventIntake:
     def save_marks(self) -> None:
         """Write the marks; called before each periodic sync of the state store, so a synced
         mark never runs ahead of the index rows below it."""
-        self.ids.put_marks(dict(self._indexed))
+        try:
+            self.ids.put_marks(dict(self._indexed))
+        except StorageError as exc:
+            # a full state store: the marks stay where they were (a restart re-indexes a
+            # little more); nothing acknowledged depends on them, so the node keeps serving
+            log.error("event=event_index_marks_not_saved error=%r", exc)
 
     async def recover(self) -> int:
         """Re-index the ids of events stored past each partition's mark (what a power cut

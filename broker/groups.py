@@ -22,7 +22,9 @@ when its last member goes; its offsets are deleted once the group has been empty
 commit or from when it became empty, whichever is later; then it is forgotten.
 
 Cost on the loop, which every other client shares: a join or leave is one rebalance,
-O((P + S) log M) for the group's P partitions, M members and S subscriptions; a heartbeat
+O((P + S) log M) for the group's P partitions, M members and S subscriptions, deferred to
+the end of the loop turn so that joins arriving together (pipelined, or a fleet starting)
+share one; a heartbeat
 is O(what the member owns); session expiry looks only at members whose deadline passed
 (deadlines are kept in 100 ms buckets), not at every member every tick. Each group holds at
 most ``max_members`` members.
@@ -40,6 +42,7 @@ Their rows count toward the tenant's state-store quota.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
@@ -94,6 +97,7 @@ class Group:
     # members whose granted or reported partitions differ from their target
     unsettled: set[str] = field(default_factory=set)
     topic_refs: dict[str, int] = field(default_factory=dict)  # topic -> members subscribed
+    dirty: bool = False  # membership changed; the rebalance is due at the end of this turn
 
     @property
     def topics(self) -> list[str]:
@@ -174,6 +178,9 @@ class GroupCoordinator:
         self._deadlines: dict[int, set[tuple[str, str]]] = {}  # bucket -> (group, member)
         self._next_bucket = clock_ms() // _BUCKET_MS
         self._ids = itertools.count(1)
+        self._dirty: set[str] = set()  # groups whose rebalance is deferred to the turn's end
+        self._flush_scheduled = False
+        self._waiters: dict[str, asyncio.Future[None]] = {}
 
     # ---------------------------------------------------------------------- start-up
     def load(self) -> int:
@@ -211,6 +218,46 @@ class GroupCoordinator:
         assignor: str | None = None,
         client_id: str = "",
     ) -> tuple[Member, Group, list[TopicPartition]]:
+        """Join (or rejoin) and rebalance now: the member, its group and what it may
+        consume. The front door uses :meth:`join_nowait` and :meth:`settled` instead, so
+        that joins arriving together share one rebalance."""
+        member, g = self.join_nowait(
+            group,
+            topics,
+            member_id=member_id,
+            session_timeout_ms=session_timeout_ms,
+            assignor=assignor,
+            client_id=client_id,
+        )
+        return member, g, self.grant(g, member)
+
+    async def settled(self, g: Group) -> None:
+        """Wait for the group's deferred rebalance (at the end of this loop turn)."""
+        if g.dirty:
+            waiter = self._waiters.get(g.name)
+            if waiter is None:
+                waiter = self._waiters[g.name] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)
+
+    def grant(self, g: Group, member: Member) -> list[TopicPartition]:
+        """What ``member`` may consume now (after the group's pending rebalance)."""
+        if member.member_id not in g.members:
+            raise UnknownMember(f"member {member.member_id!r} left group {g.name!r}; join again")
+        return self._grant(g, member)
+
+    def join_nowait(
+        self,
+        group: str,
+        topics: list[str],
+        *,
+        member_id: str | None = None,
+        session_timeout_ms: int | None = None,
+        assignor: str | None = None,
+        client_id: str = "",
+    ) -> tuple[Member, Group]:
+        """Add (or update) the member and schedule the group's rebalance for the end of
+        this loop turn: a burst of joins (a client pipelining them, a fleet starting)
+        costs one rebalance, not one per join."""
         st = self._default_st if session_timeout_ms is None else session_timeout_ms
         if not self._min_st <= st <= self._max_st:
             raise InvalidSessionTimeout(
@@ -227,8 +274,8 @@ class GroupCoordinator:
                 self._subscribe(g, member, wanted)
                 member.session_timeout_ms = st
                 self._file(g.name, member, now)
-                self._rebalance(g)
-            return member, g, self._grant(g, member)
+                self._defer(g)
+            return member, g
         if g is None:
             tenant = tenant_of(group)
             if group not in self.stored:
@@ -248,8 +295,8 @@ class GroupCoordinator:
         self._subscribe(g, member, wanted)
         self._file(g.name, member, now)
         log.info("event=member_joined group=%s member=%s topics=%s", group, mid, wanted)
-        self._rebalance(g)
-        return member, g, self._grant(g, member)
+        self._defer(g)
+        return member, g
 
     def heartbeat(
         self, group: str, member_id: str, owned: Iterable[TopicPartition]
@@ -313,7 +360,7 @@ class GroupCoordinator:
         for name in list(self._by_tenant.get(tenant, ())):
             g = self.groups.get(name)
             if g is not None and topic in g.topic_refs:
-                self._rebalance(g)
+                self._defer(g)
 
     def _member(self, group: str, member_id: str) -> Member:
         g = self.groups.get(group)
@@ -357,7 +404,7 @@ class GroupCoordinator:
 
     def _after_removal(self, g: Group) -> None:
         if g.members:
-            self._rebalance(g)
+            self._defer(g)
             return
         # empty: out of memory; kept only as its stored offsets, until their retention
         del self.groups[g.name]
@@ -404,7 +451,32 @@ class GroupCoordinator:
         else:
             g.unsettled.add(mid)
 
+    def _defer(self, g: Group) -> None:
+        """Rebalance ``g`` at the end of this loop turn (now, without a running loop)."""
+        g.dirty = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._rebalance(g)
+            return
+        self._dirty.add(g.name)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for name in dirty:
+            g = self.groups.get(name)
+            if g is not None and g.dirty:
+                self._rebalance(g)
+            waiter = self._waiters.pop(name, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
     def _rebalance(self, g: Group) -> None:
+        g.dirty = False
         g.generation += 1
         subs = {m.member_id: m.topics for m in g.members.values()}
         counts: dict[str, int] = {}
@@ -434,6 +506,8 @@ class GroupCoordinator:
     def _grant(self, g: Group, member: Member) -> list[TopicPartition]:
         """What ``member`` may consume now: its target, minus partitions another member was
         granted or still reports."""
+        if g.dirty:  # a rebalance is pending: answer from its result, not the old one
+            self._rebalance(g)
         mid = member.member_id
         holders = g.holders
         granted = []

@@ -446,14 +446,16 @@ class BrokerService:
                 field=field,
             )
 
-    def join_group(self, principal: Principal, req: p.JoinGroup) -> p.Joined:
+    async def join_group(self, principal: Principal, req: p.JoinGroup) -> p.Joined:
+        """Join; answered after the group's rebalance, which joins arriving in the same
+        loop turn share."""
         principal.require("consume")
         validate_group(req.group)
         validate_client_id(req.client_id)
         if req.member_id is not None:
             validate_member_id(req.member_id)
         self._check_topics(principal, set(req.topics))
-        member, group, assignment = self.groups.join(
+        member, group = self.groups.join_nowait(
             principal.qualify_group(req.group),
             req.topics,
             member_id=req.member_id,
@@ -461,6 +463,8 @@ class BrokerService:
             assignor=req.assignor,
             client_id=req.client_id,
         )
+        await self.groups.settled(group)
+        assignment = self.groups.grant(group, member)
         return p.Joined(
             id=req.id,
             group=req.group,

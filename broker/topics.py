@@ -47,6 +47,7 @@ from broker.errors import InvalidRequest, InvalidTopic, TopicExists, UnknownTopi
 from broker.names import shown
 from broker.protocol import partition_for_key
 from broker.quotas import Quotas
+from storage.errors import StorageError
 from storage.kv import KV
 from storage.log import Log
 from storage.partition import PartitionConfig
@@ -304,7 +305,12 @@ class Topics:
             self._release(owner, partitions)
             self._creating.pop(stored, None)
             log.warning("event=topic_create_failed topic=%s error=%r", stored, exc)
-            if isinstance(exc, Exception):
+            if isinstance(exc, OSError | StorageError):
+                # the message names the reason (EMFILE, ENOSPC), not the data directory
+                ready.set_exception(
+                    StorageError(f"cannot create topic {shown(local)}: {_reason(exc)}")
+                )
+            elif isinstance(exc, Exception):
                 ready.set_exception(exc)
             else:
                 ready.cancel()
@@ -411,6 +417,16 @@ def _log_auto_created(
             log.info("event=topic_auto_created topic=%s stored=%s tenant=%s", local, stored, owner)
 
     return done
+
+
+def _reason(exc: BaseException) -> str:
+    """What made a create fail, without the paths an OS error names."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -163,3 +163,25 @@ async def test_batch_timestamps_are_bounded_by_the_nodes_clock(
         assert status == 400 and body["error"]["code"] == "invalid_timestamp", body
     beta.check(MAX_STALL_MS)
     await beta.served_after()
+
+
+@pytest.mark.slow
+async def test_full_size_client_chosen_producer_id_flood(herald_factory: NodeFactory) -> None:
+    """The issue's flood at full size: 100k client-chosen producer ids (+118 MB, and CPU
+    growing with the checkpoint of the whole table each second). Every one is refused."""
+    node = herald_factory(config=config())
+    async with await connect(node, ACME) as acme, Bystander(node) as beta:
+        await acme.create_topic("orders", 1)
+        rss = rss_bytes(node)
+        for start in range(0, 100_000, 5000):
+            futs = [
+                acme.send_nowait(
+                    p.Produce(id=0, topic="orders", partition=0, batches=[batch(start + i, 0)])
+                )
+                for i in range(5000)
+            ]
+            answers = await asyncio.gather(*futs)
+            assert all(isinstance(a, p.Error) for a in answers)
+        assert rss_bytes(node) - rss < 16 << 20
+    beta.check(MAX_STALL_MS)
+    await beta.served_after()

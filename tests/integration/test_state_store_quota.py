@@ -226,3 +226,25 @@ async def test_a_full_state_store_never_fails_events_it_stored(
     # and a restart with the store still full starts (re-indexing what it can)
     node.restart()
     assert node.healthy()
+
+
+@pytest.mark.slow
+async def test_full_size_commit_flood_stops_at_the_quota(herald_factory: NodeFactory) -> None:
+    """The issue's attack at full size: one consume-only key filled the shared 1 GiB store
+    with two 4 MiB frames of commits. Now the rows of one tenant stop at its state-store
+    quota (256 MiB by default), a quarter of the store, and beta keeps committing."""
+    node = herald_factory(config=config("[quotas]\npartitions = 1000\n"))
+    async with await connect(node, ACME) as acme, Bystander(node) as beta:
+        await acme.create_topic("wide", 1000)
+        flood = [("wide", i, 1) for i in range(1000)]  # ~4.4 MB of rows per commit
+        with pytest.raises(BrokerError) as info:
+            for g in range(200):
+                await commit(acme, f"flood{g}", flood, metadata="m" * 4096)
+        assert info.value.code == errors.QuotaExceeded.code
+        used = quota_usage(node, "acme", "state-store-bytes")
+        assert 200 << 20 < used <= 256 << 20, used
+        async with await connect(node, BETA) as b:
+            for i in range(100):
+                await commit(b, f"bg{i}", [("beta-orders", 0, i)], metadata="z" * 4096)
+    beta.check(MAX_STALL_MS * 4)  # a 4 MB LMDB write transaction runs on the loop
+    await beta.served_after()

@@ -242,7 +242,7 @@ class EventIntake:
                     )
                 chosen_here.add(prepared.event_id)
             fresh.append(prepared)
-        usage = self.quotas.of(tenant)
+        usage = self.quotas.tenants.get(tenant) or self.quotas.of(tenant)
         if chosen_here and not usage.exempt:
             # the ids will be indexed once durable: refuse now, before anything is stored,
             # rather than store events whose ids cannot be kept
@@ -253,21 +253,23 @@ class EventIntake:
                 reserved + len(chosen_here) * row_estimate(tenant),
                 field="events" if batch else "event_id",
             )
-        size = 0
         if fresh:
             waits.extend(self._append(tenant, fresh, chosen_here, results, now))
-            for e in fresh:
-                size += len(e.value)
         ack: asyncio.Future[None] | None = None
         if len(waits) == 1:
             ack = waits[0]
         elif waits:
             ack = asyncio.ensure_future(_all(waits))
         throttle_ms = 0
-        delay = self.quotas.throttle_produce(usage, size) if size else 0.0
-        if delay:
-            ack = delayed(ack, delay)
-            throttle_ms = int(delay * 1000)
+        size = 0
+        for e in fresh:
+            size += len(e.value)
+        usage.produced_bytes += size
+        if usage.produce is not None and size:
+            delay = self.quotas.throttle(usage, usage.produce, size, "produce")
+            if delay:
+                ack = delayed(ack, delay)
+                throttle_ms = int(delay * 1000)
         done = [r for r in results if r is not None]
         assert len(done) == len(results)
         return Accepted(done, len(fresh), ack, throttle_ms)

@@ -639,7 +639,11 @@ class GroupCoordinator:
                 if (parts := _split_key(k)) is not None and parts[0] == name
             ]
             self._delete_rows(name, keys)
-            self.stored.pop(name, None)
+            leftover = self.stored.pop(name, None)
+            if leftover is not None:  # rows counted but not found: forget them all the same
+                usage = self.quotas.of(tenant_of(name))
+                usage.groups -= 1
+                usage.state_store_bytes -= leftover.bytes
             log.info("event=group_offsets_expired group=%s rows=%d", name, len(keys))
         return due
 

@@ -192,10 +192,15 @@ class Quotas:
         bucket = usage.produce
         if bucket is None:
             return 0.0
+        return self.throttle(usage, bucket, nbytes, "produce")
+
+    def throttle(self, usage: TenantUsage, bucket: RateBucket, nbytes: int, what: str) -> float:
+        """Charge ``nbytes`` to ``bucket``; the seconds to delay the answer, capped (the hot
+        path calls this only for a tenant with a rate quota)."""
         delay = bucket.charge(nbytes, self.clock())
         if delay:
             delay = delay if delay < self.max_throttle_s else self.max_throttle_s
-            usage.throttle_ms["produce"] += int(delay * 1000)
+            usage.throttle_ms[what] += int(delay * 1000)
         return delay
 
     def throttle_fetch(self, usage: TenantUsage) -> float:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from broker import protocol as p
-from broker.auth import Principal
+from broker.auth import OPERATOR_TENANT, Principal
 from broker.config import Config
 from broker.errors import (
     BatchTooLarge,
@@ -198,8 +198,10 @@ class BrokerService:
 
     async def delete_topic(self, principal: Principal, name: str) -> None:
         principal.require("admin")
-        owner, local = await self.topics.delete(principal, name)
+        owner, local, stored = await self.topics.delete(principal, name)
         self.groups.delete_topic_offsets(owner, local)
+        if owner != OPERATOR_TENANT:  # the operator's groups name it by its stored name
+            self.groups.delete_topic_offsets(OPERATOR_TENANT, stored)
 
     def metadata(
         self, principal: Principal, topics: Sequence[str] | None, *, auto_create: bool = False
@@ -245,7 +247,7 @@ class BrokerService:
         principal.require("produce")
         if self.stopping:
             raise ShuttingDown("the node is shutting down")
-        self.check_batches(batches)
+        size = self.check_batches(batches)
         self.check_headers(principal, batches)
         stored, n = self.topics.usable(principal, topic, produce=True)
         if partition is None:
@@ -261,13 +263,13 @@ class BrokerService:
                 f"topic {shown(topic)} has partitions 0..{n - 1}, not {partition}"
             )
         appended = self.append(stored, partition, batches, acks)
-        size = 0
-        for b in batches:
-            size += len(b)
-        delay = self.quotas.throttle_produce(self.quotas.of(principal.tenant), size)
-        if delay:
-            appended.ack = delayed(appended.ack, delay)
-            appended.throttle_ms = int(delay * 1000)
+        usage = self.quotas.tenants.get(principal.tenant) or self.quotas.of(principal.tenant)
+        usage.produced_bytes += size
+        if usage.produce is not None:
+            delay = self.quotas.throttle(usage, usage.produce, size, "produce")
+            if delay:
+                appended.ack = delayed(appended.ack, delay)
+                appended.throttle_ms = int(delay * 1000)
         return appended
 
     def check_headers(self, principal: Principal, batches: Sequence[bytes]) -> None:
@@ -276,22 +278,25 @@ class BrokerService:
         now = time.time_ns() // 1_000_000
         lo = now - self._ts_before
         hi = now + self._ts_after
-        for i, b in enumerate(batches):
-            if len(b) < _HEAD_AT + _HEAD.size:
+        unpack = _HEAD.unpack_from
+        for b in batches:
+            try:
+                first, last, pid = unpack(b, _HEAD_AT)
+            except struct.error:
                 continue  # too short for a header: the partition refuses it as corrupt
-            first, last, pid = _HEAD.unpack_from(b, _HEAD_AT)
             if not lo <= first <= last <= hi:
                 raise InvalidTimestamp(
                     f"batch timestamps [{first}, {last}] are outside [{lo}, {hi}]: more than "
                     f"topics.timestamp-after-max-ms={self._ts_after} ahead of the node's "
                     f"clock, or more than topics.timestamp-before-max-ms behind it",
-                    field=f"batches[{i}]",
+                    field=f"batches[{list(batches).index(b)}]",
                 )
             if pid >= 0:
                 self.producer_ids.check(principal.tenant, pid, now)
 
-    def check_batches(self, batches: Sequence[bytes]) -> None:
-        """The request limits every append obeys, whoever built the batches."""
+    def check_batches(self, batches: Sequence[bytes]) -> int:
+        """The request limits every append obeys, whoever built the batches. Returns the
+        batches' total size."""
         limits = self.config.limits
         if len(batches) > limits.max_batches_per_request:
             raise TooManyBatches(
@@ -299,12 +304,16 @@ class BrokerService:
                 f"{limits.max_batches_per_request}",
                 field="batches",
             )
+        size = 0
+        cap = limits.max_batch_bytes
         for b in batches:
-            if len(b) > limits.max_batch_bytes:
+            n = len(b)
+            if n > cap:
                 raise BatchTooLarge(
-                    f"batch of {len(b)} bytes exceeds max_batch_bytes={limits.max_batch_bytes}",
-                    field="batches",
+                    f"batch of {n} bytes exceeds max_batch_bytes={cap}", field="batches"
                 )
+            size += n
+        return size
 
     def append(self, topic: str, partition: int, batches: Sequence[bytes], acks: Acks) -> Appended:
         """Append to a partition the caller already chose and may use (the event intake

@@ -320,7 +320,12 @@ class Topics:
         self._names.setdefault(owner, {})[local] = stored
         self._creating.pop(stored, None)
         ready.set_result(None)
+        self._changed(owner, local, stored)
+
+    def _changed(self, owner: str, local: str, stored: str) -> None:
         self.on_change(owner, local)
+        if owner != OPERATOR_TENANT:  # the operator's groups name it by its stored name
+            self.on_change(OPERATOR_TENANT, stored)
 
     def _release(self, owner: str, partitions: int) -> None:
         usage = self.quotas.of(owner)
@@ -335,8 +340,9 @@ class Topics:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def delete(self, principal: Principal, name: str) -> tuple[str, str]:
-        """Delete the principal's topic ``name``. Returns (owner, owner's name for it)."""
+    async def delete(self, principal: Principal, name: str) -> tuple[str, str, str]:
+        """Delete the principal's topic ``name``. Returns (owner, owner's name for it,
+        stored name)."""
         stored = self.resolve(principal, name)
         if stored is None or is_internal(stored):
             raise UnknownTopic(f"unknown topic {shown(name)}")
@@ -348,7 +354,7 @@ class Topics:
         if names is not None:
             names.pop(local, None)
         self._release(owner, meta.partitions)
-        self.on_change(owner, local)
+        self._changed(owner, local, stored)
         log.info(
             "event=topic_deleted topic=%s stored=%s tenant=%s by=%s",
             local,
@@ -356,7 +362,7 @@ class Topics:
             owner,
             principal.tenant,
         )
-        return owner, local
+        return owner, local, stored
 
     def usable(self, principal: Principal, topic: str, *, produce: bool) -> tuple[str, int]:
         """(stored name, partition count) of a topic the principal may use. On produce, a

@@ -355,6 +355,7 @@ class Node:
             )
         data_dir = Path(cfg.storage.data_dir)
         nofile = raise_open_files_limit()
+        warn_if_quotas_overcommit(cfg)
         async with contextlib.AsyncExitStack() as stack:
 
             async def start(component: Component) -> None:
@@ -442,6 +443,24 @@ def _cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def warn_if_quotas_overcommit(cfg: Config) -> None:
+    """The tenants' state-store quotas together may exceed the store: then they no longer
+    keep one tenant from filling what the others need. Say so at start-up."""
+    tenants = sorted({k.tenant for k in cfg.auth.keys if k.tenant != "*"} or {"default"})
+    quotas = {t: cfg.quotas.for_tenant(t).state_store_bytes or 0 for t in tenants}
+    unlimited = [t for t, q in quotas.items() if not q]
+    total = sum(quotas.values())
+    if (unlimited and len(tenants) > 1) or total > cfg.storage.kv_map_size:
+        log.warning(
+            "event=state_store_quotas_overcommit tenants=%d quota_total=%d kv_map_size=%d "
+            "unlimited=%s",
+            len(tenants),
+            total,
+            cfg.storage.kv_map_size,
+            ",".join(unlimited) or "none",
+        )
 
 
 def install_signal_handlers(node: Node) -> None:

@@ -115,3 +115,32 @@ def test_notify_channels_must_be_built_in(tmp_path: Path) -> None:
     path.write_text("[notify.retry]\ndelays-ms = [0]\n")
     with pytest.raises(ConfigError, match=r"notify\.retry"):
         load_config(path)
+
+
+def test_quotas_with_per_tenant_overrides(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        '[quotas]\ntopics = 7\n[[quotas.tenants]]\ntenant = "acme"\ngroups = 3\n',
+    )
+    acme = cfg.quotas.for_tenant("acme")
+    assert (acme.topics, acme.groups) == (7, 3)
+    assert cfg.quotas.for_tenant("beta").groups == cfg.quotas.groups
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[[auth.keys]]\nkey = "0123456789abcdef"\ntenant = "a~b"\n', "tenant"),
+        ('[[auth.keys]]\nkey = "0123456789abcdef"\ntenant = "a/b"\n', "auth.keys[0].tenant"),
+        ('[[auth.keys]]\nkey = "0123456789abcdef"\ntenant = "' + "t" * 27 + '"\n', "tenant"),
+        ("[quotas]\ntopics = -1\n", "quotas.topics"),
+        ('[[quotas.tenants]]\ntenant = "a"\n[[quotas.tenants]]\ntenant = "a"\n', "twice"),
+        ('[[quotas.tenants]]\ntenant = "a"\ngroups = -2\n', "quotas.tenants[0].groups"),
+        ("[groups]\nmax-members = 0\n", "groups.max-members"),
+        ("[topics]\ntimestamp-after-max-ms = -1\n", "timestamp-after-max-ms"),
+    ],
+)
+def test_bad_tenants_and_quotas_are_refused_naming_them(
+    tmp_path: Path, toml: str, named: str
+) -> None:
+    assert named in error(tmp_path, toml)

@@ -12,12 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.assignors import TopicPartition
+from broker.config import QuotasConfig
+from broker.errors import GroupFull, QuotaExceeded
 from broker.groups import (
     GroupCoordinator,
     InvalidSessionTimeout,
     NotAssigned,
+    StoredOffset,
     UnknownMember,
 )
+from broker.quotas import Quotas
 from storage.kv import KV
 
 SESSION = 3000
@@ -283,3 +287,130 @@ def test_no_partition_is_ever_held_by_two_live_members(
     if consuming:
         assert set().union(*consuming.values()) == h.all_partitions
         assert h.coord.groups[h.group].state == "stable"
+
+
+# ---------------------------------------------------------------- bounds and lifecycle
+class Wall:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def coordinator(
+    kv: KV, partitions: dict[str, int], **kw: object
+) -> tuple[GroupCoordinator, Clock, Wall]:
+    clock, wall = Clock(), Wall()
+    coord = GroupCoordinator(
+        kv,
+        lambda _tenant, topic: partitions.get(topic),
+        clock_ms=clock,
+        wall_ms=wall,
+        quotas=Quotas(QuotasConfig(groups=3)),
+        default_session_timeout_ms=SESSION,
+        **kw,  # type: ignore[arg-type]
+    )
+    return coord, clock, wall
+
+
+def test_a_group_holds_at_most_max_members(kv: KV) -> None:
+    coord, _clock, _wall = coordinator(kv, {"t": 2}, max_members=3)
+    name = next(_group_names)
+    for _ in range(3):
+        coord.join(name, ["t"])
+    with pytest.raises(GroupFull):
+        coord.join(name, ["t"])
+    assert len(coord.groups[name].members) == 3
+
+
+def test_groups_count_toward_the_tenant_until_forgotten(kv: KV) -> None:
+    coord, _clock, wall = coordinator(kv, {"t": 1}, offsets_retention_ms=1000)
+    usage = coord.quotas.of("q1")
+    member, _g, _a = coord.join("q1/live", ["t"])
+    coord.commit("q1/standalone", [("t", 0, 5)], member_id=None)
+    coord.commit("q1/other", [("t", 0, 5)], member_id=None)
+    assert usage.groups == 3 and usage.state_store_bytes > 0
+    with pytest.raises(QuotaExceeded):
+        coord.join("q1/fourth", ["t"])
+    with pytest.raises(QuotaExceeded):
+        coord.commit("q1/fourth", [("t", 0, 1)], member_id=None)
+    # the member leaves: a group without offsets is forgotten at once, out of memory too
+    coord.leave("q1/live", member.member_id)
+    assert "q1/live" not in coord.groups and usage.groups == 2
+    # offsets of empty groups go after the retention, counted from the last commit
+    wall.now += 999
+    assert coord.expire_offsets() == []
+    coord.commit("q1/other", [("t", 0, 6)], member_id=None)  # a later commit: kept longer
+    wall.now += 2
+    assert coord.expire_offsets() == ["q1/standalone"]
+    assert coord.group_names("q1/") == ["q1/other"]
+    assert usage.groups == 1
+    wall.now += 1000
+    assert coord.expire_offsets() == ["q1/other"]
+    assert usage.groups == 0 and usage.state_store_bytes == 0
+
+
+def test_a_group_with_members_keeps_its_offsets_and_retention_starts_when_it_empties(
+    kv: KV,
+) -> None:
+    coord, _clock, wall = coordinator(kv, {"t": 1}, offsets_retention_ms=1000)
+    member, _g, assignment = coord.join("q2/g", ["t"])
+    coord.heartbeat("q2/g", member.member_id, assignment)
+    coord.commit("q2/g", [("t", 0, 3)], member_id=member.member_id)
+    wall.now += 5000
+    assert coord.expire_offsets() == []  # live: never expired
+    coord.leave("q2/g", member.member_id)
+    wall.now += 999
+    assert coord.expire_offsets() == []
+    wall.now += 2
+    assert coord.expire_offsets() == ["q2/g"]
+
+
+def test_expiry_removes_exactly_the_members_whose_session_ran_out(kv: KV) -> None:
+    coord, clock, _wall = coordinator(kv, {"t": 4}, min_session_timeout_ms=1000)
+    name = next(_group_names)
+    short, _g, _a = coord.join(name, ["t"], session_timeout_ms=1000)
+    long_, _g, _a = coord.join(name, ["t"], session_timeout_ms=5000)
+    clock.now += 1000
+    assert coord.expire() == []
+    clock.now += 1
+    assert coord.expire() == [(name, short.member_id)]
+    clock.now += 3000
+    coord.heartbeat(name, long_.member_id, [])  # seen: its deadline moves on
+    clock.now += 4000
+    assert coord.expire() == []
+    clock.now += 1001
+    assert coord.expire() == [(name, long_.member_id)]
+    assert name not in coord.groups
+
+
+def test_reported_partitions_outside_the_groups_topics_are_not_kept(kv: KV) -> None:
+    coord, _clock, _wall = coordinator(kv, {"t": 2})
+    name = next(_group_names)
+    member, g, _a = coord.join(name, ["t"])
+    junk = [("t", 0), ("t", 7), ("other", 0), *[(f"x{i}", i) for i in range(1000)]]
+    coord.heartbeat(name, member.member_id, junk)
+    assert member.reported == {("t", 0)}
+    assert set(g.holders) <= {("t", 0), ("t", 1)}
+
+
+def test_a_stored_key_with_a_nul_in_its_group_name_does_not_break_reading(kv: KV) -> None:
+    coord, _clock, _wall = coordinator(kv, {"t": 1})
+    coord.commit("q3/ok", [("t", 0, 1)], member_id=None)
+    # written before group names were checked: "q3/ok\x00evil" is a group name with a NUL
+    coord._offsets.put("q3/ok\x00evil\x00t\x000000000000", StoredOffset(9, "", 0))
+    assert [(t, i, o.offset) for t, i, o in coord.group_offsets("q3/ok")] == [("t", 0, 1)]
+    assert "q3/ok" in coord.group_names("q3/")
+
+
+async def test_joins_in_one_loop_turn_share_one_rebalance(kv: KV) -> None:
+    coord, _clock, _wall = coordinator(kv, {"t": 8})
+    name = next(_group_names)
+    joined = [coord.join_nowait(name, ["t"]) for _ in range(50)]
+    g = joined[0][1]
+    assert g.dirty and g.generation == 0
+    await coord.settled(g)
+    assert g.generation == 1 and not g.dirty
+    given = [tp for m, _g in joined for tp in coord.grant(g, m)]
+    assert sorted(given) == [("t", i) for i in range(8)]

@@ -369,3 +369,16 @@ def test_stats_count_entries_and_pages(kv: KV) -> None:
     st = t.stats()
     assert st.entries == 5000 and st.depth >= 2
     assert st.bytes == st.pages * 4096 and 5000 * 10 < st.bytes < 5000 * 100
+
+
+def test_writes_report_how_the_table_grew(kv: KV) -> None:
+    t = kv.table("sized", GroupOffset)
+    first = t.put_many([("a", GroupOffset(1)), ("bb", GroupOffset(2, "meta"))])
+    assert first.rows == 2
+    assert first.bytes == sum(size for _k, size in t.sizes())
+    again = t.put_many([("a", GroupOffset(1, "longer"))])  # replaced: only the growth
+    assert again.rows == 0 and again.bytes == len(b"longer")
+    assert t.raw_size("a") is not None and t.raw_size("zz") is None
+    gone = t.remove_many(["a", "bb", "missing"])
+    assert gone.rows == -2 and gone.bytes == -(first.bytes + again.bytes)
+    assert list(t.sizes()) == []

@@ -1203,3 +1203,15 @@ def test_retention_decision_stops_at_the_first_segment_that_must_stay(tmp_path: 
     finally:
         for seg in segs:
             seg.close()
+
+
+def test_idle_producers_expire_by_the_nodes_clock_not_their_timestamps(tmp_path: Path) -> None:
+    from storage.producers import ProducerTable
+
+    table = ProducerTable()
+    table.update(1, 0, 1, 0, timestamp=1_000)
+    table.update(2, 0, 1, 1, timestamp=2_000)
+    table.update(1, 1, 1, 2, timestamp=3_000)  # producer 1 used again: now the newest
+    assert table.expire(2_500) == 1
+    assert [e.producer_id for e in table.snapshot()] == [1]
+    assert table.expire(3_001) == 1 and len(table) == 0

@@ -188,22 +188,26 @@ class GroupCoordinator:
         table: call it once at start-up, in a worker thread. Returns the rows read."""
         now = self._wall()
         rows = 0
-        for key, value, size in self._offsets.scan_sized():
-            parts = _split_key(key)
-            if parts is None:
+        # values are not decoded: when each group became empty is not stored, so its
+        # retention counts from now (a restart never expires a group sooner than its
+        # retention says), and that is later than any commit time a value could tell
+        by_group: dict[bytes, list[int]] = {}  # group -> [rows, bytes]: decoded once each
+        for key, size in self._offsets.sizes():
+            parts = key.rsplit(b"\x00", 2)
+            if len(parts) != 3 or not parts[2].isdigit():
                 continue
             rows += 1
-            group = parts[0]
+            counts = by_group.get(parts[0])
+            if counts is None:
+                by_group[parts[0]] = [1, size]
+            else:
+                counts[0] += 1
+                counts[1] += size
+        for raw, (count, size) in by_group.items():
+            group = raw.decode(errors="replace")
             usage = self.quotas.of(tenant_of(group))
-            stored = self.stored.get(group)
-            if stored is None:
-                # when it became empty is not stored: count from now, so a restart never
-                # expires a group sooner than its retention says
-                stored = self.stored[group] = StoredGroup(empty_since_ms=now)
-                usage.groups += 1
-            stored.rows += 1
-            stored.bytes += size
-            stored.last_commit_ms = max(stored.last_commit_ms, value.committed_ms)
+            self.stored[group] = StoredGroup(rows=count, bytes=size, empty_since_ms=now)
+            usage.groups += 1
             usage.state_store_bytes += size
         return rows
 

@@ -58,13 +58,17 @@ class EventIds:
         if self.quotas is None:
             return 0
         count = 0
+        by_tenant: dict[bytes, int] = {}  # tenant -> bytes: decoded once each
         for key, size in self._by_id.sizes():
-            self.quotas.of(key.split(b"\x00", 1)[0].decode()).state_store_bytes += size
+            tenant = key[: key.index(b"\x00")] if b"\x00" in key else key
+            by_tenant[tenant] = by_tenant.get(tenant, 0) + size
             count += 1
         for key, size in self._by_time.sizes():
             parts = key.split(b"\x00", 2)
             if len(parts) == 3:
-                self.quotas.of(parts[1].decode()).state_store_bytes += size
+                by_tenant[parts[1]] = by_tenant.get(parts[1], 0) + size
+        for tenant, size in by_tenant.items():
+            self.quotas.of(tenant.decode(errors="replace")).state_store_bytes += size
         return count
 
     def _account(self, tenant: str, nbytes: int) -> None:

@@ -16,6 +16,8 @@ from broker.client import Client, CorruptData
 from .herald_process import HeraldProcess
 
 TOPIC = "ledger"
+# topic names are per tenant: on an open node (tenant "default") it is stored as this
+STORED = f"default~{TOPIC}"
 
 
 async def fill(node: HeraldProcess, batches: int = 40, per_batch: int = 50) -> list[bytes]:
@@ -32,7 +34,7 @@ async def fill(node: HeraldProcess, batches: int = 40, per_batch: int = 50) -> l
 
 
 def segment_file(node: HeraldProcess) -> Path:
-    (log,) = sorted((node.data_dir / "log" / TOPIC / "0").glob("*.log"))
+    (log,) = sorted((node.data_dir / "log" / STORED / "0").glob("*.log"))
     return log
 
 
@@ -100,7 +102,10 @@ async def test_damage_is_never_served_and_the_consumer_stops_at_it(
 
     status, body = health(herald)
     assert status == 503 and body["status"] == "degraded", body
-    assert "corrupt_data" in body["reasons"] and body["corrupt_partitions"] == [f"{TOPIC}-0"]
+    assert "corrupt_data" in body["reasons"] and body["corrupt_partitions"] == [f"{STORED}-0"]
     text = metrics(herald)
-    assert f'herald_partition_quarantined_ranges{{partition="0",topic="{TOPIC}"}} 1.0' in text
+    assert (
+        f'herald_partition_quarantined_ranges{{partition="0",tenant="default",topic="{TOPIC}"}} 1.0'
+        in text
+    )
     assert "level=error" in herald.log_text() and "corrupt" in herald.log_text()

@@ -98,7 +98,9 @@ async def test_acked_records_survive_power_cuts_across_segment_rolls(
     seed = random.randrange(2**32)
     n = await acked_records_survive(small_segment_node, cuts=4, seed=seed, max_value=30_000)
     assert n > 0
-    segments = list((small_segment_node.fs.mountpoint / "log" / TOPIC).glob("*/*.log"))
+    # topic names are per tenant: the open node's tenant is "default", stored "default~<name>"
+    stored = f"default~{TOPIC}"
+    segments = list((small_segment_node.fs.mountpoint / "log" / stored).glob("*/*.log"))
     assert len(segments) > PARTITIONS, "no segment rolled: the test did not test rolls"
 
 

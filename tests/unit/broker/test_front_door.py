@@ -81,8 +81,8 @@ def event(topic: str = "signup", event_id: str | None = None, size: int = 10) ->
 async def test_produce_returns_the_acknowledgement_chosen_by_acks(
     door: Door, acks: Acks, waits_for: str | None
 ) -> None:
-    door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=1))
-    part = door.log.partition("t", 0)
+    await door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=1))
+    part = door.service.partition(OPEN_PRINCIPAL, "t", 0)
     appended = door.service.produce(OPEN_PRINCIPAL, "t", [batch(b"a")], acks=acks)
     if waits_for is None:
         assert appended.ack is None
@@ -98,7 +98,7 @@ async def test_produce_returns_the_acknowledgement_chosen_by_acks(
 async def test_a_duplicate_is_acknowledged_only_once_the_original_is_durable(
     door: Door,
 ) -> None:
-    door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=1))
+    await door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=1))
     pid = await door.service.init_producer(OPEN_PRINCIPAL)
     one = records.encode_batch(
         [(0, None, b"x")], first_timestamp=1, producer_id=pid, base_sequence=0
@@ -109,7 +109,7 @@ async def test_a_duplicate_is_acknowledged_only_once_the_original_is_durable(
     # the retry arrived before the original's fsync: its answer must wait for it too
     assert again.ack is not None and not again.ack.done()
     await asyncio.gather(*(a for a in (first.ack, again.ack) if a is not None))
-    assert door.log.partition("t", 0).high_watermark == 1
+    assert door.service.partition(OPEN_PRINCIPAL, "t", 0).high_watermark == 1
 
 
 # ------------------------------------------------------------------------ producer ids
@@ -142,7 +142,7 @@ async def test_concurrent_producer_ids_are_distinct_across_blocks(tmp_path: Path
 
 # ------------------------------------------------------------------------------ commits
 async def test_a_commit_is_answered_only_after_the_state_store_is_synced(door: Door) -> None:
-    door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=2))
+    await door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=2))
     gate = threading.Event()
     real = door.kv.sync_now
 
@@ -166,7 +166,7 @@ async def test_a_commit_is_answered_only_after_the_state_store_is_synced(door: D
 async def test_commits_to_partitions_that_do_not_exist_are_refused(
     door: Door, partition: int, offset: int
 ) -> None:
-    door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=2))
+    await door.service.create_topic(OPEN_PRINCIPAL, p.CreateTopic(id=0, topic="t", partitions=2))
     req = p.CommitOffsets(id=1, group="g", offsets=[("t", partition, offset)])
     with pytest.raises((p.errors.UnknownPartition, p.errors.InvalidRequest)):
         await door.service.commit_offsets(OPEN_PRINCIPAL, req)

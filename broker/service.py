@@ -106,7 +106,7 @@ class BrokerService:
         g = config.groups
         self.groups = GroupCoordinator(
             kv,
-            self.topics.partition_count,
+            self.topics.partition_count_in,
             clock_ms=monotonic_ms,
             wall_ms=now_ms,
             quotas=self.quotas,
@@ -526,7 +526,7 @@ class BrokerService:
         seen: set[tuple[str, int]] = set()
         tenant = principal.tenant
         for i, (topic, partition, offset) in enumerate(req.offsets):
-            n = self.topics.partition_count(tenant, topic)
+            n = self.topics.partition_count_in(tenant, topic)
             if n is None:
                 raise UnknownTopic(f"unknown topic {shown(topic)} (offsets[{i}])")
             if not 0 <= partition < n:

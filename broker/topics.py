@@ -181,10 +181,16 @@ class Topics:
             return sorted(self.log.topics)
         return sorted(self._names.get(principal.tenant, ()))
 
-    def partition_count(self, tenant: str, name: str) -> int | None:
+    def partition_count_in(self, tenant: str, name: str) -> int | None:
         """Partitions of ``tenant``'s topic ``name`` (None: it has none by that name)."""
         stored = self.resolve_in(tenant, name)
         return None if stored is None else self.log.topics[stored].partitions
+
+    def partition_count(self, stored: str) -> int | None:
+        """Partitions of the topic stored as ``stored`` (the node's own view: internal
+        topics, the engines)."""
+        meta = self.log.topics.get(stored)
+        return meta.partitions if meta else None
 
     def _target(self, principal: Principal, name: str) -> tuple[str, str, str]:
         """(owner, its name, stored name) of a topic the principal creates as ``name``."""

@@ -298,7 +298,9 @@ class GroupCoordinator:
         g.members[mid] = member
         self._subscribe(g, member, wanted)
         self._file(g.name, member, now)
-        log.info("event=member_joined group=%s member=%s topics=%s", group, mid, wanted)
+        # per member at debug: a storm of joins would be a storm of lines (and of the loop's
+        # time); the rebalance line (info) says how many members the group has
+        log.debug("event=member_joined group=%s member=%s topics=%s", group, mid, wanted)
         self._defer(g)
         return member, g
 
@@ -325,7 +327,7 @@ class GroupCoordinator:
         self._member(group, member_id)
         g = self.groups[group]
         self._remove(g, member_id)
-        log.info("event=member_left group=%s member=%s", group, member_id)
+        log.debug("event=member_left group=%s member=%s", group, member_id)
         self._after_removal(g)
 
     def expire(self) -> list[tuple[str, str]]:
@@ -349,11 +351,23 @@ class GroupCoordinator:
                         self._remove(g, mid)
                         gone.append((name, mid))
                         touched[name] = g
-                        log.warning("event=member_expired group=%s member=%s", name, mid)
             if bucket < last:  # the current bucket may still hold members not yet due
                 self._deadlines.pop(bucket, None)
             bucket += 1
         self._next_bucket = last
+        if gone:
+            # one line per group, not per member: a thousand members timing out together
+            # must not cost a thousand lines
+            by_group: dict[str, list[str]] = {}
+            for name, mid in gone:
+                by_group.setdefault(name, []).append(mid)
+            for name, mids in by_group.items():
+                log.warning(
+                    "event=members_expired group=%s count=%d members=%s",
+                    name,
+                    len(mids),
+                    ",".join(mids[:5]) + (",..." if len(mids) > 5 else ""),
+                )
         for g in touched.values():
             self._after_removal(g)
         return gone

@@ -101,7 +101,8 @@ async def test_a_node_stopped_on_a_full_disk_starts_again(node: PowerNode) -> No
 async def test_log_offline_is_answered_at_once_and_not_retried(node: PowerNode) -> None:
     async with await node.connect() as client:
         await client.create_topic("fenced", 1)
-        node.fs.fail_next_fsync("log/fenced/*/*.log")
+        # topic names are per tenant: the open node's "fenced" is stored as "default~fenced"
+        node.fs.fail_next_fsync("log/default~fenced/*/*.log")
         producer = await client.producer(acks=-1, linger_ms=0, retry_backoff_ms=500)
         started = time.monotonic()
         with pytest.raises(BrokerError) as offline:
@@ -113,7 +114,7 @@ async def test_log_offline_is_answered_at_once_and_not_retried(node: PowerNode) 
             await producer.send("fenced", b"y", partition=0)
         assert again.value.code == "log_offline"
     h = await asyncio.to_thread(health, node)
-    assert h["offline_partitions"] == ["fenced-0"], h
+    assert h["offline_partitions"] == ["default~fenced-0"], h
 
 
 async def test_a_state_store_that_cannot_sync_stops_the_node_with_a_clear_error(

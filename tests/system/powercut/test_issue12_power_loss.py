@@ -339,7 +339,8 @@ async def served_records_survive(node: PowerNode, rounds: int) -> None:
         await producer.send(topic, b"durable", partition=0)
     node.fs.sync_all()
     for attempt in range(rounds):
-        node.fs.fail_next_fsync(f"log/{topic}/*/*.log")
+        # topic names are per tenant: the open node's topic is stored as "default~<name>"
+        node.fs.fail_next_fsync(f"log/default~{topic}/*/*.log")
         async with await node.connect() as client:
             producer = await client.producer(acks=-1, linger_ms=0, idempotent=False, retries=0)
             with pytest.raises(BrokerError):

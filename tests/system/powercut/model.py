@@ -143,6 +143,10 @@ class Inode:
     # the device (what an O_DIRECT read sees): ranges a failed fsync covered never reached
     # it, and hold the durable bytes (zeros past the durable size) until written again
     lost: Ranges = field(default_factory=Ranges)
+    # zeros left by a write past the end: on their way to the device like any write, but
+    # never "lost" by a failed fsync (no data page of them was ever dirty: they read as zeros
+    # from the device too); the next successful fsync makes them durable
+    holes: Ranges = field(default_factory=Ranges)
 
     @property
     def st_mode(self) -> int:
@@ -375,6 +379,7 @@ class Model:
         node.released = True
         node.dirty.clear()
         node.lost.clear()
+        node.holes.clear()
         if not node.is_dir:
             self.used -= node.size
             self._drop_backing(node.id, durable=False)
@@ -424,6 +429,19 @@ class Model:
                 raise FsError(errno.ENOSPC, self.path(node))
             data = data[:n]
         written = os.pwrite(self.vol_fd(ino), data, offset)
+        if offset > node.size:
+            # a write past the end leaves a hole that reads as zeros: those bytes change too
+            # (the durable copy may still hold older bytes there, e.g. after a truncate whose
+            # fsync failed); the part of it not already changed since the last fsync is a hole
+            fresh = Ranges()
+            fresh.add(node.size, offset)
+            for start, end in node.dirty:
+                fresh.remove(start, end)
+            for start, end in fresh:
+                node.holes.add(start, end)
+            node.dirty.add(node.size, offset)
+            node.lost.remove(node.size, offset)
+        node.holes.remove(offset, offset + written)
         node.dirty.add(offset, offset + written)
         node.lost.remove(offset, offset + written)  # new bytes, on their way to the device
         end = offset + written
@@ -442,10 +460,12 @@ class Model:
             self.stats["enospc"] += 1
             raise FsError(errno.ENOSPC, self.path(node))
         os.ftruncate(self.vol_fd(ino), size)
-        # the bytes between the two sizes change (cut, or zeros when it grows back), and so
-        # does anything the durable copy still has past the new size
-        node.dirty.add(min(size, node.size), max(size, node.size, node.durable_size))
+        # the bytes between the two sizes change (cut, or zeros when it grows back); what the
+        # durable copy still has past the new size is cut by the next fsync (it carries the
+        # size)
+        node.dirty.add(min(size, node.size), max(size, node.size))
         node.lost.remove(min(size, node.size), max(size, node.size))  # gone, or new zeros
+        node.holes.remove(min(size, node.size), max(size, node.size, node.durable_size))
         self.used += size - node.size
         node.size = size
         node.mtime_ns = time.time_ns()
@@ -488,6 +508,9 @@ class Model:
             for start, end in node.dirty:
                 node.lost.add(start, min(end, node.size))
             node.dirty.clear()
+            for start, end in node.holes:  # zeros of a hole reach the device anyway
+                node.lost.remove(start, end)
+                node.dirty.add(start, min(end, node.size))
             self.stats["fsync_failures"] += 1
             raise FsError(errno.EIO, f"injected fsync failure on {self.path(node)}")
         if not node.dirty and node.durable_size == node.size:
@@ -500,6 +523,7 @@ class Model:
         os.ftruncate(dst, node.size)
         node.durable_size = node.size
         node.dirty.clear()
+        node.holes.clear()
 
     def sync_all(self) -> None:
         """Make everything durable, as ``sync`` and a few quiet seconds would on a real
@@ -573,6 +597,7 @@ class Model:
             node.nlink = 1 if node.id == ROOT_ID else links.get(node.id, 0)
             node.dirty.clear()
             node.lost.clear()
+            node.holes.clear()
             if node.is_dir:
                 node.entries = dict(node.durable_entries)
                 report.dirs += 1

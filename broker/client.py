@@ -446,6 +446,9 @@ class Producer:
             str, list[tuple[records.RecordInput, asyncio.Future[RecordMetadata]]]
         ] = {}
         self._renewing = asyncio.Lock()
+        # partitions whose sequence has a hole (a batch failed for good with later ones in
+        # flight), per producer id: their out_of_order_sequence answers mean "renew"
+        self._gaps: dict[int, set[TopicPartition]] = {}
 
     async def start(self) -> None:
         if self.idempotent:
@@ -618,18 +621,48 @@ class Producer:
     async def _produce_renewing(
         self, tp: TopicPartition, batch: bytes, rows: list[records.RecordInput], first_ts: int
     ) -> p.Produced:
-        """Produce ``batch``; if the node no longer knows this producer's id (it expired
-        after the node's producer-id expiration, idle), get a new id and send the records
-        again under it, from sequence 0 (as Kafka's producer resets on
-        UNKNOWN_PRODUCER_ID)."""
+        """Produce ``batch``, keeping the idempotent sequence of ``tp`` whole:
+
+        - if the node no longer knows this producer's id (it expired after the node's
+          producer-id expiration, idle), get a new id and send the records again under it,
+          from sequence 0 (as Kafka's producer resets on UNKNOWN_PRODUCER_ID);
+        - if the batch finally fails, the producer must not be stuck (issue 12 item 7): after
+          ``storage_full`` (the node took the append back whole) the next batch of ``tp``
+          reuses its sequence numbers when none was encoded after it; after any other
+          failure the batch may or may not be stored, so its numbers are never reused:
+          the next batch of ``tp`` that the node answers ``out_of_order_sequence`` (a hole
+          where the failed batch was not stored) is sent again under a new id (KIP-360's
+          idea)."""
         pid = self.producer_id
         try:
             return await self._produce_with_retries(tp[0], tp[1], batch)
         except BrokerError as exc:
-            if not self.idempotent or exc.code != errors.UnknownProducerId.code:
+            if not self.idempotent:
                 raise
+            gap = exc.code == errors.OutOfOrderSequence.code and tp in self._gaps.get(pid, ())
+            if exc.code != errors.UnknownProducerId.code and not gap:
+                self._failed(tp, pid, batch, rolled_back=exc.code == errors.StorageFull.code)
+                raise
+        except ConnectionLost:
+            if self.idempotent:
+                self._failed(tp, pid, batch, rolled_back=False)
+            raise
         await self._renew_producer_id(pid)
         return await self._produce_with_retries(tp[0], tp[1], self._encode(tp, rows, first_ts))
+
+    def _failed(self, tp: TopicPartition, pid: int, batch: bytes, *, rolled_back: bool) -> None:
+        """``batch`` of ``tp`` failed for good under ``pid``. If the node took it back and
+        it was the last batch encoded, its sequence numbers are given back; otherwise the
+        hole it may leave is remembered, so that an ``out_of_order_sequence`` after it
+        renews the producer id instead of failing every later batch."""
+        if pid != self.producer_id:
+            return  # renewed meanwhile: the old id's sequences no longer matter
+        header = records.parse_header(batch)
+        last = self._sequences.get(tp) == header.base_sequence + header.record_count
+        if rolled_back and last:
+            self._sequences[tp] = header.base_sequence
+        else:
+            self._gaps.setdefault(pid, set()).add(tp)
 
     async def _renew_producer_id(self, stale: int) -> None:
         async with self._renewing:
@@ -639,6 +672,7 @@ class Producer:
             assert isinstance(resp, p.ProducerId)
             self.producer_id = resp.producer_id
             self._sequences.clear()
+            self._gaps.pop(stale, None)
 
     async def _produce_with_retries(
         self, topic: str, partition: int | None, batch: bytes, key: bytes | None = None

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from broker.errors import InvalidRequest, InvalidTopic, TopicExists, UnknownTopi
 from broker.names import shown
 from broker.protocol import partition_for_key
 from broker.quotas import Quotas
-from storage.errors import StorageError
+from storage.errors import StorageError, StorageFull
 from storage.kv import KV
 from storage.log import Log
 from storage.partition import PartitionConfig
@@ -312,10 +313,10 @@ class Topics:
             self._creating.pop(stored, None)
             log.warning("event=topic_create_failed topic=%s error=%r", stored, exc)
             if isinstance(exc, OSError | StorageError):
-                # the message names the reason (EMFILE, ENOSPC), not the data directory
-                ready.set_exception(
-                    StorageError(f"cannot create topic {shown(local)}: {_reason(exc)}")
-                )
+                # the message names the reason (EMFILE, ENOSPC), not the data directory; a
+                # full disk is the retriable storage_full
+                error = StorageFull if _disk_full(exc) else StorageError
+                ready.set_exception(error(f"cannot create topic {shown(local)}: {_reason(exc)}"))
             elif isinstance(exc, Exception):
                 ready.set_exception(exc)
             else:
@@ -439,6 +440,17 @@ def _reason(exc: BaseException) -> str:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
     return type(exc).__name__
+
+
+def _disk_full(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StorageFull) or (
+            isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

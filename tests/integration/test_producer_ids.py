@@ -21,7 +21,9 @@ from storage.checkpoint import read_checkpoint
 from .conftest import NodeFactory
 from .tenants import ACME, BETA, Bystander, config, connect, http_json, quota_usage, rss_bytes
 
-MAX_STALL_MS = 250
+# the floods stalled the loop for 2-17 s before their fixes; scheduling noise on a loaded
+# 2-core VM reaches ~0.3 s
+MAX_STALL_MS = 1000
 
 
 def now_ms() -> int:

@@ -72,6 +72,57 @@ def node(powerfs: PowerLossFS, tmp_path: Path) -> Iterator[PowerNode]:
         n.close()
 
 
+async def test_a_full_disk_is_a_clear_retriable_error_and_writes_resume(
+    node: PowerNode,
+) -> None:
+    async with await node.connect() as client:
+        await client.create_topic("fill", 1)
+        await client.create_topic("ballast", 1)
+        producer = await client.producer(acks=-1, linger_ms=0, retries=0)
+        for _ in range(100):  # ~200 kB that deleting the topic will give back
+            await producer.send("ballast", b"b" * 2000, partition=0)
+        node.fs.set_free_bytes(64 * 1024)
+        # fill the disk: the append that does not fit is refused, whole, and retriable
+        stored = 0
+        with pytest.raises(BrokerError) as full:
+            for i in range(10_000):
+                await producer.send("fill", b"x" * 2000 + b"%d" % i, partition=0)
+                stored += 1
+        assert full.value.code == "storage_full" and full.value.retriable
+        node.fs.set_free_bytes(0)  # not even a small event fits now
+
+        status, body = await asyncio.to_thread(
+            post, node, "/events", {"topic": "t", "payload": 1, "event_id": "0" * 32}
+        )
+        assert (status, body["error"]["code"]) == (507, "storage_full"), body
+        with pytest.raises(BrokerError) as created:
+            await client.create_topic("new-on-full-disk", 1)
+        assert created.value.code == "storage_full", created.value
+        try:  # ids come from a block reserved before the disk filled: this may well work
+            await client.producer()
+        except BrokerError as exc:
+            assert exc.code == "storage_full", exc
+        h = await asyncio.to_thread(health, node)
+        assert h["status"] == "degraded" and "disk_nearly_full" in h["reasons"], h
+
+        # deleting a topic frees its space; the same producer goes on where it failed, with
+        # the same partition (its sequence was not left ahead of what was stored)
+        await client.delete_topic("ballast")
+        md = await producer.send("fill", b"after the disk was full", partition=0)
+        assert md.offset == stored
+        status, body = await asyncio.to_thread(
+            post, node, "/events", {"topic": "t", "payload": 1, "event_id": "0" * 32}
+        )
+        assert status == 200 and not body.get("duplicate"), body
+        consumer = await client.consumer("fill", group="check", auto_commit=False)
+        values: list[bytes] = []
+        while len(values) < stored + 1:
+            values += [r.value for r in await consumer.getmany(timeout_ms=1000)]
+        assert values[-1] == b"after the disk was full" and len(values) == stored + 1
+        await consumer.close()
+    assert "Traceback" not in node.process.log_text()
+
+
 async def test_a_node_stopped_on_a_full_disk_starts_again(node: PowerNode) -> None:
     async with await node.connect() as client:
         await client.create_topic("t", 2)

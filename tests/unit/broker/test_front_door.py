@@ -9,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -302,4 +303,85 @@ async def test_the_in_process_client_reports_errors_as_the_network_one_does(door
     with pytest.raises(BrokerError) as missing:
         await client.list_offsets("nope", 0)
     assert missing.value.code == "unknown_topic" and not missing.value.retriable
+    await client.close()
+
+
+class _FailNth:
+    """The acknowledgement port, failing the ``n``-th append of a topic with ``error`` once
+    the append is done (the node's answer was lost, as on a timeout: it may be stored)."""
+
+    def __init__(self, topic: str, n: int, error: Exception) -> None:
+        self.topic, self.n, self.seen, self.error = topic, n, 0, error
+
+    def ack_future(
+        self, partition: Partition, end_offset: int, acks: Acks
+    ) -> asyncio.Future[None] | None:
+        if partition.name.endswith(f"{self.topic}-0"):
+            self.seen += 1
+            if self.seen == self.n:
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                fut.set_exception(self.error)
+                return fut
+        return partition.durable_future(end_offset)
+
+
+async def test_a_producer_goes_on_after_a_batch_failed_for_good(door: Door) -> None:
+    # issue 12 item 7: a batch that fails for good leaves the producer's sequence with a
+    # possible hole; the batches after it must neither fail forever nor be taken for it
+    door.service.topics.ensure_internal("__seq", 1)
+    door.service.replication = _FailNth("__seq", 2, p.errors.Timeout("answer lost"))
+    client = LocalClient(door.service, door.intake)
+    producer = await client.producer(linger_ms=0, retries=0)
+    first = await producer.send("__seq", b"one", partition=0)
+    with pytest.raises(BrokerError) as failed:
+        await producer.send("__seq", b"two", partition=0)
+    assert failed.value.code == "timeout"
+    after = [await producer.send("__seq", b"three-%d" % i, partition=0) for i in range(3)]
+    offsets = [m.offset for m in after]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 3
+    # "two" was in fact stored (its answer was lost); nothing after it was taken for it
+    part = door.log.partition("__seq", 0)
+    await part.flush()
+    values = [
+        rec.value
+        for _pos, h in records.iter_batches(part.read(0, 1 << 20))
+        for rec in records.decode_records(part.read(h.base_offset, 1 << 20)[: h.batch_length], h)
+    ]
+    assert values == [b"one", b"two", b"three-0", b"three-1", b"three-2"]
+    assert first.offset == 0
+    await producer.close()
+    await client.close()
+
+
+async def test_in_flight_batches_after_a_refused_one_are_sent_again_under_a_new_id(
+    door: Door,
+) -> None:
+    # the first batch is refused unstored (a full disk), while the next ones are already on
+    # their way with the sequence numbers after it: they are renewed, not failed forever
+    door.service.topics.ensure_internal("__seq", 1)
+    real_append = door.service.append
+    refused = 0
+
+    def refuse_first(topic: str, partition: int, batches: Any, acks: Acks) -> Any:
+        nonlocal refused
+        if topic == "__seq" and refused == 0:
+            refused += 1
+            raise StorageFull("disk full")
+        return real_append(topic, partition, batches, acks)
+
+    door.service.append = refuse_first  # type: ignore[method-assign]
+    client = LocalClient(door.service, door.intake)
+    producer = await client.producer(linger_ms=0, retries=0, partition_inflight=5)
+    futures = []
+    for i in range(5):  # one batch per loop turn, all in flight together
+        futures.append(producer.send_nowait("__seq", b"r%d" % i, partition=0))
+        await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(outcomes[0], BrokerError) and outcomes[0].code == "storage_full"
+    stored = [o for o in outcomes[1:] if not isinstance(o, BaseException)]
+    assert len(stored) == 4, outcomes
+    assert [m.offset for m in stored] == [0, 1, 2, 3]
+    later = await producer.send("__seq", b"later", partition=0)
+    assert later.offset == 4
+    await producer.close()
     await client.close()

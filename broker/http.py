@@ -20,7 +20,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,7 +39,8 @@ from broker.errors import (
     PayloadTooLarge,
     describe,
 )
-from broker.events import EventIntake
+from broker.events import EventBatchIn, EventIn, EventIntake, EventResult
+from broker.openapi import Param, Route, add_routes, build_openapi
 from broker.service import BrokerService
 from broker.topics import TopicPending, created
 from storage import records
@@ -73,6 +74,13 @@ class Accepted:
     answer: Any
     events: int
     durable: asyncio.Future[Any] | None
+
+
+OPENAPI_VERSION = "0.1.0"
+
+
+class BatchAnswer(msgspec.Struct):
+    results: list[EventResult]
 
 
 class TopicIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -118,28 +126,83 @@ class HttpApi:
         self.stats = HttpStats()
         self._enc = msgspec.json.Encoder()
         self.metrics_body: Callable[[], bytes] = lambda: b""
+        self.openapi_doc = b""
+        self.route_table: list[Route] = []
 
     # ------------------------------------------------------------------- plumbing
-    def app(self) -> web.Application:
+    def app(self, extra: Sequence[Route] = ()) -> web.Application:
+        """The aiohttp app: the broker's routes, then ``extra`` (other packages' routes,
+        composed by the node), and ``GET /openapi.json`` describing all of them."""
         app = web.Application(
             client_max_size=self.config.limits.max_http_body_bytes,
             middlewares=[self._errors],
         )
-        r = app.router
-        r.add_get("/healthz", self.healthz)
-        r.add_get("/metrics", self.metrics)
-        r.add_post("/events", self.post_event)
-        r.add_post("/events/batch", self.post_events_batch)
-        r.add_get("/topics", self.list_topics)
-        r.add_post("/topics", self.create_topic)
-        r.add_get("/topics/{topic}", self.describe_topic)
-        r.add_delete("/topics/{topic}", self.delete_topic)
-        r.add_post("/topics/{topic}/records", self.produce_records)
-        r.add_get("/topics/{topic}/partitions/{partition}/records", self.fetch_records)
-        r.add_get("/topics/{topic}/partitions/{partition}/offsets", self.list_offsets)
-        r.add_get("/groups", self.list_groups)
-        r.add_get("/groups/{group}", self.describe_group)
+        table = [*self.routes(), *extra]
+        table.append(
+            Route(
+                "GET",
+                "/openapi.json",
+                self.openapi,
+                "This document: OpenAPI 3.1, generated from the route table",
+                "operations",
+                scopes=None,
+            )
+        )
+        self.openapi_doc = self.encode(
+            build_openapi(
+                table,
+                title="Herald HTTP API",
+                version=OPENAPI_VERSION,
+                description="Reference with examples: docs/HTTP.md and docs/API.md.",
+            )
+        )
+        self.route_table = table
+        add_routes(app, table)
         return app
+
+    def routes(self) -> list[Route]:
+        """The broker's own routes (docs/HTTP.md)."""
+        topic = {"topic": "a topic name of your tenant"}
+        part = {**topic, "partition": "a partition number, from 0"}
+        return [
+            Route("GET", "/healthz", self.healthz, "Health", "operations", scopes=None,
+                  errors=(503,)),
+            Route("GET", "/metrics", self.metrics, "Prometheus metrics", "operations",
+                  scopes=None, answer=bytes),
+            Route("POST", "/events", self.post_event, "Publish an event", "events",
+                  scopes=("produce",), body=EventIn, answer=EventResult, errors=(413, 503, 507)),
+            Route("POST", "/events/batch", self.post_events_batch, "Publish events",
+                  "events", scopes=("produce",), body=EventBatchIn, answer=BatchAnswer,
+                  errors=(413, 503, 507)),
+            Route("GET", "/topics", self.list_topics, "List your topics", "topics"),
+            Route("POST", "/topics", self.create_topic, "Create a topic", "topics",
+                  scopes=("admin",), body=TopicIn, status=201, errors=(409, 507)),
+            Route("GET", "/topics/{topic}", self.describe_topic, "Describe a topic", "topics",
+                  path_params=topic, errors=(404,)),
+            Route("DELETE", "/topics/{topic}", self.delete_topic, "Delete a topic", "topics",
+                  scopes=("admin",), path_params=topic, errors=(404, 409)),
+            Route("POST", "/topics/{topic}/records", self.produce_records, "Append records",
+                  "topics", scopes=("produce",), body=RecordsIn, path_params=topic,
+                  errors=(404, 413, 503, 507)),
+            Route("GET", "/topics/{topic}/partitions/{partition}/records", self.fetch_records,
+                  "Read records", "topics", scopes=("consume",), path_params=part,
+                  query=(Param("offset", int, "first offset (default 0)", minimum=0),
+                         Param("max_bytes", int, "bytes to read at most", minimum=1),
+                         Param("max_wait_ms", int, "long poll up to this long", minimum=0),
+                         Param("limit", int, "records at most", minimum=1)),
+                  errors=(404, 416)),
+            Route("GET", "/topics/{topic}/partitions/{partition}/offsets", self.list_offsets,
+                  "Look up an offset", "topics", scopes=("consume",), path_params=part,
+                  query=(Param("spec", str, "earliest, latest or a timestamp (ms)"),),
+                  errors=(404,)),
+            Route("GET", "/groups", self.list_groups, "List consumer groups", "groups",
+                  scopes=("consume",)),
+            Route("GET", "/groups/{group}", self.describe_group, "Describe a group", "groups",
+                  scopes=("consume",), path_params={"group": "a group name"}, errors=(404,)),
+        ]  # fmt: skip
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi_doc, content_type="application/json")
 
     def encode(self, body: Any) -> bytes:
         return self._enc.encode(body)

@@ -46,6 +46,8 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 from broker.errors import InvalidRequest
+from channels.errors import InvalidSecret
+from channels.signing import decode_secret, generate_secret
 from notify import windows as windows_
 from notify.conditions import Predicate, never, parse_filter
 from notify.model import (
@@ -179,11 +181,16 @@ class Registry:
     async def put_user(self, tenant: str, user: str, body: User, *, now_ms: int) -> Contact:
         """Create or replace the user's contact data (devices, preferences and consent are
         kept). Checks: a known time zone, an ``@`` in the email, an E.164 phone, an http(s)
-        webhook URL."""
+        webhook URL, a well-formed webhook secret. A webhook given without a secret keeps
+        the one it had, or gets a new random one (a webhook is never sent unsigned)."""
         key = _user_key(tenant, user)
         contact = self._check_user(body, now_ms)
         with self._kv.transaction() as txn:
             profile = self._profiles.get(key, txn=txn) or Profile(created_ms=now_ms)
+            if contact.webhook is not None and contact.webhook.secret is None:
+                old = profile.contact.webhook if profile.contact is not None else None
+                secret = old.secret if old is not None and old.secret else generate_secret()
+                contact.webhook.secret = secret
             self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
         await self._kv.sync()
         return contact
@@ -208,6 +215,11 @@ class Registry:
             url = body.webhook.url
             if not url.startswith(("https://", "http://")) or len(url) > 2048:
                 raise InvalidRequest("webhook.url: an http(s) URL", field="webhook.url")
+            if body.webhook.secret is not None:
+                try:
+                    decode_secret(body.webhook.secret)
+                except InvalidSecret as exc:
+                    raise InvalidRequest(f"webhook.secret: {exc}", field="webhook.secret") from None
             hook = StoredWebhook(url=url, secret=body.webhook.secret)
         return Contact(
             email=body.email,
@@ -372,6 +384,23 @@ class Registry:
         more = len(out) == _limit(limit)
         return SubscriberPage(out, out[-1].user if more and out else None)
 
+    def subscriber_rows(
+        self, tenant: str, topic: str, *, after: str | None = None, limit: int = 100
+    ) -> tuple[list[tuple[str, list[str], dict[str, Any] | None]], str | None]:
+        """A page of ``topic``'s subscribers as stored, for listing: (user, channels, filter
+        as given), and the ``after`` of the next page (None on the last). Paged like
+        :meth:`subscribers`."""
+        prefix = _key(tenant, topic) + b"\0"
+        start = None if after is None else prefix + _part(after, "after", MAX_USER_BYTES)
+        rows = self._topic_subs.scan_raw(prefix, after=start, limit=_limit(limit))
+        out = []
+        for key, raw in rows:
+            entry = self._entry.decode(raw)
+            filt = msgspec.msgpack.decode(entry.filter) if entry.filter else None
+            out.append((key[len(prefix) :].decode(), list(_MASKS[entry.channels]), filt))
+        more = len(out) == _limit(limit)
+        return out, (out[-1][0] if more and out else None)
+
     def subscriber_count(self, tenant: str, topic: str) -> int:
         """How many users subscribe to ``topic`` (one read)."""
         row = self._counts.get(_key(tenant, topic))
@@ -406,6 +435,10 @@ class Registry:
         self._defaults.put(_part(tenant, "tenant", MAX_TENANT_BYTES), stored)
         await self._kv.sync()
         return stored
+
+    def mandatory(self, tenant: str, topic: str) -> Mandatory | None:
+        """The topic's mandatory flag (since when), None if users may opt out."""
+        return self._mandatory.get(_key(tenant, topic))
 
     def is_mandatory(self, tenant: str, topic: str) -> bool:
         """Whether users cannot opt out of ``topic`` (a legal opt-out still applies)."""

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from broker.errors import InvalidRequest
+from channels.signing import decode_secret
 from notify.conditions import Scope
 from notify.model import (
     Consent,
@@ -36,6 +37,7 @@ from notify.windows import Charge, tag_of
 from storage.kv import KV
 
 T = 1_767_225_600_000
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ async def test_a_user_is_stored_and_read_back(reg: Registry) -> None:
         phone="+14155550100",
         timezone="Europe/London",
         locale="en-GB",
-        webhook=WebhookEndpoint(url="https://example.com/hook", secret="whsec_x"),
+        webhook=WebhookEndpoint(url="https://example.com/hook", secret=SECRET),
     )
     contact = await reg.put_user("acme", "u1", body, now_ms=T)
     assert reg.contact("acme", "u1") == contact
@@ -88,8 +90,19 @@ async def test_a_user_is_stored_and_read_back(reg: Registry) -> None:
         "Europe/London",
         T,
     )
-    assert contact.webhook is not None and contact.webhook.secret == "whsec_x"
+    assert contact.webhook is not None and contact.webhook.secret == SECRET
     assert reg.contact("acme", "u2") is None
+
+
+async def test_a_webhook_without_a_secret_gets_one_and_keeps_it(reg: Registry) -> None:
+    hook = WebhookEndpoint(url="https://example.com/hook")
+    first = await reg.put_user("acme", "u1", User(webhook=hook), now_ms=T)
+    assert first.webhook is not None and first.webhook.secret is not None
+    decode_secret(first.webhook.secret)  # a usable Standard Webhooks secret
+    again = await reg.put_user("acme", "u1", User(email="a@b.c", webhook=hook), now_ms=T + 1)
+    assert again.webhook is not None and again.webhook.secret == first.webhook.secret
+    other = await reg.put_user("acme", "u2", User(webhook=hook), now_ms=T)
+    assert other.webhook is not None and other.webhook.secret != first.webhook.secret
 
 
 async def test_replacing_contact_data_keeps_devices_and_preferences(reg: Registry) -> None:
@@ -111,6 +124,7 @@ async def test_replacing_contact_data_keeps_devices_and_preferences(reg: Registr
         (User(phone="555-0100"), "phone"),
         (User(webhook=WebhookEndpoint(url="ftp://x")), "webhook.url"),
         (User(locale=""), "locale"),
+        (User(webhook=WebhookEndpoint(url="https://x", secret="whsec_x")), "webhook.secret"),
     ],
 )
 async def test_bad_contact_data_names_the_field(reg: Registry, body: User, field: str) -> None:

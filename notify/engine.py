@@ -32,6 +32,7 @@ from notify.audit import AUDIT_TOPIC, AuditIndex, AuditIndexer
 from notify.delivery import DeliveryWorker
 from notify.digests import Digests
 from notify.dlq import DeadLetters, dlq_topic
+from notify.erasure import EngineTables, Held, erase, find
 from notify.fanout import Fanout
 from notify.model import AuditRecord, DeadLetter, TimerRow
 from notify.plans import Plans
@@ -298,6 +299,26 @@ class Engine:
         gone = self.dead.purge(tenant, channel, delivery_id)
         await self.kv.sync()
         return gone
+
+    def _tables(self) -> EngineTables:
+        return EngineTables(
+            self.kv, self.index, self.timers, self.digests, self.dead, tuple(self.ncfg.channels)
+        )
+
+    async def held_on(self, tenant: str, user: str) -> Held:
+        """Every row the engine holds on the user (``notify.erasure``), found in a worker
+        thread: the scans must not stall the loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, find, self._tables(), tenant, user)
+
+    async def erase_user(self, tenant: str, user: str) -> tuple[Held, int]:
+        """Erase what the engine holds on the user (feed, statuses, parked runs, batch
+        windows, dead letters); durable before it returns. Returns what was found and how
+        many rows went. See ``notify.erasure`` for what is out of reach."""
+        held = await self.held_on(tenant, user)
+        gone = erase(self._tables(), tenant, user, held)
+        await self.kv.sync()
+        return held, gone
 
     def event_status(self, tenant: str, event_id: str) -> list[dict[str, Any]]:
         return self.index.status(tenant, event_id)

@@ -1,6 +1,7 @@
 """API keys, scopes and tenants.
 
-A key from the config grants a tenant and scopes (``produce``, ``consume``, ``admin``). With
+A key from the config grants a tenant and scopes (``produce``, ``consume``, ``admin``,
+``engage``; docs/API.md says which calls take which). With
 no keys configured the node runs open but binds to loopback only (the node refuses to start
 otherwise) and every client acts as tenant ``default`` with every scope.
 
@@ -21,7 +22,8 @@ from broker.errors import Forbidden, Unauthenticated
 
 DEFAULT_TENANT: Final = "default"
 OPERATOR_TENANT: Final = "*"
-ALL_SCOPES: Final = frozenset({"produce", "consume", "admin"})
+# engage: record engagement (seen, read, ...) with a user's notifications, nothing else
+ALL_SCOPES: Final = frozenset({"produce", "consume", "admin", "engage"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,7 +149,7 @@ QUOTA_NAMES = (
 class ApiKey(_Section):
     key: str
     tenant: str = "default"
-    scopes: list[Literal["produce", "consume", "admin"]] = msgspec.field(
+    scopes: list[Literal["produce", "consume", "admin", "engage"]] = msgspec.field(
         default_factory=lambda: ["produce", "consume"]
     )
     name: str = ""

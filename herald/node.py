@@ -10,7 +10,8 @@ The node composes everything; nothing below it knows the whole. Order::
 
 The notifications engine (``notify/engine.py``: fan-out, timers, delivery workers, retry
 tiers, the audit indexer) is a component between the broker and the listeners; the gateway
-will join it there.
+will join it there. Its HTTP API (``notify/api.py``) is added to the listeners' app here: the
+broker's app takes routes from any package and knows none of them.
 
 A :class:`Component` has ``start`` (returns once the component is ready: start-up order is
 code, not sleeps) and ``stop``; the node pushes each ``stop`` on an ``AsyncExitStack`` as
@@ -43,10 +44,12 @@ from broker.errors import StateStoreFailed
 from broker.events import EventIntake
 from broker.http import HttpApi, HttpStats
 from broker.http_ingest import IngestServer
+from broker.openapi import Route
 from broker.service import BrokerService
 from broker.tcp import TcpServer
 from channels.base import Channel
 from herald.metrics import Stats, make_registry, render
+from notify.api import notify_routes
 from notify.directory import RegistryDirectory
 from notify.engine import Engine
 from notify.ports import Directory
@@ -203,6 +206,8 @@ class Listeners:
         self.grace_s = grace_s
         self.tcp = TcpServer(config, broker.service, broker.intake, auth)
         self.api = HttpApi(config, broker.service, broker.intake, auth)
+        # other components' HTTP routes (the notification API), added before start
+        self.routes: list[Route] = []
         self.http: IngestServer | None = None
         self._runner: web.AppRunner | None = None
         self.ports: dict[str, int] = {}
@@ -210,7 +215,8 @@ class Listeners:
     async def start(self) -> None:
         host = self.config.listen.host
         self.ports["tcp"] = await self.tcp.start(host, self.config.listen.tcp_port)
-        runner = self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
+        app = self.api.app(self.routes)
+        runner = self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         assert runner.server is not None
         self.http = IngestServer(self.config, self.api, runner.server)
@@ -377,10 +383,11 @@ class Node:
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)
+            registry = Registry(state.kv)
             directory = (
                 self.make_directory(state.kv)
                 if self.make_directory
-                else RegistryDirectory(Registry(state.kv))
+                else RegistryDirectory(registry)
             )
             engine = self.engine = Engine(
                 cfg,
@@ -393,9 +400,12 @@ class Node:
             )
             await start(engine)
             listeners = Listeners(cfg, broker, auth, self.shutdown_timeout)
+            listeners.routes.extend(
+                notify_routes(registry, engine, listeners.api.principal, engine.clock)
+            )
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
-            registry = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))
-            listeners.api.metrics_body = lambda: render(registry)
+            metrics = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))
+            listeners.api.metrics_body = lambda: render(metrics)
             await start(listeners)
             self.ports = listeners.ports
             housekeeping = Housekeeping(cfg, broker, the_log.log, state.kv)

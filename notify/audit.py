@@ -349,7 +349,13 @@ class _Batch:
 
 
 def _feed_key(tenant: str, user: str, created_ms: int, run_id: str) -> bytes:
-    return f"{tenant}\0{user}\0{_FAR - created_ms:019d}\0{run_id}".encode()
+    return f"{tenant}\0{user}\0{feed_cursor(created_ms, run_id)}".encode()
+
+
+def feed_cursor(created_ms: int, run_id: str) -> str:
+    """The feed cursor of a notification (what :meth:`AuditIndex.feed` takes as
+    ``before``): inverted creation time, so the newest sorts first."""
+    return f"{_FAR - created_ms:019d}\0{run_id}"
 
 
 class AuditIndexer(Stage):

@@ -1,0 +1,259 @@
+"""The notification API's own bodies and answers (``notify/api.py``): the structs the handlers
+decode and encode, and so the schemas of ``GET /openapi.json``. The bodies the registry keeps
+as they are (``User``, ``Device``, ``Subscription``, ``Preferences``, ``Workflow``) live in
+``notify/model.py`` with the rows they become.
+
+Answers are plain structs with every field present (``null`` rather than absent), so a
+client's generated types need no optional fields it cannot predict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from notify.model import (
+    Attempt,
+    Consent,
+    ConsentState,
+    StoredPreferences,
+    UserWindows,
+)
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A request body: unknown fields are errors."""
+
+
+class _Answer(msgspec.Struct, kw_only=True):
+    """An answer."""
+
+
+# ------------------------------------------------------------------------------ users
+class WebhookOut(_Answer):
+    url: str
+    secret: str | None  # shown to admin keys only; null for the others
+
+
+class DeviceOut(_Answer):
+    token: str
+    platform: str
+    added_ms: int
+    invalid_since_ms: int | None
+
+
+class UserOut(_Answer):
+    """A user: contact data and devices (``GET /users/{id}``)."""
+
+    id: str
+    email: str | None
+    phone: str | None
+    timezone: str
+    locale: str
+    webhook: WebhookOut | None
+    devices: list[DeviceOut]
+    created_ms: int
+    updated_ms: int
+
+
+class Deleted(_Answer):
+    deleted: str
+
+
+class Erased(_Answer):
+    """What ``DELETE /users/{id}`` erased, by kind of row."""
+
+    user: str
+    registry_rows: int
+    notifications: int
+    statuses: int
+    parked_runs: int
+    batch_windows: int
+    dead_letters: int
+
+
+# ---------------------------------------------------------------------- subscriptions
+class SubscriptionOut(_Answer):
+    topic: str
+    channels: list[str]
+    filter: dict[str, Any] | None
+    created_ms: int
+    updated_ms: int
+
+
+class SubscriptionsPage(_Answer):
+    subscriptions: list[SubscriptionOut]
+    next_after: str | None  # the ``after`` of the next page; null on the last
+
+
+class SubscriberOut(_Answer):
+    user: str
+    channels: list[str]
+    filter: dict[str, Any] | None
+
+
+class SubscribersPage(_Answer):
+    topic: str
+    count: int  # every subscriber of the topic
+    subscribers: list[SubscriberOut]
+    next_after: str | None
+
+
+# ------------------------------------------------------------------------ preferences
+class MandatoryOut(_Answer):
+    topic: str
+    mandatory: bool
+    since_ms: int | None
+
+
+class MandatoryTopics(_Answer):
+    topics: list[str]
+
+
+class ConsentIn(_Body):
+    """``POST /users/{id}/consent``: an opt-in or opt-out recorded with source ``api``."""
+
+    channel: str  # one of the channels, or "*" for every channel
+    opted_in: bool
+    legal: bool = False  # a legal opt-out (an unsubscribe or STOP the tenant received)
+
+
+class ConsentOut(_Answer):
+    """The current consent per channel and the whole ledger."""
+
+    channels: dict[str, ConsentState]
+    ledger: list[Consent]
+
+
+# -------------------------------------------------------------------------- workflows
+class WorkflowOut(_Answer):
+    topic: str
+    version: int
+    updated_ms: int
+    workflow: dict[str, Any]  # the body as accepted
+
+
+# ----------------------------------------------------------------------------- events
+class CancelIn(_Body):
+    """``POST /events/cancel``."""
+
+    cancellation_key: str
+    users: list[str] | None = None
+
+
+class Cancelled(_Answer):
+    cancellation_key: str
+    cancelled: int  # runs cancelled (each recorded per recipient as ``cancelled``)
+
+
+class StatusItem(_Answer):
+    """One (recipient, channel) of an event; channel ``*`` for run-level transitions (a
+    delay, a throttle, a cancellation)."""
+
+    user: str
+    channel: str
+    status: str
+    delivery_id: str | None
+    reason: str | None
+    detail: str | None
+    until_ms: int | None
+    attempts: list[Attempt]
+    updated_ms: int
+    topic: str | None
+    engagement: list[str]
+
+
+class EventStatusOut(_Answer):
+    event_id: str
+    recipients: list[StatusItem]
+
+
+class FeedItem(_Answer):
+    id: str
+    cursor: str
+    event_id: str
+    topic: str
+    created_ms: int
+    seen: bool
+    read: bool
+    archived: bool
+    engagement: list[str]
+
+
+class FeedOut(_Answer):
+    items: list[FeedItem]
+    unread: int
+    next_before: str | None  # the ``before`` of the next page; null on the last
+
+
+class MarkOut(_Answer):
+    id: str
+    engagement: list[str]
+
+
+# ----------------------------------------------------------------------- dead letters
+class DeadLetterOut(_Answer):
+    delivery_id: str
+    channel: str
+    event_id: str
+    user: str
+    topic: str
+    priority: str
+    category: str | None
+    reason: str
+    attempts: list[Attempt]
+    created_ms: int
+    dead_ms: int
+    replay: int  # how many times it was replayed before
+    data: msgspec.Raw  # the event's data
+
+
+class DeadLettersPage(_Answer):
+    channel: str
+    dead_letters: list[DeadLetterOut]
+    next_after: str | None
+
+
+class ReplayIn(_Body):
+    """``POST /dlq/{channel}/replay``: the ids, or every dead letter of the channel."""
+
+    ids: list[str] | None = None
+
+
+class Replayed(_Answer):
+    replayed: list[str]
+    missing: list[str]  # asked for but not (or no longer) dead letters
+
+
+# ----------------------------------------------------------------------------- export
+class ParkedOut(_Answer):
+    timer_id: str
+    kind: str
+    due_ms: int
+    event_id: str
+    topic: str
+    data: msgspec.Raw
+
+
+class BatchOut(_Answer):
+    topic: str
+    closes_ms: int
+    events: list[str]
+
+
+class ExportOut(_Answer):
+    """Everything Herald holds on one user (``GET /users/{id}/export``)."""
+
+    user: str
+    profile: UserOut | None
+    preferences: StoredPreferences | None
+    consent: dict[str, ConsentState]
+    consent_ledger: list[Consent]
+    subscriptions: list[SubscriptionOut]
+    cap_windows: UserWindows | None
+    notifications: list[FeedItem]
+    statuses: list[dict[str, Any]]
+    parked_runs: list[ParkedOut]
+    batch_windows: list[BatchOut]
+    dead_letters: list[DeadLetterOut]

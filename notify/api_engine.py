@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import msgspec
+
 from broker.errors import InvalidRequest
 from broker.openapi import Param, Route
 from notify.api import CANCEL, ENGAGE, READ, WRITE, Api, Call, checked_id
 from notify.api_model import (
+    AttemptOut,
     CancelIn,
     Cancelled,
     DeadLetterOut,
@@ -21,6 +24,7 @@ from notify.api_model import (
     Replayed,
     ReplayIn,
     StatusItem,
+    answer,
 )
 from notify.audit import ENGAGEMENTS, feed_cursor
 from notify.errors import (
@@ -29,7 +33,7 @@ from notify.errors import (
     UnknownEvent,
     UnknownNotification,
 )
-from notify.model import Attempt, DeadLetter, Notification
+from notify.model import DeadLetter, Notification
 from notify.registry import MAX_USER_BYTES
 
 MAX_FEED_PAGE: Final = 500
@@ -68,7 +72,7 @@ def letter_out(letter: DeadLetter) -> DeadLetterOut:
         priority=d.priority,
         category=d.category,
         reason=letter.reason,
-        attempts=list(letter.attempts),
+        attempts=[answer(a, AttemptOut) for a in letter.attempts],
         created_ms=d.created_ms,
         dead_ms=letter.dead_ms,
         replay=d.replay,
@@ -201,7 +205,7 @@ def _status_item(r: dict[str, Any]) -> StatusItem:
         reason=r.get("reason"),
         detail=r.get("detail"),
         until_ms=r.get("until_ms"),
-        attempts=[Attempt(**a) for a in r.get("attempts", [])],
+        attempts=[msgspec.convert(a, AttemptOut) for a in r.get("attempts", [])],
         updated_ms=r["updated_ms"],
         topic=r.get("topic"),
         engagement=list(r.get("engagement", [])),

@@ -9,17 +9,13 @@ client's generated types need no optional fields it cannot predict.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
-from notify.model import (
-    Attempt,
-    Consent,
-    ConsentState,
-    StoredPreferences,
-    UserWindows,
-)
+from notify.model import UserWindows
+
+T = TypeVar("T")
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -30,20 +26,76 @@ class _Answer(msgspec.Struct, kw_only=True):
     """An answer."""
 
 
+def answer(row: msgspec.Struct, as_type: type[T]) -> T:
+    """A stored row (whose defaults are left out when stored) as an answer struct that shows
+    every field."""
+    return msgspec.convert(msgspec.to_builtins(row), as_type)
+
+
+class AttemptOut(_Answer, kw_only=True):
+    at_ms: int
+    outcome: str  # delivered, undelivered (will retry), dead_lettered, ...
+    detail: str = ""
+
+
+class RuleOut(_Answer, kw_only=True):
+    topic: str | None = None
+    category: str | None = None
+    channel: str = "*"
+    allow: bool
+
+
+class QuietHoursOut(_Answer, kw_only=True):
+    start: str
+    end: str
+
+
+class CapOut(_Answer, kw_only=True):
+    topic: str | None = None
+    category: str | None = None
+    channel: str = "*"
+    max: int
+    per: str
+
+
+class PreferencesOut(_Answer, kw_only=True):
+    """A user's preferences, or a tenant's defaults, as stored."""
+
+    rules: list[RuleOut] = []
+    quiet_hours: QuietHoursOut | None = None
+    caps: list[CapOut] = []
+    updated_ms: int = 0
+
+
+class ConsentStateOut(_Answer, kw_only=True):
+    opted_in: bool
+    legal: bool = False
+    at_ms: int
+    source: str
+
+
+class ConsentEntryOut(_Answer, kw_only=True):
+    channel: str
+    opted_in: bool
+    at_ms: int
+    source: str
+    legal: bool = False
+
+
 # ------------------------------------------------------------------------------ users
-class WebhookOut(_Answer):
+class WebhookOut(_Answer, kw_only=True):
     url: str
     secret: str | None  # shown to admin keys only; null for the others
 
 
-class DeviceOut(_Answer):
+class DeviceOut(_Answer, kw_only=True):
     token: str
     platform: str
     added_ms: int
     invalid_since_ms: int | None
 
 
-class UserOut(_Answer):
+class UserOut(_Answer, kw_only=True):
     """A user: contact data and devices (``GET /users/{id}``)."""
 
     id: str
@@ -57,11 +109,11 @@ class UserOut(_Answer):
     updated_ms: int
 
 
-class Deleted(_Answer):
+class Deleted(_Answer, kw_only=True):
     deleted: str
 
 
-class Erased(_Answer):
+class Erased(_Answer, kw_only=True):
     """What ``DELETE /users/{id}`` erased, by kind of row."""
 
     user: str
@@ -74,7 +126,7 @@ class Erased(_Answer):
 
 
 # ---------------------------------------------------------------------- subscriptions
-class SubscriptionOut(_Answer):
+class SubscriptionOut(_Answer, kw_only=True):
     topic: str
     channels: list[str]
     filter: dict[str, Any] | None
@@ -82,18 +134,18 @@ class SubscriptionOut(_Answer):
     updated_ms: int
 
 
-class SubscriptionsPage(_Answer):
+class SubscriptionsPage(_Answer, kw_only=True):
     subscriptions: list[SubscriptionOut]
     next_after: str | None  # the ``after`` of the next page; null on the last
 
 
-class SubscriberOut(_Answer):
+class SubscriberOut(_Answer, kw_only=True):
     user: str
     channels: list[str]
     filter: dict[str, Any] | None
 
 
-class SubscribersPage(_Answer):
+class SubscribersPage(_Answer, kw_only=True):
     topic: str
     count: int  # every subscriber of the topic
     subscribers: list[SubscriberOut]
@@ -101,17 +153,17 @@ class SubscribersPage(_Answer):
 
 
 # ------------------------------------------------------------------------ preferences
-class MandatoryOut(_Answer):
+class MandatoryOut(_Answer, kw_only=True):
     topic: str
     mandatory: bool
     since_ms: int | None
 
 
-class MandatoryTopics(_Answer):
+class MandatoryTopics(_Answer, kw_only=True):
     topics: list[str]
 
 
-class ConsentIn(_Body):
+class ConsentIn(_Body, kw_only=True):
     """``POST /users/{id}/consent``: an opt-in or opt-out recorded with source ``api``."""
 
     channel: str  # one of the channels, or "*" for every channel
@@ -119,15 +171,15 @@ class ConsentIn(_Body):
     legal: bool = False  # a legal opt-out (an unsubscribe or STOP the tenant received)
 
 
-class ConsentOut(_Answer):
+class ConsentOut(_Answer, kw_only=True):
     """The current consent per channel and the whole ledger."""
 
-    channels: dict[str, ConsentState]
-    ledger: list[Consent]
+    channels: dict[str, ConsentStateOut]
+    ledger: list[ConsentEntryOut]
 
 
 # -------------------------------------------------------------------------- workflows
-class WorkflowOut(_Answer):
+class WorkflowOut(_Answer, kw_only=True):
     topic: str
     version: int
     updated_ms: int
@@ -135,19 +187,19 @@ class WorkflowOut(_Answer):
 
 
 # ----------------------------------------------------------------------------- events
-class CancelIn(_Body):
+class CancelIn(_Body, kw_only=True):
     """``POST /events/cancel``."""
 
     cancellation_key: str
     users: list[str] | None = None
 
 
-class Cancelled(_Answer):
+class Cancelled(_Answer, kw_only=True):
     cancellation_key: str
     cancelled: int  # runs cancelled (each recorded per recipient as ``cancelled``)
 
 
-class StatusItem(_Answer):
+class StatusItem(_Answer, kw_only=True):
     """One (recipient, channel) of an event; channel ``*`` for run-level transitions (a
     delay, a throttle, a cancellation)."""
 
@@ -158,18 +210,18 @@ class StatusItem(_Answer):
     reason: str | None
     detail: str | None
     until_ms: int | None
-    attempts: list[Attempt]
+    attempts: list[AttemptOut]
     updated_ms: int
     topic: str | None
     engagement: list[str]
 
 
-class EventStatusOut(_Answer):
+class EventStatusOut(_Answer, kw_only=True):
     event_id: str
     recipients: list[StatusItem]
 
 
-class FeedItem(_Answer):
+class FeedItem(_Answer, kw_only=True):
     id: str
     cursor: str
     event_id: str
@@ -181,19 +233,19 @@ class FeedItem(_Answer):
     engagement: list[str]
 
 
-class FeedOut(_Answer):
+class FeedOut(_Answer, kw_only=True):
     items: list[FeedItem]
     unread: int
     next_before: str | None  # the ``before`` of the next page; null on the last
 
 
-class MarkOut(_Answer):
+class MarkOut(_Answer, kw_only=True):
     id: str
     engagement: list[str]
 
 
 # ----------------------------------------------------------------------- dead letters
-class DeadLetterOut(_Answer):
+class DeadLetterOut(_Answer, kw_only=True):
     delivery_id: str
     channel: str
     event_id: str
@@ -202,32 +254,32 @@ class DeadLetterOut(_Answer):
     priority: str
     category: str | None
     reason: str
-    attempts: list[Attempt]
+    attempts: list[AttemptOut]
     created_ms: int
     dead_ms: int
     replay: int  # how many times it was replayed before
     data: msgspec.Raw  # the event's data
 
 
-class DeadLettersPage(_Answer):
+class DeadLettersPage(_Answer, kw_only=True):
     channel: str
     dead_letters: list[DeadLetterOut]
     next_after: str | None
 
 
-class ReplayIn(_Body):
+class ReplayIn(_Body, kw_only=True):
     """``POST /dlq/{channel}/replay``: the ids, or every dead letter of the channel."""
 
     ids: list[str] | None = None
 
 
-class Replayed(_Answer):
+class Replayed(_Answer, kw_only=True):
     replayed: list[str]
     missing: list[str]  # asked for but not (or no longer) dead letters
 
 
 # ----------------------------------------------------------------------------- export
-class ParkedOut(_Answer):
+class ParkedOut(_Answer, kw_only=True):
     timer_id: str
     kind: str
     due_ms: int
@@ -236,20 +288,20 @@ class ParkedOut(_Answer):
     data: msgspec.Raw
 
 
-class BatchOut(_Answer):
+class BatchOut(_Answer, kw_only=True):
     topic: str
     closes_ms: int
     events: list[str]
 
 
-class ExportOut(_Answer):
+class ExportOut(_Answer, kw_only=True):
     """Everything Herald holds on one user (``GET /users/{id}/export``)."""
 
     user: str
     profile: UserOut | None
-    preferences: StoredPreferences | None
-    consent: dict[str, ConsentState]
-    consent_ledger: list[Consent]
+    preferences: PreferencesOut | None
+    consent: dict[str, ConsentStateOut]
+    consent_ledger: list[ConsentEntryOut]
     subscriptions: list[SubscriptionOut]
     cap_windows: UserWindows | None
     notifications: list[FeedItem]

@@ -14,8 +14,10 @@ from notify.api import READ, WRITE, Api, Call
 from notify.api_engine import feed_item, letter_out
 from notify.api_model import (
     BatchOut,
+    ConsentEntryOut,
     ConsentIn,
     ConsentOut,
+    ConsentStateOut,
     Deleted,
     DeviceOut,
     Erased,
@@ -23,6 +25,7 @@ from notify.api_model import (
     MandatoryOut,
     MandatoryTopics,
     ParkedOut,
+    PreferencesOut,
     SubscriberOut,
     SubscribersPage,
     SubscriptionOut,
@@ -30,6 +33,7 @@ from notify.api_model import (
     UserOut,
     WebhookOut,
     WorkflowOut,
+    answer,
 )
 from notify.errors import (
     UnknownDevice,
@@ -155,9 +159,13 @@ class RegistryHandlers:
         return ExportOut(
             user=user,
             profile=user_out(user, profile, secrets=secrets) if profile is not None else None,
-            preferences=profile.preferences if profile is not None else None,
-            consent=dict(profile.consent) if profile is not None else {},
-            consent_ledger=reg.consent_ledger,
+            preferences=answer(profile.preferences, PreferencesOut)
+            if profile is not None and profile.preferences is not None
+            else None,
+            consent={c: answer(st, ConsentStateOut) for c, st in profile.consent.items()}
+            if profile is not None
+            else {},
+            consent_ledger=[answer(e, ConsentEntryOut) for e in reg.consent_ledger],
             subscriptions=[sub_out(t, s) for t, s in sorted(reg.subscriptions.items())],
             cap_windows=reg.windows,
             notifications=[feed_item(user, key, note, tenant) for key, note in held.notes],
@@ -242,20 +250,22 @@ class RegistryHandlers:
         )
 
     # ----------------------------------------------------------------- preferences
-    async def put_preferences(self, call: Call) -> StoredPreferences:
+    async def put_preferences(self, call: Call) -> PreferencesOut:
         user = call.id("user", MAX_USER_BYTES)
-        return await self.reg.put_preferences(call.tenant, user, call.body,
-                                              now_ms=self.api.clock())  # fmt: skip
+        stored = await self.reg.put_preferences(call.tenant, user, call.body,
+                                                now_ms=self.api.clock())  # fmt: skip
+        return answer(stored, PreferencesOut)
 
-    async def get_preferences(self, call: Call) -> StoredPreferences:
+    async def get_preferences(self, call: Call) -> PreferencesOut:
         _user, profile = self._profile(call)
-        return profile.preferences or StoredPreferences()
+        return answer(profile.preferences or StoredPreferences(), PreferencesOut)
 
-    async def put_defaults(self, call: Call) -> StoredPreferences:
-        return await self.reg.put_defaults(call.tenant, call.body, now_ms=self.api.clock())
+    async def put_defaults(self, call: Call) -> PreferencesOut:
+        stored = await self.reg.put_defaults(call.tenant, call.body, now_ms=self.api.clock())
+        return answer(stored, PreferencesOut)
 
-    async def get_defaults(self, call: Call) -> StoredPreferences:
-        return self.reg.defaults(call.tenant) or StoredPreferences()
+    async def get_defaults(self, call: Call) -> PreferencesOut:
+        return answer(self.reg.defaults(call.tenant) or StoredPreferences(), PreferencesOut)
 
     async def list_mandatory(self, call: Call) -> MandatoryTopics:
         return MandatoryTopics(topics=self.reg.mandatory_topics(call.tenant))
@@ -273,11 +283,15 @@ class RegistryHandlers:
         return MandatoryOut(topic=topic, mandatory=False, since_ms=None)
 
     # --------------------------------------------------------------------- consent
+    def _consent(self, tenant: str, user: str, profile: Profile) -> ConsentOut:
+        return ConsentOut(
+            channels={ch: answer(st, ConsentStateOut) for ch, st in profile.consent.items()},
+            ledger=[answer(e, ConsentEntryOut) for e in self.reg.consent_ledger(tenant, user)],
+        )
+
     async def get_consent(self, call: Call) -> ConsentOut:
         user, profile = self._profile(call)
-        return ConsentOut(
-            channels=dict(profile.consent), ledger=self.reg.consent_ledger(call.tenant, user)
-        )
+        return self._consent(call.tenant, user, profile)
 
     async def post_consent(self, call: Call) -> ConsentOut:
         user = call.id("user", MAX_USER_BYTES)
@@ -289,9 +303,7 @@ class RegistryHandlers:
         await self.reg.record_consent(call.tenant, user, entry)
         profile = self.reg.profile(call.tenant, user)
         assert profile is not None
-        return ConsentOut(
-            channels=dict(profile.consent), ledger=self.reg.consent_ledger(call.tenant, user)
-        )
+        return self._consent(call.tenant, user, profile)
 
     # ------------------------------------------------------------------- workflows
     @staticmethod
@@ -361,10 +373,10 @@ def routes(api: Api) -> list[Route]:
           query=PAGE, description="In user-id order, a page at a time."),
         # preferences and consent
         r("PUT", "/users/{user}/preferences", h.put_preferences, "Set a user's preferences",
-          "preferences", scopes=WRITE, body=Preferences, answer=StoredPreferences,
+          "preferences", scopes=WRITE, body=Preferences, answer=PreferencesOut,
           path_params=USER),
         r("GET", "/users/{user}/preferences", h.get_preferences, "Get a user's preferences",
-          "preferences", scopes=READ, answer=StoredPreferences, path_params=USER,
+          "preferences", scopes=READ, answer=PreferencesOut, path_params=USER,
           errors=(404,)),
         r("GET", "/users/{user}/consent", h.get_consent, "Get a user's consent", "preferences",
           scopes=READ, answer=ConsentOut, path_params=USER, errors=(404,)),
@@ -372,9 +384,9 @@ def routes(api: Api) -> list[Route]:
           "preferences", scopes=WRITE, body=ConsentIn, answer=ConsentOut, path_params=USER,
           description="Appended to the user's consent ledger with source 'api'."),
         r("PUT", "/admin/defaults", h.put_defaults, "Set the tenant's default preferences",
-          "preferences", scopes=WRITE, body=Preferences, answer=StoredPreferences),
+          "preferences", scopes=WRITE, body=Preferences, answer=PreferencesOut),
         r("GET", "/admin/defaults", h.get_defaults, "Get the tenant's default preferences",
-          "preferences", scopes=READ, answer=StoredPreferences),
+          "preferences", scopes=READ, answer=PreferencesOut),
         r("GET", "/admin/mandatory", h.list_mandatory, "List mandatory topics", "preferences",
           scopes=READ, answer=MandatoryTopics),
         r("PUT", "/admin/mandatory/{topic}", h.put_mandatory, "Make a topic mandatory",

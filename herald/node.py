@@ -210,12 +210,13 @@ class Listeners:
         self.routes: list[Route] = []
         self.http: IngestServer | None = None
         self._runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
         self.ports: dict[str, int] = {}
 
     async def start(self) -> None:
         host = self.config.listen.host
         self.ports["tcp"] = await self.tcp.start(host, self.config.listen.tcp_port)
-        app = self.api.app(self.routes)
+        app = self.app = self.api.app(self.routes)
         runner = self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         assert runner.server is not None
@@ -344,6 +345,7 @@ class Node:
         self.service: BrokerService | None = None
         self.tcp: TcpServer | None = None
         self.http_stats: HttpStats | None = None
+        self.http_app: web.Application | None = None  # what the HTTP listener serves
         self.ports: dict[str, int] = {}
         self._stop = asyncio.Event()
 
@@ -408,6 +410,7 @@ class Node:
             listeners.api.metrics_body = lambda: render(metrics)
             await start(listeners)
             self.ports = listeners.ports
+            self.http_app = listeners.app
             housekeeping = Housekeeping(cfg, broker, the_log.log, state.kv)
             await start(housekeeping)
             log.info(

@@ -1,0 +1,117 @@
+"""``GET /openapi.json`` describes exactly what the node serves, and a schema-driven fuzzer
+(schemathesis, a tester nobody here wrote) that builds requests from that document finds no
+5xx on a real node on 127.0.0.1: a bounded number of examples per operation in the default
+suite, many more under ``-m slow``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from herald.node import Node
+from tests.integration.herald_process import HeraldProcess, Nodes
+from tests.integration.notify.conftest import node_config
+
+# a long poll would make each fetch example wait; the fuzzer only needs the answer's status
+FUZZ_CONFIG = """
+[limits]
+max-wait-ms = 50
+
+[notify]
+channels = ["webhook", "console"]
+
+[channels.webhook]
+allow-networks = ["127.0.0.1/32"]
+"""
+
+
+async def test_every_route_the_node_serves_is_in_its_openapi_document(tmp_path: Path) -> None:
+    node = Node(node_config(tmp_path), shutdown_timeout=1.0)
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(node.run(lambda n: ready.set_result(None)))
+    try:
+        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        assert node.http_app is not None
+        served = set()
+        for route in node.http_app.router.routes():
+            if route.method == "HEAD":  # aiohttp adds one beside each GET
+                continue
+            info = route.resource.get_info() if route.resource is not None else {}
+            served.add((route.method.lower(), info.get("path") or info.get("formatter")))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{node.ports['http']}/openapi.json") as resp,
+        ):
+            assert resp.status == 200 and resp.content_type == "application/json"
+            doc = msgspec.json.decode(await resp.read())
+        documented = {(m, path) for path, ops in doc["paths"].items() for m in ops}
+        assert served == documented
+        # the notification API is there, with schemas generated from its structs
+        for path in ("/users/{user}", "/dlq/{channel}/replay", "/events/{event_id}"):
+            assert path in doc["paths"]
+        assert doc["openapi"].startswith("3.1")
+        assert {"User", "UserOut", "Workflow", "ErrorBody", "DeadLetterOut"} <= set(
+            doc["components"]["schemas"]
+        )
+        put_user = doc["paths"]["/users/{user}"]["put"]
+        assert put_user["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/User"
+        }
+        # every operation loads in a third-party OpenAPI reader
+        schema = schemathesis.openapi.from_dict(doc)
+        ops = [r.ok() for r in schema.get_all_operations()]
+        assert len(ops) == len(documented)
+    finally:
+        node.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture(scope="module")
+def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldProcess]:
+    nodes = Nodes(tmp_path_factory.mktemp("fuzz"))
+    try:
+        yield nodes(config=FUZZ_CONFIG)
+    finally:
+        nodes.close()
+
+
+@pytest.mark.parametrize(
+    "examples",
+    [pytest.param(6, id="bounded"), pytest.param(150, id="long", marks=pytest.mark.slow)],
+)
+def test_a_schema_driven_fuzzer_finds_no_server_error(
+    fuzz_node: HeraldProcess, examples: int
+) -> None:
+    schema = schemathesis.openapi.from_url(f"{fuzz_node.http_url}/openapi.json")
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=examples < 100,  # the default suite is the same on every run
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=op.as_strategy())
+        def run(case: schemathesis.Case) -> None:
+            resp = case.call(base_url=fuzz_node.http_url, timeout=10)
+            if resp.status_code >= 500:
+                failures.append(
+                    f"{case.method} {case.formatted_path} -> {resp.status_code} {resp.text[:300]}"
+                    f"\n  body={case.body!r} query={case.query!r}"
+                )
+
+        run()
+    assert fuzz_node.running, fuzz_node.log_tail()
+    assert not failures, "\n".join(failures[:20]) + "\n" + fuzz_node.log_tail(30)

@@ -1,5 +1,6 @@
 """The ``herald`` command line: ``herald serve`` runs a node; the other commands talk to a
-running node over its TCP protocol (see ``herald --help``)."""
+running node, over its TCP protocol (``topics``, ``produce``, ``consume``, ``groups``) or its
+HTTP API (``dlq``, ``users``, ``events``); see ``herald --help``."""
 
 from __future__ import annotations
 
@@ -85,11 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", type=int, metavar="N", help="override listen.ws-port")
     serve.set_defaults(func=_serve)
     try:
-        from herald import cli_client
+        from herald import cli_client, cli_http
     except ImportError:  # pragma: no cover - during bootstrap only
         pass
     else:
         cli_client.add_commands(sub)
+        cli_http.add_commands(sub)
     return parser
 
 

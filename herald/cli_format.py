@@ -139,14 +139,16 @@ def record_line(rec: ConsumerRecord, as_json: bool) -> str:
     return msgspec.json.encode(obj).decode() + "\n"
 
 
-def progress_line(done: int, total: int | None, elapsed: float, width: int = 30) -> str:
+def progress_line(
+    done: int, total: int | None, elapsed: float, width: int = 30, unit: str = "records"
+) -> str:
     rate = done / elapsed if elapsed > 0 else 0.0
     if not total:
-        return f"{done:,} records  {rate:,.0f} records/s  {elapsed:.1f}s"
+        return f"{done:,} {unit}  {rate:,.0f} {unit}/s  {elapsed:.1f}s"
     frac = min(done / total, 1.0)
     filled = int(frac * width)
     bar = "#" * filled + "." * (width - filled)
-    return f"[{bar}] {frac:4.0%}  {done:,}/{total:,} records  {rate:,.0f} records/s"
+    return f"[{bar}] {frac:4.0%}  {done:,}/{total:,} {unit}  {rate:,.0f} {unit}/s"
 
 
 class Progress:
@@ -154,8 +156,10 @@ class Progress:
     place ten times a second, else a line every five seconds; nothing during the first second,
     so short runs print nothing. The caller passes the time and writes what it gets."""
 
-    def __init__(self, total: int | None, *, tty: bool, started: float) -> None:
-        self.total, self.tty, self.started = total, tty, started
+    def __init__(
+        self, total: int | None, *, tty: bool, started: float, unit: str = "records"
+    ) -> None:
+        self.total, self.tty, self.started, self.unit = total, tty, started, unit
         self._next = started + 1.0
         self._drawn = False
 
@@ -164,7 +168,7 @@ class Progress:
             return ""
         self._next = now + (0.1 if self.tty else 5.0)
         self._drawn = True
-        line = progress_line(done, self.total, now - self.started)
+        line = progress_line(done, self.total, now - self.started, unit=self.unit)
         return f"\r\x1b[K{line}" if self.tty else line + "\n"
 
     def finish(self) -> str:
@@ -211,3 +215,92 @@ def produce_summary_text(s: dict[str, Any]) -> str:
         f"produced {s['records']:,} {noun} ({format_size(s['bytes'])}) to {s['topic']} in "
         f"{s['seconds']:.2f}s ({s['records_per_second']:,} records/s); partitions {parts}"
     )
+
+
+# ------------------------------------------------------------- the notification API
+def format_age(ms: int) -> str:
+    """A duration in the largest whole unit: ``42s``, ``5m``, ``3h``, ``2d``."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000)):
+        if ms >= size:
+            return f"{ms // size}{unit}"
+    return f"{max(ms, 0) // 1000}s"
+
+
+def dead_letters_table(letters: Sequence[dict[str, Any]], *, now_ms: int) -> str:
+    rows = [
+        (
+            x["delivery_id"],
+            x["user"],
+            x["topic"],
+            x["reason"],
+            len(x["attempts"]),
+            format_age(now_ms - x["dead_ms"]) + " ago",
+        )
+        for x in letters
+    ]
+    return format_table(("DELIVERY", "USER", "TOPIC", "REASON", "ATTEMPTS", "DEAD"), rows)
+
+
+def dead_letter_description(x: dict[str, Any]) -> str:
+    lines = [
+        f"dead letter {x['delivery_id']} on {x['channel']}: {x['reason']}",
+        f"  event {x['event_id']}  topic {x['topic']}  user {x['user']}  "
+        f"priority {x['priority']}  replayed {x['replay']} times",
+        "  attempts:",
+    ]
+    for i, a in enumerate(x["attempts"], 1):
+        detail = f"  {a['detail']}" if a.get("detail") else ""
+        lines.append(f"    {i}. at {a['at_ms']}  {a['outcome']}{detail}")
+    lines.append(f"  data: {msgspec.json.encode(x['data']).decode()}")
+    return "\n".join(lines)
+
+
+def user_description(u: dict[str, Any]) -> str:
+    lines = [f"user {u['id']}"]
+    for key in ("email", "phone", "timezone", "locale"):
+        if u.get(key) is not None:
+            lines.append(f"  {key}: {u[key]}")
+    hook = u.get("webhook")
+    if hook:
+        secret = f"  secret {hook['secret']}" if hook.get("secret") else ""
+        lines.append(f"  webhook: {hook['url']}{secret}")
+    for d in u.get("devices", []):
+        dead = "  (invalid)" if d.get("invalid_since_ms") else ""
+        lines.append(f"  device: {d['platform']} {d['token']}{dead}")
+    return "\n".join(lines)
+
+
+def erasure_summary(e: dict[str, Any]) -> str:
+    parts = [
+        f"{e[k]} {k.replace('_', ' ')}"
+        for k in (
+            "registry_rows",
+            "notifications",
+            "statuses",
+            "parked_runs",
+            "batch_windows",
+            "dead_letters",
+        )
+        if e.get(k)
+    ]
+    return f"erased {e['user']}: " + (", ".join(parts) if parts else "nothing was held")
+
+
+def event_status_table(st: dict[str, Any]) -> str:
+    rows = []
+    for r in st["recipients"]:
+        why = r.get("reason") or ""
+        if r.get("detail") and r.get("detail") != why:
+            why = f"{why}: {r['detail']}" if why else r["detail"]
+        rows.append(
+            (
+                r["user"],
+                r["channel"],
+                r["status"],
+                len(r["attempts"]),
+                ",".join(r["engagement"]) or None,
+                why or None,
+            )
+        )
+    table = format_table(("USER", "CHANNEL", "STATUS", "ATTEMPTS", "ENGAGEMENT", "WHY"), rows)
+    return f"event {st['event_id']}\n{table}"

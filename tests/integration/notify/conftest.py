@@ -1,11 +1,14 @@
 """Fixtures: a real node run in the test's own process (``herald.node.Node`` on free loopback
-ports, its HTTP API on 127.0.0.1) with a test directory and an injectable clock, and a
-webhook receiver on 127.0.0.1 that verifies every signature with ``standardwebhooks``.
+ports, its HTTP API on 127.0.0.1) with an injectable clock, and a webhook receiver on
+127.0.0.1 that verifies every signature with ``standardwebhooks``.
 
-Events go in through the node's real ``POST /events``; users, subscriptions and workflows go
-into the test directory (the registry's stand-in), and cancel / dead letters / status / marks
-are called on the engine's Python methods, which the HTTP API (notify/api.py, to come) will
-expose."""
+Everything goes through the node's HTTP API, as a user's code would: events in through
+``POST /events``; users, subscriptions, preferences and workflows into the registry through
+the notification API; status, dead letters, cancellation and marks out of it
+(``RunningNode.api``). Two things stay in-process, because only the test's own process can do
+them: moving the engine's injected clock (``tick``: a 1 h delay is tested without waiting an
+hour) and knowing when every stage has consumed what was appended (``drained``: the engine's
+consumer positions, so a test asserts "nothing was sent" without sleeping and hoping)."""
 
 from __future__ import annotations
 
@@ -23,12 +26,11 @@ import pytest
 from broker.config import ChannelRetry, Config, NotifyConfig
 from channels.config import BreakerConfig, ChannelsConfig, WebhookConfig
 from herald.node import Node
-from notify.directory import RegistryDirectory
 from notify.engine import Engine
 from notify.ports import Directory
-from notify.registry import Registry
 
-from .support import DictDirectory, FakeClock, Receiver
+from .api_client import ApiClient
+from .support import SECRET, FakeClock, Receiver
 
 
 @dataclass
@@ -40,10 +42,41 @@ class RunningNode:
     clock: FakeClock | None
 
     @property
-    def registry(self) -> Registry:
-        directory = self.engine.directory
-        assert isinstance(directory, RegistryDirectory)
-        return directory.registry
+    def api(self) -> ApiClient:
+        """The node's HTTP API (open: tenant ``default``, every scope)."""
+        return ApiClient(self.session, self.http_url)
+
+    def api_as(self, key: str) -> ApiClient:
+        return ApiClient(self.session, self.http_url, key)
+
+    async def user(
+        self,
+        name: str,
+        receiver: Receiver | None = None,
+        *topics: str,
+        channels: tuple[str, ...] = ("webhook",),
+        filter: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> None:
+        """``PUT /users/{name}`` (with a webhook at ``receiver``, if given) and a
+        subscription to each of ``topics``."""
+        api = self.api_as(key) if key else self.api
+        body = {"webhook": {"url": receiver.url(name), "secret": SECRET}} if receiver else {}
+        await api.ok("PUT", f"/users/{name}", body)
+        for topic in topics:
+            sub: dict[str, Any] = {"channels": list(channels)}
+            if filter is not None:
+                sub["filter"] = filter
+            await api.ok("PUT", f"/users/{name}/subscriptions/{topic}", sub)
+
+    async def statuses(self, event_id: str, key: str | None = None) -> list[dict[str, Any]]:
+        """``GET /events/{id}``'s recipients ([] for an event with none recorded)."""
+        api = self.api_as(key) if key else self.api
+        code, body = await api.call("GET", f"/events/{event_id}")
+        if code == 404:
+            return []
+        assert code == 200, body
+        return list(body["recipients"])
 
     async def publish(self, api_key: str | None = None, **event: Any) -> dict[str, Any]:
         event.setdefault("payload", {})
@@ -123,8 +156,9 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 async def start_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
-    """``await start_node(directory, clock=FakeClock()|None, data=..., **notify_config)``:
-    a node in this process; every one started is stopped at teardown."""
+    """``await start_node(clock=FakeClock()|None, data=..., config=..., **notify_config)``:
+    a node in this process; every one started is stopped at teardown. ``directory``
+    replaces the registry-backed directory (none of these tests needs to)."""
     running: list[tuple[Node, asyncio.Task[None]]] = []
     session = aiohttp.ClientSession()
 
@@ -162,8 +196,3 @@ async def start_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 20)
         await session.close()
-
-
-@pytest.fixture
-def directory() -> DictDirectory:
-    return DictDirectory()

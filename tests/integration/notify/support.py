@@ -1,35 +1,33 @@
 """Test support for the notifications engine: a webhook receiver that verifies every
-signature with the ``standardwebhooks`` package (a verifier nobody here wrote), and two
-test-only directories (the engine's registry/policy seam, ``notify.ports.Directory``):
+signature with the ``standardwebhooks`` package (a verifier nobody here wrote), and one
+test-only directory (the engine's registry/policy seam, ``notify.ports.Directory``):
 
-- :class:`DictDirectory`: users, subscriptions, workflows and a small rule table in dicts;
 - :class:`SyntheticDirectory`: an endless, computed audience (topic ``crowd-<n>`` has users
-  ``u0000000`` .. ``u<n-1>``, each with a webhook at ``<base>/hook/<user>``), for crash and
-  scale tests in a node subprocess, where no state may live in the test process.
+  ``u0000000`` .. ``u<n-1>``, each with a webhook at ``<base>/hook/<user>``), for the crash
+  tests (``tests/system/test_notify_crash.py``). Every other test sets its users up through
+  the HTTP API; this one stays because the crash tests need 10,000 recipients, and registering
+  them through the API would cost 20,000 requests before each test (about half a minute on
+  this machine, measured from 1,000) for nothing the test is about.
 
-Both stand in for ``notify.registry`` + ``notify.policy`` until those land; the engine
-does not know the difference. No pytest in here: the system tests and the node entry
-(``node_main.py``) import it too.
+No pytest in here: the system tests and the node entry (``node_main.py``) import it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from aiohttp import web
 from standardwebhooks import Webhook
 
 from channels.base import WebhookAddress
-from notify.conditions import parse_filter
 from notify.model import Workflow
 from notify.ports import Occasion, Ruling, Subscriber
-from notify.runs import Go, Skip, Verdict
+from notify.runs import Go, Verdict
 from notify.workflows import Send
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # base64 of 24 bytes: a test secret
@@ -142,108 +140,6 @@ class Person:
 
     def fields(self) -> dict[str, Any]:
         return {"id": self.user}
-
-
-Rule = Callable[[Occasion, str, Send, int], Verdict | None]
-
-
-@dataclass
-class DictDirectory:
-    """Users, subscriptions and workflows in dicts, keyed by tenant. ``rules`` are
-    extra verdicts (first non-None wins) standing in for preferences in tests that need
-    one; throttle windows are counted for real (per key, sliding)."""
-
-    webhooks: dict[tuple[str, str], str] = field(default_factory=dict)
-    subs: dict[tuple[str, str], dict[str, Subscriber]] = field(default_factory=dict)
-    flows: dict[tuple[str, str], Workflow] = field(default_factory=dict)
-    rules: list[Rule] = field(default_factory=list)
-    opted_out: set[tuple[str, str, str]] = field(default_factory=set)
-    invalidated: list[tuple[str, str, str, str]] = field(default_factory=list)
-    windows: dict[tuple[str, str, str], list[tuple[int, str]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    secret: str = SECRET
-
-    def add_user(self, tenant: str, user: str, url: str | None) -> None:
-        if url is not None:
-            self.webhooks[(tenant, user)] = url
-
-    def subscribe(
-        self,
-        tenant: str,
-        user: str,
-        topic: str,
-        channels: Sequence[str],
-        filter: dict[str, Any] | None = None,
-    ) -> None:
-        self.subs.setdefault((tenant, topic), {})[user] = Subscriber(
-            user, tuple(channels), parse_filter(filter)
-        )
-
-    def set_workflow(self, tenant: str, topic: str, body: dict[str, Any]) -> None:
-        self.flows[(tenant, topic)] = msgspec.convert(body, Workflow)
-
-    # ------------------------------------------------------------------ the seam
-    def workflow(self, tenant: str, topic: str) -> Workflow | None:
-        return self.flows.get((tenant, topic))
-
-    def subscribers(
-        self, tenant: str, topic: str, after: str | None, limit: int
-    ) -> Sequence[Subscriber]:
-        subs = self.subs.get((tenant, topic), {})
-        users = sorted(u for u in subs if after is None or u > after)[:limit]
-        return [subs[u] for u in users]
-
-    def subscriptions(
-        self, tenant: str, users: Sequence[str], topic: str
-    ) -> Mapping[str, Subscriber]:
-        subs = self.subs.get((tenant, topic), {})
-        return {u: subs[u] for u in users if u in subs}
-
-    def rulings(self, tenant: str, users: Sequence[str]) -> Mapping[str, Ruling]:
-        return {u: Person(u) for u in users}
-
-    def decide(
-        self, occasion: Occasion, ruling: Ruling, step: Send, now_ms: int, tag: str
-    ) -> Verdict:
-        user = ruling.fields()["id"]
-        for rule in self.rules:
-            verdict = rule(occasion, user, step, now_ms)
-            if verdict is not None:
-                return verdict
-        if step.channel == "webhook" and (occasion.tenant, user) not in self.webhooks:
-            return Skip("no_channel_data", "no webhook endpoint")
-        return Go()
-
-    def throttle(
-        self, tenant: str, user: str, key: str, max_: int, per_ms: int, now_ms: int, tag: str
-    ) -> bool:
-        log = self.windows[(tenant, user, key)]
-        live = [(t, g) for t, g in log if t > now_ms - per_ms]
-        if any(g == tag for _t, g in live):
-            return True
-        if len(live) >= max_:
-            return False
-        live.append((now_ms, tag))
-        self.windows[(tenant, user, key)] = live
-        return True
-
-    def record(
-        self, tenant: str, user: str, charges: Sequence[object], now_ms: int, tag: str
-    ) -> None:
-        return None
-
-    def address(self, tenant: str, user: str, channel: str) -> object | None:
-        url = self.webhooks.get((tenant, user))
-        return None if url is None else WebhookAddress(url=url, secrets=(self.secret,))
-
-    def legal_opt_out(self, tenant: str, user: str, channel: str) -> str | None:
-        if (tenant, user, channel) in self.opted_out:
-            return f"legal opt-out of {channel} (sms_stop)"
-        return None
-
-    def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
-        self.invalidated.append((tenant, user, channel, what))
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Workflow steps on a real node with an injected clock: delay fires on time, deliver_at,
 batch (one message per recipient and key per window, with every activity), throttle,
 wait_seen (escalates only when unseen), cancellation by key (parked runs, one batch member
-leaving the rest intact), suppression and quiet-hours deferral with their reasons."""
+leaving the rest intact), strict order, shedding over the queue bound. Workflows, users and
+subscriptions go in through the HTTP API; statuses, cancellation and marks too. The clock
+moves in-process (``tick``): a 1 h window is tested without waiting an hour. (Suppression by
+a preference and quiet hours are ``test_policy_paths.py``, on the real policy.)"""
 
 from __future__ import annotations
 
@@ -9,14 +12,9 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from notify.ports import Occasion
-from notify.runs import Hold, Skip
-from notify.workflows import Send
-
 from .conftest import NodeFactory, RunningNode
-from .support import DictDirectory, FakeClock, Receiver
+from .support import FakeClock, Receiver
 
-T = "default"
 MIN = 60_000
 
 
@@ -26,20 +24,26 @@ def iso(ms: int) -> str:
 
 async def started(
     start_node: NodeFactory,
-    directory: DictDirectory,
     receiver: Receiver,
     users: list[str],
     topic: str,
     workflow: dict[str, Any] | None = None,
+    **notify: Any,
 ) -> tuple[RunningNode, FakeClock]:
-    for u in users:
-        directory.add_user(T, u, receiver.url(u))
-        directory.subscribe(T, u, topic, ["webhook"])
-    if workflow is not None:
-        directory.set_workflow(T, topic, workflow)
     clock = FakeClock()
-    node = await start_node(directory, clock=clock)
+    node = await start_node(clock=clock, **notify)
+    for u in users:
+        await node.user(u, receiver, topic)
+    if workflow is not None:
+        await node.api.ok("PUT", f"/workflows/{topic}", workflow)
     return node, clock
+
+
+async def cancel(node: RunningNode, key: str, users: list[str] | None = None) -> int:
+    body: dict[str, Any] = {"cancellation_key": key}
+    if users is not None:
+        body["users"] = users
+    return int((await node.api.ok("POST", "/events/cancel", body))["cancelled"])
 
 
 async def quiet(node: RunningNode, receiver: Receiver) -> None:
@@ -48,14 +52,12 @@ async def quiet(node: RunningNode, receiver: Receiver) -> None:
     await node.drained()
 
 
-async def test_delay_fires_on_time_not_before(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
-) -> None:
+async def test_delay_fires_on_time_not_before(start_node: NodeFactory, receiver: Receiver) -> None:
     wf = {"steps": [{"delay": "10m"}, {"channel": "webhook"}]}
-    node, clock = await started(start_node, directory, receiver, ["alice"], "remind", wf)
+    node, clock = await started(start_node, receiver, ["alice"], "remind", wf)
     ack = await node.publish(topic="remind")
     await quiet(node, receiver)
-    (status,) = node.engine.event_status(T, ack["event_id"])
+    (status,) = await node.statuses(ack["event_id"])
     assert (status["status"], status["reason"]) == ("deferred", "delay")
     assert status["until_ms"] == clock.now + 10 * MIN
     node.tick(10 * MIN - 1000)
@@ -68,9 +70,9 @@ async def test_delay_fires_on_time_not_before(
 
 
 async def test_deliver_at_parks_the_event_until_then(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
-    node, clock = await started(start_node, directory, receiver, ["alice"], "report")
+    node, clock = await started(start_node, receiver, ["alice"], "report")
     at = clock.now + 2 * 3_600_000
     await node.publish(topic="report", deliver_at=iso(at))
     await quiet(node, receiver)
@@ -80,7 +82,7 @@ async def test_deliver_at_parks_the_event_until_then(
 
 
 async def test_batch_sends_one_message_per_user_and_key_per_window(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     wf = {
         "steps": [
@@ -88,7 +90,7 @@ async def test_batch_sends_one_message_per_user_and_key_per_window(
             {"channel": "webhook"},
         ]
     }
-    node, _clock = await started(start_node, directory, receiver, ["alice", "bob"], "chat", wf)
+    node, _clock = await started(start_node, receiver, ["alice", "bob"], "chat", wf)
     for i in range(5):
         await node.publish(topic="chat", payload={"thread": "t1", "n": i})
     await node.publish(topic="chat", payload={"thread": "t2", "n": 9})
@@ -118,15 +120,15 @@ async def test_batch_sends_one_message_per_user_and_key_per_window(
 
 
 async def test_throttle_lets_max_per_window_through(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     wf = {"steps": [{"throttle": {"max": 2, "per": "1h"}}, {"channel": "webhook"}]}
-    node, _clock = await started(start_node, directory, receiver, ["alice"], "alerts", wf)
+    node, _clock = await started(start_node, receiver, ["alice"], "alerts", wf)
     acks = [await node.publish(topic="alerts", payload={"n": i}) for i in range(4)]
     await receiver.wait_for(lambda: len(receiver.hooks) == 2)
     await quiet(node, receiver)
     assert [h.body["data"]["payload"]["n"] for h in receiver.hooks] == [0, 1]
-    (status,) = node.engine.event_status(T, acks[3]["event_id"])
+    (status,) = await node.statuses(acks[3]["event_id"])
     assert (status["status"], status["reason"]) == ("suppressed", "throttle")
     node.tick(3_600_000 + 1)
     await node.publish(topic="alerts", payload={"n": 9})
@@ -134,7 +136,7 @@ async def test_throttle_lets_max_per_window_through(
 
 
 async def test_wait_seen_escalates_only_when_unseen(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     wf = {
         "steps": [
@@ -142,56 +144,54 @@ async def test_wait_seen_escalates_only_when_unseen(
             {"wait_seen": "15m", "else": [{"channel": "console"}]},
         ]
     }
-    node, _clock = await started(start_node, directory, receiver, ["alice", "bob"], "invoice", wf)
+    node, _clock = await started(start_node, receiver, ["alice", "bob"], "invoice", wf)
     ack = await node.publish(topic="invoice")
     await receiver.wait_for(lambda: len(receiver.hooks) == 2)
     await quiet(node, receiver)
-    feed = node.engine.feed(T, "alice")
+    feed = await node.api.ok("GET", "/users/alice/notifications")
     assert feed["unread"] == 1
     (item,) = feed["items"]
-    assert await node.engine.mark(T, "alice", item["id"], "seen")
+    await node.api.ok("POST", f"/users/alice/notifications/{item['id']}/seen")
     node.tick(15 * MIN)
     await quiet(node, receiver)
     await asyncio.sleep(0.2)
     await quiet(node, receiver)
-    by = {
-        (s["user"], s["channel"]): s["status"] for s in node.engine.event_status(T, ack["event_id"])
-    }
+    by = {(s["user"], s["channel"]): s["status"] for s in await node.statuses(ack["event_id"])}
     assert by[("bob", "console")] == "delivered"  # bob never saw it: escalated
     assert ("alice", "console") not in by  # alice saw it in time: no escalation
-    assert node.engine.feed(T, "alice")["items"][0]["seen"] is True
+    assert (await node.api.ok("GET", "/users/alice/notifications"))["items"][0]["seen"] is True
 
 
 async def test_cancellation_key_cancels_parked_runs(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     wf = {"steps": [{"delay": "30m"}, {"channel": "webhook"}]}
-    node, _clock = await started(start_node, directory, receiver, ["alice", "bob"], "cart", wf)
+    node, _clock = await started(start_node, receiver, ["alice", "bob"], "cart", wf)
     ack = await node.publish(topic="cart", cancellation_key="cart-7")
     other = await node.publish(topic="cart", cancellation_key="cart-8")
     await quiet(node, receiver)
-    assert await node.engine.cancel(T, "cart-7", users=["alice"]) == 1
-    assert await node.engine.cancel(T, "cart-7") == 1  # bob's run
-    assert await node.engine.cancel(T, "cart-7") == 0
+    assert await cancel(node, "cart-7", ["alice"]) == 1
+    assert await cancel(node, "cart-7") == 1  # bob's run
+    assert await cancel(node, "cart-7") == 0
     node.tick(30 * MIN)
     await receiver.wait_for(lambda: len(receiver.hooks) == 2, what="the other key's runs")
     await receiver.settle(0.3)
     assert {h.body["data"]["event_id"] for h in receiver.hooks} == {other["event_id"]}
     await node.drained()
-    statuses = node.engine.event_status(T, ack["event_id"])
+    statuses = await node.statuses(ack["event_id"])
     assert {s["status"] for s in statuses} == {"cancelled"}
 
 
 async def test_a_cancelled_batch_member_leaves_the_rest_intact(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     wf = {"steps": [{"batch": {"window": "10m"}}, {"channel": "webhook"}]}
-    node, _clock = await started(start_node, directory, receiver, ["alice"], "likes", wf)
+    node, _clock = await started(start_node, receiver, ["alice"], "likes", wf)
     await node.publish(topic="likes", payload={"n": 1}, cancellation_key="k1")
     await node.publish(topic="likes", payload={"n": 2}, cancellation_key="k2")
     await node.publish(topic="likes", payload={"n": 3}, cancellation_key="k3")
     await quiet(node, receiver)
-    assert await node.engine.cancel(T, "k1") == 1  # the member that opened the window
+    assert await cancel(node, "k1") == 1  # the member that opened the window
     node.tick(10 * MIN)
     await receiver.wait_for(lambda: len(receiver.hooks) == 1, what="the batch")
     await receiver.settle(0.3)
@@ -200,65 +200,28 @@ async def test_a_cancelled_batch_member_leaves_the_rest_intact(
 
 
 async def test_cancelling_every_member_sends_nothing(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     wf = {"steps": [{"batch": {"window": "10m"}}, {"channel": "webhook"}]}
-    node, _clock = await started(start_node, directory, receiver, ["alice"], "likes", wf)
+    node, _clock = await started(start_node, receiver, ["alice"], "likes", wf)
     await node.publish(topic="likes", payload={"n": 1}, cancellation_key="same")
     await node.publish(topic="likes", payload={"n": 2}, cancellation_key="same")
     await quiet(node, receiver)
-    assert await node.engine.cancel(T, "same") == 2
+    assert await cancel(node, "same") == 2
     assert node.engine.timers.next_due() is None
     node.tick(10 * MIN)
     await quiet(node, receiver)
     assert receiver.hooks == []
 
 
-async def test_suppressed_with_the_rule_as_reason_and_deferred_until_quiet_hours_end(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
-) -> None:
-    """The policy's verdicts flow through the engine: a muted topic is suppressed naming
-    its rule, quiet hours defer to their end and ``critical`` goes through (the verdicts
-    here come from the test directory; notify.policy decides them in a node)."""
-    clock_box: list[FakeClock] = []
-
-    def rule(occ: Occasion, user: str, step: Send, now: int) -> Hold | Skip | None:
-        if occ.topic == "promo":
-            return Skip("preference", "rule topic=promo channel=* allow=false (user)")
-        ends = clock_box[0].start + 7 * 3_600_000  # the quiet window's end
-        if occ.priority != "critical" and user == "night-owl" and now < ends:
-            return Hold(ends, "quiet_hours", "22:00-07:00 UTC")
-        return None
-
-    directory.rules.append(rule)
-    node, clock = await started(start_node, directory, receiver, ["alice", "night-owl"], "promo")
-    clock_box.append(clock)
-    for u in ("alice", "night-owl"):
-        directory.subscribe(T, u, "ops", ["webhook"])
-    muted = await node.publish(topic="promo")
-    deferred = await node.publish(topic="ops", payload={"n": 1})
-    await node.publish(topic="ops", payload={"n": 2}, priority="critical")
-    await receiver.wait_for(lambda: len(receiver.hooks) == 3, what="alice twice, owl critical")
-    await quiet(node, receiver)
-    st = {s["user"]: s for s in node.engine.event_status(T, muted["event_id"])}
-    assert st["alice"]["status"] == "suppressed" and st["alice"]["reason"] == "preference"
-    assert "topic=promo" in st["alice"]["detail"]
-    owl = {s["user"]: s for s in node.engine.event_status(T, deferred["event_id"])}["night-owl"]
-    assert (owl["status"], owl["reason"]) == ("deferred", "quiet_hours")
-    node.tick(7 * 3_600_000)
-    await receiver.wait_for(lambda: len(receiver.hooks) == 4, what="the deferred one")
-
-
 async def test_strict_order_holds_later_deliveries_behind_one_in_retry(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
+    node = await start_node(retry_delays_ms=[300, 300, 300])
+    await node.user("alice", receiver, "ledger", "chatter")
     for topic, strict in (("ledger", True), ("chatter", False)):
-        directory.add_user(T, "alice", receiver.url("alice"))
-        directory.subscribe(T, "alice", topic, ["webhook"])
-        directory.set_workflow(
-            T, topic, {"strict_order": strict, "steps": [{"channel": "webhook"}]}
-        )
-    node = await start_node(directory, retry_delays_ms=[300, 300, 300])
+        body = {"strict_order": strict, "steps": [{"channel": "webhook"}]}
+        await node.api.ok("PUT", f"/workflows/{topic}", body)
     for topic in ("ledger", "chatter"):
         receiver.fail_first["alice"] = 1  # the first event's first attempt fails
         await node.publish(topic=topic, payload={"n": 1})
@@ -277,14 +240,11 @@ async def test_strict_order_holds_later_deliveries_behind_one_in_retry(
 
 
 async def test_over_the_queue_bound_low_priority_is_shed_and_recorded(
-    start_node: NodeFactory, directory: DictDirectory, receiver: Receiver
+    start_node: NodeFactory, receiver: Receiver
 ) -> None:
     users = [f"u{i:02d}" for i in range(40)]
-    for u in users:
-        directory.add_user(T, u, receiver.url(u))
-    node = await start_node(
-        directory, default_channels=["webhook"], deliver_batch=5, queue_depth_bound=10
-    )
+    node = await start_node(default_channels=["webhook"], deliver_batch=5, queue_depth_bound=10)
+    await asyncio.gather(*(node.user(u, receiver) for u in users))
     low = await node.publish(topic="promo", users=users, priority="low")
     high = await node.publish(topic="alerts", users=users, priority="high")
     await receiver.wait_for(
@@ -293,9 +253,9 @@ async def test_over_the_queue_bound_low_priority_is_shed_and_recorded(
         what="every high priority delivery",
     )
     await node.drained()
-    statuses = [s["status"] for s in node.engine.event_status(T, low["event_id"])]
+    statuses = [s["status"] for s in await node.statuses(low["event_id"])]
     assert statuses.count("shed") > 0
     assert statuses.count("shed") + statuses.count("delivered") == 40
-    shed = [s for s in node.engine.event_status(T, low["event_id"]) if s["status"] == "shed"]
+    shed = [s for s in await node.statuses(low["event_id"]) if s["status"] == "shed"]
     assert shed[0]["reason"] == "queue_depth"
-    assert {s["status"] for s in node.engine.event_status(T, high["event_id"])} == {"delivered"}
+    assert {s["status"] for s in await node.statuses(high["event_id"])} == {"delivered"}

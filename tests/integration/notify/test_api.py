@@ -512,3 +512,38 @@ async def test_export_holds_everything_and_erase_removes_it(
     assert u not in {s["user"] for s in subscribers}
     await acme.error("GET", f"/events/{acks['news']['event_id']}", status=404,
                      code="unknown_event", field="event_id")  # fmt: skip
+
+
+# ------------------------------------------------------- every id in a path is checked
+# the smallest valid body of each route that needs one (so the path is what is at fault)
+BODIES: dict[tuple[str, str], Any] = {
+    ("PUT", "/users/{user}"): {},
+    ("PUT", "/users/{user}/devices/{token}"): {"platform": "fcm"},
+    ("PUT", "/users/{user}/subscriptions/{topic}"): {"channels": ["console"]},
+    ("PUT", "/users/{user}/preferences"): {},
+    ("POST", "/users/{user}/consent"): {"channel": "sms", "opted_in": True},
+    ("PUT", "/workflows/{topic}"): {"steps": [{"channel": "console"}]},
+}
+IDS = ("user", "topic", "event_id", "notification", "delivery_id")
+
+
+async def test_an_id_in_any_path_that_is_too_long_is_a_400_naming_it(acme: ApiClient) -> None:
+    doc = await acme.ok("GET", "/openapi.json")
+    checked = 0
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if op["tags"][0] in ("topics", "groups"):  # the broker's (docs/HTTP.md)
+                continue
+            for name in IDS:
+                if f"{{{name}}}" not in path:
+                    continue
+                filled = path
+                for other in (*IDS, "token", "channel"):
+                    value = "x" * 201 if other == name else ("webhook" if other == "channel"
+                                                            else "ok")  # fmt: skip
+                    filled = filled.replace(f"{{{other}}}", value)
+                body = BODIES.get((method.upper(), path))
+                await acme.error(method.upper(), filled, body, status=400,
+                                 code="invalid_request", field=name)  # fmt: skip
+                checked += 1
+    assert checked >= 30  # every user, topic, event, notification and dead letter route

@@ -11,9 +11,10 @@ from broker.errors import HeraldError
 
 
 class UnknownResource(HeraldError):
-    """A resource that does not exist in the caller's tenant."""
+    """A resource that does not exist in the caller's tenant (the base of the others; each
+    kind of resource has its own code)."""
 
-    code = "not_found"
+    code = "unknown_resource"
     retriable = False
     http_status = 404
 

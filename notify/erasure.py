@@ -21,8 +21,10 @@ goes too. Not reached (and said so in docs/API.md): the records of the log's top
 and expire with their retention, and deliveries in flight (being sent, held behind a retry,
 or audit records not yet indexed), which can record a status for the user after the erasure.
 
-Costs: the scans read every status row of the tenant and every parked timer of the node:
-about a second per million rows in the worker thread; the loop only runs the deletes.
+Costs: the scans read every status row of the tenant and every parked timer of the node, in
+the worker thread (1.2 s for 200,000 of each on the shared 2-core machine, under load: about
+3 s per million rows); the loop only runs the deletes. A per-user index would make this
+cheap at the price of one more row per status on the audit indexer's hot path.
 """
 
 from __future__ import annotations

@@ -122,8 +122,12 @@ async def _dlq_show(http: Http, args: argparse.Namespace) -> int:
 async def _dlq_replay(http: Http, args: argparse.Namespace) -> int:
     channel = _seg(args.channel)
     started = time.monotonic()
-    progress = fmt.Progress(None if args.all else len(args.ids), tty=sys.stderr.isatty(),
-                            started=started, unit="dead letters")  # fmt: skip
+    progress = fmt.Progress(
+        None if args.all else len(args.ids),
+        tty=sys.stderr.isatty(),
+        started=started,
+        unit="dead letters",
+    )
     replayed: list[str] = []
     missing: list[str] = []
     if args.all:
@@ -140,8 +144,9 @@ async def _dlq_replay(http: Http, args: argparse.Namespace) -> int:
             _progress(args, progress, len(replayed))
     else:
         for i in range(0, len(args.ids), REPLAY_CHUNK):
-            done = await http("POST", f"/dlq/{channel}/replay",
-                              {"ids": args.ids[i : i + REPLAY_CHUNK]})  # fmt: skip
+            done = await http(
+                "POST", f"/dlq/{channel}/replay", {"ids": args.ids[i : i + REPLAY_CHUNK]}
+            )
             replayed += done["replayed"]
             missing += done["missing"]
             _progress(args, progress, len(replayed) + len(missing))
@@ -155,8 +160,9 @@ async def _dlq_replay(http: Http, args: argparse.Namespace) -> int:
 
 async def _dlq_purge(http: Http, args: argparse.Namespace) -> int:
     channel = _seg(args.channel)
-    progress = fmt.Progress(len(args.ids), tty=sys.stderr.isatty(), started=time.monotonic(),
-                            unit="dead letters")  # fmt: skip
+    progress = fmt.Progress(
+        len(args.ids), tty=sys.stderr.isatty(), started=time.monotonic(), unit="dead letters"
+    )
     purged: list[str] = []
     missing: list[str] = []
     for n, delivery_id in enumerate(args.ids, 1):
@@ -241,8 +247,11 @@ async def _users_export(http: Http, args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "wb") as f:
             f.write(raw + b"\n")
-        _print(args, {"user": args.id, "written": args.output},
-               f"wrote everything held on {args.id} to {args.output}")  # fmt: skip
+        _print(
+            args,
+            {"user": args.id, "written": args.output},
+            f"wrote everything held on {args.id} to {args.output}",
+        )
     else:
         sys.stdout.write((msgspec.json.encode(export) if args.json else raw).decode() + "\n")
     return 0

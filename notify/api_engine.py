@@ -180,8 +180,9 @@ class EngineHandlers:
         ids = body.ids
         if ids is not None:
             if not 1 <= len(ids) <= MAX_DLQ_PAGE:
-                raise InvalidRequest(f"ids: 1 to {MAX_DLQ_PAGE} (leave it out for all)",
-                                     field="ids")  # fmt: skip
+                raise InvalidRequest(
+                    f"ids: 1 to {MAX_DLQ_PAGE} (leave it out for all)", field="ids"
+                )
             ids = [checked_id(x, f"ids[{i}]") for i, x in enumerate(ids)]
         replayed = await self.engine.dlq_replay(call.tenant, channel, ids)
         done = set(replayed)

@@ -197,8 +197,12 @@ class RegistryHandlers:
         user = call.id("user", MAX_USER_BYTES)
         token = call.path["token"]
         d = await self.reg.put_device(call.tenant, user, token, call.body, now_ms=self.api.clock())
-        return DeviceOut(token=token, platform=d.platform, added_ms=d.added_ms,
-                         invalid_since_ms=d.invalid_since_ms)  # fmt: skip
+        return DeviceOut(
+            token=token,
+            platform=d.platform,
+            added_ms=d.added_ms,
+            invalid_since_ms=d.invalid_since_ms,
+        )
 
     async def delete_device(self, call: Call) -> Deleted:
         user = call.id("user", MAX_USER_BYTES)
@@ -229,8 +233,7 @@ class RegistryHandlers:
     async def list_subscriptions(self, call: Call) -> SubscriptionsPage:
         user = call.id("user", MAX_USER_BYTES)
         limit = call.query.get("limit", 100)
-        rows = self.reg.subscriptions(call.tenant, user, after=call.query.get("after"),
-                                      limit=limit)  # fmt: skip
+        rows = self.reg.subscriptions(call.tenant, user, after=call.query.get("after"), limit=limit)
         more = len(rows) == limit
         return SubscriptionsPage(
             subscriptions=[sub_out(t, s) for t, s in rows],
@@ -252,8 +255,9 @@ class RegistryHandlers:
     # ----------------------------------------------------------------- preferences
     async def put_preferences(self, call: Call) -> PreferencesOut:
         user = call.id("user", MAX_USER_BYTES)
-        stored = await self.reg.put_preferences(call.tenant, user, call.body,
-                                                now_ms=self.api.clock())  # fmt: skip
+        stored = await self.reg.put_preferences(
+            call.tenant, user, call.body, now_ms=self.api.clock()
+        )
         return answer(stored, PreferencesOut)
 
     async def get_preferences(self, call: Call) -> PreferencesOut:
@@ -298,8 +302,13 @@ class RegistryHandlers:
         body: ConsentIn = call.body
         if body.legal and body.opted_in:
             raise InvalidRequest("legal: only an opt-out is legal", field="legal")
-        entry = Consent(channel=body.channel, opted_in=body.opted_in, at_ms=self.api.clock(),
-                        source="api", legal=body.legal)  # fmt: skip
+        entry = Consent(
+            channel=body.channel,
+            opted_in=body.opted_in,
+            at_ms=self.api.clock(),
+            source="api",
+            legal=body.legal,
+        )
         await self.reg.record_consent(call.tenant, user, entry)
         profile = self.reg.profile(call.tenant, user)
         assert profile is not None
@@ -308,8 +317,9 @@ class RegistryHandlers:
     # ------------------------------------------------------------------- workflows
     @staticmethod
     def _workflow_out(topic: str, row: Any) -> WorkflowOut:
-        return WorkflowOut(topic=topic, version=row.version, updated_ms=row.updated_ms,
-                           workflow=row.body)  # fmt: skip
+        return WorkflowOut(
+            topic=topic, version=row.version, updated_ms=row.updated_ms, workflow=row.body
+        )
 
     async def put_workflow(self, call: Call) -> WorkflowOut:
         topic = call.id("topic", MAX_TOPIC_BYTES)

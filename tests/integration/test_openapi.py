@@ -1,6 +1,7 @@
 """``GET /openapi.json`` describes exactly what the node serves, and a schema-driven fuzzer
 (schemathesis, a tester nobody here wrote) that builds requests from that document finds no
-5xx on a real node on 127.0.0.1: a bounded number of examples per operation in the default
+5xx on a real node on 127.0.0.1, and no answer that strays from the document (its status,
+content type or body schema): a bounded number of examples per operation in the default
 suite, many more under ``-m slow``."""
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from herald.node import Node
 from tests.integration.herald_process import HeraldProcess, Nodes
@@ -75,6 +83,14 @@ async def test_every_route_the_node_serves_is_in_its_openapi_document(tmp_path: 
             await asyncio.wait_for(task, 20)
 
 
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
 @pytest.fixture(scope="module")
 def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldProcess]:
     nodes = Nodes(tmp_path_factory.mktemp("fuzz"))
@@ -88,7 +104,7 @@ def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldProces
     "examples",
     [pytest.param(6, id="bounded"), pytest.param(150, id="long", marks=pytest.mark.slow)],
 )
-def test_a_schema_driven_fuzzer_finds_no_server_error(
+def test_a_schema_driven_fuzzer_finds_no_server_error_and_no_drift(
     fuzz_node: HeraldProcess, examples: int
 ) -> None:
     schema = schemathesis.openapi.from_url(f"{fuzz_node.http_url}/openapi.json")
@@ -106,10 +122,11 @@ def test_a_schema_driven_fuzzer_finds_no_server_error(
         @given(case=op.as_strategy())
         def run(case: schemathesis.Case) -> None:
             resp = case.call(base_url=fuzz_node.http_url, timeout=10)
-            if resp.status_code >= 500:
+            try:
+                case.validate_response(resp, checks=CHECKS)
+            except FailureGroup as exc:
                 failures.append(
-                    f"{case.method} {case.formatted_path} -> {resp.status_code} {resp.text[:300]}"
-                    f"\n  body={case.body!r} query={case.query!r}"
+                    f"{case.method} {case.formatted_path} -> {resp.status_code}: {exc}"[:1500]
                 )
 
         run()

@@ -1,19 +1,21 @@
 """Broker benchmark: a Herald node against Redis Streams and NATS JetStream on this machine.
 
-    python -m bench.run [--scenario all|produce|consume|latency|http|limits] [--quick]
+    python -m bench.run [--scenario all|produce|consume|latency|http|single|limits] [--quick]
                         [--repeats N] [--out bench/RESULTS.md] [--no-profile] [--keep]
 
 (``make bench SCENARIO=produce BENCH_ARGS=--quick``). The run starts its own servers, each
 on free ports on 127.0.0.1 with a fresh directory under ``bench/out/`` (on the repository's
-disk, checked not to be tmpfs): a Herald node (``python -m herald.cli serve``), redis-server
-(AOF on, ``appendfsync everysec``) and nats-server (JetStream, file storage). A peer that is
+disk, checked not to be tmpfs): a Herald node (``python -m herald.cli serve``), two
+redis-servers (AOF on, one with ``appendfsync everysec``, one with ``appendfsync always``) and
+nats-server (JetStream, file storage). A peer that is
 missing or fails to start is reported and skipped; Herald's rows are still measured. Every
 server and client process is stopped when the run ends, also on Ctrl-C or an error.
 
 Scenarios (details in each module of ``bench/scenarios``): ``limits`` (disk and loopback
 ceilings), ``produce`` (durable produce throughput), ``consume`` (consume with
 acknowledgement), ``latency`` (end-to-end latency at 1k, 5k and 20k msg/s), ``http`` (POST
-/events and /events/batch). Each figure is the median over ``--repeats`` windows with the
+/events and /events/batch), ``single`` (one-at-a-time durable produce: one awaited record
+at a time). Each figure is the median over ``--repeats`` windows with the
 min-max spread. The Herald node is profiled with py-spy during produce, consume and HTTP
 ingest (separate, unmeasured runs). ``all`` takes about six minutes, ``--quick`` about one.
 
@@ -49,13 +51,14 @@ from bench.scenarios import (
     profile,
     report,
     results_file,
+    single,
     worker,
 )
 from bench.scenarios.environment import check_disk, git_commit, machine
 from bench.scenarios.measure import ForeignLoad, Sample
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("limits", "produce", "consume", "latency", "http")
+SCENARIOS = ("limits", "produce", "consume", "latency", "http", "single")
 INTRO = (
     "Herald against Redis Streams and NATS JetStream on one machine, all three started by"
     " `python -m bench.run` (`make bench`) on 127.0.0.1 with fresh data directories on the"
@@ -80,6 +83,8 @@ class Plan:
     limits_s: float
     warmup_mib: int
     profile_s: float
+    single_s: float
+    single_warmup_s: float
 
     @staticmethod
     def make(quick: bool, repeats: int | None) -> Plan:
@@ -97,6 +102,8 @@ class Plan:
                 limits_s=0.5,
                 warmup_mib=256,
                 profile_s=0.0,
+                single_s=1.0,
+                single_warmup_s=0.3,
             )
         return Plan(
             repeats=repeats or 3,
@@ -111,10 +118,18 @@ class Plan:
             limits_s=2.0,
             warmup_mib=1024,
             profile_s=8.0,
+            single_s=3.0,
+            single_warmup_s=1.0,
         )
 
 
-DISPLAY = {"herald": "Herald", "redis": "Redis", "redis-benchmark": "Redis", "nats": "NATS"}
+DISPLAY = {
+    "herald": "Herald",
+    "redis": "Redis",
+    "redis-always": "Redis-always",
+    "redis-benchmark": "Redis",
+    "nats": "NATS",
+}
 
 
 class Bench:
@@ -250,6 +265,7 @@ class Bench:
         fns = {
             "herald": (latency.herald_consumer, latency.herald_producer),
             "redis": (latency.redis_consumer, latency.redis_producer),
+            "redis-always": (latency.redis_consumer, latency.redis_producer),
             "nats": (latency.nats_consumer, latency.nats_producer),
         }
         steps = [
@@ -257,7 +273,7 @@ class Bench:
             for _ in range(p.repeats)
             for rate in p.latency_rates
         ]
-        for system in ("redis", "nats", "herald"):
+        for system in ("redis-always", "redis", "nats", "herald"):
             target = self.servers.target(system)
             if target is None:
                 self.res.note("latency", f"{DISPLAY[system]} unavailable: skipped")
@@ -306,10 +322,13 @@ class Bench:
             " publish_async, Herald send_nowait with acks=all and linger_ms=0 (records due in"
             " a turn leave together; those sent while a request is in flight follow its"
             " reply). Consumer:"
-            " Redis XREADGROUP BLOCK + pipelined XACK, NATS push consumer (AckAll every"
-            " 20 ms), Herald getmany long poll with auto-commit every 100 ms. Herald's"
-            " consumer sees a record only after its fdatasync; Redis answers from memory"
-            " (fsync once a second) and NATS does not fsync per message."
+            " Redis XREADGROUP BLOCK + XACK pipelined with the next read, NATS push consumer"
+            " (AckAll every 20 ms), Herald getmany long poll committing after each poll"
+            " (auto_commit_interval_ms=0: what the previous getmany returned is committed"
+            " when it is called next; a commit is answered once synced to disk). Herald's"
+            " consumer sees a record only after its fdatasync; Redis-always fsyncs its AOF"
+            " before answering each loop turn's commands; Redis (everysec) answers from"
+            " memory (fsync once a second) and NATS does not fsync per message."
         )
 
     def http(self) -> None:
@@ -354,6 +373,63 @@ class Bench:
                     )
 
                 self._profile(case.profile, case.label, workload, delay=2.0)
+
+    def single(self) -> None:
+        p = self.plan
+        fns = {"herald": single.herald, "redis": single.redis, "redis-always": single.redis}
+        for i, case in enumerate(single.CASES):
+            target = self.servers.target(case.system)
+            if target is None:
+                self.res.note("single", f"{DISPLAY[case.system]} unavailable: skipped")
+                continue
+            say(f"single: {DISPLAY[case.system]}, {case.label}")
+            samples = worker.run(
+                fns[case.system],
+                *target,
+                case,
+                f"bench-single-{i}",
+                p.single_s,
+                p.repeats,
+                p.single_warmup_s,
+                timeout=120 + p.repeats * p.single_s * 4,
+            )
+            say(
+                "   "
+                + ", ".join(
+                    f"{s.sample.rate:,.0f}/s (p50 {s.p50_ms:.3f} ms, p99 {s.p99_ms:.3f} ms,"
+                    f" max {s.max_ms:.1f} ms)"
+                    for s in samples
+                )
+            )
+            self.res.single.append(report.SingleRow(DISPLAY[case.system], case.label, samples))
+        self.res.describe["single"] = (
+            f"Command `{self.command}`. One client process sends one 200-byte record, awaits"
+            " its acknowledgement, then sends the next: one partition (stream), nothing"
+            " pipelined, nothing batched. Herald: `Producer.send` with acks=all (answered"
+            " after fdatasync) and linger_ms=0; Redis-always: XADD against `appendfsync"
+            " always` (fsync before the reply); Redis: XADD against `appendfsync everysec`"
+            f" (reply from memory). A {p.single_warmup_s:g} s warm-up, then {p.repeats}"
+            f" windows of {p.single_s:g} s; the round trip is timed from the send call to the"
+            " acknowledgement. CPU: cores used by the client process and by the server"
+            " process (all its threads) during the window."
+        )
+        if self.args.profile:
+            case = next(c for c in single.CASES if c.system == "herald")
+
+            def workload() -> None:
+                worker.run(
+                    single.herald,
+                    self.servers.herald.tcp_port,
+                    self.servers.herald.pid,
+                    case,
+                    "bench-single-profile",
+                    p.profile_s + 1.5,
+                    1,
+                    0.0,
+                    timeout=120,
+                )
+
+            self._profile("single", f"one-at-a-time durable produce, {case.label}", workload)
 
     # ------------------------------------------------------------------- helpers
     def _profile(

@@ -1,8 +1,14 @@
-"""A Redis server for the benchmark: Redis Streams with the AOF on and ``appendfsync
-everysec`` (Redis's recommended durable setting: the AOF is written on every command and
-fsynced once a second by a background thread, so an OS crash can lose up to ~1 s of
-acknowledged writes; ``always`` would fsync before every reply). RDB snapshots are off so
-a background save cannot land inside a measurement."""
+"""A Redis server for the benchmark: Redis Streams with the AOF on. Two are started, one per
+``appendfsync`` setting:
+
+- ``everysec`` (Redis's recommended durable setting): the AOF is written on every command
+  and fsynced once a second by a background thread, so an OS crash can lose up to ~1 s of
+  acknowledged writes. Shown as "Redis".
+- ``always``: the event loop writes the AOF and fsyncs it before it answers the commands of
+  that loop turn (commands arriving in one turn share the fsync). The like-for-like peer of
+  Herald's ``acks=all``, which answers after fdatasync. Shown as "Redis-always".
+
+RDB snapshots are off so a background save cannot land inside a measurement."""
 
 from __future__ import annotations
 
@@ -45,10 +51,10 @@ def _config_get(port: int, key: str) -> str:
 
 
 class RedisServer:
-    name = "Redis"
-
-    def __init__(self, base: Path) -> None:
-        self.dir = base / "redis"
+    def __init__(self, base: Path, appendfsync: str = "everysec") -> None:
+        self.appendfsync = appendfsync
+        self.name = "Redis" if appendfsync == "everysec" else f"Redis-{appendfsync}"
+        self.dir = base / ("redis" if appendfsync == "everysec" else f"redis-{appendfsync}")
         self.port = free_port()
         self.process: ServerProcess | None = None
         self.settings = ""
@@ -69,7 +75,7 @@ class RedisServer:
             "--port", str(self.port),
             "--dir", str(self.dir),
             "--appendonly", "yes",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--protected-mode", "yes",
@@ -78,7 +84,7 @@ class RedisServer:
         self.process = ServerProcess("redis-server", argv, log_path=self.dir / "redis.log")
         self.process.start(lambda: _ping(self.port))
         aof, fsync = _config_get(self.port, "appendonly"), _config_get(self.port, "appendfsync")
-        if aof != "yes" or fsync != "everysec":
+        if aof != "yes" or fsync != self.appendfsync:
             self.stop()
             raise PeerUnavailable(f"redis-server runs with appendonly={aof} appendfsync={fsync}")
         self.settings = f"appendonly={aof}, appendfsync={fsync}, RDB snapshots off"

@@ -1,5 +1,7 @@
 """The servers of one benchmark run: the Herald node (required) and the peers (optional: a
-peer that cannot start is recorded with the reason and its rows are skipped)."""
+peer that cannot start is recorded with the reason and its rows are skipped). Two Redis
+servers run side by side: ``appendfsync everysec`` ("Redis") and ``appendfsync always``
+("Redis-always", which fsyncs before it answers, as Herald's ``acks=all`` does)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Servers:
     def __init__(self, base: Path) -> None:
         self.herald = HeraldNode(base)
         self.redis: RedisServer | None = RedisServer(base)
+        self.redis_always: RedisServer | None = RedisServer(base, "always")
         self.nats: NatsServer | None = NatsServer(base)
         self.unavailable: dict[str, str] = {}
 
@@ -28,7 +31,8 @@ class Servers:
         try:
             say("starting the Herald node")
             self.herald.start()
-            for peer in (self.redis, self.nats):
+            for attr in ("redis", "redis_always", "nats"):
+                peer = getattr(self, attr)
                 assert peer is not None
                 say(f"starting {peer.name}")
                 try:
@@ -36,13 +40,10 @@ class Servers:
                 except PeerUnavailable as exc:
                     say(f"{peer.name} unavailable, its rows are skipped: {exc}")
                     self.unavailable[peer.name] = str(exc).splitlines()[0]
-                    if peer is self.redis:
-                        self.redis = None
-                    else:
-                        self.nats = None
+                    setattr(self, attr, None)
             yield self
         finally:
-            for server in (self.nats, self.redis, self.herald):
+            for server in (self.nats, self.redis_always, self.redis, self.herald):
                 if server is not None:
                     say(f"stopping {server.name}")
                     server.stop()
@@ -53,4 +54,7 @@ class Servers:
             return self.herald.tcp_port, self.herald.pid
         if system in ("redis", "redis-benchmark"):
             return (self.redis.port, self.redis.pid) if self.redis else None
+        if system == "redis-always":
+            r = self.redis_always
+            return (r.port, r.pid) if r else None
         return (self.nats.url, self.nats.pid) if self.nats else None

@@ -69,8 +69,9 @@ def machine(base: Path, servers: Servers, commit: str) -> list[tuple[str, str]]:
         clients.append("nats-py not installed")
     rv, nv = redis_server.version(), nats_server.version()
     peers = []
-    if servers.redis is not None:
-        peers.append(f"Redis {rv} ({servers.redis.settings})")
+    for redis_peer in (servers.redis, servers.redis_always):
+        if redis_peer is not None:
+            peers.append(f"{redis_peer.name} {rv} ({redis_peer.settings})")
     if servers.nats is not None:
         peers.append(f"NATS {nv} ({servers.nats.settings})")
     peers += [f"{name} unavailable: {why}" for name, why in servers.unavailable.items()]

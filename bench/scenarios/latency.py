@@ -11,15 +11,23 @@ then a measured window; a short pause between rates lets any backlog drain.
 
 * Redis: the messages due in a loop turn go out as one pipeline of single ``XADD``s; the
   consumer blocks in ``XREADGROUP BLOCK 500 COUNT 10000``, its ``XACK`` pipelined with the next
-  read. Redis replies from memory (AOF fsync once a second, off the reply path).
+  read. Against two servers: ``appendfsync everysec`` ("Redis": replies from memory, AOF
+  fsync once a second, off the reply path) and ``appendfsync always`` ("Redis-always": the
+  loop fsyncs the AOF before it answers a turn's commands, the consumer's XACKs included).
 * NATS: ``js.publish_async`` per message; a durable push consumer (``AckPolicy.ALL``, manual
   acks), acknowledged every 20 ms. Acked once written to the OS, no fsync.
 * Herald: ``Producer.send_nowait`` with acks=all and ``linger_ms=0`` (batching by load: the
   records due in a loop turn leave together, and those sent while a request is in flight
   follow its reply, as Redis's pipeline sends what is due each turn); a group consumer
-  long-polls with ``getmany(timeout_ms=500)``, auto-committing every 100 ms. A consumer sees a
-  record only after its fdatasync (the high watermark is the durable offset), so Herald's
-  figure includes the sync, the peers' do not.
+  long-polls with ``getmany(timeout_ms=500)`` and commits after each poll
+  (``auto_commit_interval_ms=0``: the positions ``getmany`` returned are committed when it is
+  called next, as Redis's consumer acknowledges with its next read; an acknowledged commit is
+  synced to disk). A consumer sees a record only after its fdatasync (the high watermark is
+  the durable offset), so Herald's figure includes the sync, Redis-everysec's and NATS's do
+  not.
+
+Per step the worst latency is kept with the time into the step at which its record was sent
+(warm-up included), so a stall can be placed: which repeat, which rate, which second.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ class StepResult:
     p99_ms: float = float("nan")
     p999_ms: float = float("nan")
     max_ms: float = float("nan")
+    max_at_s: float = float("nan")  # when the worst record was sent, seconds into the step
+    over_20ms: int = 0  # records measured with more than 20 ms
 
 
 @dataclass
@@ -79,21 +89,26 @@ class Recorder:
     def __init__(self, steps: int) -> None:
         self.lat: list[list[float]] = [[] for _ in range(steps)]
         self.received = [0] * steps
+        self.worst: list[tuple[float, int]] = [(-1.0, 0)] * steps  # (latency ms, sequence)
         self.done = asyncio.Event()
 
     def record(self, value: bytes, now_ns: int) -> None:
-        sent, step, measured, _seq = _HEAD.unpack_from(value)
+        sent, step, measured, seq = _HEAD.unpack_from(value)
         if step == END:
             self.done.set()
             return
         self.received[step] += 1
         if measured:
-            self.lat[step].append((now_ns - sent) / 1e6)
+            ms = (now_ns - sent) / 1e6
+            self.lat[step].append(ms)
+            if ms > self.worst[step][0]:
+                self.worst[step] = (ms, seq)
 
     def results(self, steps: list[Step]) -> list[StepResult]:
         out = []
         for i, st in enumerate(steps):
             p50, p99, p999 = percentiles(self.lat[i], QS)
+            worst, seq = self.worst[i]
             out.append(
                 StepResult(
                     st.rate,
@@ -103,6 +118,8 @@ class Recorder:
                     p99_ms=p99,
                     p999_ms=p999,
                     max_ms=max(self.lat[i], default=float("nan")),
+                    max_at_s=seq / st.rate if worst >= 0 else float("nan"),
+                    over_20ms=sum(1 for x in self.lat[i] if x > 20.0),
                 )
             )
         return out
@@ -157,7 +174,7 @@ async def herald_consumer(port: int, topic: str, steps: list[Step], ready: Any) 
     rec = Recorder(len(steps))
     async with await Client.connect(HOST, port, client_id="bench-lat-consumer") as client:
         await client.create_topic(topic, 1, exist_ok=True)
-        consumer = await client.consumer(topic, group="bench-latency", auto_commit_interval_ms=100)
+        consumer = await client.consumer(topic, group="bench-latency", auto_commit_interval_ms=0)
         ready.set()
         timed_out = False
         deadline = time.monotonic() + timeout_for(steps)

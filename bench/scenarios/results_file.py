@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SECTION = "## Broker"
-BLOCKS = ("setup", "limits", "produce", "consume", "latency", "http", "targets")
+BLOCKS = ("setup", "limits", "produce", "consume", "latency", "http", "single", "targets")
 TITLE = (
     "# Herald benchmark results\n\n"
     "One section per benchmark, each with the command that produced it. Figures are "

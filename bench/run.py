@@ -2,6 +2,7 @@
 
     python -m bench.run [--scenario all|produce|consume|latency|http|single|limits] [--quick]
                         [--repeats N] [--out bench/RESULTS.md] [--no-profile] [--keep]
+                        [--rates 1000,5000,20000] [--systems herald,redis-always,...]
 
 (``make bench SCENARIO=produce BENCH_ARGS=--quick``). The run starts its own servers, each
 on free ports on 127.0.0.1 with a fresh directory under ``bench/out/`` (on the repository's
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shlex
 import shutil
 import signal
@@ -87,7 +89,14 @@ class Plan:
     single_warmup_s: float
 
     @staticmethod
-    def make(quick: bool, repeats: int | None) -> Plan:
+    def make(quick: bool, repeats: int | None, rates: tuple[int, ...] | None = None) -> Plan:
+        plan = Plan._make(quick, repeats)
+        if rates:
+            plan = dataclasses.replace(plan, latency_rates=rates)
+        return plan
+
+    @staticmethod
+    def _make(quick: bool, repeats: int | None) -> Plan:
         if quick:
             return Plan(
                 repeats=repeats or 2,
@@ -136,7 +145,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, base: Path) -> None:
         self.args = args
         self.base = base
-        self.plan = Plan.make(args.quick, args.repeats)
+        self.plan = Plan.make(args.quick, args.repeats, args.rates)
         self.servers = Servers(base)
         self.profile_dir = REPO / "bench" / "out"
         now = datetime.now(UTC)
@@ -161,6 +170,8 @@ class Bench:
             "nats": produce.nats,
         }
         for i, case in enumerate(produce.CASES):
+            if not self._wanted(case.system):
+                continue
             target = self.servers.target(case.system)
             if target is None:
                 self.res.note("produce", f"{DISPLAY[case.system]} unavailable: skipped")
@@ -187,7 +198,7 @@ class Bench:
             " fdatasync) until the last request in flight returns. CPU: cores used during"
             " the window by the client process and by the server process (all its threads)."
         )
-        if self.args.profile:
+        if self.args.profile and self._wanted("herald"):
             case = next(c for c in produce.CASES if c.system == "herald")
 
             def workload() -> None:
@@ -209,6 +220,8 @@ class Bench:
         p = self.plan
         fns = {"herald": consume.herald, "redis": consume.redis, "nats": consume.nats}
         for i, case in enumerate(consume.CASES):
+            if not self._wanted(case.system):
+                continue
             target = self.servers.target(case.system)
             if target is None:
                 self.res.note("consume", f"{DISPLAY[case.system]} unavailable: skipped")
@@ -233,7 +246,7 @@ class Bench:
             f" window runs from the first read to the last acknowledgement. Messages per"
             f" repeat: {counts} (sized so a window lasts about a second or more)."
         )
-        if self.args.profile:
+        if self.args.profile and self._wanted("herald"):
             self._profile_consume()
 
     def _profile_consume(self) -> None:
@@ -274,6 +287,8 @@ class Bench:
             for rate in p.latency_rates
         ]
         for system in ("redis-always", "redis", "nats", "herald"):
+            if not self._wanted(system):
+                continue
             target = self.servers.target(system)
             if target is None:
                 self.res.note("latency", f"{DISPLAY[system]} unavailable: skipped")
@@ -362,7 +377,7 @@ class Bench:
             " cores for clients and server together, a figure whose client + server CPU"
             " reaches ~2 is bounded by the machine, not by either side alone."
         )
-        if self.args.profile:
+        if self.args.profile and self._wanted("herald"):
             for case in http_events.CASES:
                 if case.profile is None:
                     continue
@@ -378,6 +393,8 @@ class Bench:
         p = self.plan
         fns = {"herald": single.herald, "redis": single.redis, "redis-always": single.redis}
         for i, case in enumerate(single.CASES):
+            if not self._wanted(case.system):
+                continue
             target = self.servers.target(case.system)
             if target is None:
                 self.res.note("single", f"{DISPLAY[case.system]} unavailable: skipped")
@@ -413,7 +430,7 @@ class Bench:
             " acknowledgement. CPU: cores used by the client process and by the server"
             " process (all its threads) during the window."
         )
-        if self.args.profile:
+        if self.args.profile and self._wanted("herald"):
             case = next(c for c in single.CASES if c.system == "herald")
 
             def workload() -> None:
@@ -432,6 +449,9 @@ class Bench:
             self._profile("single", f"one-at-a-time durable produce, {case.label}", workload)
 
     # ------------------------------------------------------------------- helpers
+    def _wanted(self, system: str) -> bool:
+        return self.args.systems is None or system in self.args.systems
+
     def _profile(
         self, key: str, title: str, workload: Any, delay: float = 0.5, seconds: float = 0
     ) -> None:
@@ -545,6 +565,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the servers' data directories afterwards"
+    )
+    parser.add_argument(
+        "--rates",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        metavar="R1,R2",
+        help="offered rates of the latency scenario, msg/s (default 1000,5000,20000)",
+    )
+    parser.add_argument(
+        "--systems",
+        type=lambda v: set(v.split(",")),
+        metavar="S1,S2",
+        help="only these systems (herald, redis, redis-always, redis-benchmark, nats;"
+        " default: all), e.g. to compare builds quickly",
     )
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])

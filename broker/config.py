@@ -45,6 +45,7 @@ class StorageConfig(_Section):
     offsets_sync_interval_ms: int = 1000
     cache_window_bytes: int = 256 * 1024 * 1024
     min_free_bytes: int = 64 * 1024 * 1024
+    io_threads: int = 8
 
 
 class TopicDefaults(_Section):
@@ -259,6 +260,8 @@ def _validate(cfg: Config) -> Config:
     if not 1 << 20 <= cfg.storage.segment_bytes < 1 << 32:
         # index entries hold 32-bit positions
         raise ConfigError("storage.segment-bytes must be at least 1 MiB and below 4 GiB")
+    if cfg.storage.io_threads < 1:
+        raise ConfigError("storage.io-threads must be >= 1")
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
     from channels.registry import BUILT_IN  # here: it imports the channels (aiohttp)

@@ -144,8 +144,8 @@ class LogComponent:
 
     name = "log"
 
-    def __init__(self, data_dir: Path) -> None:
-        self.log = Log(data_dir)
+    def __init__(self, data_dir: Path, io_threads: int) -> None:
+        self.log = Log(data_dir, io_threads=io_threads)
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -380,7 +380,7 @@ class Node:
             state = StateStore(data_dir / "state", cfg.storage.kv_map_size)
             await start(state)
             assert state.kv is not None
-            the_log = LogComponent(data_dir)
+            the_log = LogComponent(data_dir, cfg.storage.io_threads)
             await start(the_log)
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service

@@ -12,7 +12,7 @@ Two stages then move them to disk in worker threads, each stage one job at a tim
 
 The stages overlap (batches that arrive while a sync runs are written meanwhile; the next
 sync starts as soon as this one ends); when nothing is syncing one job writes and then
-syncs, so a lone append is handed to a thread once.
+syncs, so a lone append is handed to a thread once and answered from one report.
 
 Three layers, h11 style:
 
@@ -23,9 +23,10 @@ Three layers, h11 style:
   being sealed, written or synced, how far the log is written and synced. It decides which
   jobs start and applies their outcomes. Pure: no threads, no files, no clock (``now_ms`` is
   an argument); segments are only handles here.
-- :class:`Flusher` is the shell: it runs the pipeline's jobs in the loop's executor
-  (:func:`write_runs`, :func:`sync_files` do the I/O), hears back through
-  ``call_soon_threadsafe``, and resolves the futures of ``acks=1`` and ``acks=all`` waiters.
+- :class:`Flusher` is the shell: it runs the pipeline's jobs on dedicated I/O threads
+  (:class:`~storage.io_threads.IoThreads`; :func:`write_runs`, :func:`sync_files` do the
+  I/O), hears back through their reports, and resolves the futures of ``acks=1`` and
+  ``acks=all`` waiters.
 
 Failure model: a failed *write* (ENOSPC, EIO) is reported to the partition, which cuts the
 log back (:meth:`Flusher.fail_waiters_past`). A failed *sync* cannot be retried and trusted
@@ -44,6 +45,7 @@ from typing import Final, TypeVar
 
 from storage.checkpoint import Checkpoint, write_checkpoint
 from storage.errors import IllegalTransition, LogOffline, StorageError
+from storage.io_threads import IoThreads
 from storage.segment import Segment, fsync_dir
 
 log = logging.getLogger("herald.storage")
@@ -207,10 +209,27 @@ class SyncPlan:
 
 
 class Job:
-    """One job in the executor: a write (``kind`` WRITE), a sync (SYNC), or a write then a
-    sync (WRITE_THEN_SYNC: both ``runs`` and ``plan``)."""
+    """One job for the I/O threads: a write (``kind`` WRITE), a sync (SYNC), or a write then
+    a sync (WRITE_THEN_SYNC: both ``runs`` and ``plan``).
 
-    __slots__ = ("checkpoint", "end", "handed_checkpoint", "kind", "plan", "runs", "target")
+    A write-then-sync job reports once, when its sync is done, unless the loop asks to hear
+    of its write (``report_written``: an ``acks=1`` waiter, or appends queued behind it that
+    could be written during the sync). Whichever side sees the completed write first takes
+    the one ``WRITTEN`` outcome (:meth:`claim_written`): the thread reports it, or the loop
+    applies it itself when it finds the write done; never both."""
+
+    __slots__ = (
+        "_unclaimed",
+        "checkpoint",
+        "end",
+        "handed_checkpoint",
+        "kind",
+        "plan",
+        "report_written",
+        "runs",
+        "target",
+        "write_finished",
+    )
 
     def __init__(
         self,
@@ -230,6 +249,17 @@ class Job:
         self.checkpoint = checkpoint  # written by this job's sync
         # a write-only job's checkpoint of ``end``, handed to the sync that will cover it
         self.handed_checkpoint = handed_checkpoint
+        self.report_written = False  # set by the loop: report the write before the sync
+        self.write_finished = False  # set by the thread: the write succeeded
+        self._unclaimed = [True]  # the WRITTEN outcome, until one side takes it
+
+    def claim_written(self) -> bool:
+        """Take this job's ``WRITTEN`` outcome; True exactly once, whichever thread asks
+        (``list.pop`` is atomic under the GIL)."""
+        try:
+            return self._unclaimed.pop()
+        except IndexError:
+            return False
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -565,12 +595,15 @@ def _resolve(waiters: Waiters, offset: int) -> Waiters:
 
 
 class Flusher:
-    """The asyncio shell around a :class:`Pipeline`: starts its jobs in the loop's default
-    executor, applies their outcomes on the loop, and answers waiters.
+    """The asyncio shell around a :class:`Pipeline`: starts its jobs on the partition's
+    :class:`~storage.io_threads.IoThreads`, applies their outcomes on the loop, and answers
+    waiters.
 
-    Driven by callbacks, not a task: the threads report with ``call_soon_threadsafe``
-    straight to :meth:`_write_done` / :meth:`_sync_done`, which start what may start next.
-    A lone append costs one loop callback to start and one to finish.
+    Driven by callbacks, not a task. A job reports through :meth:`IoThreads.report` straight
+    to :meth:`_write_done` / :meth:`_sync_done`, which start what may start next. A lone
+    append costs one hand-off to a thread and one report back: its write-then-sync job
+    reports once, after the sync, unless the loop asked to hear of the write sooner (see
+    :class:`Job`).
 
     The partition supplies: ``checkpoint_of`` (a checkpoint of a log-end mark),
     ``on_high_watermark`` (called when the synced offset advanced, before the ``acks=all``
@@ -580,6 +613,7 @@ class Flusher:
         self,
         pipeline: Pipeline,
         *,
+        threads: IoThreads,
         directory: Path,
         name: str,
         fsync: FsyncFn,
@@ -589,6 +623,7 @@ class Flusher:
         on_write_failed: Callable[[list[WriteRun], OSError], None],
     ) -> None:
         self.pipeline = pipeline
+        self.threads = threads
         self.directory = directory
         self.name = name
         self._fsync = fsync
@@ -596,6 +631,7 @@ class Flusher:
         self._checkpoint_of = checkpoint_of
         self._on_high_watermark = on_high_watermark
         self._on_write_failed = on_write_failed
+        # the loop, kept once: asyncio.get_running_loop() costs a getpid() system call
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -603,15 +639,22 @@ class Flusher:
         self.written_waiters: Waiters = []
         self.closed = False  # no kick starts a job; running jobs still finish
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     # -------------------------------------------------------------------------- waiting
     def durable_future(self, offset: int) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = self.loop.create_future()
         self.durable_waiters.append((offset, fut))
         self.kick()
         return fut
 
     def written_future(self, offset: int) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = self.loop.create_future()
         self.written_waiters.append((offset, fut))
         self.kick()
         return fut
@@ -631,7 +674,7 @@ class Flusher:
     async def wait_idle(self) -> None:
         """Until no write or sync job runs and none is about to start."""
         while not self.pipeline.idle or self._scheduled:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[None] = self.loop.create_future()
             self._idle_waiters.append(fut)  # resolved by _pump once nothing runs
             await fut
 
@@ -640,9 +683,8 @@ class Flusher:
         """There may be something to write or sync: run :meth:`_pump` at the end of this
         loop turn (once however many appends the turn makes, so they share one job)."""
         if not self._scheduled and not self.closed:
-            self._loop = asyncio.get_running_loop()
             self._scheduled = True
-            self._loop.call_soon(self._pump)
+            self.loop.call_soon(self._pump)
 
     def _pump(self) -> None:
         """Start whatever job may start now; wake :meth:`wait_idle` once nothing runs."""
@@ -650,20 +692,31 @@ class Flusher:
         pipeline = self.pipeline
         if pipeline.shut:
             return
-        loop = self._loop
-        assert loop is not None
+        writer = pipeline.writer
+        if (
+            writer is not None
+            and writer.kind is Event.WRITE_THEN_SYNC
+            and (pipeline.queue or self.written_waiters)
+        ):
+            # appends wait to be written, or acks=1 waiters to be answered: hear of this
+            # job's write as soon as it is done, so the next write overlaps its sync
+            writer.report_written = True
+            if writer.write_finished and writer.claim_written():
+                self._apply_written(writer)
+        submit = self.threads.submit
         for job in pipeline.start_jobs(self._clock(), self._checkpoint_of):
-            if job.kind is Event.WRITE:
-                loop.run_in_executor(None, self._write_job, job)
-            elif job.kind is Event.WRITE_THEN_SYNC:
-                loop.run_in_executor(None, self._write_then_sync, job)
-            else:
-                loop.run_in_executor(None, self._sync_job, job)
+            submit(self._run_job, job)
         if pipeline.idle and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _apply_written(self, job: Job) -> None:
+        """Loop: ``job``'s write succeeded: advance what is written, answer acks=1."""
+        written = self.pipeline.write_succeeded(job)
+        if written is not None and self.written_waiters:
+            self.written_waiters = _resolve(self.written_waiters, written)
 
     def _write_done(self, job: Job, failed: tuple[int, OSError] | BaseException | None) -> None:
         """Loop: a job's write finished (``failed``: ``(index of the failed run, error)``)."""
@@ -676,20 +729,22 @@ class Flusher:
             pipeline.write_failed(job)
             self._on_write_failed(job.runs[failed[0] :], failed[1])
         else:
-            written = pipeline.write_succeeded(job)
-            if written is not None:
-                self.written_waiters = _resolve(self.written_waiters, written)
+            self._apply_written(job)
         self._pump()
 
     def _sync_done(self, job: Job, error: BaseException | None) -> None:
-        """Loop: a job's sync finished."""
+        """Loop: a job's sync finished (for a write-then-sync job whose write was not
+        reported, its write too)."""
         pipeline = self.pipeline
+        if job.kind is Event.WRITE_THEN_SYNC and job.claim_written():
+            self._apply_written(job)
         advanced = pipeline.sync_finished(job, error)
         if error is not None:
             self._offline(error)
         elif pipeline.failure is None:
             offset = job.target[0]
-            self.written_waiters = _resolve(self.written_waiters, pipeline.written_offset)
+            if self.written_waiters:
+                self.written_waiters = _resolve(self.written_waiters, pipeline.written_offset)
             if advanced:
                 self._on_high_watermark()
             if self.durable_waiters:
@@ -710,37 +765,28 @@ class Flusher:
             if not fut.done():
                 fut.set_exception(err)
 
-    # ------------------------------------------------------------------- worker threads
-    def _write_job(self, job: Job) -> None:
-        """Worker thread: write, then report to the loop."""
-        failed: tuple[int, OSError] | BaseException | None
-        try:
-            failed = write_runs(job.runs)
-        except BaseException as exc:
-            failed = exc
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._write_done, job, failed)
-
-    def _write_then_sync(self, job: Job) -> None:
-        """Worker thread: write, report (so the loop may start the next write and answer
-        ``acks=1`` waiters), then sync and report again. A failed write skips the sync."""
-        failed: tuple[int, OSError] | BaseException | None
-        try:
-            failed = write_runs(job.runs)
-        except BaseException as exc:
-            failed = exc
-        assert self._loop is not None and job.plan is not None
-        self._loop.call_soon_threadsafe(self._write_done, job, failed)
-        if failed is None:
-            self._sync_job(job)
-
-    def _sync_job(self, job: Job) -> None:
-        """Worker thread: sync as the job's plan says, then report to the loop."""
+    # ---------------------------------------------------------------------- I/O threads
+    def _run_job(self, job: Job) -> None:
+        """I/O thread: the job's write and/or sync, then its report. A write-then-sync job
+        reports its write on its own only when the loop asked for it (:class:`Job`); a
+        failed write reports at once and skips the sync."""
+        report = self.threads.report
+        if job.kind is not Event.SYNC:
+            failed: tuple[int, OSError] | BaseException | None
+            try:
+                failed = write_runs(job.runs)
+            except BaseException as exc:
+                failed = exc
+            if job.kind is Event.WRITE or failed is not None:
+                report(self._write_done, job, failed)
+                return
+            job.write_finished = True
+            if job.report_written and job.claim_written():
+                report(self._write_done, job, None)
         error: BaseException | None = None
         assert job.plan is not None
         try:
             sync_files(job.plan, job.checkpoint, self._fsync, self.directory, self.name)
         except BaseException as exc:
             error = exc
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._sync_done, job, error)
+        report(self._sync_done, job, error)

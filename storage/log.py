@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 
 from storage.errors import StorageError, TopicBeingDeleted, TopicExists, UnknownTopic
+from storage.io_threads import IoThreads
 from storage.partition import Partition, PartitionConfig, RecoveryReport
 from storage.segment import fsync_dir
 
@@ -68,8 +69,10 @@ def _delete_in_place(path: Path) -> None:
 class Log:
     """All partitions of one node. Topic names are validated by the broker, not here."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, io_threads: int = 8) -> None:
         self.root = data_dir / "log"
+        # the threads every partition's write and sync jobs run on (storage/io_threads.py)
+        self.io = IoThreads(io_threads, name="herald-io")
         self.root.mkdir(parents=True, exist_ok=True)
         # a new directory's name is durable only once its parent is fsynced: without this a
         # power cut soon after a fresh node's first start could take the whole log with it
@@ -103,7 +106,9 @@ class Log:
                 continue
             self.topics[meta.name] = meta
             for p in range(meta.partitions):
-                part, report = Partition.open(path / str(p), meta.config, name=f"{meta.name}-{p}")
+                part, report = Partition.open(
+                    path / str(p), meta.config, name=f"{meta.name}-{p}", io=self.io
+                )
                 self.partitions[(meta.name, p)] = part
                 reports.append(report)
         self.recovery = reports
@@ -169,7 +174,7 @@ class Log:
                 owner=owner,
             )
             for p in range(partitions):
-                part, _ = Partition.open(path / str(p), config, name=f"{name}-{p}")
+                part, _ = Partition.open(path / str(p), config, name=f"{name}-{p}", io=self.io)
                 opened.append(part)
             _write_meta(path, meta)  # the topic exists once its meta file does
             fsync_dir(self.root)
@@ -254,3 +259,4 @@ class Log:
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.partitions.values()))
         self.partitions.clear()
+        self.io.close()

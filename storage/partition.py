@@ -4,8 +4,9 @@ crash recovery.
 The facade over the parts that do the work: :mod:`storage.recovery` (opening),
 :mod:`storage.flush` (the write -> sync state machine and its worker threads),
 :mod:`storage.reads` (fetches, verified), :mod:`storage.quarantine` (damage),
-:mod:`storage.retention`. Every method runs on the event loop thread; blocking I/O runs in
-the loop's default executor. An append validates, stamps and accounts its batches at once
+:mod:`storage.retention`. Every method runs on the event loop thread; the flush jobs run on
+the log's I/O threads (:class:`~storage.io_threads.IoThreads`), other blocking I/O in the
+loop's default executor. An append validates, stamps and accounts its batches at once
 (in the caller's turn of the loop, so offsets follow call order) and queues the bytes; the
 loop never writes or syncs the file itself (on ext4 a write that lands while an fsync of the
 same file runs can stall for milliseconds, stalling every connection of the node).
@@ -49,6 +50,7 @@ from storage.errors import (
     StorageFull,
 )
 from storage.flush import Flusher, FsyncFn, Mark, Pipeline, WriteRun
+from storage.io_threads import IoThreads
 from storage.producers import ProducerTable
 from storage.quarantine import Quarantine, QuarantinedRange
 from storage.reads import Reader
@@ -120,6 +122,7 @@ class Partition:
         clock: Callable[[], int],
         name: str,
         quarantine: Quarantine | None = None,
+        io: IoThreads | None = None,
     ) -> None:
         self.directory = directory
         self.config = config
@@ -135,8 +138,12 @@ class Partition:
             cache_window_bytes=config.cache_window_bytes,
             now_ms=clock(),
         )
+        # the log's shared I/O threads, or this partition's own when opened alone
+        self._own_io = io is None
+        self._io = io if io is not None else IoThreads(2, name=f"herald-io-{name}")
         self._flusher = Flusher(
             self._pipeline,
+            threads=self._io,
             directory=directory,
             name=name,
             fsync=fsync,
@@ -161,6 +168,7 @@ class Partition:
         fsync: FsyncFn = os.fdatasync,
         clock: Callable[[], int] = _now_ms,
         name: str | None = None,
+        io: IoThreads | None = None,
     ) -> tuple[Partition, RecoveryReport]:
         """Open (creating if needed) the partition in ``directory`` and recover it.
 
@@ -168,7 +176,9 @@ class Partition:
         and verifies, read from the device, every batch after it; a torn tail is cut,
         corruption quarantined; the report says which. Works on a full disk (the checkpoint
         written after recovery may fail: it is logged). Blocking: at start-up, call it
-        before serving or from a thread.
+        before serving or from a thread. ``io``: the threads that run its write and sync
+        jobs (a log shares one pool among its partitions); by default the partition starts
+        two of its own and stops them when it closes.
         """
         config = config or PartitionConfig()
         label = name or directory.name
@@ -182,6 +192,7 @@ class Partition:
             clock=clock,
             name=label,
             quarantine=recovered.quarantine,
+            io=io,
         )
         part._write_checkpoint_now()
         return part, recovered.report
@@ -475,7 +486,7 @@ class Partition:
 
     def high_watermark_changed(self) -> asyncio.Future[None]:
         """A future resolved the next time the high watermark advances (for long polls)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = self._flusher.loop.create_future()
         waiters = self._hw_waiters
         if len(waiters) >= 64 and len(waiters) & (len(waiters) - 1) == 0:
             # long polls that timed out leave cancelled futures behind; on an idle partition
@@ -552,6 +563,8 @@ class Partition:
             await asyncio.get_running_loop().run_in_executor(None, self._write_checkpoint_now)
         for seg in self._segments:
             seg.close()
+        if self._own_io:
+            self._io.close()
         err = LogClosed(f"partition {self.name} closed")
         for fut in self._hw_waiters:
             if not fut.done():
@@ -577,3 +590,5 @@ class Partition:
             self._write_checkpoint_now()
         for seg in self._segments:
             seg.close()
+        if self._own_io:
+            self._io.close()

@@ -7,9 +7,12 @@ import ctypes
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from storage.partition import PartitionConfig
+from storage.io_threads import IoThreads
+from storage.partition import Acks, PartitionConfig
 from tests.unit.storage.test_partition import batch, open_partition, read_all, values_for
 
 PAGE = 4096
@@ -64,6 +67,61 @@ async def test_a_lone_append_is_written_and_synced_by_one_job(tmp_path: Path) ->
             await part.append([batch(values_for(i * 3, 3))])
         assert gate.calls == 5  # one fdatasync per append, none extra
     finally:
+        await part.close()
+
+
+class CountingIo(IoThreads):
+    """I/O threads that count the reports their jobs send to the loop."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.reports: list[str] = []
+
+    def report(self, callback: Callable[..., None], *args: Any) -> None:
+        self.reports.append(callback.__name__)
+        super().report(callback, *args)
+
+
+async def test_a_lone_append_is_answered_from_one_report(tmp_path: Path) -> None:
+    io = CountingIo()
+    part = open_partition(tmp_path / "p", io=io)
+    try:
+        for i in range(5):
+            await part.append([batch(values_for(i * 3, 3))])
+        # one hand-off to a thread and one report back per append: the write is not
+        # reported on its own when nobody waits for it
+        assert io.reports == ["_sync_done"] * 5
+        result = await part.append([batch(values_for(15, 3))], Acks.LEADER)
+        await part.wait_durable(result.last_offset + 1)
+        assert io.reports[5:] in (["_write_done", "_sync_done"], ["_sync_done"])
+    finally:
+        await part.close()
+        io.close()
+
+
+async def test_an_append_queued_behind_a_write_then_sync_job_is_written_before_its_sync_ends(
+    tmp_path: Path,
+) -> None:
+    gate = GatedFsync()
+    part = open_partition(tmp_path / "p", fsync=gate)
+    try:
+        gate.armed = True
+        first = part.append_nowait([batch(values_for(0, 5))])  # a write-then-sync job
+        assert await asyncio.to_thread(gate.entered.wait, 5), "the sync never started"
+        # the job's write was not reported (nobody asked); a new append makes the loop ask,
+        # and finding the write done it goes on without waiting for the stuck sync
+        second = part.append_nowait([batch(values_for(5, 5))])
+        written = part.written_future(second.last_offset + 1)
+        assert written is not None
+        await asyncio.wait_for(written, 5)
+        assert part.high_watermark == 0
+        gate.armed = False
+        gate.release.set()
+        await asyncio.wait_for(part.wait_durable(second.last_offset + 1), 5)
+        assert part.high_watermark == 10 and first.base_offset == 0
+        assert read_all(part) == {o: v for o, v in enumerate(values_for(0, 10))}
+    finally:
+        gate.release.set()
         await part.close()
 
 

@@ -1,0 +1,135 @@
+"""Dedicated threads for the partitions' write and sync jobs, and their way back to the loop.
+
+The partitions' blocking I/O (``pwritev``, ``fdatasync``, seals, checkpoints: the jobs of
+:mod:`storage.flush`) runs here rather than in the loop's default executor. The executor costs
+more than the I/O it runs for a small append: ``run_in_executor`` wraps each call in two
+futures, chains them with an extra ``call_soon_threadsafe``, and its worker takes and releases
+several Python-level locks per item, every one of them a turn of the GIL between the worker
+and the loop (a lone acks=all append cost the node 16 context switches and ~29 system calls,
+measured with ``perf stat`` in ``bench/RESULTS.md``). Here:
+
+- :meth:`IoThreads.submit` (loop) puts ``(fn, arg)`` on one ``SimpleQueue``: a thread waiting
+  on it is woken, nothing else is allocated. Threads start lazily, up to ``max_threads``.
+- :meth:`IoThreads.report` (thread) queues ``callback(*args)`` for the loop and wakes the loop
+  only if no wake-up is pending: jobs that finish close together are answered from one loop
+  callback (:meth:`_drain`), one wake-up for all of them.
+
+A thread never touches the loop's state: jobs report, and the loop applies the outcome.
+Threads are daemons (a stuck ``fdatasync`` must not keep a dying process alive);
+:meth:`close` stops and joins them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("herald.storage")
+
+_Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None stops a thread
+
+
+class _Worker(threading.Thread):
+    def __init__(self, jobs: queue.SimpleQueue[_Item], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._jobs = jobs
+        self.finished = 0  # jobs this thread has run (written by this thread only)
+
+    def run(self) -> None:
+        get = self._jobs.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            fn, arg = item
+            try:
+                fn(arg)
+            except BaseException:  # a job reports its own failures; this is a bug
+                log.exception("event=io_job_crashed thread=%s", self.name)
+            self.finished += 1
+
+
+class IoThreads:
+    """A small pool of threads for blocking storage jobs, shared by the partitions of a log.
+
+    ``submit`` and ``close`` are called on the event loop; ``report`` from a job. A job must
+    not raise (it reports its failures); one that does is logged. Cost: one thread (a few
+    hundred KiB of stack in use, 8 MiB reserved) per concurrent job, at most ``max_threads``."""
+
+    def __init__(self, max_threads: int, name: str = "herald-io") -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+        self.max_threads = max_threads
+        self.name = name
+        self._jobs: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._workers: list[_Worker] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._drain_scheduled = False
+        self._submitted = 0
+        self.closed = False
+
+    @property
+    def threads(self) -> int:
+        """Threads started so far."""
+        return len(self._workers)
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run ``fn(arg)`` in a thread (loop only). The loop is the one ``report`` answers on."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._jobs.put((fn, arg))
+        self._submitted += 1
+        workers = self._workers
+        if (
+            len(workers) < self.max_threads
+            and self._submitted - sum(w.finished for w in workers) > len(workers)
+        ):
+            # more jobs than threads: one more, so a sync never queues behind another
+            # partition's long write while a thread could run it
+            worker = _Worker(self._jobs, f"{self.name}-{len(workers)}")
+            workers.append(worker)
+            worker.start()
+
+    def report(self, callback: Callable[..., None], *args: Any) -> None:
+        """From a job: run ``callback(*args)`` on the loop. Reports made before the loop
+        drains the previous ones share its wake-up."""
+        self._done.append((callback, args))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop = self._loop
+            assert loop is not None
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                self._drain_scheduled = False
+
+    def _drain(self) -> None:
+        # reset first: a report made while this runs either lands in the deque before the
+        # loop below empties it, or sees the flag down and schedules another drain
+        self._drain_scheduled = False
+        done = self._done
+        while done:
+            callback, args = done.popleft()
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("event=io_report_failed callback=%r", callback)
+
+    def close(self) -> None:
+        """Stop the threads once the jobs queued are done, and wait for them. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join()

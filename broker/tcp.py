@@ -8,7 +8,8 @@ wait for (a produce or publish: a callback on the future, no task per request), 
 coroutine for requests that must wait (long-poll fetches, topic deletion, offset commits and
 producer ids, which wait for the state store's sync): those get a task owned by the
 connection and cancelled with it. Replies collected during one loop iteration leave in one
-``writelines``.
+``writelines``; the reply to the last request a connection waits for leaves at once (nothing
+could share that write, and a lone request saves a loop turn).
 
 Back-pressure: when a connection has ``max_inflight_per_connection`` requests waiting, or its
 socket's write buffer is full, the server stops reading from it until that drains; the kernel's
@@ -129,7 +130,10 @@ class BrokerProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and not self.closed and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.writelines(out)
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
 
     def send_error(self, rid: int, exc: BaseException) -> None:
         err = describe(exc)
@@ -219,6 +223,10 @@ class BrokerProtocol(asyncio.Protocol):
                 self.send_error(rid, exc)
             else:
                 self.send(reply)
+            if not self.inflight:
+                # the last reply this connection waits for: nothing else could share the
+                # write, so it leaves now rather than one loop turn later
+                self._flush()
             self._update_reading()
 
         ack.add_done_callback(finished)
@@ -238,6 +246,8 @@ class BrokerProtocol(asyncio.Protocol):
                     self.send_error(rid, exc)
                 else:
                     self.send(t.result())
+                if not self.inflight:
+                    self._flush()  # nothing else could share the write (see _track)
             self._update_reading()
 
         task.add_done_callback(finished)

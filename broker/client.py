@@ -64,11 +64,19 @@ class CorruptData(BrokerError):
         self.offset, self.end_offset = offset, end_offset
 
 
+# what waits for a reply: a future, or a callback called with the reply (or the error that
+# ended the connection) from ``data_received`` itself, one loop turn sooner than a future's
+ReplyCallback = Callable[[p.Response | BrokerError], None]
+_Waiter = asyncio.Future[p.Response] | ReplyCallback
+
+
 class _Connection(asyncio.Protocol):
     """The client's socket: frames out (coalesced per loop turn), replies in, matched to the
-    pending futures by id. A lost connection fails every pending request."""
+    pending futures (or callbacks) by id. A lost connection fails every pending request.
+    Requests queued while replies are handled (a producer sending what waited for a reply)
+    leave when ``data_received`` ends, in one write."""
 
-    def __init__(self, pending: dict[int, asyncio.Future[p.Response]]) -> None:
+    def __init__(self, pending: dict[int, _Waiter]) -> None:
         self.pending = pending
         self.loop = asyncio.get_running_loop()
         self.decoder = p.FrameDecoder(1 << 31)
@@ -116,26 +124,41 @@ class _Connection(asyncio.Protocol):
             frames = self.decoder.feed(data)
             for frame in frames:
                 msg = p.decode_response(frame)
-                fut = self.pending.pop(msg.id, None)
-                if fut is not None:
-                    if not fut.done():
-                        fut.set_result(msg)
-                elif isinstance(msg, p.Error):
-                    # not tied to a request (e.g. frame too large): the node closes next
-                    self._error = BrokerError(msg.code, msg.message, msg.retriable)
+                waiter = self.pending.pop(msg.id, None)
+                if waiter is None:
+                    if isinstance(msg, p.Error):
+                        # not tied to a request (e.g. frame too large): the node closes next
+                        self._error = BrokerError(msg.code, msg.message, msg.retriable)
+                elif isinstance(waiter, asyncio.Future):
+                    if not waiter.done():
+                        waiter.set_result(msg)
+                else:
+                    _call(waiter, msg)
         except p.ProtocolError as exc:
             self._error = BrokerError(exc.code, str(exc))
             self.transport.close()
+        if self._out:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._resumed.set()
         pending = list(self.pending.values())
         self.pending.clear()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(self._error)
+        for waiter in pending:
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(self._error)
+            else:
+                _call(waiter, self._error)
         self.closed.set()
+
+
+def _call(callback: ReplyCallback, reply: p.Response | BrokerError) -> None:
+    try:
+        callback(reply)
+    except Exception:  # a callback's bug must not drop the other replies of this read
+        log.exception("event=reply_callback_failed")
 
 
 # ---------------------------------------------------------------------------- client
@@ -157,7 +180,7 @@ class Client:
         self.client_id = client_id
         self.connect_timeout = connect_timeout
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[p.Response]] = {}
+        self._pending: dict[int, _Waiter] = {}
         self._conn: _Connection | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
@@ -218,6 +241,26 @@ class Client:
         self._pending[msg.id] = fut
         conn.write(p.encode_message(msg))
         return fut
+
+    def send_callback(self, msg: Any, callback: ReplyCallback) -> None:
+        """Queue a request and call ``callback`` with its reply, or with the
+        :class:`BrokerError` that lost it (``ConnectionLost``), as soon as it is read: no
+        future, no task, no loop turn in between. The request leaves at the next
+        :meth:`flush` (or at the end of this loop turn). ``callback`` runs inside the
+        connection's read and must not block. Raises :class:`ConnectionLost` if not
+        connected."""
+        conn = self._conn
+        if conn is None or conn.lost:
+            raise ConnectionLost()
+        msg.id = next(self._ids)
+        self._pending[msg.id] = callback
+        conn.write(p.encode_message(msg))
+
+    def flush(self) -> None:
+        """Send the requests queued so far now, rather than at the end of this loop turn."""
+        conn = self._conn
+        if conn is not None:
+            conn.flush()
 
     async def _request_now(self, msg: Any) -> p.Response:
         fut = self.send_nowait(msg)
@@ -394,7 +437,46 @@ class _Accumulator:
     futures: list[asyncio.Future[RecordMetadata]] = field(default_factory=list)
     size: int = 0
     first_ts: int = 0
-    timer: asyncio.Handle | None = None
+    timer: asyncio.TimerHandle | None = None  # linger_ms > 0: sealed when it fires
+    waiting: bool = False  # linger_ms=0: sealed when one of the partition's requests returns
+
+
+class _Slots:
+    """At most ``n`` produce requests in flight: an ``asyncio.Semaphore`` that can also be
+    taken without awaiting (:meth:`take`), so a request can leave from a plain callback."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        """Take a slot if one is free now (and nobody waits for one)."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the slot is handed over by release()
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed over, but nobody will use it
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes to this waiter
+                return
+        self._free += 1
 
 
 class Producer:
@@ -438,7 +520,11 @@ class Producer:
         self._acc: dict[TopicPartition, _Accumulator] = {}
         self._busy: dict[TopicPartition, int] = {}  # requests in flight per partition
         self._rr = itertools.count()
-        self._inflight = asyncio.Semaphore(max_inflight)
+        self._inflight = _Slots(max_inflight)
+        self._due: list[TopicPartition] = []  # linger_ms=0: sealed at the end of this turn
+        self._due_scheduled = False
+        self._sending = 0  # first attempts in flight (answered by a callback, no task)
+        self._sent: asyncio.Future[None] | None = None  # resolved when _sending drops to 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts: dict[str, int] = {}
         # records for topics whose partition count is being looked up, in send order
@@ -539,12 +625,16 @@ class Producer:
         acc = self._acc.get(tp)
         if acc is None:
             acc = self._acc[tp] = _Accumulator(topic, partition, first_ts=ts)
-            loop = asyncio.get_running_loop()
             if self.linger_ms > 0:
+                loop = asyncio.get_running_loop()
                 acc.timer = loop.call_later(self.linger_ms / 1000, self._linger_expired, tp)
             elif self._busy.get(tp, 0) < self.partition_inflight:
-                acc.timer = loop.call_soon(self._linger_expired, tp)
-            # else: sealed when one of the partition's requests in flight is answered
+                self._due.append(tp)
+                if not self._due_scheduled:
+                    self._due_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._send_due)
+            else:  # sealed when one of the partition's requests in flight is answered
+                acc.waiting = True
         delta = ts - acc.first_ts
         if len(row) == 4:
             acc.rows.append((delta, key, value, row[3]))
@@ -558,6 +648,17 @@ class Producer:
     def _linger_expired(self, tp: TopicPartition) -> None:
         if tp in self._acc:
             self._seal(tp)
+            self.client.flush()
+
+    def _send_due(self) -> None:
+        """linger_ms=0, at the end of the turn the records were queued in: every partition's
+        records leave, in one write."""
+        self._due_scheduled = False
+        due, self._due = self._due, []
+        for tp in due:
+            if tp in self._acc:
+                self._seal(tp)
+        self.client.flush()
 
     def _seal(self, tp: TopicPartition) -> None:
         acc = self._acc.pop(tp)
@@ -565,11 +666,73 @@ class Producer:
             acc.timer.cancel()
         batch = self._encode(tp, acc.rows, acc.first_ts)
         self._busy[tp] = self._busy.get(tp, 0) + 1
+        if self.client.connected and self._inflight.take():
+            try:
+                self._send_first(tp, batch, acc.futures, acc.rows, acc.first_ts)
+                return
+            except ConnectionLost:
+                self._inflight.release()
         task = asyncio.get_running_loop().create_task(
             self._send_batch(tp, batch, acc.futures, acc.rows, acc.first_ts)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _send_first(
+        self,
+        tp: TopicPartition,
+        batch: bytes,
+        futures: list[asyncio.Future[RecordMetadata]],
+        rows: list[records.RecordInput],
+        first_ts: int,
+    ) -> None:
+        """The first attempt of a sealed batch, holding an in-flight slot already: sent at
+        once and answered by a callback, with no task. Any failure hands the batch to
+        :meth:`_send_batch`, which decides as for a failure of its own first attempt
+        (retry the same bytes, renew the producer id, or fail the records)."""
+        pid = self.producer_id
+        msg = p.Produce(
+            id=0, topic=tp[0], partition=tp[1], key=None, batches=[batch], acks=self.acks
+        )
+
+        def answered(reply: p.Response | BrokerError) -> None:
+            self._inflight.release()
+            try:
+                settle(reply)
+            finally:
+                # after the records' futures: their callbacks run before flush() returns
+                self._sending -= 1
+                if not self._sending and self._sent is not None:
+                    if not self._sent.done():
+                        self._sent.set_result(None)
+                    self._sent = None
+
+        def settle(reply: p.Response | BrokerError) -> None:
+            if isinstance(reply, p.Produced):
+                self._answered(tp)
+                base = reply.base_offset
+                for i, f in enumerate(futures):
+                    if not f.done():
+                        f.set_result(RecordMetadata(tp[0], reply.partition, base + i))
+                return
+            if isinstance(reply, p.Error):
+                exc = BrokerError(reply.code, reply.message, reply.retriable)
+            elif isinstance(reply, BrokerError):
+                exc = reply
+            else:
+                exc = BrokerError(errors.InvalidRequest.code, f"unexpected reply {reply!r}")
+            task = asyncio.get_running_loop().create_task(
+                self._send_batch(tp, batch, futures, rows, first_ts, pid=pid, first_failure=exc)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._sending += 1
+        try:
+            self.client.send_callback(msg, answered)
+        except BaseException:
+            self._sending -= 1
+            raise
 
     def _answered(self, tp: TopicPartition, *, send_next: bool = True) -> None:
         left = self._busy[tp] - 1
@@ -578,7 +741,7 @@ class Producer:
         else:
             del self._busy[tp]
         acc = self._acc.get(tp)
-        if send_next and acc is not None and acc.timer is None:  # linger_ms=0: it waited
+        if send_next and acc is not None and acc.waiting:  # linger_ms=0: it waited
             self._seal(tp)
 
     def _encode(self, tp: TopicPartition, rows: list[records.RecordInput], first_ts: int) -> bytes:
@@ -602,9 +765,14 @@ class Producer:
         futures: list[asyncio.Future[RecordMetadata]],
         rows: list[records.RecordInput],
         first_ts: int,
+        *,
+        pid: int | None = None,
+        first_failure: BrokerError | None = None,
     ) -> None:
         try:
-            produced = await self._produce_renewing(tp, batch, rows, first_ts)
+            produced = await self._produce_renewing(
+                tp, batch, rows, first_ts, pid=pid, first_failure=first_failure
+            )
         except BaseException as exc:
             self._answered(tp, send_next=isinstance(exc, Exception))
             for f in futures:
@@ -619,9 +787,19 @@ class Producer:
                 f.set_result(RecordMetadata(tp[0], produced.partition, produced.base_offset + i))
 
     async def _produce_renewing(
-        self, tp: TopicPartition, batch: bytes, rows: list[records.RecordInput], first_ts: int
+        self,
+        tp: TopicPartition,
+        batch: bytes,
+        rows: list[records.RecordInput],
+        first_ts: int,
+        *,
+        pid: int | None = None,
+        first_failure: BrokerError | None = None,
     ) -> p.Produced:
-        """Produce ``batch``, keeping the idempotent sequence of ``tp`` whole:
+        """Produce ``batch`` (encoded under producer id ``pid``, by default the current
+        one), keeping the idempotent sequence of ``tp`` whole (``first_failure`` is how a
+        first attempt made without a task, :meth:`_send_first`, failed: it counts as the
+        first of the attempts):
 
         - if the node no longer knows this producer's id (it expired after the node's
           producer-id expiration, idle), get a new id and send the records again under it,
@@ -633,9 +811,14 @@ class Producer:
           the next batch of ``tp`` that the node answers ``out_of_order_sequence`` (a hole
           where the failed batch was not stored) is sent again under a new id (KIP-360's
           idea)."""
-        pid = self.producer_id
+        if pid is None:
+            pid = self.producer_id
         try:
-            return await self._produce_with_retries(tp[0], tp[1], batch)
+            if first_failure is None:
+                return await self._produce_with_retries(tp[0], tp[1], batch)
+            if not first_failure.retriable or self.retries == 0:  # as _produce_with_retries
+                raise first_failure
+            return await self._produce_with_retries(tp[0], tp[1], batch, first_attempt=1)
         except BrokerError as exc:
             if not self.idempotent:
                 raise
@@ -675,11 +858,22 @@ class Producer:
             self._gaps.pop(stale, None)
 
     async def _produce_with_retries(
-        self, topic: str, partition: int | None, batch: bytes, key: bytes | None = None
+        self,
+        topic: str,
+        partition: int | None,
+        batch: bytes,
+        key: bytes | None = None,
+        *,
+        first_attempt: int = 0,
     ) -> p.Produced:
-        delay = self.retry_backoff_ms / 1000
-        async with self._inflight:
-            for attempt in range(self.retries + 1):
+        """Send until acknowledged: attempts ``first_attempt`` to ``retries`` (0 is the
+        first try; a later one first sleeps the backoff, doubling from ``retry_backoff_ms``
+        up to 2 s)."""
+        await self._inflight.acquire()
+        try:
+            for attempt in range(first_attempt, self.retries + 1):
+                if attempt:
+                    await asyncio.sleep(min(self.retry_backoff_ms / 1000 * 2 ** (attempt - 1), 2.0))
                 try:
                     await self.client._ensure_connected()
                     resp = await self.client._request_now(
@@ -700,8 +894,8 @@ class Producer:
                 except BrokerError as exc:
                     if not exc.retriable or attempt == self.retries:
                         raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        finally:
+            self._inflight.release()
         raise AssertionError("unreachable")
 
     async def send_batch(
@@ -738,11 +932,16 @@ class Producer:
 
     async def flush(self) -> None:
         """Send everything queued and wait for every acknowledgement."""
-        while self._acc or self._tasks or self._waiting:
+        while self._acc or self._tasks or self._waiting or self._sending:
             for tp in list(self._acc):
                 self._seal(tp)
+            self.client.flush()
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            elif self._sending:
+                if self._sent is None:
+                    self._sent = asyncio.get_running_loop().create_future()
+                await self._sent
             elif self._waiting:
                 await asyncio.sleep(0)
 

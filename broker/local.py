@@ -20,7 +20,7 @@ from typing import Any
 
 from broker import protocol as p
 from broker.auth import NODE_PRINCIPAL, Principal
-from broker.client import Client, ConnectionLost
+from broker.client import Client, ConnectionLost, ReplyCallback
 from broker.dispatch import Pending, handler_table
 from broker.errors import describe
 from broker.events import EventIntake
@@ -99,6 +99,18 @@ class LocalClient(Client):
         else:
             fut.set_result(outcome)
         return fut
+
+    def send_callback(self, msg: Any, callback: ReplyCallback) -> None:
+        """:meth:`send_nowait`, answered through ``callback`` (see :meth:`Client.send_callback`)."""
+        fut = self.send_nowait(msg)
+
+        def done(f: asyncio.Future[p.Response]) -> None:
+            callback(ConnectionLost("request cancelled") if f.cancelled() else f.result())
+
+        fut.add_done_callback(done)
+
+    def flush(self) -> None:
+        return None
 
     async def drain(self) -> None:
         return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.client import BatchMetadata, Client, RecordMetadata
+from broker.client import BatchMetadata, BrokerError, Client, RecordMetadata
 
 from .herald_process import HeraldProcess
 
@@ -88,4 +88,39 @@ async def test_a_commit_covers_only_the_records_the_application_got(client: Clie
     nxt = await again.getmany(timeout_ms=500, max_records=1)
     assert nxt[0].offset == 120
     await again.close()
+    await producer.close()
+
+
+@pytest.mark.parametrize("linger_ms", [0, 5])
+async def test_flush_returns_once_every_acknowledgement_is_delivered(
+    client: Client, linger_ms: float
+) -> None:
+    topic = f"api-flush-{linger_ms}"
+    await client.create_topic(topic, 2)
+    producer = await client.producer(linger_ms=linger_ms)
+    acked: list[int] = []
+    for i in range(300):
+        fut = producer.send_nowait(topic, b"%03d" % i, partition=i % 2)
+        fut.add_done_callback(lambda f: acked.append(f.result().offset))
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    await producer.flush()
+    # the callbacks of every record's future have run, not only the futures resolved
+    assert len(acked) == 300
+    assert sorted(acked) == sorted(list(range(150)) * 2)
+    await producer.close()
+
+
+async def test_a_record_refused_for_good_fails_its_future_without_retries(
+    client: Client,
+) -> None:
+    await client.create_topic("api-refused", 1)
+    producer = await client.producer(linger_ms=0, retry_backoff_ms=1000)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BrokerError) as info:
+        await producer.send("api-refused", b"x", partition=5)
+    assert info.value.code == "unknown_partition" and not info.value.retriable
+    assert asyncio.get_running_loop().time() - started < 0.5, "a refusal was retried"
+    # the producer goes on: the next record is sent and acknowledged
+    assert (await producer.send("api-refused", b"y", partition=0)).offset == 0
     await producer.close()

@@ -523,6 +523,9 @@ class Producer:
         self._inflight = _Slots(max_inflight)
         self._due: list[TopicPartition] = []  # linger_ms=0: sealed at the end of this turn
         self._due_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = (
+            None  # asyncio.get_running_loop() is a getpid()
+        )
         self._sending = 0  # first attempts in flight (answered by a callback, no task)
         self._sent: asyncio.Future[None] | None = None  # resolved when _sending drops to 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -535,6 +538,13 @@ class Producer:
         # partitions whose sequence has a hole (a batch failed for good with later ones in
         # flight), per producer id: their out_of_order_sequence answers mean "renew"
         self._gaps: dict[int, set[TopicPartition]] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def start(self) -> None:
         if self.idempotent:
@@ -580,7 +590,7 @@ class Producer:
         record for a topic whose partition count is not known yet waits (in order, with the
         topic's later records) for one metadata request."""
         ts = timestamp_ms if timestamp_ms is not None else time.time_ns() // 1_000_000
-        fut: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[RecordMetadata] = self.loop.create_future()
         row: records.RecordInput = (ts, key, value, list(headers)) if headers else (ts, key, value)
         if partition is None:
             n = self._counts.get(topic)
@@ -588,7 +598,7 @@ class Producer:
             if n is None or waiting is not None:
                 if waiting is None:
                     waiting = self._waiting[topic] = []
-                    task = asyncio.get_running_loop().create_task(self._learn_partitions(topic))
+                    task = self.loop.create_task(self._learn_partitions(topic))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 waiting.append((row, fut))
@@ -626,13 +636,12 @@ class Producer:
         if acc is None:
             acc = self._acc[tp] = _Accumulator(topic, partition, first_ts=ts)
             if self.linger_ms > 0:
-                loop = asyncio.get_running_loop()
-                acc.timer = loop.call_later(self.linger_ms / 1000, self._linger_expired, tp)
+                acc.timer = self.loop.call_later(self.linger_ms / 1000, self._linger_expired, tp)
             elif self._busy.get(tp, 0) < self.partition_inflight:
                 self._due.append(tp)
                 if not self._due_scheduled:
                     self._due_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._send_due)
+                    self.loop.call_soon(self._send_due)
             else:  # sealed when one of the partition's requests in flight is answered
                 acc.waiting = True
         delta = ts - acc.first_ts
@@ -672,7 +681,7 @@ class Producer:
                 return
             except ConnectionLost:
                 self._inflight.release()
-        task = asyncio.get_running_loop().create_task(
+        task = self.loop.create_task(
             self._send_batch(tp, batch, acc.futures, acc.rows, acc.first_ts)
         )
         self._tasks.add(task)
@@ -721,7 +730,7 @@ class Producer:
                 exc = reply
             else:
                 exc = BrokerError(errors.InvalidRequest.code, f"unexpected reply {reply!r}")
-            task = asyncio.get_running_loop().create_task(
+            task = self.loop.create_task(
                 self._send_batch(tp, batch, futures, rows, first_ts, pid=pid, first_failure=exc)
             )
             self._tasks.add(task)
@@ -940,7 +949,7 @@ class Producer:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             elif self._sending:
                 if self._sent is None:
-                    self._sent = asyncio.get_running_loop().create_future()
+                    self._sent = self.loop.create_future()
                 await self._sent
             elif self._waiting:
                 await asyncio.sleep(0)

@@ -982,8 +982,11 @@ class Consumer:
 
     ``getmany`` returns records in offset order per partition. With ``auto_commit`` the
     positions of records returned by the previous ``getmany`` are committed at the start of
-    the next one, every ``auto_commit_interval_ms``, on revocation and on close: a record is
-    committed only after the application had it, so delivery is at least once.
+    the next one, every ``auto_commit_interval_ms`` (0: at every call), on revocation and on
+    close: a record is committed only after the application had it, so delivery is at least
+    once. The commit made by ``getmany`` goes out with its fetch and is not awaited (a
+    failed one is logged and made again by the next call); those on revocation and close,
+    and :meth:`commit`, are awaited.
     """
 
     def __init__(
@@ -1026,6 +1029,7 @@ class Consumer:
         self._hb_task: asyncio.Task[None] | None = None
         self._assignment_changed = asyncio.Event()
         self._last_commit = time.monotonic()
+        self._commit_in_flight = False  # an auto commit awaits its reply
         self._rebalancing = False
         self._closed = False
         self._lock = asyncio.Lock()
@@ -1181,8 +1185,7 @@ class Consumer:
             self.auto_commit
             and time.monotonic() - self._last_commit >= self.auto_commit_interval_ms / 1000
         ):
-            with contextlib.suppress(BrokerError):
-                await self.commit()
+            self._auto_commit()
         if not self._buffer:
             self._decode([f[:4] for f in await self._fetch(timeout_ms)])
         buffer = self._buffer
@@ -1293,6 +1296,42 @@ class Consumer:
         resp = await self.client.request(p.FetchOffsets(id=0, group=self.group, partitions=tps))
         assert isinstance(resp, p.OffsetsFetched)
         return {(o.topic, o.partition): o.offset for o in resp.offsets if o.offset >= 0}
+
+    def _auto_commit(self) -> None:
+        """Commit the positions that moved, pipelined with the fetch that follows instead of
+        awaited before it (as Redis's consumer sends XACK with its next XREADGROUP): an
+        auto commit no longer holds up the next records by a round trip and a state-store
+        sync. One at a time; a failed one is logged and retried by the next ``getmany``
+        (the positions still differ from what is known committed)."""
+        self._last_commit = time.monotonic()
+        if self._commit_in_flight:
+            return  # the next getmany commits what moves meanwhile
+        offsets = {tp: off for tp, off in self.positions.items() if self._committed.get(tp) != off}
+        if not offsets:
+            return
+        assert self.group is not None
+
+        def answered(reply: p.Response | BrokerError) -> None:
+            self._commit_in_flight = False
+            if isinstance(reply, p.Committed):
+                self._committed.update(offsets)
+            else:
+                log.warning("event=auto_commit_failed group=%s reply=%r", self.group, reply)
+
+        self._commit_in_flight = True
+        try:
+            self.client.send_callback(
+                p.CommitOffsets(
+                    id=0,
+                    group=self.group,
+                    member_id=self.member_id,
+                    generation=self.generation,
+                    offsets=[(t, i, o) for (t, i), o in offsets.items()],
+                ),
+                answered,
+            )
+        except ConnectionLost:
+            self._commit_in_flight = False  # the fetch reconnects; the next call commits
 
     async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
         """Commit ``offsets`` (next offset to read, per partition), default: the current

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from broker import protocol as p
 from broker.client import BatchMetadata, BrokerError, Client, RecordMetadata
 
 from .herald_process import HeraldProcess
@@ -123,4 +124,54 @@ async def test_a_record_refused_for_good_fails_its_future_without_retries(
     assert asyncio.get_running_loop().time() - started < 0.5, "a refusal was retried"
     # the producer goes on: the next record is sent and acknowledged
     assert (await producer.send("api-refused", b"y", partition=0)).offset == 0
+    await producer.close()
+
+
+async def test_an_auto_commit_goes_out_with_the_next_fetch_and_is_not_awaited(
+    client: Client,
+) -> None:
+    await client.create_topic("api-autocommit", 1)
+    producer = await client.producer()
+    await producer.send_batch("api-autocommit", [b"%02d" % i for i in range(20)], partition=0)
+    consumer = await client.consumer(
+        "api-autocommit", group="api-autocommit-g", auto_commit_interval_ms=0
+    )
+    got = await consumer.getmany(timeout_ms=500, max_records=5)
+    assert [r.offset for r in got] == list(range(5))
+    for _ in range(100):  # the starting position's commit, answered
+        if not consumer._commit_in_flight:
+            break
+        await asyncio.sleep(0.01)
+    held: list[tuple[Any, Any]] = []
+    real = client.send_callback
+
+    def holding(msg: Any, callback: Any) -> None:
+        if isinstance(msg, p.CommitOffsets):
+            held.append((msg, callback))  # the node is slow to answer this commit
+        else:
+            real(msg, callback)
+
+    client.send_callback = holding  # type: ignore[method-assign]
+    # the next poll commits offset 5 and gets its records without waiting for that commit
+    got = await consumer.getmany(timeout_ms=500, max_records=5)
+    assert [r.offset for r in got] == list(range(5, 10))
+    assert [m.offsets for m, _cb in held] == [[("api-autocommit", 0, 5)]]
+    # one auto commit at a time: while it is unanswered the next poll sends none
+    await consumer.getmany(timeout_ms=500, max_records=5)
+    assert len(held) == 1
+    client.send_callback = real  # type: ignore[method-assign]
+    msg, callback = held[0]
+    real(msg, callback)  # the node answers it now
+    for _ in range(100):
+        if not consumer._commit_in_flight:
+            break
+        await asyncio.sleep(0.01)
+    await consumer.getmany(timeout_ms=500, max_records=5)  # commits 15, pipelined again
+    for _ in range(100):
+        if await consumer.committed() == {("api-autocommit", 0): 15}:
+            break
+        await asyncio.sleep(0.01)
+    assert await consumer.committed() == {("api-autocommit", 0): 15}
+    await consumer.close()
+    assert await consumer.committed() == {("api-autocommit", 0): 20}
     await producer.close()

@@ -87,6 +87,10 @@ class Reader:
         self._quarantine = quarantine
         self._name = name
         self._unpin_waiters: list[asyncio.Future[None]] = []
+        # where the last read ended: (next offset, segment, position of the batch holding
+        # it). A consumer tailing the log asks for exactly that offset next, and starts
+        # there without walking the batch headers from the nearest index entry.
+        self._tail: tuple[int, Segment, int] | None = None
 
     def _segment_for(self, offset: int) -> int:
         return max(0, bisect.bisect_right(self._bases, offset) - 1)
@@ -105,6 +109,15 @@ class Reader:
         if damaged is not None:
             raise damaged.error(self._name)
         i = self._segment_for(offset)
+        tail = self._tail
+        if tail is not None and tail[0] == offset:
+            seg, pos = tail[1], tail[2]
+            if self._segments[i] is seg and not seg.has_damage:
+                flushed = seg.base_offset == pipeline.flushed_segment
+                limit = pipeline.flushed_position if flushed else seg.size
+                if pos < limit:  # the batch is checked as any other when it is read
+                    want = min(max(max_bytes, records.HEADER_SIZE), limit - pos, MAX_READ)
+                    return Located(seg, pos, want, limit, offset)
         while i < len(self._segments):
             seg = self._segments[i]
             flushed = seg.base_offset == pipeline.flushed_segment
@@ -185,14 +198,14 @@ class Reader:
         """The whole, verified batches at the start of ``data`` (cut in place), or the
         damage the read starts at."""
         seg, pos, limit, expected = found.segment, found.position, found.limit, found.expected
-        end, _next, problem = records.verify_batches(data, expected)
+        end, next_offset, problem = records.verify_batches(data, expected)
         if end == 0 and problem is None:
             # the first batch is longer than the read (or the read came back short)
             if len(data) >= records.HEADER_SIZE:
                 _base, length = records.peek_length(data)
                 if pos + length <= limit:
                     data = seg.read_into(pos, length)  # return it whole anyway
-                    end, _next, problem = records.verify_batches(data, expected)
+                    end, next_offset, problem = records.verify_batches(data, expected)
                 else:
                     problem = f"a batch of {length} bytes runs past the readable end {limit}"
             if end == 0:
@@ -203,6 +216,7 @@ class Reader:
             return Damage(seg, pos, expected, problem, segment_end, end_offset)
         if end < len(data):
             del data[end:]  # shrinks in place: no copy of what is kept
+        self._tail = (next_offset, seg, pos + end)
         return data
 
     @staticmethod

@@ -11,6 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from storage import records
+from storage.errors import CorruptData
 from storage.io_threads import IoThreads
 from storage.partition import Acks, PartitionConfig
 from tests.unit.storage.test_partition import batch, open_partition, read_all, values_for
@@ -275,5 +279,43 @@ async def test_reads_within_the_window_are_served_on_the_loop(tmp_path: Path) ->
         seg.read_into = spy  # type: ignore[method-assign]
         assert await part.read_async(0, 1 << 20) == part.read(0, 1 << 20)
         assert threads == [threading.main_thread().name] * 2
+    finally:
+        await part.close()
+
+
+async def test_a_read_from_where_the_last_one_ended_starts_there_and_still_checks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = open_partition(tmp_path / "p", config=PartitionConfig(index_interval_bytes=512))
+    try:
+        for i in range(20):
+            await part.append([batch(values_for(i * 5, 5))])
+        first = part.read(0, 1 << 20)
+        tail = [h.next_offset for _p, h in records.iter_batches(first)][-1]
+        assert tail == 100
+        for i in range(20, 30):
+            await part.append([batch(values_for(i * 5, 5))])
+        (seg,) = part.segments
+
+        def no_walk(*_args: object, **_kw: object) -> tuple[int, int]:
+            raise AssertionError("a tailing read walked the headers")
+
+        monkeypatch.setattr(seg, "find_batch", no_walk)
+        nxt = part.read(tail, 1 << 20)
+        assert next(h.base_offset for _p, h in records.iter_batches(nxt)) == 100
+        monkeypatch.undo()
+        assert read_all(part, 100) == {o: v for o, v in enumerate(values_for(0, 150)) if o >= 100}
+
+        # damage where the next read starts is found all the same
+        end = [h.next_offset for _p, h in records.iter_batches(part.read(100, 1 << 20))][-1]
+        pos = seg.size
+        await part.append([batch(values_for(end, 5))])
+        fd = os.open(tmp_path / "p" / f"{0:020d}.log", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xff", pos + records.HEADER_SIZE + 3)  # a byte of its records
+        finally:
+            os.close(fd)
+        with pytest.raises(CorruptData):
+            part.read(end, 1 << 20)
     finally:
         await part.close()

@@ -88,10 +88,8 @@ class IoThreads:
         self._jobs.put((fn, arg))
         self._submitted += 1
         workers = self._workers
-        if (
-            len(workers) < self.max_threads
-            and self._submitted - sum(w.finished for w in workers) > len(workers)
-        ):
+        busy = self._submitted - sum(w.finished for w in workers)  # queued or running
+        if busy > len(workers) and len(workers) < self.max_threads:
             # more jobs than threads: one more, so a sync never queues behind another
             # partition's long write while a thread could run it
             worker = _Worker(self._jobs, f"{self.name}-{len(workers)}")

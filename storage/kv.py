@@ -14,7 +14,8 @@ Durability: the environment is opened without a sync per transaction (LMDB's ``N
 integrity is kept; a power loss may undo the last transactions, a killed process loses
 nothing). Callers that must not lose a write await :meth:`KV.sync`, which group-commits: all
 writes made before the call are synced by one ``fsync`` in a worker thread, shared by every
-caller that arrived meanwhile. Write transactions are short and never span an ``await``.
+caller that arrived meanwhile (on the store's own I/O thread, :mod:`storage.io_threads`).
+Write transactions are short and never span an ``await``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import lmdb
 import msgspec
 
 from storage.errors import StorageError, StorageFull
+from storage.io_threads import IoThreads
 from storage.segment import fsync_dir
 
 T = TypeVar("T")
@@ -84,7 +86,11 @@ class KV:
         # durable, or a power cut soon after the first start could lose the whole store
         fsync_dir(path)
         fsync_dir(path.parent)
-        self._sync_task: asyncio.Task[None] | None = None
+        # syncs run on a thread of the store's own, reported back without a task
+        # (storage/io_threads.py): a commit's sync is on the path of its acknowledgement
+        self._io = IoThreads(1, name="herald-kv")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._syncing = False
         self._requested = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.path = path
@@ -130,41 +136,53 @@ class KV:
     async def sync(self) -> None:
         """Make every write made before this call durable. Concurrent callers share one
         fsync (group commit). Raises :class:`StorageError` if the sync fails."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # kept: asyncio.get_running_loop() costs a getpid() system call
+            loop = self._loop = asyncio.get_running_loop()
         self._requested += 1
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append((self._requested, fut))
-        if self._sync_task is None:
-            self._sync_task = loop.create_task(self._sync_loop(), name="kv-sync")
+        if not self._syncing:
+            self._start_sync()
         await fut
 
-    async def _sync_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _start_sync(self) -> None:
+        """Loop: one fsync for every write made so far, on the store's own I/O thread."""
+        self._syncing = True
+        self._io.submit(self._sync_job, self._requested)
+
+    def _sync_job(self, upto: int) -> None:
+        """I/O thread: fsync, then report to the loop."""
+        error: StorageError | None = None
         try:
-            while self._waiters:
-                upto = self._requested
-                error: StorageError | None = None
-                try:
-                    await loop.run_in_executor(None, self.sync_now)
-                except StorageError as exc:
-                    error = exc
-                keep = []
-                for ticket, fut in self._waiters:
-                    if ticket > upto:
-                        keep.append((ticket, fut))
-                    elif not fut.done():
-                        if error is None:
-                            fut.set_result(None)
-                        else:
-                            fut.set_exception(error)
-                self._waiters = keep
-        finally:
-            self._sync_task = None
+            self.sync_now()
+        except StorageError as exc:
+            error = exc
+        except BaseException as exc:  # a bug; the waiters must still hear of it
+            error = StorageError(f"state store sync crashed: {exc!r}")
+        self._io.report(self._synced, upto, error)
+
+    def _synced(self, upto: int, error: StorageError | None) -> None:
+        """Loop: answer the callers the sync covered; start the next one if others wait."""
+        self._syncing = False
+        keep = []
+        for ticket, fut in self._waiters:
+            if ticket > upto:
+                keep.append((ticket, fut))
+            elif not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+        self._waiters = keep
+        if keep:
+            self._start_sync()
 
     def close(self) -> None:
         """Sync and close. Closes even when the sync fails, then raises
         :class:`StorageError` (what was written since the last successful sync may be lost
-        to a power cut)."""
+        to a power cut). A sync in flight finishes first."""
+        self._io.close()
         try:
             self._env.sync(True)
         except lmdb.Error as exc:

@@ -133,3 +133,13 @@ class Channel(Protocol):
     async def send(self, delivery: Delivery) -> Outcome: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class AcceptsAll(Protocol):
+    """A channel that keeps nothing and answers every delivery alike (``null``): a worker
+    may hand it a whole batch at once with :meth:`accept`, without a :class:`Delivery`
+    view or an ``await`` per delivery. Raises :class:`~channels.errors.ChannelClosed`
+    after ``close``, like ``send``."""
+
+    def accept(self, count: int) -> Outcome: ...

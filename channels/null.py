@@ -24,5 +24,12 @@ class NullChannel:
         self.sent += 1
         return _DELIVERED
 
+    def accept(self, count: int) -> Outcome:
+        """Accept ``count`` deliveries at once (``channels.base.AcceptsAll``)."""
+        if self._closed:
+            raise ChannelClosed("the null channel is closed")
+        self.sent += count
+        return _DELIVERED
+
     async def close(self) -> None:
         self._closed = True

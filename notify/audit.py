@@ -30,7 +30,8 @@ import msgspec
 from broker.client import ConsumerRecord
 from broker.local import LocalClient
 from notify import ids
-from notify.model import Attempt, AuditRecord, Notification, StatusRow
+from notify.model import Attempt, AuditPage, AuditRecord, Notification, StatusPage, StatusRow
+from notify.pages import decode_audit_page, is_page
 from notify.stage import Stage
 from storage.kv import KV, Txn
 
@@ -54,6 +55,19 @@ RANK: Final = {
 _FAR: Final = 1 << 62
 
 
+_COUNTED: Final = ("delivered", "undelivered", "dead_lettered")  # statuses that are attempts
+
+
+class _PageAge(msgspec.Struct, array_like=True):
+    """The head of a :class:`StatusPage` row: what the sweep reads of it."""
+
+    status: str
+    reason: str | None
+    detail: str | None
+    attempt: int | None
+    updated_ms: int
+
+
 class Unread(msgspec.Struct, array_like=True):
     count: int
 
@@ -68,21 +82,71 @@ class AuditIndex:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
         self.statuses = kv.table("notify_status", StatusRow)
+        # one row per audit page: tenant\0event_id\0channel\0status\0first delivery id
+        self.status_pages = kv.table("notify_status_pages", StatusPage)
         self.notes = kv.table("notify_notes", Notification)
         self.feed_rows = kv.table("notify_feed", FeedRef)
         self.unread = kv.table("notify_unread", Unread)
 
     # --------------------------------------------------------------------- folding
-    def fold_many(self, records: list[AuditRecord]) -> None:
-        """Fold a batch of records in one transaction, each row read and written once per
-        batch (a delivery's queued and delivered records usually share one). Synchronous:
-        no engagement mark can slip between its reads and writes."""
+    def fold_many(self, records: list[AuditRecord | AuditPage]) -> None:
+        """Fold a batch of records and pages in one transaction, each row read and written
+        once per batch (a delivery's queued and delivered records usually share one).
+        Synchronous: no engagement mark can slip between its reads and writes.
+
+        A page (``notify.pages``) is kept as one status row (``notify_status_pages``, merged
+        with the per-user rows when read: :meth:`status`); a ``queued`` page also makes
+        each of its users' notification, feed entry and unread count, as records would."""
+        singles = [r for r in records if isinstance(r, AuditRecord)]
+        pages = [r for r in records if isinstance(r, AuditPage)]
         with self.kv.transaction() as txn:
             batch = _Batch(self, txn)
-            batch.prefetch(records)
+            if singles:
+                batch.prefetch(singles)
+            if pages:
+                batch.prefetch_pages(pages)
             for rec in records:
-                self._fold(batch, rec)
+                if isinstance(rec, AuditPage):
+                    self._fold_page(batch, rec)
+                else:
+                    self._fold(batch, rec)
             batch.write()
+
+    def _fold_page(self, b: _Batch, page: AuditPage) -> None:
+        if not page.users or RANK.get(page.status) is None:
+            return
+        key = (
+            f"{page.tenant}\0{page.event_id}\0{page.channel}\0{page.status}\0{page.delivery_ids[0]}"
+        )
+        b.pages.append(
+            (
+                key,
+                StatusPage(
+                    status=page.status,
+                    reason=page.reason,
+                    detail=page.detail,
+                    attempt=page.attempt,
+                    updated_ms=page.at_ms,
+                    topic=page.topic,
+                    users=page.users,
+                    delivery_ids=page.delivery_ids,
+                ),
+            )
+        )
+        if page.status != "queued":
+            return
+        tenant = page.tenant
+        note = Notification(event_id=page.event_id, topic=page.topic or "", created_ms=page.at_ms)
+        inverted = f"{_FAR - page.at_ms:019d}"
+        notes, feed, unread = b.notes, b.feed, b.unread
+        for user, run_id in zip(page.users, page.run_ids, strict=True):
+            nkey = f"{tenant}\0{user}\0{run_id}"
+            if nkey in notes or b.note(nkey) is not None:
+                continue
+            notes[nkey] = note
+            feed.append((f"{tenant}\0{user}\0{inverted}\0{run_id}".encode(), FeedRef(run_id)))
+            ukey = f"{tenant}\0{user}"
+            unread[ukey] = b.unread_count(ukey) + 1
 
     def fold(self, txn: Txn, rec: AuditRecord) -> None:
         batch = _Batch(self, txn)
@@ -188,6 +252,7 @@ class AuditIndex:
             item.update(msgspec.to_builtins(row))
             item["engagement"] = engaged[user]
             out.append(item)
+        out = self._merge_pages(tenant, event_id, out, engaged)
         # a run-level deferral (a delay, deliver_at) is over once the run reached a channel
         reached = {i["user"] for i in out if i["channel"] != "*"}
         return [
@@ -195,6 +260,68 @@ class AuditIndex:
             for i in out
             if not (i["channel"] == "*" and i["status"] == "deferred" and i["user"] in reached)
         ]
+
+    def _merge_pages(
+        self,
+        tenant: str,
+        event_id: str,
+        rows: list[dict[str, Any]],
+        engaged: dict[str, list[str]],
+    ) -> list[dict[str, Any]]:
+        """The per-user rows with what the event's status pages say: per (user, channel),
+        the page status of the highest rank (the latest of equal rank) wins over a
+        per-user row of a lower rank, or of an equal rank and older."""
+        best: dict[tuple[str, str], tuple[int, int, StatusPage, str]] = {}
+        for key, page in self.status_pages.scan(f"{tenant}\0{event_id}\0".encode()):
+            channel = key.split(b"\0")[2].decode()
+            rank = RANK[page.status]
+            for user, did in zip(page.users, page.delivery_ids, strict=True):
+                seen = best.get((user, channel))
+                if seen is None or (rank, page.updated_ms) > seen[:2]:
+                    best[(user, channel)] = (rank, page.updated_ms, page, did)
+        if not best:
+            return rows
+        by_key = {(i["user"], i["channel"]): i for i in rows}
+        for (user, channel), (rank, at, page, did) in best.items():
+            item = by_key.get((user, channel))
+            if item is not None and (RANK.get(item["status"], 0), item["updated_ms"]) >= (
+                rank,
+                at,
+            ):
+                continue
+            attempts = list(item["attempts"]) if item is not None else []
+            if page.attempt is not None and page.status in _COUNTED:
+                attempts.append(
+                    msgspec.to_builtins(
+                        Attempt(
+                            at_ms=at,
+                            outcome=page.status,
+                            detail=(page.reason or "")
+                            + (f": {page.detail}" if page.detail else ""),
+                        )
+                    )
+                )
+            if user not in engaged:
+                note = self.notes.get(f"{tenant}\0{user}\0{ids.run_id(tenant, event_id, user)}")
+                engaged[user] = list(note.engagement) if note else []
+            merged: dict[str, Any] = {"user": user, "channel": channel}
+            merged.update(
+                msgspec.to_builtins(
+                    StatusRow(
+                        status=page.status,
+                        delivery_id=did,
+                        reason=page.reason,
+                        detail=page.detail,
+                        attempts=[],
+                        updated_ms=at,
+                        topic=page.topic,
+                    )
+                )
+            )
+            merged["attempts"] = attempts
+            merged["engagement"] = engaged[user]
+            by_key[(user, channel)] = merged
+        return [by_key[k] for k in sorted(by_key)]
 
     def feed(
         self, tenant: str, user: str, *, before: str | None = None, limit: int = 50
@@ -230,6 +357,12 @@ class AuditIndex:
         each table from ``cursors`` (updated in place; None: from the start). Returns how
         many rows went."""
         gone = 0
+        pages = self.status_pages.scan_raw(b"", after=cursors.get("pages"), limit=limit)
+        cursors["pages"] = pages[-1][0] if pages else None
+        decode = msgspec.msgpack.Decoder(_PageAge).decode
+        old_p: list[bytes | str] = [k for k, v in pages if decode(v).updated_ms < before_ms]
+        if old_p:
+            gone += self.status_pages.delete_many(old_p)
         rows = list(self.statuses.scan(b"", after=cursors["status"], limit=limit))
         cursors["status"] = rows[-1][0] if rows else None
         old_s: list[bytes | str] = [k for k, v in rows if v.updated_ms < before_ms]
@@ -279,6 +412,7 @@ class _Batch:
         self.notes: dict[str, Notification] = {}
         self.unread: dict[str, int] = {}
         self.feed: list[tuple[bytes | str, FeedRef]] = []
+        self.pages: list[tuple[bytes | str, StatusPage]] = []
         self._missing: set[str] = set()
         self._unread_base: dict[str, int] = {}
         self._loaded_s: dict[str, StatusRow] = {}
@@ -311,6 +445,35 @@ class _Batch:
             assert isinstance(key, str)
             self._unread_base[key] = urow.count if urow is not None else 0
 
+    def prefetch_pages(self, pages: list[AuditPage]) -> None:
+        """Read the notifications and unread counts the ``queued`` pages touch: which
+        notifications exist (one C call; only those found are decoded: a redone batch),
+        and the unread counts of their users."""
+        nkeys: list[str] = []
+        ukeys: list[bytes | str] = []
+        for pg in pages:
+            if pg.status != "queued":
+                continue
+            prefix = f"{pg.tenant}\0"
+            for user, run_id in zip(pg.users, pg.run_ids, strict=True):
+                nkeys.append(f"{prefix}{user}\0{run_id}")
+                ukeys.append(f"{prefix}{user}")
+        if not nkeys:
+            return
+        ix, txn = self.index, self.txn
+        found = ix.notes.found_raw([k.encode() for k in nkeys], txn=txn)
+        dec = msgspec.msgpack.Decoder(Notification).decode
+        for key in nkeys:
+            raw = found.get(key.encode())
+            if raw is None:
+                self._missing.add(key)
+            else:
+                self._loaded_n[key] = dec(raw)
+        wanted = [k for k in dict.fromkeys(ukeys) if k not in self._unread_base]
+        for ukey, urow in zip(wanted, ix.unread.get_many(wanted, txn=txn), strict=True):
+            assert isinstance(ukey, str)
+            self._unread_base[ukey] = urow.count if urow is not None else 0
+
     def status(self, key: str) -> StatusRow | None:
         row = self.statuses.get(key) or self._loaded_s.get(key)
         if row is None and key not in self._missing:
@@ -341,7 +504,18 @@ class _Batch:
         if self.statuses:
             ix.statuses.put_many(list(self.statuses.items()), txn=txn)
         if self.notes:
-            ix.notes.put_many(list(self.notes.items()), txn=txn)
+            # a page's notifications are one object: encoded once
+            memo: dict[int, bytes] = {}
+            enc = ix.notes.encode
+            raw = []
+            for k, v in self.notes.items():
+                b = memo.get(id(v))
+                if b is None:
+                    b = memo[id(v)] = enc(v)
+                raw.append((k.encode(), b))
+            ix.notes.put_raw_many(raw, txn=txn)
+        if self.pages:
+            ix.status_pages.put_many(self.pages, txn=txn)
         if self.feed:
             ix.feed_rows.put_many(self.feed, txn=txn)
         if self.unread:
@@ -396,13 +570,17 @@ class AuditIndexer(Stage):
         self.forgotten += self.index.sweep(self.clock() - self.retention_ms, self._after)
 
     async def handle(self, recs: list[ConsumerRecord]) -> None:
-        records = []
+        records: list[AuditRecord | AuditPage] = []
         for rec in recs:
             try:
-                records.append(self._decode(rec.value))
+                if is_page(rec.value):
+                    records.append(decode_audit_page(rec.value))
+                else:
+                    records.append(self._decode(rec.value))
             except msgspec.DecodeError:
                 log.error(
                     "event=audit_bad_record partition=%d offset=%d", rec.partition, rec.offset
                 )
         self.index.fold_many(records)
-        self.folded += len(recs)
+        # transitions folded: a page counts its rows
+        self.folded += sum(len(r.users) if isinstance(r, AuditPage) else 1 for r in records)

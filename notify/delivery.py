@@ -12,7 +12,8 @@ call. For each delivery:
 2. **strict order**: when its workflow asks for it and an earlier delivery of the same (user,
    channel) waits in retry, it is held (``notify_held``) behind that one, and sent, in order,
    once the blocker is delivered or dead.
-3. **back-pressure**: above ``queue-depth-bound`` deliveries waiting (the consumer's lag), low
+3. **back-pressure**: above ``queue-depth-bound`` deliveries waiting (the batch in hand and,
+   estimated from the consumer's lag in records, those behind it), low
    priority deliveries are shed, normal ones above twice the bound; high and critical never.
    Each is recorded as ``shed``.
 4. **legal opt-out**: checked again just before the send (a STOP that arrived after the
@@ -41,14 +42,15 @@ import msgspec
 from broker.client import ConsumerRecord
 from broker.config import NotifyConfig
 from broker.local import LocalClient
-from channels.base import Channel, Delivered, Permanent, Retry
+from channels.base import AcceptsAll, Channel, Delivered, Permanent, Retry
 from channels.base import Delivery as ChannelDelivery
 from notify import ids
 from notify.dlq import DeadLetters, dlq_topic, letter_of
-from notify.model import Attempt, AuditRecord, DedupeRow, Delivery
+from notify.model import Attempt, AuditRecord, DedupeRow, Delivery, DeliveryPage
+from notify.pages import AuditRows, decode_delivery_page, expand, is_page
 from notify.ports import Directory
 from notify.retry import next_attempt, retried, tier_topic
-from notify.runner import emit_audit
+from notify.runner import AUDIT_TOPIC, emit_audit
 from notify.stage import Stage, TopicPartition
 from storage.kv import KV
 
@@ -116,20 +118,39 @@ class DeliveryWorker(Stage):
     # ---------------------------------------------------------------------- a batch
     async def handle(self, recs: list[ConsumerRecord]) -> dict[TopicPartition, int] | None:
         self._rows = {}
-        lag = self._lag(recs)
-        by_user: dict[bytes, list[Delivery]] = {}
+        # one record is one delivery, or a page of many (``notify.pages``)
+        items: list[DeliveryPage | Delivery] = []
+        pages_only = True
+        count = 0
         for rec in recs:
             try:
-                d = self._decode(rec.value)
-            except msgspec.DecodeError as exc:
+                if is_page(rec.value):
+                    page = decode_delivery_page(rec.value)
+                    items.append(page)
+                    count += len(page.users)
+                    pages_only = pages_only and not page.strict_order
+                else:
+                    items.append(self._decode(rec.value))
+                    count += 1
+                    pages_only = False
+            except (msgspec.DecodeError, TypeError) as exc:
                 log.error(
                     "event=delivery_bad_record partition=%d offset=%d error=%s",
                     rec.partition,
                     rec.offset,
                     exc,
                 )
-                continue
-            by_user.setdefault(rec.key or b"", []).append(d)
+        # deliveries waiting: this batch's (a page is many) and, estimated from the record
+        # lag by this batch's mix of pages and single deliveries, those behind it
+        lag = count + self._lag(recs) * count // max(1, len(recs))
+        if pages_only and isinstance(self.channel, AcceptsAll):
+            pages = [i for i in items if isinstance(i, DeliveryPage)]
+            if self._accept_all(pages, self.channel, lag):
+                return None
+        by_user: dict[bytes, list[Delivery]] = {}
+        for item in items:
+            for d in expand(item) if isinstance(item, DeliveryPage) else (item,):
+                by_user.setdefault(f"{d.tenant}\0{d.user}".encode(), []).append(d)
         self._known = {}
         with self.kv.snapshot() as txn:  # every dedupe row of the batch in one read
             get = self.dedupe.get
@@ -153,6 +174,114 @@ class DeliveryWorker(Stage):
         if self._rows:
             self.dedupe.put_many(list(self._rows.items()))
         return None
+
+    def _accept_all(self, pages: list[DeliveryPage], channel: AcceptsAll, lag: int) -> bool:
+        """A batch of pages to a channel that answers all alike (``null``), handled as a
+        whole: one dedupe read and one write for the batch, the legal opt-out per user, one
+        call to the channel, one audit page per page. What :meth:`_one` does per delivery,
+        minus the view and the await. Returns False (nothing done) if the channel refused
+        the call: the batch then goes the general way."""
+        dedupe_keys = [did.encode() for page in pages for did in page.delivery_ids]
+        seen = self.dedupe.found_raw(dedupe_keys)
+        bound = self.config.queue_depth_bound
+        opt_out = self.directory.legal_opt_out
+        name = self.channel_name
+        now = self.clock()
+        take: list[tuple[DeliveryPage, list[int]]] = []
+        shed: list[tuple[DeliveryPage, list[int]]] = []
+        done: set[bytes] = set()
+        accepted = 0
+        for page in pages:
+            # a page's deliveries are at their first attempt, never replayed: any dedupe
+            # row means already handled (see _seen)
+            fresh = []
+            for i, did in enumerate(page.delivery_ids):
+                k = did.encode()
+                if k in seen or k in done:
+                    self.skipped += 1
+                    continue
+                done.add(k)
+                fresh.append(i)
+            if not fresh:
+                continue
+            if (page.priority == "low" and lag > bound) or (
+                page.priority == "normal" and lag > 2 * bound
+            ):
+                shed.append((page, fresh))
+                continue
+            keep = []
+            for i in fresh:
+                why = opt_out(page.tenant, page.users[i], name)
+                if why is None:
+                    keep.append(i)
+                    continue
+                d = expand(_one_of(page, i))[0]
+                self._audit(d, "suppressed", reason="legal_opt_out", detail=why)
+                self._rows[d.delivery_id] = DedupeRow(at_ms=now, final=FINAL)
+            if keep:
+                take.append((page, keep))
+                accepted += len(keep)
+        outcome: Any = None
+        if accepted:
+            try:
+                outcome = channel.accept(accepted)
+            except Exception as exc:
+                log.warning("event=channel_accept_failed channel=%s error=%r", name, exc)
+                self.outbox.clear()
+                self._rows = {}
+                return False
+        if accepted and not isinstance(outcome, Delivered):  # refused alike: one by one
+            self.outbox.clear()
+            self._rows = {}
+            return False
+        self.sent += accepted
+        self.delivered += accepted
+        done_at = self.clock()
+        final = self.dedupe.encode(DedupeRow(at_ms=done_at, final=FINAL))
+        rows = [(k, final) for k in sorted(done)]
+        for page, keep in take:
+            self._audit_page(page, keep, "delivered", None, outcome.detail or None, 1, done_at)
+        for page, fresh in shed:
+            self._audit_page(page, fresh, "shed", "queue_depth", f"{lag} waiting", None, now)
+        if self._rows:  # suppressed ones: their rows as the general path writes them
+            rows = [(k, v) for k, v in rows if k.decode() not in self._rows]
+            self.dedupe.put_many(list(self._rows.items()))
+            self._rows = {}
+        if rows:
+            self.dedupe.put_raw_many(rows)
+        return True
+
+    def _audit_page(
+        self,
+        page: DeliveryPage,
+        which: list[int],
+        status: str,
+        reason: str | None,
+        detail: str | None,
+        attempt: int | None,
+        at_ms: int,
+    ) -> None:
+        audit = self.outbox.group(
+            AUDIT_TOPIC,
+            f"{page.tenant}\0{page.event_id}".encode(),
+            ("w", page.tenant, page.event_id, status, reason, detail, attempt, at_ms),
+            lambda: AuditRows(
+                tenant=page.tenant,
+                event_id=page.event_id,
+                topic=page.topic,
+                channel=self.channel_name,
+                status=status,
+                reason=reason,
+                detail=detail,
+                attempt=attempt,
+                at_ms=at_ms,
+            ),
+            rows=len(which),
+        )
+        assert isinstance(audit, AuditRows)
+        users, run_ids, dids = page.users, page.run_ids, page.delivery_ids
+        for i in which:
+            audit.add(users[i], run_ids[i], dids[i])
 
     def _lag(self, recs: list[ConsumerRecord]) -> int:
         """Deliveries waiting behind this batch: what the queue-depth bound applies to."""
@@ -345,6 +474,17 @@ class DeliveryWorker(Stage):
         old: list[bytes | str] = [k for k, v in rows if dec(v).at_ms < cutoff]
         if old:
             self.dedupe.delete_many(old)
+
+
+def _one_of(page: DeliveryPage, i: int) -> DeliveryPage:
+    """The page of the ``i``-th delivery of ``page`` alone."""
+    return msgspec.structs.replace(
+        page,
+        users=[page.users[i]],
+        run_ids=[page.run_ids[i]],
+        delivery_ids=[page.delivery_ids[i]],
+        steps=[page.steps[i]],
+    )
 
 
 def _kind(outcome: object) -> str:

@@ -34,9 +34,11 @@ from broker.topics import EVENTS_TOPIC
 from notify.conditions import Scope
 from notify.model import FanoutMark, ParkedEvent
 from notify.plans import Plans
-from notify.ports import Directory, Subscriber
+from notify.ports import Directory, Ruling, Subscriber
 from notify.runner import BROADCAST_TOPIC, RunEvent, Runner
+from notify.runs import Layout
 from notify.stage import Stage
+from notify.workflows import Plan
 from storage.kv import KV
 
 log = logging.getLogger("herald.notify.fanout")
@@ -143,9 +145,11 @@ class Fanout(Stage):
         before = self.recipients
         pages = 0
         default = tuple(c for c in self.config.default_channels if c in self.enabled)
+        plan_of: dict[tuple[str, ...], tuple[str, Plan, Layout]] = {}
         for page in self._pages(ev, after):
             users = [s.user for s in page]
             rulings = self.directory.rulings(ev.tenant, users)
+            runs: list[tuple[str, Ruling | None, tuple[str, Plan, Layout]]] = []
             for sub in page:
                 if sub.filter is not None:
                     who = rulings.get(sub.user)
@@ -159,21 +163,18 @@ class Fanout(Stage):
                 if plan is not None:
                     user_plan = plan
                 else:
-                    chans = tuple(c for c in sub.channels if c in self.enabled) or (
-                        default if not sub.channels else ()
-                    )
-                    if not chans:
-                        continue
-                    user_plan = self.plans.for_channels(chans)
-                self.runner.start(
-                    self.outbox,
-                    run_event,
-                    sub.user,
-                    rulings.get(sub.user),
-                    user_plan,
-                    deliver_at_ms=ev.deliver_at_ms,
-                )
-                self.recipients += 1
+                    found = plan_of.get(sub.channels)
+                    if found is None:
+                        chans = tuple(c for c in sub.channels if c in self.enabled) or (
+                            default if not sub.channels else ()
+                        )
+                        if not chans:
+                            continue
+                        found = plan_of[sub.channels] = self.plans.for_channels(chans)
+                    user_plan = found
+                runs.append((sub.user, rulings.get(sub.user), user_plan))
+            self.runner.start_many(self.outbox, run_event, runs, deliver_at_ms=ev.deliver_at_ms)
+            self.recipients += len(runs)
             pages += 1
             if len(self.outbox) >= self.config.fanout_flush_records:
                 await self.flush()

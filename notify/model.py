@@ -472,3 +472,63 @@ class Notification(_Row, kw_only=True):
     created_ms: int
     engagement: list[str] = []
     engaged_ms: dict[str, int] = {}
+
+
+# ------------------------------------------------------------------------------- pages
+# A page gathers what one event does to many recipients alike (queued on one channel at one
+# step, delivered at the first attempt, ...) into one record or row: the per-recipient part
+# is three parallel lists, everything else is said once. msgpack arrays (``array_like``),
+# so a page is told apart from the single forms (a JSON object for a Delivery, a msgpack map
+# for an AuditRecord) by its first byte; ``notify.pages`` encodes and decodes them.
+class DeliveryPage(msgspec.Struct, array_like=True):
+    """A record of ``__deliver.<channel>``: deliveries of one event on one channel to the
+    ``users`` of one partition (``run_ids``, ``delivery_ids`` and ``steps`` in step with
+    ``users``). Each one is the :class:`Delivery` that :func:`notify.pages.expand` makes:
+    attempt 1, no activities, no batch."""
+
+    tenant: str
+    event_id: str
+    topic: str
+    channel: str
+    priority: str
+    category: str | None
+    data: bytes  # the event's data (JSON)
+    created_ms: int
+    strict_order: bool
+    users: list[str]
+    run_ids: list[str]
+    delivery_ids: list[str]
+    steps: list[int]
+
+
+class AuditPage(msgspec.Struct, array_like=True):
+    """A record of ``__audit``: one transition (``status``, ``reason``, ``detail``,
+    ``attempt``) of one event on one channel for many users at once; what an
+    :class:`AuditRecord` per user would say."""
+
+    tenant: str
+    event_id: str
+    topic: str | None
+    channel: str
+    status: str
+    reason: str | None
+    detail: str | None
+    attempt: int | None
+    at_ms: int
+    users: list[str]
+    run_ids: list[str]
+    delivery_ids: list[str]
+
+
+class StatusPage(msgspec.Struct, array_like=True):
+    """The status index's row for one :class:`AuditPage` (``notify.audit``): the users of
+    the page and their delivery ids; the rest is the page's."""
+
+    status: str
+    reason: str | None
+    detail: str | None
+    attempt: int | None
+    updated_ms: int
+    topic: str | None
+    users: list[str]
+    delivery_ids: list[str]

@@ -20,9 +20,10 @@ from notify import ids
 from notify.conditions import Scope
 from notify.digests import Digests
 from notify.model import AuditRecord, Delivery, ParkedEvent, TimerRow
+from notify.pages import AuditRows, DeliveryRows
 from notify.plans import Plans
 from notify.ports import Directory, Occasion, Ruling
-from notify.runs import Layout, Progress, Skip, Verdict, advance
+from notify.runs import Go, Layout, Progress, Skip, Verdict, advance
 from notify.stage import Outbox
 from notify.timers import TimerStore
 from notify.workflows import Plan, Send, Throttle
@@ -39,6 +40,7 @@ def deliver_topic(channel: str) -> str:
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
 _audit_encode = msgspec.msgpack.Encoder().encode
+_h = ids._h
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class Runner:
         self.digests = digests
         self.channels = channels
         self.clock = clock
+        self._plain: dict[str, tuple[Send, ...] | None] = {}
 
     # ---------------------------------------------------------------- entry points
     def start(
@@ -127,6 +130,124 @@ class Runner:
             )
             return
         self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
+
+    def start_many(
+        self,
+        outbox: Outbox,
+        event: RunEvent,
+        runs: list[tuple[str, Ruling | None, tuple[str, Plan, Layout]]],
+        *,
+        deliver_at_ms: int | None = None,
+    ) -> None:
+        """Start the runs of ``event`` for a page of recipients (``(user, ruling, plan)``),
+        as :meth:`start` would one by one. A plan of channel steps only, whose every step the
+        policy lets through, takes the page's fast path: ids, the policy's verdicts and
+        rows added to the page's delivery and ``queued`` audit pages, nothing else per
+        user. Anything else (a deferral, a suppression, a delay...) runs the general way."""
+        now = self.clock()
+        if deliver_at_ms is not None and deliver_at_ms > now:
+            for user, ruling, plan in runs:
+                self.start(outbox, event, user, ruling, plan, deliver_at_ms=deliver_at_ms)
+            return
+        pe = event.parked
+        tenant, event_id = pe.tenant, pe.event_id
+        occasion = event.occasion
+        decide = self.directory.decide
+        record = self.directory.record
+        prefix = f"{tenant}\0{event_id}\0"
+        audits: dict[str, AuditRows] = {}
+        for user, ruling, plan in runs:
+            ref, p, where = plan
+            sends = self._sends_only(ref, p)
+            run_id = _h((prefix + user).encode())
+            if sends is None:
+                self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
+                continue
+            who: Ruling = ruling if ruling is not None else _Anyone(user)
+            verdicts = []
+            for step in sends:
+                did = _h(f"{run_id}\0{step.channel}\0{step.index}".encode())
+                verdict = decide(occasion, who, step, now, did)
+                if not isinstance(verdict, Go):
+                    break
+                verdicts.append((step, did, verdict))
+            else:
+                key = f"{tenant}\0{user}".encode()
+                for step, did, verdict in verdicts:
+                    channel = step.channel
+                    if verdict.charges:
+                        record(tenant, user, verdict.charges, now, did)
+                    self._delivery_rows(outbox, pe, key, channel, p.strict_order, now).add(
+                        user, run_id, did, step.index
+                    )
+                    audit = audits.get(channel)
+                    if audit is None:
+                        audit = audits[channel] = self._audit_rows(outbox, pe, channel, now)
+                    else:
+                        outbox.count += 1
+                    audit.add(user, run_id, did)
+                continue
+            self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
+
+    def _sends_only(self, ref: str, plan: Plan) -> tuple[Send, ...] | None:
+        """The plan's steps if they are channel steps only, each enabled (cached by ref)."""
+        cache = self._plain
+        if ref in cache:
+            return cache[ref]
+        steps = plan.steps
+        ok = all(isinstance(s, Send) and s.channel in self.channels for s in steps)
+        found = tuple(s for s in steps if isinstance(s, Send)) if ok and steps else None
+        if len(cache) > 4096:
+            cache.clear()
+        cache[ref] = found
+        return found
+
+    @staticmethod
+    def _delivery_rows(
+        outbox: Outbox, pe: ParkedEvent, key: bytes, channel: str, strict: bool, now: int
+    ) -> DeliveryRows:
+        """The open delivery page of ``pe`` on ``channel`` for the partition of the user
+        key ``key`` (one more row counted)."""
+
+        def make() -> DeliveryRows:
+            return DeliveryRows(
+                tenant=pe.tenant,
+                event_id=pe.event_id,
+                topic=pe.topic,
+                channel=channel,
+                priority=pe.priority,
+                category=pe.category,
+                data=pe.data,
+                created_ms=now,
+                strict_order=strict,
+            )
+
+        rows = outbox.group(
+            deliver_topic(channel), key, ("d", pe.tenant, pe.event_id, channel, strict), make
+        )
+        assert isinstance(rows, DeliveryRows)
+        return rows
+
+    def _audit_rows(self, outbox: Outbox, pe: ParkedEvent, channel: str, now: int) -> AuditRows:
+        """The open ``queued`` audit page of ``pe`` on ``channel`` (one more row counted)."""
+        rows = outbox.group(
+            AUDIT_TOPIC,
+            f"{pe.tenant}\0{pe.event_id}".encode(),
+            ("a", pe.tenant, pe.event_id, channel, "queued"),
+            lambda: AuditRows(
+                tenant=pe.tenant,
+                event_id=pe.event_id,
+                topic=pe.topic,
+                channel=channel,
+                status="queued",
+                reason=None,
+                detail=None,
+                attempt=None,
+                at_ms=now,
+            ),
+        )
+        assert isinstance(rows, AuditRows)
+        return rows
 
     def resume(
         self,
@@ -253,6 +374,15 @@ class Runner:
         )
         acts = None if activities is None else [msgspec.Raw(a.data) for a in activities]
         for emit in progress.emits:
+            if activities is None and batch_id is None:  # one event: its delivery page
+                key = ids.user_key(tenant, user)
+                self._delivery_rows(outbox, pe, key, emit.channel, plan.strict_order, now).add(
+                    user, run_id, emit.delivery_id, emit.step
+                )
+                if emit.charges:
+                    directory.record(tenant, user, emit.charges, now, emit.delivery_id)
+                self._audit_rows(outbox, pe, emit.channel, now).add(user, run_id, emit.delivery_id)
+                continue
             delivery = Delivery(
                 delivery_id=emit.delivery_id,
                 run_id=run_id,

@@ -24,8 +24,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Hashable
+from typing import Final, Protocol
 
 from broker.client import BrokerError, Consumer, ConsumerRecord, Producer
 from broker.local import LocalClient
@@ -40,16 +40,29 @@ TopicPartition = tuple[str, int]
 _RECORD_OVERHEAD: Final = 32  # msgpack framing per record, generously
 
 
-class Outbox:
-    """Output records waiting to be appended, per (topic, partition), in the order added.
+class Group(Protocol):
+    """Outputs gathered into few records (a page, ``notify.pages``): rows are added to it
+    while it is open; :meth:`seal` encodes them, once, when the outbox is sent."""
 
-    Memory: the encoded values and keys of at most one flush's records; the caller bounds
-    it by flushing (``len(outbox)`` is the record count)."""
+    strict: bool  # a single record added to its partition seals it first (order kept)
+
+    def seal(self) -> list[bytes]: ...
+
+
+class Outbox:
+    """Output records waiting to be appended, per (topic, partition), in the order added,
+    and groups (pages) of outputs that become records when the outbox is sent.
+
+    Memory: the encoded values and keys of at most one flush's records and the rows of its
+    open groups; the caller bounds it by flushing (``len(outbox)`` counts outputs: a record
+    added, or a row added to a group)."""
 
     def __init__(self, partitions: Callable[[str], int], max_batch_bytes: int) -> None:
         self._partitions = partitions
         self._max_bytes = max_batch_bytes - records.HEADER_SIZE
         self._rows: dict[TopicPartition, tuple[list[bytes | None], list[bytes]]] = {}
+        self._groups: dict[tuple[str, int, Hashable], Group] = {}
+        self._open: dict[TopicPartition, int] = {}  # strict groups open per partition
         self._counts: dict[str, int] = {}
         self.count = 0
 
@@ -63,8 +76,11 @@ class Outbox:
         return partition_for_key(key, n)
 
     def add(self, topic: str, key: bytes, value: bytes) -> None:
-        """Queue one record for the partition of ``key``."""
+        """Queue one record for the partition of ``key`` (after the strict groups open on
+        that partition: a user's deliveries stay in the order they were made)."""
         tp = (topic, self.partition_of(topic, key))
+        if self._open and tp in self._open:
+            self._seal(tp)
         rows = self._rows.get(tp)
         if rows is None:
             rows = self._rows[tp] = ([], [])
@@ -72,12 +88,54 @@ class Outbox:
         rows[1].append(value)
         self.count += 1
 
+    def group(
+        self,
+        topic: str,
+        key: bytes,
+        ident: Hashable,
+        make: Callable[[], Group],
+        rows: int = 1,
+    ) -> Group:
+        """The open group ``ident`` on the partition of ``key`` (made by ``make`` if there is
+        none), for the caller to add ``rows`` rows to: counted as that many outputs."""
+        tp = (topic, self.partition_of(topic, key))
+        gk = (topic, tp[1], ident)
+        g = self._groups.get(gk)
+        if g is None:
+            g = self._groups[gk] = make()
+            if g.strict:
+                self._open[tp] = self._open.get(tp, 0) + 1
+        self.count += rows
+        return g
+
+    def _seal(self, only: TopicPartition | None = None) -> None:
+        """Encode open groups (of partition ``only``, else all) into records, in the order
+        the groups were opened."""
+        for gk in [k for k in self._groups if only is None or (k[0], k[1]) == only]:
+            g = self._groups.pop(gk)
+            tp = (gk[0], gk[1])
+            if g.strict:
+                left = self._open[tp] - 1
+                if left:
+                    self._open[tp] = left
+                else:
+                    del self._open[tp]
+            rows = self._rows.get(tp)
+            if rows is None:
+                rows = self._rows[tp] = ([], [])
+            for value in g.seal():
+                rows[0].append(None)
+                rows[1].append(value)
+
     async def send(self, producer: Producer) -> int:
         """Append everything queued (one batch per partition unless it exceeds the batch
-        limit) and wait for every acknowledgement. Returns the records appended. On
+        limit) and wait for every acknowledgement. Returns the outputs appended. On
         failure nothing is cleared: the caller abandons its batch."""
+        if self._groups:
+            self._seal()
         if not self._rows:
-            return 0
+            sent, self.count = self.count, 0
+            return sent
         sends = []
         for (topic, partition), (keys, values) in self._rows.items():
             start = size = 0
@@ -102,10 +160,14 @@ class Outbox:
 
     def clear(self) -> None:
         self._rows.clear()
+        self._groups.clear()
+        self._open.clear()
         self.count = 0
 
     def take(self) -> Outbox:
         """Everything queued, moved to a new outbox (this one is left empty)."""
+        if self._groups:
+            self._seal()
         other = Outbox(self._partitions, self._max_bytes + records.HEADER_SIZE)
         other._counts = self._counts
         other._rows, self._rows = self._rows, {}

@@ -281,6 +281,12 @@ class Table(Generic[T]):
                 out.append(None if raw is None else dec(raw))
         return out
 
+    def found_raw(self, keys: list[bytes], *, txn: Txn | None = None) -> dict[bytes, bytes]:
+        """The stored bytes of those of ``keys`` that exist, read in one transaction by one
+        C call (LMDB's cursor ``getmulti``): a batch's membership test, no decode."""
+        with self._reading(txn) as t:
+            return {bytes(k): bytes(v) for k, v in t.cursor(db=self._db).getmulti(keys)}
+
     def get_raw(self, key: bytes | str, *, txn: Txn | None = None) -> bytes | None:
         """The stored bytes of ``key`` without decoding them (a copy)."""
         with self._reading(txn) as t:
@@ -306,6 +312,13 @@ class Table(Generic[T]):
                 else:
                     size += len(v) - len(old)
         return Usage(rows, size)
+
+    def put_raw_many(self, items: list[tuple[bytes, bytes]], *, txn: Txn | None = None) -> None:
+        """Write already encoded entries (``encode``'s bytes) in one transaction by one C
+        call (LMDB's cursor ``putmulti``): many rows sharing one encoded value cost no
+        encode each. Raises as :meth:`put_many`."""
+        with self._writing(txn) as t:
+            t.cursor(db=self._db).putmulti(items)
 
     def delete(self, key: bytes | str, *, txn: Txn | None = None) -> bool:
         with self._writing(txn) as t:

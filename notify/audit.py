@@ -53,6 +53,7 @@ RANK: Final = {
     "shed": 3,
 }
 _FAR: Final = 1 << 62
+_str_encode = msgspec.msgpack.Encoder().encode  # a FeedRef is [run_id]: b"\x91" + this
 
 
 _COUNTED: Final = ("delivered", "undelivered", "dead_lettered")  # statuses that are attempts
@@ -116,7 +117,8 @@ class AuditIndex:
         if not page.users or RANK.get(page.status) is None:
             return
         key = (
-            f"{page.tenant}\0{page.event_id}\0{page.channel}\0{page.status}\0{page.delivery_ids[0]}"
+            f"{page.tenant}\0{page.event_id}\0{page.channel}\0{page.status}\0"
+            f"{page.delivery_ids[0]}"
         )
         b.pages.append(
             (
@@ -135,23 +137,23 @@ class AuditIndex:
         )
         if page.status != "queued":
             return
+        # the notification, feed entry and unread count of each user not yet holding one
+        # (prefetch_pages read which exist); whole-page loops, values encoded once or raw
         tenant = page.tenant
         note = Notification(event_id=page.event_id, topic=page.topic or "", created_ms=page.at_ms)
-        inverted = f"{_FAR - page.at_ms:019d}"
-        notes, feed, unread = b.notes, b.feed, b.unread
+        inverted = f"\0{_FAR - page.at_ms:019d}\0"
+        notes, loaded, unread, base = b.notes, b._loaded_n, b.unread, b._unread_base
+        feed = b.feed_raw
+        enc = _str_encode
         for user, run_id in zip(page.users, page.run_ids, strict=True):
-            nkey = f"{tenant}\0{user}\0{run_id}"
-            if nkey in notes or b.note(nkey) is not None:
+            ukey = f"{tenant}\0{user}"
+            nkey = f"{ukey}\0{run_id}"
+            if nkey in notes or nkey in loaded:
                 continue
             notes[nkey] = note
-            feed.append((f"{tenant}\0{user}\0{inverted}\0{run_id}".encode(), FeedRef(run_id)))
-            ukey = f"{tenant}\0{user}"
-            unread[ukey] = b.unread_count(ukey) + 1
-
-    def fold(self, txn: Txn, rec: AuditRecord) -> None:
-        batch = _Batch(self, txn)
-        self._fold(batch, rec)
-        batch.write()
+            feed.append(((ukey + inverted + run_id).encode(), b"\x91" + enc(run_id)))
+            n = unread.get(ukey)
+            unread[ukey] = (base.get(ukey, 0) if n is None else n) + 1
 
     def _fold(self, b: _Batch, rec: AuditRecord) -> None:
         if rec.channel is None:
@@ -412,6 +414,7 @@ class _Batch:
         self.notes: dict[str, Notification] = {}
         self.unread: dict[str, int] = {}
         self.feed: list[tuple[bytes | str, FeedRef]] = []
+        self.feed_raw: list[tuple[bytes, bytes]] = []  # encoded FeedRefs, from pages
         self.pages: list[tuple[bytes | str, StatusPage]] = []
         self._missing: set[str] = set()
         self._unread_base: dict[str, int] = {}
@@ -446,33 +449,31 @@ class _Batch:
             self._unread_base[key] = urow.count if urow is not None else 0
 
     def prefetch_pages(self, pages: list[AuditPage]) -> None:
-        """Read the notifications and unread counts the ``queued`` pages touch: which
-        notifications exist (one C call; only those found are decoded: a redone batch),
-        and the unread counts of their users."""
-        nkeys: list[str] = []
-        ukeys: list[bytes | str] = []
+        """Read the notifications and unread counts the ``queued`` pages touch, each table
+        by one C call (LMDB's ``getmulti``), decoding only what exists: which
+        notifications exist (only a redone batch finds any) and the users' unread counts."""
+        nkeys: list[bytes] = []
+        ukeys: list[bytes] = []
         for pg in pages:
             if pg.status != "queued":
                 continue
-            prefix = f"{pg.tenant}\0"
-            for user, run_id in zip(pg.users, pg.run_ids, strict=True):
-                nkeys.append(f"{prefix}{user}\0{run_id}")
-                ukeys.append(f"{prefix}{user}")
+            t = pg.tenant
+            ukeys.extend([f"{t}\0{u}".encode() for u in pg.users])
+            nkeys.extend(
+                [f"{t}\0{u}\0{r}".encode() for u, r in zip(pg.users, pg.run_ids, strict=True)]
+            )
         if not nkeys:
             return
         ix, txn = self.index, self.txn
-        found = ix.notes.found_raw([k.encode() for k in nkeys], txn=txn)
-        dec = msgspec.msgpack.Decoder(Notification).decode
-        for key in nkeys:
-            raw = found.get(key.encode())
-            if raw is None:
-                self._missing.add(key)
-            else:
-                self._loaded_n[key] = dec(raw)
-        wanted = [k for k in dict.fromkeys(ukeys) if k not in self._unread_base]
-        for ukey, urow in zip(wanted, ix.unread.get_many(wanted, txn=txn), strict=True):
-            assert isinstance(ukey, str)
-            self._unread_base[ukey] = urow.count if urow is not None else 0
+        dec_n = msgspec.msgpack.Decoder(Notification).decode
+        for k, raw in ix.notes.found_raw(nkeys, txn=txn).items():
+            self._loaded_n[k.decode()] = dec_n(raw)
+        dec_u = msgspec.msgpack.Decoder(Unread).decode
+        base = self._unread_base
+        for k, raw in ix.unread.found_raw(ukeys, txn=txn).items():
+            key = k.decode()
+            if key not in base:
+                base[key] = dec_u(raw).count
 
     def status(self, key: str) -> StatusRow | None:
         row = self.statuses.get(key) or self._loaded_s.get(key)
@@ -518,8 +519,18 @@ class _Batch:
             ix.status_pages.put_many(self.pages, txn=txn)
         if self.feed:
             ix.feed_rows.put_many(self.feed, txn=txn)
+        if self.feed_raw:
+            ix.feed_rows.put_raw_many(self.feed_raw, txn=txn)
         if self.unread:
-            ix.unread.put_many([(k, Unread(v)) for k, v in self.unread.items()], txn=txn)
+            counts: dict[int, bytes] = {}
+            enc_u = ix.unread.encode
+            rows = []
+            for k, n in self.unread.items():
+                raw_n = counts.get(n)
+                if raw_n is None:
+                    raw_n = counts[n] = enc_u(Unread(n))
+                rows.append((k.encode(), raw_n))
+            ix.unread.put_raw_many(rows, txn=txn)
 
 
 def _feed_key(tenant: str, user: str, created_ms: int, run_id: str) -> bytes:

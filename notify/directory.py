@@ -107,7 +107,7 @@ class RegistryDirectory:
         self, tenant: str, topic: str, after: str | None, limit: int
     ) -> Sequence[Subscriber]:
         page = self.registry.subscribers(tenant, topic, after=after, limit=limit)
-        return [Subscriber(s.user, s.channels, s.filter) for s in page.subscribers]
+        return [Subscriber(*s) for s in page.subscribers]
 
     def subscriptions(
         self, tenant: str, users: Sequence[str], topic: str

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from notify.conditions import Predicate
 from notify.model import Workflow
@@ -22,10 +22,10 @@ from notify.runs import Verdict
 from notify.workflows import Send
 
 
-@dataclass(frozen=True, slots=True)
-class Subscriber:
+class Subscriber(NamedTuple):
     """One subscriber of a topic: the channels they subscribed with and their filter
-    (None: every event of the topic)."""
+    (None: every event of the topic). A named tuple: a page of a thousand is made per
+    page of a fan-out, and a tuple costs a fraction of a frozen dataclass to build."""
 
     user: str
     channels: tuple[str, ...]

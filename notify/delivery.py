@@ -181,80 +181,91 @@ class DeliveryWorker(Stage):
         call to the channel, one audit page per page. What :meth:`_one` does per delivery,
         minus the view and the await. Returns False (nothing done) if the channel refused
         the call: the batch then goes the general way."""
-        dedupe_keys = [did.encode() for page in pages for did in page.delivery_ids]
-        seen = self.dedupe.found_raw(dedupe_keys)
+        keys = [did.encode() for page in pages for did in page.delivery_ids]
+        seen = self.dedupe.found_raw(keys)
+        # a page's deliveries are at their first attempt, never replayed: any dedupe row
+        # means already handled (see _seen); so does an earlier copy in this batch
+        clean = not seen and len(set(keys)) == len(keys)
         bound = self.config.queue_depth_bound
         opt_out = self.directory.legal_opt_out
         name = self.channel_name
         now = self.clock()
-        take: list[tuple[DeliveryPage, list[int]]] = []
-        shed: list[tuple[DeliveryPage, list[int]]] = []
+        take: list[tuple[DeliveryPage, list[int] | None]] = []  # None: the whole page
+        shed: list[tuple[DeliveryPage, list[int] | None]] = []
+        handled: list[bytes] = keys if clean else []
         done: set[bytes] = set()
         accepted = 0
         for page in pages:
-            # a page's deliveries are at their first attempt, never replayed: any dedupe
-            # row means already handled (see _seen)
-            fresh = []
-            for i, did in enumerate(page.delivery_ids):
-                k = did.encode()
-                if k in seen or k in done:
-                    self.skipped += 1
+            fresh: list[int] | None = None
+            if not clean:
+                fresh = []
+                for i, did in enumerate(page.delivery_ids):
+                    k = did.encode()
+                    if k in seen or k in done:
+                        self.skipped += 1
+                        continue
+                    done.add(k)
+                    handled.append(k)
+                    fresh.append(i)
+                if not fresh:
                     continue
-                done.add(k)
-                fresh.append(i)
-            if not fresh:
-                continue
             if (page.priority == "low" and lag > bound) or (
                 page.priority == "normal" and lag > 2 * bound
             ):
                 shed.append((page, fresh))
                 continue
-            keep = []
-            for i in fresh:
-                why = opt_out(page.tenant, page.users[i], name)
-                if why is None:
-                    keep.append(i)
-                    continue
-                d = expand(_one_of(page, i))[0]
-                self._audit(d, "suppressed", reason="legal_opt_out", detail=why)
-                self._rows[d.delivery_id] = DedupeRow(at_ms=now, final=FINAL)
-            if keep:
+            tenant, users = page.tenant, page.users
+            out = [
+                i
+                for i in (range(len(users)) if fresh is None else fresh)
+                if opt_out(tenant, users[i], name) is not None
+            ]
+            keep = fresh
+            if out:
+                gone = set(out)
+                keep = [i for i in (range(len(users)) if fresh is None else fresh) if i not in gone]
+                for i in out:
+                    d = expand(_one_of(page, i))[0]
+                    why = opt_out(tenant, users[i], name)
+                    self._audit(d, "suppressed", reason="legal_opt_out", detail=why)
+                    self._rows[d.delivery_id] = DedupeRow(at_ms=now, final=FINAL)
+            n = len(users) if keep is None else len(keep)
+            if n:
                 take.append((page, keep))
-                accepted += len(keep)
+                accepted += n
         outcome: Any = None
         if accepted:
             try:
                 outcome = channel.accept(accepted)
             except Exception as exc:
                 log.warning("event=channel_accept_failed channel=%s error=%r", name, exc)
+                outcome = None
+            if not isinstance(outcome, Delivered):  # refused alike: one by one
                 self.outbox.clear()
                 self._rows = {}
                 return False
-        if accepted and not isinstance(outcome, Delivered):  # refused alike: one by one
-            self.outbox.clear()
-            self._rows = {}
-            return False
         self.sent += accepted
         self.delivered += accepted
         done_at = self.clock()
+        detail = outcome.detail or None if outcome is not None else None
+        for page, which in take:
+            self._audit_page(page, which, "delivered", None, detail, 1, done_at)
+        for page, which in shed:
+            self._audit_page(page, which, "shed", "queue_depth", f"{lag} waiting", None, now)
         final = self.dedupe.encode(DedupeRow(at_ms=done_at, final=FINAL))
-        rows = [(k, final) for k in sorted(done)]
-        for page, keep in take:
-            self._audit_page(page, keep, "delivered", None, outcome.detail or None, 1, done_at)
-        for page, fresh in shed:
-            self._audit_page(page, fresh, "shed", "queue_depth", f"{lag} waiting", None, now)
-        if self._rows:  # suppressed ones: their rows as the general path writes them
-            rows = [(k, v) for k, v in rows if k.decode() not in self._rows]
+        if self._rows:  # the suppressed: their rows as the general path writes them
+            handled = [k for k in handled if k.decode() not in self._rows]
             self.dedupe.put_many(list(self._rows.items()))
             self._rows = {}
-        if rows:
-            self.dedupe.put_raw_many(rows)
+        if handled:
+            handled.sort()
+            self.dedupe.put_raw_many([(k, final) for k in handled])
         return True
 
     def _audit_page(
         self,
         page: DeliveryPage,
-        which: list[int],
+        which: list[int] | None,
         status: str,
         reason: str | None,
         detail: str | None,
@@ -276,10 +287,13 @@ class DeliveryWorker(Stage):
                 attempt=attempt,
                 at_ms=at_ms,
             ),
-            rows=len(which),
+            rows=len(page.users) if which is None else len(which),
         )
         assert isinstance(audit, AuditRows)
         users, run_ids, dids = page.users, page.run_ids, page.delivery_ids
+        if which is None:
+            audit.extend(users, run_ids, dids)
+            return
         for i in which:
             audit.add(users[i], run_ids[i], dids[i])
 

@@ -136,6 +136,11 @@ class AuditRows:
         self.run_ids.append(run_id)
         self.delivery_ids.append(delivery_id)
 
+    def extend(self, users: list[str], run_ids: list[str], delivery_ids: list[str]) -> None:
+        self.users.extend(users)
+        self.run_ids.extend(run_ids)
+        self.delivery_ids.extend(delivery_ids)
+
     def seal(self) -> list[bytes]:
         return [
             _encode(

@@ -156,6 +156,11 @@ class Runner:
         record = self.directory.record
         prefix = f"{tenant}\0{event_id}\0"
         audits: dict[str, AuditRows] = {}
+        # the open delivery pages by (channel, partition, strict), looked up here rather
+        # than through the outbox per row; their rows are counted at the end
+        pages: dict[tuple[str, int, bool], DeliveryRows] = {}
+        partition_of = outbox.partition_of
+        rows_added = 0
         for user, ruling, plan in runs:
             ref, p, where = plan
             sends = self._sends_only(ref, p)
@@ -173,21 +178,31 @@ class Runner:
                 verdicts.append((step, did, verdict))
             else:
                 key = f"{tenant}\0{user}".encode()
+                strict = p.strict_order
                 for step, did, verdict in verdicts:
                     channel = step.channel
                     if verdict.charges:
                         record(tenant, user, verdict.charges, now, did)
-                    self._delivery_rows(outbox, pe, key, channel, p.strict_order, now).add(
-                        user, run_id, did, step.index
-                    )
+                    at = (channel, partition_of(deliver_topic(channel), key), strict)
+                    rows = pages.get(at)
+                    if rows is None:
+                        rows = pages[at] = self._delivery_rows(
+                            outbox, pe, key, channel, strict, now, count=0
+                        )
+                    rows.add(user, run_id, did, step.index)
                     audit = audits.get(channel)
                     if audit is None:
-                        audit = audits[channel] = self._audit_rows(outbox, pe, channel, now)
-                    else:
-                        outbox.count += 1
+                        audit = audits[channel] = self._audit_rows(outbox, pe, channel, now, 0)
                     audit.add(user, run_id, did)
+                    rows_added += 2
                 continue
+            if pages:  # the general way may add to the same pages: count what is added
+                outbox.count += rows_added
+                rows_added = 0
+                pages.clear()
+                audits.clear()
             self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
+        outbox.count += rows_added
 
     def _sends_only(self, ref: str, plan: Plan) -> tuple[Send, ...] | None:
         """The plan's steps if they are channel steps only, each enabled (cached by ref)."""
@@ -204,10 +219,16 @@ class Runner:
 
     @staticmethod
     def _delivery_rows(
-        outbox: Outbox, pe: ParkedEvent, key: bytes, channel: str, strict: bool, now: int
+        outbox: Outbox,
+        pe: ParkedEvent,
+        key: bytes,
+        channel: str,
+        strict: bool,
+        now: int,
+        count: int = 1,
     ) -> DeliveryRows:
         """The open delivery page of ``pe`` on ``channel`` for the partition of the user
-        key ``key`` (one more row counted)."""
+        key ``key`` (``count`` more rows counted)."""
 
         def make() -> DeliveryRows:
             return DeliveryRows(
@@ -223,13 +244,20 @@ class Runner:
             )
 
         rows = outbox.group(
-            deliver_topic(channel), key, ("d", pe.tenant, pe.event_id, channel, strict), make
+            deliver_topic(channel),
+            key,
+            ("d", pe.tenant, pe.event_id, channel, strict),
+            make,
+            rows=count,
         )
         assert isinstance(rows, DeliveryRows)
         return rows
 
-    def _audit_rows(self, outbox: Outbox, pe: ParkedEvent, channel: str, now: int) -> AuditRows:
-        """The open ``queued`` audit page of ``pe`` on ``channel`` (one more row counted)."""
+    def _audit_rows(
+        self, outbox: Outbox, pe: ParkedEvent, channel: str, now: int, count: int = 1
+    ) -> AuditRows:
+        """The open ``queued`` audit page of ``pe`` on ``channel`` (``count`` more rows
+        counted)."""
         rows = outbox.group(
             AUDIT_TOPIC,
             f"{pe.tenant}\0{pe.event_id}".encode(),
@@ -245,6 +273,7 @@ class Runner:
                 attempt=None,
                 at_ms=now,
             ),
+            rows=count,
         )
         assert isinstance(rows, AuditRows)
         return rows

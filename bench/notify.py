@@ -110,13 +110,35 @@ def node_config(data_dir: Path, channels: list[str], **notify: Any) -> Any:
     )
 
 
+def serve_settings() -> None:
+    """The process settings ``herald serve`` makes (``herald/cli.py``): the node in this
+    process runs as it would there."""
+    from herald.collector import tune_collector
+    from herald.malloc import keep_freed_memory
+
+    keep_freed_memory()
+    tune_collector()
+
+
+def node_ready(ready: asyncio.Future[None]) -> Any:
+    """The ``on_ready`` of ``herald serve``, then ``ready`` resolved."""
+    from herald.collector import freeze_startup
+
+    def on_ready(_node: Any) -> None:
+        freeze_startup()
+        ready.set_result(None)
+
+    return on_ready
+
+
 @contextlib.asynccontextmanager
 async def running_node(cfg: Any, directory: Any) -> AsyncIterator[Any]:
     from herald.node import Node
 
+    serve_settings()
     node = Node(cfg, directory=lambda kv: directory, shutdown_timeout=1.0)
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(node.run(lambda n: ready.set_result(None)))
+    task = asyncio.create_task(node.run(node_ready(ready)))
     done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
@@ -588,9 +610,10 @@ async def scenario_million(args: argparse.Namespace) -> str:
     try:
         from herald.node import Node
 
+        serve_settings()
         node = Node(cfg, shutdown_timeout=1.0)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(node.run(lambda n: ready.set_result(None)))
+        task = asyncio.create_task(node.run(node_ready(ready)))
         await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
         sampler = asyncio.create_task(sample())
         try:

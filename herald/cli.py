@@ -44,13 +44,16 @@ def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None)
     from herald.malloc import keep_freed_memory
 
     keep_freed_memory()  # see broker/malloc.py: fresh pages cost a fault each
+    from herald.collector import freeze_startup, tune_collector
+
+    tune_collector()  # see herald/collector.py: fewer collections of short-lived objects
 
     import uvloop
 
     async def main() -> None:
         node = Node(cfg, **(node_options or {}))
         install_signal_handlers(node)
-        await node.run()
+        await node.run(lambda _node: freeze_startup())
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -117,8 +117,7 @@ class AuditIndex:
         if not page.users or RANK.get(page.status) is None:
             return
         key = (
-            f"{page.tenant}\0{page.event_id}\0{page.channel}\0{page.status}\0"
-            f"{page.delivery_ids[0]}"
+            f"{page.tenant}\0{page.event_id}\0{page.channel}\0{page.status}\0{page.delivery_ids[0]}"
         )
         b.pages.append(
             (
@@ -291,7 +290,7 @@ class AuditIndex:
                 at,
             ):
                 continue
-            attempts = list(item["attempts"]) if item is not None else []
+            attempts = list(item.get("attempts", ())) if item is not None else []
             if page.attempt is not None and page.status in _COUNTED:
                 attempts.append(
                     msgspec.to_builtins(
@@ -320,7 +319,8 @@ class AuditIndex:
                     )
                 )
             )
-            merged["attempts"] = attempts
+            if attempts:  # as a per-user row says it: no key when there is none
+                merged["attempts"] = attempts
             merged["engagement"] = engaged[user]
             by_key[(user, channel)] = merged
         return [by_key[k] for k in sorted(by_key)]

@@ -9,7 +9,7 @@ from typing import Any
 
 from notify import ids
 from notify.audit import AuditIndex
-from notify.model import AuditRecord
+from notify.model import AuditPage, AuditRecord
 from storage.kv import KV
 
 
@@ -69,4 +69,63 @@ def test_the_retention_sweep_forgets_old_rows_and_their_feed_entries(tmp_path: P
     feed = ix.feed("t", "u1")
     assert [i["event_id"] for i in feed["items"]] == ["e30"] and feed["unread"] == 1
     assert ix.status("t", "e10") == [] and len(ix.status("t", "e30")) == 1
+    kv.close()
+
+
+def page(status: str, at: int, users: list[str], *, event: str = "e1", **kw: Any) -> AuditPage:
+    run_ids = [ids.run_id("t", event, u) for u in users]
+    return AuditPage(
+        tenant="t",
+        event_id=event,
+        topic="news",
+        channel=kw.pop("channel", "webhook"),
+        status=status,
+        reason=kw.pop("reason", None),
+        detail=kw.pop("detail", None),
+        attempt=kw.pop("attempt", None),
+        at_ms=at,
+        users=users,
+        run_ids=run_ids,
+        delivery_ids=[ids.delivery_id(r, "webhook", 0) for r in run_ids],
+    )
+
+
+def test_pages_fold_as_the_records_they_stand_for(tmp_path: Path) -> None:
+    kv = KV(tmp_path / "kv")
+    ix = AuditIndex(kv)
+    users = ["u1", "u2", "u3"]
+    ix.fold_many([page("queued", 10, users)])
+    ix.fold_many([page("queued", 10, users)])  # a redone batch: nothing new
+    ix.fold_many([page("delivered", 20, ["u1", "u2"], attempt=1, detail="204")])
+    # u3's delivery went the single way: a retry, then dead
+    ix.fold_many(
+        [
+            rec("undelivered", 15, user="u3", attempt=1, reason="http_503"),
+            rec("dead_lettered", 30, user="u3", attempt=2, reason="http_410"),
+        ]
+    )
+    rows = {r["user"]: r for r in ix.status("t", "e1")}
+    assert [rows[u]["status"] for u in users] == ["delivered", "delivered", "dead_lettered"]
+    assert rows["u1"]["attempts"] == [{"at_ms": 20, "outcome": "delivered", "detail": ": 204"}]
+    assert rows["u1"]["delivery_id"] == ids.delivery_id(ids.run_id("t", "e1", "u1"), "webhook", 0)
+    assert [a["outcome"] for a in rows["u3"]["attempts"]] == ["undelivered", "dead_lettered"]
+    for user in users:  # one notification each, unread, in the feed
+        feed = ix.feed("t", user)
+        assert [i["event_id"] for i in feed["items"]] == ["e1"] and feed["unread"] == 1
+    assert ix.mark("t", "u1", ids.run_id("t", "e1", "u1"), "read", 40)
+    assert ix.feed("t", "u1")["unread"] == 0
+    assert rows["u1"]["engagement"] == [] and "read" in ix.status("t", "e1")[0]["engagement"]
+    # a later single record of a higher rank wins over a page's status, a lower one does not
+    ix.fold_many([rec("suppressed", 50, user="u2", reason="legal_opt_out")])
+    ix.fold_many([rec("queued", 60, user="u1")])
+    rows = {r["user"]: r for r in ix.status("t", "e1")}
+    assert rows["u1"]["status"] == "delivered" and rows["u2"]["status"] == "suppressed"
+    # the retention sweep forgets page rows by their last change
+    cursors: dict[str, bytes | None] = {"status": None, "notes": None}
+    ix.sweep(25, cursors)
+    assert {r["user"]: r["status"] for r in ix.status("t", "e1")} == {
+        "u1": "queued",
+        "u2": "suppressed",
+        "u3": "dead_lettered",
+    }
     kv.close()

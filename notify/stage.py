@@ -16,6 +16,10 @@ in-process client (``broker/local.py``).
 (a storage error, the node refusing appends while it stops) is abandoned: its positions go
 back to the batch's start and it is tried again after a pause, or by the next owner. Stopping
 lets the batch in hand finish (bounded by ``stop_timeout``), else abandons it.
+
+Pipelining: batch N+1 is handled while batch N finishes, and its outputs are appended as
+soon as N's are acknowledged; only its commit waits for N's. A commit (a sync of the state
+store) is never on the way of the next batch's outputs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from broker.client import BrokerError, Consumer, ConsumerRecord, Producer
@@ -207,7 +213,7 @@ class Stage:
         self._task: asyncio.Task[None] | None = None
         self._stop = False
         self._busy = False
-        self._pending: asyncio.Task[None] | None = None
+        self._inflight: deque[_Finishing] = deque()
         self.batches = 0
         self.records_in = 0
         self.records_out = 0
@@ -265,15 +271,19 @@ class Stage:
     @property
     def settled(self) -> bool:
         """No batch in hand and every batch handled so far committed."""
-        return not self._busy and (self._pending is None or self._pending.done())
+        return not self._busy and all(f.task.done() for f in self._inflight)
 
     async def _run(self) -> None:
-        """Handle batch N+1 while batch N's outputs are appended and synced, then commit N
-        (in order: a batch commits only after the one before it). One batch is finishing
-        at most while the next is handled, so memory stays one batch deep."""
+        """Handle batch N+1 while batch N's outputs are appended and synced and its offsets
+        committed. Two waits keep the order without putting a commit on the way of the
+        next batch: N+1's outputs are appended only once N's are acknowledged (a user's
+        deliveries stay in order on their partition), and N+1 commits only after N did.
+        At most :data:`MAX_FINISHING` batches are finishing while one is handled, so memory
+        stays a few batches deep. A failed batch fails the ones behind it (they never
+        commit); every open batch is then given up from the oldest start."""
         consumer = self.consumer
         assert consumer is not None
-        uncommitted: dict[TopicPartition, int] = {}  # starts of the oldest open batch
+        inflight = self._inflight
         while self.producer is None and not self._stop:
             try:
                 self.producer = await self.client.producer(acks=-1, linger_ms=0)
@@ -283,13 +293,9 @@ class Stage:
                 await asyncio.sleep(self.retry_pause_s)
         try:
             while not self._stop:
-                pending = self._pending
-                if pending is not None and pending.done():
-                    self._pending = None
-                    if pending.cancelled() or pending.exception() is not None:
-                        failure = None if pending.cancelled() else pending.exception()
-                        await self._abandon(uncommitted, failure)
-                    uncommitted = {}
+                failure = self._reap()
+                if failure is not None:
+                    await self._give_up(failure[0], failure[1])
                     continue
                 if self.stopping_node():
                     await asyncio.sleep(0.05)
@@ -301,10 +307,10 @@ class Stage:
                     await asyncio.sleep(self.retry_pause_s)
                     continue
                 if not recs:
-                    if self._pending is None:
+                    if not inflight:
                         await self.idle()
                     else:
-                        await asyncio.wait([self._pending], timeout=0.1)
+                        await asyncio.wait([inflight[-1].task], timeout=0.1)
                     continue
                 starts: dict[TopicPartition, int] = {}
                 ends: dict[TopicPartition, int] = {}
@@ -312,8 +318,6 @@ class Stage:
                     tp = (r.topic, r.partition)
                     starts.setdefault(tp, r.offset)
                     ends[tp] = r.offset + 1
-                for tp, off in starts.items():
-                    uncommitted.setdefault(tp, off)
                 try:
                     self._busy = True
                     handled = await self.handle(recs)
@@ -322,37 +326,99 @@ class Stage:
                     # must not kill the stage silently: logged loudly, and retried too
                     if not isinstance(exc, BrokerError | StorageError | OSError):
                         log.exception("event=stage_batch_failed stage=%s", self.name)
-                    if self._pending is not None:
-                        await asyncio.wait([self._pending])
-                        self._pending = None
-                    await self._abandon(uncommitted, exc)
-                    uncommitted = {}
+                    await self._give_up(starts, exc)
                     continue
                 finally:
                     self._busy = False
                 if handled is not None:
                     ends = handled
-                prev = self._pending
-                if prev is not None:  # at most one batch finishing while one is handled
-                    await asyncio.wait([prev])
-                    if prev.cancelled() or prev.exception() is not None:
-                        continue  # the top of the loop abandons from the oldest start
-                    uncommitted = dict(starts)
+                if inflight:  # the previous batch's outputs go first
+                    last = inflight[-1]
+                    await asyncio.wait([last.sent, last.task], return_when=asyncio.FIRST_COMPLETED)
+                    if last.task.done() and not _succeeded(last.task):
+                        await self._give_up(starts, None)
+                        continue
+                while len(inflight) >= MAX_FINISHING:
+                    await asyncio.wait([inflight[0].task])
+                    failure = self._reap()
+                    if failure is not None:
+                        break
+                if failure is not None:
+                    await self._give_up(starts, failure[1])
+                    continue
                 taken = self.outbox.take()
-                self._pending = asyncio.get_running_loop().create_task(
-                    self._finish(taken, ends, len(recs))
+                sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                before = inflight[-1].task if inflight else None
+                task = asyncio.get_running_loop().create_task(
+                    self._finish(taken, ends, len(recs), sent, before)
                 )
+                inflight.append(_Finishing(task, sent, starts))
         finally:
-            pending = self._pending
-            if pending is not None:
-                await asyncio.wait([pending])
-                if not pending.cancelled() and pending.exception() is not None:
+            left = [f.task for f in inflight]
+            if left:
+                await asyncio.wait(left)
+                if any(not _succeeded(t) for t in left):
                     # stopping: the batch stays uncommitted and is redone after the restart
                     log.info("event=stage_batch_left stage=%s", self.name)
 
-    async def _finish(self, taken: Outbox, ends: dict[TopicPartition, int], count: int) -> None:
+    def _reap(self) -> tuple[dict[TopicPartition, int], BaseException | None] | None:
+        """Forget the finished batches at the head (in order). If one failed: the starts
+        of every open batch from it on (oldest first) and its error."""
+        inflight = self._inflight
+        while inflight and inflight[0].task.done():
+            head = inflight[0]
+            if _succeeded(head.task):
+                inflight.popleft()
+                continue
+            failure = None if head.task.cancelled() else head.task.exception()
+            return self._oldest_starts({}), failure
+        return None
+
+    def _oldest_starts(self, current: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Per partition, the start of the oldest open batch (finishing, or ``current``)."""
+        starts: dict[TopicPartition, int] = {}
+        for f in self._inflight:
+            for tp, off in f.starts.items():
+                starts.setdefault(tp, off)
+        for tp, off in current.items():
+            starts.setdefault(tp, off)
+        return starts
+
+    async def _give_up(self, current: dict[TopicPartition, int], exc: BaseException | None) -> None:
+        """Abandon every open batch: wait for those finishing (the ones behind a failed
+        one fail without committing), then seek back to the oldest start of those that did
+        not commit (and of ``current``, the batch in hand)."""
+        inflight = self._inflight
+        if inflight:
+            await asyncio.wait([f.task for f in inflight])
+        while inflight and _succeeded(inflight[0].task):
+            inflight.popleft()
+        if exc is None:
+            for f in inflight:
+                exc = None if f.task.cancelled() else f.task.exception()
+                break
+        starts = self._oldest_starts(current)
+        inflight.clear()
+        await self._abandon(starts, exc)
+
+    async def _finish(
+        self,
+        taken: Outbox,
+        ends: dict[TopicPartition, int],
+        count: int,
+        sent: asyncio.Future[None],
+        before: asyncio.Task[None] | None,
+    ) -> None:
         assert self.producer is not None and self.consumer is not None
-        self.records_out += await taken.send(self.producer)
+        try:
+            self.records_out += await taken.send(self.producer)
+        finally:
+            if not sent.done():
+                sent.set_result(None)
+        if before is not None:
+            await asyncio.wait([before])
+            if not _succeeded(before):
+                raise _Behind("the batch before this one failed")
         if ends:
             await self.consumer.commit(ends)
         self.batches += 1
@@ -388,6 +454,27 @@ class Stage:
 
     async def abandoned(self) -> None:
         """Called after a batch was given up (subclasses: drop in-memory state of it)."""
+
+
+MAX_FINISHING: Final = 2  # batches finishing (outputs appending, offsets committing) at once
+
+
+class _Behind(Exception):
+    """A batch whose predecessor failed: it must not commit (redone with it)."""
+
+
+@dataclass(slots=True)
+class _Finishing:
+    """A handled batch being finished: its outputs appended (``sent`` once acknowledged),
+    then its offsets committed after the batch before it (``task``)."""
+
+    task: asyncio.Task[None]
+    sent: asyncio.Future[None]
+    starts: dict[TopicPartition, int]
+
+
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    return not task.cancelled() and task.exception() is None
 
 
 def _storage_trouble(exc: BrokerError) -> bool:

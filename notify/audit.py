@@ -137,22 +137,49 @@ class AuditIndex:
         if page.status != "queued":
             return
         # the notification, feed entry and unread count of each user not yet holding one
-        # (prefetch_pages read which exist); whole-page loops, values encoded once or raw
+        # (prefetch_pages read which exist): whole-page list operations, values encoded
+        # once per page; notifications kept raw (b.page_notes answers lookups by key)
         tenant = page.tenant
         note = Notification(event_id=page.event_id, topic=page.topic or "", created_ms=page.at_ms)
+        raw_note = b.index.notes.encode(note)
         inverted = f"\0{_FAR - page.at_ms:019d}\0"
-        notes, loaded, unread, base = b.notes, b._loaded_n, b.unread, b._unread_base
-        feed = b.feed_raw
+        users, run_ids = page.users, page.run_ids
+        ukeys = [f"{tenant}\0{u}" for u in users]
+        nkeys = [f"{k}\0{r}" for k, r in zip(ukeys, run_ids, strict=True)]
+        made, loaded = b.page_notes, b._loaded_n
+        if (
+            len(set(nkeys)) == len(nkeys)
+            and made.keys().isdisjoint(nkeys)
+            and loaded.keys().isdisjoint(nkeys)
+            and b.notes.keys().isdisjoint(nkeys)
+        ):
+            pass
+        else:  # a redone batch, or the page of a second channel of the same runs
+            fresh: list[int] = []
+            seen: set[str] = set()
+            for i, k in enumerate(nkeys):
+                if k in seen or k in made or k in loaded or b.note(k) is not None:
+                    continue
+                seen.add(k)
+                fresh.append(i)
+            if not fresh:
+                return
+            ukeys = [ukeys[i] for i in fresh]
+            nkeys = [nkeys[i] for i in fresh]
+            run_ids = [run_ids[i] for i in fresh]
+        made.update(dict.fromkeys(nkeys, note))
+        b.notes_raw.extend([(k.encode(), raw_note) for k in nkeys])
         enc = _str_encode
-        for user, run_id in zip(page.users, page.run_ids, strict=True):
-            ukey = f"{tenant}\0{user}"
-            nkey = f"{ukey}\0{run_id}"
-            if nkey in notes or nkey in loaded:
-                continue
-            notes[nkey] = note
-            feed.append(((ukey + inverted + run_id).encode(), b"\x91" + enc(run_id)))
-            n = unread.get(ukey)
-            unread[ukey] = (base.get(ukey, 0) if n is None else n) + 1
+        b.feed_raw.extend(
+            [
+                ((k + inverted + r).encode(), b"\x91" + enc(r))
+                for k, r in zip(ukeys, run_ids, strict=True)
+            ]
+        )
+        unread, base = b.unread, b._unread_base
+        for k in ukeys:
+            n = unread.get(k)
+            unread[k] = (base.get(k, 0) if n is None else n) + 1
 
     def _fold(self, b: _Batch, rec: AuditRecord) -> None:
         if rec.channel is None:
@@ -415,6 +442,8 @@ class _Batch:
         self.unread: dict[str, int] = {}
         self.feed: list[tuple[bytes | str, FeedRef]] = []
         self.feed_raw: list[tuple[bytes, bytes]] = []  # encoded FeedRefs, from pages
+        self.notes_raw: list[tuple[bytes, bytes]] = []  # encoded notifications, from pages
+        self.page_notes: dict[str, Notification] = {}  # what notes_raw holds, by key
         self.pages: list[tuple[bytes | str, StatusPage]] = []
         self._missing: set[str] = set()
         self._unread_base: dict[str, int] = {}
@@ -484,7 +513,7 @@ class _Batch:
         return row
 
     def note(self, key: str) -> Notification | None:
-        note = self.notes.get(key) or self._loaded_n.get(key)
+        note = self.notes.get(key) or self.page_notes.get(key) or self._loaded_n.get(key)
         if note is None and key not in self._missing:
             note = self.index.notes.get(key, txn=self.txn)
             if note is None:
@@ -504,17 +533,10 @@ class _Batch:
         ix, txn = self.index, self.txn
         if self.statuses:
             ix.statuses.put_many(list(self.statuses.items()), txn=txn)
+        if self.notes_raw:  # first: a single record's change to one of them wins
+            ix.notes.put_raw_many(self.notes_raw, txn=txn)
         if self.notes:
-            # a page's notifications are one object: encoded once
-            memo: dict[int, bytes] = {}
-            enc = ix.notes.encode
-            raw = []
-            for k, v in self.notes.items():
-                b = memo.get(id(v))
-                if b is None:
-                    b = memo[id(v)] = enc(v)
-                raw.append((k.encode(), b))
-            ix.notes.put_raw_many(raw, txn=txn)
+            ix.notes.put_many(list(self.notes.items()), txn=txn)
         if self.pages:
             ix.status_pages.put_many(self.pages, txn=txn)
         if self.feed:

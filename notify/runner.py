@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
+import xxhash
 
 from notify import ids
 from notify.conditions import Scope
@@ -41,6 +42,7 @@ _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
 _audit_encode = msgspec.msgpack.Encoder().encode
 _h = ids._h
+_partition = xxhash.xxh3_64_intdigest  # broker.protocol.partition_for_key, without its call
 
 
 @dataclass(slots=True)
@@ -97,7 +99,7 @@ class Runner:
         self.digests = digests
         self.channels = channels
         self.clock = clock
-        self._plain: dict[str, tuple[Send, ...] | None] = {}
+        self._plain: dict[str, tuple[tuple[Send, str], ...] | None] = {}
 
     # ---------------------------------------------------------------- entry points
     def start(
@@ -159,7 +161,7 @@ class Runner:
         # the open delivery pages by (channel, partition, strict), looked up here rather
         # than through the outbox per row; their rows are counted at the end
         pages: dict[tuple[str, int, bool], DeliveryRows] = {}
-        partition_of = outbox.partition_of
+        counts: dict[str, int] = {}  # partitions of each channel's delivery topic
         rows_added = 0
         for user, ruling, plan in runs:
             ref, p, where = plan
@@ -170,8 +172,8 @@ class Runner:
                 continue
             who: Ruling = ruling if ruling is not None else _Anyone(user)
             verdicts = []
-            for step in sends:
-                did = _h(f"{run_id}\0{step.channel}\0{step.index}".encode())
+            for step, suffix in sends:
+                did = _h((run_id + suffix).encode())
                 verdict = decide(occasion, who, step, now, did)
                 if not isinstance(verdict, Go):
                     break
@@ -183,17 +185,25 @@ class Runner:
                     channel = step.channel
                     if verdict.charges:
                         record(tenant, user, verdict.charges, now, did)
-                    at = (channel, partition_of(deliver_topic(channel), key), strict)
+                    n = counts.get(channel)
+                    if n is None:
+                        n = counts[channel] = outbox.partitions(deliver_topic(channel))
+                    at = (channel, _partition(key) % n, strict)
                     rows = pages.get(at)
                     if rows is None:
                         rows = pages[at] = self._delivery_rows(
                             outbox, pe, key, channel, strict, now, count=0
                         )
-                    rows.add(user, run_id, did, step.index)
+                    rows.users.append(user)
+                    rows.run_ids.append(run_id)
+                    rows.delivery_ids.append(did)
+                    rows.steps.append(step.index)
                     audit = audits.get(channel)
                     if audit is None:
                         audit = audits[channel] = self._audit_rows(outbox, pe, channel, now, 0)
-                    audit.add(user, run_id, did)
+                    audit.users.append(user)
+                    audit.run_ids.append(run_id)
+                    audit.delivery_ids.append(did)
                     rows_added += 2
                 continue
             if pages:  # the general way may add to the same pages: count what is added
@@ -204,14 +214,19 @@ class Runner:
             self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
         outbox.count += rows_added
 
-    def _sends_only(self, ref: str, plan: Plan) -> tuple[Send, ...] | None:
-        """The plan's steps if they are channel steps only, each enabled (cached by ref)."""
+    def _sends_only(self, ref: str, plan: Plan) -> tuple[tuple[Send, str], ...] | None:
+        """The plan's steps if they are channel steps only, each enabled (cached by ref),
+        each with the tail of its delivery id's input (``notify.ids.delivery_id``)."""
         cache = self._plain
         if ref in cache:
             return cache[ref]
         steps = plan.steps
         ok = all(isinstance(s, Send) and s.channel in self.channels for s in steps)
-        found = tuple(s for s in steps if isinstance(s, Send)) if ok and steps else None
+        found = (
+            tuple((s, f"\0{s.channel}\0{s.index}") for s in steps if isinstance(s, Send))
+            if ok and steps
+            else None
+        )
         if len(cache) > 4096:
             cache.clear()
         cache[ref] = found

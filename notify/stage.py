@@ -75,6 +75,13 @@ class Outbox:
     def __len__(self) -> int:
         return self.count
 
+    def partitions(self, topic: str) -> int:
+        """How many partitions ``topic`` has (asked once per topic)."""
+        n = self._counts.get(topic)
+        if n is None:
+            n = self._counts[topic] = self._partitions(topic)
+        return n
+
     def partition_of(self, topic: str, key: bytes) -> int:
         n = self._counts.get(topic)
         if n is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from notify import pages
+from notify import ids, pages
 from storage import records
 
 from .conftest import NodeFactory
@@ -40,6 +40,11 @@ async def test_pages_to_the_null_channel_deliver_each_once_with_statuses_and_fee
     delivered = [s for s in statuses if s["status"] == "delivered"]
     assert len(delivered) == len(users) - len(out)
     assert all(len(s["attempts"]) == 1 for s in delivered)
+    eid = ack["event_id"]  # the ids every path derives (notify.ids), as the pages carry them
+    assert all(
+        s["delivery_id"] == ids.delivery_id(ids.run_id(T, eid, s["user"]), "null", 0)
+        for s in statuses
+    )
     feed = node.engine.feed(T, "u0001")
     assert [i["event_id"] for i in feed["items"]] == [ack["event_id"]] and feed["unread"] == 1
 

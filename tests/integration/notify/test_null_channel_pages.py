@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from notify import ids, pages
+from notify.model import CHANNELS
 from storage import records
 
 from .conftest import NodeFactory
@@ -40,9 +41,11 @@ async def test_pages_to_the_null_channel_deliver_each_once_with_statuses_and_fee
     delivered = [s for s in statuses if s["status"] == "delivered"]
     assert len(delivered) == len(users) - len(out)
     assert all(len(s["attempts"]) == 1 for s in delivered)
-    eid = ack["event_id"]  # the ids every path derives (notify.ids), as the pages carry them
+    # the ids every path derives (notify.ids), as the pages carry them (the default plan's
+    # step of a channel is indexed by its place in CHANNELS)
+    eid, step = ack["event_id"], CHANNELS.index("null")
     assert all(
-        s["delivery_id"] == ids.delivery_id(ids.run_id(T, eid, s["user"]), "null", 0)
+        s["delivery_id"] == ids.delivery_id(ids.run_id(T, eid, s["user"]), "null", step)
         for s in statuses
     )
     feed = node.engine.feed(T, "u0001")

@@ -44,6 +44,10 @@ log = logging.getLogger("herald.notify")
 
 TopicPartition = tuple[str, int]
 _RECORD_OVERHEAD: Final = 32  # msgpack framing per record, generously
+# bytes fetched per partition per batch: what bounds a batch's memory. A page (notify.pages)
+# holds up to 1,000 deliveries in ~110 KB, so this is up to ~9,000 deliveries per partition,
+# a few tens of MB decoded over 8 partitions; single records are ~300-600 bytes each.
+FETCH_PARTITION_BYTES: Final = 1024 * 1024
 
 
 class Group(Protocol):
@@ -248,7 +252,7 @@ class Stage:
             group=self.group,
             auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_bytes=4 * 1024 * 1024,
+            max_partition_bytes=FETCH_PARTITION_BYTES,
         )
         await self.consumer.start()
         await self.started()

@@ -566,7 +566,14 @@ def feed_cursor(created_ms: int, run_id: str) -> str:
 
 
 class AuditIndexer(Stage):
-    """Folds ``__audit`` into the index (group ``notify.audit``)."""
+    """Folds ``__audit`` into the index (group ``notify.audit``). Nobody waits on it but
+    status and feed readers, so it lingers ``linger_s`` (50 ms) after a batch of fewer than
+    ``TRICKLE`` transitions: when events trickle in, one batch per linger rather than one
+    per event (the index lags by that much more; ``wait_seen`` reads marks written at
+    once, not through the indexer). A burst (pages of many users) is folded at once."""
+
+    linger_s = 0.05
+    TRICKLE: Final = 500
 
     def __init__(
         self,
@@ -596,6 +603,7 @@ class AuditIndexer(Stage):
         self._after: dict[str, bytes | None] = {"status": None, "notes": None}
         self.folded = 0
         self.forgotten = 0
+        self._last = 0  # transitions in the last batch
 
     async def idle(self) -> None:
         """Forget what is older than ``audit-retention-ms`` (statuses by their last change,
@@ -616,4 +624,8 @@ class AuditIndexer(Stage):
                 )
         self.index.fold_many(records)
         # transitions folded: a page counts its rows
-        self.folded += sum(len(r.users) if isinstance(r, AuditPage) else 1 for r in records)
+        self._last = sum(len(r.users) if isinstance(r, AuditPage) else 1 for r in records)
+        self.folded += self._last
+
+    def trickle(self, recs: list[ConsumerRecord]) -> bool:
+        return self._last < self.TRICKLE

@@ -198,6 +198,10 @@ class Stage:
 
     name = "stage"
     retry_pause_s = 1.0
+    # after a batch smaller than ``batch``, wait this long before the next fetch, so that a
+    # stage nobody waits on (the audit indexer) takes its records in fewer, larger batches:
+    # fewer fetches, commits and syncs per record when records trickle in
+    linger_s = 0.0
 
     def __init__(
         self,
@@ -364,6 +368,8 @@ class Stage:
                     self._finish(taken, ends, len(recs), sent, before)
                 )
                 inflight.append(_Finishing(task, sent, starts))
+                if self.linger_s and self.trickle(recs) and not self._stop:
+                    await asyncio.sleep(self.linger_s)
         finally:
             left = [f.task for f in inflight]
             if left:
@@ -459,6 +465,10 @@ class Stage:
         Returns None when the whole batch is done, else the offsets to commit (the next
         offset per partition; a stage that handled only a prefix seeks back itself)."""
         raise NotImplementedError
+
+    def trickle(self, recs: list[ConsumerRecord]) -> bool:
+        """Whether the batch just handled was small enough to linger after (``linger_s``)."""
+        return len(recs) < self.batch
 
     async def idle(self) -> None:
         """Called when a fetch brought nothing (subclasses: periodic work)."""

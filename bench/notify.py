@@ -220,15 +220,21 @@ async def scenario_fanout(args: argparse.Namespace) -> str:
     data = Path(tempfile.mkdtemp(prefix="notify-fanout-", dir=OUT))
     try:
         users = args.users or 10_000
+        load0 = os.getloadavg()[0]
         out = await fanout_runs(users, args.runs, data)
+        load1 = os.getloadavg()[0]
         runs = out["runs"]
         rate = [users / r["committed_s"] for r in runs]
         fan = [users / r["fanout_s"] for r in runs]
         audited = [users / r["audited_s"] for r in runs]
         cpu = [r["cpu_s"] / users * 1e6 for r in runs]
         text = (
-            f"Command: `python -m bench.notify fanout --runs {args.runs}`, on commit {commit()}  \n"
-            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One node in the "
+            f"Command: `python -m bench.notify fanout --runs {args.runs}"
+            + (f" --users {users}" if users != 10_000 else "")
+            + f"`, on commit {commit()}  \n"
+            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average (1 min) "
+            f"{load0:.2f} at the start, {load1:.2f} at the end (2 cores, shared with other "
+            "work).  \nOne node in the "
             "benchmark's process (uvloop); one event to a topic of "
             f"{users:,} subscribers (a computed audience: no registry reads), default plan, "
             "channel `null`. Medians of "

@@ -136,7 +136,7 @@ class RegistryHandlers:
             user=user,
             registry_rows=rows,
             notifications=len(held.notes),
-            statuses=len(held.statuses),
+            statuses=len(held.statuses) + len(held.paged),
             parked_runs=len(held.timers),
             batch_windows=len(held.batches),
             dead_letters=len(held.dead),
@@ -154,6 +154,9 @@ class RegistryHandlers:
         statuses = []
         for key, row in held.statuses:
             _t, event_id, _u, channel = key.decode().split("\0")
+            statuses.append({"event_id": event_id, "channel": channel, **msgspec.to_builtins(row)})
+        for key, row in held.paged:  # a status page's key: tenant, event, channel, status, id
+            _t, event_id, channel, _s, _first = key.decode().split("\0")
             statuses.append({"event_id": event_id, "channel": channel, **msgspec.to_builtins(row)})
         secrets = "admin" in call.principal.scopes
         return ExportOut(

@@ -6,7 +6,9 @@ The engine's rows of a user, by table (``docs/NOTIFY.md``):
 
 - the feed: ``notify_notes`` / ``notify_feed`` under ``tenant\\0user\\0``, ``notify_unread``;
 - delivery statuses: ``notify_status`` keys ``tenant\\0event\\0user\\0channel`` (no per-user
-  index: the tenant's rows are scanned, a page at a time);
+  index: the tenant's rows are scanned, a page at a time), and the status pages
+  ``notify_status_pages`` (one row per page of a fan-out, many users each) that name the user:
+  the user is taken out of the page, the rest of the page stays;
 - parked runs: ``notify_timers_due`` (no per-user index: every timer is scanned, decoding only
   its tenant and user) and their cancellation entries;
 - batch windows: ``notify_batches`` under ``tenant\\0user\\0`` with their members, timers and
@@ -37,7 +39,15 @@ import msgspec
 from notify.audit import AuditIndex
 from notify.digests import Digests
 from notify.dlq import DeadLetters
-from notify.model import BatchMember, DeadLetter, Notification, OpenBatch, StatusRow, TimerRow
+from notify.model import (
+    BatchMember,
+    DeadLetter,
+    Notification,
+    OpenBatch,
+    StatusPage,
+    StatusRow,
+    TimerRow,
+)
 from notify.timers import TimerStore
 from storage.kv import KV
 
@@ -57,6 +67,18 @@ class _TimerWho(msgspec.Struct):
     event: _WhoEvent
 
 
+class _PageWho(msgspec.Struct, array_like=True):
+    """The part of a :class:`StatusPage` row a scan decodes: its users."""
+
+    status: str
+    reason: str | None
+    detail: str | None
+    attempt: int | None
+    updated_ms: int
+    topic: str | None
+    users: list[str]
+
+
 class _LetterWho(msgspec.Struct):
     delivery: _DeliveryWho
 
@@ -66,6 +88,8 @@ class _DeliveryWho(msgspec.Struct):
 
 
 _timer_who = msgspec.msgpack.Decoder(_TimerWho).decode
+_page_who = msgspec.msgpack.Decoder(_PageWho).decode
+_page = msgspec.msgpack.Decoder(StatusPage).decode
 _letter_who = msgspec.json.Decoder(_LetterWho).decode
 _letter = msgspec.json.Decoder(DeadLetter).decode
 
@@ -76,13 +100,18 @@ class Held:
 
     notes: list[tuple[bytes, Notification]] = field(default_factory=list)
     statuses: list[tuple[bytes, StatusRow]] = field(default_factory=list)
+    # status pages naming the user: key -> the user's status as the page says it (the key
+    # ``tenant\0event\0channel\0status\0first delivery id``, see ``notify.audit``)
+    paged: list[tuple[bytes, StatusRow]] = field(default_factory=list)
     timers: list[TimerRow] = field(default_factory=list)
     batches: list[tuple[str, OpenBatch, list[BatchMember]]] = field(default_factory=list)
     dead: list[tuple[bytes, DeadLetter]] = field(default_factory=list)
     feed_keys: int = 0
 
     def empty(self) -> bool:
-        return not (self.notes or self.statuses or self.timers or self.batches or self.dead)
+        return not (
+            self.notes or self.statuses or self.paged or self.timers or self.batches or self.dead
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +140,25 @@ def find(t: EngineTables, tenant: str, user: str) -> Held:
             parts = key.split(b"\0")
             if len(parts) == 4 and parts[2] == want:
                 held.statuses.append((key, msgspec.msgpack.decode(raw, type=StatusRow)))
+        if len(page) < PAGE:
+            break
+        after = page[-1][0]
+    after = None
+    while True:
+        page = t.index.status_pages.scan_raw(tpre, after=after, limit=PAGE)
+        for key, raw in page:
+            if user in _page_who(raw).users:
+                sp = _page(raw)
+                did = sp.delivery_ids[sp.users.index(user)]
+                row = StatusRow(
+                    status=sp.status,
+                    delivery_id=did,
+                    reason=sp.reason,
+                    detail=sp.detail,
+                    updated_ms=sp.updated_ms,
+                    topic=sp.topic,
+                )
+                held.paged.append((key, row))
         if len(page) < PAGE:
             break
         after = page[-1][0]
@@ -155,6 +203,18 @@ def erase(t: EngineTables, tenant: str, user: str, held: Held) -> int:
         n += t.index.feed_rows.delete_prefix(upre, txn=txn)
         n += t.index.unread.delete(f"{tenant}\0{user}", txn=txn)
         n += t.index.statuses.delete_many([k for k, _v in held.statuses], txn=txn)
+        for key, _row in held.paged:
+            sp = t.index.status_pages.get(key, txn=txn)
+            if sp is None or user not in sp.users:
+                continue
+            keep = [i for i, u in enumerate(sp.users) if u != user]
+            if keep:
+                sp.users = [sp.users[i] for i in keep]
+                sp.delivery_ids = [sp.delivery_ids[i] for i in keep]
+                t.index.status_pages.put(key, sp, txn=txn)
+            else:
+                t.index.status_pages.delete(key, txn=txn)
+            n += 1
         for row in held.timers:
             current = t.timers.get(row.timer_id, txn=txn)
             if current is not None:

@@ -514,6 +514,27 @@ async def test_export_holds_everything_and_erase_removes_it(
                      code="unknown_event", field="event_id")  # fmt: skip
 
 
+async def test_erasing_one_recipient_of_an_event_leaves_the_others_statuses(
+    acme: ApiClient,
+) -> None:
+    """A fan-out's statuses are kept a page of recipients at a time: the erased user leaves
+    the page, the others' statuses stay."""
+    topic = uid("shared")
+    users = sorted(uid("r") for _ in range(3))
+    for u in users:
+        await acme.ok("PUT", f"/users/{u}/subscriptions/{topic}", {"channels": ["console"]})
+    ack = await acme.ok("POST", "/events", {"topic": topic, "payload": {}})
+    done = lambda r: len(r) == 3 and all(i["status"] == "delivered" for i in r)  # noqa: E731
+    before = await status_of(acme, ack["event_id"], done)
+    gone = users[1]
+    mine = (await acme.ok("GET", f"/users/{gone}/export"))["statuses"]
+    assert mine and {s["event_id"] for s in mine} == {ack["event_id"]}
+    await acme.ok("DELETE", f"/users/{gone}")
+    after = (await acme.ok("GET", f"/events/{ack['event_id']}"))["recipients"]
+    assert [r["user"] for r in after] == [u for u in users if u != gone]
+    assert after == [r for r in before["recipients"] if r["user"] != gone]
+
+
 # ------------------------------------------------------- every id in a path is checked
 # the smallest valid body of each route that needs one (so the path is what is at fault)
 BODIES: dict[tuple[str, str], Any] = {

@@ -150,7 +150,7 @@ def find(t: EngineTables, tenant: str, user: str) -> Held:
             if user in _page_who(raw).users:
                 sp = _page(raw)
                 did = sp.delivery_ids[sp.users.index(user)]
-                row = StatusRow(
+                as_row = StatusRow(
                     status=sp.status,
                     delivery_id=did,
                     reason=sp.reason,
@@ -158,7 +158,7 @@ def find(t: EngineTables, tenant: str, user: str) -> Held:
                     updated_ms=sp.updated_ms,
                     topic=sp.topic,
                 )
-                held.paged.append((key, row))
+                held.paged.append((key, as_row))
         if len(page) < PAGE:
             break
         after = page[-1][0]

@@ -42,9 +42,55 @@ class WebhookAddress(msgspec.Struct, frozen=True, kw_only=True, tag="webhook"):
     secrets: tuple[str, ...]
 
 
-# The channels of issue 16 add their own address kinds (e-mail address, phone number, device
-# token) to this union; each is a tagged struct, so a channel can tell them apart.
-Address = WebhookAddress
+class EmailAddress(msgspec.Struct, frozen=True, kw_only=True, tag="email"):
+    """Where an e-mail goes: the user's address, and the links Herald serves for it.
+
+    ``unsubscribe_url`` is the signed one-click URL (RFC 8058) for this user and this kind of
+    mail, set by the core only for the categories that must carry one (marketing, subscribed
+    mail); the channel then sends ``List-Unsubscribe`` and ``List-Unsubscribe-Post``. ``ref``
+    is an opaque signed reference to the recipient (``X-Herald-Ref``), which a bounce
+    processor hands back to ``POST /hooks/email/bounce``.
+    """
+
+    to: str
+    unsubscribe_url: str | None = None
+    ref: str | None = None
+
+
+# The other channels of issue 16 add their own address kinds (phone number, device token) to
+# this union; each is a tagged struct, so a channel can tell them apart.
+Address = WebhookAddress | EmailAddress
+
+
+class EmailContent(msgspec.Struct, frozen=True, kw_only=True, tag="email"):
+    """A rendered e-mail (the core renders the tenant's template): the subject, the plain
+    text part and, when the template has one, the HTML part (already escaped)."""
+
+    subject: str
+    text: str
+    html: str | None = None
+
+
+class PushContent(msgspec.Struct, frozen=True, kw_only=True, tag="push"):
+    """A rendered push notification: title and body, already cut to the limits."""
+
+    title: str
+    body: str
+
+
+class SmsContent(msgspec.Struct, frozen=True, kw_only=True, tag="sms"):
+    """A rendered text message: ``text`` fits in ``segments`` segments of ``encoding``
+    (``gsm7`` or ``ucs2``); ``truncated`` says the rendered text was cut to fit."""
+
+    text: str
+    segments: int
+    encoding: str
+    truncated: bool = False
+
+
+# What the core rendered for the channel; None for channels that send the event's data as it
+# is (webhooks) or when no template applies.
+Content = EmailContent | PushContent | SmsContent
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,7 +101,8 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     e-mail ``Message-ID``). ``attempt`` counts from 1. ``payload`` is the event's data as JSON
     bytes, passed through without re-encoding (JSON ``null`` when the event had none; a Raw
     field cannot be optional in msgspec); ``activities`` are a closed batch's events (a
-    digest), each JSON. Times are Unix milliseconds.
+    digest), each JSON. ``content`` is what the core rendered from the tenant's template for
+    this channel (None: nothing to render, e.g. webhooks). Times are Unix milliseconds.
     """
 
     delivery_id: str
@@ -71,6 +118,7 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     payload: msgspec.Raw = JSON_NULL
     activities: tuple[msgspec.Raw, ...] | None = None
     address: Address | None = None
+    content: Content | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):

@@ -10,7 +10,7 @@ milliseconds (``*-ms``) like the rest of the node's configuration.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -140,8 +140,101 @@ class ConsoleConfig(_Section):
     """Bytes of the payload written into the line at most (the rest is cut, marked ``...``)."""
 
 
+class EmailConfig(_Section):
+    """The email channel: one SMTP server (a relay or a provider's submission endpoint), a
+    bounded pool of reused connections to it, and the headers every message carries."""
+
+    host: str = "127.0.0.1"
+    """The SMTP server (a provider's submission host, or a local relay)."""
+
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 587
+    """587 for submission with STARTTLS, 465 for implicit TLS, 25 for a relay."""
+
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    """``starttls``: plain connect, then STARTTLS (refused if the server does not offer it);
+    ``implicit``: TLS from the first byte (port 465); ``none``: plain text, for a relay on
+    the same host only (credentials would travel in clear)."""
+
+    tls_ca_file: str = ""
+    """PEM file of the CAs that may sign the server's certificate; empty: the system's."""
+
+    tls_verify: bool = True
+    """Check the server's certificate and name. Turning it off gives up TLS's protection
+    against an active attacker; for a test server only."""
+
+    username: str = ""
+    """SMTP AUTH user; empty: no AUTH."""
+
+    password: str = ""
+    """SMTP AUTH password (keep the config file private, as for ``[[auth.keys]]``)."""
+
+    local_hostname: str = ""
+    """The name Herald gives in EHLO; empty: this machine's fully qualified name."""
+
+    from_address: str = "Herald <notifications@example.com>"
+    """The ``From`` header (RFC 5322 mailbox, display name allowed). Gmail and Yahoo require it
+    aligned with the domain that SPF or DKIM authenticates."""
+
+    envelope_from: str = ""
+    """The SMTP ``MAIL FROM`` (where bounces go); empty: the address of ``from-address``."""
+
+    reply_to: str = ""
+    """A ``Reply-To`` header; empty: none."""
+
+    message_id_domain: str = ""
+    """The domain of ``Message-ID: <delivery id@domain>``; empty: the domain of the From
+    address. The delivery id makes the Message-ID the same on every retry."""
+
+    list_unsubscribe_categories: list[str] = msgspec.field(
+        default_factory=lambda: ["marketing", "subscribed"]
+    )
+    """Mail of these event categories carries ``List-Unsubscribe`` (a signed HTTPS link Herald
+    serves) and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058), as Gmail
+    and Yahoo require of marketing and subscribed mail; ``"*"`` means every email.
+    Transactional mail (receipts, password resets) is exempt and should not carry them."""
+
+    pool_size: Positive = 8
+    """SMTP connections open at most; each carries one message at a time and is reused for
+    the next (a new connection costs a TCP and a TLS handshake, EHLO and AUTH). Providers
+    limit concurrent connections per account (often 10-20)."""
+
+    pool_wait_ms: NonNegative = 10_000
+    """How long a send waits for a free connection before answering ``retry(pool_busy)``."""
+
+    connect_timeout_ms: Positive = 10_000
+    """Connecting, the greeting, EHLO, STARTTLS and AUTH together. A timeout is a retry."""
+
+    command_timeout_ms: Positive = 30_000
+    """Each SMTP command's reply (RFC 5321 allows a server minutes; providers answer in
+    seconds). A timeout is a retry; after DATA the server may have taken the message, and
+    the same ``Message-ID`` lets the recipient's side recognise the second copy."""
+
+    idle_ms: Positive = 30_000
+    """An idle pooled connection older than this is closed rather than reused (servers drop
+    idle clients after a few minutes; a stale one would cost a failed command)."""
+
+    max_messages_per_connection: Positive = 100
+    """Messages sent on one connection before it is closed and a new one opened (providers
+    cap this, e.g. Office 365 at 30 per connection... set it lower for such a provider)."""
+
+    bounce_secret: str = ""
+    """The bearer secret of ``POST /hooks/email/bounce`` (what a bounce processor sends as
+    ``Authorization: Bearer <secret>``); empty: the hook answers 404."""
+
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    """The SMTP server's circuit breaker: connection failures, timeouts and 4xx server replies
+    count; a recipient's refusal does not."""
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout_ms > 600_000 or self.command_timeout_ms > 600_000:
+            raise ValueError("connect-timeout-ms and command-timeout-ms: at most 600000")
+        if "@" not in self.from_address:
+            raise ValueError("from-address: a mailbox such as 'Herald <noreply@example.com>'")
+
+
 class ChannelsConfig(_Section):
     """Every channel's settings: ``[channels.*]`` in the node's TOML."""
 
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
     console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
+    email: EmailConfig = msgspec.field(default_factory=EmailConfig)

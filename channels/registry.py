@@ -5,10 +5,11 @@ from __future__ import annotations
 from channels.base import Channel
 from channels.config import ChannelsConfig
 from channels.console import ConsoleChannel
+from channels.email import EmailChannel
 from channels.null import NullChannel
 from channels.webhook import WebhookChannel
 
-BUILT_IN: tuple[str, ...] = ("webhook", "console", "null")
+BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email")
 
 
 def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
@@ -22,4 +23,6 @@ def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
         return ConsoleChannel(cfg.console)
     if name == "null":
         return NullChannel()
+    if name == "email":
+        return EmailChannel(cfg.email)
     raise KeyError(f"no channel named {name!r} (built in: {', '.join(BUILT_IN)})")

@@ -9,6 +9,7 @@ default channels, e.g. the console; for engines run without a registry.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -73,7 +74,15 @@ class EmptyDirectory:
     def address(self, tenant: str, user: str, channel: str) -> object | None:
         return None
 
-    def legal_opt_out(self, tenant: str, user: str, channel: str) -> str | None:
+    def legal_opt_out(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        *,
+        topic: str | None = None,
+        category: str | None = None,
+    ) -> str | None:
         return None
 
     def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
@@ -190,14 +199,28 @@ class RegistryDirectory:
             return None
         return WebhookAddress(url=hook.url, secrets=(hook.secret,) if hook.secret else ())
 
-    def legal_opt_out(self, tenant: str, user: str, channel: str) -> str | None:
-        why = policy.legal_opt_out(self.registry.profile(tenant, user), channel)
+    def legal_opt_out(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        *,
+        topic: str | None = None,
+        category: str | None = None,
+    ) -> str | None:
+        why = policy.legal_opt_out(self.registry.profile(tenant, user), channel, topic, category)
         return None if why is None else why.detail
 
     def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
-        # The registry keeps invalidations of push devices (invalidate_device, async, by
-        # token); a dead webhook endpoint or address has no field there yet. Logged, and in
-        # the dead letter's reason, until the registry grows one.
+        # An email address is marked dead in the profile (the policy and the worker then
+        # suppress email with address_invalid) and logged in the contact log; the worker
+        # syncs the state store before it commits. Push devices are invalidated by token
+        # (invalidate_device); a dead webhook endpoint has no field yet: logged, and in the
+        # dead letter's reason.
+        if channel == "email" and what == "address":
+            self.registry.invalidate_email(
+                tenant, user, at_ms=time.time_ns() // 1_000_000, reason=detail, source="delivery"
+            )
         log.warning(
             "event=contact_invalid tenant=%s user=%s channel=%s what=%s detail=%s",
             tenant,

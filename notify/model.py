@@ -68,6 +68,10 @@ class Contact(_Row, kw_only=True):
     locale: str = "en"
     webhook: StoredWebhook | None = None
     updated_ms: int = 0
+    # set when the email channel found the address dead (a 550 on RCPT, a hard bounce
+    # reported to POST /hooks/email/bounce); cleared when the user gets another address
+    email_invalid_ms: int | None = None
+    email_invalid_reason: str | None = None
 
 
 # Filters: field -> value (equals) | [values] (in) | {"in": [...]} | {"prefix": "..."} |
@@ -135,13 +139,33 @@ class Preferences(_In, kw_only=True):
 
 class Consent(_Row, kw_only=True):
     """One entry of the consent ledger (append-only per user and channel). ``channel`` may
-    be ``"*"``: every channel."""
+    be ``"*"``: every channel. ``scope`` narrows it to one kind of notification on that
+    channel: ``"category:<name>"`` or ``"topic:<name>"`` (a one-click unsubscribe from a
+    marketing email stops marketing email, not password resets); None: the whole channel."""
 
     channel: str
     opted_in: bool
     at_ms: int
-    source: str  # "api", "unsubscribe_link", "sms_stop", "sms_start", ...
+    source: str  # "api", "unsubscribe_link", "complaint", "sms_stop", "sms_start", ...
     legal: bool = False  # a legal opt-out (TCPA revocation, one-click unsubscribe)
+    scope: str | None = None
+
+
+def consent_key(channel: str, scope: str | None) -> str:
+    """The key of a channel's (or a scope's) consent state: ``email``, ``email/category:news``."""
+    return channel if scope is None else f"{channel}/{scope}"
+
+
+class ContactEvent(_Row, kw_only=True):
+    """Something learnt about a user's contact data (``notify.contact_log``, append-only):
+    an address invalidated by a channel or a hard bounce, a soft bounce, a complaint."""
+
+    at_ms: int
+    channel: str
+    kind: str  # "invalidated", "soft_bounce", "complaint"
+    source: str  # "delivery" (the channel's answer) or "bounce_hook"
+    address: str | None = None
+    detail: str = ""
 
 
 class ConsentState(_Row, kw_only=True):

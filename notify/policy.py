@@ -4,11 +4,12 @@ and why. Pure: the clock (Unix ms) and the time zone database are arguments.
 :func:`decide` applies the checks in the order of ``docs/NOTIFY.md`` § Policy order; the
 first that does not pass decides:
 
-1. a legal opt-out of the channel (consent ledger)           -> Suppress ``legal_opt_out``
+1. a legal opt-out of the channel, or of the channel for the event's topic or category
+   (consent ledger)                                           -> Suppress ``legal_opt_out``
    (nothing overrides it: not a mandatory topic, not ``critical``);
 2. the step's condition                                       -> Suppress ``condition``;
 3. the user has an address / device / endpoint for the channel -> else Suppress
-   ``no_channel_data``;
+   ``no_channel_data`` (``address_invalid`` when the email address was found dead);
 4. a mandatory topic skips 5;
 5. preferences: a (non-legal) opt-out of the channel in the consent ledger -> Suppress
    ``opt_out``; then the rules (``notify.preferences``)       -> Suppress ``preference``;
@@ -131,22 +132,45 @@ class Occasion(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # ------------------------------------------------------------------------ the checks
-def legal_opt_out(profile: Profile | None, channel: str) -> Reason | None:
-    """A legal opt-out of ``channel`` (or of every channel, ``"*"``) in the consent state."""
+def _consent_keys(channel: str, topic: str | None, category: str | None) -> tuple[str, ...]:
+    """The consent states that bear on one notification: the channel's, every channel's,
+    and the channel's scoped to the notification's topic and category."""
+    keys = [channel, "*"]
+    if topic is not None:
+        keys.append(f"{channel}/topic:{topic}")
+    if category is not None:
+        keys.append(f"{channel}/category:{category}")
+    return tuple(keys)
+
+
+def legal_opt_out(
+    profile: Profile | None,
+    channel: str,
+    topic: str | None = None,
+    category: str | None = None,
+) -> Reason | None:
+    """A legal opt-out of ``channel`` (or of every channel, ``"*"``, or of the channel for
+    this ``topic`` or ``category``) in the consent state."""
     if profile is None or not profile.consent:
         return None
-    for key in (channel, "*"):
+    for key in _consent_keys(channel, topic, category):
         state = profile.consent.get(key)
         if state is not None and not state.opted_in and state.legal:
             return Reason("legal_opt_out", f"{_consent_text(key, state)}; it overrides all")
     return None
 
 
-def plain_opt_out(profile: Profile | None, channel: str) -> Reason | None:
-    """A (non-legal) opt-out of ``channel`` or ``"*"`` in the consent state."""
+def plain_opt_out(
+    profile: Profile | None,
+    channel: str,
+    topic: str | None = None,
+    category: str | None = None,
+) -> Reason | None:
+    """A (non-legal) opt-out of ``channel``, ``"*"`` or the channel's topic or category
+    scope in the consent state."""
     if profile is None or not profile.consent:
         return None
-    for key in (channel, "*"):
+    for key in _consent_keys(channel, topic, category):
         state = profile.consent.get(key)
         if state is not None and not state.opted_in:
             return Reason("opt_out", _consent_text(key, state))
@@ -173,6 +197,12 @@ def channel_data(profile: Profile | None, channel: str) -> Reason | None:
         detail = f"no valid push device ({dead} invalidated)" if dead else "no push device"
         return Reason("no_channel_data", detail)
     if channel == "email" and contact is not None and contact.email:
+        if contact.email_invalid_ms is not None:
+            return Reason(
+                "address_invalid",
+                f"email address {contact.email} invalidated at {iso(contact.email_invalid_ms)}"
+                f" ({contact.email_invalid_reason or 'no reason given'})",
+            )
         return None
     if channel == "sms" and contact is not None and contact.phone:
         return None
@@ -319,7 +349,7 @@ def decide(
     when quiet hours must be computed."""
     profile = recipient.profile
     channel = step.channel
-    why = legal_opt_out(profile, channel)
+    why = legal_opt_out(profile, channel, occasion.topic, occasion.category)
     if why is not None:
         return Suppress(why)
     if step.condition is not None:
@@ -334,7 +364,7 @@ def decide(
     user = profile.preferences if profile is not None else None
     topic, category = occasion.topic, occasion.category
     if not occasion.mandatory:
-        why = plain_opt_out(profile, channel) or preference(
+        why = plain_opt_out(profile, channel, topic, category) or preference(
             user, defaults, topic, category, channel
         )
         if why is not None:

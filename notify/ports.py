@@ -99,9 +99,18 @@ class Directory(Protocol):
         """Where ``channel`` reaches ``user`` now (``channels.base.Address``), None if
         nowhere (looked up at send time, so a retry goes to the current address)."""
 
-    def legal_opt_out(self, tenant: str, user: str, channel: str) -> str | None:
-        """The legal opt-out of ``channel`` in force for ``user`` (its detail), else None.
-        Checked again just before each send: it wins over mandatory and critical."""
+    def legal_opt_out(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        *,
+        topic: str | None = None,
+        category: str | None = None,
+    ) -> str | None:
+        """The legal opt-out of ``channel`` (or of the channel for ``topic`` or ``category``)
+        in force for ``user`` (its detail), else None. Checked again just before each send:
+        it wins over mandatory and critical."""
 
     def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
         """A channel said the contact data is dead (``endpoint``, ``token``, ``address``)."""

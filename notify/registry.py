@@ -12,7 +12,10 @@ Tables (``\\0`` separates the parts of a key; ids cannot contain it):
                                                   fan-out pages through, a few bytes each)
 ``notify.topic_counts`` tenant, topic             subscribers of the topic
 ``notify.consent``   tenant, user, channel, seq   :class:`Consent`, append-only (seq: 8
-                                                  bytes big-endian, 1, 2, ...)
+                                                  bytes big-endian, 1, 2, ...); a scoped
+                                                  entry's channel part is ``email/category:x``
+``notify.contact_log`` tenant, user, seq          :class:`ContactEvent`, append-only: an
+                                                  address invalidated, a bounce, a complaint
 ``notify.windows``   tenant, user                 :class:`UserWindows` (cap counters)
 ``notify.defaults``  tenant                       :class:`StoredPreferences`
 ``notify.mandatory`` tenant, topic                :class:`Mandatory`
@@ -55,6 +58,7 @@ from notify.model import (
     Consent,
     ConsentState,
     Contact,
+    ContactEvent,
     Device,
     Mandatory,
     Preferences,
@@ -69,6 +73,7 @@ from notify.model import (
     User,
     UserWindows,
     Workflow,
+    consent_key,
 )
 from notify.policy import Recipient, ZoneLookup, system_zones
 from notify.preferences import check_preferences
@@ -86,6 +91,7 @@ MAX_SOURCE: Final = 64  # characters of a consent entry's source
 FILTER_CACHE: Final = 4_096  # distinct subscription filters kept compiled
 
 _PHONE: Final = re.compile(r"\+[1-9]\d{6,14}")
+_SCOPE: Final = re.compile(r"(?:category|topic):[^\x00/]{1,190}")
 _SEQ: Final = struct.Struct(">Q")
 _MASKS: Final = tuple(
     tuple(ch for i, ch in enumerate(CHANNELS) if m >> i & 1) for m in range(1 << len(CHANNELS))
@@ -122,6 +128,7 @@ class UserExport(msgspec.Struct, kw_only=True):
     subscriptions: dict[str, StoredSubscription]
     consent_ledger: list[Consent]
     windows: UserWindows | None
+    contact_log: list[ContactEvent] = []
 
 
 def apply_consent(current: ConsentState | None, entry: Consent) -> ConsentState:
@@ -155,6 +162,7 @@ class Registry:
         self._topic_subs = kv.table("notify.topic_subs", SubscriberEntry)
         self._counts = kv.table("notify.topic_counts", _Count)
         self._consent = kv.table("notify.consent", Consent)
+        self._contact_log = kv.table("notify.contact_log", ContactEvent)
         self._windows = kv.table("notify.windows", UserWindows)
         self._defaults = kv.table("notify.defaults", StoredPreferences)
         self._mandatory = kv.table("notify.mandatory", Mandatory)
@@ -191,9 +199,75 @@ class Registry:
                 old = profile.contact.webhook if profile.contact is not None else None
                 secret = old.secret if old is not None and old.secret else generate_secret()
                 contact.webhook.secret = secret
+            was = profile.contact
+            if was is not None and was.email_invalid_ms is not None and was.email == contact.email:
+                # the same dead address given again stays invalid; a new one starts clean
+                contact = msgspec.structs.replace(
+                    contact,
+                    email_invalid_ms=was.email_invalid_ms,
+                    email_invalid_reason=was.email_invalid_reason,
+                )
             self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
         await self._kv.sync()
         return contact
+
+    def invalidate_email(
+        self,
+        tenant: str,
+        user: str,
+        *,
+        at_ms: int,
+        reason: str,
+        source: str,
+        address: str | None = None,
+    ) -> bool:
+        """Mark the user's email address dead (with when and why) and log it in the contact
+        log, in one transaction. With ``address``, only if that is still the user's address
+        (a late bounce for an address since replaced changes nothing). Returns whether it
+        was marked. Does **not** sync (the delivery worker syncs before it commits; the
+        bounce hook awaits :meth:`sync`)."""
+        key = _user_key(tenant, user)
+        with self._kv.transaction() as txn:
+            profile = self._profiles.get(key, txn=txn)
+            contact = profile.contact if profile is not None else None
+            if profile is None or contact is None or not contact.email:
+                return False
+            if address is not None and contact.email.lower() != address.lower():
+                return False
+            if contact.email_invalid_ms is None:
+                contact = msgspec.structs.replace(
+                    contact, email_invalid_ms=at_ms, email_invalid_reason=reason[:200]
+                )
+                self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
+            self._log_contact(
+                key,
+                ContactEvent(
+                    at_ms=at_ms,
+                    channel="email",
+                    kind="invalidated",
+                    source=source,
+                    address=contact.email,
+                    detail=reason[:200],
+                ),
+                txn,
+            )
+        return True
+
+    def note_contact(self, tenant: str, user: str, event: ContactEvent) -> None:
+        """Append ``event`` to the user's contact log (no sync)."""
+        key = _user_key(tenant, user)
+        with self._kv.transaction() as txn:
+            self._log_contact(key, event, txn)
+
+    def contact_log(self, tenant: str, user: str) -> list[ContactEvent]:
+        """The user's contact log, oldest first."""
+        return [v for _k, v in self._contact_log.scan(_user_key(tenant, user) + b"\0")]
+
+    def _log_contact(self, key: bytes, event: ContactEvent, txn: Txn) -> None:
+        prefix = key + b"\0"
+        last = self._contact_log.last(prefix, txn=txn)
+        seq = 1 if last is None else _SEQ.unpack(last[0][len(prefix) :])[0] + 1
+        self._contact_log.put(prefix + _SEQ.pack(seq), event, txn=txn)
 
     def _check_user(self, body: User, now_ms: int) -> Contact:
         try:
@@ -471,14 +545,19 @@ class Registry:
             raise InvalidRequest(f"channel: one of {', '.join(CHANNELS)} or *", field="channel")
         if not 1 <= len(entry.source) <= MAX_SOURCE:
             raise InvalidRequest(f"source: 1-{MAX_SOURCE} characters", field="source")
-        prefix = key + b"\0" + entry.channel.encode() + b"\0"
+        if entry.scope is not None and not _SCOPE.fullmatch(entry.scope):
+            raise InvalidRequest(
+                "scope: category:<name> or topic:<name>, at most 200 bytes", field="scope"
+            )
+        state_key = consent_key(entry.channel, entry.scope)
+        prefix = key + b"\0" + state_key.encode() + b"\0"
         with self._kv.transaction() as txn:
             last = self._consent.last(prefix, txn=txn)
             seq = 1 if last is None else _SEQ.unpack(last[0][len(prefix) :])[0] + 1
             self._consent.put(prefix + _SEQ.pack(seq), entry, txn=txn)
             profile = self._profiles.get(key, txn=txn) or Profile(created_ms=entry.at_ms)
-            state = apply_consent(profile.consent.get(entry.channel), entry)
-            consent = {**profile.consent, entry.channel: state}
+            state = apply_consent(profile.consent.get(state_key), entry)
+            consent = {**profile.consent, state_key: state}
             self._profiles.put(key, msgspec.structs.replace(profile, consent=consent), txn=txn)
         await self._kv.sync()
         return state
@@ -586,12 +665,14 @@ class Registry:
             subscriptions = {k[len(key) + 1 :].decode(): v for k, v in subs}
             ledger = [v for _k, v in self._consent.scan(key + b"\0", txn=snap)]
             windows = self._windows.get(key, txn=snap)
+            contact_log = [v for _k, v in self._contact_log.scan(key + b"\0", txn=snap)]
         return UserExport(
             user=user,
             profile=profile,
             subscriptions=subscriptions,
             consent_ledger=ledger,
             windows=windows,
+            contact_log=contact_log,
         )
 
     async def erase_user(self, tenant: str, user: str) -> int:
@@ -610,6 +691,7 @@ class Registry:
                 self._add_count(tenant_b + b"\0" + topic_b, -1, txn)
             n += self._user_subs.delete_prefix(key + b"\0", txn=txn)
             n += self._consent.delete_prefix(key + b"\0", txn=txn)
+            n += self._contact_log.delete_prefix(key + b"\0", txn=txn)
             n += self._profiles.delete(key, txn=txn)
             n += self._windows.delete(key, txn=txn)
         await self._kv.sync()

@@ -188,6 +188,17 @@ class ChannelRetry(RetrySchedule, kw_only=True):
     channel: str
 
 
+class TemplatesConfig(_Section):
+    """Bounds of the tenants' templates (``notify/templates.py``, ``notify/render.py``)."""
+
+    max_bytes: int = 65_536
+    max_locales: int = 50
+    max_per_tenant: int = 1000
+    max_output_chars: int = 262_144
+    sms_max_segments: int = 3
+    cache_size: int = 4096
+
+
 class NotifyConfig(_Section):
     """The notifications core (``notify/``, docs/NOTIFY.md)."""
 
@@ -203,8 +214,14 @@ class NotifyConfig(_Section):
     dedupe_ttl_ms: int = 24 * 3600 * 1000
     audit_retention_ms: int = 30 * 24 * 3600 * 1000
     timer_batch: int = 1000
+    # the node's HTTP API as mail recipients reach it (https://...), for the links Herald puts
+    # in mail (one-click unsubscribe); empty: mail carries no such link
+    public_url: str = ""
+    # signs those links; empty: a random secret made at first start, kept in the state store
+    link_secret: str = ""
     retry: RetrySchedule = msgspec.field(default_factory=RetrySchedule)
     retry_overrides: list[ChannelRetry] = []
+    templates: TemplatesConfig = msgspec.field(default_factory=TemplatesConfig)
 
     def schedule(self, channel: str) -> RetrySchedule:
         for o in self.retry_overrides:

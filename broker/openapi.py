@@ -58,7 +58,10 @@ class Route:
     """One HTTP route. ``answer`` is the type of the success body (None: a JSON object the
     table does not describe further; ``bytes``: a non-JSON body such as ``/metrics``);
     ``scopes``: any one of them lets a key in (empty: any valid key; None: no key needed);
-    ``errors``: the error statuses the route may answer besides 400/401/403."""
+    ``errors``: the error statuses the route may answer besides 400/401/403;
+    ``media_type``: the success body's type when it is not JSON (default for ``bytes``:
+    text/plain); a route that answers a person (an HTML page) answers its ``errors`` as pages
+    of that type too, and only the base 400/401/403 as JSON errors."""
 
     method: Method
     path: str
@@ -74,6 +77,7 @@ class Route:
     path_params: dict[str, str] = field(default_factory=dict)  # name -> description
     errors: tuple[int, ...] = ()
     description: str = ""
+    media_type: str | None = None
 
     @property
     def operation_id(self) -> str:
@@ -172,8 +176,12 @@ def build_openapi(
 
 
 def _responses(r: Route, schema_of: dict[str, Any], error_ref: Any) -> dict[str, Any]:
+    page: dict[str, Any] | None = None
     if r.answer is bytes:
-        ok: dict[str, Any] = {"description": "OK", "content": {"text/plain": {"schema": {}}}}
+        media = r.media_type or "text/plain"
+        ok: dict[str, Any] = {"description": "OK", "content": {media: {"schema": {}}}}
+        if r.media_type is not None:
+            page = {"content": {media: {"schema": {}}}}
     else:
         schema = {"type": "object"} if r.answer is None else schema_of[_type_key(r.answer)]
         ok = {"description": "OK", "content": {"application/json": {"schema": schema}}}
@@ -181,7 +189,8 @@ def _responses(r: Route, schema_of: dict[str, Any], error_ref: Any) -> dict[str,
     error = {"content": {"application/json": {"schema": error_ref}}}
     base = {400} if r.scopes is None else {400, 401, 403}
     for status in sorted(base | set(r.errors)):
-        out[str(status)] = {"description": _REASONS.get(status, "error"), **error}
+        answer = page if page is not None and status in r.errors else error
+        out[str(status)] = {"description": _REASONS.get(status, "error"), **answer}
     out["default"] = {"description": "an error (see docs/HTTP.md)", **error}
     return out
 

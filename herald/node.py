@@ -50,10 +50,14 @@ from broker.tcp import TcpServer
 from channels.base import Channel
 from herald.metrics import Stats, make_registry, render
 from notify.api import notify_routes
+from notify.compose import Composer
 from notify.directory import RegistryDirectory
+from notify.email_http import email_routes
 from notify.engine import Engine
+from notify.links import Signer, node_secret
 from notify.ports import Directory
 from notify.registry import Registry
+from notify.templates import Templates
 from storage.errors import StorageError
 from storage.kv import KV
 from storage.log import Log
@@ -391,6 +395,11 @@ class Node:
                 if self.make_directory
                 else RegistryDirectory(registry)
             )
+            # templates and signed links (email unsubscribe, bounce references)
+            templates = Templates(state.kv, cfg.notify.templates)
+            signer = Signer(node_secret(state.kv, cfg.notify.link_secret))
+            await state.kv.sync()
+            composer = Composer(directory, registry, templates, signer, cfg)
             engine = self.engine = Engine(
                 cfg,
                 broker.service,
@@ -398,12 +407,24 @@ class Node:
                 state.kv,
                 directory=directory,
                 channels=self.channels,
+                composer=composer,
                 **({"clock": self.clock} if self.clock is not None else {}),
             )
             await start(engine)
             listeners = Listeners(cfg, broker, auth, self.shutdown_timeout)
             listeners.routes.extend(
                 notify_routes(registry, engine, listeners.api.principal, engine.clock)
+            )
+            listeners.routes.extend(
+                email_routes(
+                    cfg,
+                    registry,
+                    templates,
+                    signer,
+                    composer,
+                    listeners.api.principal,
+                    engine.clock,
+                )
             )
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             metrics = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))

@@ -16,8 +16,12 @@ call. For each delivery:
    estimated from the consumer's lag in records, those behind it), low
    priority deliveries are shed, normal ones above twice the bound; high and critical never.
    Each is recorded as ``shed``.
-4. **legal opt-out**: checked again just before the send (a STOP that arrived after the
-   fan-out wins, over mandatory and critical too) -> ``suppressed legal_opt_out``.
+4. **legal opt-out**: checked again just before the send (a STOP or an unsubscribe that
+   arrived after the fan-out wins, over mandatory and critical too) -> ``suppressed
+   legal_opt_out``.
+4b. **compose** (``notify/compose.py``): the user's current address and the content rendered
+   from the tenant's template; no usable address -> ``suppressed`` (``no_channel_data``,
+   ``address_invalid``); a template that cannot render -> the DLQ with ``render_error``.
 5. **send** (``channel.send``; the channel's own breaker answers ``retry(circuit_open)``
    without calling a failing endpoint) and act on the outcome: delivered; retry -> the retry
    tier (``notify.retry``) with the attempt recorded; permanent or attempts exhausted -> the
@@ -45,6 +49,7 @@ from broker.local import LocalClient
 from channels.base import AcceptsAll, Channel, Delivered, Permanent, Retry
 from channels.base import Delivery as ChannelDelivery
 from notify import ids
+from notify.compose import Composer, Refused
 from notify.dlq import DeadLetters, dlq_topic, letter_of
 from notify.model import Attempt, AuditRecord, DedupeRow, Delivery, DeliveryPage
 from notify.pages import AuditRows, decode_delivery_page, expand, is_page
@@ -83,6 +88,7 @@ class DeliveryWorker(Stage):
         max_batch_bytes: int,
         stopping: Callable[[], bool] = lambda: False,
         rand: Callable[[], float] = random.random,
+        composer: Composer | None = None,
     ) -> None:
         name = channel.name
         super().__init__(
@@ -98,6 +104,7 @@ class DeliveryWorker(Stage):
         self.channel = channel
         self.channel_name = name
         self.directory = directory
+        self.composer = composer or Composer(directory)
         self.dead = dead
         self.config = config
         self.schedule = config.schedule(name)
@@ -356,12 +363,24 @@ class DeliveryWorker(Stage):
             self._mark(d, final=FINAL)
             self._audit(d, "shed", reason="queue_depth", detail=f"{lag} waiting")
             return self._settled(d, block_key)
-        opt_out = self.directory.legal_opt_out(d.tenant, d.user, self.channel_name)
+        opt_out = self.directory.legal_opt_out(
+            d.tenant, d.user, self.channel_name, topic=d.topic, category=d.category
+        )
         if opt_out is not None:
             self._mark(d, final=FINAL)
             self._audit(d, "suppressed", reason="legal_opt_out", detail=opt_out)
             return self._settled(d, block_key)
         now = self.clock()
+        prepared = self.composer.compose(d)  # the current address, the rendered content
+        if isinstance(prepared, Refused):
+            self._mark(d, final=FINAL)
+            if prepared.status == "dead_lettered":
+                d = msgspec.structs.replace(d, first_attempt_ms=d.first_attempt_ms or now)
+                letter = letter_of(d, prepared.reason, now)
+                raw = self.dead.record(None, letter, 0)
+                self.outbox.add(dlq_topic(self.channel_name), ids.user_key(d.tenant, d.user), raw)
+            self._audit(d, prepared.status, reason=prepared.reason, detail=prepared.detail)
+            return self._settled(d, block_key)
         view = ChannelDelivery(
             delivery_id=d.delivery_id,
             tenant=d.tenant,
@@ -375,7 +394,8 @@ class DeliveryWorker(Stage):
             category=d.category,
             payload=d.data,
             activities=tuple(d.activities) if d.activities is not None else None,
-            address=self.directory.address(d.tenant, d.user, self.channel_name),  # type: ignore[arg-type]
+            address=prepared.address,
+            content=prepared.content,
         )
         try:
             outcome: Any = await self.channel.send(view)
@@ -426,6 +446,12 @@ class DeliveryWorker(Stage):
             if outcome.invalidates is not None:
                 self.directory.invalidate(
                     d.tenant, d.user, self.channel_name, outcome.invalidates, outcome.detail
+                )
+                self._audit(
+                    d,
+                    "contact_invalidated",
+                    reason=outcome.reason,
+                    detail=f"{outcome.invalidates}: {outcome.detail}"[:300],
                 )
         letter = letter_of(d, reason, done)
         raw = self.dead.record(None, letter, 0)

@@ -29,6 +29,7 @@ from broker.service import BrokerService
 from channels.base import Channel
 from channels.registry import make_channel
 from notify.audit import AUDIT_TOPIC, AuditIndex, AuditIndexer
+from notify.compose import Composer
 from notify.delivery import DeliveryWorker
 from notify.digests import Digests
 from notify.dlq import DeadLetters, dlq_topic
@@ -65,6 +66,7 @@ class Engine:
         directory: Directory,
         channels: dict[str, Channel] | None = None,
         clock: Callable[[], int] = wall_ms,
+        composer: Composer | None = None,
     ) -> None:
         self.config = config
         self.ncfg = config.notify
@@ -72,6 +74,8 @@ class Engine:
         self.intake = intake
         self.kv = kv
         self.directory = directory
+        # the address and rendered content each delivery is sent with (notify/compose.py)
+        self.composer = composer or Composer(directory, config=config)
         self.clock = clock
         self._given_channels = channels or {}
         self.channels: dict[str, Channel] = {}
@@ -147,6 +151,7 @@ class Engine:
                 config=self.ncfg,
                 clock=self.clock,
                 log_end=lambda t, p: self.service.log.partition(t, p).high_watermark,
+                composer=self.composer,
                 **common,
             )
             self.workers[name] = worker

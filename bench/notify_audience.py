@@ -80,7 +80,15 @@ class Audience:
     def address(self, tenant: str, user: str, channel: str) -> object | None:
         return WebhookAddress(url=f"{self.base}/hook/{user}", secrets=(SECRET,))
 
-    def legal_opt_out(self, tenant: str, user: str, channel: str) -> str | None:
+    def legal_opt_out(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        *,
+        topic: str | None = None,
+        category: str | None = None,
+    ) -> str | None:
         return None
 
     def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:

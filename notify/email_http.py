@@ -39,6 +39,7 @@ from broker.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
 from broker.openapi import Route
 from channels.base import EmailContent, PushContent, SmsContent
 from notify import render
+from notify.api import checked_id
 from notify.compose import Composer
 from notify.links import BadToken, Signer
 from notify.model import Consent, ContactEvent
@@ -271,6 +272,13 @@ class EmailHttp:
             raise Forbidden(f"this API key lacks the {' or '.join(map(repr, scopes))} scope")
         return principal
 
+    @staticmethod
+    def _ids(request: web.Request) -> tuple[str, str]:
+        """The path's topic and channel, checked before the body is read (a bad id is a 400
+        naming it, whatever the body)."""
+        info = request.match_info
+        return checked_id(info["topic"], "topic"), checked_id(info["channel"], "channel")
+
     def _out(self, topic: str, channel: str, row: Any) -> TemplateOut:
         return TemplateOut(
             topic=topic,
@@ -282,14 +290,14 @@ class EmailHttp:
 
     async def put_template(self, request: web.Request) -> web.StreamResponse:
         who = self._caller(request, WRITE)
-        topic, channel = request.match_info["topic"], request.match_info["channel"]
+        topic, channel = self._ids(request)
         body = msgspec.json.decode(await request.read(), type=TemplateIn)
         row = await self.templates.put(who.tenant, topic, channel, body, now_ms=self.clock())
         return self.json(self._out(topic, channel, row))
 
     async def get_template(self, request: web.Request) -> web.StreamResponse:
         who = self._caller(request, READ)
-        topic, channel = request.match_info["topic"], request.match_info["channel"]
+        topic, channel = self._ids(request)
         row = self.templates.get(who.tenant, topic, channel)
         if row is None:
             raise NotFound(f"no template for {topic}/{channel}")
@@ -297,7 +305,7 @@ class EmailHttp:
 
     async def delete_template(self, request: web.Request) -> web.StreamResponse:
         who = self._caller(request, WRITE)
-        topic, channel = request.match_info["topic"], request.match_info["channel"]
+        topic, channel = self._ids(request)
         if not await self.templates.delete(who.tenant, topic, channel):
             raise NotFound(f"no template for {topic}/{channel}")
         return self.json(TemplateDeleted(deleted=f"{topic}/{channel}"))
@@ -309,7 +317,7 @@ class EmailHttp:
 
     async def preview(self, request: web.Request) -> web.StreamResponse:
         who = self._caller(request, READ)
-        topic, channel = request.match_info["topic"], request.match_info["channel"]
+        topic, channel = self._ids(request)
         raw = await request.read()
         body = msgspec.json.decode(raw or b"{}", type=PreviewIn)
         recipient = {"id": "preview", **(body.recipient or {})}

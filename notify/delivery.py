@@ -222,10 +222,11 @@ class DeliveryWorker(Stage):
                 shed.append((page, fresh))
                 continue
             tenant, users = page.tenant, page.users
+            scope = {"topic": page.topic, "category": page.category}  # a scoped opt-out too
             out = [
                 i
                 for i in (range(len(users)) if fresh is None else fresh)
-                if opt_out(tenant, users[i], name) is not None
+                if opt_out(tenant, users[i], name, **scope) is not None
             ]
             keep = fresh
             if out:
@@ -233,7 +234,7 @@ class DeliveryWorker(Stage):
                 keep = [i for i in (range(len(users)) if fresh is None else fresh) if i not in gone]
                 for i in out:
                     d = expand(_one_of(page, i))[0]
-                    why = opt_out(tenant, users[i], name)
+                    why = opt_out(tenant, users[i], name, **scope)
                     self._audit(d, "suppressed", reason="legal_opt_out", detail=why)
                     self._rows[d.delivery_id] = DedupeRow(at_ms=now, final=FINAL)
             n = len(users) if keep is None else len(keep)

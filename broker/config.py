@@ -230,6 +230,28 @@ class NotifyConfig(_Section):
         return self.retry
 
 
+class GatewayConfig(_Section):
+    """The WebSocket gateway (``gateway/``, docs/GATEWAY.md) on ``listen.ws-port``."""
+
+    enabled: bool = True
+    # the HMAC secret of tokens; None: generated into <data>/gateway.secret on first start
+    token_secret: str | None = None
+    # partitions of __inapp (keyed by user), created at first start
+    partitions: int = 8
+    max_connections: int = 50_000
+    max_frame_bytes: int = 64 * 1024
+    messages_per_second: float = 20.0
+    message_burst: int = 40
+    send_buffer_bytes: int = 256 * 1024
+    ping_interval_ms: int = 20_000
+    ping_timeout_ms: int = 20_000
+    auth_timeout_ms: int = 10_000
+    idle_timeout_ms: int = 0
+    close_timeout_ms: int = 2_000
+    backfill_max: int = 500
+    inbox_retention_ms: int = 7 * 24 * 3600 * 1000
+
+
 class Config(_Section):
     node_id: int = 0
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
@@ -242,6 +264,7 @@ class Config(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
     channels: ChannelsConfig = msgspec.field(default_factory=ChannelsConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
 
     def partition_config(
         self,
@@ -309,6 +332,7 @@ def _validate(cfg: Config) -> Config:
         if value < 1:
             raise ConfigError(f"notify.{name} must be >= 1")
     _validate_quotas(cfg)
+    _validate_gateway(cfg.gateway)
     seen = set()
     for i, key in enumerate(cfg.auth.keys):
         if len(key.key) < 16:
@@ -360,6 +384,28 @@ def _validate_quotas(cfg: Config) -> None:
         td.timestamp_before_max_ms is not None and td.timestamp_before_max_ms < 0
     ):
         raise ConfigError("topics.timestamp-after-max-ms / -before-max-ms must not be negative")
+
+
+def _validate_gateway(g: GatewayConfig) -> None:
+    for name in (
+        "partitions",
+        "max_connections",
+        "max_frame_bytes",
+        "message_burst",
+        "send_buffer_bytes",
+        "auth_timeout_ms",
+        "close_timeout_ms",
+        "backfill_max",
+        "inbox_retention_ms",
+    ):
+        if getattr(g, name) < 1:
+            raise ConfigError(f"gateway.{name.replace('_', '-')} must be >= 1")
+    if g.messages_per_second <= 0:
+        raise ConfigError("gateway.messages-per-second must be positive")
+    if g.ping_interval_ms < 0 or g.ping_timeout_ms < 0 or g.idle_timeout_ms < 0:
+        raise ConfigError("gateway.ping-interval-ms, ping-timeout-ms, idle-timeout-ms: >= 0")
+    if g.token_secret is not None and len(g.token_secret) < 32:
+        raise ConfigError("gateway.token-secret must be at least 32 characters")
 
 
 def load_config(path: Path | None) -> Config:

@@ -9,7 +9,7 @@ from channels.email import EmailChannel
 from channels.null import NullChannel
 from channels.webhook import WebhookChannel
 
-BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email")
+BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email", "inapp")
 
 
 def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
@@ -25,4 +25,7 @@ def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
         return NullChannel()
     if name == "email":
         return EmailChannel(cfg.email)
+    if name == "inapp":
+        # it appends to the node's log: herald/node.py makes it (channels/inapp.py)
+        raise KeyError("the inapp channel is made by the node, which wires it to its log")
     raise KeyError(f"no channel named {name!r} (built in: {', '.join(BUILT_IN)})")

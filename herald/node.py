@@ -9,9 +9,12 @@ The node composes everything; nothing below it knows the whole. Order::
     producer-id expiry, retention, state-store sync, event-id expiry)
 
 The notifications engine (``notify/engine.py``: fan-out, timers, delivery workers, retry
-tiers, the audit indexer) is a component between the broker and the listeners; the gateway
-will join it there. Its HTTP API (``notify/api.py``) is added to the listeners' app here: the
-broker's app takes routes from any package and knows none of them.
+tiers, the audit indexer) and then the WebSocket gateway (``gateway/server.py``) are
+components between the broker and the listeners. The gateway object is made before the
+engine starts (its presence feeds the fan-out and the in-app channel) and started after it
+(its marks and counts go through the engine). Their HTTP APIs (``notify/api.py``,
+``gateway/http.py``) are added to the listeners' app here: the broker's app takes routes from
+any package and knows none of them.
 
 A :class:`Component` has ``start`` (returns once the component is ready: start-up order is
 code, not sleeps) and ``stop``; the node pushes each ``stop`` on an ``AsyncExitStack`` as
@@ -48,10 +51,14 @@ from broker.openapi import Route
 from broker.service import BrokerService
 from broker.tcp import TcpServer
 from channels.base import Channel
+from channels.inapp import InAppChannel
+from gateway.outlet import InAppOutlet
+from gateway.server import Gateway, tenants_of
 from herald.metrics import Stats, make_registry, render
 from notify.api import notify_routes
 from notify.compose import Composer
 from notify.directory import RegistryDirectory
+from notify.edge import EdgeAudience, EngineEngagement
 from notify.email_http import email_routes
 from notify.engine import Engine
 from notify.links import Signer, node_secret
@@ -346,6 +353,7 @@ class Node:
         self.channels = channels
         self.clock = clock
         self.engine: Engine | None = None
+        self.gateway: Gateway | None = None
         self.service: BrokerService | None = None
         self.tcp: TcpServer | None = None
         self.http_stats: HttpStats | None = None
@@ -389,11 +397,31 @@ class Node:
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)
+            # the gateway exists before the engine starts: its presence feeds the fan-out's
+            # recipient.online and the in-app channel, whose outlet appends to __inapp
+            gateway = self.gateway = (
+                Gateway(
+                    cfg,
+                    broker.service,
+                    broker.intake,
+                    state.kv,
+                    tenants=tenants_of(k.tenant for k in cfg.auth.keys),
+                    **({"clock": self.clock} if self.clock is not None else {}),
+                )
+                if cfg.gateway.enabled
+                else None
+            )
+            presence = gateway.sessions.present if gateway is not None else None
+            channels = dict(self.channels or {})
+            if "inapp" in cfg.notify.channels and "inapp" not in channels:
+                outlet = InAppOutlet(broker.service, broker.intake, cfg.gateway.partitions)
+                stack.push_async_callback(outlet.close)  # after the engine's workers stop
+                channels["inapp"] = InAppChannel(outlet.append, presence)
             registry = Registry(state.kv)
             directory = (
                 self.make_directory(state.kv)
                 if self.make_directory
-                else RegistryDirectory(registry)
+                else RegistryDirectory(registry, presence=presence)
             )
             # templates and signed links (email unsubscribe, bounce references)
             templates = Templates(state.kv, cfg.notify.templates)
@@ -406,11 +434,16 @@ class Node:
                 broker.intake,
                 state.kv,
                 directory=directory,
-                channels=self.channels,
+                channels=channels,
                 composer=composer,
                 **({"clock": self.clock} if self.clock is not None else {}),
             )
             await start(engine)
+            if gateway is not None:
+                gateway.engagement = EngineEngagement(engine)
+                gateway.audience = EdgeAudience(registry)
+                await start(gateway)
+                self.ports["ws"] = gateway.port
             listeners = Listeners(cfg, broker, auth, self.shutdown_timeout)
             listeners.routes.extend(
                 notify_routes(registry, engine, listeners.api.principal, engine.clock)
@@ -430,17 +463,18 @@ class Node:
             metrics = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))
             listeners.api.metrics_body = lambda: render(metrics)
             await start(listeners)
-            self.ports = listeners.ports
+            self.ports.update(listeners.ports)
             self.http_app = listeners.app
             housekeeping = Housekeeping(cfg, broker, the_log.log, state.kv)
             await start(housekeeping)
             log.info(
-                "event=ready node_id=%d host=%s tcp_port=%d http_port=%d data_dir=%s "
+                "event=ready node_id=%d host=%s tcp_port=%d http_port=%d ws_port=%d data_dir=%s "
                 "auth=%s open_files_limit=%d",
                 cfg.node_id,
                 cfg.listen.host,
                 self.ports["tcp"],
                 self.ports["http"],
+                self.ports.get("ws", 0),
                 data_dir,
                 "api-keys" if not auth.open else "none(loopback-only)",
                 nofile,

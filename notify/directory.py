@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -93,9 +93,18 @@ class RegistryDirectory:
     """The directory of a node: ``notify.registry`` for who and where, ``notify.policy``
     for whether and when. The only place the engine meets their APIs."""
 
-    def __init__(self, registry: Registry, *, zones: ZoneLookup = system_zones) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        zones: ZoneLookup = system_zones,
+        presence: Callable[[str, str], int] | None = None,
+    ) -> None:
         self.registry = registry
         self.zones = zones
+        # the gateway's connected devices per user: ``recipient.online`` in conditions (a
+        # workflow's push fallback: {"channel": "push", "if": {"recipient.online": false}})
+        self.presence = presence
         self._workflows: dict[tuple[str, str], tuple[int, Workflow]] = {}
         # the policy's view of the event being fanned out (one per event, reused per user)
         self._occasion: tuple[Occasion, policy.Occasion, StoredPreferences | None] | None = None
@@ -129,7 +138,12 @@ class RegistryDirectory:
         return out
 
     def rulings(self, tenant: str, users: Sequence[str]) -> Mapping[str, Ruling]:
-        return {r.id: r for r in self.registry.recipients(tenant, users)}
+        found = self.registry.recipients(tenant, users)
+        presence = self.presence
+        if presence is None:
+            return {r.id: r for r in found}
+        replace = msgspec.structs.replace
+        return {r.id: replace(r, online=presence(tenant, r.id) > 0) for r in found}
 
     def _policy_occasion(
         self, occasion: Occasion

@@ -104,11 +104,15 @@ class Recipient(msgspec.Struct, frozen=True):
     id: str
     profile: Profile | None = None
     windows: UserWindows | None = None
+    # connected to the gateway when the run was decided (None: the node has no gateway)
+    online: bool | None = None
 
     def fields(self) -> dict[str, Any]:
         """The ``recipient.*`` fields conditions see: id, email, phone, timezone, locale
-        (those set)."""
+        (those set), and ``online`` (a device connected to the gateway) where known."""
         out: dict[str, Any] = {"id": self.id}
+        if self.online is not None:
+            out["online"] = self.online
         contact = self.profile.contact if self.profile is not None else None
         if contact is not None:
             for name in ("email", "phone", "timezone", "locale"):

@@ -458,6 +458,27 @@ class Table(Generic[T]):
                     out.append(key)
         return out
 
+    def last_keys(self, prefix: bytes | str, count: int, *, txn: Txn | None = None) -> list[bytes]:
+        """The ``count`` greatest keys that start with ``prefix``, greatest first: one seek
+        and ``count`` steps back, whatever the number of entries under the prefix."""
+        p = self._key(prefix)
+        out: list[bytes] = []
+        if count <= 0:
+            return out
+        with self._reading(txn) as t:
+            cur = t.cursor(db=self._db)
+            succ = _successor(p)
+            found = cur.prev() if succ is not None and cur.set_range(succ) else cur.last()
+            while found:
+                key = bytes(cur.key())
+                if not key.startswith(p):
+                    break
+                out.append(key)
+                if len(out) >= count:
+                    break
+                found = cur.prev()
+        return out
+
     def last(self, prefix: bytes | str, *, txn: Txn | None = None) -> tuple[bytes, T] | None:
         """The entry with the greatest key that starts with ``prefix`` (None if none): one
         seek, whatever the number of entries under the prefix."""

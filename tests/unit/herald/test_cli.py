@@ -37,7 +37,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ``--bootstrap`` address and stops the node at teardown."""
     base = tmp_path_factory.mktemp("herald-cli")
     log_path = base / "node.log"
-    serve = [*HERALD, "serve", "--tcp-port", "0", "--http-port", "0"]
+    serve = [*HERALD, "serve", "--tcp-port", "0", "--http-port", "0", "--ws-port", "0"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*serve, "--data-dir", str(base / "data")],

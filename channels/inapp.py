@@ -1,0 +1,96 @@
+"""The in-app channel: a delivery becomes a record of the ``__inapp`` topic, which every
+WebSocket gateway reads and streams to the user's connected devices.
+
+This module knows no gateway and no broker: the node gives it two callables.
+
+- ``append(key, value)``: append one record to ``__inapp`` (keyed ``tenant\\0user``, so one
+  user's messages keep their order on one partition) and return once it is durable. The
+  gateway's reader indexes it into the user's inbox (backfill) and pushes it to the user's
+  sessions; a retried or redone delivery is appended again and dropped there by its id.
+- ``presence(tenant, user)``: how many devices of the user are connected to this node now.
+  It only shapes the outcome's detail (``shown on 2 devices`` / ``offline: kept for
+  backfill``): the message is in the inbox either way, so the delivery is ``delivered``.
+  Whether an offline user also gets a push is the workflow's decision, made at fan-out with
+  the same presence (``recipient.online``; docs/GATEWAY.md § Push fallback).
+
+A failed append (the log full or stopping) is a retry: the core's backoff applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import msgspec
+
+from channels.base import Delivery, Outcome
+from channels.errors import ChannelClosed
+
+INAPP_TOPIC: Final = "__inapp"
+
+Append = Callable[[bytes, bytes], Awaitable[None]]
+Presence = Callable[[str, str], int]
+
+
+class InAppMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A record of ``__inapp``: one in-app notification for one user. ``id`` is the
+    delivery id (stable across retries: what the gateway dedupes on and what the client's
+    ``seen``/``read``/``archived`` name); ``payload`` the event's data as JSON bytes."""
+
+    id: str
+    tenant: str
+    user: str
+    event_id: str
+    topic: str
+    ts: int
+    category: str | None = None
+    priority: str = "normal"
+    payload: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def user_key(tenant: str, user: str) -> bytes:
+    return f"{tenant}\0{user}".encode()
+
+
+class InAppChannel:
+    """``inapp``: appends each delivery to ``__inapp`` through ``append``."""
+
+    name = "inapp"
+
+    def __init__(self, append: Append, presence: Presence | None = None) -> None:
+        self._append = append
+        self._presence = presence
+        self._closed = False
+        self.sent = 0
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        if self._closed:
+            raise ChannelClosed("the in-app channel is closed")
+        message = InAppMessage(
+            id=delivery.delivery_id,
+            tenant=delivery.tenant,
+            user=delivery.user,
+            event_id=delivery.event_id,
+            topic=delivery.topic,
+            ts=delivery.created_ms,
+            category=delivery.category,
+            priority=delivery.priority,
+            payload=delivery.payload,
+        )
+        try:
+            await self._append(user_key(delivery.tenant, delivery.user), _encode(message))
+        except ChannelClosed:
+            raise
+        except Exception as exc:  # the log refused (full disk, stopping): try again later
+            return Outcome.retry(None, "inapp_append_failed", detail=repr(exc)[:200])
+        self.sent += 1
+        devices = self._presence(delivery.tenant, delivery.user) if self._presence else 0
+        if devices:
+            return Outcome.delivered(detail=f"shown on {devices} connected device(s)")
+        return Outcome.delivered(detail="user offline: kept in the inbox for backfill")
+
+    async def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,239 @@
+"""Sessions: the open, authenticated connections of this gateway, by user and by tenant.
+
+A user may hold several sessions (devices); each gets every message. A message reaches a
+session through :meth:`Session.offer` with its inbox number (``gateway/inbox.py``): the session
+sends it only if the number is above the last one it sent, so backfill pages and live pushes
+may overlap in any way and the client still gets each message once, in order. While a session
+is backfilling, live messages wait in ``pending`` (bounded by the backfill itself: the reader
+pushes at most what it indexes meanwhile) and go out after the backfill, above its last number.
+
+**Back-pressure without waiting.** Writes never await: a frame is written to the
+connection's transport at once (websockets' sans-I/O protocol frames it, as its own
+``broadcast`` does). A connection whose unsent bytes (the transport's buffer, above a kernel
+send buffer capped at the same size) would pass ``send_buffer_bytes`` is *cut off*: it gets a
+close frame with code 4008 and reason "send buffer full: reconnect with your last cursor"
+behind what it has not read, and is aborted ``close_timeout`` later if it still does not
+read. Its memory is bounded by that limit and nobody else waits for it: a broadcast loop
+never awaits a slow client. The client catches up by reconnecting with its cursor.
+
+Cost per session: this object (~300 bytes with ``__slots__``) on top of websockets'
+connection and its handler task (bench/RESULTS.md, Gateway: memory per connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+from gateway import frames
+
+log = logging.getLogger("herald.gateway")
+
+
+class Session:
+    """One device of one user: its connection, its position, its send budget."""
+
+    __slots__ = (
+        "backfilling",
+        "bucket",
+        "bucket_at",
+        "conn",
+        "cut_off",
+        "last_seq",
+        "pending",
+        "table",
+        "tenant",
+        "user",
+    )
+
+    def __init__(self, table: SessionTable, conn: ServerConnection, tenant: str, user: str) -> None:
+        self.table = table
+        self.conn = conn
+        self.tenant = tenant
+        self.user = user
+        self.last_seq = 0
+        self.backfilling = True
+        self.pending: list[tuple[int, bytes]] = []
+        self.cut_off: str | None = None
+        self.bucket = float(table.message_burst)
+        self.bucket_at = 0.0
+
+    # ------------------------------------------------------------------ sending
+    def offer(self, seq: int, frame: bytes) -> None:
+        """A numbered message: sent now (or after the backfill) if it is new to this session."""
+        if self.backfilling:
+            self.pending.append((seq, frame))
+        elif seq > self.last_seq and self.write(frame):
+            self.last_seq = seq
+
+    def write(self, frame: bytes) -> bool:
+        """Write one text frame now. False if the session is closed or was just cut off for
+        a full send buffer."""
+        if self.cut_off is not None:
+            return False
+        conn = self.conn
+        if conn.protocol.state is not State.OPEN:
+            return False
+        transport = conn.transport
+        if transport.get_write_buffer_size() + len(frame) > self.table.send_buffer_bytes:
+            self.cut("slow_consumer")
+            return False
+        conn.protocol.send_text(frame)
+        conn.send_data()
+        return True
+
+    def finish_backfill(self) -> None:
+        """Go live: send what arrived during the backfill, above its last number."""
+        self.backfilling = False
+        pending, self.pending = self.pending, []
+        for seq, frame in pending:
+            self.offer(seq, frame)
+
+    def cut(self, why: str) -> None:
+        """Close now with the reason ``why`` (a key of ``frames.CLOSE``) without waiting: the
+        close frame is queued behind what the client has not read; the connection is
+        dropped if the closing handshake has not finished ``close_timeout`` later."""
+        if self.cut_off is not None:
+            return
+        self.cut_off = why
+        self.table.cut_offs[why] = self.table.cut_offs.get(why, 0) + 1
+        close = frames.CLOSE[why]
+        conn = self.conn
+        log.info(
+            "event=session_cut_off tenant=%s user=%s reason=%s buffered=%d",
+            self.tenant,
+            self.user,
+            why,
+            conn.transport.get_write_buffer_size() if conn.transport else 0,
+        )
+        if conn.protocol.state is State.OPEN:
+            conn.protocol.send_close(close.code, close.reason)
+            conn.send_data()
+        transport = conn.transport
+        conn.loop.call_later(self.table.close_timeout, transport.abort)
+
+    # --------------------------------------------------------------- rate limit
+    def allow_message(self, now: float) -> bool:
+        """Token bucket over the client's messages (``messages-per-second``, ``burst``)."""
+        t = self.table
+        self.bucket = min(
+            float(t.message_burst), self.bucket + (now - self.bucket_at) * t.messages_per_second
+        )
+        self.bucket_at = now
+        if self.bucket < 1.0:
+            return False
+        self.bucket -= 1.0
+        return True
+
+
+class SessionTable:
+    """Every session of this gateway, by (tenant, user) and by tenant."""
+
+    def __init__(
+        self,
+        *,
+        send_buffer_bytes: int = 256 * 1024,
+        close_timeout: float = 2.0,
+        messages_per_second: float = 20.0,
+        message_burst: int = 40,
+    ) -> None:
+        self.send_buffer_bytes = send_buffer_bytes
+        self.close_timeout = close_timeout
+        self.messages_per_second = messages_per_second
+        self.message_burst = message_burst
+        self.by_user: dict[tuple[str, str], list[Session]] = {}
+        self.by_tenant: dict[str, dict[str, list[Session]]] = {}
+        self.count = 0
+        self.cut_offs: dict[str, int] = {}
+
+    def add(self, session: Session) -> None:
+        key = (session.tenant, session.user)
+        devices = self.by_user.get(key)
+        if devices is None:
+            devices = self.by_user[key] = []
+            self.by_tenant.setdefault(session.tenant, {})[session.user] = devices
+        devices.append(session)
+        self.count += 1
+        _cap_send_buffer(session.conn, self.send_buffer_bytes)
+
+    def remove(self, session: Session) -> None:
+        key = (session.tenant, session.user)
+        devices = self.by_user.get(key)
+        if devices is None or session not in devices:
+            return
+        devices.remove(session)
+        self.count -= 1
+        if not devices:
+            del self.by_user[key]
+            users = self.by_tenant[session.tenant]
+            del users[session.user]
+            if not users:
+                del self.by_tenant[session.tenant]
+
+    def present(self, tenant: str, user: str) -> int:
+        """How many devices of the user are connected here (the presence the in-app channel
+        and the fan-out's ``recipient.online`` see)."""
+        devices = self.by_user.get((tenant, user))
+        return len(devices) if devices else 0
+
+    def sessions_of(self, tenant: str, user: str) -> list[Session]:
+        return list(self.by_user.get((tenant, user), ()))
+
+    def offer_user(self, tenant: str, user: str, seq: int, frame: bytes) -> int:
+        devices = self.by_user.get((tenant, user))
+        if not devices:
+            return 0
+        for s in list(devices):
+            s.offer(seq, frame)
+        return len(devices)
+
+    def offer_tenant(
+        self,
+        tenant: str,
+        seq: int,
+        frame: bytes,
+        allows: Callable[[Iterable[str]], set[str]],
+    ) -> int:
+        """A broadcast: ``frame`` (encoded once) to every session of the tenant whose user
+        ``allows`` lets through (one call for all the tenant's connected users). Returns the
+        sessions offered it."""
+        users = self.by_tenant.get(tenant)
+        if not users:
+            return 0
+        allowed = allows(users.keys())
+        n = 0
+        for user in allowed:
+            for s in users.get(user, ()):
+                s.offer(seq, frame)
+                n += 1
+        return n
+
+    def write_user(self, tenant: str, user: str | None, frame: bytes) -> None:
+        """An unnumbered frame (retract, counts) to the user's sessions (``user`` None:
+        every session of the tenant)."""
+        if user is None:
+            for devices in list(self.by_tenant.get(tenant, {}).values()):
+                for s in list(devices):
+                    s.write(frame)
+            return
+        for s in list(self.by_user.get((tenant, user), ())):
+            s.write(frame)
+
+    def all(self) -> list[Session]:
+        return [s for devices in self.by_user.values() for s in devices]
+
+
+def _cap_send_buffer(conn: ServerConnection, limit: int) -> None:
+    """Cap the kernel's send buffer of the connection at ``limit`` (it would otherwise grow
+    to megabytes on its own), so a client that stops reading is noticed after about twice
+    ``send_buffer_bytes`` in all, not after the kernel's autotuned maximum."""
+    sock: Any = conn.transport.get_extra_info("socket") if conn.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)

@@ -69,6 +69,31 @@ def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None)
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    """Print a gateway token for USER, signed with the node's secret (``gateway/auth.py``):
+    the configured ``gateway.token-secret``, else ``<data-dir>/gateway.secret`` (made here
+    if the node has not started yet, exactly as the node would make it)."""
+    import time
+
+    from broker.config import ConfigError, load_config
+    from gateway.auth import load_or_create_secret, mint
+
+    try:
+        cfg = load_config(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir or cfg.storage.data_dir)
+    try:
+        secret = load_or_create_secret(data_dir, cfg.gateway.token_secret)
+        token = mint(secret, args.user, tenant=args.tenant, now_s=int(time.time()), ttl_s=args.ttl)
+    except (OSError, ValueError) as exc:
+        print(f"herald: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, OSError) else 2
+    print(token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herald",
@@ -88,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp-port", type=int, metavar="N", help="override listen.tcp-port")
     serve.add_argument("--ws-port", type=int, metavar="N", help="override listen.ws-port")
     serve.set_defaults(func=_serve)
+    token = sub.add_parser(
+        "token",
+        help="print a WebSocket gateway token for a user",
+        description="Print an HS256 token for USER, signed with the node's secret "
+        "(gateway.token-secret, else <data-dir>/gateway.secret). Clients pass it as "
+        "ws://HOST:WS_PORT/?token=... or in their first message.",
+    )
+    token.add_argument("user", metavar="USER", help="the user id (the token's sub)")
+    token.add_argument("--tenant", default="default", help="the user's tenant (default: default)")
+    token.add_argument(
+        "--ttl", type=int, default=3600, metavar="SECONDS", help="validity (default 3600)"
+    )
+    where = token.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", metavar="DIR", help="the node's data directory")
+    where.add_argument("--config", metavar="FILE", help="the node's TOML config")
+    token.set_defaults(func=_token)
     try:
         from herald import cli_client, cli_http
     except ImportError:  # pragma: no cover - during bootstrap only

@@ -52,6 +52,7 @@ from broker.service import BrokerService
 from broker.tcp import TcpServer
 from channels.base import Channel
 from channels.inapp import InAppChannel
+from gateway.http import retract_route
 from gateway.outlet import InAppOutlet
 from gateway.server import Gateway, tenants_of
 from herald.metrics import Stats, make_registry, render
@@ -217,7 +218,8 @@ class Listeners:
         self.grace_s = grace_s
         self.tcp = TcpServer(config, broker.service, broker.intake, auth)
         self.api = HttpApi(config, broker.service, broker.intake, auth)
-        # other components' HTTP routes (the notification API), added before start
+        # other components' HTTP routes (the notification API, the gateway's retract), added
+        # before start
         self.routes: list[Route] = []
         self.http: IngestServer | None = None
         self._runner: web.AppRunner | None = None
@@ -459,6 +461,8 @@ class Node:
                     engine.clock,
                 )
             )
+            if gateway is not None:
+                listeners.routes.append(retract_route(gateway.retract, listeners.api.principal))
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             metrics = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))
             listeners.api.metrics_body = lambda: render(metrics)

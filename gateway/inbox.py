@@ -268,7 +268,7 @@ class Inbox:
     def newest_floor(self, tenant: str, user: str, keep: int) -> int:
         """The number below the newest ``keep`` messages and broadcasts of the user (0 if
         there are fewer): where a backfill that would send more than ``keep`` starts."""
-        floors = []
+        floors: list[int] = []
         with self.kv.snapshot() as txn:
             for prefix in (f"u\0{tenant}\0{user}\0", f"b\0{tenant}\0"):
                 keys = self.items.last_keys(prefix, keep + 1, txn=txn)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -164,10 +165,14 @@ class Reader:
             if item.user is not None:
                 self.pushed += sessions.offer_user(item.tenant, item.user, item.seq, item.frame)
             else:
-                topic, category, tenant = item.topic, item.category, item.tenant
                 self.pushed += sessions.offer_tenant(
-                    tenant,
+                    item.tenant,
                     item.seq,
                     item.frame,
-                    lambda users, t=tenant, tp=topic, c=category: self.audience(t, users, tp, c),
+                    functools.partial(self._allowed, item.tenant, item.topic, item.category),
                 )
+
+    def _allowed(
+        self, tenant: str, topic: str, category: str | None, users: Iterable[str]
+    ) -> set[str]:
+        return self.audience(tenant, users, topic, category)

@@ -55,6 +55,7 @@ from channels.inapp import InAppChannel
 from gateway.http import retract_route
 from gateway.outlet import InAppOutlet
 from gateway.server import Gateway, tenants_of
+from gateway.server import wall_ms as gateway_clock
 from herald.metrics import Stats, make_registry, render
 from notify.api import notify_routes
 from notify.compose import Composer
@@ -408,7 +409,7 @@ class Node:
                     broker.intake,
                     state.kv,
                     tenants=tenants_of(k.tenant for k in cfg.auth.keys),
-                    **({"clock": self.clock} if self.clock is not None else {}),
+                    clock=self.clock if self.clock is not None else gateway_clock,
                 )
                 if cfg.gateway.enabled
                 else None

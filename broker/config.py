@@ -304,14 +304,14 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("storage.io-threads must be >= 1")
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
-    from channels.registry import BUILT_IN  # here: it imports the channels (aiohttp)
+    from channels.registry import BUILT_IN, WIRED_BY_NODE  # here: it imports the channels
 
     n = cfg.notify
     for name in n.channels:
-        if name not in BUILT_IN:
+        if name not in BUILT_IN and name not in WIRED_BY_NODE:
             raise ConfigError(
                 f"notify.channels: no channel {name!r} in this build "
-                f"(built in: {', '.join(BUILT_IN)})"
+                f"(built in: {', '.join(BUILT_IN + WIRED_BY_NODE)})"
             )
     known = ("webhook", "console", "null", "inapp", "push", "email", "sms")
     for name in (*n.default_channels, *(o.channel for o in n.retry_overrides)):

@@ -9,7 +9,9 @@ from channels.email import EmailChannel
 from channels.null import NullChannel
 from channels.webhook import WebhookChannel
 
-BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email", "inapp")
+BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email")
+# channels the node makes itself, wired to its log: inapp appends to __inapp (channels/inapp.py)
+WIRED_BY_NODE: tuple[str, ...] = ("inapp",)
 
 
 def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
@@ -25,7 +27,4 @@ def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
         return NullChannel()
     if name == "email":
         return EmailChannel(cfg.email)
-    if name == "inapp":
-        # it appends to the node's log: herald/node.py makes it (channels/inapp.py)
-        raise KeyError("the inapp channel is made by the node, which wires it to its log")
     raise KeyError(f"no channel named {name!r} (built in: {', '.join(BUILT_IN)})")

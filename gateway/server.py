@@ -42,9 +42,10 @@ from broker.config import Config
 from broker.events import EventIntake
 from broker.local import LocalClient
 from broker.service import BrokerService
+from channels.inapp import INAPP_TOPIC
 from gateway import auth, frames
 from gateway.inbox import BROADCAST_PREFIX, Inbox
-from gateway.reader import Audience, Reader, everyone
+from gateway.reader import BROADCAST_TOPIC, Audience, Reader, everyone
 from gateway.sessions import Session, SessionTable
 from storage.kv import KV
 
@@ -134,6 +135,10 @@ class Gateway:
             Path(self.config.storage.data_dir),
             g.token_secret,
         )
+        # the in-app channel's outlet makes __inapp when the channel is on; the reader
+        # needs both topics either way (__broadcast is the engine's)
+        self.service.topics.ensure_internal(INAPP_TOPIC, g.partitions)
+        self.service.topics.ensure_internal(BROADCAST_TOPIC, self.config.notify.partitions)
         self.inbox = Inbox(self.kv)
         self.client = LocalClient(self.service, self.intake, client_id="herald-gateway")
         self.reader = Reader(

@@ -103,7 +103,11 @@ async def test_a_cursor_still_works_after_the_node_restarts(
     await back.wait_for(lambda d: len(d.notifications) == 5)
     await asyncio.sleep(0.3)
     assert seen + [n["event_id"] for n in back.notifications] == before + after
-    assert back.of("ready")[0]["backfilled"] in (2, 5)  # the rest may arrive live
+    # the two published before the restart come in the backfill; of the three after it,
+    # those the reader indexed before the connect do too, the rest arrive live after ready
+    kinds = [f["type"] for f in back.frames]
+    backfilled = kinds[: kinds.index("ready")].count("notification")
+    assert back.of("ready")[0]["backfilled"] == backfilled >= 2
 
 
 async def test_without_a_cursor_a_device_gets_what_came_after_the_last_seen(

@@ -98,6 +98,7 @@ def test_components_start_in_order_and_stop_in_reverse(herald: HeraldProcess) ->
         "log",
         "broker",
         "notify",
+        "gateway",
         "listeners",
         "housekeeping",
     ]

@@ -121,6 +121,7 @@ class Gateway:
         self.client: LocalClient | None = None
         self.secret = b""
         self._server: Server | None = None
+        self._admitted: set[ServerConnection] = set()
         self.port = 0
         self.refused: dict[str, int] = {}
         self.accepted = 0
@@ -191,12 +192,13 @@ class Gateway:
 
     # ------------------------------------------------------------- the handshake
     def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
-        if (
-            self._server is not None
-            and len(self._server.all_connections) > self.gcfg.max_connections
-        ):
+        # counted from the handshake on (websockets counts a connection only once it is
+        # open, so a burst of handshakes would pass its count), until the socket is gone
+        if len(self._admitted) >= self.gcfg.max_connections:
             self._refuse("node_full")
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "connection limit reached\n")
+        self._admitted.add(conn)
+        conn.connection_lost_waiter.add_done_callback(lambda _: self._admitted.discard(conn))
         return None
 
     def _refuse(self, why: str) -> None:

@@ -1,11 +1,11 @@
 """Benchmarks of the WebSocket gateway (``gateway/``), each writing its own section of
 ``bench/RESULTS.md``::
 
-    python -m bench.gateway idle --connections 1000,5000,10000
+    python -m bench.gateway_bench idle --connections 1000,5000,10000
         # idle connections held by one node: its resident memory and open files per 1,000
-    python -m bench.gateway broadcast --clients 10000 --runs 20
+    python -m bench.gateway_bench broadcast --clients 10000 --runs 20
         # one broadcast -> N connected clients: time to the first, p50, p99 and last receipt
-    python -m bench.gateway latency --rate 1000 --seconds 10 --clients 1000
+    python -m bench.gateway_bench latency --rate 1000 --seconds 10 --clients 1000
         # POST /events (one user each) at a fixed rate -> the notification on that user's socket
 
 The node is ``herald serve`` in a subprocess (its own process, so its memory and open files
@@ -396,7 +396,7 @@ async def scenario_idle(args: argparse.Namespace) -> str:
             node.stop()
             shutil.rmtree(base, ignore_errors=True)
     return (
-        _header(f"python -m bench.gateway idle --connections {','.join(map(str, counts))}")
+        _header(f"python -m bench.gateway_bench idle --connections {','.join(map(str, counts))}")
         + "| idle connections | node RSS before (MiB) | after (MiB) | of which anonymous "
         "(MiB) | KiB per connection | MiB per 1,000 | node fds added | connect time (s) |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
@@ -456,7 +456,7 @@ async def scenario_broadcast(args: argparse.Namespace) -> str:
         shutil.rmtree(base, ignore_errors=True)
     med = statistics.median
     return (
-        _header(f"python -m bench.gateway broadcast --clients {n} --runs {runs}")
+        _header(f"python -m bench.gateway_bench broadcast --clients {n} --runs {runs}")
         + f"One broadcast (`POST /events` with `broadcast: true`) to {held:,} connected "
         f"clients, {runs} runs after a warm-up; latency from just before the POST to each "
         "client's receipt (ms).\n\n"
@@ -534,7 +534,9 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         node.stop()
         shutil.rmtree(base, ignore_errors=True)
     return (
-        _header(f"python -m bench.gateway latency --rate {rate} --seconds {seconds} --clients {n}")
+        _header(
+            f"python -m bench.gateway_bench latency --rate {rate} --seconds {seconds} --clients {n}"
+        )
         + f"`POST /events` for one user each (of {n:,} connected) at {rate:,}/s offered "
         f"({achieved:,.0f}/s achieved) for {seconds} s after a 1 s warm-up; latency from just "
         "before the POST to the notification's receipt on the user's socket (ms). "
@@ -553,7 +555,7 @@ SCENARIOS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.gateway_bench", description=__doc__)
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
     parser.add_argument("--connections", help="idle: comma-separated connection counts")
     parser.add_argument("--clients", type=int, help="broadcast/latency: connected clients")
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
         text = asyncio.run(run(args))
         print(f"## {title}\n\n{text}")
         if not args.no_write:
-            write_section(RESULTS, title, f"bench.gateway {name}", text)
+            write_section(RESULTS, title, f"bench.gateway_bench {name}", text)
 
 
 if __name__ == "__main__":

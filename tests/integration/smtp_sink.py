@@ -10,6 +10,7 @@ import email
 import email.policy
 import ipaddress
 import ssl
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -70,7 +71,11 @@ class Handler:
                 mail_from=str(envelope.mail_from),
                 rcpt_tos=list(envelope.rcpt_tos),
                 data=bytes(envelope.original_content or b""),
-                tls=session.ssl is not None,
+                tls=session.ssl is not None  # STARTTLS
+                or (
+                    server.transport is not None
+                    and server.transport.get_extra_info("ssl_object") is not None
+                ),
                 peer_port=int(peer[1]) if isinstance(peer, tuple) else 0,
             )
         )
@@ -87,7 +92,11 @@ class SmtpSink:
         tls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         credentials: tuple[str, str] | None = None,
+        implicit_tls: bool = False,
     ) -> None:
+        # implicit_tls: TLS from the first byte (port 465 style, RFC 8314) with tls_context;
+        # otherwise tls_context is offered through STARTTLS
+        self.implicit_tls = implicit_tls
         self.tls_context = tls_context
         self.require_starttls = require_starttls
         self.credentials = credentials
@@ -113,18 +122,26 @@ class SmtpSink:
 
     def _protocol(self) -> SMTP:
         self.connections += 1
-        proto = SMTP(
+        with warnings.catch_warnings():
+            # aiosmtpd warns of AUTH without its STARTTLS; here TLS wraps the whole connection
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            proto = self._smtp()
+        self._protocols.append(proto)
+        return proto
+
+    def _smtp(self) -> SMTP:
+        return SMTP(
             Handler(self),
             hostname="localhost",
-            tls_context=self.tls_context,
+            tls_context=None if self.implicit_tls else self.tls_context,
             require_starttls=self.require_starttls,
             auth_required=self.credentials is not None,
-            auth_require_tls=self.tls_context is not None,
+            # aiosmtpd knows TLS only by its own STARTTLS: with implicit TLS the whole
+            # connection is TLS already, so AUTH is offered from the start
+            auth_require_tls=self.tls_context is not None and not self.implicit_tls,
             authenticator=self._authenticate if self.credentials is not None else None,
             timeout=30,
         )
-        self._protocols.append(proto)
-        return proto
 
     def drop_clients(self) -> None:
         """Close every client connection now (a server dropping idle clients)."""
@@ -134,7 +151,8 @@ class SmtpSink:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, "127.0.0.1", 0)
+        wrap = self.tls_context if self.implicit_tls else None
+        self._server = await loop.create_server(self._protocol, "127.0.0.1", 0, ssl=wrap)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

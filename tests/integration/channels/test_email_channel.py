@@ -296,6 +296,40 @@ async def test_starttls_against_a_test_ca_with_auth(tmp_path: Path, email_factor
         await sink.stop()
 
 
+async def test_implicit_tls_with_auth_against_a_test_ca(
+    tmp_path: Path, email_factory: Factory
+) -> None:
+    ca = make_test_ca(tmp_path / "tls")
+    sink = SmtpSink(
+        tls_context=ca.server_context(), implicit_tls=True, credentials=("herald", "s3cret")
+    )
+    await sink.start()
+    try:
+        channel = email_factory(
+            sink.port,
+            host="localhost",
+            tls="implicit",
+            tls_ca_file=str(ca.ca_pem),
+            username="herald",
+            password="s3cret",
+        )
+        for _ in range(2):
+            outcome = await channel.send(delivery())
+            assert isinstance(outcome, Delivered), outcome
+        got = await sink.wait(2)
+        assert all(g.tls for g in got)  # inside TLS from the first byte
+        assert got[0].message["Subject"] == "Your order shipped"
+        assert sink.connections == 1  # one TLS session, reused for the second message
+
+        # a client speaking plain SMTP to the TLS port gets nowhere: a retry, no mail
+        plain = email_factory(sink.port, host="localhost", tls="none")
+        refused = await plain.send(delivery())
+        assert isinstance(refused, Retry), refused
+        assert len(sink.received) == 2
+    finally:
+        await sink.stop()
+
+
 async def test_a_plain_client_cannot_send_where_starttls_is_required(
     tmp_path: Path, email_factory: Factory
 ) -> None:

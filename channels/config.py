@@ -104,6 +104,12 @@ class WebhookConfig(_Section):
     attempt this long ago and still failing) answers ``permanent(endpoint_failing,
     invalidates="endpoint")``: the core disables it with an audit record (Svix: 5 days)."""
 
+    secret_overlap_ms: NonNegative = 24 * 3600 * 1000
+    """After a user's webhook secret is replaced (``PUT /users/{id}`` with a new one), the old
+    one still signs every request for this long beside the new (two ``v1,`` signatures in
+    ``webhook-signature``), so the receiver can switch without a gap (Svix keeps the old
+    secret valid for 24 hours). 0: the old secret stops at once."""
+
     failure_gap_ms: Positive = 24 * 3600 * 1000
     """Two failures further apart than this (a day) with no attempt between do not make one
     failing span: an idle endpoint that failed last week and fails again now is not disabled."""

@@ -62,7 +62,7 @@ from notify.compose import Composer
 from notify.directory import RegistryDirectory
 from notify.edge import EdgeAudience, EngineEngagement
 from notify.email_http import email_routes
-from notify.engine import Engine
+from notify.engine import Engine, wall_ms
 from notify.links import Signer, node_secret
 from notify.ports import Directory
 from notify.registry import Registry
@@ -420,11 +420,13 @@ class Node:
                 outlet = InAppOutlet(broker.service, broker.intake, cfg.gateway.partitions)
                 stack.push_async_callback(outlet.close)  # after the engine's workers stop
                 channels["inapp"] = InAppChannel(outlet.append, presence)
-            registry = Registry(state.kv)
+            registry = Registry(
+                state.kv, webhook_secret_overlap_ms=cfg.channels.webhook.secret_overlap_ms
+            )
             directory = (
                 self.make_directory(state.kv)
                 if self.make_directory
-                else RegistryDirectory(registry, presence=presence)
+                else RegistryDirectory(registry, presence=presence, clock=self.clock or wall_ms)
             )
             # templates and signed links (email unsubscribe, bounce references)
             templates = Templates(state.kv, cfg.notify.templates)

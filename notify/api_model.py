@@ -75,17 +75,38 @@ class ConsentStateOut(_Answer, kw_only=True):
 
 
 class ConsentEntryOut(_Answer, kw_only=True):
+    """One entry of the consent ledger: when, from where (``api``, ``unsubscribe_link``,
+    ``complaint``, ``sms_stop``...), which channel and, for a scoped one, which kind of
+    notification (``category:<name>`` or ``topic:<name>``)."""
+
     channel: str
     opted_in: bool
     at_ms: int
     source: str
     legal: bool = False
+    scope: str | None = None
+
+
+class ContactEventOut(_Answer, kw_only=True):
+    """One entry of the contact log: an address invalidated, a webhook disabled or enabled,
+    a bounce, a complaint."""
+
+    at_ms: int
+    channel: str
+    kind: str
+    source: str
+    address: str | None = None
+    detail: str = ""
 
 
 # ------------------------------------------------------------------------------ users
 class WebhookOut(_Answer, kw_only=True):
     url: str
     secret: str | None  # shown to admin keys only; null for the others
+    # until when a rotation's replaced secret still signs requests (the latest), if one does
+    previous_secret_until_ms: int | None = None
+    disabled_ms: int | None = None  # the webhook channel gave the endpoint up (410, failing...)
+    disabled_reason: str | None = None
 
 
 class DeviceOut(_Answer, kw_only=True):
@@ -107,6 +128,8 @@ class UserOut(_Answer, kw_only=True):
     devices: list[DeviceOut]
     created_ms: int
     updated_ms: int
+    email_invalid_ms: int | None = None  # the address found dead (a 550, a hard bounce)
+    email_invalid_reason: str | None = None
 
 
 class Deleted(_Answer, kw_only=True):
@@ -169,13 +192,16 @@ class ConsentIn(_Body, kw_only=True):
     channel: str  # one of the channels, or "*" for every channel
     opted_in: bool
     legal: bool = False  # a legal opt-out (an unsubscribe or STOP the tenant received)
+    scope: str | None = None  # "category:<name>" or "topic:<name>"; None: the whole channel
 
 
 class ConsentOut(_Answer, kw_only=True):
-    """The current consent per channel and the whole ledger."""
+    """The current consent per channel (and per ``channel/scope``), the whole ledger oldest
+    first, and the contact log (what Herald learnt about the user's addresses)."""
 
     channels: dict[str, ConsentStateOut]
     ledger: list[ConsentEntryOut]
+    contact_log: list[ContactEventOut] = []
 
 
 # -------------------------------------------------------------------------- workflows
@@ -302,6 +328,7 @@ class ExportOut(_Answer, kw_only=True):
     preferences: PreferencesOut | None
     consent: dict[str, ConsentStateOut]
     consent_ledger: list[ConsentEntryOut]
+    contact_log: list[ContactEventOut]
     subscriptions: list[SubscriptionOut]
     cap_windows: UserWindows | None
     notifications: list[FeedItem]

@@ -18,6 +18,7 @@ from notify.api_model import (
     ConsentIn,
     ConsentOut,
     ConsentStateOut,
+    ContactEventOut,
     Deleted,
     DeviceOut,
     Erased,
@@ -68,7 +69,14 @@ def user_out(user: str, profile: Profile, *, secrets: bool) -> UserOut:
     c = profile.contact
     hook = None
     if c is not None and c.webhook is not None:
-        hook = WebhookOut(url=c.webhook.url, secret=c.webhook.secret if secrets else None)
+        w = c.webhook
+        hook = WebhookOut(
+            url=w.url,
+            secret=w.secret if secrets else None,
+            previous_secret_until_ms=max((r.until_ms for r in w.retired), default=None),
+            disabled_ms=w.disabled_ms,
+            disabled_reason=w.disabled_reason,
+        )
     return UserOut(
         id=user,
         email=c.email if c else None,
@@ -87,6 +95,8 @@ def user_out(user: str, profile: Profile, *, secrets: bool) -> UserOut:
         ],
         created_ms=profile.created_ms,
         updated_ms=c.updated_ms if c else profile.created_ms,
+        email_invalid_ms=c.email_invalid_ms if c else None,
+        email_invalid_reason=c.email_invalid_reason if c else None,
     )
 
 
@@ -124,6 +134,16 @@ class RegistryHandlers:
 
     async def get_user(self, call: Call) -> UserOut:
         user, profile = self._profile(call)
+        return user_out(user, profile, secrets="admin" in call.principal.scopes)
+
+    async def enable_webhook(self, call: Call) -> UserOut:
+        user, _profile = self._profile(call)
+        if not await self.reg.enable_webhook(
+            call.tenant, user, at_ms=self.api.clock(), source="api"
+        ):
+            raise InvalidRequest("the user has no webhook", field="user")
+        profile = self.reg.profile(call.tenant, user)
+        assert profile is not None
         return user_out(user, profile, secrets="admin" in call.principal.scopes)
 
     async def delete_user(self, call: Call) -> Erased:
@@ -169,6 +189,7 @@ class RegistryHandlers:
             if profile is not None
             else {},
             consent_ledger=[answer(e, ConsentEntryOut) for e in reg.consent_ledger],
+            contact_log=[answer(e, ContactEventOut) for e in reg.contact_log],
             subscriptions=[sub_out(t, s) for t, s in sorted(reg.subscriptions.items())],
             cap_windows=reg.windows,
             notifications=[feed_item(user, key, note, tenant) for key, note in held.notes],
@@ -294,6 +315,7 @@ class RegistryHandlers:
         return ConsentOut(
             channels={ch: answer(st, ConsentStateOut) for ch, st in profile.consent.items()},
             ledger=[answer(e, ConsentEntryOut) for e in self.reg.consent_ledger(tenant, user)],
+            contact_log=[answer(e, ContactEventOut) for e in self.reg.contact_log(tenant, user)],
         )
 
     async def get_consent(self, call: Call) -> ConsentOut:
@@ -311,6 +333,7 @@ class RegistryHandlers:
             at_ms=self.api.clock(),
             source="api",
             legal=body.legal,
+            scope=body.scope,
         )
         await self.reg.record_consent(call.tenant, user, entry)
         profile = self.reg.profile(call.tenant, user)
@@ -362,6 +385,11 @@ def routes(api: Api) -> list[Route]:
           description="Erases the registry's rows and what the notifications engine holds "
           "on the user (feed, statuses, parked runs, batch windows, dead letters); the log's "
           "records expire with their retention (docs/API.md)."),
+        r("POST", "/users/{user}/webhook/enable", h.enable_webhook,
+          "Enable a disabled webhook endpoint", "users", scopes=WRITE, answer=UserOut,
+          path_params=USER, errors=(404,),
+          description="The webhook channel disables an endpoint that answered 410, failed for "
+          "disable-after-ms or was refused (recorded in the contact log); this clears it."),
         r("GET", "/users/{user}/export", h.export_user, "Export everything held on a user",
           "users", scopes=READ, answer=ExportOut, path_params=USER, errors=(404,)),
         r("PUT", "/users/{user}/devices/{token}", h.put_device, "Register a push device",

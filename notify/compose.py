@@ -9,7 +9,8 @@ send (so a retry goes to the address the user has now, rendered in the locale th
   subject, text and HTML rendered.
 - **push**, **sms**, **inapp**: the content rendered (the address comes from the directory).
 - **webhook** and the others: the directory's address, nothing rendered (the event's data
-  passes through).
+  passes through); a webhook endpoint the channel gave up (disabled) suppresses the delivery
+  with ``endpoint_disabled``.
 
 A template that cannot be rendered (a missing field...) is a :class:`Refused` with
 ``render_error``: the worker dead-letters the delivery with that reason; nothing crashes.
@@ -76,6 +77,16 @@ class Composer:
     def compose(self, d: Delivery) -> Prepared | Refused:
         channel = d.channel
         registry, templates = self.registry, self.templates
+        if registry is not None and channel == "webhook":
+            hook = registry.contact(d.tenant, d.user)
+            hook_row = hook.webhook if hook is not None else None
+            if hook_row is not None and hook_row.disabled_ms is not None:
+                return Refused(
+                    "suppressed",
+                    "endpoint_disabled",
+                    f"webhook endpoint {hook_row.url} disabled at "
+                    f"{iso(hook_row.disabled_ms)} ({hook_row.disabled_reason})",
+                )
         if registry is None or templates is None or channel not in render.PARTS:
             return Prepared(self.directory.address(d.tenant, d.user, channel), None)
         contact = registry.contact(d.tenant, d.user)

@@ -99,12 +99,14 @@ class RegistryDirectory:
         *,
         zones: ZoneLookup = system_zones,
         presence: Callable[[str, str], int] | None = None,
+        clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.registry = registry
         self.zones = zones
         # the gateway's connected devices per user: ``recipient.online`` in conditions (a
         # workflow's push fallback: {"channel": "push", "if": {"recipient.online": false}})
         self.presence = presence
+        self.clock = clock  # wall-clock Unix ms: a rotated secret's overlap, invalidations
         self._workflows: dict[tuple[str, str], tuple[int, Workflow]] = {}
         # the policy's view of the event being fanned out (one per event, reused per user)
         self._occasion: tuple[Occasion, policy.Occasion, StoredPreferences | None] | None = None
@@ -209,9 +211,13 @@ class RegistryDirectory:
             return None
         contact = self.registry.contact(tenant, user)
         hook = contact.webhook if contact is not None else None
-        if hook is None:
+        if hook is None or hook.disabled_ms is not None:
             return None
-        return WebhookAddress(url=hook.url, secrets=(hook.secret,) if hook.secret else ())
+        # the current secret first, then a rotation's retired ones still in their overlap
+        now = self.clock()
+        secrets = [hook.secret] if hook.secret else []
+        secrets += [r.secret for r in hook.retired if r.until_ms > now]
+        return WebhookAddress(url=hook.url, secrets=tuple(secrets))
 
     def legal_opt_out(
         self,
@@ -228,12 +234,16 @@ class RegistryDirectory:
     def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
         # An email address is marked dead in the profile (the policy and the worker then
         # suppress email with address_invalid) and logged in the contact log; the worker
-        # syncs the state store before it commits. Push devices are invalidated by token
-        # (invalidate_device); a dead webhook endpoint has no field yet: logged, and in the
-        # dead letter's reason.
+        # syncs the state store before it commits. A webhook endpoint given up (410, failing
+        # for disable-after-ms, a refused address) is disabled the same way. Push devices
+        # are invalidated by token (invalidate_device).
         if channel == "email" and what == "address":
             self.registry.invalidate_email(
-                tenant, user, at_ms=time.time_ns() // 1_000_000, reason=detail, source="delivery"
+                tenant, user, at_ms=self.clock(), reason=detail, source="delivery"
+            )
+        elif channel == "webhook" and what == "endpoint":
+            self.registry.disable_webhook(
+                tenant, user, at_ms=self.clock(), reason=detail, source="delivery"
             )
         log.warning(
             "event=contact_invalid tenant=%s user=%s channel=%s what=%s detail=%s",

@@ -54,9 +54,23 @@ class StoredDevice(_Row, kw_only=True):
     invalid_since_ms: int | None = None  # set by a channel's permanent "invalid token"
 
 
+class RetiredSecret(_Row, kw_only=True):
+    """A webhook secret replaced by a rotation, still signed with until ``until_ms``."""
+
+    secret: str
+    until_ms: int
+
+
 class StoredWebhook(_Row, kw_only=True):
     url: str
     secret: str | None = None
+    # secrets a rotation replaced, newest first: each request is signed with these too until
+    # their time is up, so a receiver still holding the old secret verifies meanwhile
+    retired: list[RetiredSecret] = []
+    # set when the webhook channel gave the endpoint up (410 Gone, failing for
+    # disable-after-ms, a refused address...); cleared by another URL or an explicit enable
+    disabled_ms: int | None = None
+    disabled_reason: str | None = None
 
 
 class Contact(_Row, kw_only=True):
@@ -162,7 +176,7 @@ class ContactEvent(_Row, kw_only=True):
 
     at_ms: int
     channel: str
-    kind: str  # "invalidated", "soft_bounce", "complaint"
+    kind: str  # "invalidated", "soft_bounce", "complaint", "disabled", "enabled"
     source: str  # "delivery" (the channel's answer) or "bounce_hook"
     address: str | None = None
     detail: str = ""

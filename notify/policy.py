@@ -211,6 +211,13 @@ def channel_data(profile: Profile | None, channel: str) -> Reason | None:
     if channel == "sms" and contact is not None and contact.phone:
         return None
     if channel == "webhook" and contact is not None and contact.webhook is not None:
+        hook = contact.webhook
+        if hook.disabled_ms is not None:
+            return Reason(
+                "endpoint_disabled",
+                f"webhook endpoint {hook.url} disabled at {iso(hook.disabled_ms)}"
+                f" ({hook.disabled_reason or 'no reason given'})",
+            )
         return None
     what = {"email": "email address", "sms": "phone number", "webhook": "webhook endpoint"}
     return Reason("no_channel_data", f"no {what.get(channel, channel + ' address')}")

@@ -63,6 +63,7 @@ from notify.model import (
     Mandatory,
     Preferences,
     Profile,
+    RetiredSecret,
     StoredDevice,
     StoredPreferences,
     StoredSubscription,
@@ -88,6 +89,9 @@ MAX_TOKEN_CHARS: Final = 512
 MAX_DEVICES: Final = 20  # per user; a new one evicts an invalidated one, else the oldest
 MAX_PAGE: Final = 10_000
 MAX_SOURCE: Final = 64  # characters of a consent entry's source
+MAX_RETIRED_SECRETS: Final = (
+    4  # per webhook: rotations within one overlap beyond this drop the oldest
+)
 FILTER_CACHE: Final = 4_096  # distinct subscription filters kept compiled
 
 _PHONE: Final = re.compile(r"\+[1-9]\d{6,14}")
@@ -131,6 +135,12 @@ class UserExport(msgspec.Struct, kw_only=True):
     contact_log: list[ContactEvent] = []
 
 
+def by_time(entries: list[Consent]) -> list[Consent]:
+    """A ledger read by key (channel, scope, then sequence) in the order it happened; the
+    sort is stable, so one key's entries of the same millisecond keep their order."""
+    return sorted(entries, key=lambda e: e.at_ms)
+
+
 def apply_consent(current: ConsentState | None, entry: Consent) -> ConsentState:
     """The consent state after ``entry`` (see :class:`ConsentState`): an opt-in clears a
     legal opt-out; an opt-out is legal if it is, or if the opt-out it follows was."""
@@ -154,9 +164,16 @@ class Registry:
     ``token``; bodies are checked as their modules say (``notify.conditions``,
     ``notify.preferences``, ``notify.workflows``)."""
 
-    def __init__(self, kv: KV, *, zones: ZoneLookup = system_zones) -> None:
+    def __init__(
+        self,
+        kv: KV,
+        *,
+        zones: ZoneLookup = system_zones,
+        webhook_secret_overlap_ms: int = 24 * 3600 * 1000,
+    ) -> None:
         self._kv = kv
         self._zones = zones
+        self._overlap_ms = webhook_secret_overlap_ms
         self._profiles = kv.table("notify.profiles", Profile)
         self._user_subs = kv.table("notify.user_subs", StoredSubscription)
         self._topic_subs = kv.table("notify.topic_subs", SubscriberEntry)
@@ -190,15 +207,21 @@ class Registry:
         """Create or replace the user's contact data (devices, preferences and consent are
         kept). Checks: a known time zone, an ``@`` in the email, an E.164 phone, an http(s)
         webhook URL, a well-formed webhook secret. A webhook given without a secret keeps
-        the one it had, or gets a new random one (a webhook is never sent unsigned)."""
+        the one it had, or gets a new random one (a webhook is never sent unsigned).
+
+        Webhook secret rotation: a new secret replaces the old one, which is still signed
+        with for ``webhook_secret_overlap_ms`` (each request then carries both signatures,
+        so the receiver can switch at its pace). A disabled webhook given again with the same
+        URL stays disabled (``enable_webhook`` re-enables it); another URL starts clean."""
         key = _user_key(tenant, user)
         contact = self._check_user(body, now_ms)
         with self._kv.transaction() as txn:
             profile = self._profiles.get(key, txn=txn) or Profile(created_ms=now_ms)
-            if contact.webhook is not None and contact.webhook.secret is None:
-                old = profile.contact.webhook if profile.contact is not None else None
-                secret = old.secret if old is not None and old.secret else generate_secret()
-                contact.webhook.secret = secret
+            old = profile.contact.webhook if profile.contact is not None else None
+            if contact.webhook is not None:
+                contact = msgspec.structs.replace(
+                    contact, webhook=self._carry_webhook(old, contact.webhook, now_ms)
+                )
             was = profile.contact
             if was is not None and was.email_invalid_ms is not None and was.email == contact.email:
                 # the same dead address given again stays invalid; a new one starts clean
@@ -251,6 +274,90 @@ class Registry:
                 ),
                 txn,
             )
+        return True
+
+    def _carry_webhook(
+        self, old: StoredWebhook | None, new: StoredWebhook, now_ms: int
+    ) -> StoredWebhook:
+        """``new`` as given, with what the user's webhook keeps across a PUT: its secret when
+        none is given, the rotation's retired secrets still in their overlap, and a disabled
+        mark while the URL is the same."""
+        secret = new.secret
+        if secret is None:
+            secret = old.secret if old is not None and old.secret else generate_secret()
+        retired = [r for r in (old.retired if old is not None else []) if r.until_ms > now_ms]
+        if old is not None and old.secret and old.secret != secret:
+            retired.insert(0, RetiredSecret(secret=old.secret, until_ms=now_ms + self._overlap_ms))
+        retired = [r for r in retired if r.secret != secret][:MAX_RETIRED_SECRETS]
+        disabled_ms = disabled_reason = None
+        if old is not None and old.url == new.url:
+            disabled_ms, disabled_reason = old.disabled_ms, old.disabled_reason
+        return StoredWebhook(
+            url=new.url,
+            secret=secret,
+            retired=retired,
+            disabled_ms=disabled_ms,
+            disabled_reason=disabled_reason,
+        )
+
+    def disable_webhook(
+        self, tenant: str, user: str, *, at_ms: int, reason: str, source: str
+    ) -> bool:
+        """Mark the user's webhook endpoint given up (with when and why) and log it in the
+        contact log, in one transaction; the policy and the worker then suppress webhook
+        deliveries with ``endpoint_disabled``. Returns whether the user has a webhook. Does
+        **not** sync (the delivery worker syncs before it commits)."""
+        key = _user_key(tenant, user)
+        with self._kv.transaction() as txn:
+            profile = self._profiles.get(key, txn=txn)
+            contact = profile.contact if profile is not None else None
+            if profile is None or contact is None or contact.webhook is None:
+                return False
+            hook = contact.webhook
+            if hook.disabled_ms is None:
+                hook = msgspec.structs.replace(
+                    hook, disabled_ms=at_ms, disabled_reason=reason[:200]
+                )
+                contact = msgspec.structs.replace(contact, webhook=hook)
+                self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
+            self._log_contact(
+                key,
+                ContactEvent(
+                    at_ms=at_ms,
+                    channel="webhook",
+                    kind="disabled",
+                    source=source,
+                    address=hook.url,
+                    detail=reason[:200],
+                ),
+                txn,
+            )
+        return True
+
+    async def enable_webhook(self, tenant: str, user: str, *, at_ms: int, source: str) -> bool:
+        """Clear a disabled mark of the user's webhook (logged in the contact log); durable
+        on return. Returns False if the user has no webhook; enabling an enabled one is a
+        no-op that logs nothing."""
+        key = _user_key(tenant, user)
+        with self._kv.transaction() as txn:
+            profile = self._profiles.get(key, txn=txn)
+            contact = profile.contact if profile is not None else None
+            if profile is None or contact is None or contact.webhook is None:
+                return False
+            hook = contact.webhook
+            if hook.disabled_ms is None:
+                return True
+            hook = msgspec.structs.replace(hook, disabled_ms=None, disabled_reason=None)
+            contact = msgspec.structs.replace(contact, webhook=hook)
+            self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
+            self._log_contact(
+                key,
+                ContactEvent(
+                    at_ms=at_ms, channel="webhook", kind="enabled", source=source, address=hook.url
+                ),
+                txn,
+            )
+        await self._kv.sync()
         return True
 
     def note_contact(self, tenant: str, user: str, event: ContactEvent) -> None:
@@ -568,12 +675,12 @@ class Registry:
         return {} if profile is None else dict(profile.consent)
 
     def consent_ledger(self, tenant: str, user: str, channel: str | None = None) -> list[Consent]:
-        """The user's consent entries (of ``channel`` only if given), by channel and then in
-        the order they were recorded."""
-        prefix = _user_key(tenant, user) + b"\0"
+        """The user's consent entries (of ``channel`` only if given, its scoped ones
+        included), oldest first (entries of the same millisecond in the order recorded)."""
+        entries = [v for _k, v in self._consent.scan(_user_key(tenant, user) + b"\0")]
         if channel is not None:
-            prefix += channel.encode() + b"\0"
-        return [v for _k, v in self._consent.scan(prefix)]
+            entries = [e for e in entries if e.channel == channel]
+        return by_time(entries)
 
     # ----------------------------------------------------------------------- workflows
     def workflow(self, tenant: str, topic: str) -> StoredWorkflow | None:
@@ -663,7 +770,7 @@ class Registry:
             profile = self._profiles.get(key, txn=snap)
             subs = self._user_subs.scan(key + b"\0", txn=snap)
             subscriptions = {k[len(key) + 1 :].decode(): v for k, v in subs}
-            ledger = [v for _k, v in self._consent.scan(key + b"\0", txn=snap)]
+            ledger = by_time([v for _k, v in self._consent.scan(key + b"\0", txn=snap)])
             windows = self._windows.get(key, txn=snap)
             contact_log = [v for _k, v in self._contact_log.scan(key + b"\0", txn=snap)]
         return UserExport(

@@ -65,6 +65,21 @@ async def test_every_route_the_node_serves_is_in_its_openapi_document(tmp_path: 
         # the notification API is there, with schemas generated from its structs
         for path in ("/users/{user}", "/dlq/{channel}/replay", "/events/{event_id}"):
             assert path in doc["paths"]
+        # and the templates, their preview, the consent ledger and the email links, so the
+        # fuzzer below reaches them too
+        for method, path in (
+            ("put", "/templates/{topic}/{channel}"),
+            ("get", "/templates/{topic}/{channel}"),
+            ("post", "/templates/{topic}/{channel}/preview"),
+            ("get", "/users/{user}/consent"),
+            ("post", "/users/{user}/webhook/enable"),
+            ("post", "/unsubscribe/{token}"),
+            ("post", "/hooks/email/bounce"),
+        ):
+            assert method in doc["paths"][path], (method, path)
+        unsubscribe = doc["paths"]["/unsubscribe/{token}"]["post"]
+        assert "text/html" in unsubscribe["responses"]["200"]["content"]
+        assert unsubscribe["security"] == [{}]  # the signed token is the proof, not a key
         assert doc["openapi"].startswith("3.1")
         assert {"User", "UserOut", "Workflow", "ErrorBody", "DeadLetterOut"} <= set(
             doc["components"]["schemas"]

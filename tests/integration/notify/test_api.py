@@ -120,7 +120,13 @@ async def test_users_put_get_and_erase(acme: ApiClient, globex: ApiClient) -> No
     got = await acme.ok("GET", f"/users/{u}")
     assert got == put
     shown = await acme.as_key(READ).ok("GET", f"/users/{u}")
-    assert shown["webhook"] == {"url": hook["url"], "secret": None}  # admin keys only
+    assert shown["webhook"] == {  # the secret to admin keys only
+        "url": hook["url"],
+        "secret": None,
+        "previous_secret_until_ms": None,
+        "disabled_ms": None,
+        "disabled_reason": None,
+    }
     again = await acme.ok("PUT", f"/users/{u}", {"locale": "en-GB", "webhook": hook})
     assert again["webhook"]["secret"] == secret and again["email"] is None
 
@@ -255,9 +261,9 @@ async def test_consent_is_recorded_with_source_api(acme: ApiClient, globex: ApiC
     await acme.ok("POST", f"/users/{u}/consent", {"channel": "email", "opted_in": True})
     got = await acme.ok("GET", f"/users/{u}/consent")
     assert {e["source"] for e in got["ledger"]} == {"api"}
-    assert [(e["channel"], e["opted_in"]) for e in got["ledger"]] == [
-        ("email", True),
+    assert [(e["channel"], e["opted_in"]) for e in got["ledger"]] == [  # oldest first
         ("sms", False),
+        ("email", True),
     ]
     await acme.error("POST", f"/users/{u}/consent", {"channel": "fax", "opted_in": False},
                      status=400, code="invalid_request", field="channel")  # fmt: skip

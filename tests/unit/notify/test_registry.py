@@ -326,7 +326,10 @@ async def test_the_consent_ledger_is_append_only_and_its_state_folded(reg: Regis
     states = [await reg.record_consent("acme", "u1", e) for e in entries]
     assert [s.legal for s in states] == [False, True, True, True]
     assert reg.consent_ledger("acme", "u1", "sms") == [entries[0], entries[1], entries[3]]
-    assert reg.consent_ledger("acme", "u1") == [entries[2], entries[0], entries[1], entries[3]]
+    assert reg.consent_ledger("acme", "u1") == entries  # oldest first, whatever the channel
+    scoped = Consent(channel="sms", opted_in=False, at_ms=T + 4, source="api", scope="topic:deals")
+    await reg.record_consent("acme", "u1", scoped)
+    assert reg.consent_ledger("acme", "u1", "sms")[-1] == scoped
     state = reg.consent_state("acme", "u1")
     assert state["sms"] == ConsentState(opted_in=False, legal=True, at_ms=T + 3, source="api")
     back = await reg.record_consent(

@@ -166,6 +166,21 @@ def error(code: str, message: str) -> bytes:
     return _encode(_Error(code, message[:300]))
 
 
+# ---------------------------------------------------------------------- wire framing
+def text_frame(message: bytes) -> bytes:
+    """The bytes of one WebSocket text frame carrying ``message`` as a server sends it
+    (RFC 6455 section 5.2: FIN, opcode 1, unmasked, not fragmented, no extension: the gateway
+    turns compression off). Built once per message, so a broadcast writes the very same bytes
+    to every recipient's transport instead of framing it again per connection (websockets'
+    ``send_text`` costs ~4 us a connection, 40 ms for 10,000)."""
+    n = len(message)
+    if n < 126:
+        return bytes((0x81, n)) + message
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + message
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + message
+
+
 # --------------------------------------------------------------------------- cursors
 def format_cursor(seq: int) -> str:
     """A stream position as clients see it (opaque to them: today the decimal sequence)."""

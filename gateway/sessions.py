@@ -8,16 +8,19 @@ is backfilling, live messages wait in ``pending`` (bounded by the backfill itsel
 pushes at most what it indexes meanwhile) and go out after the backfill, above its last number.
 
 **Back-pressure without waiting.** Writes never await: a frame is written to the
-connection's transport at once (websockets' sans-I/O protocol frames it, as its own
-``broadcast`` does). A connection whose unsent bytes (the transport's buffer, above a kernel
-send buffer capped at the same size) would pass ``send_buffer_bytes`` is *cut off*: it gets a
-close frame with code 4008 and reason "send buffer full: reconnect with your last cursor"
-behind what it has not read, and is aborted ``close_timeout`` later if it still does not
-read. Its memory is bounded by that limit and nobody else waits for it: a broadcast loop
-never awaits a slow client. The client catches up by reconnecting with its cursor.
+connection's transport at once, framed by :func:`gateway.frames.text_frame` (once per
+message: a broadcast's bytes are the same object for every recipient); websockets' protocol
+still owns everything else on the connection (handshake, pings, close). A connection whose
+unsent bytes (the transport's buffer, above a kernel send buffer capped at the same size)
+would pass ``send_buffer_bytes`` is *cut off*: it gets a close frame with code 4008 and
+reason "send buffer full: reconnect with your last cursor" behind what it has not read, and
+is aborted ``close_timeout`` later if it still does not read. Its memory is bounded by that
+limit and nobody else waits for it: a broadcast loop never awaits a slow client. The client
+catches up by reconnecting with its cursor.
 
 Cost per session: this object (~300 bytes with ``__slots__``) on top of websockets'
-connection and its handler task (bench/RESULTS.md, Gateway: memory per connection).
+connection and its handler task: 14 KiB in all per idle connection (bench/RESULTS.md,
+Gateway: idle connections and memory).
 """
 
 from __future__ import annotations
@@ -59,41 +62,45 @@ class Session:
         self.user = user
         self.last_seq = 0
         self.backfilling = True
-        self.pending: list[tuple[int, bytes]] = []
+        self.pending: list[tuple[int, bytes]] = []  # (number, wire bytes)
         self.cut_off: str | None = None
         self.bucket = float(table.message_burst)
         self.bucket_at = 0.0
 
     # ------------------------------------------------------------------ sending
-    def offer(self, seq: int, frame: bytes) -> None:
-        """A numbered message: sent now (or after the backfill) if it is new to this session."""
+    def offer(self, seq: int, wire: bytes) -> None:
+        """A numbered message, framed (:func:`gateway.frames.text_frame`): sent now (or after
+        the backfill) if it is new to this session."""
         if self.backfilling:
-            self.pending.append((seq, frame))
-        elif seq > self.last_seq and self.write(frame):
+            self.pending.append((seq, wire))
+        elif seq > self.last_seq and self.write_wire(wire):
             self.last_seq = seq
 
-    def write(self, frame: bytes) -> bool:
-        """Write one text frame now. False if the session is closed or was just cut off for
-        a full send buffer."""
+    def write(self, message: bytes) -> bool:
+        """Write one message (JSON) now. False if the session is closed or was just cut off
+        for a full send buffer."""
+        return self.write_wire(frames.text_frame(message))
+
+    def write_wire(self, wire: bytes) -> bool:
+        """Write one framed message now (see :meth:`write`)."""
         if self.cut_off is not None:
             return False
         conn = self.conn
         if conn.protocol.state is not State.OPEN:
             return False
         transport = conn.transport
-        if transport.get_write_buffer_size() + len(frame) > self.table.send_buffer_bytes:
+        if transport.get_write_buffer_size() + len(wire) > self.table.send_buffer_bytes:
             self.cut("slow_consumer")
             return False
-        conn.protocol.send_text(frame)
-        conn.send_data()
+        transport.write(wire)
         return True
 
     def finish_backfill(self) -> None:
         """Go live: send what arrived during the backfill, above its last number."""
         self.backfilling = False
         pending, self.pending = self.pending, []
-        for seq, frame in pending:
-            self.offer(seq, frame)
+        for seq, wire in pending:
+            self.offer(seq, wire)
 
     def cut(self, why: str) -> None:
         """Close now with the reason ``why`` (a key of ``frames.CLOSE``) without waiting: the
@@ -189,8 +196,9 @@ class SessionTable:
         devices = self.by_user.get((tenant, user))
         if not devices:
             return 0
+        wire = frames.text_frame(frame)
         for s in list(devices):
-            s.offer(seq, frame)
+            s.offer(seq, wire)
         return len(devices)
 
     def offer_tenant(
@@ -207,23 +215,25 @@ class SessionTable:
         if not users:
             return 0
         allowed = allows(users.keys())
+        wire = frames.text_frame(frame)  # once: the same bytes go to every recipient
         n = 0
         for user in allowed:
             for s in users.get(user, ()):
-                s.offer(seq, frame)
+                s.offer(seq, wire)
                 n += 1
         return n
 
     def write_user(self, tenant: str, user: str | None, frame: bytes) -> None:
         """An unnumbered frame (retract, counts) to the user's sessions (``user`` None:
         every session of the tenant)."""
+        wire = frames.text_frame(frame)
         if user is None:
             for devices in list(self.by_tenant.get(tenant, {}).values()):
                 for s in list(devices):
-                    s.write(frame)
+                    s.write_wire(wire)
             return
         for s in list(self.by_user.get((tenant, user), ())):
-            s.write(frame)
+            s.write_wire(wire)
 
     def all(self) -> list[Session]:
         return [s for devices in self.by_user.values() for s in devices]

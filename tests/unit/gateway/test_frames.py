@@ -8,6 +8,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
 
 from gateway import frames
 
@@ -112,3 +113,12 @@ def test_every_close_code_is_private_or_standard_and_its_reason_fits() -> None:
         assert 4000 <= close.code < 5000 or close.code in (1001, 1013), name
         assert len(close.reason.encode()) <= 123, name
     assert len({c.code for c in frames.CLOSE.values()}) == len(frames.CLOSE)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70_000])
+def test_a_text_frame_is_what_websockets_would_send(size: int) -> None:
+    """The gateway frames a message once for all its recipients; the bytes must be the ones
+    websockets' own protocol writes for it (server side: unmasked, no extension)."""
+    message = b"x" * size
+    reference = Frame(Opcode.TEXT, message).serialize(mask=False, extensions=[])
+    assert frames.text_frame(message) == reference

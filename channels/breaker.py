@@ -106,7 +106,8 @@ class CircuitBreaker:
         """Seconds until the breaker lets a probe through (0 when it would admit now)."""
         self._advance()
         if self._state is BreakerState.OPEN:
-            return max(0.0, self._opened_at + self._cool_down - self._clock())
+            # never more than the cool-down: opened_at + cool_down - now can round above it
+            return min(self._cool_down, max(0.0, self._opened_at + self._cool_down - self._clock()))
         return 0.0
 
     def failure_rate(self) -> tuple[int, int]:

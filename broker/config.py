@@ -46,6 +46,7 @@ class StorageConfig(_Section):
     cache_window_bytes: int = 256 * 1024 * 1024
     min_free_bytes: int = 64 * 1024 * 1024
     io_threads: int = 8
+    inline_sync_max_ms: float = 5.0
 
 
 class TopicDefaults(_Section):
@@ -302,6 +303,8 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("storage.segment-bytes must be at least 1 MiB and below 4 GiB")
     if cfg.storage.io_threads < 1:
         raise ConfigError("storage.io-threads must be >= 1")
+    if cfg.storage.inline_sync_max_ms < 0:
+        raise ConfigError("storage.inline-sync-max-ms must be >= 0 (0: never inline)")
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
     from channels.registry import BUILT_IN, WIRED_BY_NODE  # here: it imports the channels

@@ -157,8 +157,8 @@ class LogComponent:
 
     name = "log"
 
-    def __init__(self, data_dir: Path, io_threads: int) -> None:
-        self.log = Log(data_dir, io_threads=io_threads)
+    def __init__(self, data_dir: Path, io_threads: int, inline_sync_max_ms: float) -> None:
+        self.log = Log(data_dir, io_threads=io_threads, inline_sync_max_ms=inline_sync_max_ms)
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -395,7 +395,7 @@ class Node:
             state = StateStore(data_dir / "state", cfg.storage.kv_map_size)
             await start(state)
             assert state.kv is not None
-            the_log = LogComponent(data_dir, cfg.storage.io_threads)
+            the_log = LogComponent(data_dir, cfg.storage.io_threads, cfg.storage.inline_sync_max_ms)
             await start(the_log)
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service

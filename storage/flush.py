@@ -12,7 +12,9 @@ Two stages then move them to disk in worker threads, each stage one job at a tim
 
 The stages overlap (batches that arrive while a sync runs are written meanwhile; the next
 sync starts as soon as this one ends); when nothing is syncing one job writes and then
-syncs, so a lone append is handed to a thread once and answered from one report.
+syncs, so a lone append is handed to a thread once and answered from one report, or, when
+the I/O threads are idle and allow it, run on the loop with no hand-off at all
+(:meth:`Pipeline.lone_append`, :meth:`Flusher._run_inline`).
 
 Three layers, h11 style:
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
@@ -51,6 +54,10 @@ from storage.segment import Segment, fsync_dir
 log = logging.getLogger("herald.storage")
 
 FsyncFn = Callable[[int], None]
+
+# the largest lone append a job on the loop writes and syncs (when the I/O threads allow
+# inline jobs): a few records' worth, a write of microseconds; a larger one goes to a thread
+INLINE_MAX_BYTES: Final = 64 * 1024
 Mark = tuple[int, int, int]  # offset, segment base offset, position in that segment
 
 
@@ -291,6 +298,8 @@ class Pipeline:
         self.written_segment = active.base_offset
         self.written_position = active.size
         self.queue: list[WriteRun] = []  # accounted, not yet written: one run per segment
+        self.queued_appends = 0  # appends in ``queue``
+        self.queued_while_busy = False  # one of them arrived while a job ran
         self.unsynced: list[Segment] = []  # written by completed writes, not yet synced
         self.sealing: list[Segment] = []  # rolled away; sealed by the sync that completes them
         self.writing: list[Segment] = []  # in the running write job
@@ -309,6 +318,9 @@ class Pipeline:
         ``position`` of ``segment`` (its end), for the next write: the last run's when it
         is on the same segment (appends extend one run), else a new run's. ``end`` is the
         offset after them."""
+        self.queued_appends += 1
+        if self.writer is not None or self.syncer is not None:
+            self.queued_while_busy = True
         queue = self.queue
         if queue and queue[-1].segment is segment:
             run = queue[-1]  # contiguous: the segment accounts at its end
@@ -346,6 +358,21 @@ class Pipeline:
         active = self.segments[-1]
         return active.next_offset, active.base_offset, active.size
 
+    def lone_append(self, max_bytes: int) -> bool:
+        """Whether what is queued is one append of at most ``max_bytes``, made while no job
+        ran, with nothing else to sync: the next job is a write-then-sync job that nobody
+        else waits for, a candidate to run on the loop. Appends that arrive during a job, or
+        several in one turn, mean concurrent producers: their jobs go to the threads, so
+        that the loop keeps reading requests while the disk syncs (group commit)."""
+        if self.queued_appends != 1 or self.queued_while_busy or not self.idle:
+            return False
+        if len(self.queue) != 1 or self.sync_wanted():
+            return False
+        size = 0
+        for buf in self.queue[0].iov:
+            size += len(buf)
+        return size <= max_bytes
+
     def sync_wanted(self) -> bool:
         return (
             self.written_offset > self.flushed_offset
@@ -364,6 +391,8 @@ class Pipeline:
             return started
         if self.writer is None and self.queue:
             runs, self.queue = self.queue, []
+            self.queued_appends = 0
+            self.queued_while_busy = False
             end = self.log_end()
             checkpoint = self._checkpoint_due(now_ms, end, checkpoint_of)
             self.writing = [run.segment for run in runs]
@@ -525,6 +554,8 @@ class Pipeline:
         queue (every append queued from the failed one on) and what referred to segments
         that are gone."""
         self.queue = []
+        self.queued_appends = 0
+        self.queued_while_busy = False
         self.sealing = [s for s in self.sealing if s in kept[:-1]]
         self.unsynced = [s for s in self.unsynced if s in kept]
 
@@ -603,7 +634,8 @@ class Flusher:
     to :meth:`_write_done` / :meth:`_sync_done`, which start what may start next. A lone
     append costs one hand-off to a thread and one report back: its write-then-sync job
     reports once, after the sync, unless the loop asked to hear of the write sooner (see
-    :class:`Job`).
+    :class:`Job`); or none, when it runs on the loop (:meth:`_run_inline`, only while the
+    I/O threads are idle and allow it: :meth:`IoThreads.may_run_inline`).
 
     The partition supplies: ``checkpoint_of`` (a checkpoint of a log-end mark),
     ``on_high_watermark`` (called when the synced offset advanced, before the ``acks=all``
@@ -703,9 +735,19 @@ class Flusher:
             writer.report_written = True
             if writer.write_finished and writer.claim_written():
                 self._apply_written(writer)
-        submit = self.threads.submit
-        for job in pipeline.start_jobs(self._clock(), self._checkpoint_of):
-            submit(self._run_job, job)
+        threads = self.threads
+        inline = pipeline.lone_append(INLINE_MAX_BYTES) and threads.may_run_inline()
+        jobs = pipeline.start_jobs(self._clock(), self._checkpoint_of)
+        if (
+            inline
+            and len(jobs) == 1
+            and jobs[0].kind is Event.WRITE_THEN_SYNC
+            and jobs[0].checkpoint is None  # one with a checkpoint costs two fsyncs more
+        ):
+            self._run_inline(jobs[0])
+            return  # its outcome ran _pump again
+        for job in jobs:
+            threads.submit(self._run_job, job)
         if pipeline.idle and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
@@ -764,6 +806,31 @@ class Flusher:
         for _want, fut in waiters:
             if not fut.done():
                 fut.set_exception(err)
+
+    def _run_inline(self, job: Job) -> None:
+        """Loop: run a lone write-then-sync job here rather than on a thread (nothing else
+        runs on this partition's files, so no write lands during its fsync) and apply its
+        outcome at once: the same I/O and the same outcomes as :meth:`_run_job`, without
+        the two hand-offs."""
+        started = time.perf_counter()
+        failed: tuple[int, OSError] | BaseException | None
+        try:
+            failed = write_runs(job.runs)
+        except Exception as exc:  # a bug, as on a thread; anything else ends the process
+            failed = exc
+        if failed is not None:
+            self.threads.ran_inline(time.perf_counter() - started)
+            self._write_done(job, failed)
+            return
+        job.write_finished = True
+        error: BaseException | None = None
+        assert job.plan is not None
+        try:
+            sync_files(job.plan, job.checkpoint, self._fsync, self.directory, self.name)
+        except Exception as exc:
+            error = exc
+        self.threads.ran_inline(time.perf_counter() - started)
+        self._sync_done(job, error)
 
     # ---------------------------------------------------------------------- I/O threads
     def _run_job(self, job: Job) -> None:

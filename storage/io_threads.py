@@ -17,6 +17,16 @@ measured with ``perf stat`` in ``bench/RESULTS.md``). Here:
 A thread never touches the loop's state: jobs report, and the loop applies the outcome.
 Threads are daemons (a stuck ``fdatasync`` must not keep a dying process alive);
 :meth:`close` stops and joins them.
+
+Inline jobs. When the node is otherwise idle a hand-off is pure cost: a lone append waits
+for two wake-ups (the loop wakes a thread, the thread wakes the loop) around an fdatasync of
+~0.15 ms, about half the system calls and context switches of the round. A caller may then
+run the job on the loop itself (Redis with ``appendfsync always`` does the same), when
+:meth:`IoThreads.may_run_inline` says so: inline jobs are enabled (``inline_max_ms`` > 0),
+no job is queued or running on a thread, none ran inline earlier in this loop turn (two
+partitions' lone appends in one turn still sync in parallel), and no inline job lately took
+longer than ``inline_max_ms``. After one that did (a slow disk: the loop stalled for it
+once), jobs go to the threads for :data:`INLINE_COOLDOWN_S`, then inline is tried again.
 """
 
 from __future__ import annotations
@@ -26,12 +36,18 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("herald.storage")
 
 _Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None stops a thread
+
+# after an inline job slower than ``inline_max_ms``, how long jobs go to the threads only: a
+# disk that stalls once tends to stall again soon (writeback, another tenant's burst), and
+# each inline stall would stop every connection of the node for its length
+INLINE_COOLDOWN_S = 10.0
 
 
 class _Worker(threading.Thread):
@@ -59,13 +75,24 @@ class IoThreads:
 
     ``submit`` and ``close`` are called on the event loop; ``report`` from a job. A job must
     not raise (it reports its failures); one that does is logged. Cost: one thread (a few
-    hundred KiB of stack in use, 8 MiB reserved) per concurrent job, at most ``max_threads``."""
+    hundred KiB of stack in use, 8 MiB reserved) per concurrent job, at most ``max_threads``.
+    ``inline_max_ms`` > 0 lets callers run a job on the loop when the threads are idle (see
+    the module docstring; 0, the default, never)."""
 
-    def __init__(self, max_threads: int, name: str = "herald-io") -> None:
+    def __init__(
+        self, max_threads: int, name: str = "herald-io", *, inline_max_ms: float = 0
+    ) -> None:
         if max_threads < 1:
             raise ValueError("max_threads must be at least 1")
+        if inline_max_ms < 0:
+            raise ValueError("inline_max_ms must not be negative")
         self.max_threads = max_threads
         self.name = name
+        self.inline_max_s = inline_max_ms / 1000
+        self._inline_this_turn = False
+        self._inline_off_until = 0.0  # time.monotonic(): after a slow inline job
+        self.inline_jobs = 0  # jobs run on the loop so far
+        self.slow_inline_jobs = 0  # of which took longer than inline_max_ms
         self._jobs: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._workers: list[_Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,6 +122,39 @@ class IoThreads:
             worker = _Worker(self._jobs, f"{self.name}-{len(workers)}")
             workers.append(worker)
             worker.start()
+
+    def may_run_inline(self) -> bool:
+        """Whether a job may run on the loop now instead of on a thread (loop only; see
+        the module docstring). A caller that does so calls :meth:`ran_inline` after it."""
+        if self.inline_max_s <= 0 or self._inline_this_turn or self.closed:
+            return False
+        if self._submitted != sum(w.finished for w in self._workers):
+            return False  # a job is queued or running: the disk is busy, do not wait on it
+        return not self._inline_off_until or time.monotonic() >= self._inline_off_until
+
+    def ran_inline(self, seconds: float) -> None:
+        """A job ran on the loop and took ``seconds``: none runs inline again in this loop
+        turn, and none for :data:`INLINE_COOLDOWN_S` if it was slower than allowed."""
+        self.inline_jobs += 1
+        if not self._inline_this_turn:
+            self._inline_this_turn = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._next_turn)
+        if seconds > self.inline_max_s:
+            self.slow_inline_jobs += 1
+            self._inline_off_until = time.monotonic() + INLINE_COOLDOWN_S
+            log.warning(
+                "event=inline_io_slow pool=%s ms=%.1f limit_ms=%g threads_only_s=%g",
+                self.name,
+                seconds * 1000,
+                self.inline_max_s * 1000,
+                INLINE_COOLDOWN_S,
+            )
+
+    def _next_turn(self) -> None:
+        self._inline_this_turn = False
 
     def report(self, callback: Callable[..., None], *args: Any) -> None:
         """From a job: run ``callback(*args)`` on the loop. Reports made before the loop

@@ -8,8 +8,10 @@ The facade over the parts that do the work: :mod:`storage.recovery` (opening),
 the log's I/O threads (:class:`~storage.io_threads.IoThreads`), other blocking I/O in the
 loop's default executor. An append validates, stamps and accounts its batches at once
 (in the caller's turn of the loop, so offsets follow call order) and queues the bytes; the
-loop never writes or syncs the file itself (on ext4 a write that lands while an fsync of the
-same file runs can stall for milliseconds, stalling every connection of the node).
+loop never writes the file while a job on it runs (on ext4 a write that lands while an
+fsync of the same file runs can stall for milliseconds, stalling every connection of the
+node); it runs a lone append's job itself only when nothing else runs (inline jobs,
+:mod:`storage.io_threads`).
 
 Visibility: consumers read up to the **high watermark**, which on a single node is the
 offset up to which the log is synced. A consumer therefore never sees a record that a power

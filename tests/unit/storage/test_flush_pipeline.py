@@ -30,9 +30,11 @@ class GatedFsync:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.calls = 0
+        self.threads: list[int] = []  # the thread each call ran on
 
     def __call__(self, fd: int) -> None:
         self.calls += 1
+        self.threads.append(threading.get_ident())
         if self.armed:
             self.entered.set()
             self.release.wait(10)
@@ -77,8 +79,8 @@ async def test_a_lone_append_is_written_and_synced_by_one_job(tmp_path: Path) ->
 class CountingIo(IoThreads):
     """I/O threads that count the reports their jobs send to the loop."""
 
-    def __init__(self) -> None:
-        super().__init__(2)
+    def __init__(self, *, inline_max_ms: float = 0) -> None:
+        super().__init__(2, inline_max_ms=inline_max_ms)
         self.reports: list[str] = []
 
     def report(self, callback: Callable[..., None], *args: Any) -> None:
@@ -317,5 +319,150 @@ async def test_a_read_from_where_the_last_one_ended_starts_there_and_still_check
             os.close(fd)
         with pytest.raises(CorruptData):
             part.read(end, 1 << 20)
+    finally:
+        await part.close()
+
+
+# ---------------------------------------------------------------- inline jobs (issue 12 § 3)
+class ThreadRecordingFsync:
+    """fdatasync that records the thread each call ran on, optionally after a pause (a slow
+    disk)."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.threads: list[int] = []
+        self.pause = pause
+
+    def __call__(self, fd: int) -> None:
+        self.threads.append(threading.get_ident())
+        if self.pause:
+            threading.Event().wait(self.pause)
+        os.fdatasync(fd)
+
+
+# checkpoints only when asked: a job carrying one always goes to a thread
+NO_TIMED_CHECKPOINT = PartitionConfig(checkpoint_interval_ms=3_600_000)
+
+
+async def test_a_lone_append_is_written_and_synced_on_the_loop_with_no_hand_off(
+    tmp_path: Path,
+) -> None:
+    io = CountingIo(inline_max_ms=10_000)
+    fsync = ThreadRecordingFsync()
+    part = open_partition(tmp_path / "p", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    try:
+        for i in range(5):
+            await part.append([batch(values_for(i * 3, 3))])
+            assert part.high_watermark == (i + 1) * 3
+        # one fdatasync per append, each on the loop's own thread; no job went to a thread
+        # and nothing was reported back
+        assert fsync.threads == [threading.get_ident()] * 5
+        assert io.reports == []
+        assert io.threads == 0
+        assert read_all(part) == {o: v for o, v in enumerate(values_for(0, 15))}
+    finally:
+        await part.close()
+        io.close()
+
+
+async def test_appends_made_together_share_one_fdatasync_on_a_thread(tmp_path: Path) -> None:
+    io = CountingIo(inline_max_ms=10_000)
+    fsync = ThreadRecordingFsync()
+    part = open_partition(tmp_path / "p", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    try:
+        # ten producers' requests read in one loop turn: concurrent appends are not run on
+        # the loop (it keeps reading requests while the disk syncs), and share one sync
+        results = [part.append_nowait([batch(values_for(i * 2, 2))]) for i in range(10)]
+        await asyncio.wait_for(part.wait_durable(results[-1].last_offset + 1), 5)
+        assert len(fsync.threads) == 1
+        assert fsync.threads[0] != threading.get_ident()
+        assert io.reports == ["_sync_done"]
+        assert part.high_watermark == 20
+    finally:
+        await part.close()
+        io.close()
+
+
+async def test_appends_that_arrive_during_a_sync_are_synced_by_a_thread_not_the_loop(
+    tmp_path: Path,
+) -> None:
+    gate = GatedFsync()
+    io = IoThreads(2, inline_max_ms=10_000)
+    part = open_partition(tmp_path / "p", io=io, fsync=gate, config=NO_TIMED_CHECKPOINT)
+    loop_thread = threading.get_ident()
+    try:
+        part.append_nowait([batch(values_for(0, 2))])
+        await asyncio.sleep(0)  # its job starts: a lone append, no job running: on the loop
+        assert gate.threads == [loop_thread]
+        # two producers' appends in one turn: concurrent, so a thread writes and syncs them
+        gate.armed = True
+        part.append_nowait([batch(values_for(2, 2))])
+        part.append_nowait([batch(values_for(4, 2))])
+        assert await asyncio.to_thread(gate.entered.wait, 5), "the sync never started"
+        # one more arrives while that sync runs: it is alone in its job once the sync
+        # ends, but it came during a job, so it too is synced by a thread
+        last = part.append_nowait([batch(values_for(6, 2))])
+        gate.armed = False
+        gate.release.set()
+        await asyncio.wait_for(part.wait_durable(last.last_offset + 1), 5)
+        assert len(gate.threads) == 3
+        assert loop_thread not in gate.threads[1:]
+        assert part.high_watermark == 8
+        assert read_all(part) == {o: v for o, v in enumerate(values_for(0, 8))}
+    finally:
+        gate.release.set()
+        await part.close()
+        io.close()
+
+
+async def test_after_a_slow_inline_sync_jobs_go_to_the_threads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    io = IoThreads(2, inline_max_ms=1)
+    fsync = ThreadRecordingFsync(pause=0.05)  # a disk far slower than the 1 ms allowed
+    part = open_partition(tmp_path / "p", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    try:
+        for i in range(3):
+            await part.append([batch(values_for(i, 1))])
+        loop_thread = threading.get_ident()
+        # the first lone append ran on the loop and stalled it; the next ones did not
+        assert fsync.threads[0] == loop_thread
+        assert all(t != loop_thread for t in fsync.threads[1:])
+        assert io.slow_inline_jobs == 1
+        assert "event=inline_io_slow" in caplog.text
+        assert part.high_watermark == 3
+    finally:
+        await part.close()
+        io.close()
+
+
+async def test_lone_appends_to_two_partitions_in_one_turn_do_not_wait_for_each_other(
+    tmp_path: Path,
+) -> None:
+    io = IoThreads(2, inline_max_ms=10_000)
+    fsync = ThreadRecordingFsync()
+    a = open_partition(tmp_path / "a", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    b = open_partition(tmp_path / "b", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    try:
+        ra = a.append_nowait([batch(values_for(0, 1))])
+        rb = b.append_nowait([batch(values_for(0, 1))])
+        await asyncio.wait_for(
+            asyncio.gather(a.wait_durable(ra.last_offset + 1), b.wait_durable(rb.last_offset + 1)),
+            5,
+        )
+        # one ran on the loop, the other on a thread meanwhile (not one after the other)
+        loop_thread = threading.get_ident()
+        assert sorted(t == loop_thread for t in fsync.threads) == [False, True]
+    finally:
+        await a.close()
+        await b.close()
+        io.close()
+
+
+async def test_inline_jobs_are_off_unless_asked_for(tmp_path: Path) -> None:
+    fsync = ThreadRecordingFsync()
+    part = open_partition(tmp_path / "p", fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    try:
+        await part.append([batch(values_for(0, 1))])
+        assert fsync.threads and threading.get_ident() not in fsync.threads
     finally:
         await part.close()

@@ -199,6 +199,31 @@ async def test_concurrent_syncs_all_complete_and_share_fsyncs(
     assert calls == before + 1
 
 
+async def test_the_state_store_sync_never_runs_on_the_event_loop(
+    kv: KV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an offset commit's acknowledgement waits for this sync: on the loop, every
+    # connection of the node would wait for LMDB's fsync with it
+    ran_on: list[int] = []
+    real = kv.sync_now
+
+    def recording() -> None:
+        ran_on.append(threading.get_ident())
+        real()
+
+    monkeypatch.setattr(kv, "sync_now", recording)
+    t = kv.table("t", GroupOffset)
+    for i in range(3):
+        t.put(f"k{i}", GroupOffset(i))
+        async with asyncio.timeout(10):
+            await kv.sync()
+    t.put("k", GroupOffset(9))
+    async with asyncio.timeout(10):
+        await asyncio.gather(kv.sync(), kv.sync())
+    assert len(ran_on) >= 4
+    assert threading.get_ident() not in ran_on
+
+
 async def test_a_sync_called_during_a_sync_gets_a_later_one(
     kv: KV, monkeypatch: pytest.MonkeyPatch
 ) -> None:

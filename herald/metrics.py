@@ -64,6 +64,16 @@ class NodeCollector(Collector):
             "1 if the partition stopped taking writes after an I/O error it cannot trust",
             labels=["tenant", "topic", "partition"],
         )
+        syncs = CounterMetricFamily(
+            "herald_partition_syncs",
+            "fdatasync rounds of the partition's log (each answers every append it covers)",
+            labels=["tenant", "topic", "partition"],
+        )
+        inline_syncs = CounterMetricFamily(
+            "herald_partition_inline_syncs",
+            "Of those rounds, the lone appends written and synced on the event loop",
+            labels=["tenant", "topic", "partition"],
+        )
         # topics are per tenant: labelled by the owner and the owner's name for the topic
         names: dict[str, tuple[str, str]] = {}
         for (stored, index), part in service.log.partitions.items():
@@ -78,12 +88,16 @@ class NodeCollector(Collector):
             corrupt.add_metric(labels, part.corruptions_detected)
             quarantined.add_metric(labels, len(part.quarantined))
             offline.add_metric(labels, int(part.offline))
+            syncs.add_metric(labels, part.syncs)
+            inline_syncs.add_metric(labels, part.inline_syncs)
         yield hw
         yield start
         yield size
         yield corrupt
         yield quarantined
         yield offline
+        yield syncs
+        yield inline_syncs
         yield GaugeMetricFamily(
             "herald_disk_free_bytes",
             "Free bytes on the data directory's filesystem",

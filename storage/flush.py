@@ -670,6 +670,8 @@ class Flusher:
         self.durable_waiters: Waiters = []
         self.written_waiters: Waiters = []
         self.closed = False  # no kick starts a job; running jobs still finish
+        self.syncs = 0  # sync rounds completed (counters for metrics)
+        self.inline_syncs = 0  # of which run on the loop (:meth:`_run_inline`)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -781,6 +783,8 @@ class Flusher:
         if job.kind is Event.WRITE_THEN_SYNC and job.claim_written():
             self._apply_written(job)
         advanced = pipeline.sync_finished(job, error)
+        if error is None:
+            self.syncs += 1
         if error is not None:
             self._offline(error)
         elif pipeline.failure is None:
@@ -830,6 +834,7 @@ class Flusher:
         except Exception as exc:
             error = exc
         self.threads.ran_inline(time.perf_counter() - started)
+        self.inline_syncs += 1
         self._sync_done(job, error)
 
     # ---------------------------------------------------------------------- I/O threads

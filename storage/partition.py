@@ -257,6 +257,17 @@ class Partition:
     def offline(self) -> bool:
         return self._pipeline.failure is not None
 
+    @property
+    def syncs(self) -> int:
+        """fdatasync rounds completed since the partition was opened, and of those, how
+        many ran on the event loop (:mod:`storage.io_threads`, inline jobs): counters for
+        metrics. Each round answers every append it covers."""
+        return self._flusher.syncs
+
+    @property
+    def inline_syncs(self) -> int:
+        return self._flusher.inline_syncs
+
     # ------------------------------------------------------------------------- append
     def _check_writable(self) -> None:
         if self._closed:

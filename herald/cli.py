@@ -44,9 +44,10 @@ def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None)
     from herald.malloc import keep_freed_memory
 
     keep_freed_memory()  # see broker/malloc.py: fresh pages cost a fault each
-    from herald.collector import freeze_startup, tune_collector
+    from herald.collector import PauseLog, freeze_startup, tune_collector
 
     tune_collector()  # see herald/collector.py: fewer collections of short-lived objects
+    PauseLog().install()  # and a collection that stops the loop past 20 ms is logged
 
     import uvloop
 

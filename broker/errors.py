@@ -14,6 +14,7 @@ Pure: no I/O. The client SDK imports this module to name codes (``errors.Unknown
 from __future__ import annotations
 
 import functools
+import re
 from typing import ClassVar, NamedTuple
 
 import msgspec
@@ -103,6 +104,33 @@ class BatchTooLarge(PayloadTooLarge):
     code = "batch_too_large"
 
 
+class UnsupportedMediaType(HeraldError):
+    """A POST body that is not declared ``application/json``: refusing other types is what
+    keeps a web page from posting to the node (a cross-site ``text/plain`` or form POST needs
+    no CORS preflight; ``application/json`` does, and the node never approves one)."""
+
+    code = "unsupported_media_type"
+    retriable = False
+    http_status = 415
+
+
+class HeadersTooLarge(ProtocolError):
+    """An HTTP request line and headers over the head limit; the connection is closed."""
+
+    code = "headers_too_large"
+    http_status = 431
+    fatal = True
+
+
+class RequestTimeout(ProtocolError):
+    """A request's head or body did not arrive in time (slow or stalled client); the
+    connection is closed."""
+
+    code = "request_timeout"
+    http_status = 408
+    fatal = True
+
+
 class NotFound(HeraldError):
     """No such HTTP route."""
 
@@ -124,10 +152,32 @@ class Unauthenticated(HeraldError):
     http_status = 401
 
 
+class UnknownApiKey(Unauthenticated):
+    """A key was presented and matches none: the failed attempt the per-address throttle
+    counts (a request without any key is only ``Unauthenticated``)."""
+
+
 class Forbidden(HeraldError):
     code = "forbidden"
     retriable = False
     http_status = 403
+
+
+class CrossSiteRequest(Forbidden):
+    """On a node without API keys (loopback only): a request whose ``Host`` is not a name of
+    this node (DNS rebinding) or whose ``Origin`` / ``Sec-Fetch-Site`` says a web page of
+    another site sent it."""
+
+    code = "cross_site_request"
+
+
+class AuthThrottled(HeraldError):
+    """Too many failed API-key attempts from this source address: keys from it are not
+    checked until its allowance refills (``admission.auth-failures-per-minute``)."""
+
+    code = "auth_throttled"
+    retriable = True
+    http_status = 429
 
 
 # ------------------------------------------------------------------------------- topics
@@ -251,6 +301,15 @@ class TooManyConnections(HeraldError):
     http_status = 503
 
 
+class ServerBusy(HeraldError):
+    """The node's budget for request bytes in flight (bodies and frames being received) is
+    spent: the request is refused rather than buffered; retry shortly."""
+
+    code = "server_busy"
+    retriable = True
+    http_status = 503
+
+
 class StateStoreFailed(HeraldError):
     """The state store (LMDB) could not sync: the node cannot keep its promises and stops."""
 
@@ -273,18 +332,33 @@ class ErrorInfo(NamedTuple):
     field: str | None
 
 
+# an absolute file path in a message (not a topic/partition name such as ``orders/3``): the
+# wire never learns where the node keeps its data
+_PATH = re.compile(r"(?<![\w.~-])/[^\s'\",;:)]+")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with every absolute file path replaced by ``<path>``. The node's log keeps
+    the full message; answers on the wire carry this one."""
+    return _PATH.sub("<path>", message) if "/" in message else message
+
+
 def describe(exc: BaseException) -> ErrorInfo:
     """The answer for ``exc``: a Herald or storage error answers with its own code, status
     and retriability; a msgspec validation error is ``invalid_request`` naming the field;
-    anything else is an ``internal_error`` whose message does not leak internals."""
+    anything else is an ``internal_error`` whose message does not leak internals. Messages
+    never carry a file path (a storage error's ``OSError`` would name the data directory)."""
     if isinstance(exc, msgspec.ValidationError):
         message = str(exc)
         return ErrorInfo("invalid_request", message, False, 400, field_of(message))
     if isinstance(exc, msgspec.DecodeError):
         return ErrorInfo("invalid_request", f"body is not valid JSON: {exc}", False, 400, None)
     if isinstance(exc, HeraldError | storage_errors.StorageError):
+        message = str(exc)
+        if isinstance(exc, storage_errors.StorageError):
+            message = redact_paths(message)
         return ErrorInfo(
-            exc.code, str(exc), exc.retriable, exc.http_status, getattr(exc, "field", None)
+            exc.code, message, exc.retriable, exc.http_status, getattr(exc, "field", None)
         )
     return ErrorInfo("internal_error", f"internal error: {type(exc).__name__}", True, 500, None)
 
@@ -325,6 +399,19 @@ def _statuses() -> dict[str, int]:
     }
 
 
+@functools.cache
+def _classes() -> dict[str, type[BaseException]]:
+    out: dict[str, type[BaseException]] = {}
+    for c in all_error_classes():
+        out.setdefault(c.code, c)  # type: ignore[attr-defined]
+    return out
+
+
+def error_class(code: str) -> type[BaseException]:
+    """The error class for ``code`` (``Internal`` for a code nobody declared)."""
+    return _classes().get(code, Internal)
+
+
 def http_status_of(code: str) -> int:
     """The HTTP status for an error known only by its code (e.g. a fetch's per-partition
     error)."""
@@ -332,15 +419,18 @@ def http_status_of(code: str) -> int:
 
 
 __all__ = [
+    "AuthThrottled",
     "BadFrame",
     "BatchTooLarge",
     "CorruptBatch",
     "CorruptData",
+    "CrossSiteRequest",
     "ErrorInfo",
     "Forbidden",
     "FrameTooLarge",
     "GroupError",
     "GroupFull",
+    "HeadersTooLarge",
     "HeraldError",
     "IncompleteBatch",
     "Internal",
@@ -360,6 +450,8 @@ __all__ = [
     "PayloadTooLarge",
     "ProtocolError",
     "QuotaExceeded",
+    "RequestTimeout",
+    "ServerBusy",
     "ShuttingDown",
     "StateStoreFailed",
     "StorageError",
@@ -371,15 +463,19 @@ __all__ = [
     "TopicBeingDeleted",
     "TopicExists",
     "Unauthenticated",
+    "UnknownApiKey",
     "UnknownGroup",
     "UnknownMember",
     "UnknownPartition",
     "UnknownProducerId",
     "UnknownTopic",
+    "UnsupportedMediaType",
     "UnsupportedVersion",
     "_statuses",
     "all_error_classes",
     "describe",
+    "error_class",
     "field_of",
     "http_status_of",
+    "redact_paths",
 ]

@@ -73,6 +73,44 @@ class LimitsConfig(_Section):
     max_event_bytes: int = 1024 * 1024
     max_events_per_batch: int = 10_000
     max_http_body_bytes: int = 32 * 1024 * 1024
+    max_records_per_batch: int = 100_000
+
+
+class AdmissionConfig(_Section):
+    """Who may hold a connection, for how long, and how many bytes the node buffers for
+    clients: ``docs/SECURITY.md`` explains each value and ``broker/admission.py`` enforces
+    them for every listener."""
+
+    fd_reserve: int = 1024
+    unauthenticated_share: float = 0.25
+    max_unauthenticated_per_address: int = 64
+    max_connections_per_address: int = 1024
+    handshake_timeout_ms: int = 10_000
+    header_timeout_ms: int = 10_000
+    body_timeout_ms: int = 20_000
+    body_min_rate: int = 8192
+    idle_timeout_ms: int = 600_000
+    send_timeout_ms: int = 60_000
+    max_unauthenticated_frame_bytes: int = 64 * 1024
+    max_request_bytes_in_flight: int = 256 * 1024 * 1024
+    max_reply_bytes_per_connection: int = 64 * 1024 * 1024
+    max_reply_bytes_in_flight: int = 1024 * 1024 * 1024
+    auth_failures_per_minute: int = 30
+    allowed_hosts: list[str] = []
+    allowed_origins: list[str] = []
+
+
+class TlsConfig(_Section):
+    """TLS for every listener (HTTP and TCP today, the WebSocket gateway when it is built),
+    on when both files are set; ``broker/tls.py`` makes the contexts."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
 
 
 class GroupsConfig(_Section):
@@ -151,7 +189,7 @@ QUOTA_NAMES = (
 class ApiKey(_Section):
     key: str
     tenant: str = "default"
-    scopes: list[Literal["produce", "consume", "admin", "engage"]] = msgspec.field(
+    scopes: list[Literal["produce", "consume", "admin", "engage", "metrics"]] = msgspec.field(
         default_factory=lambda: ["produce", "consume"]
     )
     name: str = ""
@@ -259,6 +297,8 @@ class Config(_Section):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     topics: TopicDefaults = msgspec.field(default_factory=TopicDefaults)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     groups: GroupsConfig = msgspec.field(default_factory=GroupsConfig)
     quotas: QuotasConfig = msgspec.field(default_factory=QuotasConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
@@ -336,6 +376,49 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"notify.{name} must be >= 1")
     _validate_quotas(cfg)
     _validate_gateway(cfg.gateway)
+    a = cfg.admission
+    if not 0 < a.unauthenticated_share < 1:
+        raise ConfigError("admission.unauthenticated-share must be between 0 and 1 (exclusive)")
+    if a.fd_reserve < 64:
+        raise ConfigError("admission.fd-reserve must be at least 64 (the node's own files)")
+    for name, value in (
+        ("admission.max-unauthenticated-per-address", a.max_unauthenticated_per_address),
+        ("admission.max-connections-per-address", a.max_connections_per_address),
+        ("admission.handshake-timeout-ms", a.handshake_timeout_ms),
+        ("admission.header-timeout-ms", a.header_timeout_ms),
+        ("admission.body-timeout-ms", a.body_timeout_ms),
+        ("admission.body-min-rate", a.body_min_rate),
+        ("admission.idle-timeout-ms", a.idle_timeout_ms),
+        ("admission.send-timeout-ms", a.send_timeout_ms),
+        ("admission.auth-failures-per-minute", a.auth_failures_per_minute),
+        ("limits.max-records-per-batch", cfg.limits.max_records_per_batch),
+        ("limits.max-connections", cfg.limits.max_connections),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if not 1024 <= a.max_unauthenticated_frame_bytes <= cfg.limits.max_frame_bytes:
+        raise ConfigError(
+            "admission.max-unauthenticated-frame-bytes must be at least 1024 and at most "
+            "limits.max-frame-bytes"
+        )
+    if a.max_request_bytes_in_flight < cfg.limits.max_frame_bytes:
+        # one whole frame must always fit, or a client could never send one
+        raise ConfigError(
+            "admission.max-request-bytes-in-flight must be at least limits.max-frame-bytes"
+        )
+    if a.max_reply_bytes_per_connection < cfg.limits.max_fetch_bytes + cfg.limits.max_batch_bytes:
+        # a fetch reserves its whole possible reply (max-fetch-bytes, plus one batch past it)
+        raise ConfigError(
+            "admission.max-reply-bytes-per-connection must be at least limits.max-fetch-bytes "
+            "+ limits.max-batch-bytes"
+        )
+    if a.max_reply_bytes_in_flight < a.max_reply_bytes_per_connection:
+        raise ConfigError(
+            "admission.max-reply-bytes-in-flight must be at least "
+            "admission.max-reply-bytes-per-connection"
+        )
+    if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
+        raise ConfigError("tls.cert-file and tls.key-file go together: set both or neither")
     seen = set()
     for i, key in enumerate(cfg.auth.keys):
         if len(key.key) < 16:

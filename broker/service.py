@@ -57,6 +57,10 @@ from storage.partition import Partition
 
 log = logging.getLogger("herald.broker")
 
+# a batch header's record count (u32 LE at byte 20, docs/STORAGE.md): read without parsing
+_RECORD_COUNT = struct.Struct("<I")
+_RECORD_COUNT_AT = 20
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -306,11 +310,20 @@ class BrokerService:
             )
         size = 0
         cap = limits.max_batch_bytes
+        max_records = limits.max_records_per_batch
         for b in batches:
             n = len(b)
             if n > cap:
                 raise BatchTooLarge(
                     f"batch of {n} bytes exceeds max_batch_bytes={cap}", field="batches"
+                )
+            # every reader decodes a batch whole (an HTTP fetch, the SDK), so the records in
+            # one bound the work one batch costs them; O(1): the header says how many
+            if n >= 24 and _RECORD_COUNT.unpack_from(b, _RECORD_COUNT_AT)[0] > max_records:
+                raise BatchTooLarge(
+                    f"batch of {_RECORD_COUNT.unpack_from(b, _RECORD_COUNT_AT)[0]} records "
+                    f"exceeds max_records_per_batch={max_records}",
+                    field="batches",
                 )
             size += n
         return size

@@ -9,6 +9,11 @@ The benchmark, the tests, the CLI and (later) the engines use it. Usage::
         consumer = await client.consumer("orders", group="billing")
         for record in await consumer.getmany(timeout_ms=1000):
             ...
+
+Over TLS (a node with a ``[tls]`` section), verifying the node against a CA file::
+
+    from broker.tls import client_context
+    client = await Client.connect("node.example", 9092, ssl=client_context("ca.pem"))
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl as ssl_module
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -174,9 +180,12 @@ class Client:
         api_key: str | None = None,
         client_id: str = "herald-py",
         connect_timeout: float = 10.0,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.api_key = api_key
+        # TLS: the context verifies the node's certificate for ``host``
+        self.ssl = ssl
         self.client_id = client_id
         self.connect_timeout = connect_timeout
         self._ids = itertools.count(1)
@@ -215,7 +224,13 @@ class Client:
                 return
             loop = asyncio.get_running_loop()
             _transport, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self._pending), self.host, self.port),
+                loop.create_connection(
+                    lambda: _Connection(self._pending),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None,
+                ),
                 self.connect_timeout,
             )
             self._conn = conn

@@ -29,17 +29,20 @@ from aiohttp import web
 
 from broker import errors
 from broker import protocol as p
-from broker.auth import Authenticator, Principal
+from broker.auth import NODE_PRINCIPAL, Authenticator, Principal
 from broker.config import Config
 from broker.errors import (
     BatchTooLarge,
+    HeraldError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     describe,
+    error_class,
 )
 from broker.events import EventBatchIn, EventIn, EventIntake, EventResult
+from broker.http_policy import REJECT_HEADER
 from broker.openapi import Param, Route, add_routes, build_openapi
 from broker.service import BrokerService
 from broker.topics import TopicPending, created
@@ -53,6 +56,34 @@ _BY_STATUS: dict[int, type[Exception]] = {
     405: MethodNotAllowed,
     413: PayloadTooLarge,
 }
+# records of a JSON fetch answer, at most (the query's ``limit`` is capped here)
+MAX_FETCH_LIMIT = 10_000
+
+
+class QuietServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger aiohttp's ``RequestHandler`` reports protocol errors to: one line at info,
+    without a traceback, at most a few a second (a malformed request is the client's fault,
+    and a flood of them must not become a flood of tracebacks). Herald's own handlers never
+    reach it: their errors are answered by the middleware, bugs logged there with a trace."""
+
+    def __init__(self, note: Callable[..., None]) -> None:
+        super().__init__(logging.getLogger("herald.http"), {})
+        self._note = note
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        what = type(exc).__name__ if isinstance(exc, BaseException) else "error"
+        self._note("http_malformed", "event=http_malformed path=aiohttp error=%s", what)
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if kwargs.get("exc_info"):
+            self.exception(msg, *args, **kwargs)
+        else:
+            super().error(msg, *args, **kwargs)
+
+
+async def _no_metrics(principal: Principal) -> bytes:
+    return b""
 
 
 class HttpStats:
@@ -125,7 +156,7 @@ class HttpApi:
         self.auth = auth
         self.stats = HttpStats()
         self._enc = msgspec.json.Encoder()
-        self.metrics_body: Callable[[], bytes] = lambda: b""
+        self.metrics_body: Callable[[Principal], Awaitable[bytes]] = _no_metrics
         self.openapi_doc = b""
         self.route_table: list[Route] = []
 
@@ -168,7 +199,7 @@ class HttpApi:
             Route("GET", "/healthz", self.healthz, "Health", "operations", scopes=None,
                   errors=(503,)),
             Route("GET", "/metrics", self.metrics, "Prometheus metrics", "operations",
-                  scopes=None, answer=bytes),
+                  scopes=("metrics",), answer=bytes),
             Route("POST", "/events", self.post_event, "Publish an event", "events",
                   scopes=("produce",), body=EventIn, answer=EventResult, errors=(413, 503, 507)),
             Route("POST", "/events/batch", self.post_events_batch, "Publish events",
@@ -189,7 +220,8 @@ class HttpApi:
                   query=(Param("offset", int, "first offset (default 0)", minimum=0),
                          Param("max_bytes", int, "bytes to read at most", minimum=1),
                          Param("max_wait_ms", int, "long poll up to this long", minimum=0),
-                         Param("limit", int, "records at most", minimum=1)),
+                         Param("limit", int, "records at most", minimum=1,
+                               maximum=MAX_FETCH_LIMIT)),
                   errors=(404, 416)),
             Route("GET", "/topics/{topic}/partitions/{partition}/offsets", self.list_offsets,
                   "Look up an offset", "topics", scopes=("consume",), path_params=part,
@@ -221,6 +253,15 @@ class HttpApi:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         self.stats.requests += 1
+        reject = request.headers.get(REJECT_HEADER)
+        if reject is not None:
+            # the listener refused this request at its headers (broker/http_ingest.py) and
+            # passed it on only so that the answer keeps its place among the others
+            code, _, message = reject.partition(" ")
+            cls = error_class(code)
+            exc = cls(message) if issubclass(cls, HeraldError) else InvalidRequest(message)
+            status, body = self.error_answer(exc, request.path)
+            return self.json(body, status)
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -250,6 +291,12 @@ class HttpApi:
     def principal(self, request: web.Request) -> Principal:
         return self.auth.bearer(request.headers.get("Authorization"))
 
+    def principal_or_none(self, request: web.Request) -> Principal | None:
+        try:
+            return self.principal(request)
+        except errors.Unauthenticated:
+            return None
+
     async def body(self, request: web.Request) -> bytes:
         if not request.can_read_body:
             raise InvalidRequest("a JSON body is required")
@@ -276,12 +323,22 @@ class HttpApi:
 
     # --------------------------------------------------------------------- health
     async def healthz(self, request: web.Request) -> web.Response:
+        """Up or down for anyone (load balancers, probes); the details (topic and partition
+        counts, offline partitions) only with a valid key or on a node without keys."""
         health = self.service.health()
-        return self.json(health, 200 if health["status"] == "ok" else 503)
+        status = 200 if health["status"] == "ok" else 503
+        if self.principal_or_none(request) is None:
+            return self.json({"status": health["status"]}, status)
+        return self.json(health, status)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        principal = self.principal(request)
+        principal.require("metrics")
+        if self.auth.open:
+            principal = NODE_PRINCIPAL  # loopback only: the operator's own view
         return web.Response(
-            body=self.metrics_body(), headers={"Content-Type": "text/plain; version=0.0.4"}
+            body=await self.metrics_body(principal),
+            headers={"Content-Type": "text/plain; version=0.0.4"},
         )
 
     # --------------------------------------------------------------------- events
@@ -358,6 +415,13 @@ class HttpApi:
         body = msgspec.json.decode(await self.body(request), type=RecordsIn)
         if not body.records:
             raise InvalidRequest("records must not be empty", field="records")
+        max_records = self.config.limits.max_records_per_batch
+        if len(body.records) > max_records:
+            # checked before the per-record work: the records become one batch
+            raise BatchTooLarge(
+                f"{len(body.records)} records exceed max_records_per_batch={max_records}",
+                field="records",
+            )
         now = time.time_ns() // 1_000_000
         rows: list[records.RecordInput] = []
         first_ts = min((r.timestamp for r in body.records if r.timestamp is not None), default=now)
@@ -416,6 +480,8 @@ class HttpApi:
         max_bytes = self._int_param(request, "max_bytes", 1024 * 1024)
         max_wait = self._int_param(request, "max_wait_ms", 0)
         limit = self._int_param(request, "limit", 1000)
+        if not 1 <= limit <= MAX_FETCH_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_FETCH_LIMIT}", field="limit")
         req = p.Fetch(
             id=0,
             partitions=[p.FetchPartition(topic, partition, offset, max_bytes)],
@@ -428,6 +494,10 @@ class HttpApi:
         out: list[dict[str, Any]] = []
         next_offset = offset
         for _pos, header in records.iter_batches(res.records):
+            if len(out) >= limit:
+                break  # decode no further than the answer needs
+            if header.next_offset <= offset:
+                continue  # wholly before the offset asked for
             batch = res.records[_pos : _pos + header.batch_length]
             for i, rec in enumerate(records.decode_records(batch, header)):
                 off = header.base_offset + i

@@ -1,29 +1,42 @@
-"""The HTTP listener: a lean HTTP/1.1 path for ``POST /events`` and ``POST /events/batch``,
-aiohttp for every other request.
+"""The HTTP listener: every request is parsed here; ``POST /events`` and ``POST /events/batch``
+are served here (the lean path), every other request is passed to aiohttp.
 
-Why: aiohttp's per-request machinery (``RequestHandler``, application, router, middleware,
-``StreamWriter``) costs ~110 us of event-loop time per request, many times Herald's own
-handler, and at one event per request that bounds ingest. Here a connection is an
-``asyncio.Protocol`` that parses with ``httptools`` (llhttp, the parser uvicorn uses), calls
-the same :class:`~broker.http.HttpApi` methods as the aiohttp handlers (``accept_event``,
-``accept_batch``, ``error_answer``: one validation, idempotency, stats and error mapping for
-both paths) and answers from the partition's sync callback, with no task per request.
+Why a lean path: aiohttp's per-request machinery (``RequestHandler``, application, router,
+middleware, ``StreamWriter``) costs ~110 us of event-loop time per request, many times
+Herald's own handler, and at one event per request that bounds ingest. Here a connection is
+an ``asyncio.Protocol`` that parses with ``httptools`` (llhttp, the parser uvicorn uses),
+calls the same :class:`~broker.http.HttpApi` methods as the aiohttp handlers
+(``accept_event``, ``accept_batch``, ``error_answer``) and answers from the partition's sync
+callback, with no task per request.
 
-Hand-off: a connection starts here. The first request that is not one of the two ingest
-endpoints (another method or path, or an upgrade) gives the connection to aiohttp for good:
-once the answers to the requests before it are written, an aiohttp ``RequestHandler`` becomes
-the transport's protocol and receives every byte from that request's first byte on.
+Every request, whichever path serves it, passes the same gate when its headers end, before
+any of its body is read (``docs/SECURITY.md``):
 
-HTTP handled here: keep-alive (the HTTP/1.1 default; HTTP/1.0 only when asked),
+- the head (request line and headers) is at most 64 KiB, counted as bytes arrive, before
+  llhttp has a complete line to report, so a header that never ends is cut in linear time;
+- the API key is checked (failed keys count against the source address; throttled, keys are
+  not checked at all); on a node without keys, ``Host``, ``Origin`` and ``Sec-Fetch-Site``
+  must show the request comes from this node's own clients; a body must be
+  ``application/json`` and within ``limits.max-http-body-bytes``, and needs a valid key;
+- a refused request is answered at once and the connection closed: its body is never read.
+
+Deadlines (``admission.header-timeout-ms``; ``body-timeout-ms`` plus one second per
+``body-min-rate`` bytes received) close a connection that sends a request too slowly; a body
+arriving in pieces averaging under 64 bytes is refused (each piece costs a Python call); body
+bytes being received count against the node's ``admission.max-request-bytes-in-flight``.
+
+Hand-off: the first request that is not one of the two ingest endpoints moves the connection
+to aiohttp for good: once the answers before it are written, an aiohttp ``RequestHandler`` is
+attached to the transport and gets, from then on, each request as this parser rebuilt it (the
+same method, target, version and headers, and the body; chunk trailers are dropped). The
+parser keeps no raw input: nothing grows with what a client sends but the body of the
+request being received.
+
+HTTP handled on the lean path: keep-alive (the HTTP/1.1 default; HTTP/1.0 only when asked),
 ``Connection: close``, ``Expect: 100-continue``, chunked bodies, pipelining (answers leave in
-request order), a body over ``limits.max-http-body-bytes`` (413, then close) and malformed
-HTTP (400, then close). Back-pressure: at ``limits.max-inflight-per-connection`` unanswered
-requests, or a full socket buffer, the connection stops reading (the requests already in the
-chunk being parsed are still served, so the cap is exceeded by at most one read's worth).
-
-Memory per connection: the body being received (at most ``max-http-body-bytes``) and the raw
-bytes since the last request boundary, kept in case the connection is handed off mid-stream:
-up to twice the body limit while a large body arrives, a few hundred bytes otherwise.
+request order). Back-pressure: at ``limits.max-inflight-per-connection`` unanswered requests,
+or a full socket buffer, the connection stops reading (the requests already in the chunk
+being parsed are still served, so the cap is exceeded by at most one read's worth).
 """
 
 from __future__ import annotations
@@ -40,68 +53,55 @@ from typing import Any, Final, cast
 import httptools
 from aiohttp import web
 
+from broker.admission import Ticket
+from broker.auth import OPEN_PRINCIPAL, Principal
 from broker.config import Config
-from broker.errors import Internal, InvalidRequest, PayloadTooLarge, ShuttingDown
+from broker.errors import (
+    AuthThrottled,
+    HeadersTooLarge,
+    HeraldError,
+    Internal,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerBusy,
+    ShuttingDown,
+    TooManyConnections,
+    Unauthenticated,
+    UnknownApiKey,
+    describe,
+)
 from broker.http import Accepted, HttpApi
+from broker.http_policy import SitePolicy, check_json, rebuild_head
+from broker.listener import Listener, NodeAdmission, refusal_http
 
 log = logging.getLogger("herald.http")
 
 ROUTES: Final = {b"/events": "/events", b"/events/batch": "/events/batch"}
-# request line and headers: aiohttp's own limit is 8190 bytes per line
+# request line and headers
 MAX_HEAD_BYTES: Final = 64 * 1024
+# input is parsed in slices of at most this many bytes (but for the rest of a body of known
+# length): the head is counted per slice, so a head is cut within MAX_HEAD_BYTES + 2 slices
+SLICE: Final = 16 * 1024
+# a body may arrive in this many pieces, plus one per this many bytes: a client cannot buy
+# one Python call per byte with 1-byte chunks or 1-byte segments
+FREE_PIECES: Final = 64
+BYTES_PER_PIECE: Final = 64
 # an idle keep-alive connection is closed after this long (aiohttp's default)
 KEEPALIVE_TIMEOUT_S: Final = 75.0
 # after a fatal error answer, how long the rest of the request is read and dropped, so that
 # closing with unread input (a TCP reset) does not destroy the answer before the client reads it
 LINGER_S: Final = 2.0
-# how far one parser runs ahead of the other in request_start
-_STEP: Final = 4096
+# a full scan of the connections (idle keep-alive, stalled sends) every this many sweeps
+_SCAN_EVERY: Final = 5
 
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-
-def request_start(raw: bytes, index: int) -> int:
-    """Where request ``index`` (from 0) begins in ``raw``: a stream of HTTP/1.x requests that
-    starts at a request boundary and holds at least ``index`` whole requests.
-
-    httptools reports no positions, so this parses ``raw`` again with two parsers, one a step
-    of ``_STEP`` bytes behind the other; once the leader has seen ``index`` requests end, the
-    other one is fed byte by byte to the exact position. Linear in ``len(raw)``, and run once
-    per connection, when it is handed to aiohttp. Empty lines between requests (which llhttp
-    skips) are skipped."""
-    end = 0
-    if index > 0:
-        lead, lag = _Count(), _Count()
-        lead_parser, lag_parser = (
-            httptools.HttpRequestParser(lead),
-            httptools.HttpRequestParser(lag),
-        )
-        view = memoryview(raw)
-        while end < len(raw):
-            piece = view[end : end + _STEP]
-            try:
-                lead_parser.feed_data(piece)
-            except httptools.HttpParserError:
-                pass  # past the request wanted: only what comes before it matters
-            if lead.done >= index:
-                break
-            lag_parser.feed_data(piece)
-            end += len(piece)
-        while lag.done < index and end < len(raw):
-            lag_parser.feed_data(view[end : end + 1])
-            end += 1
-    while raw[end : end + 1] in (b"\r", b"\n"):
-        end += 1
-    return end
-
-
-class _Count:
-    def __init__(self) -> None:
-        self.done = 0
-
-    def on_message_complete(self) -> None:
-        self.done += 1
+# where the parser is in the current request
+IDLE: Final = 0  # between requests
+HEAD: Final = 1  # request line and headers
+BODY: Final = 2  # headers ended, message not complete (trailers included)
 
 
 class _Stop(Exception):
@@ -122,21 +122,23 @@ class _Reply:
         self.linger = False
 
 
-# connection states: reading requests -> (closing | handing off) -> done; a fatal error
-# answer lingers (drops input for LINGER_S) before done
+# connection states: reading requests (lean, or forwarding them to aiohttp) -> closing ->
+# done; a fatal error answer lingers (drops input for LINGER_S) before done
 OPEN: Final = "open"
+FORWARDING: Final = "forwarding"  # requests go to aiohttp (attached once answers are out)
+STOPPED: Final = "stopped"  # forwarding ended (a refusal or upgrade): aiohttp answers, closes
 CLOSING: Final = "closing"  # no more requests: close once the answers are written
-HANDING_OFF: Final = "handing_off"  # give the connection to aiohttp once the answers are written
 LINGERING: Final = "lingering"
-DONE: Final = "done"  # closed, or aiohttp's
+DONE: Final = "done"  # closed
 
 
 class IngestConnection(asyncio.Protocol):
-    """One HTTP connection until it closes or is handed to aiohttp."""
+    """One HTTP connection."""
 
-    def __init__(self, server: IngestServer) -> None:
+    def __init__(self, server: IngestServer, ticket: Ticket) -> None:
         self.server = server
         self.api = server.api
+        self.ticket = ticket
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -145,26 +147,40 @@ class IngestConnection(asyncio.Protocol):
         self.last_active = server.loop.time()
         self._read_paused = False
         self._write_paused = False
+        self._write_paused_at = 0.0
         self._linger: asyncio.TimerHandle | None = None
-        # the input since the last request boundary, and how many requests began in it: all
-        # a hand-off needs to find the first byte of the request it hands over
-        self._since: list[bytes] = []
-        self._begun = 0
-        self._in_request = False
-        self._handoff = b""
+        # aiohttp's protocol once the connection is handed off, and what it has yet to get
+        self.handler: Any = None
+        self._fwd: list[bytes] = []
+        self._eof = False
+        # where the parser is, and since when (set when a read ends mid-head or mid-body)
+        self._phase = IDLE
+        self._head_bytes = 0
+        self._framing = 0
+        self._head_since: float | None = None
+        self._body_since: float | None = None
         # the request being parsed
         self._url = b""
-        self._head = 0
+        self._headers: list[tuple[bytes, bytes]] = []
         self._auth: bytes | None = None
+        self._host: bytes | None = None
+        self._origin: bytes | None = None
+        self._fetch_site: bytes | None = None
+        self._content_type: bytes | None = None
         self._length: int | None = None
+        self._chunked = False
         self._expect = False
         self._route = ""
-        self._body: list[bytes] = []
+        self._principal: Principal | None = None
+        self._body: bytes | bytearray = b""
         self._size = 0
+        self._pieces = 0
+        self._remaining = -1  # body bytes still to come, when the length is known
+        self._reserved = 0  # body bytes charged to the node's request budget
 
     @property
     def idle(self) -> bool:
-        return not self.replies and not self._in_request
+        return not self.replies and self._phase == IDLE
 
     # ---------------------------------------------------------------- transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,112 +192,284 @@ class IngestConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = DONE
         self.server.connections.discard(self)
+        self.server.watched.discard(self)
+        self.server.admission.table.release(self.ticket)
         self.replies.clear()
+        self._release_body()
         if self._linger is not None:
             self._linger.cancel()
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._update_reading()
+        self._write_paused_at = self.server.loop.time()
+        if self.handler is not None:
+            self.handler.pause_writing()
+        else:
+            self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        if self.handler is not None:
+            self.handler.resume_writing()
+        else:
+            self._update_reading()
 
     def eof_received(self) -> bool | None:
-        if self.state == HANDING_OFF:
-            return True  # aiohttp answers what was sent
+        if self.handler is not None:
+            return cast(bool | None, self.handler.eof_received())
+        if self.state in (FORWARDING, STOPPED):
+            self._eof = True
+            return True  # aiohttp answers what was sent, once attached
         if self.state in (OPEN, CLOSING) and self.replies:
             self.state = CLOSING  # the client is done sending: answer, then close
             return True
         return None  # close
 
     def data_received(self, data: bytes) -> None:
-        if self.state != OPEN:
-            if self.state == HANDING_OFF:  # reading is paused; should more come, it is aiohttp's
-                self._handoff += data
-            return  # closing or lingering: the input is dropped
-        self.last_active = self.server.loop.time()
-        self._since.append(data)
+        state = self.state
+        if state != OPEN and state != FORWARDING:
+            return  # closing, lingering or stopped: the input is dropped
+        loop_time = self.server.loop.time()
+        self.last_active = loop_time
         try:
-            self.parser.feed_data(data)
+            if len(data) <= SLICE and self._phase != BODY:
+                self._feed(data)
+            else:
+                self._feed_slices(data)
+        except _Stop:
+            pass  # the connection's state says what happens next
+        except httptools.HttpParserUpgrade:
+            self._upgraded()
         except httptools.HttpParserCallbackError as exc:
-            if self.state == OPEN:  # not one of our stops: a bug in a callback
+            if self.state in (OPEN, FORWARDING):  # not one of our stops: a bug in a callback
                 self._internal_error(exc.__context__ or exc)
         except httptools.HttpParserError as exc:
-            self._fail(400, InvalidRequest.code, f"malformed HTTP request: {exc}")
+            self.server.admission.note(
+                "http_malformed",
+                "event=http_malformed peer=%s error=%s",
+                self.peer,
+                str(exc).replace(" ", "_")[:80],
+            )
+            self._fail(InvalidRequest(f"malformed HTTP request: {exc}"))
         except Exception as exc:
             self._internal_error(exc)
-        if not self._in_request:
-            self._since.clear()  # a request boundary: nothing before it can be handed off
-            self._begun = 0
-        if self.state == HANDING_OFF and not self.replies:
-            self._guarded(self._hand_off)
+        phase = self._phase
+        if phase == HEAD:
+            if self._head_since is None:
+                self._head_since = loop_time
+                self.server.watched.add(self)
+        elif phase == BODY and self._body_since is None:
+            self._body_since = loop_time
+            self.server.watched.add(self)
+        if self._fwd:
+            self._deliver()
+
+    def _feed(self, piece: bytes | memoryview) -> None:
+        """Parse one slice and count it: bytes fed while the parser is in a head count toward
+        the head limit (an over-count of at most the slice that ended the previous body)."""
+        self.parser.feed_data(piece)
+        phase = self._phase
+        if phase == HEAD:
+            self._head_bytes += len(piece)
+            if self._head_bytes > MAX_HEAD_BYTES + SLICE:
+                self._too_large_head()
+        elif phase == IDLE:
+            self._head_bytes = 0
+
+    def _feed_slices(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            # the rest of a body of known length goes in one piece
+            step = self._remaining if self._phase == BODY and self._remaining > 0 else SLICE
+            piece = view[pos : pos + step]
+            pos += len(piece)
+            if self._phase == BODY:
+                before = self._size
+                self._feed(piece)
+                if self._phase == BODY and self._size == before:
+                    # a slice of chunk framing or trailers without body bytes: bounded like a
+                    # head (httptools gathers a trailer value as it arrives)
+                    self._framing += len(piece)
+                    if self._framing > MAX_HEAD_BYTES + SLICE:
+                        self._too_large_head()
+                else:
+                    self._framing = 0
+            else:
+                self._feed(piece)
+            if self.state != OPEN and self.state != FORWARDING:
+                return
+
+    def _too_large_head(self) -> None:
+        self._fail(HeadersTooLarge(f"request line and headers exceed {MAX_HEAD_BYTES} bytes"))
+        raise _Stop
 
     # ------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
-        if self.state != OPEN:
+        if self.state != OPEN and self.state != FORWARDING:
             raise _Stop
-        self._in_request = True
-        self._begun += 1
+        self._phase = HEAD
+        self._head_since = None
         self._url = b""
-        self._head = 0
-        self._auth = None
+        self._headers = []
+        self._auth = self._host = self._origin = self._fetch_site = None
+        self._content_type = None
         self._length = None
+        self._chunked = False
         self._expect = False
-        self._body = []
+        self._principal = None
+        self._body = b""
         self._size = 0
+        self._pieces = 0
+        self._remaining = -1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase != HEAD:
+            return  # a chunked body's trailer: never read, never passed on
         self._grow_head(len(name) + len(value))
-        name = name.lower()
-        if name == b"authorization":
+        self._headers.append((name, value))
+        lower = name.lower()
+        if lower == b"authorization":
             if self._auth is None:
                 self._auth = value
-        elif name == b"content-length":
+        elif lower == b"content-length":
             self._length = int(value)  # llhttp accepts digits only
-        elif name == b"expect":
+        elif lower == b"content-type":
+            self._content_type = value
+        elif lower == b"host":
+            self._host = value
+        elif lower == b"transfer-encoding":
+            self._chunked = True  # llhttp refuses any framing it cannot parse
+        elif lower == b"expect":
             self._expect = value.lower() == b"100-continue"
+        elif lower == b"origin":
+            self._origin = value
+        elif lower == b"sec-fetch-site":
+            self._fetch_site = value
 
     def _grow_head(self, n: int) -> None:
-        self._head += n
-        if self._head > MAX_HEAD_BYTES:
-            self._fail(
-                400,
-                InvalidRequest.code,
-                f"request line and headers exceed {MAX_HEAD_BYTES} bytes",
-            )
-            raise _Stop
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._too_large_head()
 
     def on_headers_complete(self) -> None:
+        self._phase = BODY
+        self._head_bytes = 0
+        self._framing = 0
+        self._body_since = None
         parser = self.parser
-        route = ROUTES.get(self._url.partition(b"?")[0])
-        if route is None or parser.get_method() != b"POST" or parser.should_upgrade():
-            self._hand_off_from(self._begun - 1)
-            raise _Stop
-        self._route = route
-        if self._length is not None and self._length > self.server.max_body:
-            self._too_large()
-            raise _Stop
-        if self._expect and parser.get_http_version() == "1.1":
+        forward = self.state == FORWARDING
+        if not forward:
+            route = ROUTES.get(self._url.partition(b"?")[0])
+            if route is None or parser.get_method() != b"POST" or parser.should_upgrade():
+                forward = True
+                self.state = FORWARDING
+                self._update_reading()  # paused until aiohttp is attached
+            else:
+                self._route = route
+        try:
+            self._admit(forward)
+        except HeraldError as exc:
+            self._refuse(exc)
+            raise _Stop from None
+        length = self._length
+        self._remaining = length if length is not None else -1
+        if forward:
+            self._forward(
+                rebuild_head(
+                    parser.get_method(),
+                    self._url,
+                    parser.get_http_version(),
+                    self._headers,
+                    upgrade=parser.should_upgrade(),
+                )
+            )
+        elif self._expect and parser.get_http_version() == "1.1":
             reply = _Reply(close=False)
             reply.status, reply.body = 100, b""
             self.replies.append(reply)
             self._flush()
 
+    def _admit(self, forward: bool) -> None:
+        """The gate at the end of the headers (see the module docstring). Raises the error
+        to answer instead; sets the principal when there is one."""
+        server = self.server
+        has_body = self._chunked or bool(self._length)
+        if server.site is not None:  # a node without keys
+            server.site.check(self._host, self._origin, self._fetch_site)
+            principal: Principal | None = OPEN_PRINCIPAL
+        elif self._auth is not None:
+            admission = server.admission
+            if not admission.key_allowed(self.ticket.address):
+                raise AuthThrottled("too many failed API keys from this address; wait")
+            try:
+                principal = self.api.auth.bearer(self._auth)
+            except UnknownApiKey:
+                admission.key_failed(self.ticket.address, self.peer, "http")
+                raise
+        else:
+            principal = None
+        if principal is not None:
+            self._principal = principal
+            if not self.ticket.proven:
+                server.admission.table.prove(self.ticket)
+        elif has_body or not forward:
+            # no route taking a body (nor ingest) works without a key: do not read it
+            raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
+        if has_body:
+            check_json(self._content_type)
+            if self._length is not None and self._length > server.max_body:
+                raise PayloadTooLarge(f"request body exceeds max_http_body_bytes={server.max_body}")
+
     def on_body(self, body: bytes) -> None:
-        self._size += len(body)
-        if self._size > self.server.max_body:
-            self._too_large()
+        n = len(body)
+        size = self._size = self._size + n
+        self._pieces += 1
+        if self._remaining > 0:
+            self._remaining -= n
+        if size > self.server.max_body:
+            self._fail(
+                PayloadTooLarge(f"request body exceeds max_http_body_bytes={self.server.max_body}")
+            )
             raise _Stop
-        self._body.append(body)
+        if self._pieces > FREE_PIECES + size // BYTES_PER_PIECE:
+            self._fail(
+                InvalidRequest(
+                    f"request body arrives in pieces averaging under {BYTES_PER_PIECE} bytes"
+                )
+            )
+            raise _Stop
+        if not self.server.admission.requests.take(n):
+            self.server.admission.note(
+                "request_budget", "event=request_budget_spent listener=http peer=%s", self.peer
+            )
+            self._fail(ServerBusy("too many request bytes in flight on this node; retry"))
+            raise _Stop
+        self._reserved += n
+        if self.state == FORWARDING:
+            self._forward(body if not self._chunked else b"%x\r\n%s\r\n" % (n, body))
+        elif not self._body:
+            self._body = body
+        elif isinstance(self._body, bytes):
+            self._body = bytearray(self._body)
+            self._body += body
+        else:
+            self._body += body
 
     def on_message_complete(self) -> None:
-        self._in_request = False
+        self._phase = IDLE
+        self._head_since = self._body_since = None
+        if self.state == FORWARDING:
+            if self._chunked:
+                self._forward(b"0\r\n\r\n")
+            self._release_body()
+            return
         parser = self.parser
         keep_alive = parser.should_keep_alive() and not self.server.draining
         reply = _Reply(
@@ -292,19 +480,26 @@ class IngestConnection(asyncio.Protocol):
         if not keep_alive:
             self.state = CLOSING
         self.api.stats.requests += 1
-        self._serve(reply, b"".join(self._body))
+        body, self._body = self._body, b""
+        self._serve(reply, body if isinstance(body, bytes) else bytes(body))
+        self._release_body()
         if not keep_alive:
             raise _Stop  # whatever follows on this connection is not read
         if len(self.replies) >= self.server.max_inflight:
             self._update_reading()
 
+    def _release_body(self) -> None:
+        if self._reserved:
+            self.server.admission.requests.give(self._reserved)
+            self._reserved = 0
+
     # -------------------------------------------------------------------- serving
     def _serve(self, reply: _Reply, body: bytes) -> None:
         api = self.api
         route = self._route
+        principal = self._principal
+        assert principal is not None  # _admit refused the request otherwise
         try:
-            auth = self._auth.decode("utf-8", "surrogateescape") if self._auth else None
-            principal = api.auth.bearer(auth)
             if route == "/events":
                 accepted = api.accept_event(principal, body)
             else:
@@ -340,39 +535,75 @@ class IngestConnection(asyncio.Protocol):
         if self.replies and self.replies[0] is reply:
             self._flush()
 
-    def _fail(self, status: int, code: str, message: str) -> None:
-        """Answer after the answers already due, then close: the input cannot be trusted (or
-        is not worth reading) past this point."""
-        if self.state in (DONE, LINGERING):
+    def _refuse(self, exc: HeraldError) -> None:
+        """A request refused at the end of its headers: answered in order, its body unread,
+        then the connection closes."""
+        if self.state == FORWARDING:
+            parser = self.parser
+            self._forward(
+                rebuild_head(
+                    parser.get_method(),
+                    self._url,
+                    parser.get_http_version(),
+                    self._headers,
+                    reject=exc,
+                )
+            )
+            self.state = STOPPED
+            self._deliver()
+        else:
+            self._fail(exc)
+
+    def _fail(self, exc: HeraldError) -> None:
+        """Answer ``exc`` after the answers already due, then close: the input cannot be
+        trusted (or is not worth reading) past this point. Once requests go to aiohttp, a
+        request whose head was not passed on yet is replaced by one aiohttp answers with
+        ``exc``; one whose body is being passed on cannot be answered: the connection is
+        dropped."""
+        state = self.state
+        if state in (DONE, LINGERING, CLOSING, STOPPED):
             return
+        if state == FORWARDING:
+            if self._phase == BODY:
+                self.close()
+            else:
+                self._forward(rebuild_head(b"GET", b"/", "1.1", [], reject=exc))
+                self.state = STOPPED
+                self._deliver()
+            return
+        err = describe(exc)
         self.api.stats.requests += 1
         self.api.stats.errors += 1
         reply = _Reply(close=True)
         reply.linger = True
-        reply.status = status
-        reply.body = self.api.encode({"error": {"code": code, "message": message, "field": None}})
+        reply.status = err.http_status
+        reply.body = self.api.encode(
+            {"error": {"code": err.code, "message": err.message, "field": err.field}}
+        )
         self.replies.append(reply)
-        self._in_request = False
+        self._phase = IDLE
         self.state = CLOSING
         self._flush()
 
-    def _too_large(self) -> None:
-        limit = self.server.max_body
-        self._fail(413, PayloadTooLarge.code, f"request body exceeds max_http_body_bytes={limit}")
+    def timed_out(self, what: str) -> None:
+        """The request's head or body missed its deadline."""
+        admission = self.server.admission
+        admission.request_timeouts += 1
+        admission.note(
+            "request_timeout",
+            "event=request_timeout listener=http peer=%s part=%s",
+            self.peer,
+            what,
+        )
+        self._fail(RequestTimeout(f"the request's {what} did not arrive in time"))
 
     def _internal_error(self, exc: BaseException) -> None:
         log.error("event=http_ingest_failed peer=%s state=%s", self.peer, self.state, exc_info=exc)
-        if self.state in (DONE, LINGERING):
+        if self.state in (DONE, LINGERING, FORWARDING, STOPPED):
             self.close()
         else:
             self.replies.clear()  # their order can no longer be kept: answer this and close
-            self._fail(500, Internal.code, "internal error")
-
-    def _guarded(self, step: Any) -> None:
-        try:
-            step()
-        except Exception as exc:
-            self._internal_error(exc)
+            self._fail(Internal("internal error"))
 
     # --------------------------------------------------------------------- output
     def _flush(self) -> None:
@@ -386,14 +617,14 @@ class IngestConnection(asyncio.Protocol):
         while replies and replies[0].body is not None:
             reply = replies.popleft()
             last = not replies and (
-                self.state == CLOSING or (server.draining and not self._in_request)
+                self.state == CLOSING or (server.draining and self._phase == IDLE)
             )
             transport.write(self._render(reply, reply.close or last))
             if reply.close or last:
                 self._close_after_write(reply.linger)
                 return
-        if not replies and self.state == HANDING_OFF:
-            self._hand_off()
+        if not replies and self.state in (FORWARDING, STOPPED) and self.handler is None:
+            self._attach()
             return
         self._update_reading()
 
@@ -424,7 +655,7 @@ class IngestConnection(asyncio.Protocol):
 
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or self.state in (DONE, LINGERING):
+        if transport is None or self.handler is not None or self.state in (DONE, LINGERING):
             return
         pause = (
             self._write_paused
@@ -442,7 +673,7 @@ class IngestConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.replies.clear()
-        self._since = []
+        self._release_body()
         if linger and transport.can_write_eof():
             # send FIN after the answer, then read and drop what the client still sends
             self.state = LINGERING
@@ -456,65 +687,154 @@ class IngestConnection(asyncio.Protocol):
             transport.close()
 
     def close(self) -> None:
-        """Close now (idle keep-alive connections at shutdown or after the idle timeout)."""
+        """Close now (idle keep-alive connections at shutdown or after the idle timeout,
+        a request that missed its deadline mid-body on its way to aiohttp)."""
         self.state = DONE
         self.replies.clear()
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort() if self.handler is not None else self.transport.close()
+
+    def check(self, now: float) -> None:
+        """The once-in-a-while checks of :meth:`IngestServer.check`: idle keep-alive (lean
+        connections; aiohttp keeps its own), and replies that have not moved for the send
+        timeout."""
+        if self._write_paused:
+            if now - self._write_paused_at > self.server.send_timeout_s:
+                admission = self.server.admission
+                admission.send_timeouts += 1
+                admission.note(
+                    "send_timeout", "event=send_timeout listener=http peer=%s", self.peer
+                )
+                if self.transport is not None:
+                    self.transport.abort()
+        elif (
+            self.state == OPEN
+            and not self.replies
+            and self._phase == IDLE
+            and now - self.last_active > KEEPALIVE_TIMEOUT_S
+        ):
+            self.close()
+
+    def check_deadline(self, now: float, paused_for: float) -> bool:
+        """Apply the head or body deadline; False once the connection needs no more watching
+        (between requests, or closed). ``paused_for`` seconds in which reading was paused
+        (by the node, not the client) do not count."""
+        if self.state not in (OPEN, FORWARDING) or self._phase == IDLE:
+            return False
+        transport = self.transport
+        if transport is not None and not transport.is_reading():
+            if self._head_since is not None:
+                self._head_since += paused_for
+            if self._body_since is not None:
+                self._body_since += paused_for
+            return True
+        server = self.server
+        if self._phase == HEAD:
+            if self._head_since is not None and now - self._head_since > server.header_timeout_s:
+                self.timed_out("head")
+                return False
+        elif self._body_since is not None:
+            allowed = server.body_timeout_s + self._size / server.body_min_rate
+            if now - self._body_since > allowed:
+                self.timed_out("body")
+                return False
+        return True
 
     # ------------------------------------------------------------------ hand-off
-    def _hand_off_from(self, index: int) -> None:
-        """Request ``index`` of the input since the last boundary is aiohttp's: keep the bytes
-        from its first one on, stop reading, and hand off once the earlier answers are out."""
-        raw = b"".join(self._since)
-        self._handoff = raw[request_start(raw, index) :]
-        self._since = []
-        self._in_request = False
-        self.state = HANDING_OFF
-        self._update_reading()
+    def _forward(self, data: bytes) -> None:
+        self._fwd.append(data)
 
-    def _hand_off(self) -> None:
+    def _deliver(self) -> None:
+        """Give aiohttp what was parsed for it, once it is attached (the answers before the
+        first forwarded request must leave first)."""
+        if self.handler is None:
+            if not self.replies and self.transport is not None:
+                self._attach()
+            return
+        data = b"".join(self._fwd)
+        self._fwd = []
+        self.handler.data_received(data)
+
+    def _attach(self) -> None:
+        """Attach aiohttp's protocol: every answer of the lean path is written."""
         transport = self.transport
         assert transport is not None
-        data, self._handoff = self._handoff, b""
-        self.state = DONE
-        self.server.connections.discard(self)
         handler = self.server.aiohttp_server()
+        self.handler = handler
         handler.connection_made(transport)
-        transport.set_protocol(handler)
+        if self._write_paused:
+            handler.pause_writing()
         if self._read_paused:
             self._read_paused = False
-            transport.resume_reading()
-        if data:
-            handler.data_received(data)
+            if self.state == FORWARDING:
+                transport.resume_reading()
+        if self._fwd:
+            self._deliver()
+        if self._eof:
+            handler.eof_received()
+
+    def _upgraded(self) -> None:
+        """llhttp stopped at an upgrade request (its head was passed on without the upgrade):
+        what follows is not HTTP; aiohttp answers the request and closes."""
+        self.state = STOPPED
+        self._phase = IDLE
 
 
 class IngestServer:
-    """The HTTP port: accepts connections as :class:`IngestConnection`, keeps them, closes
-    the idle ones, and drains them at shutdown. ``aiohttp_server`` (a set-up runner's
-    ``web.Server``) makes the protocol for a connection handed to aiohttp; the runner's
-    cleanup closes those."""
+    """The HTTP port: a :class:`~broker.listener.Listener` (admission, TLS) making an
+    :class:`IngestConnection` per connection; keeps them, applies their deadlines, and drains
+    them at shutdown. ``aiohttp_server`` (a set-up runner's ``web.Server``) makes the protocol
+    for a connection handed to aiohttp; the runner's cleanup closes those."""
 
-    def __init__(self, config: Config, api: HttpApi, aiohttp_server: web.Server) -> None:
+    def __init__(
+        self,
+        config: Config,
+        api: HttpApi,
+        aiohttp_server: web.Server,
+        admission: NodeAdmission,
+        ssl_context: Any = None,
+    ) -> None:
         self.api = api
         self.aiohttp_server = aiohttp_server
+        self.admission = admission
         self.max_body = config.limits.max_http_body_bytes
         self.max_inflight = config.limits.max_inflight_per_connection
+        a = config.admission
+        self.header_timeout_s = a.header_timeout_ms / 1000
+        self.body_timeout_s = a.body_timeout_ms / 1000
+        self.body_min_rate = a.body_min_rate
+        self.send_timeout_s = a.send_timeout_ms / 1000
+        self.site = (
+            SitePolicy(config.listen.host, a.allowed_hosts, a.allowed_origins)
+            if api.auth.open
+            else None
+        )
         self.connections: set[IngestConnection] = set()
+        # connections whose current request spans reads: their deadlines are checked
+        self.watched: set[IngestConnection] = set()
         self.draining = False
-        self.loop = asyncio.get_running_loop()
-        self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.loop = admission.loop
+        refused = TooManyConnections("connection limit reached")
+        self.listener = Listener(
+            "http",
+            admission,
+            lambda ticket: IngestConnection(self, ticket),
+            refusal=refusal_http(
+                api.encode(
+                    {"error": {"code": refused.code, "message": str(refused), "field": None}}
+                )
+            ),
+            ssl_context=ssl_context,
+        )
+        self._sweeps = 0
+        self._last_check = self.loop.time()
         self._date = b""
         self._date_second = -1
+        admission.add_check(self.check)
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (useful with 0)."""
-        self._server = server = await self.loop.create_server(
-            lambda: IngestConnection(self), host, port, backlog=1024, reuse_address=True
-        )
-        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT_S / 5, self._close_idle)
-        return int(server.sockets[0].getsockname()[1])
+        return await self.listener.start(host, port)
 
     def date(self) -> bytes:
         """The ``Date`` header's value, formatted once a second."""
@@ -524,19 +844,20 @@ class IngestServer:
             self._date_second = now
         return self._date
 
-    def _close_idle(self) -> None:
-        deadline = self.loop.time() - KEEPALIVE_TIMEOUT_S
-        for conn in list(self.connections):
-            # no answer owed and nothing read for the timeout: idle, or stalled mid-request
-            if not conn.replies and conn.last_active < deadline:
-                conn.close()
-        self._sweeper = self.loop.call_later(KEEPALIVE_TIMEOUT_S / 5, self._close_idle)
+    def check(self, now: float) -> None:
+        """Once a second: the deadlines of requests in progress; every few seconds, idle and
+        stalled connections."""
+        elapsed, self._last_check = now - self._last_check, now
+        for conn in list(self.watched):
+            if not conn.check_deadline(now, elapsed):
+                self.watched.discard(conn)
+        self._sweeps += 1
+        if self._sweeps % _SCAN_EVERY == 0:
+            for conn in list(self.connections):
+                conn.check(now)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self.listener.stop_accepting()
 
     async def drain(self, grace_s: float) -> None:
         """Close idle connections now; let the others finish the requests they have (each
@@ -544,10 +865,12 @@ class IngestServer:
         up to ``grace_s``; then close whatever is left."""
         self.draining = True
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle and conn.handler is None:
                 conn.close()
         deadline = self.loop.time() + grace_s
-        while self.connections and self.loop.time() < deadline:
+        while any(c.handler is None for c in self.connections) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
-            conn.close()
+            if conn.handler is None:
+                conn.close()
+        await self.listener.wait_closed()

@@ -11,34 +11,62 @@ connection and cancelled with it. Replies collected during one loop iteration le
 ``writelines``; the reply to the last request a connection waits for leaves at once (nothing
 could share that write, and a lone request saves a loop turn).
 
-Back-pressure: when a connection has ``max_inflight_per_connection`` requests waiting, or its
-socket's write buffer is full, the server stops reading from it until that drains; the kernel's
-receive window then slows the client. Limits: frame size (fatal error frame + close),
-connections (error frame + close), batches per request and batch size (error frame).
+Admission (``broker/listener.py`` admits the connection before this protocol exists): until a
+successful ``hello`` (on a node without keys: until its first well-formed request) a
+connection is *pending*: its frames may be at most ``admission.max-unauthenticated-frame-bytes``
+(on a node with keys) and it must prove itself within ``admission.handshake-timeout-ms``.
+Failed keys count against the source address (``AuthThrottle``). A connection with nothing
+in flight and no input for ``admission.idle-timeout-ms`` is closed, as is one whose replies
+have not moved for ``admission.send-timeout-ms``.
+
+Back-pressure and memory:
+
+- requests: at ``max_inflight_per_connection`` requests waiting, or a full socket write
+  buffer, the server stops reading (the kernel's receive window then slows the client); the
+  bytes of partial frames count against the node's ``admission.max-request-bytes-in-flight``.
+- replies: a fetch reserves its largest possible reply (its ``max_bytes``, capped by
+  ``limits.max-fetch-bytes``, plus one batch, which a fetch may return past ``max_bytes``)
+  against the connection's ``admission.max-reply-bytes-per-connection`` and the node's
+  ``admission.max-reply-bytes-in-flight`` before it is served, and holds it until the reply has
+  left the socket buffer. A request that does not fit waits, in order with the ones behind it,
+  and reading stops; so a client that never reads its replies makes the node hold at most the
+  per-connection budget (plus one reply), however many fetches it pipelines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Coroutine
-from typing import Any, get_args
+from typing import Any, Final, get_args
 
 from broker import protocol as p
+from broker.admission import Ticket
 from broker.auth import Authenticator, Principal
 from broker.config import Config
 from broker.dispatch import Pending, handler_table
 from broker.errors import (
+    AuthThrottled,
+    ServerBusy,
     ShuttingDown,
     TooManyConnections,
     Unauthenticated,
+    UnknownApiKey,
     UnsupportedVersion,
     describe,
 )
 from broker.events import EventIntake
+from broker.listener import Listener, NodeAdmission
 from broker.service import BrokerService
 
 log = logging.getLogger("herald.tcp")
+
+# a full scan of the connections (idle, stalled sends) every this many sweeps of a second
+_SCAN_EVERY: Final = 5
+# reply bytes a fetch may carry besides its records: per partition, the topic name and four
+# integers; bounded by the request's own size (each partition is named in it)
+_FETCH_OVERHEAD: Final = 1024
 
 
 class ConnectionStats:
@@ -51,11 +79,18 @@ class ConnectionStats:
 
 
 class BrokerProtocol(asyncio.Protocol):
-    def __init__(self, server: TcpServer) -> None:
+    def __init__(self, server: TcpServer, ticket: Ticket) -> None:
         self.server = server
         self.service = server.service
+        self.ticket = ticket
+        self.admission = server.admission
         limits = server.config.limits
-        self.decoder = p.FrameDecoder(limits.max_frame_bytes)
+        self.max_frame_bytes = limits.max_frame_bytes
+        self.decoder = p.FrameDecoder(
+            server.config.admission.max_unauthenticated_frame_bytes
+            if server.keyed
+            else limits.max_frame_bytes
+        )
         self.max_inflight = limits.max_inflight_per_connection
         self.transport: asyncio.Transport | None = None
         self.principal: Principal | None = (
@@ -68,8 +103,20 @@ class BrokerProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._paused_reading = False
         self._write_paused = False
+        self._write_paused_at = 0.0
         self.closed = False
-        self.loop = asyncio.get_running_loop()
+        self.loop = server.loop
+        self.last_active = self.loop.time()
+        # request bytes of partial frames, charged to the node's request budget
+        self._buffered = 0
+        # reply budget: bytes reserved by fetches in flight and by their replies until these
+        # left the socket buffer (``_draining``: written while the buffer was over its mark)
+        self._reserved = 0
+        self._unflushed = 0
+        self._draining = 0
+        # requests decoded but not yet handled, waiting for reply budget (in order)
+        self._held: deque[tuple[p.Request, int]] = deque()
+        self._waiting_budget = False
 
     # ---------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,15 +124,6 @@ class BrokerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         stats = self.server.stats
-        if stats.open >= self.server.config.limits.max_connections:
-            stats.rejected += 1
-            exc = TooManyConnections("connection limit reached")
-            transport.write(  # type: ignore[attr-defined]
-                p.encode_message(p.Error(id=0, code=exc.code, message=str(exc), retriable=True))
-            )
-            transport.close()
-            self.closed = True
-            return
         stats.open += 1
         stats.total += 1
         self.server.connections.add(self)
@@ -95,27 +133,65 @@ class BrokerProtocol(asyncio.Protocol):
             self.server.stats.open -= 1
         self.closed = True
         self.server.connections.discard(self)
+        self.admission.table.release(self.ticket)
         for task in self.tasks:
             task.cancel()
+        self._held.clear()
+        if self._buffered:
+            self.admission.requests.give(self._buffered)
+            self._buffered = 0
+        charged = self._reserved + self._unflushed + self._draining
+        if charged:
+            self._reserved = self._unflushed = self._draining = 0
+            self.admission.replies.give(charged)
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_at = self.loop.time()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._draining:
+            drained, self._draining = self._draining, 0
+            self.admission.replies.give(drained)
         self._update_reading()
+        if self._held:
+            self._handle_held()
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:
             return
-        want_pause = self._write_paused or self.inflight >= self.max_inflight
+        want_pause = self._write_paused or self.inflight >= self.max_inflight or bool(self._held)
         if want_pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
         elif not want_pause and self._paused_reading:
             self._paused_reading = False
             self.transport.resume_reading()
+
+    def check(self, now: float) -> None:
+        """The once-in-a-while checks of :meth:`TcpServer.check`: a connection idle past
+        its timeout, or whose replies have not moved past the send timeout, is closed."""
+        cfg = self.server.config.admission
+        if self._write_paused:
+            if now - self._write_paused_at > cfg.send_timeout_ms / 1000:
+                self.admission.send_timeouts += 1
+                self.admission.note(
+                    "send_timeout", "event=send_timeout listener=tcp peer=%s", self.peer
+                )
+                self.abort()
+        elif (
+            not self.inflight
+            and not self._held
+            and now - self.last_active > cfg.idle_timeout_ms / 1000
+        ):
+            self.admission.idle_closed += 1
+            self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     # -------------------------------------------------------------------- output
     def send(self, msg: Any) -> None:
@@ -134,6 +210,15 @@ class BrokerProtocol(asyncio.Protocol):
                 self.transport.write(out[0])
             else:
                 self.transport.writelines(out)
+            if self._unflushed:
+                # the reserved replies are in the socket buffer now: free once it drains
+                written, self._unflushed = self._unflushed, 0
+                if self._write_paused:
+                    self._draining += written
+                else:
+                    self.admission.replies.give(written)
+                    if self._held:
+                        self._handle_held()
 
     def send_error(self, rid: int, exc: BaseException) -> None:
         err = describe(exc)
@@ -156,11 +241,19 @@ class BrokerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_active = self.loop.time()
+        decoder = self.decoder
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except p.ProtocolError as exc:
+            self._bad_request(exc)
             self.close_with(0, exc)
             return
+        buffered = decoder.buffered
+        if buffered != self._buffered:
+            self._charge_partial(buffered)
+            if self.closed:
+                return
         for frame in frames:
             if self.closed:
                 return
@@ -168,43 +261,153 @@ class BrokerProtocol(asyncio.Protocol):
             try:
                 req = p.decode_request(frame)
             except p.ProtocolError as exc:
+                self._bad_request(exc)
                 self.send_error(p.request_id_of(frame), exc)
                 continue
-            try:
-                self.handle(req)
-            except Exception as exc:
-                self.send_error(req.id, exc)
+            if self._held or not self._dispatch(req, len(frame)):
+                self._held.append((req, len(frame)))
+        if self._held:
+            self._update_reading()
 
-    def handle(self, req: p.Request) -> None:
+    def _charge_partial(self, buffered: int) -> None:
+        """Charge the bytes of a partial frame to the node's request budget (a frame being
+        received is memory the client made the node hold)."""
+        budget = self.admission.requests
+        grow = buffered - self._buffered
+        if grow > 0 and not budget.take(grow):
+            self.admission.note(
+                "request_budget", "event=request_budget_spent listener=tcp peer=%s", self.peer
+            )
+            self.close_with(0, ServerBusy("too many request bytes in flight on this node"))
+            return
+        if grow < 0:
+            budget.give(-grow)
+        self._buffered = buffered
+
+    def _bad_request(self, exc: BaseException) -> None:
+        self.admission.note(
+            "bad_request",
+            "event=bad_request listener=tcp peer=%s code=%s",
+            self.peer,
+            describe(exc).code,
+        )
+
+    def _dispatch(self, req: p.Request, size: int) -> bool:
+        """Handle ``req`` now if its reply fits the reply budgets; False (and nothing done)
+        if it must wait."""
+        need = 0
+        if isinstance(req, p.Fetch):
+            limits = self.server.config.limits
+            need = (
+                max(0, min(req.max_bytes, limits.max_fetch_bytes))
+                + limits.max_batch_bytes
+                + _FETCH_OVERHEAD
+                + 2 * size
+            )
+            if not self._reserve(need):
+                return False
+        elif self._write_paused and self._queued() >= self.server.reply_budget:
+            return False
+        try:
+            self.handle(req, need)
+        except Exception as exc:
+            self._unreserve(need)
+            self.send_error(req.id, exc)
+        return True
+
+    def _queued(self) -> int:
+        transport = self.transport
+        wbuf = transport.get_write_buffer_size() if transport is not None else 0
+        return self._reserved + self._unflushed + self._draining + wbuf
+
+    def _reserve(self, need: int) -> bool:
+        charged = self._reserved + self._unflushed + self._draining
+        if charged and charged + need > self.server.reply_budget:
+            return False  # wait for this connection's own replies to drain
+        if not self.admission.replies.take(need):
+            self._wait_node_budget()
+            return False
+        self._reserved += need
+        return True
+
+    def _unreserve(self, need: int) -> None:
+        if need:
+            self._reserved -= need
+            self.admission.replies.give(need)
+
+    def _wait_node_budget(self) -> None:
+        if not self._waiting_budget:
+            self._waiting_budget = True
+            self.admission.replies.when_available(self._node_budget_freed)
+
+    def _node_budget_freed(self) -> None:
+        self._waiting_budget = False
+        if self._held and not self.closed:
+            self.loop.call_soon(self._handle_held)
+
+    def _handle_held(self) -> None:
+        """Handle held requests, in order, while their replies fit."""
+        held = self._held
+        while held and not self.closed:
+            req, size = held[0]
+            if not self._dispatch(req, size):
+                break
+            held.popleft()
+        self._update_reading()
+
+    def handle(self, req: p.Request, reserved: int = 0) -> None:
         """Answer one request: at once, when its acknowledgement resolves, or (for requests
-        that must wait) from a task owned by this connection."""
+        that must wait) from a task owned by this connection. ``reserved`` reply bytes are
+        released once the reply is written."""
         principal = self.principal
         if isinstance(req, p.Hello):
             self.on_hello(req)
             return
         if principal is None:
             raise Unauthenticated("send a hello with an API key first")
+        if not self.ticket.proven:
+            self._proven()
         outcome = self.server.handlers[type(req)](principal, req)
         if isinstance(outcome, Pending):
             self._track(outcome.ack, req.id, outcome.reply)
         elif asyncio.iscoroutine(outcome):
-            self._spawn(req.id, outcome)
+            self._spawn(req.id, outcome, reserved)
         else:
             self.send(outcome)
+
+    def _proven(self) -> None:
+        self.admission.table.prove(self.ticket)
+        self.decoder.max_frame_bytes = self.max_frame_bytes
 
     def on_hello(self, req: p.Hello) -> None:
         if req.version != p.PROTOCOL_VERSION:
             raise UnsupportedVersion(
                 f"protocol version {req.version} unsupported; this node speaks {p.PROTOCOL_VERSION}"
             )
-        self.principal = self.server.auth.authenticate(req.api_key)
+        auth = self.server.auth
+        if not auth.open and req.api_key:
+            address = self.ticket.address
+            if not self.admission.key_allowed(address):
+                self.close_with(
+                    req.id, AuthThrottled("too many failed API keys from this address; wait")
+                )
+                return
+            try:
+                principal = auth.authenticate(req.api_key)
+            except UnknownApiKey:
+                self.admission.key_failed(address, self.peer, "tcp")
+                raise
+        else:
+            principal = auth.authenticate(req.api_key)
+        self.principal = principal
+        self._proven()
         self.send(
             p.HelloOk(
                 id=req.id,
                 version=p.PROTOCOL_VERSION,
                 node_id=self.server.config.node_id,
-                tenant=self.principal.tenant,
-                scopes=sorted(self.principal.scopes),
+                tenant=principal.tenant,
+                scopes=sorted(principal.scopes),
             )
         )
 
@@ -231,7 +434,7 @@ class BrokerProtocol(asyncio.Protocol):
 
         ack.add_done_callback(finished)
 
-    def _spawn(self, rid: int, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, rid: int, coro: Coroutine[Any, Any, Any], reserved: int = 0) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         self.inflight += 1
@@ -240,6 +443,10 @@ class BrokerProtocol(asyncio.Protocol):
         def finished(t: asyncio.Task[Any]) -> None:
             self.tasks.discard(t)
             self.inflight -= 1
+            if reserved and not self.closed:
+                # the reply (if any) is queued: its reservation now waits for the write
+                self._reserved -= reserved
+                self._unflushed += reserved
             if not t.cancelled():
                 exc = t.exception()
                 if exc is not None:
@@ -254,30 +461,59 @@ class BrokerProtocol(asyncio.Protocol):
 
 
 class TcpServer:
+    """The TCP port: a :class:`~broker.listener.Listener` (admission, TLS) making a
+    :class:`BrokerProtocol` per connection."""
+
     def __init__(
-        self, config: Config, service: BrokerService, intake: EventIntake, auth: Authenticator
+        self,
+        config: Config,
+        service: BrokerService,
+        intake: EventIntake,
+        auth: Authenticator,
+        admission: NodeAdmission,
+        ssl_context: Any = None,
     ) -> None:
         self.config = config
         self.service = service
         self.auth = auth
+        self.keyed = not auth.open
+        self.admission = admission
+        self.loop = admission.loop
+        self.reply_budget = config.admission.max_reply_bytes_per_connection
         self.handlers = handler_table(service, intake, config.node_id)
         # every op of the protocol has a handler (hello is the connection's own)
         assert set(self.handlers) | {p.Hello} == set(get_args(p.Request))
         self.stats = ConnectionStats()
         self.connections: set[BrokerProtocol] = set()
-        self._server: asyncio.Server | None = None
+        refused = TooManyConnections("connection limit reached")
+        self.listener = Listener(
+            "tcp",
+            admission,
+            lambda ticket: BrokerProtocol(self, ticket),
+            refusal=bytes(
+                p.encode_message(
+                    p.Error(id=0, code=refused.code, message=str(refused), retriable=True)
+                )
+            ),
+            ssl_context=ssl_context,
+        )
+        self._sweeps = 0
+        admission.add_check(self.check)
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: BrokerProtocol(self), host, port, backlog=1024, reuse_address=True
-        )
-        sock = self._server.sockets[0]
-        return int(sock.getsockname()[1])
+        return await self.listener.start(host, port)
+
+    def check(self, now: float) -> None:
+        """Every few seconds: idle and stalled connections (see :meth:`BrokerProtocol.check`)."""
+        self.stats.rejected = self.listener.refused
+        self._sweeps += 1
+        if self._sweeps % _SCAN_EVERY:
+            return
+        for conn in list(self.connections):
+            conn.check(now)
 
     async def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self.listener.stop_accepting()
 
     async def drain(self, grace_s: float) -> None:
         """Wait for in-flight requests to finish (up to ``grace_s``), then close."""
@@ -289,5 +525,4 @@ class TcpServer:
             conn._flush()
             if conn.transport is not None:
                 conn.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        await self.listener.wait_closed()

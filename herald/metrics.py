@@ -1,22 +1,58 @@
-"""Prometheus metrics. Counters on the hot path are plain integers the code already keeps
-(connection stats, per-partition offsets); a collector turns them into metric families when
-scraped, so serving requests costs no metric-library calls."""
+"""Prometheus metrics for ``GET /metrics`` (the ``metrics`` scope). Counters on the hot path
+are plain integers the code already keeps (connection stats, per-partition offsets); they
+become metric families only when scraped, so serving requests costs no metric-library calls.
+
+Cost at scale: the node-wide families are a few dozen lines (``prometheus_client``). The
+per-partition and per-group families grow with topics and groups (200,000 groups of
+offsets are hundreds of thousands of lines), so they are written by hand from a snapshot:
+the loop copies what it owns (high watermarks, live group sizes), and a worker thread scans
+the committed offsets in LMDB and formats the text, so a scrape never holds the loop for
+the length of the answer. Concurrent scrapes of the same view share one rendering.
+
+Tenancy: topics are labelled by their tenant and the tenant's name for them. The operator
+(tenant ``*``) sees every topic, group (named ``tenant/group``) and tenant's quotas; a
+tenant's key with the ``metrics`` scope sees only its own. Label values are escaped, so no
+topic or group name can forge a line. Labels are sorted and values formatted as
+``prometheus_client`` writes them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from broker.auth import OPERATOR_TENANT
+from broker.auth import OPERATOR_TENANT, Principal
+from broker.groups import StoredOffset
 from broker.http import HttpStats
+from broker.listener import NodeAdmission
 from broker.quotas import COUNTS, UNLIMITED, quota_key
 from broker.service import BrokerService
 from broker.tcp import TcpServer
 from broker.topics import local_name
+from storage.kv import Table
+
+_ESCAPES: Final = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n"} | {
+    c: "\ufffd" for c in range(32) if c != ord("\n")
+}
+
+
+def _value(n: int) -> str:
+    # as prometheus_client writes a sample's value (1.0, 1.2345e+06), so the text does not
+    # change form with the way it was rendered
+    return str(floatToGoString(n))  # type: ignore[no-untyped-call]
+
+
+def label(value: str) -> str:
+    """A label value escaped for the Prometheus text format (and any control character
+    replaced), so a name cannot end its line or its quotes."""
+    return value.translate(_ESCAPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,102 +62,21 @@ class Stats:
     service: BrokerService
     tcp: TcpServer
     http: HttpStats
+    admission: NodeAdmission
 
 
 class NodeCollector(Collector):
+    """The node-wide families (a fixed, small number of lines)."""
+
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        service = self.stats.service
-        hw = GaugeMetricFamily(
-            "herald_partition_high_watermark",
-            "Offset below which records are durable",
-            labels=["tenant", "topic", "partition"],
-        )
-        start = GaugeMetricFamily(
-            "herald_partition_log_start_offset",
-            "First offset still stored",
-            labels=["tenant", "topic", "partition"],
-        )
-        size = GaugeMetricFamily(
-            "herald_partition_size_bytes",
-            "Bytes held by the partition's segments",
-            labels=["tenant", "topic", "partition"],
-        )
-        corrupt = CounterMetricFamily(
-            "herald_partition_corruptions_detected",
-            "Damaged ranges found in the partition's log (by recovery or by reads)",
-            labels=["tenant", "topic", "partition"],
-        )
-        quarantined = GaugeMetricFamily(
-            "herald_partition_quarantined_ranges",
-            "Damaged ranges quarantined and never served",
-            labels=["tenant", "topic", "partition"],
-        )
-        offline = GaugeMetricFamily(
-            "herald_partition_offline",
-            "1 if the partition stopped taking writes after an I/O error it cannot trust",
-            labels=["tenant", "topic", "partition"],
-        )
-        syncs = CounterMetricFamily(
-            "herald_partition_syncs",
-            "fdatasync rounds of the partition's log (each answers every append it covers)",
-            labels=["tenant", "topic", "partition"],
-        )
-        inline_syncs = CounterMetricFamily(
-            "herald_partition_inline_syncs",
-            "Of those rounds, the lone appends written and synced on the event loop",
-            labels=["tenant", "topic", "partition"],
-        )
-        # topics are per tenant: labelled by the owner and the owner's name for the topic
-        names: dict[str, tuple[str, str]] = {}
-        for (stored, index), part in service.log.partitions.items():
-            owner_name = names.get(stored)
-            if owner_name is None:
-                owner = service.topics.owner_of(stored) or OPERATOR_TENANT
-                owner_name = names[stored] = (owner, local_name(owner, stored))
-            labels = [*owner_name, str(index)]
-            hw.add_metric(labels, part.high_watermark)
-            start.add_metric(labels, part.log_start_offset)
-            size.add_metric(labels, part.size_bytes)
-            corrupt.add_metric(labels, part.corruptions_detected)
-            quarantined.add_metric(labels, len(part.quarantined))
-            offline.add_metric(labels, int(part.offline))
-            syncs.add_metric(labels, part.syncs)
-            inline_syncs.add_metric(labels, part.inline_syncs)
-        yield hw
-        yield start
-        yield size
-        yield corrupt
-        yield quarantined
-        yield offline
-        yield syncs
-        yield inline_syncs
         yield GaugeMetricFamily(
             "herald_disk_free_bytes",
             "Free bytes on the data directory's filesystem",
-            value=service.disk_free_bytes(),
+            value=self.stats.service.disk_free_bytes(),
         )
-        lag = GaugeMetricFamily(
-            "herald_group_lag",
-            "High watermark minus committed offset",
-            labels=["group", "topic", "partition"],
-        )
-        members = GaugeMetricFamily("herald_group_members", "Live group members", labels=["group"])
-        for name, group in service.groups.groups.items():
-            members.add_metric([name], len(group.members))
-            for topic, index, committed in service.groups.group_offsets(name):
-                # the group's names are its tenant's: its partitions are the tenant's topic's
-                where = service.topics.resolve_in(group.tenant, topic)
-                found = service.log.partitions.get((where, index)) if where else None
-                if found is not None:
-                    lag.add_metric(
-                        [name, topic, str(index)], found.high_watermark - committed.offset
-                    )
-        yield lag
-        yield members
-        yield from self.quotas()
         s = self.stats.tcp.stats
         yield GaugeMetricFamily("herald_tcp_connections", "Open TCP connections", value=s.open)
         yield CounterMetricFamily(
@@ -129,7 +84,7 @@ class NodeCollector(Collector):
         )
         yield CounterMetricFamily(
             "herald_tcp_connections_rejected",
-            "Connections refused at the limit",
+            "TCP connections refused at accept (see herald_connections_refused)",
             value=s.rejected,
         )
         yield CounterMetricFamily("herald_tcp_requests", "TCP requests", value=s.requests)
@@ -142,8 +97,85 @@ class NodeCollector(Collector):
             "herald_http_request_errors", "HTTP requests answered 4xx/5xx", value=h.errors
         )
         yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
+        yield from self._admission()
 
-    def quotas(self) -> Iterator[Metric]:
+    def _admission(self) -> Iterator[Metric]:
+        a = self.stats.admission
+        table = a.table
+        open_ = GaugeMetricFamily(
+            "herald_connections", "Open connections by listener", labels=["listener"]
+        )
+        for name, count in table.open_by_listener().items():
+            open_.add_metric([name], count)
+        yield open_
+        yield GaugeMetricFamily(
+            "herald_connections_pending",
+            "Connections that have not shown a key (or a first request) yet",
+            value=table.pending,
+        )
+        yield GaugeMetricFamily(
+            "herald_connection_capacity",
+            "Connections the node may hold: open-files limit minus admission.fd-reserve",
+            value=table.capacity,
+        )
+        refused = CounterMetricFamily(
+            "herald_connections_refused", "Connections refused at accept", labels=["reason"]
+        )
+        for reason, count in sorted(table.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield CounterMetricFamily(
+            "herald_connections_evicted",
+            "Pending connections closed to make room for new ones",
+            value=table.evicted,
+        )
+        yield CounterMetricFamily(
+            "herald_connections_expired",
+            "Pending connections closed at admission.handshake-timeout-ms",
+            value=table.expired,
+        )
+        yield CounterMetricFamily(
+            "herald_auth_failures", "API keys presented that match none", value=a.auth_failures
+        )
+        yield CounterMetricFamily(
+            "herald_auth_throttled",
+            "Key checks refused because the source address failed too often",
+            value=a.throttle.throttled,
+        )
+        yield CounterMetricFamily(
+            "herald_request_timeouts",
+            "HTTP requests whose head or body missed its deadline",
+            value=a.request_timeouts,
+        )
+        yield CounterMetricFamily(
+            "herald_send_timeouts",
+            "Connections closed because their replies did not move",
+            value=a.send_timeouts,
+        )
+        yield CounterMetricFamily(
+            "herald_idle_closed", "Idle TCP connections closed", value=a.idle_closed
+        )
+        yield GaugeMetricFamily(
+            "herald_request_bytes_in_flight",
+            "Request bytes being received (bodies, partial frames)",
+            value=a.requests.used,
+        )
+        yield GaugeMetricFamily(
+            "herald_reply_bytes_in_flight",
+            "Fetch reply bytes reserved or queued for clients",
+            value=a.replies.used,
+        )
+
+
+class QuotaCollector(Collector):
+    """The per-tenant quota families (``broker/quotas.py``) of one view: every tenant's for
+    the operator (and the node's totals), one tenant's own otherwise."""
+
+    def __init__(self, stats: Stats, tenant: str | None) -> None:
+        self.stats = stats
+        self.tenant = tenant  # None: every tenant
+
+    def collect(self) -> Iterator[Metric]:
         quotas = self.stats.service.quotas
         usage = GaugeMetricFamily(
             "herald_quota_usage",
@@ -171,6 +203,8 @@ class NodeCollector(Collector):
             labels=["tenant", "direction"],
         )
         for tenant, u in sorted(quotas.tenants.items()):
+            if self.tenant is not None and tenant != self.tenant:
+                continue
             for name in COUNTS:
                 usage.add_metric([tenant, quota_key(name)], u.used(name))
             for name, value in u.limits.items():
@@ -187,6 +221,8 @@ class NodeCollector(Collector):
         yield refused
         yield traffic
         yield throttled
+        if self.tenant is not None:
+            return
         cfg = quotas.config
         node = GaugeMetricFamily(
             "herald_node_quota_usage", "What the node holds of its totals", labels=["quota"]
@@ -212,11 +248,141 @@ class NodeCollector(Collector):
         yield node_refused
 
 
-def make_registry(stats: Stats) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(stats))
-    return registry
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What the loop owns, copied for the worker thread."""
+
+    # tenant, the tenant's name for the topic, index, high watermark, log start, size,
+    # corruptions detected, quarantined ranges, offline (0/1)
+    partitions: list[tuple[str, str, int, int, int, int, int, int, int]]
+    members: list[tuple[str, int]]  # group label, live members
+    group_prefix: str  # "" for the operator, "tenant/" for a tenant
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+def _render_scaled(snap: _Snapshot, offsets: Table[StoredOffset]) -> bytes:
+    """The per-partition and per-group families, as text (runs in a worker thread)."""
+    out: list[str] = []
+    # a group's offsets name its tenant's topics by the tenant's names
+    hw = {(row[0], row[1], row[2]): row[3] for row in snap.partitions}
+    # escaped names and the values once, for every family
+    rows = [(label(row[0]), label(row[1]), str(row[2]), row[3:]) for row in snap.partitions]
+    for name, kind, help_, col in (
+        ("herald_partition_high_watermark", "gauge", "Offset below which records are durable", 0),
+        ("herald_partition_log_start_offset", "gauge", "First offset still stored", 1),
+        ("herald_partition_size_bytes", "gauge", "Bytes held by the partition's segments", 2),
+        (
+            "herald_partition_corruptions_detected",
+            "counter",
+            "Damaged ranges found in the partition's log (by recovery or by reads)",
+            3,
+        ),
+        (
+            "herald_partition_quarantined_ranges",
+            "gauge",
+            "Damaged ranges quarantined and never served",
+            4,
+        ),
+        (
+            "herald_partition_offline",
+            "gauge",
+            "1 if the partition stopped taking writes after an I/O error it cannot trust",
+            5,
+        ),
+    ):
+        # a counter's samples end in _total (what prometheus_client wrote before)
+        sample = f"{name}_total" if kind == "counter" else name
+        out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
+        out.extend(
+            f'{sample}{{partition="{p}",tenant="{tenant}",topic="{t}"}} {_value(values[col])}\n'
+            for tenant, t, p, values in rows
+        )
+    out.append(
+        "# HELP herald_group_lag High watermark minus committed offset\n"
+        "# TYPE herald_group_lag gauge\n"
+    )
+    cut = len(snap.group_prefix)
+    for key, stored in offsets.scan(snap.group_prefix):
+        # from the right: a topic name has no NUL, a group name might
+        group, topic, part = key.decode("utf-8", "replace").rsplit("\x00", 2)
+        index = int(part)
+        high = hw.get((group.partition("/")[0], topic, index))
+        if high is None:
+            continue  # a topic deleted, or not this tenant's
+        out.append(
+            f'herald_group_lag{{group="{label(group[cut:])}",partition="{index}",'
+            f'topic="{label(topic)}"}} {_value(high - stored.offset)}\n'
+        )
+    out.append(
+        "# HELP herald_group_members Live group members\n# TYPE herald_group_members gauge\n"
+    )
+    out.extend(f'herald_group_members{{group="{label(g)}"}} {_value(n)}\n' for g, n in snap.members)
+    return "".join(out).encode()
+
+
+class Metrics:
+    """Renders ``/metrics`` for a principal (see the module docstring)."""
+
+    def __init__(self, stats: Stats, offsets: Table[StoredOffset]) -> None:
+        self.stats = stats
+        self.offsets = offsets
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector(stats))
+        self._rendering: dict[str, asyncio.Future[bytes]] = {}
+
+    async def body(self, principal: Principal) -> bytes:
+        view = "*" if principal.operator else principal.tenant
+        running = self._rendering.get(view)
+        if running is not None:
+            return await asyncio.shield(running)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self._rendering[view] = fut
+        try:
+            snap = self._snapshot(principal)
+            quotas = CollectorRegistry(auto_describe=False)
+            quotas.register(QuotaCollector(self.stats, None if principal.operator else view))
+            head = generate_latest(self.registry) + generate_latest(quotas)
+            scaled = await loop.run_in_executor(None, _render_scaled, snap, self.offsets)
+            body = head + scaled
+            fut.set_result(body)
+            return body
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: the waiters, if any, get it too
+            raise
+        finally:
+            del self._rendering[view]
+
+    def _snapshot(self, principal: Principal) -> _Snapshot:
+        service = self.stats.service
+        topics = service.topics
+        operator = principal.operator
+        owners: dict[str, tuple[str, str]] = {}  # stored name -> (tenant, its name)
+        partitions = []
+        for (stored, index), part in service.log.partitions.items():
+            owner = owners.get(stored)
+            if owner is None:
+                tenant = topics.owner_of(stored) or OPERATOR_TENANT
+                owner = owners[stored] = (tenant, local_name(tenant, stored))
+            if operator or owner[0] == principal.tenant:
+                partitions.append(
+                    (
+                        owner[0],
+                        owner[1],
+                        index,
+                        part.high_watermark,
+                        part.log_start_offset,
+                        part.size_bytes,
+                        part.corruptions_detected,
+                        len(part.quarantined),
+                        int(part.offline),
+                    )
+                )
+        prefix = "" if operator else f"{principal.tenant}/"
+        cut = len(prefix)
+        members = [
+            (name[cut:], len(group.members))
+            for name, group in service.groups.groups.items()
+            if group.members and name.startswith(prefix)
+        ]
+        return _Snapshot(partitions, members, prefix)

@@ -45,18 +45,21 @@ from broker.auth import Authenticator, is_loopback
 from broker.config import Config, ConfigError
 from broker.errors import StateStoreFailed
 from broker.events import EventIntake
-from broker.http import HttpApi, HttpStats
+from broker.groups import StoredOffset
+from broker.http import HttpApi, HttpStats, QuietServerLog
 from broker.http_ingest import IngestServer
+from broker.listener import NodeAdmission
 from broker.openapi import Route
 from broker.service import BrokerService
 from broker.tcp import TcpServer
+from broker.tls import TlsError, server_context
 from channels.base import Channel
 from channels.inapp import InAppChannel
 from gateway.http import retract_route
 from gateway.outlet import InAppOutlet
 from gateway.server import Gateway, tenants_of
 from gateway.server import wall_ms as gateway_clock
-from herald.metrics import Stats, make_registry, render
+from herald.metrics import Metrics, Stats
 from notify.api import notify_routes
 from notify.compose import Composer
 from notify.directory import RegistryDirectory
@@ -209,15 +212,30 @@ class Broker:
 
 class Listeners:
     """The TCP server and the HTTP listener (the ingest fast path, which hands every other
-    request to the aiohttp app). Stopped together: stop accepting, drain both within the
-    grace period, close the aiohttp app's connections."""
+    request to the aiohttp app), both under the node's admission policy and, when
+    configured, TLS. Stopped together: stop accepting, drain both within the grace period,
+    close the aiohttp app's connections."""
 
     name = "listeners"
 
-    def __init__(self, config: Config, broker: Broker, auth: Authenticator, grace_s: float) -> None:
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        auth: Authenticator,
+        grace_s: float,
+        open_files_limit: int,
+    ) -> None:
         self.config = config
         self.grace_s = grace_s
-        self.tcp = TcpServer(config, broker.service, broker.intake, auth)
+        try:
+            self.ssl_context = server_context(config.tls)
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+        self.admission = NodeAdmission(config, open_files_limit)
+        self.tcp = TcpServer(
+            config, broker.service, broker.intake, auth, self.admission, self.ssl_context
+        )
         self.api = HttpApi(config, broker.service, broker.intake, auth)
         # other components' HTTP routes (the notification API, the gateway's retract), added
         # before start
@@ -229,15 +247,24 @@ class Listeners:
 
     async def start(self) -> None:
         host = self.config.listen.host
+        self.admission.start()
         self.ports["tcp"] = await self.tcp.start(host, self.config.listen.tcp_port)
         app = self.app = self.api.app(self.routes)
-        runner = self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            logger=QuietServerLog(self.admission.note),
+        )
         await runner.setup()
         assert runner.server is not None
-        self.http = IngestServer(self.config, self.api, runner.server)
+        self.http = IngestServer(
+            self.config, self.api, runner.server, self.admission, self.ssl_context
+        )
         self.ports["http"] = await self.http.start(host, self.config.listen.http_port)
 
     async def stop(self) -> None:
+        self.admission.stop()
         await self.tcp.stop_accepting()
         drains: list[Awaitable[None]] = [self.tcp.drain(self.grace_s)]
         if self.http is not None:
@@ -449,7 +476,7 @@ class Node:
                 gateway.audience = EdgeAudience(registry)
                 await start(gateway)
                 self.ports["ws"] = gateway.port
-            listeners = Listeners(cfg, broker, auth, self.shutdown_timeout)
+            listeners = Listeners(cfg, broker, auth, self.shutdown_timeout, nofile)
             listeners.routes.extend(
                 notify_routes(registry, engine, listeners.api.principal, engine.clock)
             )
@@ -467,8 +494,11 @@ class Node:
             if gateway is not None:
                 listeners.routes.append(retract_route(gateway.retract, listeners.api.principal))
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
-            metrics = make_registry(Stats(broker.service, listeners.tcp, listeners.api.stats))
-            listeners.api.metrics_body = lambda: render(metrics)
+            metrics = Metrics(
+                Stats(broker.service, listeners.tcp, listeners.api.stats, listeners.admission),
+                state.kv.table("offsets", StoredOffset),
+            )
+            listeners.api.metrics_body = metrics.body
             await start(listeners)
             self.ports.update(listeners.ports)
             self.http_app = listeners.app
@@ -476,7 +506,7 @@ class Node:
             await start(housekeeping)
             log.info(
                 "event=ready node_id=%d host=%s tcp_port=%d http_port=%d ws_port=%d data_dir=%s "
-                "auth=%s open_files_limit=%d",
+                "auth=%s tls=%s open_files_limit=%d connection_capacity=%d",
                 cfg.node_id,
                 cfg.listen.host,
                 self.ports["tcp"],
@@ -484,7 +514,9 @@ class Node:
                 self.ports.get("ws", 0),
                 data_dir,
                 "api-keys" if not auth.open else "none(loopback-only)",
+                "on" if listeners.ssl_context is not None else "off",
                 nofile,
+                listeners.admission.capacity,
             )
             if on_ready is not None:
                 on_ready(self)

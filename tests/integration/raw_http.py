@@ -28,11 +28,15 @@ def request(
     headers: dict[str, str] | None = None,
     version: str = "1.1",
 ) -> bytes:
-    """The bytes of one request; a body gets a ``Content-Length`` unless ``headers`` frames it."""
+    """The bytes of one request; a body gets a ``Content-Length`` unless ``headers`` frames it,
+    and ``Content-Type: application/json`` unless ``headers`` names a type."""
     lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1"]
     given = {k.lower() for k in headers or {}}
     if body is not None and "content-length" not in given and "transfer-encoding" not in given:
         lines.append(f"Content-Length: {len(body)}")
+    framed = body is not None or "transfer-encoding" in given or "content-length" in given
+    if framed and "content-type" not in given:
+        lines.append("Content-Type: application/json")
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 

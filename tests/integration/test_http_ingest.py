@@ -322,15 +322,17 @@ def test_missing_body_is_the_same_400_as_over_aiohttp(conn: RawHttp) -> None:
 
 
 def test_bearer_keys_are_checked_401_and_403(strict: HeraldProcess) -> None:
-    with RawHttp(strict.host, strict.http_port) as conn:
-        for headers in (
-            {},
-            {"Authorization": "Bearer wrong-key-wrong-key-0"},
-            {"Authorization": PRODUCER},
-        ):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-key-wrong-key-0"},
+        {"Authorization": PRODUCER},
+    ):
+        with RawHttp(strict.host, strict.http_port) as conn:
             resp = conn.exchange(post_json("/events", event(), headers=headers))
             assert resp.status == 401, resp
+            assert resp.headers["connection"] == "close"  # the body was never read
             assert_error(resp.json(), "unauthenticated", None)
+    with RawHttp(strict.host, strict.http_port) as conn:
         resp = conn.exchange(
             post_json("/events", event(), headers={"Authorization": f"Bearer {READER}"})
         )

@@ -16,8 +16,9 @@ node needs to serve the clients that have one. So:
   within the handshake timeout. When the budget or the pending share is full, a new
   connection evicts the *oldest pending* one rather than being refused: an anonymous flood
   then only churns its own connections, and a client that proved a key is never evicted.
-- **Bytes**: :class:`ByteBudget` bounds, node-wide, the request bytes being received
-  (HTTP bodies, partial TCP frames) and the reply bytes queued for clients.
+- **Bytes**: :class:`ByteBudget` bounds, node-wide and per tenant (all unauthenticated
+  connections count as one holder), the request bytes being received (HTTP bodies, partial
+  TCP frames) and the reply bytes queued for clients.
 - **Key guessing**: :class:`AuthThrottle` allows each source address a few failed keys a
   minute; past that its keys are not even checked until the allowance refills.
 - **Logs**: :class:`LogLimiter` keeps a flood from becoming a flood of log lines.
@@ -40,6 +41,8 @@ PER_ADDRESS: Final = "per_address"
 PER_ADDRESS_UNAUTHENTICATED: Final = "per_address_unauthenticated"
 LISTENER_FULL: Final = "listener_full"
 NODE_FULL: Final = "node_full"
+# the byte-budget holder of every connection that has not shown a key
+ANONYMOUS: Final = "-"
 
 
 def address_key(host: str) -> str:
@@ -230,35 +233,48 @@ class Admission:
 
 class ByteBudget:
     """A number of bytes many holders share (the node's request bytes in flight; its queued
-    reply bytes). :meth:`take` never blocks: it succeeds or says no, and the caller decides
-    whether to refuse or to wait with :meth:`when_available`.
+    reply bytes), with a cap per holder: a tenant, all unauthenticated connections together,
+    or, on a node without keys, a source address. So one tenant's key (or an anonymous
+    flood) can take at most ``per_holder`` and the rest stays for the others.
+    :meth:`take` never blocks: it succeeds or says no, and the caller decides whether to
+    refuse or to wait with :meth:`when_available`.
 
     Waiters are called, in order, by the :meth:`give` that frees bytes; they must not take
     bytes inside the call (the I/O layer schedules its work with ``call_soon``)."""
 
-    __slots__ = ("_waiters", "capacity", "used")
+    __slots__ = ("_waiters", "by_holder", "capacity", "per_holder", "used")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, per_holder: int | None = None) -> None:
         self.capacity = capacity
+        self.per_holder = capacity if per_holder is None else per_holder
         self.used = 0
+        self.by_holder: dict[str, int] = {}
         self._waiters: list[Callable[[], None]] = []
 
     @property
     def available(self) -> int:
         return self.capacity - self.used
 
-    def take(self, n: int) -> bool:
-        if self.used + n > self.capacity:
+    def take(self, n: int, holder: str = "") -> bool:
+        held = self.by_holder.get(holder, 0)
+        if self.used + n > self.capacity or held + n > self.per_holder:
             return False
         self.used += n
+        self.by_holder[holder] = held + n
         return True
 
-    def force(self, n: int) -> None:
-        """Take ``n`` even past the capacity (what was already received or produced)."""
+    def force(self, n: int, holder: str = "") -> None:
+        """Take ``n`` even past the caps (what was already received or produced)."""
         self.used += n
+        self.by_holder[holder] = self.by_holder.get(holder, 0) + n
 
-    def give(self, n: int) -> None:
+    def give(self, n: int, holder: str = "") -> None:
         self.used -= n
+        left = self.by_holder.get(holder, 0) - n
+        if left > 0:
+            self.by_holder[holder] = left
+        else:
+            self.by_holder.pop(holder, None)
         if self._waiters and self.used < self.capacity:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:

@@ -72,7 +72,7 @@ class LimitsConfig(_Section):
     max_inflight_per_connection: int = 1024
     max_event_bytes: int = 1024 * 1024
     max_events_per_batch: int = 10_000
-    max_http_body_bytes: int = 32 * 1024 * 1024
+    max_http_body_bytes: int = 8 * 1024 * 1024
     max_records_per_batch: int = 100_000
 
 
@@ -93,8 +93,10 @@ class AdmissionConfig(_Section):
     send_timeout_ms: int = 60_000
     max_unauthenticated_frame_bytes: int = 64 * 1024
     max_request_bytes_in_flight: int = 256 * 1024 * 1024
+    max_request_bytes_per_tenant: int = 64 * 1024 * 1024
     max_reply_bytes_per_connection: int = 64 * 1024 * 1024
     max_reply_bytes_in_flight: int = 1024 * 1024 * 1024
+    max_reply_bytes_per_tenant: int = 256 * 1024 * 1024
     auth_failures_per_minute: int = 30
     allowed_hosts: list[str] = []
     allowed_origins: list[str] = []
@@ -401,10 +403,17 @@ def _validate(cfg: Config) -> Config:
             "admission.max-unauthenticated-frame-bytes must be at least 1024 and at most "
             "limits.max-frame-bytes"
         )
-    if a.max_request_bytes_in_flight < cfg.limits.max_frame_bytes:
-        # one whole frame must always fit, or a client could never send one
+    biggest_request = max(cfg.limits.max_frame_bytes, cfg.limits.max_http_body_bytes)
+    if a.max_request_bytes_per_tenant < biggest_request:
+        # one whole frame or body must always fit, or a client could never send one
         raise ConfigError(
-            "admission.max-request-bytes-in-flight must be at least limits.max-frame-bytes"
+            "admission.max-request-bytes-per-tenant must be at least limits.max-frame-bytes "
+            "and limits.max-http-body-bytes"
+        )
+    if a.max_request_bytes_in_flight < a.max_request_bytes_per_tenant:
+        raise ConfigError(
+            "admission.max-request-bytes-in-flight must be at least "
+            "admission.max-request-bytes-per-tenant"
         )
     if a.max_reply_bytes_per_connection < cfg.limits.max_fetch_bytes + cfg.limits.max_batch_bytes:
         # a fetch reserves its whole possible reply (max-fetch-bytes, plus one batch past it)
@@ -412,10 +421,15 @@ def _validate(cfg: Config) -> Config:
             "admission.max-reply-bytes-per-connection must be at least limits.max-fetch-bytes "
             "+ limits.max-batch-bytes"
         )
-    if a.max_reply_bytes_in_flight < a.max_reply_bytes_per_connection:
+    if a.max_reply_bytes_per_tenant < a.max_reply_bytes_per_connection:
+        raise ConfigError(
+            "admission.max-reply-bytes-per-tenant must be at least "
+            "admission.max-reply-bytes-per-connection"
+        )
+    if a.max_reply_bytes_in_flight < a.max_reply_bytes_per_tenant:
         raise ConfigError(
             "admission.max-reply-bytes-in-flight must be at least "
-            "admission.max-reply-bytes-per-connection"
+            "admission.max-reply-bytes-per-tenant"
         )
     if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
         raise ConfigError("tls.cert-file and tls.key-file go together: set both or neither")

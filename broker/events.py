@@ -58,8 +58,10 @@ _UUID: Final = re.compile(r"^[0-9a-fA-F-]{8,64}$")
 _RECORD_OVERHEAD: Final = 64
 
 
-class EventIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """An event as a producer publishes it (``payload`` is any JSON value)."""
+class EventIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, gc=False):
+    """An event as a producer publishes it (``payload`` is any JSON value). Not tracked by
+    the cycle collector (``gc=False``: decoded JSON cannot form a cycle): a batch of many
+    small events would otherwise trigger collections while it is decoded."""
 
     topic: str
     payload: msgspec.Raw
@@ -76,7 +78,7 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data: msgspec.Raw | None = None  # for templates and conditions; else the payload is
 
 
-class EventBatchIn(msgspec.Struct, forbid_unknown_fields=True):
+class EventBatchIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     events: list[EventIn]
 
 

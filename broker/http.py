@@ -122,7 +122,9 @@ class TopicIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     exist_ok: bool = False
 
 
-class RecordIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class RecordIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, gc=False):
+    # gc=False: decoded JSON cannot form a cycle, and many small records must not trigger
+    # collections while they are decoded
     value: str | None = None
     value_b64: str | None = None
     key: str | None = None
@@ -130,7 +132,7 @@ class RecordIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timestamp: int | None = None
 
 
-class RecordsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class RecordsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, gc=False):
     records: list[RecordIn]
     partition: int | None = None
     key: str | None = None

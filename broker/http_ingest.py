@@ -94,6 +94,9 @@ KEEPALIVE_TIMEOUT_S: Final = 75.0
 LINGER_S: Final = 2.0
 # a full scan of the connections (idle keep-alive, stalled sends) every this many sweeps
 _SCAN_EVERY: Final = 5
+# requests one connection may have parsed in one turn of the event loop before the rest of
+# its input waits for the next turn (see IngestConnection._consume)
+TURN_REQUESTS: Final = 64
 
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -146,6 +149,9 @@ class IngestConnection(asyncio.Protocol):
         self.replies: deque[_Reply] = deque()
         self.last_active = server.loop.time()
         self._read_paused = False
+        self._yielding = False  # the rest of a read waits for the next turn of the loop
+        self._rest = b""
+        self._turn = 0
         self._write_paused = False
         self._write_paused_at = 0.0
         self._linger: asyncio.TimerHandle | None = None
@@ -177,6 +183,7 @@ class IngestConnection(asyncio.Protocol):
         self._pieces = 0
         self._remaining = -1  # body bytes still to come, when the length is known
         self._reserved = 0  # body bytes charged to the node's request budget
+        self._holder = ""  # whom they count against (set when the headers end)
 
     @property
     def idle(self) -> bool:
@@ -231,13 +238,21 @@ class IngestConnection(asyncio.Protocol):
         state = self.state
         if state != OPEN and state != FORWARDING:
             return  # closing, lingering or stopped: the input is dropped
-        loop_time = self.server.loop.time()
-        self.last_active = loop_time
+        self.last_active = self.server.loop.time()
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
+        """Parse ``data``: at most :data:`TURN_REQUESTS` requests in this turn of the event
+        loop; the rest waits for the next turn, reading paused meanwhile, so a client
+        pipelining cheap requests takes its turn like every other connection (libuv reads
+        a busy socket up to 32 times a turn: ~1 s of such requests)."""
+        self._turn = 0
+        rest: memoryview | None = None
         try:
             if len(data) <= SLICE and self._phase != BODY:
                 self._feed(data)
             else:
-                self._feed_slices(data)
+                rest = self._feed_slices(data)
         except _Stop:
             pass  # the connection's state says what happens next
         except httptools.HttpParserUpgrade:
@@ -258,13 +273,26 @@ class IngestConnection(asyncio.Protocol):
         phase = self._phase
         if phase == HEAD:
             if self._head_since is None:
-                self._head_since = loop_time
+                self._head_since = self.last_active
                 self.server.watched.add(self)
         elif phase == BODY and self._body_since is None:
-            self._body_since = loop_time
+            self._body_since = self.last_active
             self.server.watched.add(self)
         if self._fwd:
             self._deliver()
+        if rest is not None and (self.state == OPEN or self.state == FORWARDING):
+            self._rest = bytes(rest)
+            self._yielding = True
+            self._update_reading()
+            self.server.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        data, self._rest = self._rest, b""
+        self._yielding = False
+        if data and (self.state == OPEN or self.state == FORWARDING):
+            self._consume(data)
+        if not self._yielding:
+            self._update_reading()
 
     def _feed(self, piece: bytes | memoryview) -> None:
         """Parse one slice and count it: bytes fed while the parser is in a head count toward
@@ -278,7 +306,8 @@ class IngestConnection(asyncio.Protocol):
         elif phase == IDLE:
             self._head_bytes = 0
 
-    def _feed_slices(self, data: bytes) -> None:
+    def _feed_slices(self, data: bytes) -> memoryview | None:
+        """Feed ``data`` slice by slice; returns what is left for the next turn, if any."""
         view = memoryview(data)
         pos, end = 0, len(data)
         while pos < end:
@@ -300,7 +329,10 @@ class IngestConnection(asyncio.Protocol):
             else:
                 self._feed(piece)
             if self.state != OPEN and self.state != FORWARDING:
-                return
+                return None
+            if self._turn >= TURN_REQUESTS and pos < end and self.handler is None:
+                return view[pos:]
+        return None
 
     def _too_large_head(self) -> None:
         self._fail(HeadersTooLarge(f"request line and headers exceed {MAX_HEAD_BYTES} bytes"))
@@ -415,6 +447,9 @@ class IngestConnection(asyncio.Protocol):
                 raise
         else:
             principal = None
+        self._holder = server.admission.holder(
+            principal.tenant if principal is not None else None, self.ticket.address
+        )
         if principal is not None:
             self._principal = principal
             if not self.ticket.proven:
@@ -445,7 +480,7 @@ class IngestConnection(asyncio.Protocol):
                 )
             )
             raise _Stop
-        if not self.server.admission.requests.take(n):
+        if not self.server.admission.requests.take(n, self._holder):
             self.server.admission.note(
                 "request_budget", "event=request_budget_spent listener=http peer=%s", self.peer
             )
@@ -465,6 +500,7 @@ class IngestConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._phase = IDLE
         self._head_since = self._body_since = None
+        self._turn += 1
         if self.state == FORWARDING:
             if self._chunked:
                 self._forward(b"0\r\n\r\n")
@@ -490,7 +526,7 @@ class IngestConnection(asyncio.Protocol):
 
     def _release_body(self) -> None:
         if self._reserved:
-            self.server.admission.requests.give(self._reserved)
+            self.server.admission.requests.give(self._reserved, self._holder)
             self._reserved = 0
 
     # -------------------------------------------------------------------- serving
@@ -659,6 +695,7 @@ class IngestConnection(asyncio.Protocol):
             return
         pause = (
             self._write_paused
+            or self._yielding
             or self.state != OPEN
             or len(self.replies) >= self.server.max_inflight
         )

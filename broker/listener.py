@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from broker.admission import (
+    ANONYMOUS,
     Admission,
     AuthThrottle,
     ByteBudget,
@@ -64,8 +65,8 @@ class NodeAdmission:
             handshake_timeout_s=a.handshake_timeout_ms / 1000,
             clock=self.loop.time,
         )
-        self.requests = ByteBudget(a.max_request_bytes_in_flight)
-        self.replies = ByteBudget(a.max_reply_bytes_in_flight)
+        self.requests = ByteBudget(a.max_request_bytes_in_flight, a.max_request_bytes_per_tenant)
+        self.replies = ByteBudget(a.max_reply_bytes_in_flight, a.max_reply_bytes_per_tenant)
         self.throttle = AuthThrottle(a.auth_failures_per_minute, self.loop.time)
         self.logs = LogLimiter(LOG_LINES_PER_S, self.loop.time)
         self.auth_failures = 0
@@ -100,6 +101,14 @@ class NodeAdmission:
         self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     # ----------------------------------------------------------------- key checks
+    def holder(self, tenant: str | None, address: str) -> str:
+        """Who a connection's bytes count against in the budgets: its tenant once it showed
+        a key, all unauthenticated connections together before; on a node without keys,
+        its source address."""
+        if not self.keyed:
+            return address
+        return ANONYMOUS if tenant is None else tenant
+
     def key_allowed(self, address: str) -> bool:
         """May a key from ``address`` be checked now (not throttled for failed ones)?"""
         return self.throttle.allowed(address)

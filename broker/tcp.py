@@ -64,6 +64,10 @@ log = logging.getLogger("herald.tcp")
 
 # a full scan of the connections (idle, stalled sends) every this many sweeps of a second
 _SCAN_EVERY: Final = 5
+# requests one connection may have handled in one turn of the event loop; the rest wait for
+# the next turn, reading paused: libuv reads a busy socket up to 32 times a turn, so a client
+# pipelining cheap requests could otherwise hold the loop for ~1 s at a time
+TURN_REQUESTS: Final = 128
 # reply bytes a fetch may carry besides its records: per partition, the topic name and four
 # integers; bounded by the request's own size (each partition is named in it)
 _FETCH_OVERHEAD: Final = 1024
@@ -102,13 +106,16 @@ class BrokerProtocol(asyncio.Protocol):
         self._out: list[bytes | bytearray] = []
         self._flush_scheduled = False
         self._paused_reading = False
+        self._turn_scheduled = False
         self._write_paused = False
         self._write_paused_at = 0.0
         self.closed = False
         self.loop = server.loop
         self.last_active = self.loop.time()
-        # request bytes of partial frames, charged to the node's request budget
+        # request bytes of partial frames, charged to the node's request budget, and who they
+        # count against (the tenant once it showed a key)
         self._buffered = 0
+        self._holder = self.admission.holder(None, ticket.address)
         # reply budget: bytes reserved by fetches in flight and by their replies until these
         # left the socket buffer (``_draining``: written while the buffer was over its mark)
         self._reserved = 0
@@ -138,12 +145,12 @@ class BrokerProtocol(asyncio.Protocol):
             task.cancel()
         self._held.clear()
         if self._buffered:
-            self.admission.requests.give(self._buffered)
+            self.admission.requests.give(self._buffered, self._holder)
             self._buffered = 0
         charged = self._reserved + self._unflushed + self._draining
         if charged:
             self._reserved = self._unflushed = self._draining = 0
-            self.admission.replies.give(charged)
+            self.admission.replies.give(charged, self._holder)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -154,7 +161,7 @@ class BrokerProtocol(asyncio.Protocol):
         self._write_paused = False
         if self._draining:
             drained, self._draining = self._draining, 0
-            self.admission.replies.give(drained)
+            self.admission.replies.give(drained, self._holder)
         self._update_reading()
         if self._held:
             self._handle_held()
@@ -216,7 +223,7 @@ class BrokerProtocol(asyncio.Protocol):
                 if self._write_paused:
                     self._draining += written
                 else:
-                    self.admission.replies.give(written)
+                    self.admission.replies.give(written, self._holder)
                     if self._held:
                         self._handle_held()
 
@@ -254,6 +261,7 @@ class BrokerProtocol(asyncio.Protocol):
             self._charge_partial(buffered)
             if self.closed:
                 return
+        turn = 0
         for frame in frames:
             if self.closed:
                 return
@@ -264,24 +272,37 @@ class BrokerProtocol(asyncio.Protocol):
                 self._bad_request(exc)
                 self.send_error(p.request_id_of(frame), exc)
                 continue
-            if self._held or not self._dispatch(req, len(frame)):
+            if self._held or turn >= TURN_REQUESTS or not self._dispatch(req, len(frame)):
                 self._held.append((req, len(frame)))
+            turn += 1
         if self._held:
             self._update_reading()
+            if turn > TURN_REQUESTS:
+                self._next_turn()
+
+    def _next_turn(self) -> None:
+        """Handle the held requests in the next turn of the loop (see TURN_REQUESTS)."""
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            self.loop.call_soon(self._turn_due)
+
+    def _turn_due(self) -> None:
+        self._turn_scheduled = False
+        self._handle_held()
 
     def _charge_partial(self, buffered: int) -> None:
         """Charge the bytes of a partial frame to the node's request budget (a frame being
         received is memory the client made the node hold)."""
         budget = self.admission.requests
         grow = buffered - self._buffered
-        if grow > 0 and not budget.take(grow):
+        if grow > 0 and not budget.take(grow, self._holder):
             self.admission.note(
                 "request_budget", "event=request_budget_spent listener=tcp peer=%s", self.peer
             )
             self.close_with(0, ServerBusy("too many request bytes in flight on this node"))
             return
         if grow < 0:
-            budget.give(-grow)
+            budget.give(-grow, self._holder)
         self._buffered = buffered
 
     def _bad_request(self, exc: BaseException) -> None:
@@ -324,7 +345,7 @@ class BrokerProtocol(asyncio.Protocol):
         charged = self._reserved + self._unflushed + self._draining
         if charged and charged + need > self.server.reply_budget:
             return False  # wait for this connection's own replies to drain
-        if not self.admission.replies.take(need):
+        if not self.admission.replies.take(need, self._holder):
             self._wait_node_budget()
             return False
         self._reserved += need
@@ -333,7 +354,7 @@ class BrokerProtocol(asyncio.Protocol):
     def _unreserve(self, need: int) -> None:
         if need:
             self._reserved -= need
-            self.admission.replies.give(need)
+            self.admission.replies.give(need, self._holder)
 
     def _wait_node_budget(self) -> None:
         if not self._waiting_budget:
@@ -346,13 +367,18 @@ class BrokerProtocol(asyncio.Protocol):
             self.loop.call_soon(self._handle_held)
 
     def _handle_held(self) -> None:
-        """Handle held requests, in order, while their replies fit."""
+        """Handle held requests, in order, while their replies fit, a turn's worth at most."""
         held = self._held
+        turn = 0
         while held and not self.closed:
+            if turn >= TURN_REQUESTS:
+                self._next_turn()
+                break
             req, size = held[0]
             if not self._dispatch(req, size):
                 break
             held.popleft()
+            turn += 1
         self._update_reading()
 
     def handle(self, req: p.Request, reserved: int = 0) -> None:
@@ -376,8 +402,16 @@ class BrokerProtocol(asyncio.Protocol):
             self.send(outcome)
 
     def _proven(self) -> None:
-        self.admission.table.prove(self.ticket)
+        admission = self.admission
+        admission.table.prove(self.ticket)
         self.decoder.max_frame_bytes = self.max_frame_bytes
+        assert self.principal is not None
+        holder = admission.holder(self.principal.tenant, self.ticket.address)
+        if holder != self._holder:
+            if self._buffered:  # a partial frame already charged: it is the tenant's now
+                admission.requests.give(self._buffered, self._holder)
+                admission.requests.force(self._buffered, holder)
+            self._holder = holder
 
     def on_hello(self, req: p.Hello) -> None:
         if req.version != p.PROTOCOL_VERSION:

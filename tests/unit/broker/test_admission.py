@@ -195,6 +195,16 @@ def test_a_byte_budget_says_no_past_its_capacity_and_wakes_waiters_when_bytes_re
     assert budget.available < 0 and not budget.take(1)
 
 
+def test_one_holder_takes_at_most_its_share_and_the_rest_stays_for_the_others() -> None:
+    budget = ByteBudget(100, per_holder=40)
+    assert budget.take(40, "mallory") and not budget.take(1, "mallory")
+    assert budget.take(40, "-") and not budget.take(1, "-")  # every anonymous connection
+    assert budget.take(20, "victim") and not budget.take(1, "victim")  # the node is full
+    budget.give(40, "mallory")
+    assert budget.by_holder == {"-": 40, "victim": 20}
+    assert budget.take(20, "victim") and budget.used == 80
+
+
 # ------------------------------------------------------------------------ throttle
 def test_failed_keys_are_throttled_per_address_and_the_allowance_refills() -> None:
     clock = Clock()
@@ -279,3 +289,17 @@ def test_the_head_rebuilt_for_aiohttp_keeps_headers_and_drops_internal_ones() ->
         b"POST /t HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n"
         b"X-Herald-Reject: unauthenticated no  key\r\n\r\n"
     )
+
+
+def test_error_answers_never_carry_a_file_path() -> None:
+    from broker.errors import describe
+    from storage.errors import StorageError, StorageFull
+
+    for exc in (
+        StorageError("cannot open state store at /var/lib/herald/state: Permission denied"),
+        StorageFull("partition orders/3: write failed: [Errno 28] No space: '/data/log/o/3/0.log'"),
+    ):
+        message = describe(exc).message
+        assert "/var/lib" not in message and "/data/" not in message, message
+        assert "<path>" in message
+    assert "orders/3" in describe(StorageFull("partition orders/3: disk full")).message

@@ -135,6 +135,9 @@ class FakeAdmission:
     def key_allowed(self, address: str) -> bool:
         return self.throttle.allowed(address)
 
+    def holder(self, tenant: str | None, address: str) -> str:
+        return tenant or "-"
+
     def key_failed(self, address: str, peer: str, listener: str) -> None:
         self.throttle.failed(address)
 

@@ -7,7 +7,9 @@ TLS handshake, so neither a flood of idle sockets nor of stalled handshakes esca
 connection budget. Admitted, it gets its protocol (or, with TLS, the handshake first, which
 must finish within ``admission.handshake-timeout-ms``); refused, it gets a short refusal in
 the protocol's own words (nothing over TLS, which cannot speak before its handshake) and is
-closed.
+closed. A TLS listener accepts connections itself (``add_reader`` on the listening socket,
+then ``connect_accepted_socket`` once admitted), backing off for 100 ms when the process is
+out of descriptors.
 
 :class:`NodeAdmission` is the policy made live: the connection table, the node-wide byte
 budgets, the key-guessing throttle and the log limiter, and one sweep a second that closes
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Final
@@ -39,6 +43,9 @@ from broker.config import Config
 log = logging.getLogger("herald.admission")
 
 SWEEP_S: Final = 1.0
+# connections a TLS listener accepts per readiness event, so a connection storm cannot hold
+# the loop in the accept loop
+_ACCEPTS_PER_TURN: Final = 64
 # log lines of one kind (refusals, failed keys, malformed requests) per second, at most
 LOG_LINES_PER_S: Final = 5.0
 
@@ -139,28 +146,6 @@ class NodeAdmission:
             log.log(level, msg, *args)
 
 
-class _EarlyData(asyncio.Protocol):
-    """Stands in for the protocol while ``start_tls`` finishes: the TLS layer may deliver the
-    client's first bytes before the caller can attach the real protocol."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost = False
-        self.exc: Exception | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.exc = exc
-
-
 class Listener:
     """One listening socket: each accepted connection is admitted (or refused with
     ``refusal``, written in the clear), then, with ``ssl_context``, handshaken, then handed
@@ -185,18 +170,35 @@ class Listener:
         self.refused = 0
         self.handshake_failures = 0
         self._server: asyncio.Server | None = None
+        self._socket: socket.socket | None = None
+        self._resume_accept: asyncio.TimerHandle | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (useful with 0)."""
-        self._server = await self.loop.create_server(
-            lambda: _Gate(self), host, port, backlog=1024, reuse_address=True
-        )
-        return int(self._server.sockets[0].getsockname()[1])
+        if self.ssl_context is None:
+            self._server = await self.loop.create_server(
+                lambda: _Gate(self), host, port, backlog=1024, reuse_address=True
+            )
+            return int(self._server.sockets[0].getsockname()[1])
+        # TLS: the node accepts itself, so a connection is admitted before its handshake
+        # (uvloop starts reading as soon as a protocol exists; a TLS handshake cannot be
+        # started safely on a connection accepted by a server without one)
+        sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
+        sock.setblocking(False)
+        self._socket = sock
+        self.loop.add_reader(sock.fileno(), self._accept_ready)
+        return int(sock.getsockname()[1])
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._socket is not None:
+            self.loop.remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
+        if self._resume_accept is not None:
+            self._resume_accept.cancel()
         for task in self._handshakes:
             task.cancel()
 
@@ -207,11 +209,10 @@ class Listener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
-    def accept(self, transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername")
+    def _admit(self, peer: Any, close: Callable[[], None]) -> Ticket | None:
         host = peer[0] if isinstance(peer, tuple) else ""
         address = address_key(host)
-        ticket, reason = self.admission.table.admit(self.name, address, transport.abort)
+        ticket, reason = self.admission.table.admit(self.name, address, close)
         if ticket is None:
             self.refused += 1
             self.admission.note(
@@ -221,65 +222,107 @@ class Listener:
                 address,
                 reason,
             )
-            if self.ssl_context is None:
-                transport.write(self.refusal)
-                transport.close()
-            else:
-                transport.abort()
-            return
-        if self.ssl_context is None:
-            protocol = self.factory(ticket)
-            transport.set_protocol(protocol)
-            protocol.connection_made(transport)
-            return
-        transport.pause_reading()
-        task = self.loop.create_task(self._handshake(transport, ticket))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        return ticket
 
-    async def _handshake(self, transport: asyncio.Transport, ticket: Ticket) -> None:
+    def accept(self, transport: asyncio.Transport) -> None:
+        """A plain connection, accepted by the server: admit it or refuse it in words."""
+        ticket = self._admit(transport.get_extra_info("peername"), transport.abort)
+        if ticket is None:
+            transport.write(self.refusal)
+            transport.close()
+            return
+        protocol = self.factory(ticket)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def _accept_ready(self) -> None:
+        """The TLS listening socket is readable: accept what is waiting (a bounded number
+        at a time), admit each connection, and start its handshake."""
+        assert self._socket is not None
+        for _ in range(_ACCEPTS_PER_TURN):
+            try:
+                conn, peer = self._socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors: keep serving the open connections, retry soon
+                    self.admission.note(
+                        "accept_failed",
+                        "event=accept_failed listener=%s error=%s",
+                        self.name,
+                        errno.errorcode.get(exc.errno, exc.errno),
+                        level=logging.WARNING,
+                    )
+                    self.loop.remove_reader(self._socket.fileno())
+                    self._resume_accept = self.loop.call_later(0.1, self._accept_again)
+                    return
+                return  # ECONNABORTED and the like: that one connection is gone
+            conn.setblocking(False)
+            handshaking = _Handshaking()
+            ticket = self._admit(peer, handshaking.cancel)
+            if ticket is None:
+                conn.close()  # nothing can be said before the handshake
+                continue
+            task = self.loop.create_task(self._handshake(conn, ticket))
+            handshaking.task = task
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _accept_again(self) -> None:
+        self._resume_accept = None
+        if self._socket is not None:
+            self.loop.add_reader(self._socket.fileno(), self._accept_ready)
+
+    async def _handshake(self, conn: socket.socket, ticket: Ticket) -> None:
         assert self.ssl_context is not None
-        early = _EarlyData()
         table = self.admission.table
+        started = False
+
+        def protocol() -> asyncio.Protocol:
+            nonlocal started
+            started = True  # the transport owns the socket from here on
+            return self.factory(ticket)
+
         try:
             remaining = ticket.since + table.handshake_timeout_s - self.loop.time()
-            tls = await self.loop.start_tls(
-                transport,
-                early,
-                self.ssl_context,
-                server_side=True,
+            transport, _protocol = await self.loop.connect_accepted_socket(
+                protocol,
+                conn,
+                ssl=self.ssl_context,
                 ssl_handshake_timeout=max(0.1, remaining),
             )
-        except asyncio.CancelledError:
-            transport.abort()
+        except BaseException as exc:
+            if not started:
+                conn.close()
             table.release(ticket)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, Exception):
+                self.handshake_failures += 1
+                self.admission.note(
+                    "tls_handshake_failed",
+                    "event=tls_handshake_failed listener=%s address=%s error=%s",
+                    self.name,
+                    ticket.address,
+                    type(exc).__name__,
+                )
+                return
             raise
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as exc:
-            self.handshake_failures += 1
-            self.admission.note(
-                "tls_handshake_failed",
-                "event=tls_handshake_failed listener=%s address=%s error=%s",
-                self.name,
-                ticket.address,
-                type(exc).__name__,
-            )
-            transport.abort()
-            table.release(ticket)
-            return
-        if tls is None or ticket.released:  # evicted or closed during the handshake
-            transport.abort()
-            table.release(ticket)
-            return
-        ticket.close = tls.abort
-        protocol = self.factory(ticket)
-        tls.set_protocol(protocol)
-        protocol.connection_made(tls)
-        for data in early.data:
-            protocol.data_received(data)
-        if early.eof and not early.lost and not protocol.eof_received():
-            tls.close()
-        if early.lost:
-            protocol.connection_lost(early.exc)
+        ticket.close = transport.abort
+
+
+class _Handshaking:
+    """How to drop a connection still in its TLS handshake: cancel the handshake."""
+
+    __slots__ = ("task",)
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 class _Gate(asyncio.Protocol):

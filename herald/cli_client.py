@@ -13,11 +13,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import ssl
 import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import msgspec
@@ -33,6 +35,38 @@ _ACKS: dict[str, p.Acks] = {"0": 0, "1": 1, "all": -1}
 _MAX_UNACKED_RECORDS = 100_000
 _MAX_UNACKED_BYTES = 64 * 1024 * 1024
 _READ_SIZE = 64 * 1024  # bytes per read of stdin or --file
+
+
+# the environment variable the CLI reads an API key from when no option gives one
+API_KEY_ENV = "HERALD_API_KEY"
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from ``--api-key``, else the first line of ``--api-key-file``, else the
+    ``HERALD_API_KEY`` environment variable, else none."""
+    if args.api_key:
+        return str(args.api_key)
+    if args.api_key_file:
+        try:
+            text = Path(args.api_key_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--api-key-file: cannot read {args.api_key_file}: {exc}") from None
+        key = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not key:
+            raise UsageError(f"--api-key-file: {args.api_key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.ca_file is None and not args.tls:
+        return None
+    from broker.tls import client_context
+
+    try:
+        return client_context(args.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--ca-file: cannot load {args.ca_file}: {exc}") from None
 
 
 class UsageError(Exception):
@@ -293,12 +327,28 @@ def _runner(
 
         host, port = args.bootstrap
         where = f"{host}:{port}"
+        try:
+            api_key = _api_key(args)
+            ssl_context = _ssl_context(args)
+        except UsageError as exc:
+            print(f"herald: {exc}", file=sys.stderr)
+            return 2
 
         async def main() -> int:
             try:
                 client = await Client.connect(
-                    host, port, api_key=args.api_key, client_id="herald-cli", connect_timeout=5
+                    host,
+                    port,
+                    api_key=api_key,
+                    client_id="herald-cli",
+                    connect_timeout=5,
+                    ssl=ssl_context,
                 )
+            except ssl.SSLError as exc:
+                raise CannotConnect(
+                    f"cannot connect to {where} over TLS: {exc.reason or exc} "
+                    "(is the node's certificate signed by --ca-file, for this host name?)"
+                ) from None
             except (OSError, TimeoutError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
                 raise CannotConnect(
@@ -320,7 +370,11 @@ def _runner(
         except ConnectionLost as exc:
             print(f"herald: lost the connection to {where}: {exc.message}", file=sys.stderr)
         except BrokerError as exc:
-            hint = " (give one with --api-key)" if exc.code == errors.Unauthenticated.code else ""
+            hint = (
+                " (give one with --api-key, --api-key-file or HERALD_API_KEY)"
+                if exc.code == errors.Unauthenticated.code
+                else ""
+            )
             print(f"herald: {exc.code}: {exc.message}{hint}", file=sys.stderr)
         except BrokenPipeError:
             # the reader went away (`herald consume ... | head`): stop quietly, and point
@@ -347,7 +401,28 @@ def add_commands(subparsers: Any) -> None:
         metavar="HOST:PORT",
         help="the node's TCP address (default: 127.0.0.1:9092)",
     )
-    opts.add_argument("--api-key", metavar="KEY", help="API key, when the node requires one")
+    keys = opts.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"API key, when the node requires one (visible to other users of this machine "
+        f"in the process list: prefer --api-key-file or {API_KEY_ENV})",
+    )
+    keys.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="read the API key from FILE (its first line)",
+    )
+    opts.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS, verifying the node against the system's trusted CAs",
+    )
+    opts.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="connect over TLS, verifying the node's certificate against the CAs in FILE (PEM)",
+    )
     opts.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
     def leaf(parent: Any, name: str, command: Command, text: str, **kw: Any) -> Any:

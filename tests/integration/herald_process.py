@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -51,8 +52,17 @@ class HeraldProcess:
     same address. The server's output goes to ``log_path`` (never a pipe, which could fill up
     and stall the server)."""
 
-    def __init__(self, data_dir: Path, work_dir: Path, *, config: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        work_dir: Path,
+        *,
+        config: str | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         self.host = HOST
+        # a node serving TLS: its health is checked over HTTPS, trusting this CA
+        self.ca_file = ca_file
         self.data_dir = data_dir
         self.work_dir = work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +80,8 @@ class HeraldProcess:
     # ------------------------------------------------------------------ addresses
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def running(self) -> bool:
@@ -135,8 +146,15 @@ class HeraldProcess:
             time.sleep(0.05)
 
     def healthy(self) -> bool:
+        context = (
+            ssl.create_default_context(cafile=str(self.ca_file))
+            if self.ca_file is not None
+            else None
+        )
         try:
-            with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as resp:
+            with urllib.request.urlopen(
+                f"{self.http_url}/healthz", timeout=2, context=context
+            ) as resp:
                 body = json.loads(resp.read())
                 return resp.status == 200 and body.get("status") == "ok"
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
@@ -192,9 +210,13 @@ class Nodes:
         self.base = base
         self.nodes: list[HeraldProcess] = []
 
-    def __call__(self, *, config: str | None = None, start: bool = True) -> HeraldProcess:
+    def __call__(
+        self, *, config: str | None = None, start: bool = True, ca_file: Path | None = None
+    ) -> HeraldProcess:
         n = len(self.nodes)
-        node = HeraldProcess(self.base / f"node{n}" / "data", self.base / f"node{n}", config=config)
+        node = HeraldProcess(
+            self.base / f"node{n}" / "data", self.base / f"node{n}", config=config, ca_file=ca_file
+        )
         self.nodes.append(node)
         if start:
             node.start()

@@ -268,8 +268,9 @@ class Victim:
 
 
 class Probe:
-    """The event-loop stall probe: a thread that sends a cheap request (``list_groups``)
-    over TCP every ``interval`` seconds and records each round trip. One round trip is one
+    """The event-loop stall probe: a thread that sends the cheapest request there is (a
+    repeated ``hello``: one key comparison) over TCP every ``interval`` seconds and records
+    each round trip. One round trip is one
     turn of the node's loop for this connection, so the longest is (an upper bound of) the
     longest stall another client saw."""
 
@@ -301,7 +302,7 @@ class Probe:
     def _run(self) -> None:
         while not self._stop.is_set():
             at = time.monotonic()
-            self._conn.request(p.ListGroups(id=2))
+            self._conn.request(p.Hello(id=2, api_key=self.key))
             self.samples.append((at, time.monotonic() - at))
             time.sleep(self.interval)
 

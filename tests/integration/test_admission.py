@@ -606,3 +606,33 @@ def test_a_key_in_a_chunked_trailer_is_ignored_on_every_path(herald_factory: Nod
                     assert conn.response().status == 200
                 resp = conn.response()
                 assert resp.status == 401, (path, first, resp)
+
+
+def test_metrics_with_many_groups_are_rendered_off_the_loop(herald_factory: NodeFactory) -> None:
+    """5,000 groups here; 200,000 in the abuse run."""
+    node = herald_factory(config=config())
+
+    async def fill() -> None:
+        async with await Client.connect(node.host, node.tcp_port, api_key=MALLORY_KEY) as c:
+            await c.create_topic("t", 1)
+            sem = asyncio.Semaphore(1000)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    group = f'group\n{i:06d}"}} 1\x00'  # names that would forge lines
+                    await c.request(p.CommitOffsets(id=0, group=group, offsets=[("t", 0, 0)]))
+
+            await asyncio.gather(*(one(i) for i in range(5_000)))
+
+    asyncio.run(fill())
+    with Victim(node) as victim, Probe(node) as probe:
+        start = time.monotonic()
+        got, body = http_json(node, "/metrics", OPERATOR_KEY)
+        end = time.monotonic()
+        assert got == 200
+        lags = [line for line in body.splitlines() if line.startswith(b"herald_group_lag{")]
+        assert len(lags) == 5_000
+        assert all(line.endswith(b"} 0") for line in lags)  # nothing forged a line
+        assert end - start < 2.0
+        assert probe.worst(start, end) < 0.1
+        victim.served(start, end)

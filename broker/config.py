@@ -83,7 +83,7 @@ class AdmissionConfig(_Section):
 
     fd_reserve: int = 1024
     unauthenticated_share: float = 0.25
-    max_unauthenticated_per_address: int = 64
+    max_unauthenticated_per_address: int = 256
     max_connections_per_address: int = 1024
     handshake_timeout_ms: int = 10_000
     header_timeout_ms: int = 10_000

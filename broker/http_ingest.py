@@ -184,6 +184,11 @@ class IngestConnection(asyncio.Protocol):
         self._remaining = -1  # body bytes still to come, when the length is known
         self._reserved = 0  # body bytes charged to the node's request budget
         self._holder = ""  # whom they count against (set when the headers end)
+        # the last head admitted (Host, Origin, Sec-Fetch-Site, Authorization) and its
+        # principal, and the last Content-Type found to be JSON
+        self._admitted: tuple[bytes | None, ...] | None = None
+        self._admitted_principal: Principal | None = None
+        self._json_type: bytes | None = None
 
     @property
     def idle(self) -> bool:
@@ -235,22 +240,27 @@ class IngestConnection(asyncio.Protocol):
         return None  # close
 
     def data_received(self, data: bytes) -> None:
-        state = self.state
-        if state != OPEN and state != FORWARDING:
-            return  # closing, lingering or stopped: the input is dropped
-        self.last_active = self.server.loop.time()
-        self._consume(data)
-
-    def _consume(self, data: bytes) -> None:
         """Parse ``data``: at most :data:`TURN_REQUESTS` requests in this turn of the event
         loop; the rest waits for the next turn, reading paused meanwhile, so a client
         pipelining cheap requests takes its turn like every other connection (libuv reads
         a busy socket up to 32 times a turn: ~1 s of such requests)."""
+        state = self.state
+        if state != OPEN and state != FORWARDING:
+            return  # closing, lingering or stopped: the input is dropped
+        self.last_active = self.server.loop.time()
         self._turn = 0
         rest: memoryview | None = None
         try:
             if len(data) <= SLICE and self._phase != BODY:
-                self._feed(data)
+                # the common case, inlined: one slice, no body of known length pending
+                self.parser.feed_data(data)
+                phase = self._phase
+                if phase == HEAD:
+                    self._head_bytes += len(data)
+                    if self._head_bytes > MAX_HEAD_BYTES + SLICE:
+                        self._too_large_head()
+                elif phase == IDLE:
+                    self._head_bytes = 0
             else:
                 rest = self._feed_slices(data)
         except _Stop:
@@ -270,14 +280,36 @@ class IngestConnection(asyncio.Protocol):
             self._fail(InvalidRequest(f"malformed HTTP request: {exc}"))
         except Exception as exc:
             self._internal_error(exc)
+        if self._phase != IDLE or self._fwd or rest is not None:
+            self._after_read(rest)
+
+    def _after_read(self, rest: memoryview | None) -> None:
+        """A read ended mid-request, with input for aiohttp, or with input left for the next
+        turn: start the request's deadline, charge the body held so far to the request
+        budget, hand aiohttp its input, or yield the turn."""
         phase = self._phase
         if phase == HEAD:
             if self._head_since is None:
                 self._head_since = self.last_active
                 self.server.watched.add(self)
-        elif phase == BODY and self._body_since is None:
-            self._body_since = self.last_active
-            self.server.watched.add(self)
+        elif phase == BODY:
+            if self._body_since is None:
+                self._body_since = self.last_active
+                self.server.watched.add(self)
+            held = self._size - self._reserved
+            # bytes of a body still incomplete at the end of a read are held across turns
+            # of the loop: they count against the budget (a body that arrives and ends
+            # within one read never does)
+            if held > 0 and (self.state == OPEN or self.state == FORWARDING):
+                if self.server.admission.requests.take(held, self._holder):
+                    self._reserved += held
+                else:
+                    self.server.admission.note(
+                        "request_budget",
+                        "event=request_budget_spent listener=http peer=%s",
+                        self.peer,
+                    )
+                    self._fail(ServerBusy("too many request bytes in flight on this node; retry"))
         if self._fwd:
             self._deliver()
         if rest is not None and (self.state == OPEN or self.state == FORWARDING):
@@ -289,8 +321,8 @@ class IngestConnection(asyncio.Protocol):
     def _next_turn(self) -> None:
         data, self._rest = self._rest, b""
         self._yielding = False
-        if data and (self.state == OPEN or self.state == FORWARDING):
-            self._consume(data)
+        if data:
+            self.data_received(data)
         if not self._yielding:
             self._update_reading()
 
@@ -364,7 +396,9 @@ class IngestConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._phase != HEAD:
             return  # a chunked body's trailer: never read, never passed on
-        self._grow_head(len(name) + len(value))
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._too_large_head()
         self._headers.append((name, value))
         lower = name.lower()
         if lower == b"authorization":
@@ -430,14 +464,35 @@ class IngestConnection(asyncio.Protocol):
 
     def _admit(self, forward: bool) -> None:
         """The gate at the end of the headers (see the module docstring). Raises the error
-        to answer instead; sets the principal when there is one."""
+        to answer instead; sets the principal when there is one. A client sends the same
+        ``Host``, ``Origin`` and key on every request of a connection: a head that matches
+        the last one admitted is not checked again (the hot path pays a tuple compare)."""
         server = self.server
         has_body = self._chunked or bool(self._length)
+        seen = (self._host, self._origin, self._fetch_site, self._auth)
+        if seen == self._admitted:
+            principal = self._principal = self._admitted_principal
+        else:
+            principal = self._check_head()
+            self._admitted, self._admitted_principal = seen, principal
+        if principal is None and (has_body or not forward):
+            # no route taking a body (nor ingest) works without a key: do not read it
+            raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
+        if has_body:
+            if self._content_type != self._json_type:
+                check_json(self._content_type)
+                self._json_type = self._content_type
+            if self._length is not None and self._length > server.max_body:
+                raise PayloadTooLarge(f"request body exceeds max_http_body_bytes={server.max_body}")
+
+    def _check_head(self) -> Principal | None:
+        """The site checks or the key; the principal (None without a key)."""
+        server = self.server
+        admission = server.admission
         if server.site is not None:  # a node without keys
             server.site.check(self._host, self._origin, self._fetch_site)
             principal: Principal | None = OPEN_PRINCIPAL
         elif self._auth is not None:
-            admission = server.admission
             if not admission.key_allowed(self.ticket.address):
                 raise AuthThrottled("too many failed API keys from this address; wait")
             try:
@@ -447,20 +502,13 @@ class IngestConnection(asyncio.Protocol):
                 raise
         else:
             principal = None
-        self._holder = server.admission.holder(
+        self._principal = principal
+        self._holder = admission.holder(
             principal.tenant if principal is not None else None, self.ticket.address
         )
-        if principal is not None:
-            self._principal = principal
-            if not self.ticket.proven:
-                server.admission.table.prove(self.ticket)
-        elif has_body or not forward:
-            # no route taking a body (nor ingest) works without a key: do not read it
-            raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
-        if has_body:
-            check_json(self._content_type)
-            if self._length is not None and self._length > server.max_body:
-                raise PayloadTooLarge(f"request body exceeds max_http_body_bytes={server.max_body}")
+        if principal is not None and not self.ticket.proven:
+            admission.table.prove(self.ticket)
+        return principal
 
     def on_body(self, body: bytes) -> None:
         n = len(body)
@@ -473,20 +521,13 @@ class IngestConnection(asyncio.Protocol):
                 PayloadTooLarge(f"request body exceeds max_http_body_bytes={self.server.max_body}")
             )
             raise _Stop
-        if self._pieces > FREE_PIECES + size // BYTES_PER_PIECE:
+        if self._pieces > FREE_PIECES and self._pieces > FREE_PIECES + size // BYTES_PER_PIECE:
             self._fail(
                 InvalidRequest(
                     f"request body arrives in pieces averaging under {BYTES_PER_PIECE} bytes"
                 )
             )
             raise _Stop
-        if not self.server.admission.requests.take(n, self._holder):
-            self.server.admission.note(
-                "request_budget", "event=request_budget_spent listener=http peer=%s", self.peer
-            )
-            self._fail(ServerBusy("too many request bytes in flight on this node; retry"))
-            raise _Stop
-        self._reserved += n
         if self.state == FORWARDING:
             self._forward(body if not self._chunked else b"%x\r\n%s\r\n" % (n, body))
         elif not self._body:
@@ -504,7 +545,8 @@ class IngestConnection(asyncio.Protocol):
         if self.state == FORWARDING:
             if self._chunked:
                 self._forward(b"0\r\n\r\n")
-            self._release_body()
+            if self._reserved:
+                self._release_body()
             return
         parser = self.parser
         keep_alive = parser.should_keep_alive() and not self.server.draining
@@ -518,7 +560,8 @@ class IngestConnection(asyncio.Protocol):
         self.api.stats.requests += 1
         body, self._body = self._body, b""
         self._serve(reply, body if isinstance(body, bytes) else bytes(body))
-        self._release_body()
+        if self._reserved:
+            self._release_body()
         if not keep_alive:
             raise _Stop  # whatever follows on this connection is not read
         if len(self.replies) >= self.server.max_inflight:
@@ -728,8 +771,12 @@ class IngestConnection(asyncio.Protocol):
         a request that missed its deadline mid-body on its way to aiohttp)."""
         self.state = DONE
         self.replies.clear()
-        if self.transport is not None:
-            self.transport.abort() if self.handler is not None else self.transport.close()
+        if self.transport is None:
+            return
+        if self.handler is not None:
+            self.transport.abort()  # aiohttp may be mid-answer: nothing more will be right
+        else:
+            self.transport.close()
 
     def check(self, now: float) -> None:
         """The once-in-a-while checks of :meth:`IngestServer.check`: idle keep-alive (lean

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from broker.config import ApiKey
-from broker.errors import Forbidden, Unauthenticated, UnknownApiKey
+from broker.errors import Forbidden, Unauthenticated
 
 DEFAULT_TENANT: Final = "default"
 OPERATOR_TENANT: Final = "*"
@@ -73,8 +73,8 @@ class Authenticator:
         return not self._keys
 
     def authenticate(self, api_key: str | bytes | None) -> Principal:
-        """The principal for ``api_key``. Raises :class:`Unauthenticated` when no key is given
-        and :class:`UnknownApiKey` (a failed attempt) when it matches none. Constant-time
+        """The principal for ``api_key``. Raises :class:`Unauthenticated`, with ``key_given``
+        when a key was given and matches none (a failed attempt). Constant-time
         compare over every key, so timing does not reveal which prefix matched."""
         if self.open:
             return OPEN_PRINCIPAL
@@ -86,7 +86,7 @@ class Authenticator:
             if hmac.compare_digest(key, given):
                 found = principal
         if found is None:
-            raise UnknownApiKey("unknown API key")
+            raise Unauthenticated("unknown API key", key_given=True)
         return found
 
     def bearer(self, header: str | bytes | None) -> Principal:

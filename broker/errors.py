@@ -147,14 +147,18 @@ class MethodNotAllowed(HeraldError):
 
 # ------------------------------------------------------------------------------- access
 class Unauthenticated(HeraldError):
+    """No key, or (``key_given``) a key that matches none: the failed attempt the
+    per-address throttle counts."""
+
     code = "unauthenticated"
     retriable = False
     http_status = 401
 
-
-class UnknownApiKey(Unauthenticated):
-    """A key was presented and matches none: the failed attempt the per-address throttle
-    counts (a request without any key is only ``Unauthenticated``)."""
+    def __init__(
+        self, message: str = "", *, field: str | None = None, key_given: bool = False
+    ) -> None:
+        super().__init__(message, field=field)
+        self.key_given = key_given
 
 
 class Forbidden(HeraldError):
@@ -463,7 +467,6 @@ __all__ = [
     "TopicBeingDeleted",
     "TopicExists",
     "Unauthenticated",
-    "UnknownApiKey",
     "UnknownGroup",
     "UnknownMember",
     "UnknownPartition",

@@ -68,7 +68,6 @@ from broker.errors import (
     ShuttingDown,
     TooManyConnections,
     Unauthenticated,
-    UnknownApiKey,
     describe,
 )
 from broker.http import Accepted, HttpApi
@@ -497,8 +496,9 @@ class IngestConnection(asyncio.Protocol):
                 raise AuthThrottled("too many failed API keys from this address; wait")
             try:
                 principal = self.api.auth.bearer(self._auth)
-            except UnknownApiKey:
-                admission.key_failed(self.ticket.address, self.peer, "http")
+            except Unauthenticated as exc:
+                if exc.key_given:
+                    admission.key_failed(self.ticket.address, self.peer, "http")
                 raise
         else:
             principal = None

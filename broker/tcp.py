@@ -52,7 +52,6 @@ from broker.errors import (
     ShuttingDown,
     TooManyConnections,
     Unauthenticated,
-    UnknownApiKey,
     UnsupportedVersion,
     describe,
 )
@@ -428,8 +427,9 @@ class BrokerProtocol(asyncio.Protocol):
                 return
             try:
                 principal = auth.authenticate(req.api_key)
-            except UnknownApiKey:
-                self.admission.key_failed(address, self.peer, "tcp")
+            except Unauthenticated as exc:
+                if exc.key_given:
+                    self.admission.key_failed(address, self.peer, "tcp")
                 raise
         else:
             principal = auth.authenticate(req.api_key)

@@ -474,7 +474,7 @@ def test_a_keyless_node_refuses_cross_site_and_non_json_requests(
 # ----------------------------------------------------------------- heavy requests
 def test_heavy_single_requests_stall_the_loop_briefly(herald_factory: NodeFactory) -> None:
     node = herald_factory(config=config())
-    records_body = b'{"records":[' + b",".join([b'{"value":""}'] * 640_000) + b"]}"  # 8 MiB
+    records_body = b'{"records":[' + b",".join([b'{"value":""}'] * 1_280_000) + b"]}"  # 16 MiB
     # a TCP produce of one batch of 1.6M empty records (8 MB)
     empty = records.encode_batch([(0, None, b"")] * 1_600_000, first_timestamp=0)
     auth = {"Authorization": f"Bearer {MALLORY_KEY}"}
@@ -627,12 +627,14 @@ def test_metrics_with_many_groups_are_rendered_off_the_loop(herald_factory: Node
     asyncio.run(fill())
     with Victim(node) as victim, Probe(node) as probe:
         start = time.monotonic()
-        got, body = http_json(node, "/metrics", OPERATOR_KEY)
+        for _ in attack_for(1.0):  # scraped again and again
+            began = time.monotonic()
+            got, body = http_json(node, "/metrics", OPERATOR_KEY)
+            assert time.monotonic() - began < 2.0
+            assert got == 200
+            lags = [line for line in body.splitlines() if line.startswith(b"herald_group_lag{")]
+            assert len(lags) == 5_000
+            assert all(line.endswith(b"} 0.0") for line in lags)  # nothing forged a line
         end = time.monotonic()
-        assert got == 200
-        lags = [line for line in body.splitlines() if line.startswith(b"herald_group_lag{")]
-        assert len(lags) == 5_000
-        assert all(line.endswith(b"} 0") for line in lags)  # nothing forged a line
-        assert end - start < 2.0
         assert probe.worst(start, end) < 0.1
         victim.served(start, end)

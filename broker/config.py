@@ -72,7 +72,7 @@ class LimitsConfig(_Section):
     max_inflight_per_connection: int = 1024
     max_event_bytes: int = 1024 * 1024
     max_events_per_batch: int = 10_000
-    max_http_body_bytes: int = 8 * 1024 * 1024
+    max_http_body_bytes: int = 16 * 1024 * 1024
     max_records_per_batch: int = 100_000
 
 

@@ -122,7 +122,7 @@ def test_200_mib_of_requests_cut_mid_request_keep_memory_flat(
 def test_unfinished_large_bodies_hold_at_most_a_tenants_share(
     herald_factory: NodeFactory,
 ) -> None:
-    node = herald_factory(config=config())  # defaults: 8 MiB bodies, 64 MiB per tenant
+    node = herald_factory(config=config())  # defaults: 16 MiB bodies, 64 MiB per tenant
     m = meter(node)
     rss = m.rss()
     conns = [RawHttp(node.host, node.http_port, source=source(1)) for _ in range(16)]

@@ -508,7 +508,9 @@ async def scenario_latency(args: argparse.Namespace) -> str:
                 if measure:
                     sent[eid] = time.perf_counter_ns()
                 try:
-                    async with session.post(f"{url}/events", data=body) as r:
+                    async with session.post(
+                        f"{url}/events", data=body, headers={"Content-Type": "application/json"}
+                    ) as r:
                         await r.read()
                         if r.status >= 300:
                             errors += 1

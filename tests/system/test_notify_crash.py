@@ -90,7 +90,11 @@ async def publish(node: NotifyNode, **event: object) -> dict[str, object]:
     event.setdefault("payload", {})
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{node.http_url}/events", data=msgspec.json.encode(event)) as resp,
+        session.post(
+            f"{node.http_url}/events",
+            data=msgspec.json.encode(event),
+            headers={"Content-Type": "application/json"},
+        ) as resp,
     ):
         assert resp.status in (200, 201, 202)
         return dict(await resp.json())

@@ -81,6 +81,7 @@ class RunningNode:
     async def publish(self, api_key: str | None = None, **event: Any) -> dict[str, Any]:
         event.setdefault("payload", {})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers["Content-Type"] = "application/json"
         async with self.session.post(
             f"{self.http_url}/events", data=msgspec.json.encode(event), headers=headers
         ) as resp:

@@ -12,7 +12,12 @@ from ..herald_process import HeraldProcess
 
 def test_a_fresh_node_delivers_to_the_console(herald: HeraldProcess) -> None:
     body = json.dumps({"topic": "orders", "payload": {"order": 42}, "users": ["alice"]})
-    req = urllib.request.Request(f"{herald.http_url}/events", data=body.encode(), method="POST")
+    req = urllib.request.Request(
+        f"{herald.http_url}/events",
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:
         event_id = json.loads(resp.read())["event_id"]
     deadline = time.monotonic() + 10

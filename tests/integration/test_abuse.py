@@ -193,14 +193,15 @@ def test_a_flood_of_idle_connections_leaves_room_for_keyed_clients_and_the_nodes
     m = meter(node)
     port = node.tcp_port if listener == "tcp" else node.http_port
     with Victim(node) as victim:
+        base = m.fds()  # the node's own files and the victim's connections
         start = time.monotonic()
         idle: list[socket.socket] = []
         try:
             idle = connect_many(port, count, sources=300)  # 60 from each address
             time.sleep(1)
-            fds = m.fds()
+            fds = m.fds() - base
             # a quarter of the connection budget at most: (20,000 - 1,024) / 4
-            assert fds < 4_744 + 300
+            assert fds <= 4_744 + 10
             # a keyed client gets in at once, over both listeners
             with RawConnection(node.host, node.tcp_port) as conn:
                 assert isinstance(conn.request(p.Hello(id=1, api_key=VICTIM_KEY)), p.HelloOk)
@@ -212,8 +213,8 @@ def test_a_flood_of_idle_connections_leaves_room_for_keyed_clients_and_the_nodes
                 )
             time.sleep(5)  # past the handshake timeout: all closed
             assert sum(not closed_by_peer(s) for s in idle) == 0
-            after = m.fds()
-            assert after < 200
+            after = m.fds() - base
+            assert after <= 10
         finally:
             close_all(idle)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -295,7 +296,7 @@ def test_metrics_at_200k_groups_are_rendered_off_the_loop(herald_factory: NodeFa
             with urllib.request.urlopen(req, timeout=60) as resp:
                 body = resp.read()
             took = time.monotonic() - t0
-            assert body.count(b"herald_group_lag{") == 200_000
+            assert body.count(b'herald_group_lag{group="mallory/') == 200_000
             stall = probe.worst(t0, time.monotonic())
             measured("/metrics at 200k groups", took=took, stall=stall, rss=m.rss() - rss)
             assert took < 5, took  # was 3 s of loop time

@@ -258,11 +258,12 @@ def test_tcp_connections_that_never_hello_cannot_lock_out_keyed_clients(
     )
     m = meter(node)
     with Victim(node) as victim:
+        base = m.fds()  # the node's files and the victim's connections
         start = time.monotonic()
         idle = connect_many(node.tcp_port, 900, sources=15)  # 3x the listener's cap
         try:
             time.sleep(0.3)
-            assert m.fds() < 300 + 150  # the listener's cap, the HTTP side, files
+            assert m.fds() - base <= 300 + 10  # the listener's cap
             # a keyed client still gets in (it evicts the oldest pending connection)
             for _ in range(5):
                 with RawConnection(node.host, node.tcp_port) as conn:
@@ -270,7 +271,7 @@ def test_tcp_connections_that_never_hello_cannot_lock_out_keyed_clients(
                     assert isinstance(reply, p.HelloOk), reply
             time.sleep(2.5)  # past the handshake timeout: every idle one is closed
             assert all(closed_by_peer(s) for s in idle)
-            assert m.fds() < 120
+            assert m.fds() - base <= 10
         finally:
             close_all(idle)
         victim.served(start, time.monotonic())
@@ -284,11 +285,12 @@ def test_http_has_a_connection_cap_and_keyed_clients_still_get_in(
     )
     m = meter(node)
     with Victim(node) as victim:
+        base = m.fds()
         start = time.monotonic()
         idle = connect_many(node.http_port, 900, sources=15)
         try:
             time.sleep(0.3)
-            assert m.fds() < 300 + 150
+            assert m.fds() - base <= 300 + 10
             with RawHttp(node.host, node.http_port) as conn:
                 resp = conn.exchange(post_event(VICTIM_KEY))
                 assert resp.status == 200, resp
@@ -632,7 +634,11 @@ def test_metrics_with_many_groups_are_rendered_off_the_loop(herald_factory: Node
             got, body = http_json(node, "/metrics", OPERATOR_KEY)
             assert time.monotonic() - began < 2.0
             assert got == 200
-            lags = [line for line in body.splitlines() if line.startswith(b"herald_group_lag{")]
+            lags = [
+                line
+                for line in body.splitlines()
+                if line.startswith(b'herald_group_lag{group="mallory/')
+            ]
             assert len(lags) == 5_000
             assert all(line.endswith(b"} 0.0") for line in lags)  # nothing forged a line
         end = time.monotonic()

@@ -481,9 +481,13 @@ def test_heavy_single_requests_stall_the_loop_briefly(herald_factory: NodeFactor
     empty = records.encode_batch([(0, None, b"")] * 1_600_000, first_timestamp=0)
     auth = {"Authorization": f"Bearer {MALLORY_KEY}"}
     heavy = request("POST", "/topics/heavy/records", records_body, headers=auth)
+    m = meter(node)
     with Victim(node) as victim, Probe(node) as probe:
         start = time.monotonic()
+        cpu = m.cpu()
+        sent = 0
         for _ in attack_for(1.0):
+            sent += 1
             time.sleep(0.1)
             with RawHttp(node.host, node.http_port, source=source(9), timeout=30) as conn:
                 resp = conn.exchange(heavy)
@@ -494,9 +498,13 @@ def test_heavy_single_requests_stall_the_loop_briefly(herald_factory: NodeFactor
                 err = conn.request(p.Produce(id=2, topic="heavy", batches=[empty]))
                 assert isinstance(err, p.Error) and err.code == "batch_too_large", err
         end = time.monotonic()
+        per_request = (m.cpu() - cpu) / sent  # the node's CPU: what a stall costs at most
         victim.served(start, end)
         worst = probe.worst(start, end)
-    assert worst < 0.5, worst  # was 2 s; ~0.1 s on a quiet machine
+    # was 2 s; 0.12-0.16 s of stall on a quiet machine. The CPU bound holds however loaded
+    # the machine is; the probe's bound allows for the node being descheduled meanwhile.
+    assert per_request < 0.35, per_request
+    assert worst < 1.0, worst
 
 
 def test_an_http_fetch_with_a_limit_decodes_no_further(herald_factory: NodeFactory) -> None:

@@ -268,7 +268,7 @@ def test_pipelined_16_mib_fetches_never_read_cost_at_most_the_reply_budget(
 
 
 def test_metrics_at_200k_groups_are_rendered_off_the_loop(herald_factory: NodeFactory) -> None:
-    node = herald_factory(config=config())
+    node = herald_factory(config=config(quotas={"groups": 0}))  # no group quota here
 
     async def fill() -> None:
         async with await Client.connect(node.host, node.tcp_port, api_key=MALLORY_KEY) as c:

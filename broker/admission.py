@@ -62,8 +62,9 @@ def address_key(host: str) -> str:
 
 def connection_capacity(open_files_limit: int, reserve: int) -> int:
     """Connections the node may hold at once: every file descriptor but the reserve kept for
-    its own files. Never below 1, so a tiny limit still serves someone."""
-    return max(1, open_files_limit - reserve)
+    its own files, and the reserve never more than half the limit (a node run with a small
+    limit still takes connections: half of them, the other half for its files)."""
+    return max(1, open_files_limit - min(reserve, open_files_limit // 2))
 
 
 class Ticket:

@@ -67,7 +67,8 @@ def admit(t: Admission, listener: str = "tcp", address: str = "10.0.0.1") -> tup
 
 def test_capacity_keeps_the_reserve_for_the_nodes_own_files() -> None:
     assert connection_capacity(20_000, 1024) == 18_976
-    assert connection_capacity(500, 1024) == 1
+    assert connection_capacity(600, 1024) == 300  # the reserve is at most half the limit
+    assert connection_capacity(1, 1024) == 1
 
 
 def test_a_full_node_evicts_the_oldest_pending_connection_never_a_proven_one() -> None:

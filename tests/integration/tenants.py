@@ -43,7 +43,7 @@ scopes = ["produce", "consume", "admin"]
 [[auth.keys]]
 key = "{OPERATOR}"
 tenant = "*"
-scopes = ["produce", "consume", "admin"]
+scopes = ["produce", "consume", "admin", "metrics"]
 """
 
 
@@ -57,8 +57,11 @@ async def connect(node: HeraldProcess, key: str, **kw: Any) -> Client:
 
 
 def metrics(node: HeraldProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of ``/metrics``: (name, labels) -> value."""
-    req = urllib.request.Request(f"{node.http_url}/metrics")
+    """Every sample of ``/metrics`` (as the operator: the metrics scope): (name, labels) ->
+    value."""
+    req = urllib.request.Request(
+        f"{node.http_url}/metrics", headers={"Authorization": f"Bearer {OPERATOR}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         text = resp.read().decode()
     out = {}

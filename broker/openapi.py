@@ -58,7 +58,8 @@ class Route:
     """One HTTP route. ``answer`` is the type of the success body (None: a JSON object the
     table does not describe further; ``bytes``: a non-JSON body such as ``/metrics``);
     ``scopes``: any one of them lets a key in (empty: any valid key; None: no key needed);
-    ``errors``: the error statuses the route may answer besides 400/401/403;
+    ``errors``: the error statuses the route may answer besides 400/401/403 (and 415, which
+    every route with a body may answer);
     ``media_type``: the success body's type when it is not JSON (default for ``bytes``:
     text/plain); a route that answers a person (an HTML page) answers its ``errors`` as pages
     of that type too, and only the base 400/401/403 as JSON errors."""
@@ -188,6 +189,8 @@ def _responses(r: Route, schema_of: dict[str, Any], error_ref: Any) -> dict[str,
     out: dict[str, Any] = {str(r.status): ok}
     error = {"content": {"application/json": {"schema": error_ref}}}
     base = {400} if r.scopes is None else {400, 401, 403}
+    if r.body is not None:
+        base.add(415)  # a body is taken only as application/json (docs/SECURITY.md)
     for status in sorted(base | set(r.errors)):
         answer = page if page is not None and status in r.errors else error
         out[str(status)] = {"description": _REASONS.get(status, "error"), **answer}
@@ -202,6 +205,7 @@ _REASONS: Final = {
     404: "no such resource (or another tenant's)",
     409: "conflict",
     413: "too large",
+    415: "a body sent without Content-Type: application/json",
     503: "unavailable (shutting down, storage offline)",
     507: "storage full",
 }

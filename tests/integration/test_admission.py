@@ -473,6 +473,50 @@ def test_a_keyless_node_refuses_cross_site_and_non_json_requests(
         victim.served(start, time.monotonic())
 
 
+def test_the_notification_api_takes_json_bodies_only_and_body_less_writes_without_a_type(
+    herald_factory: NodeFactory,
+) -> None:
+    """The content type rule is about bodies: a body-less POST or DELETE (a mark, a whole
+    channel's replay, an erasure) needs no ``Content-Type``, but a web page of another site
+    still cannot send it, with or without a body."""
+    node = herald_factory()  # no keys: loopback only
+
+    def call(method: str, path: str, body: bytes | None = None, **headers: str) -> Any:
+        raw = request(method, path, body, headers=headers)
+        if "Host" in headers:
+            raw = raw.replace(b"Host: 127.0.0.1\r\n", b"", 1)
+        with RawHttp(node.host, node.http_port) as conn:
+            return conn.exchange(raw)
+
+    with Victim(node, key=None) as victim:
+        start = time.monotonic()
+        user = b'{"email": "alice@example.com"}'
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            resp = call("PUT", "/users/alice", user, **{"Content-Type": ctype})
+            assert resp.status == 415, resp
+            assert resp.json()["error"]["code"] == "unsupported_media_type"
+        assert call("GET", "/users/alice").status == 404  # nothing was written
+        assert call("PUT", "/users/alice", user).status == 200  # application/json
+        # body-less writes: no Content-Type, no Content-Length, or Content-Length: 0
+        mark = "/users/alice/notifications/0b04eb4176610197986d5a7da321727e/seen"
+        for headers in ({}, {"Content-Length": "0"}):
+            resp = call("POST", mark, **headers)
+            assert resp.status == 404, resp  # judged on its merits, not its type
+            assert resp.json()["error"]["code"] == "unknown_notification"
+            resp = call("POST", "/dlq/webhook/replay", **headers)
+            assert resp.status != 415, resp
+        # ... but not from another site's page, body or no body
+        for headers in ({"Origin": "https://evil.example"}, {"Host": "evil.example"}):
+            for method, path in (("POST", mark), ("DELETE", "/users/alice")):
+                resp = call(method, path, **headers)
+                assert resp.status == 403, (method, path, headers, resp)
+                assert resp.json()["error"]["code"] == "cross_site_request"
+        assert call("GET", "/users/alice").status == 200  # the erasure never ran
+        assert call("DELETE", "/users/alice").status == 200  # same site: it runs
+        assert call("GET", "/users/alice").status == 404
+        victim.served(start, time.monotonic())
+
+
 # ----------------------------------------------------------------- heavy requests
 def test_heavy_single_requests_stall_the_loop_briefly(herald_factory: NodeFactory) -> None:
     node = herald_factory(config=config())

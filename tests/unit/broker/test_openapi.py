@@ -88,6 +88,7 @@ def test_scopes_say_who_needs_a_key() -> None:
     assert "security" not in paths["/things"]["get"]
     assert paths["/things"]["get"]["description"].endswith("Scope: consume or admin.")
     assert paths["/metrics"]["get"]["description"] == "Any API key."
-    assert {"400", "401", "403", "404", "default"} <= set(
+    assert {"400", "401", "403", "404", "415", "default"} <= set(
         paths["/things/{thing}"]["put"]["responses"]
     )
+    assert "415" not in paths["/things"]["get"]["responses"]  # no body, no content type

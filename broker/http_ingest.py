@@ -17,7 +17,10 @@ any of its body is read (``docs/SECURITY.md``):
 - the API key is checked (failed keys count against the source address; throttled, keys are
   not checked at all); on a node without keys, ``Host``, ``Origin`` and ``Sec-Fetch-Site``
   must show the request comes from this node's own clients; a body must be
-  ``application/json`` and within ``limits.max-http-body-bytes``, and needs a valid key;
+  ``application/json`` and within ``limits.max-http-body-bytes``, and needs a valid key
+  (but on the few routes whose :class:`~broker.http_policy.RouteRule` says otherwise: a
+  one-click unsubscribe's form, a hook with its own secret; looked up only when a head fails
+  these defaults);
 - a refused request is answered at once and the connection closed: its body is never read.
 
 Deadlines (``admission.header-timeout-ms``; ``body-timeout-ms`` plus one second per
@@ -47,6 +50,7 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any, Final, cast
 
@@ -71,8 +75,9 @@ from broker.errors import (
     describe,
 )
 from broker.http import Accepted, HttpApi
-from broker.http_policy import SitePolicy, check_json, rebuild_head
+from broker.http_policy import RouteRule, RouteRules, SitePolicy, check_json, rebuild_head
 from broker.listener import Listener, NodeAdmission, refusal_http
+from broker.openapi import Route
 
 log = logging.getLogger("herald.http")
 
@@ -474,15 +479,23 @@ class IngestConnection(asyncio.Protocol):
         else:
             principal = self._check_head()
             self._admitted, self._admitted_principal = seen, principal
+        rule = None
         if principal is None and (has_body or not forward):
-            # no route taking a body (nor ingest) works without a key: do not read it
-            raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
-        if has_body:
-            if self._content_type != self._json_type:
+            # no route taking a body (nor ingest) works without a key, but for the few that
+            # prove the caller themselves (RouteRule.keyless_body): do not read it
+            rule = self._rule()
+            if not (forward and rule is not None and rule.keyless_body):
+                raise Unauthenticated("an API key is required (Authorization: Bearer <key>)")
+        if has_body and self._content_type != self._json_type:
+            if rule is None:
+                rule = self._rule()
+            if rule is not None:
+                rule.check_type(self._content_type)  # not remembered: another route may differ
+            else:
                 check_json(self._content_type)
                 self._json_type = self._content_type
-            if self._length is not None and self._length > server.max_body:
-                raise PayloadTooLarge(f"request body exceeds max_http_body_bytes={server.max_body}")
+        if self._length is not None and self._length > server.max_body:
+            raise PayloadTooLarge(f"request body exceeds max_http_body_bytes={server.max_body}")
 
     def _check_head(self) -> Principal | None:
         """The site checks or the key; the principal (None without a key)."""
@@ -492,14 +505,18 @@ class IngestConnection(asyncio.Protocol):
             server.site.check(self._host, self._origin, self._fetch_site)
             principal: Principal | None = OPEN_PRINCIPAL
         elif self._auth is not None:
-            if not admission.key_allowed(self.ticket.address):
-                raise AuthThrottled("too many failed API keys from this address; wait")
             try:
+                if not admission.key_allowed(self.ticket.address):
+                    raise AuthThrottled("too many failed API keys from this address; wait")
                 principal = self.api.auth.bearer(self._auth)
-            except Unauthenticated as exc:
-                if exc.key_given:
-                    admission.key_failed(self.ticket.address, self.peer, "http")
-                raise
+            except (Unauthenticated, AuthThrottled) as exc:
+                rule = self._rule()
+                if rule is not None and rule.own_auth:
+                    principal = None  # the route's own secret, for the route to check
+                else:
+                    if isinstance(exc, Unauthenticated) and exc.key_given:
+                        admission.key_failed(self.ticket.address, self.peer, "http")
+                    raise
         else:
             principal = None
         self._principal = principal
@@ -509,6 +526,12 @@ class IngestConnection(asyncio.Protocol):
         if principal is not None and not self.ticket.proven:
             admission.table.prove(self.ticket)
         return principal
+
+    def _rule(self) -> RouteRule | None:
+        """This request's route's :class:`RouteRule`, if it has one (asked only when a head
+        fails a default)."""
+        rules = self.server.rules
+        return rules.find(self.parser.get_method(), self._url) if rules else None
 
     def on_body(self, body: bytes) -> None:
         n = len(body)
@@ -864,6 +887,22 @@ class IngestConnection(asyncio.Protocol):
         self._phase = IDLE
 
 
+def route_rules(routes: Iterable[Route]) -> RouteRules:
+    """The routes whose heads the listener judges otherwise than by default: those that need
+    no API key and may take a body (a route without scopes that is not a GET), those whose
+    ``Authorization`` is their own secret, those whose body is not JSON."""
+    rules = []
+    for r in routes:
+        rule = RouteRule(
+            keyless_body=r.scopes is None and r.method != "GET",
+            own_auth=r.own_auth,
+            body_types=frozenset(t.encode() for t in r.body_types),
+        )
+        if rule != RouteRule():
+            rules.append((r.method, r.path, rule))
+    return RouteRules(rules)
+
+
 class IngestServer:
     """The HTTP port: a :class:`~broker.listener.Listener` (admission, TLS) making an
     :class:`IngestConnection` per connection; keeps them, applies their deadlines, and drains
@@ -893,6 +932,7 @@ class IngestServer:
             if api.auth.open
             else None
         )
+        self.rules = route_rules(api.route_table)
         self.connections: set[IngestConnection] = set()
         # connections whose current request spans reads: their deadlines are checked
         self.watched: set[IngestConnection] = set()

@@ -15,7 +15,9 @@ preflight the node never approves.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from broker.errors import CrossSiteRequest, HeraldError, UnsupportedMediaType
@@ -68,13 +70,68 @@ class SitePolicy:
             raise CrossSiteRequest("a web page of another site sent this request")
 
 
+def media_type(content_type: bytes | None) -> bytes | None:
+    """The media type of a ``Content-Type`` value, lower-cased, without its parameters."""
+    if content_type is None:
+        return None
+    return content_type.partition(b";")[0].strip().lower()
+
+
 def check_json(content_type: bytes | None) -> None:
     """Raise :class:`UnsupportedMediaType` unless ``content_type`` is ``application/json``
     (parameters such as ``charset`` allowed)."""
-    if content_type is None or content_type.partition(b";")[0].strip().lower() != _JSON:
+    if media_type(content_type) != _JSON:
         raise UnsupportedMediaType(
             "request bodies must be JSON, sent with Content-Type: application/json"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """How one route departs from the listener's defaults (a body needs an API key and is
+    JSON; ``Authorization`` carries an API key).
+
+    ``keyless_body``: a body is read without an API key, because the route proves the caller
+    itself (a one-click unsubscribe's signed token, a hook's own secret). ``own_auth``:
+    ``Authorization`` carries the route's own secret, not an API key: the listener neither
+    checks it as a key nor counts it as a failed guess. ``body_types``: the media types the
+    body may have besides JSON (a mail provider's RFC 8058 form)."""
+
+    keyless_body: bool = False
+    own_auth: bool = False
+    body_types: frozenset[bytes] = frozenset()
+
+    def check_type(self, content_type: bytes | None) -> None:
+        """Raise :class:`UnsupportedMediaType` unless the body is JSON or of ``body_types``."""
+        if media_type(content_type) not in self.body_types:
+            check_json(content_type)
+
+
+class RouteRules:
+    """The few routes with a :class:`RouteRule`, found by method and path from a request's
+    head alone (``{name}`` in a path matches one path segment). The listener asks only when
+    a head fails a default (no key with a body, a key that matches none, a body that is not
+    JSON), so the requests that pass the defaults never pay for the lookup."""
+
+    def __init__(self, rules: Iterable[tuple[str, str, RouteRule]]) -> None:
+        self._rules = [
+            (method.encode(), re.compile(_PARAM.sub("[^/]+", re.escape(path)).encode()), rule)
+            for method, path, rule in rules
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def find(self, method: bytes, target: bytes) -> RouteRule | None:
+        path = target.partition(b"?")[0]
+        for m, pattern, rule in self._rules:
+            if m == method and pattern.fullmatch(path):
+                return rule
+        return None
+
+
+# a path parameter as re.escape leaves it ({ and } are escaped since Python 3.7)
+_PARAM: Final = re.compile(r"\\\{[a-z_]+\\\}")
 
 
 # headers the listener sets itself on a request it hands to aiohttp: a client's own are dropped

@@ -79,6 +79,10 @@ class Route:
     errors: tuple[int, ...] = ()
     description: str = ""
     media_type: str | None = None
+    # media types the body may have besides JSON (the listener refuses others: 415)
+    body_types: tuple[str, ...] = ()
+    # Authorization carries the route's own secret (a hook's), not an API key
+    own_auth: bool = False
 
     @property
     def operation_id(self) -> str:
@@ -189,7 +193,7 @@ def _responses(r: Route, schema_of: dict[str, Any], error_ref: Any) -> dict[str,
     out: dict[str, Any] = {str(r.status): ok}
     error = {"content": {"application/json": {"schema": error_ref}}}
     base = {400} if r.scopes is None else {400, 401, 403}
-    if r.body is not None:
+    if r.body is not None or r.body_types:
         base.add(415)  # a body is taken only as application/json (docs/SECURITY.md)
     for status in sorted(base | set(r.errors)):
         answer = page if page is not None and status in r.errors else error

@@ -55,6 +55,10 @@ from notify.templates import (
 
 log = logging.getLogger("herald.notify.http")
 
+# the bodies a one-click unsubscribe may come with (RFC 8058 section 3.1): the HTTP listener
+# takes these on that route instead of JSON
+ONE_CLICK_TYPES: Final = ("application/x-www-form-urlencoded", "multipart/form-data")
+
 READ: Final = ("consume", "admin")
 WRITE: Final = ("admin",)
 MAX_FORM_BYTES: Final = 4096
@@ -380,10 +384,14 @@ class EmailHttp:
             Route("POST", "/unsubscribe/{token}", self.unsubscribe,
                   "One-click unsubscribe (RFC 8058)", "consent", scopes=None, answer=bytes,
                   media_type=html_page, path_params=token, errors=(404, 413),
+                  body_types=ONE_CLICK_TYPES,
                   description="Effective at once; recorded in the consent ledger with "
-                  "source unsubscribe_link. The signed token is the proof."),
+                  "source unsubscribe_link. The signed token is the proof. The body, if "
+                  "any, is the RFC 8058 form (List-Unsubscribe=One-Click) as "
+                  "application/x-www-form-urlencoded or multipart/form-data."),
             Route("POST", "/hooks/email/bounce", self.bounce, "Bounce and complaint intake",
                   "consent", scopes=None, body=BounceIn, answer=BounceOut, errors=(401, 403, 404),
+                  own_auth=True,
                   description="Authorization: Bearer <[channels.email] bounce-secret>. A hard "
                   "bounce invalidates the address; a complaint opts the user out of email."),
             Route("GET", "/templates", self.list_templates, "List your templates", "templates",

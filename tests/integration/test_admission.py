@@ -517,6 +517,64 @@ def test_the_notification_api_takes_json_bodies_only_and_body_less_writes_withou
         victim.served(start, time.monotonic())
 
 
+def test_routes_that_prove_the_caller_themselves_pass_the_listener_on_a_keyed_node(
+    herald_factory: NodeFactory,
+) -> None:
+    """Two routes take a body without an API key: RFC 8058's one-click unsubscribe (a mail
+    provider posts a form; the signed token is the proof) and the bounce hook (its own
+    secret in ``Authorization``, which is not an API key: not checked as one, not counted as
+    a failed guess). Every other route still needs a key before its body is read."""
+    hook_secret = "hook-s3cret-for-the-admission-test"
+    node = herald_factory(
+        config=config(
+            admission={"auth-failures-per-minute": 3},
+            **{
+                "channels.email": {
+                    "from-address": "Acme <news@acme.test>",
+                    "bounce-secret": hook_secret,
+                }
+            },
+        )
+    )
+
+    def call(method: str, path: str, body: bytes | None, **headers: str) -> Any:
+        with RawHttp(node.host, node.http_port, source=source(20)) as conn:
+            return conn.exchange(request(method, path, body, headers=headers))
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    bounce = json.dumps({"type": "hard", "tenant": "victim", "user": "nobody"}).encode()
+    with Victim(node) as victim:
+        start = time.monotonic()
+        for _ in range(6):  # more than the address's allowance of failed keys
+            # the handler judges the token: a bogus one is its 404 page, not the listener's 401
+            resp = call("POST", "/unsubscribe/not-a-token", b"List-Unsubscribe=One-Click", **form)
+            assert resp.status == 404, resp
+            assert resp.headers["content-type"].startswith("text/html")
+            # the hook's secret reaches the handler (404: no such user), a wrong one its 403
+            auth = {"Authorization": f"Bearer {hook_secret}"}
+            resp = call("POST", "/hooks/email/bounce", bounce, **auth)
+            assert (resp.status, resp.json()["error"]["code"]) == (404, "not_found"), resp
+            resp = call("POST", "/hooks/email/bounce", bounce, Authorization="Bearer wrong")
+            assert (resp.status, resp.json()["error"]["code"]) == (403, "forbidden"), resp
+        # none of that counted as a failed API key: this address may still use its key
+        resp = call(
+            "POST",
+            "/events",
+            b'{"topic": "t", "payload": 1}',
+            Authorization=(f"Bearer {VICTIM_KEY}"),
+        )
+        assert resp.status == 200, resp
+        # the exceptions are narrow: a text body on the unsubscribe route is still 415, and
+        # a keyless body anywhere else is still 401 before it is read
+        resp = call("POST", "/unsubscribe/not-a-token", b"x", **{"Content-Type": "text/plain"})
+        assert resp.status == 415, resp
+        resp = call("PUT", "/users/alice", b'{"email": "a@example.com"}')
+        assert (resp.status, resp.json()["error"]["code"]) == (401, "unauthenticated"), resp
+        resp = call("PUT", "/users/alice", b"{}", Authorization=f"Bearer {hook_secret}")
+        assert resp.status == 401, resp  # the hook's secret is no API key elsewhere
+        victim.served(start, time.monotonic())
+
+
 # ----------------------------------------------------------------- heavy requests
 def test_heavy_single_requests_stall_the_loop_briefly(herald_factory: NodeFactory) -> None:
     node = herald_factory(config=config())

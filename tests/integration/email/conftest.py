@@ -64,8 +64,9 @@ class EmailNode:
 
     async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         data = kw.pop("data", None)
-        if body is not None:
+        if body is not None:  # a JSON body says so (the node answers 415 otherwise)
             data = msgspec.json.encode(body)
+            kw["headers"] = {"Content-Type": "application/json", **kw.get("headers", {})}
         async with self.session.request(
             method, f"{self.url}{path}", data=data, allow_redirects=False, **kw
         ) as resp:

@@ -23,7 +23,14 @@ from broker.admission import (
     pending_tickets,
 )
 from broker.errors import CrossSiteRequest, Unauthenticated, UnsupportedMediaType
-from broker.http_policy import SitePolicy, check_json, host_of, rebuild_head
+from broker.http_policy import (
+    RouteRule,
+    RouteRules,
+    SitePolicy,
+    check_json,
+    host_of,
+    rebuild_head,
+)
 
 
 class Clock:
@@ -304,3 +311,26 @@ def test_error_answers_never_carry_a_file_path() -> None:
         assert "/var/lib" not in message and "/data/" not in message, message
         assert "<path>" in message
     assert "orders/3" in describe(StorageFull("partition orders/3: disk full")).message
+
+
+def test_route_rules_find_a_route_by_method_and_path_template() -> None:
+    unsubscribe = RouteRule(keyless_body=True, body_types=frozenset({b"multipart/form-data"}))
+    hook = RouteRule(keyless_body=True, own_auth=True)
+    rules = RouteRules(
+        [("POST", "/unsubscribe/{token}", unsubscribe), ("POST", "/hooks/email/bounce", hook)]
+    )
+    assert rules.find(b"POST", b"/unsubscribe/abc.DEF_1?x=1") is unsubscribe
+    assert rules.find(b"POST", b"/unsubscribe/a/b") is None  # one segment only
+    assert rules.find(b"GET", b"/unsubscribe/abc") is None
+    assert rules.find(b"POST", b"/hooks/email/bounce") is hook
+    assert rules.find(b"POST", b"/hooks/email/bounce/x") is None
+    assert not RouteRules([])
+
+
+def test_a_route_rule_takes_json_and_its_own_body_types_only() -> None:
+    rule = RouteRule(body_types=frozenset({b"application/x-www-form-urlencoded"}))
+    rule.check_type(b"Application/X-WWW-Form-Urlencoded; charset=utf-8")
+    rule.check_type(b"application/json")
+    for bad in (b"text/plain", None, b"multipart/form-data"):
+        with pytest.raises(UnsupportedMediaType):
+            rule.check_type(bad)

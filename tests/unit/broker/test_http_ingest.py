@@ -22,7 +22,7 @@ from broker.config import ApiKey
 from broker.errors import describe
 from broker.http import Accepted, HttpStats
 from broker.http_ingest import MAX_HEAD_BYTES, SLICE, IngestConnection
-from broker.http_policy import SitePolicy
+from broker.http_policy import RouteRules, SitePolicy
 
 KEY = "a-key-of-sixteen-chars"
 
@@ -148,6 +148,7 @@ class FakeServer:
         self.loop = asyncio.new_event_loop()
         self.admission = FakeAdmission(self.loop.time)
         self.site = SitePolicy("127.0.0.1", [], []) if not keys else None
+        self.rules = RouteRules([])  # no route with a rule of its own
         self.max_body = 1 << 20
         self.max_inflight = 1024
         self.header_timeout_s = self.body_timeout_s = 10.0

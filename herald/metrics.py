@@ -253,8 +253,8 @@ class _Snapshot:
     """What the loop owns, copied for the worker thread."""
 
     # tenant, the tenant's name for the topic, index, high watermark, log start, size,
-    # corruptions detected, quarantined ranges, offline (0/1)
-    partitions: list[tuple[str, str, int, int, int, int, int, int, int]]
+    # corruptions detected, quarantined ranges, offline (0/1), fdatasync rounds, inline ones
+    partitions: list[tuple[str, str, int, int, int, int, int, int, int, int, int]]
     members: list[tuple[str, int]]  # group label, live members
     group_prefix: str  # "" for the operator, "tenant/" for a tenant
 
@@ -287,6 +287,18 @@ def _render_scaled(snap: _Snapshot, offsets: Table[StoredOffset]) -> bytes:
             "gauge",
             "1 if the partition stopped taking writes after an I/O error it cannot trust",
             5,
+        ),
+        (
+            "herald_partition_syncs",
+            "counter",
+            "fdatasync rounds of the partition's log (each answers every append it covers)",
+            6,
+        ),
+        (
+            "herald_partition_inline_syncs",
+            "counter",
+            "Of those rounds, the lone appends written and synced on the event loop",
+            7,
         ),
     ):
         # a counter's samples end in _total (what prometheus_client wrote before)
@@ -376,6 +388,8 @@ class Metrics:
                         part.corruptions_detected,
                         len(part.quarantined),
                         int(part.offline),
+                        part.syncs,
+                        part.inline_syncs,
                     )
                 )
         prefix = "" if operator else f"{principal.tenant}/"

@@ -83,7 +83,9 @@ class Signer:
         return f"{payload}.{self._sign(kind, payload)}"
 
     def _open(self, kind: str, token: str) -> bytes:
-        if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+        # A token is base64url: anything else is refused before compare_digest, which raises
+        # TypeError on a str holding non-ASCII characters.
+        if len(token) > MAX_TOKEN_CHARS or not token.isascii() or token.count(".") != 1:
             raise BadToken("not a Herald token")
         payload, sig = token.split(".")
         if not hmac.compare_digest(sig, self._sign(kind, payload)):

@@ -60,3 +60,12 @@ def test_the_node_secret_is_made_once_and_kept(tmp_path: Path) -> None:
         )
     finally:
         kv.close()
+
+
+@pytest.mark.parametrize("token", ["é.abc", "abc.é", "a\udcff.b", "\u00ff\u00fe.x"])
+def test_a_token_with_non_ascii_characters_is_a_bad_token(token: str) -> None:
+    signer = Signer(b"k" * 32)
+    with pytest.raises(BadToken):
+        signer.open_unsubscribe(token)
+    with pytest.raises(BadToken):
+        signer.open_ref(token)

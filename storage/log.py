@@ -254,10 +254,15 @@ class Log:
         return deleted
 
     async def run_retention(self, interval_s: float) -> None:
-        """Check retention every ``interval_s`` seconds until cancelled."""
+        """Check retention every ``interval_s`` seconds until cancelled; the files go in a
+        worker thread (:meth:`Partition.apply_retention_off_loop`)."""
         while True:
             await asyncio.sleep(interval_s)
-            self.apply_retention()
+            for part in list(self.partitions.values()):
+                try:
+                    await part.apply_retention_off_loop()
+                except OSError as exc:  # e.g. the topic was deleted meanwhile; next round
+                    log.error("event=retention_failed partition=%s error=%r", part.name, exc)
 
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.partitions.values()))

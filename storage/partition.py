@@ -521,7 +521,27 @@ class Partition:
     def apply_retention(self, now_ms: int | None = None) -> list[int]:
         """Delete whole closed segments past the retention time or beyond the retention size
         (:mod:`storage.retention`); never the active segment, one not yet synced or one in
-        use. Returns the base offsets deleted."""
+        use. Returns the base offsets deleted. Unlinks and syncs the directory on the calling
+        thread: the node uses :meth:`apply_retention_off_loop`."""
+        expired = self._detach_expired(now_ms)
+        if expired:
+            _remove_segments(expired, self.directory)
+            self._retention_done(expired)
+        return [seg.base_offset for seg in expired]
+
+    async def apply_retention_off_loop(self) -> list[int]:
+        """:meth:`apply_retention` with the unlinks and the directory's fsync (milliseconds
+        each on a busy disk) in a worker thread, so they never stall the event loop. The
+        segments leave the partition first, on the loop: no read or job can reach them
+        while their files go."""
+        expired = self._detach_expired(None)
+        if expired:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, _remove_segments, expired, self.directory)
+            self._retention_done(expired)
+        return [seg.base_offset for seg in expired]
+
+    def _detach_expired(self, now_ms: int | None) -> list[Segment]:
         pipeline = self._pipeline
         count = segments_to_delete(
             self._segments,
@@ -534,23 +554,20 @@ class Partition:
                 pipeline.holds(s) or s.pins > 0 or s.next_offset > pipeline.flushed_offset
             ),
         )
-        deleted = [seg.base_offset for seg in self._segments[:count]]
-        for seg in self._segments[:count]:
-            seg.delete()
+        expired = self._segments[:count]
         del self._segments[:count]
         del self._bases[:count]
-        if deleted:
-            # make the deletions durable, or a crash could bring the segments back
-            fsync_dir(self.directory)
-            if self._quarantine.drop_before(self.log_start_offset):
-                self._reader._save()
-            log.info(
-                "event=retention_deleted partition=%s segments=%d log_start_offset=%d",
-                self.name,
-                len(deleted),
-                self.log_start_offset,
-            )
-        return deleted
+        return expired
+
+    def _retention_done(self, expired: list[Segment]) -> None:
+        if self._quarantine.drop_before(self.log_start_offset):
+            self._reader._save()
+        log.info(
+            "event=retention_deleted partition=%s segments=%d log_start_offset=%d",
+            self.name,
+            len(expired),
+            self.log_start_offset,
+        )
 
     # -------------------------------------------------------------------------- close
     async def flush(self) -> None:
@@ -605,3 +622,11 @@ class Partition:
             seg.close()
         if self._own_io:
             self._io.close()
+
+
+def _remove_segments(expired: Sequence[Segment], directory: Path) -> None:
+    """Close and unlink ``expired``, then make the deletions durable (or a crash could bring
+    the segments back)."""
+    for seg in expired:
+        seg.delete()
+    fsync_dir(directory)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from storage import partition as partition_mod
 from storage import records, segment
 from storage.checkpoint import FILE_NAME as CHECKPOINT_FILE
 from storage.errors import (
@@ -548,6 +549,31 @@ async def test_retention_uses_the_injected_clock(tmp_path: Path) -> None:
         assert part.apply_retention() == []
         clock.now = T0 + 2 * DAY + 1
         assert part.apply_retention() == [0, 20]
+    finally:
+        await part.close()
+
+
+async def test_retention_off_the_loop_unlinks_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(T0)
+    part = await _aged_log(tmp_path / "p", PartitionConfig(retention_ms=DAY), clock)
+    threads: list[int] = []
+    real_fsync_dir = partition_mod.fsync_dir
+
+    def watched(directory: Path) -> None:
+        threads.append(threading.get_ident())
+        real_fsync_dir(directory)
+
+    monkeypatch.setattr(partition_mod, "fsync_dir", watched)
+    try:
+        clock.now = T0 + 2 * DAY + 1
+        assert await part.apply_retention_off_loop() == [0, 20]
+        assert threads and threading.get_ident() not in threads
+        assert part.log_start_offset == 40
+        assert not (tmp_path / "p" / "00000000000000000000.log").exists()
+        assert sorted(read_all(part)) == list(range(40, 80))
+        assert await part.apply_retention_off_loop() == []
     finally:
         await part.close()
 

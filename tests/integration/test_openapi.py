@@ -117,7 +117,10 @@ def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldProces
 
 @pytest.mark.parametrize(
     "examples",
-    [pytest.param(6, id="bounded"), pytest.param(150, id="long", marks=pytest.mark.slow)],
+    [
+        pytest.param(6, id="bounded"),
+        pytest.param(150, id="long", marks=[pytest.mark.slow, pytest.mark.timeout(900)]),
+    ],
 )
 def test_a_schema_driven_fuzzer_finds_no_server_error_and_no_drift(
     fuzz_node: HeraldProcess, examples: int

@@ -284,7 +284,10 @@ class NodeProcess:
         config.write_text(
             '[notify]\nchannels = ["inapp", "null"]\ndefault-channels = ["inapp"]\n\n'
             f'[gateway]\ntoken-secret = "{SECRET}"\nping-interval-ms = 0\n'
-            "max-connections = 100000\n" + extra
+            "max-connections = 100000\n\n"
+            # every client here comes from 127.0.0.1
+            "[admission]\nmax-connections-per-address = 100000\n"
+            "max-unauthenticated-per-address = 100000\n" + extra
         )
         self.log = open(base / "serve.log", "w")  # noqa: SIM115 - closed in stop()
         herald = shutil.which("herald", path=str(Path(sys.executable).parent)) or "herald"

@@ -1,6 +1,7 @@
 """Listening sockets under the node's admission policy, with optional TLS: the I/O shell
-around :mod:`broker.admission`, shared by the TCP server and the HTTP listener (and, once
-built, the WebSocket gateway).
+around :mod:`broker.admission`, shared by the TCP server and the HTTP listener (the
+WebSocket gateway applies the same :class:`NodeAdmission` to its own connections:
+``gateway/server.py``).
 
 A connection is admitted the moment it is accepted, before a byte is read and before any
 TLS handshake, so neither a flood of idle sockets nor of stalled handshakes escapes the
@@ -25,7 +26,7 @@ import errno
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from broker.admission import (
@@ -56,7 +57,11 @@ class NodeAdmission:
     ``admission.fd-reserve``."""
 
     def __init__(
-        self, config: Config, open_files_limit: int, listeners: tuple[str, ...] = ("tcp", "http")
+        self,
+        config: Config,
+        open_files_limit: int,
+        listeners: tuple[str, ...] = ("tcp", "http"),
+        caps: Mapping[str, int] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         a = config.admission
@@ -65,7 +70,10 @@ class NodeAdmission:
         self.capacity = connection_capacity(open_files_limit, a.fd_reserve)
         self.table = Admission(
             capacity=self.capacity,
-            listeners={name: config.limits.max_connections for name in listeners},
+            # each listener's own cap (``caps``; else limits.max-connections) inside the budget
+            listeners={
+                name: (caps or {}).get(name, config.limits.max_connections) for name in listeners
+            },
             unauthenticated_share=a.unauthenticated_share,
             max_unauthenticated_per_address=a.max_unauthenticated_per_address,
             max_per_address=a.max_connections_per_address,

@@ -62,7 +62,6 @@ CLOSE: Final = {
     "rate_limited": Close(4009, "too many messages"),
     "protocol_error": Close(4010, "protocol error"),
     "idle_timeout": Close(4011, "idle timeout"),
-    "node_full": Close(1013, "connection limit reached: try again later"),
     "going_away": Close(1001, "node stopping"),
 }
 

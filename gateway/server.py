@@ -5,7 +5,14 @@ A thin shell over the pieces: ``frames`` (the protocol), ``auth`` (tokens), ``in
 client may still be sent), ``reader`` (the log -> inbox -> sessions), ``sessions`` (who is
 connected, bounded sends). Per connection (``_serve``):
 
-1. the handshake: refused with HTTP 503 past ``max-connections``;
+1. admission (``broker/listener.py``'s :class:`NodeAdmission`, the node's one policy for
+   every door): a connection is admitted the moment it is accepted, before a byte is read,
+   out of the node's descriptor budget, within the ``ws`` listener's cap
+   (``gateway.max-connections``) and the per-address caps; refused, it gets an HTTP 503 and
+   is closed. It is *pending* until its token checks out: its messages may be at most
+   ``admission.max-unauthenticated-frame-bytes``, it may be evicted for room, and it is
+   dropped past ``admission.handshake-timeout-ms``; failed tokens count against the source
+   address's ``admission.auth-failures-per-minute`` like failed API keys;
 2. the token, from ``?token=`` or the first message (within ``auth-timeout-ms``); refused
    with a close code and reason (``frames.CLOSE``): missing, invalid, expired, a tenant this
    node does not serve or not the one the URL names;
@@ -27,19 +34,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
-from http import HTTPStatus
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
 
+from broker.admission import Ticket, address_key
 from broker.config import Config
 from broker.events import EventIntake
+from broker.listener import NodeAdmission, refusal_http
 from broker.local import LocalClient
 from broker.service import BrokerService
 from channels.inapp import INAPP_TOPIC
@@ -93,11 +101,12 @@ class Gateway:
         service: BrokerService,
         intake: EventIntake,
         kv: KV,
+        admission: NodeAdmission,
         *,
         tenants: Callable[[str], bool] = lambda t: True,
         engagement: Engagement | None = None,
         audience: Audience = everyone,
-        ssl_context: object | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], int] = wall_ms,
     ) -> None:
         self.config = config
@@ -109,6 +118,7 @@ class Gateway:
         self.engagement: Engagement = engagement or NoEngagement()
         self.audience = audience
         self.ssl_context = ssl_context
+        self.admission = admission
         self.clock = clock
         self.sessions = SessionTable(
             send_buffer_bytes=g.send_buffer_bytes,
@@ -121,7 +131,6 @@ class Gateway:
         self.client: LocalClient | None = None
         self.secret = b""
         self._server: Server | None = None
-        self._admitted: set[ServerConnection] = set()
         self.port = 0
         self.refused: dict[str, int] = {}
         self.accepted = 0
@@ -154,21 +163,28 @@ class Gateway:
         )
         await self.reader.start()
         ping = g.ping_interval_ms / 1000 or None
+        tls: dict[str, object] = {}
+        if self.ssl_context is not None:
+            tls = {
+                "ssl": self.ssl_context,
+                "ssl_handshake_timeout": self.admission.config.handshake_timeout_ms / 1000,
+            }
         self._server = await serve(
             self._serve,
             self.config.listen.host,
             self.config.listen.ws_port,
-            process_request=self._admit,
+            create_connection=_admitted_connection(self.admission),
             compression=None,
-            max_size=g.max_frame_bytes,
+            # until the token checks out; then max-frame-bytes (_serve)
+            max_size=min(g.max_frame_bytes, self.admission.config.max_unauthenticated_frame_bytes),
             max_queue=4,
             ping_interval=ping,
             ping_timeout=(g.ping_timeout_ms / 1000 or None) if ping else None,
             close_timeout=g.close_timeout_ms / 1000,
             open_timeout=g.auth_timeout_ms / 1000,
             server_header=None,
-            ssl=self.ssl_context,
             logger=_ws_log,
+            **tls,  # type: ignore[arg-type]
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -191,16 +207,6 @@ class Gateway:
             await self.client.close()
 
     # ------------------------------------------------------------- the handshake
-    def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
-        # counted from the handshake on (websockets counts a connection only once it is
-        # open, so a burst of handshakes would pass its count), until the socket is gone
-        if len(self._admitted) >= self.gcfg.max_connections:
-            self._refuse("node_full")
-            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "connection limit reached\n")
-        self._admitted.add(conn)
-        conn.connection_lost_waiter.add_done_callback(lambda _: self._admitted.discard(conn))
-        return None
-
     def _refuse(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
 
@@ -209,9 +215,14 @@ class Gateway:
         assert conn.request is not None
         query = parse_qs(urlsplit(conn.request.path).query)
         token = _one(query, "token")
+        ticket = conn.ticket if isinstance(conn, AdmittedConnection) else None
+        address = ticket.address if ticket is not None else "local"
         try:
             if token is None:
                 token = await self._auth_message(conn)
+            if not self.admission.key_allowed(address):
+                # too many bad tokens from this address: not even checked until it refills
+                raise auth.TokenInvalid("too many invalid tokens from this address")
             claims = auth.verify(self.secret, token, now_s=self.clock() / 1000)
             wanted = _one(query, "tenant")
             if (wanted is not None and wanted != claims.tenant) or not self.tenants(claims.tenant):
@@ -219,6 +230,8 @@ class Gateway:
             cursor = frames.parse_cursor(_one(query, "cursor"))
         except auth.TokenError as exc:
             self._refuse(exc.code)
+            if exc.code == "token_invalid":  # a forged or garbled token, as a wrong API key
+                self.admission.key_failed(address, str(conn.remote_address), "ws")
             close = frames.CLOSE[exc.code]
             await conn.close(close.code, close.reason)
             return
@@ -228,6 +241,9 @@ class Gateway:
             return
         except (TimeoutError, websockets.ConnectionClosed):
             return
+        if ticket is not None:
+            self.admission.table.prove(ticket)  # never evicted for room from here on
+        conn.protocol.max_message_size = self.gcfg.max_frame_bytes
         session = Session(self.sessions, conn, claims.tenant, claims.sub)
         self.sessions.add(session)
         self.accepted += 1
@@ -376,6 +392,60 @@ class Gateway:
             "indexed": reader.indexed if reader else 0,
             "pushed": reader.pushed if reader else 0,
         }
+
+
+class AdmittedConnection(ServerConnection):
+    """A websockets connection under the node's admission policy (made by
+    :func:`_admitted_connection` for one :class:`NodeAdmission`): admitted in
+    ``connection_made``, the moment the socket is accepted and before a byte is read (with TLS,
+    once its handshake is done: asyncio makes the protocol only then, so a stalled TLS
+    handshake is bounded by ``ssl_handshake_timeout`` rather than by the budget); refused
+    with an HTTP 503 and closed; released in ``connection_lost``."""
+
+    admission: NodeAdmission
+    ticket: Ticket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = address_key(peer[0] if isinstance(peer, tuple) else "")
+        t = cast(asyncio.Transport, transport)
+        ticket, reason = self.admission.table.admit("ws", address, t.abort)
+        if ticket is None:
+            self.admission.note(
+                "connection_refused",
+                "event=connection_refused listener=ws address=%s reason=%s",
+                address,
+                reason,
+            )
+            t.write(_REFUSAL)
+            t.close()
+            return
+        self.ticket = ticket
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ticket is not None:
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.ticket is not None:
+            super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ticket is None:
+            return  # refused: websockets never saw it
+        self.admission.table.release(self.ticket)
+        super().connection_lost(exc)
+
+
+_REFUSAL = refusal_http(
+    b'{"error":{"code":"connection_limit","message":"connection limit reached: try again later",'
+    b'"field":null}}'
+)
+
+
+def _admitted_connection(admission: NodeAdmission) -> type[AdmittedConnection]:
+    return type("AdmittedConnection", (AdmittedConnection,), {"admission": admission})
 
 
 def _one(query: dict[str, list[str]], name: str) -> str | None:

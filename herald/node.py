@@ -34,6 +34,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -224,15 +225,13 @@ class Listeners:
         broker: Broker,
         auth: Authenticator,
         grace_s: float,
-        open_files_limit: int,
+        admission: NodeAdmission,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         self.config = config
         self.grace_s = grace_s
-        try:
-            self.ssl_context = server_context(config.tls)
-        except TlsError as exc:
-            raise ConfigError(str(exc)) from None
-        self.admission = NodeAdmission(config, open_files_limit)
+        self.ssl_context = ssl_context
+        self.admission = admission
         self.tcp = TcpServer(
             config, broker.service, broker.intake, auth, self.admission, self.ssl_context
         )
@@ -427,6 +426,18 @@ class Node:
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)
+            try:
+                ssl_context = server_context(cfg.tls)
+            except TlsError as tls_error:
+                raise ConfigError(str(tls_error)) from None
+            # one admission policy for every door of the node: the gateway's connections come
+            # out of the same descriptor budget as the TCP and HTTP listeners'
+            admission = NodeAdmission(
+                cfg,
+                nofile,
+                listeners=("tcp", "http", "ws"),
+                caps={"ws": cfg.gateway.max_connections},
+            )
             # the gateway exists before the engine starts: its presence feeds the fan-out's
             # recipient.online and the in-app channel, whose outlet appends to __inapp
             gateway = self.gateway = (
@@ -435,7 +446,9 @@ class Node:
                     broker.service,
                     broker.intake,
                     state.kv,
+                    admission,
                     tenants=tenants_of(k.tenant for k in cfg.auth.keys),
+                    ssl_context=ssl_context,
                     clock=self.clock if self.clock is not None else gateway_clock,
                 )
                 if cfg.gateway.enabled
@@ -476,7 +489,7 @@ class Node:
                 gateway.audience = EdgeAudience(registry)
                 await start(gateway)
                 self.ports["ws"] = gateway.port
-            listeners = Listeners(cfg, broker, auth, self.shutdown_timeout, nofile)
+            listeners = Listeners(cfg, broker, auth, self.shutdown_timeout, admission, ssl_context)
             listeners.routes.extend(
                 notify_routes(registry, engine, listeners.api.principal, engine.clock)
             )

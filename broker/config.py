@@ -103,7 +103,7 @@ class AdmissionConfig(_Section):
 
 
 class TlsConfig(_Section):
-    """TLS for every listener (HTTP and TCP today, the WebSocket gateway when it is built),
+    """TLS for every listener (HTTP, TCP and the WebSocket gateway),
     on when both files are set; ``broker/tls.py`` makes the contexts."""
 
     cert_file: str | None = None

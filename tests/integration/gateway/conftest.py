@@ -22,7 +22,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from broker.config import ChannelRetry, Config, GatewayConfig, NotifyConfig
+from broker.config import ChannelRetry, Config, GatewayConfig, NotifyConfig, TlsConfig
 from channels.config import BreakerConfig, ChannelsConfig, WebhookConfig
 from herald.node import Node
 from notify.directory import RegistryDirectory
@@ -32,10 +32,22 @@ from tests.integration.notify.support import FakeClock, Receiver
 TENANT = "default"
 
 
-def gateway_config(tmp: Path, **gateway: Any) -> Config:
+def gateway_config(
+    tmp: Path,
+    admission: dict[str, Any] | None = None,
+    tls: TlsConfig | None = None,
+    **gateway: Any,
+) -> Config:
     cfg = Config()
+    if tls is not None:
+        cfg = msgspec.structs.replace(cfg, tls=tls)
+    # every client of these tests comes from 127.0.0.1: the per-address caps are the tests'
+    # own business (test_limits.py), not every test's
+    adm = {"max_connections_per_address": 20_000, "max_unauthenticated_per_address": 20_000}
+    adm.update(admission or {})
     return msgspec.structs.replace(
         cfg,
+        admission=msgspec.structs.replace(cfg.admission, **adm),
         listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0, ws_port=0),
         storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp)),
         topics=msgspec.structs.replace(cfg.topics, events_partitions=2),
@@ -180,9 +192,14 @@ async def start_node(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     session = aiohttp.ClientSession()
 
     async def start(
-        *, data: Path | None = None, clock: FakeClock | None = None, **gateway: Any
+        *,
+        data: Path | None = None,
+        clock: FakeClock | None = None,
+        admission: dict[str, Any] | None = None,
+        tls: TlsConfig | None = None,
+        **gateway: Any,
     ) -> Running:
-        cfg = gateway_config(data or tmp_path / "node", **gateway)
+        cfg = gateway_config(data or tmp_path / "node", admission, tls, **gateway)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         node = Node(cfg, shutdown_timeout=1.0, clock=clock)
         task = asyncio.create_task(node.run(lambda n: ready.set_result(None)))

@@ -6,11 +6,17 @@ connection cap, the frame size limit."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
+
+from broker.config import TlsConfig
+from broker.tls import client_context
+from tests.integration.tls_certs import make_tls_files
 
 from .conftest import TENANT, Device, Running
 
@@ -110,7 +116,7 @@ async def test_past_the_connection_cap_a_handshake_is_answered_503(start_node: A
         await node.connect("u3")
     assert refused.value.response.status_code == 503
     assert node.node.gateway is not None
-    assert node.node.gateway.refused.get("node_full") == 1
+    assert node.node.gateway.admission.table.refused.get("listener_full") == 1
     await devices[0].close()
     await asyncio.sleep(0.1)
     fourth = await node.connect("u3")  # a freed slot is a slot again
@@ -130,3 +136,81 @@ async def test_a_message_past_the_frame_limit_closes_1009(start_node: Any) -> No
     await small.wait_for(lambda d: bool(d.of("error")), what="an answer")
     assert small.of("error")[0]["code"] == "unknown_ids"
     assert small.conn.close_code is None
+
+
+async def test_gateway_connections_come_out_of_the_node_admission_budget(start_node: Any) -> None:
+    """The node's one admission policy counts the gateway's connections with the TCP and
+    HTTP listeners' (one descriptor budget) and applies its per-address cap to them."""
+    node: Running = await start_node(admission={"max_connections_per_address": 3})
+    assert node.node.gateway is not None
+    table = node.node.gateway.admission.table
+    devices = [await node.connect(f"u{i}") for i in range(3)]
+    assert table.open_by_listener()["ws"] == 3
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await node.connect("u3")  # a fourth from the same address
+    assert refused.value.response.status_code == 503
+    assert table.refused.get("per_address") == 1
+    await devices[0].close()
+    await asyncio.sleep(0.1)
+    assert table.open_by_listener()["ws"] == 2  # released with its socket
+    await node.connect("u3")
+
+
+async def test_a_connection_that_never_shows_a_token_is_dropped_at_the_handshake_deadline(
+    start_node: Any,
+) -> None:
+    """Pending until its token checks out: a socket that sends nothing (no upgrade, no
+    token) is closed by the admission sweep past admission.handshake-timeout-ms, while a
+    client that showed its token stays."""
+    node: Running = await start_node(admission={"handshake_timeout_ms": 500})
+    assert node.node.gateway is not None
+    table = node.node.gateway.admission.table
+    settled = await node.connect("settled")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.node.ports["ws"])
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the node
+    assert 0.5 <= time.monotonic() - t0 < 3.0  # the deadline, then the next 1 s sweep
+    writer.close()
+    assert table.expired >= 1
+    await node.publish(topic="t", users=["settled"], payload={})
+    await settled.wait_for(lambda d: len(d.notifications) == 1)
+
+
+async def test_before_its_token_a_client_may_send_only_small_messages(start_node: Any) -> None:
+    node: Running = await start_node(
+        max_frame_bytes=8192, admission={"max_unauthenticated_frame_bytes": 1024}
+    )
+    url = node.ws_url
+    async with websockets.connect(url, compression=None) as conn:  # no token in the URL
+        await conn.send('{"type":"auth","token":"' + "x" * 2000 + '"}')
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(conn.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    # once in, the gateway's own limit applies
+    big = await node.connect("big")
+    await big.send(type="seen", ids=["x" * 100] * 40)  # ~4 KB
+    await big.wait_for(lambda d: bool(d.of("error")), what="an answer")
+    assert big.conn.close_code is None
+
+
+async def test_with_tls_configured_the_gateway_serves_wss(start_node: Any, tmp_path: Path) -> None:
+    files = make_tls_files(tmp_path / "tls")
+    node: Running = await start_node(
+        tls=TlsConfig(cert_file=str(files.cert_file), key_file=str(files.key_file))
+    )
+    url = f"wss://127.0.0.1:{node.node.ports['ws']}/?token={node.token('alice')}"
+    async with websockets.connect(url, ssl=client_context(str(files.ca_file))) as conn:
+        ready = json.loads(await asyncio.wait_for(conn.recv(), 5))
+        while ready["type"] != "ready":
+            ready = json.loads(await asyncio.wait_for(conn.recv(), 5))
+        ctx = client_context(str(files.ca_file))
+        https = node.http_url.replace("http://", "https://")
+        event = {"topic": "t", "users": ["alice"], "payload": {"secret": 1}}
+        async with node.session.post(f"{https}/events", json=event, ssl=ctx) as r:
+            assert r.status in (200, 201, 202), await r.text()
+        while (got := json.loads(await asyncio.wait_for(conn.recv(), 5)))["type"] != "notification":
+            pass
+        assert got["payload"] == {"secret": 1}
+    with pytest.raises((OSError, websockets.InvalidHandshake, websockets.InvalidMessage)):
+        async with websockets.connect(url.replace("wss://", "ws://"), open_timeout=3):
+            pass  # plain text on the TLS port gets nowhere

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import resource
 import shutil
@@ -446,6 +447,9 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     latencies: list[float] = []
     sent: dict[str, int] = {}
     rate = rates[0]
+    trace = base / "trace.jsonl" if args.trace else None
+    # with --trace: per rate, each measured event's POST and arrival times (perf_counter_ns)
+    traced: dict[int, dict[str, tuple[int, int]]] = {}
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
@@ -454,6 +458,8 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         t0 = sent.pop(eid, None)
         if t0 is not None:
             latencies.append((arrived - t0) / 1e6)
+            if trace is not None:
+                traced.setdefault(rate, {})[eid] = (t0, arrived)
         return web.Response(status=204)
 
     app = web.Application()
@@ -472,6 +478,7 @@ async def scenario_latency(args: argparse.Namespace) -> str:
             "bench.notify_node",
             f"http://127.0.0.1:{recv_port}",
             "webhook",
+            *(["--trace", str(trace)] if trace is not None else []),
             "--data-dir",
             str(data),
             "--config",
@@ -568,7 +575,11 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         proc.wait(30)
         log_file.close()
         await runner.cleanup()
+        breakdown = trace_breakdown(trace, traced) if trace is not None else ""
         shutil.rmtree(base, ignore_errors=True)
+    if breakdown:
+        print(breakdown)
+        return breakdown
     text = (
         f"Command: `python -m bench.notify latency --rates {','.join(map(str, rates))} "
         f"--seconds {seconds}`, on commit {commit()}  \n"
@@ -589,6 +600,44 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         RESULTS, "Notifications: ingest to signed webhook latency", "bench.notify.latency", text
     )
     return text
+
+
+def trace_breakdown(path: Path, traced: dict[int, dict[str, tuple[int, int]]]) -> str:
+    """Per rate, p50 / p99 (ms) of each segment of an event's way, from the node's stage
+    marks (``bench/notify_trace.py``) and this process's POST and arrival times."""
+    marks: dict[str, dict[str, int]] = {}
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            m = msgspec.json.decode(line)
+            marks[m.pop("event_id")] = m
+    steps = ["post", "intake", "durable", "fanout", "out_acked", "worker", "send", "arrived"]
+    out = [
+        "Segments of an event's way (ms, p50 / p99; `--trace`): " + " -> ".join(steps),
+        "",
+        "| Rate | events | " + " | ".join(f"{a}->{b}" for a, b in itertools.pairwise(steps)) + " |",
+        "|---|---|" + "---|" * (len(steps) - 1),
+    ]
+    for rate, events in traced.items():
+        seg: list[list[float]] = [[] for _ in steps[1:]]
+        n = 0
+        for eid, (t0, arrived) in events.items():
+            m = marks.get(eid)
+            if m is None or any(k not in m for k in steps[1:-1]):
+                continue
+            n += 1
+            ts = [t0, *(m[k] for k in steps[1:-1]), arrived]
+            for i in range(len(seg)):
+                seg[i].append((ts[i + 1] - ts[i]) / 1e6)
+        cells = []
+        for values in seg:
+            values.sort()
+            if not values:
+                cells.append("-")
+                continue
+            p99 = values[min(len(values) - 1, int(0.99 * len(values)))]
+            cells.append(f"{values[len(values) // 2]:.1f} / {p99:.1f}")
+        out.append(f"| {rate:,}/s | {n:,} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------- a million
@@ -717,6 +766,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timers", type=int, default=0)
     parser.add_argument("--rates", default="")
     parser.add_argument("--seconds", type=int, default=0)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="latency: time each event's stage boundaries in the node and print where the "
+        "time goes (RESULTS.md is left alone)",
+    )
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     import logging

@@ -17,9 +17,15 @@ in-process client (``broker/local.py``).
 back to the batch's start and it is tried again after a pause, or by the next owner. Stopping
 lets the batch in hand finish (bounded by ``stop_timeout``), else abandons it.
 
-Pipelining: batch N+1 is handled while batch N finishes, and its outputs are appended as
-soon as N's are acknowledged; only its commit waits for N's. A commit (a sync of the state
-store) is never on the way of the next batch's outputs.
+Pipelining: batch N+1 is handled and its outputs appended while batch N's are still being
+synced; only its commit waits for N's. Neither an append's sync nor a commit (a sync of the
+state store) is on the way of the next batch. Order per partition needs no wait: appends to a
+partition are placed in call order (one producer, handed to the log in the same loop turn it
+is called), a failed write fails every append queued after it on that partition (the log is
+cut back there), and the idempotent producer's sequence numbers refuse a batch that would
+overtake an earlier one being retried; a failed batch is redone with every batch behind it.
+Waiting for N's acknowledgement instead put the slowest of N's partitions' syncs (one a
+second per partition also writes the recovery checkpoint) in front of every later event.
 """
 
 from __future__ import annotations
@@ -289,10 +295,9 @@ class Stage:
         return not self._busy and all(f.task.done() for f in self._inflight)
 
     async def _run(self) -> None:
-        """Handle batch N+1 while batch N's outputs are appended and synced and its offsets
-        committed. Two waits keep the order without putting a commit on the way of the
-        next batch: N+1's outputs are appended only once N's are acknowledged (a user's
-        deliveries stay in order on their partition), and N+1 commits only after N did.
+        """Handle batch N+1 while batch N's outputs are synced and its offsets committed:
+        N+1's outputs are appended at once (see the module's *Pipelining*: the log keeps a
+        user's deliveries in order on their partition), and N+1 commits only after N did.
         At most :data:`MAX_FINISHING` batches are finishing while one is handled, so memory
         stays a few batches deep. A failed batch fails the ones behind it (they never
         commit); every open batch is then given up from the oldest start."""
@@ -347,12 +352,9 @@ class Stage:
                     self._busy = False
                 if handled is not None:
                     ends = handled
-                if inflight:  # the previous batch's outputs go first
-                    last = inflight[-1]
-                    await asyncio.wait([last.sent, last.task], return_when=asyncio.FIRST_COMPLETED)
-                    if last.task.done() and not _succeeded(last.task):
-                        await self._give_up(starts, None)
-                        continue
+                if inflight and inflight[-1].task.done() and not _succeeded(inflight[-1].task):
+                    await self._give_up(starts, None)  # nothing goes out behind a failure
+                    continue
                 while len(inflight) >= MAX_FINISHING:
                     await asyncio.wait([inflight[0].task])
                     failure = self._reap()
@@ -362,12 +364,11 @@ class Stage:
                     await self._give_up(starts, failure[1])
                     continue
                 taken = self.outbox.take()
-                sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 before = inflight[-1].task if inflight else None
                 task = asyncio.get_running_loop().create_task(
-                    self._finish(taken, ends, len(recs), sent, before)
+                    self._finish(taken, ends, len(recs), before)
                 )
-                inflight.append(_Finishing(task, sent, starts))
+                inflight.append(_Finishing(task, starts))
                 if self.linger_s and self.trickle(recs) and not self._stop:
                     await asyncio.sleep(self.linger_s)
         finally:
@@ -423,15 +424,10 @@ class Stage:
         taken: Outbox,
         ends: dict[TopicPartition, int],
         count: int,
-        sent: asyncio.Future[None],
         before: asyncio.Task[None] | None,
     ) -> None:
         assert self.producer is not None and self.consumer is not None
-        try:
-            self.records_out += await taken.send(self.producer)
-        finally:
-            if not sent.done():
-                sent.set_result(None)
+        self.records_out += await taken.send(self.producer)
         if before is not None:
             await asyncio.wait([before])
             if not _succeeded(before):
@@ -477,7 +473,10 @@ class Stage:
         """Called after a batch was given up (subclasses: drop in-memory state of it)."""
 
 
-MAX_FINISHING: Final = 2  # batches finishing (outputs appending, offsets committing) at once
+# batches finishing (outputs being synced, offsets committing) at once: each holds its
+# outputs until they are acknowledged (a fan-out's at most ``fanout-flush-records``, larger
+# ones are flushed while handled), so memory stays a few batches deep
+MAX_FINISHING: Final = 4
 
 
 class _Behind(Exception):
@@ -486,11 +485,10 @@ class _Behind(Exception):
 
 @dataclass(slots=True)
 class _Finishing:
-    """A handled batch being finished: its outputs appended (``sent`` once acknowledged),
-    then its offsets committed after the batch before it (``task``)."""
+    """A handled batch being finished: its outputs appended and acknowledged, then its
+    offsets committed after the batch before it (``task``)."""
 
     task: asyncio.Task[None]
-    sent: asyncio.Future[None]
     starts: dict[TopicPartition, int]
 
 

@@ -1,10 +1,13 @@
 """The stage loop (``notify/stage.py``) on a real broker in process: a batch whose handling
-fails is not committed and is handled again (from its first record), and outputs are
-appended before the offsets are committed."""
+fails is not committed and is handled again (from its first record), outputs are appended
+before the offsets are committed, and one partition's slow sync does not hold up the next
+batch's outputs to other partitions."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from pathlib import Path
 
 import msgspec
@@ -69,6 +72,73 @@ async def test_a_failed_batch_is_redone_and_nothing_is_lost_or_committed_early(
     assert got == [b"a", b"boom", b"c"]  # the failed batch left nothing half-written
     committed = service.groups.committed("*/g", "in", 0)
     assert committed is not None and committed.offset == 3
+    await client.close()
+    await log.close()
+    kv.close()
+
+
+class Router(Stage):
+    """Copies each record of ``in`` to the topic its key names."""
+
+    async def handle(self, recs: list[ConsumerRecord]) -> None:
+        for rec in recs:
+            assert rec.key is not None
+            self.outbox.add(rec.key.decode(), b"k", rec.value)
+
+
+async def test_a_slow_sync_of_one_output_partition_holds_up_no_other_partitions_outputs(
+    tmp_path: Path,
+) -> None:
+    """Batch N's outputs to a partition whose sync is stuck do not keep batch N+1's outputs
+    to another partition from being appended and synced (a user's order is per partition,
+    which the log keeps), while N+1 still commits only after N."""
+    cfg = Config()
+    cfg = msgspec.structs.replace(
+        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
+    )
+    log = Log(tmp_path)
+    log.open()
+    kv = KV(tmp_path / "state")
+    service = BrokerService(cfg, log, kv)
+    intake = EventIntake(cfg, service)
+    intake.start()
+    for name in ("in", "slow", "fast"):
+        service.topics.ensure_internal(name, 1)
+    client = LocalClient(service, intake)
+    release = threading.Event()
+    flusher = log.partition("slow", 0)._flusher  # its syncs wait until released
+
+    def stuck_fsync(fd: int) -> None:
+        release.wait(10)
+        os.fdatasync(fd)
+
+    flusher._fsync = stuck_fsync
+    producer = await client.producer(acks=-1)
+    stage = Router(client, kv, group="g", topics=["in"], batch=1, max_batch_bytes=1 << 20)
+    await stage.start()
+    try:
+        await producer.send("in", b"first", key=b"slow")
+        slow = log.partition("slow", 0)
+        async with asyncio.timeout(5):  # the first batch's output appended, its sync stuck
+            while slow.log_end_offset < 1:
+                await asyncio.sleep(0.01)
+        await producer.send("in", b"second", key=b"fast")
+        fast = log.partition("fast", 0)
+        async with asyncio.timeout(5):  # synced while "slow" is stuck
+            while fast.high_watermark < 1:
+                await asyncio.sleep(0.01)
+        assert slow.high_watermark == 0
+        committed = service.groups.committed("*/g", "in", 0)
+        assert committed is None or committed.offset == 0  # N+1 waits for N's commit
+        release.set()
+        async with asyncio.timeout(5):
+            while stage.records_in < 2:
+                await asyncio.sleep(0.01)
+        committed = service.groups.committed("*/g", "in", 0)
+        assert committed is not None and committed.offset == 2
+    finally:
+        release.set()
+        await stage.stop()
     await client.close()
     await log.close()
     kv.close()

@@ -11,8 +11,12 @@ recipient's address, looked up at send time so a retry goes to the current addre
   or a breaker's remaining cool-down; ``None`` leaves the delay to the core's backoff schedule.
 - :class:`Permanent`: retrying cannot help (a 4xx, a redirect, a refused address).
   ``invalidates`` names the contact data the core must mark invalid so later deliveries are not
-  attempted: ``"endpoint"`` (a webhook URL), ``"token"`` (a push device token) or ``"address"``
-  (an e-mail address or phone number); ``None`` when the contact itself is fine.
+  attempted: ``"endpoint"`` (a webhook URL), ``"token"`` (a push device token), ``"address"``
+  (an e-mail address or phone number) or ``"consent"`` (the provider says the recipient
+  revoked consent, e.g. Twilio's 21610 after a STOP: the core records a legal opt-out);
+  ``None`` when the contact itself is fine. ``dead_tokens`` names the push device tokens
+  found dead when the channel sent to several devices; it may be set on a :class:`Delivered`
+  too (one device got it, another's token is gone).
 
 Every outcome carries a short, stable ``reason`` code (``http_503``, ``timeout``,
 ``circuit_open``, ``ssrf_refused``...) for the dead-letter record and the audit, and a
@@ -25,7 +29,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 
-Invalidates = Literal["endpoint", "token", "address"]
+Invalidates = Literal["endpoint", "token", "address", "consent"]
 
 JSON_NULL = msgspec.Raw(b"null")
 
@@ -57,11 +61,6 @@ class EmailAddress(msgspec.Struct, frozen=True, kw_only=True, tag="email"):
     ref: str | None = None
 
 
-# The other channels of issue 16 add their own address kinds (phone number, device token) to
-# this union; each is a tagged struct, so a channel can tell them apart.
-Address = WebhookAddress | EmailAddress
-
-
 class EmailContent(msgspec.Struct, frozen=True, kw_only=True, tag="email"):
     """A rendered e-mail (the core renders the tenant's template): the subject, the plain
     text part and, when the template has one, the HTML part (already escaped)."""
@@ -91,6 +90,30 @@ class SmsContent(msgspec.Struct, frozen=True, kw_only=True, tag="sms"):
 # What the core rendered for the channel; None for channels that send the event's data as it
 # is (webhooks) or when no template applies.
 Content = EmailContent | PushContent | SmsContent
+
+
+class SmsAddress(msgspec.Struct, frozen=True, kw_only=True, tag="sms"):
+    """Where a text message goes: the user's phone number (E.164, ``+14155550100``)."""
+
+    to: str
+
+
+class PushDevice(msgspec.Struct, frozen=True, kw_only=True):
+    """One registered device: its token and the service that issued it."""
+
+    token: str
+    platform: Literal["apns", "fcm"]
+
+
+class PushAddress(msgspec.Struct, frozen=True, kw_only=True, tag="push"):
+    """Where a push notification goes: every device of the user not found dead."""
+
+    devices: tuple[PushDevice, ...]
+
+
+# Where a delivery goes, one kind per channel; each is a tagged struct, so a channel can tell
+# them apart.
+Address = WebhookAddress | EmailAddress | SmsAddress | PushAddress
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,8 +155,15 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
     detail: str = ""
 
     @staticmethod
-    def delivered(provider_message_id: str | None = None, *, detail: str = "") -> Delivered:
-        return Delivered(provider_message_id=provider_message_id, detail=detail)
+    def delivered(
+        provider_message_id: str | None = None,
+        *,
+        detail: str = "",
+        dead_tokens: tuple[str, ...] = (),
+    ) -> Delivered:
+        return Delivered(
+            provider_message_id=provider_message_id, detail=detail, dead_tokens=dead_tokens
+        )
 
     @staticmethod
     def retry(after_s: float | None, reason: str, *, detail: str = "") -> Retry:
@@ -141,13 +171,20 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
 
     @staticmethod
     def permanent(
-        reason: str, invalidates: Invalidates | None = None, *, detail: str = ""
+        reason: str,
+        invalidates: Invalidates | None = None,
+        *,
+        detail: str = "",
+        dead_tokens: tuple[str, ...] = (),
     ) -> Permanent:
-        return Permanent(reason=reason, invalidates=invalidates, detail=detail)
+        return Permanent(
+            reason=reason, invalidates=invalidates, detail=detail, dead_tokens=dead_tokens
+        )
 
 
 class Delivered(Outcome, frozen=True, kw_only=True, tag="delivered"):
     provider_message_id: str | None = None
+    dead_tokens: tuple[str, ...] = ()
 
 
 class Retry(Outcome, frozen=True, kw_only=True, tag="retry"):
@@ -158,6 +195,7 @@ class Retry(Outcome, frozen=True, kw_only=True, tag="retry"):
 class Permanent(Outcome, frozen=True, kw_only=True, tag="permanent"):
     reason: str
     invalidates: Invalidates | None = None
+    dead_tokens: tuple[str, ...] = ()
 
 
 # The three outcomes as a union: the type to decode a stored outcome with, and to ``match``

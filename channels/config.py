@@ -238,9 +238,173 @@ class EmailConfig(_Section):
             raise ValueError("from-address: a mailbox such as 'Herald <noreply@example.com>'")
 
 
+class TwilioProvider(_Section, kw_only=True):
+    """One SMS provider speaking Twilio's REST API (Twilio itself, or a second account)."""
+
+    name: str
+    """Names the provider in logs, metrics and outcomes (``primary``, ``backup``)."""
+
+    url: str = "https://api.twilio.com"
+    """Base URL; requests go to ``<url>/2010-04-01/Accounts/<account-sid>/Messages.json``."""
+
+    account_sid: str
+    """The account (``AC...``): in the path, and the basic-auth user unless ``api-key-sid``."""
+
+    auth_token: str
+    """The account's auth token: the basic-auth password (or the API key's secret), and the
+    key of the ``X-Twilio-Signature`` HMAC on inbound messages for this account."""
+
+    api_key_sid: str = ""
+    """An API key (``SK...``) to authenticate with instead of the account SID."""
+
+    sender: str = ""
+    """The ``From`` number (E.164) or alphanumeric sender id; empty when
+    ``messaging-service-sid`` chooses the sender."""
+
+    messaging_service_sid: str = ""
+    """A Messaging Service (``MG...``) to send through instead of ``From``."""
+
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    """Messages per second this sender may send (a US long code: 1/s; toll-free and short
+    codes more): a token bucket, so the carrier does not filter or the provider queue."""
+
+    burst: Positive = 1
+    """Messages the bucket lets out at once after an idle spell."""
+
+    def __post_init__(self) -> None:
+        if not (self.sender or self.messaging_service_sid):
+            raise ValueError(f"provider {self.name}: set sender or messaging-service-sid")
+
+
+class SmsConfig(_Section):
+    """The SMS channel: Twilio-style REST, failover across ``providers``, STOP handling."""
+
+    providers: list[TwilioProvider] = []
+    """Tried in order: the first whose breaker is closed (or lets a probe through) sends."""
+
+    timeout_ms: Positive = 10_000
+    """Total time for one request to a provider. A timeout is a retry (not a failover: the
+    provider may have taken the message, and a second provider would send it again)."""
+
+    connect_timeout_ms: Positive = 3_000
+    """TCP and TLS connect timeout; a connect failure fails over to the next provider."""
+
+    rate_wait_ms: NonNegative = 5_000
+    """How long a send waits for its sender's token bucket before answering
+    ``retry(rate_limited)``."""
+
+    max_retry_after_ms: NonNegative = 3_600_000
+    """Cap on a provider's Retry-After."""
+
+    status_callback: str = ""
+    """``StatusCallback`` URL sent with each message (delivery receipts); empty: none."""
+
+    help_text: str = (
+        "Herald notifications. Msg frequency varies. Msg & data rates may apply. "
+        "Reply STOP to cancel."
+    )
+    """The HELP answer: who sends (program name), how often, rates, how to stop (CTIA)."""
+
+    stop_text: str = (
+        "You are unsubscribed from Herald notifications and will get no more messages. "
+        "Reply START to resubscribe."
+    )
+    """The one confirmation an opt-out may get (TCPA allows one, free of marketing)."""
+
+    start_text: str = "You are subscribed to Herald notifications again. Reply STOP to cancel."
+    """The answer to START."""
+
+    inbound_public_url: str = ""
+    """The URL Twilio posts inbound messages to, exactly as configured there (the signature
+    covers it); empty: rebuilt from the request (right only without a rewriting proxy)."""
+
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    """Each provider's circuit breaker."""
+
+
+class ApnsConfig(_Section):
+    """APNs with token-based auth (an ES256 JWT signed with the team's .p8 key)."""
+
+    urls: list[str] = msgspec.field(default_factory=lambda: ["https://api.push.apple.com"])
+    """APNs hosts in failover order (``https://api.sandbox.push.apple.com`` for development
+    builds; Apple also listens on port 2197)."""
+
+    key_id: str = ""
+    """The signing key's id (the JWT's ``kid``)."""
+
+    team_id: str = ""
+    """The developer team (the JWT's ``iss``)."""
+
+    key_file: str = ""
+    """Path to the PKCS#8 PEM (``AuthKey_<kid>.p8``) holding the P-256 private key."""
+
+    topic: str = ""
+    """The app's bundle id (``apns-topic``)."""
+
+    push_type: Literal["alert", "background"] = "alert"
+    """``apns-push-type``; background pushes always go with priority 5."""
+
+    token_refresh_ms: Annotated[int, msgspec.Meta(ge=1_200_000, le=3_300_000)] = 2_400_000
+    """Age at which the provider token is signed again: Apple refuses tokens older than an
+    hour (403 ExpiredProviderToken) and tokens renewed more often than every 20 minutes
+    (429 TooManyProviderTokenUpdates)."""
+
+    expiration_ms: NonNegative = 86_400_000
+    """``apns-expiration``: how long APNs stores a notification for an offline device
+    (0: deliver now or never)."""
+
+    timeout_ms: Positive = 10_000
+    """Total time for one request."""
+
+    max_connections: Positive = 4
+    """HTTP/2 connections kept to APNs; each carries many concurrent streams."""
+
+    max_retry_after_ms: NonNegative = 3_600_000
+
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    """Each host's circuit breaker."""
+
+
+class FcmConfig(_Section):
+    """FCM HTTP v1 with an OAuth2 access token from a service account's JWT grant."""
+
+    urls: list[str] = msgspec.field(default_factory=lambda: ["https://fcm.googleapis.com"])
+    """FCM endpoints in failover order."""
+
+    project_id: str = ""
+    """The Firebase project: ``POST <url>/v1/projects/<project-id>/messages:send``."""
+
+    service_account_file: str = ""
+    """The service account's JSON key (``client_email``, ``private_key``, ``token_uri``)."""
+
+    token_uri: str = ""
+    """The OAuth2 token endpoint; empty: the key file's ``token_uri``
+    (``https://oauth2.googleapis.com/token``)."""
+
+    scope: str = "https://www.googleapis.com/auth/firebase.messaging"
+    """The OAuth2 scope asked for."""
+
+    token_margin_ms: NonNegative = 300_000
+    """An access token is fetched again this long before it expires."""
+
+    min_quota_retry_ms: NonNegative = 60_000
+    """Google asks for at least a minute of back-off after 429 QUOTA_EXCEEDED."""
+
+    timeout_ms: Positive = 10_000
+    """Total time for one request (send or token)."""
+
+    max_retry_after_ms: NonNegative = 3_600_000
+
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    """Each endpoint's circuit breaker."""
+
+
 class ChannelsConfig(_Section):
     """Every channel's settings: ``[channels.*]`` in the node's TOML."""
 
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
     console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     email: EmailConfig = msgspec.field(default_factory=EmailConfig)
+    sms: SmsConfig = msgspec.field(default_factory=SmsConfig)
+    apns: ApnsConfig = msgspec.field(default_factory=ApnsConfig)
+    fcm: FcmConfig = msgspec.field(default_factory=FcmConfig)

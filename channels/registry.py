@@ -7,9 +7,10 @@ from channels.config import ChannelsConfig
 from channels.console import ConsoleChannel
 from channels.email import EmailChannel
 from channels.null import NullChannel
+from channels.sms import SmsChannel
 from channels.webhook import WebhookChannel
 
-BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email")
+BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email", "sms")
 # channels the node makes itself, wired to its log: inapp appends to __inapp (channels/inapp.py)
 WIRED_BY_NODE: tuple[str, ...] = ("inapp",)
 
@@ -27,4 +28,6 @@ def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
         return NullChannel()
     if name == "email":
         return EmailChannel(cfg.email)
+    if name == "sms":
+        return SmsChannel(cfg.sms)
     raise KeyError(f"no channel named {name!r} (built in: {', '.join(BUILT_IN)})")

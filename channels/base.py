@@ -14,9 +14,9 @@ recipient's address, looked up at send time so a retry goes to the current addre
   attempted: ``"endpoint"`` (a webhook URL), ``"token"`` (a push device token), ``"address"``
   (an e-mail address or phone number) or ``"consent"`` (the provider says the recipient
   revoked consent, e.g. Twilio's 21610 after a STOP: the core records a legal opt-out);
-  ``None`` when the contact itself is fine. ``dead_tokens`` names the push device tokens
-  found dead when the channel sent to several devices; it may be set on a :class:`Delivered`
-  too (one device got it, another's token is gone).
+  ``None`` when the contact itself is fine. Any outcome may carry ``dead_tokens``: push
+  device tokens found dead while sending to a user's several devices (one device got the
+  notification, another's token is gone); the core invalidates each.
 
 Every outcome carries a short, stable ``reason`` code (``http_503``, ``timeout``,
 ``circuit_open``, ``ssrf_refused``...) for the dead-letter record and the audit, and a
@@ -153,6 +153,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
     """
 
     detail: str = ""
+    dead_tokens: tuple[str, ...] = ()
 
     @staticmethod
     def delivered(
@@ -166,8 +167,10 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
         )
 
     @staticmethod
-    def retry(after_s: float | None, reason: str, *, detail: str = "") -> Retry:
-        return Retry(after_s=after_s, reason=reason, detail=detail)
+    def retry(
+        after_s: float | None, reason: str, *, detail: str = "", dead_tokens: tuple[str, ...] = ()
+    ) -> Retry:
+        return Retry(after_s=after_s, reason=reason, detail=detail, dead_tokens=dead_tokens)
 
     @staticmethod
     def permanent(
@@ -184,7 +187,6 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
 
 class Delivered(Outcome, frozen=True, kw_only=True, tag="delivered"):
     provider_message_id: str | None = None
-    dead_tokens: tuple[str, ...] = ()
 
 
 class Retry(Outcome, frozen=True, kw_only=True, tag="retry"):
@@ -195,7 +197,6 @@ class Retry(Outcome, frozen=True, kw_only=True, tag="retry"):
 class Permanent(Outcome, frozen=True, kw_only=True, tag="permanent"):
     reason: str
     invalidates: Invalidates | None = None
-    dead_tokens: tuple[str, ...] = ()
 
 
 # The three outcomes as a union: the type to decode a stored outcome with, and to ``match``

@@ -7,10 +7,11 @@ from channels.config import ChannelsConfig
 from channels.console import ConsoleChannel
 from channels.email import EmailChannel
 from channels.null import NullChannel
+from channels.push import PushChannel
 from channels.sms import SmsChannel
 from channels.webhook import WebhookChannel
 
-BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email", "sms")
+BUILT_IN: tuple[str, ...] = ("webhook", "console", "null", "email", "sms", "push")
 # channels the node makes itself, wired to its log: inapp appends to __inapp (channels/inapp.py)
 WIRED_BY_NODE: tuple[str, ...] = ("inapp",)
 
@@ -30,4 +31,6 @@ def make_channel(name: str, config: ChannelsConfig | None = None) -> Channel:
         return EmailChannel(cfg.email)
     if name == "sms":
         return SmsChannel(cfg.sms)
+    if name == "push":
+        return PushChannel(cfg.apns, cfg.fcm)
     raise KeyError(f"no channel named {name!r} (built in: {', '.join(BUILT_IN)})")

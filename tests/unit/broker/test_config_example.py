@@ -90,3 +90,17 @@ def test_unknown_key_is_refused_with_its_name(tmp_path: Path, toml: str, named: 
     path.write_text(toml)
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(path)
+
+
+def test_commented_sms_provider_example_is_valid_when_uncommented(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [[channels.sms.providers]]") : text.index("[channels.apns]")]
+    uncommented = "\n".join(
+        line[2:].split("  #")[0]
+        for line in block.splitlines()
+        if line.startswith("# ") and " = " in line
+    )
+    path = tmp_path / "herald.toml"
+    path.write_text("[[channels.sms.providers]]\n" + uncommented + "\n")
+    (provider,) = load_config(path).channels.sms.providers
+    assert provider.name == "primary" and provider.rate_per_s == 1.0

@@ -91,5 +91,14 @@ class Audience:
     ) -> str | None:
         return None
 
-    def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
+    def invalidate(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        what: str,
+        detail: str,
+        *,
+        tokens: Sequence[str] = (),
+    ) -> None:
         return None

@@ -31,7 +31,16 @@ from collections.abc import Callable
 import msgspec
 
 from channels.apns import ApnsClient, ApnsHost
-from channels.base import Delivered, Delivery, Outcome, Permanent, PushAddress, PushDevice, Retry
+from channels.base import (
+    Delivered,
+    Delivery,
+    Outcome,
+    Permanent,
+    PushAddress,
+    PushContent,
+    PushDevice,
+    Retry,
+)
 from channels.config import ApnsConfig, FcmConfig
 from channels.errors import ChannelClosed
 from channels.failover import Attempt, ProviderChain
@@ -41,10 +50,8 @@ from channels.push_auth import ApnsTokens, OAuthTokens, load_service_account
 
 def push_text(delivery: Delivery) -> tuple[str, str]:
     """(title, body): the rendered push content, else the topic and the event's text."""
-    content = getattr(delivery, "content", None)
-    title, body = getattr(content, "title", None), getattr(content, "body", None)
-    if isinstance(title, str) and isinstance(body, str):
-        return title, body
+    if isinstance(delivery.content, PushContent):
+        return delivery.content.title, delivery.content.body
     try:
         data = msgspec.json.decode(bytes(delivery.payload))
     except msgspec.DecodeError:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from channels.base import Delivery, Outcome, SmsAddress
+from channels.base import Delivery, Outcome, SmsAddress, SmsContent
 from channels.config import SmsConfig, TwilioProvider
 from channels.errors import ChannelClosed
 from channels.failover import Attempt, ProviderChain
@@ -51,10 +51,8 @@ class _Sender:
 def sms_text(delivery: Delivery) -> str:
     """The text to send: the rendered SMS content; without one (an engine run without
     templates), the event's ``text`` field, else the topic."""
-    content = getattr(delivery, "content", None)
-    text = getattr(content, "text", None)
-    if isinstance(text, str) and text:
-        return text
+    if isinstance(delivery.content, SmsContent) and delivery.content.text:
+        return delivery.content.text
     try:
         data = msgspec.json.decode(bytes(delivery.payload))
     except msgspec.DecodeError:

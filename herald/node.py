@@ -70,6 +70,7 @@ from notify.engine import Engine, wall_ms
 from notify.links import Signer, node_secret
 from notify.ports import Directory
 from notify.registry import Registry
+from notify.sms_http import sms_routes
 from notify.templates import Templates
 from storage.errors import StorageError
 from storage.kv import KV
@@ -506,6 +507,7 @@ class Node:
             )
             if gateway is not None:
                 listeners.routes.append(retract_route(gateway.retract, listeners.api.principal))
+            listeners.routes.extend(sms_routes(cfg.channels.sms, registry, engine.clock))
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             metrics = Metrics(
                 Stats(broker.service, listeners.tcp, listeners.api.stats, listeners.admission),

@@ -7,7 +7,9 @@ send (so a retry goes to the address the user has now, rendered in the locale th
   event's category is one of ``[channels.email] list-unsubscribe-categories`` and
   ``notify.public-url`` is set; a signed reference (``X-Herald-Ref``) for bounce intake; the
   subject, text and HTML rendered.
-- **push**, **sms**, **inapp**: the content rendered (the address comes from the directory).
+- **push**, **sms**, **inapp**: the content rendered, the address from the directory (the
+  user's phone number, their devices not found dead); none suppresses the delivery with
+  the policy's reason (``no_channel_data``, ``address_invalid``).
 - **webhook** and the others: the directory's address, nothing rendered (the event's data
   passes through); a webhook endpoint the channel gave up (disabled) suppresses the delivery
   with ``endpoint_disabled``.
@@ -29,7 +31,7 @@ from channels.base import Content, EmailAddress
 from notify import render
 from notify.links import Signer, unsubscribe_scope
 from notify.model import Delivery
-from notify.policy import iso
+from notify.policy import channel_data, iso
 from notify.ports import Directory
 from notify.registry import Registry
 from notify.render import RenderError
@@ -109,6 +111,12 @@ class Composer:
             )
         else:
             address = self.directory.address(d.tenant, d.user, channel)
+            if address is None and channel in ("sms", "push"):
+                # no number or device, or only dead ones: nothing to send to (the policy's
+                # reason, as at the fan-out: no_channel_data or address_invalid)
+                why = channel_data(registry.profile(d.tenant, d.user), channel)
+                code, detail = (why.code, why.detail) if why else ("no_channel_data", channel)
+                return Refused("suppressed", code, detail)
         recipient: dict[str, Any] = {"id": d.user}
         if contact is not None:
             for name in ("email", "phone", "timezone", "locale"):

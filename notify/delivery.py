@@ -413,10 +413,18 @@ class DeliveryWorker(Stage):
         d = msgspec.structs.replace(
             d, attempts=[*d.attempts, attempt], first_attempt_ms=d.first_attempt_ms or now
         )
+        dead_tokens: tuple[str, ...] = getattr(outcome, "dead_tokens", ())
+        if dead_tokens and not (isinstance(outcome, Permanent) and outcome.invalidates):
+            # some of the user's devices are gone though the delivery itself went on
+            self._invalidate(d, "token", "dead_tokens", outcome.detail, dead_tokens)
         if isinstance(outcome, Delivered):
             self.delivered += 1
             self._mark(d, final=FINAL)
-            self._audit(d, "delivered", detail=outcome.detail or None, attempt=d.attempt)
+            detail = outcome.detail
+            if outcome.provider_message_id:  # the provider's id: how its support finds it
+                pid = f"provider_message_id={outcome.provider_message_id}"
+                detail = f"{pid}; {detail}" if detail else pid
+            self._audit(d, "delivered", detail=detail[:300] or None, attempt=d.attempt)
             return self._settled(d, block_key)
         if isinstance(outcome, Retry):
             nxt = next_attempt(self.schedule, d.attempt, done, self.rand(), outcome.after_s)
@@ -445,14 +453,8 @@ class DeliveryWorker(Stage):
             assert isinstance(outcome, Permanent)
             reason = outcome.reason
             if outcome.invalidates is not None:
-                self.directory.invalidate(
-                    d.tenant, d.user, self.channel_name, outcome.invalidates, outcome.detail
-                )
-                self._audit(
-                    d,
-                    "contact_invalidated",
-                    reason=outcome.reason,
-                    detail=f"{outcome.invalidates}: {outcome.detail}"[:300],
+                self._invalidate(
+                    d, outcome.invalidates, outcome.reason, outcome.detail, outcome.dead_tokens
                 )
         letter = letter_of(d, reason, done)
         raw = self.dead.record(None, letter, 0)
@@ -460,6 +462,17 @@ class DeliveryWorker(Stage):
         self._mark(d, final=FINAL)
         self._audit(d, "dead_lettered", reason=reason, detail=_detail(outcome), attempt=d.attempt)
         return self._settled(d, block_key)
+
+    def _invalidate(
+        self, d: Delivery, what: str, reason: str, detail: str, tokens: tuple[str, ...]
+    ) -> None:
+        """Contact data the channel found dead (or consent revoked at the provider): marked
+        through the directory, and audited."""
+        self.directory.invalidate(d.tenant, d.user, self.channel_name, what, detail, tokens=tokens)
+        named = f" {','.join(t[:12] for t in tokens)}" if tokens else ""
+        self._audit(
+            d, "contact_invalidated", reason=reason, detail=f"{what}{named}: {detail}"[:300]
+        )
 
     def _settled(self, d: Delivery, block_key: str) -> list[Delivery]:
         """``d`` is finished: if it held others back (strict order), release them."""

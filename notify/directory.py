@@ -15,10 +15,10 @@ from typing import Any, Final
 
 import msgspec
 
-from channels.base import WebhookAddress
+from channels.base import PushAddress, PushDevice, SmsAddress, WebhookAddress
 from notify import policy, windows
 from notify.conditions import parse_filter
-from notify.model import StoredPreferences, Workflow
+from notify.model import Consent, StoredPreferences, Workflow
 from notify.policy import ZoneLookup, system_zones
 from notify.ports import Occasion, Ruling, Subscriber
 from notify.registry import Registry
@@ -85,7 +85,16 @@ class EmptyDirectory:
     ) -> str | None:
         return None
 
-    def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
+    def invalidate(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        what: str,
+        detail: str,
+        *,
+        tokens: Sequence[str] = (),
+    ) -> None:
         return None
 
 
@@ -207,9 +216,20 @@ class RegistryDirectory:
             )
 
     def address(self, tenant: str, user: str, channel: str) -> object | None:
-        if channel != "webhook":
+        if channel == "push":
+            devices = tuple(
+                PushDevice(token=token, platform=d.platform)  # type: ignore[arg-type]
+                for token, d in self.registry.devices(tenant, user).items()
+                if d.invalid_since_ms is None and d.platform in ("apns", "fcm")
+            )
+            return PushAddress(devices=devices) if devices else None
+        if channel not in ("webhook", "sms"):
             return None
         contact = self.registry.contact(tenant, user)
+        if channel == "sms":
+            if contact is None or not contact.phone or contact.phone_invalid_ms is not None:
+                return None
+            return SmsAddress(to=contact.phone)
         hook = contact.webhook if contact is not None else None
         if hook is None or hook.disabled_ms is not None:
             return None
@@ -231,20 +251,49 @@ class RegistryDirectory:
         why = policy.legal_opt_out(self.registry.profile(tenant, user), channel, topic, category)
         return None if why is None else why.detail
 
-    def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
+    def invalidate(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        what: str,
+        detail: str,
+        *,
+        tokens: Sequence[str] = (),
+    ) -> None:
         # An email address is marked dead in the profile (the policy and the worker then
         # suppress email with address_invalid) and logged in the contact log; the worker
         # syncs the state store before it commits. A webhook endpoint given up (410, failing
-        # for disable-after-ms, a refused address) is disabled the same way. Push devices
-        # are invalidated by token (invalidate_device).
+        # for disable-after-ms, a refused address) is disabled the same way. A phone number
+        # the SMS provider refused is marked dead like an email address; dead push tokens are
+        # marked invalid on the device; a provider's "unsubscribed" (Twilio 21610: the number
+        # sent STOP there) is a legal opt-out in the consent ledger, so nothing is sent to it
+        # again until the user opts back in.
+        now_ms = self.clock()
         if channel == "email" and what == "address":
             self.registry.invalidate_email(
-                tenant, user, at_ms=self.clock(), reason=detail, source="delivery"
+                tenant, user, at_ms=now_ms, reason=detail, source="delivery"
             )
         elif channel == "webhook" and what == "endpoint":
             self.registry.disable_webhook(
-                tenant, user, at_ms=self.clock(), reason=detail, source="delivery"
+                tenant, user, at_ms=now_ms, reason=detail, source="delivery"
             )
+        elif channel == "sms" and what == "address":
+            self.registry.invalidate_phone(tenant, user, at_ms=now_ms, reason=detail)
+        elif what == "consent":
+            self.registry.note_consent(
+                tenant,
+                user,
+                Consent(
+                    channel=channel,
+                    opted_in=False,
+                    at_ms=now_ms,
+                    source="provider_unsubscribed",
+                    legal=True,
+                ),
+            )
+        if tokens:
+            self.registry.mark_devices_invalid(tenant, user, tokens, at_ms=now_ms, reason=detail)
         log.warning(
             "event=contact_invalid tenant=%s user=%s channel=%s what=%s detail=%s",
             tenant,

@@ -86,6 +86,10 @@ class Contact(_Row, kw_only=True):
     # reported to POST /hooks/email/bounce); cleared when the user gets another address
     email_invalid_ms: int | None = None
     email_invalid_reason: str | None = None
+    # set when the SMS provider refused the number as invalid (Twilio 21211, 21614);
+    # cleared when the user gets another number
+    phone_invalid_ms: int | None = None
+    phone_invalid_reason: str | None = None
 
 
 # Filters: field -> value (equals) | [values] (in) | {"in": [...]} | {"prefix": "..."} |

@@ -9,7 +9,8 @@ first that does not pass decides:
    (nothing overrides it: not a mandatory topic, not ``critical``);
 2. the step's condition                                       -> Suppress ``condition``;
 3. the user has an address / device / endpoint for the channel -> else Suppress
-   ``no_channel_data`` (``address_invalid`` when the email address was found dead);
+   ``no_channel_data`` (``address_invalid`` when the email address or the phone number
+   was found dead);
 4. a mandatory topic skips 5;
 5. preferences: a (non-legal) opt-out of the channel in the consent ledger -> Suppress
    ``opt_out``; then the rules (``notify.preferences``)       -> Suppress ``preference``;
@@ -209,6 +210,12 @@ def channel_data(profile: Profile | None, channel: str) -> Reason | None:
             )
         return None
     if channel == "sms" and contact is not None and contact.phone:
+        if contact.phone_invalid_ms is not None:
+            return Reason(
+                "address_invalid",
+                f"phone number {contact.phone} invalidated at {iso(contact.phone_invalid_ms)}"
+                f" ({contact.phone_invalid_reason or 'no reason given'})",
+            )
         return None
     if channel == "webhook" and contact is not None and contact.webhook is not None:
         hook = contact.webhook

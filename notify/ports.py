@@ -112,5 +112,17 @@ class Directory(Protocol):
         in force for ``user`` (its detail), else None. Checked again just before each send:
         it wins over mandatory and critical."""
 
-    def invalidate(self, tenant: str, user: str, channel: str, what: str, detail: str) -> None:
-        """A channel said the contact data is dead (``endpoint``, ``token``, ``address``)."""
+    def invalidate(
+        self,
+        tenant: str,
+        user: str,
+        channel: str,
+        what: str,
+        detail: str,
+        *,
+        tokens: Sequence[str] = (),
+    ) -> None:
+        """A channel said the contact data is dead (``endpoint``, ``token``, ``address``), or
+        that the user revoked consent at the provider (``consent``: recorded as a legal
+        opt-out). ``tokens`` names the push device tokens found dead. Written without a sync
+        (the worker syncs before it commits)."""

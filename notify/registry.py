@@ -16,6 +16,8 @@ Tables (``\\0`` separates the parts of a key; ids cannot contain it):
                                                   entry's channel part is ``email/category:x``
 ``notify.contact_log`` tenant, user, seq          :class:`ContactEvent`, append-only: an
                                                   address invalidated, a bounce, a complaint
+``notify.phones``    phone, tenant, user          who has this phone number (an inbound text
+                                                  from it: STOP, START, HELP)
 ``notify.windows``   tenant, user                 :class:`UserWindows` (cap counters)
 ``notify.defaults``  tenant                       :class:`StoredPreferences`
 ``notify.mandatory`` tenant, topic                :class:`Mandatory`
@@ -106,6 +108,10 @@ class _Count(msgspec.Struct, array_like=True):
     n: int
 
 
+class _PhoneOwner(msgspec.Struct, array_like=True):
+    since_ms: int
+
+
 class Subscriber(NamedTuple):
     """One entry of a topic's subscribers: the user, the channels they subscribed with, and
     their filter (None: every event of the topic)."""
@@ -180,6 +186,7 @@ class Registry:
         self._counts = kv.table("notify.topic_counts", _Count)
         self._consent = kv.table("notify.consent", Consent)
         self._contact_log = kv.table("notify.contact_log", ContactEvent)
+        self._phones = kv.table("notify.phones", _PhoneOwner)
         self._windows = kv.table("notify.windows", UserWindows)
         self._defaults = kv.table("notify.defaults", StoredPreferences)
         self._mandatory = kv.table("notify.mandatory", Mandatory)
@@ -230,6 +237,18 @@ class Registry:
                     email_invalid_ms=was.email_invalid_ms,
                     email_invalid_reason=was.email_invalid_reason,
                 )
+            if was is not None and was.phone_invalid_ms is not None and was.phone == contact.phone:
+                contact = msgspec.structs.replace(
+                    contact,
+                    phone_invalid_ms=was.phone_invalid_ms,
+                    phone_invalid_reason=was.phone_invalid_reason,
+                )
+            old_phone = was.phone if was is not None else None
+            if old_phone != contact.phone:
+                if old_phone:
+                    self._phones.delete(_phone_key(old_phone, key), txn=txn)
+                if contact.phone:
+                    self._phones.put(_phone_key(contact.phone, key), _PhoneOwner(now_ms), txn=txn)
             self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
         await self._kv.sync()
         return contact
@@ -359,6 +378,82 @@ class Registry:
             )
         await self._kv.sync()
         return True
+
+    def invalidate_phone(self, tenant: str, user: str, *, at_ms: int, reason: str) -> bool:
+        """Mark the user's phone number dead (the SMS provider refused it as invalid) and log
+        it in the contact log, in one transaction; False if the user has no number. No sync
+        (the delivery worker syncs before it commits)."""
+        key = _user_key(tenant, user)
+        with self._kv.transaction() as txn:
+            profile = self._profiles.get(key, txn=txn)
+            contact = profile.contact if profile is not None else None
+            if profile is None or contact is None or not contact.phone:
+                return False
+            if contact.phone_invalid_ms is None:
+                contact = msgspec.structs.replace(
+                    contact, phone_invalid_ms=at_ms, phone_invalid_reason=reason[:200]
+                )
+                self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
+            self._log_contact(
+                key,
+                ContactEvent(
+                    at_ms=at_ms,
+                    channel="sms",
+                    kind="invalidated",
+                    source="delivery",
+                    address=contact.phone,
+                    detail=reason[:200],
+                ),
+                txn,
+            )
+        return True
+
+    def mark_devices_invalid(
+        self, tenant: str, user: str, tokens: Sequence[str], *, at_ms: int, reason: str
+    ) -> int:
+        """Mark these push tokens dead (APNs or FCM said so) and log each in the contact log,
+        in one transaction; returns how many were marked (unknown tokens are skipped). No
+        sync (the delivery worker syncs before it commits)."""
+        key = _user_key(tenant, user)
+        marked = 0
+        with self._kv.transaction() as txn:
+            profile = self._profiles.get(key, txn=txn)
+            if profile is None:
+                return 0
+            devices = dict(profile.devices)
+            for token in tokens:
+                device = devices.get(token)
+                if device is None:
+                    continue
+                if device.invalid_since_ms is None:
+                    devices[token] = msgspec.structs.replace(device, invalid_since_ms=at_ms)
+                marked += 1
+                self._log_contact(
+                    key,
+                    ContactEvent(
+                        at_ms=at_ms,
+                        channel="push",
+                        kind="invalidated",
+                        source="delivery",
+                        address=token,
+                        detail=reason[:200],
+                    ),
+                    txn,
+                )
+            if marked:
+                self._profiles.put(key, msgspec.structs.replace(profile, devices=devices), txn=txn)
+        return marked
+
+    def phone_owners(self, phone: str, limit: int = 1000) -> list[tuple[str, str]]:
+        """(tenant, user) of every user whose phone number is ``phone``, at most ``limit``."""
+        out: list[tuple[str, str]] = []
+        prefix = phone.encode() + b"\0"
+        for k in self._phones.keys(prefix):
+            tenant, _, user = bytes(k)[len(prefix) :].partition(b"\0")
+            out.append((tenant.decode(), user.decode()))
+            if len(out) >= limit:
+                break
+        return out
 
     def note_contact(self, tenant: str, user: str, event: ContactEvent) -> None:
         """Append ``event`` to the user's contact log (no sync)."""
@@ -647,7 +742,7 @@ class Registry:
         """Append ``entry`` to the user's consent ledger and fold it into the current state
         (:func:`apply_consent`), in one transaction; returns the new state of the channel.
         ``channel`` is one of ``CHANNELS`` or ``"*"``."""
-        key = _user_key(tenant, user)
+        _user_key(tenant, user)  # the ids checked before the entry
         if entry.channel != "*" and entry.channel not in CHANNELS:
             raise InvalidRequest(f"channel: one of {', '.join(CHANNELS)} or *", field="channel")
         if not 1 <= len(entry.source) <= MAX_SOURCE:
@@ -656,6 +751,15 @@ class Registry:
             raise InvalidRequest(
                 "scope: category:<name> or topic:<name>, at most 200 bytes", field="scope"
             )
+        state = self.note_consent(tenant, user, entry)
+        await self._kv.sync()
+        return state
+
+    def note_consent(self, tenant: str, user: str, entry: Consent) -> ConsentState:
+        """:meth:`record_consent` without the sync, for callers that sync themselves (the
+        delivery worker, a batch of inbound STOPs). Checks nothing: the caller builds
+        ``entry`` itself."""
+        key = _user_key(tenant, user)
         state_key = consent_key(entry.channel, entry.scope)
         prefix = key + b"\0" + state_key.encode() + b"\0"
         with self._kv.transaction() as txn:
@@ -666,7 +770,6 @@ class Registry:
             state = apply_consent(profile.consent.get(state_key), entry)
             consent = {**profile.consent, state_key: state}
             self._profiles.put(key, msgspec.structs.replace(profile, consent=consent), txn=txn)
-        await self._kv.sync()
         return state
 
     def consent_state(self, tenant: str, user: str) -> dict[str, ConsentState]:
@@ -799,6 +902,10 @@ class Registry:
             n += self._user_subs.delete_prefix(key + b"\0", txn=txn)
             n += self._consent.delete_prefix(key + b"\0", txn=txn)
             n += self._contact_log.delete_prefix(key + b"\0", txn=txn)
+            held = self._profiles.get(key, txn=txn)
+            phone = held.contact.phone if held and held.contact else None
+            if phone:
+                n += self._phones.delete(_phone_key(phone, key), txn=txn)
             n += self._profiles.delete(key, txn=txn)
             n += self._windows.delete(key, txn=txn)
         await self._kv.sync()
@@ -806,6 +913,10 @@ class Registry:
 
 
 # ------------------------------------------------------------------------------- keys
+def _phone_key(phone: str, user_key: bytes) -> bytes:
+    return phone.encode() + b"\0" + user_key
+
+
 def _part(value: str, field: str, max_bytes: int) -> bytes:
     raw = value.encode() if isinstance(value, str) else b""
     if not raw or len(raw) > max_bytes or b"\0" in raw:

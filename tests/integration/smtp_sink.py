@@ -10,6 +10,7 @@ import email
 import email.policy
 import ipaddress
 import ssl
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class Received:
     data: bytes
     tls: bool
     peer_port: int
+    at: float = field(default_factory=time.monotonic)  # when it arrived (monotonic)
 
     @property
     def message(self) -> EmailMessage:

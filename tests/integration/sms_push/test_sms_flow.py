@@ -1,0 +1,214 @@
+"""SMS end to end on a real node: events to a fake Twilio on 127.0.0.1 (form fields and basic
+auth checked there), inbound STOP / START / HELP signed as Twilio signs them, STOP's silence
+even for a mandatory critical topic, invalid numbers and Twilio's 21610 marking the contact,
+and failover between two providers and back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from channels.config import BreakerConfig, SmsConfig
+
+from ..channels.fake_twilio import FakeTwilio
+from .conftest import BACKUP, SENDER, StartNode, node_config, provider
+
+PHONE = "+14155550100"
+
+
+def sms_config(*providers: object, **kw: object) -> SmsConfig:
+    kw.setdefault("breaker", BreakerConfig(failure_threshold=2, open_ms=300, max_open_ms=600))
+    return SmsConfig(providers=list(providers), timeout_ms=2000, **kw)  # type: ignore[arg-type]
+
+
+async def test_an_event_reaches_twilio_as_its_form_and_the_sid_is_recorded(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    await node.user("ann", "orders.shipped", phone=PHONE)
+    event = await node.publish(topic="orders.shipped", users=["ann"], payload={"order": 42})
+    row = await node.settled(event, "sms", {"delivered"})
+    (msg,) = twilio.messages
+    assert msg.form["To"] == PHONE and msg.form["From"] == SENDER
+    assert msg.form["Body"]  # the built-in SMS template's text
+    assert f"provider_message_id={msg.sid}" in row["detail"]
+
+
+async def test_stop_silences_sms_at_once_even_for_a_mandatory_critical_topic_and_start_undoes_it(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    cfg = node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    node = await start_node(cfg)
+    await node.ok("PUT", "/admin/mandatory/security.alert")
+    await node.user("ann", "security.alert", phone=PHONE)
+    await node.user("bob", "security.alert", phone="+14155550101")
+    first = await node.publish(topic="security.alert", priority="critical", payload={})
+    await node.settled(first, "sms", {"delivered"}, user="ann")
+    await node.settled(first, "sms", {"delivered"}, user="bob")
+    assert len(twilio.sent_to(PHONE)) == 1
+
+    code, twiml = await node.inbound("Stop", sender=PHONE)
+    assert code == 200
+    assert twiml.startswith("<?xml") and "<Message>You are unsubscribed" in twiml
+    consent = await node.ok("GET", "/users/ann/consent")
+    entry = consent["ledger"][-1]
+    assert (entry["channel"], entry["opted_in"], entry["source"], entry["legal"]) == (
+        "sms",
+        False,
+        "sms_stop",
+        True,
+    )
+
+    second = await node.publish(topic="security.alert", priority="critical", payload={})
+    row = await node.settled(second, "sms", {"suppressed"}, user="ann")
+    assert row["reason"] == "legal_opt_out"
+    await node.settled(second, "sms", {"delivered"}, user="bob")  # only ann said stop
+    assert len(twilio.sent_to(PHONE)) == 1
+
+    code, twiml = await node.inbound("START", sender=PHONE)
+    assert code == 200 and "subscribed to Herald notifications again" in twiml
+    third = await node.publish(topic="security.alert", priority="critical", payload={})
+    await node.settled(third, "sms", {"delivered"}, user="ann")
+    assert len(twilio.sent_to(PHONE)) == 2
+
+
+async def test_a_stop_after_the_fan_out_still_wins_before_the_send(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    """The worker checks consent again just before each send: a delivery already queued (here
+    waiting for a retry) is not sent once the user has said STOP."""
+    cfg = node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    node = await start_node(cfg)
+    await node.user("ann", "security.alert", phone=PHONE)
+    twilio.down = True
+    event = await node.publish(topic="security.alert", priority="critical", payload={})
+    await node.settled(event, "sms", {"undelivered"})
+    await node.inbound("revoke", sender=PHONE)
+    twilio.down = False
+    row = await node.settled(event, "sms", {"suppressed"})
+    assert row["reason"] == "legal_opt_out"
+    assert not twilio.messages
+
+
+@pytest.mark.parametrize(
+    "text", ["opt out", "Opt-Out", "STOPALL", "unsubscribe", "Stop texting me"]
+)
+async def test_the_tcpa_revocation_words_opt_out(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio, text: str
+) -> None:
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    await node.user("ann", phone=PHONE)
+    code, _twiml = await node.inbound(text, sender=PHONE)
+    assert code == 200
+    state = (await node.ok("GET", "/users/ann/consent"))["channels"]["sms"]
+    assert state["opted_in"] is False and state["legal"] is True
+
+
+async def test_help_answers_who_sends_and_records_nothing(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    sms = sms_config(
+        provider(twilio), help_text="Acme alerts. 4 msgs/mo. Msg&data rates may apply."
+    )
+    node = await start_node(node_config(tmp_path, channels=["sms"], sms=sms))
+    await node.user("ann", phone=PHONE)
+    code, twiml = await node.inbound("help", sender=PHONE)
+    assert code == 200
+    assert "<Message>Acme alerts. 4 msgs/mo. Msg&amp;data rates may apply.</Message>" in twiml
+    assert (await node.ok("GET", "/users/ann/consent"))["ledger"] == []
+    code, twiml = await node.inbound("thanks!", sender=PHONE)
+    assert code == 200 and "<Message>" not in twiml
+
+
+async def test_an_unsigned_or_forged_inbound_text_is_refused_and_changes_nothing(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    await node.user("ann", phone=PHONE)
+    code, _ = await node.inbound("STOP", sender=PHONE, signed_with="not-the-token")
+    assert code == 403
+    code, _ = await node.inbound("STOP", sender=PHONE, account=BACKUP)  # not configured here
+    assert code == 403
+    assert (await node.ok("GET", "/users/ann/consent"))["ledger"] == []
+
+
+async def test_an_invalid_number_is_dead_lettered_marked_and_not_tried_again(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    twilio.invalid.add("+15005550001")
+    await node.user("ann", "orders.shipped", phone="+15005550001")
+    first = await node.publish(topic="orders.shipped", payload={})
+    row = await node.settled(first, "sms", {"dead_lettered"})
+    assert row["reason"] == "invalid_number"
+    second = await node.publish(topic="orders.shipped", payload={})
+    row = await node.settled(second, "sms", {"suppressed"})
+    assert row["reason"] == "address_invalid" and "+15005550001" in row["detail"]
+    assert len(twilio.requests) == 1
+    # a new number starts clean
+    await node.ok("PUT", "/users/ann", {"phone": PHONE})
+    third = await node.publish(topic="orders.shipped", payload={})
+    await node.settled(third, "sms", {"delivered"})
+
+
+async def test_twilios_unsubscribed_recipient_becomes_a_legal_opt_out(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    twilio.unsubscribed.add(PHONE)
+    await node.user("ann", "orders.shipped", phone=PHONE)
+    first = await node.publish(topic="orders.shipped", payload={})
+    row = await node.settled(first, "sms", {"dead_lettered"})
+    assert row["reason"] == "recipient_unsubscribed"
+    state = (await node.ok("GET", "/users/ann/consent"))["channels"]["sms"]
+    assert (state["opted_in"], state["legal"], state["source"]) == (
+        False,
+        True,
+        "provider_unsubscribed",
+    )
+    second = await node.publish(topic="orders.shipped", payload={})
+    assert (await node.settled(second, "sms", {"suppressed"}))["reason"] == "legal_opt_out"
+
+
+async def test_failover_to_a_second_provider_and_back_after_a_probe(
+    tmp_path: Path,
+    start_node: StartNode,
+    twilio: FakeTwilio,
+    backup_twilio: FakeTwilio,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("WARNING", logger="herald.channels.failover")
+    sms = sms_config(provider(twilio), provider(backup_twilio, "backup"))
+    node = await start_node(node_config(tmp_path, channels=["sms"], sms=sms))
+    await node.user("ann", "orders.shipped", phone=PHONE)
+    twilio.down = True
+    for _ in range(4):
+        event = await node.publish(topic="orders.shipped", payload={})
+        await node.settled(event, "sms", {"delivered"})
+    assert len(backup_twilio.messages) == 4
+    assert len(twilio.requests) == 2  # then its breaker opened: no more requests to it
+    twilio.down = False
+    await asyncio.sleep(0.35)  # the primary's cool-down
+    for _ in range(3):
+        event = await node.publish(topic="orders.shipped", payload={})
+        await node.settled(event, "sms", {"delivered"})
+    assert len(twilio.messages) == 3 and len(backup_twilio.messages) == 4
+    moves = [r.getMessage() for r in caplog.records if "event=breaker_" in r.getMessage()]
+    print("\n".join(moves))
+    assert [m.split()[0] for m in moves] == [
+        "event=breaker_open",
+        "event=breaker_half_open",
+        "event=breaker_closed",
+    ]

@@ -240,6 +240,18 @@ class TemplatesConfig(_Section):
     cache_size: int = 4096
 
 
+class ChannelLimits(_Section, kw_only=True):
+    """One channel's own delivery pool: how many sends at once, how many deliveries per
+    batch, and the queue depth past which it sheds low and normal priority (unset: the
+    ``[notify]`` value). Each channel's workers, queue and breakers are its own already; this
+    sizes them (an SMS sender at 1 message/s gains nothing from 64 sends at once)."""
+
+    channel: str
+    deliver_concurrency: int | None = None
+    deliver_batch: int | None = None
+    queue_depth_bound: int | None = None
+
+
 class NotifyConfig(_Section):
     """The notifications core (``notify/``, docs/NOTIFY.md)."""
 
@@ -262,6 +274,7 @@ class NotifyConfig(_Section):
     link_secret: str = ""
     retry: RetrySchedule = msgspec.field(default_factory=RetrySchedule)
     retry_overrides: list[ChannelRetry] = []
+    channel_limits: list[ChannelLimits] = []
     templates: TemplatesConfig = msgspec.field(default_factory=TemplatesConfig)
 
     def schedule(self, channel: str) -> RetrySchedule:
@@ -269,6 +282,17 @@ class NotifyConfig(_Section):
             if o.channel == channel:
                 return o
         return self.retry
+
+    def limits(self, channel: str) -> tuple[int, int, int]:
+        """(deliver-concurrency, deliver-batch, queue-depth-bound) of ``channel``."""
+        for o in self.channel_limits:
+            if o.channel == channel:
+                return (
+                    o.deliver_concurrency or self.deliver_concurrency,
+                    o.deliver_batch or self.deliver_batch,
+                    o.queue_depth_bound or self.queue_depth_bound,
+                )
+        return self.deliver_concurrency, self.deliver_batch, self.queue_depth_bound
 
 
 class GatewayConfig(_Section):
@@ -359,7 +383,12 @@ def _validate(cfg: Config) -> Config:
                 f"(built in: {', '.join(BUILT_IN + WIRED_BY_NODE)})"
             )
     known = ("webhook", "console", "null", "inapp", "push", "email", "sms")
-    for name in (*n.default_channels, *(o.channel for o in n.retry_overrides)):
+    named = (
+        *n.default_channels,
+        *(o.channel for o in n.retry_overrides),
+        *(o.channel for o in n.channel_limits),
+    )
+    for name in named:
         if name not in known:
             raise ConfigError(f"notify: unknown channel {name!r} (known: {', '.join(known)})")
     for sched in (n.retry, *n.retry_overrides):
@@ -376,6 +405,10 @@ def _validate(cfg: Config) -> Config:
     ):
         if value < 1:
             raise ConfigError(f"notify.{name} must be >= 1")
+    for o in n.channel_limits:
+        for limit in (o.deliver_concurrency, o.deliver_batch, o.queue_depth_bound):
+            if limit is not None and limit < 1:
+                raise ConfigError(f"notify.channel-limits ({o.channel}): values must be >= 1")
     _validate_quotas(cfg)
     _validate_gateway(cfg.gateway)
     a = cfg.admission

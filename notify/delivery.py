@@ -96,7 +96,7 @@ class DeliveryWorker(Stage):
             kv,
             group=f"notify.deliver.{name}",
             topics=[f"__deliver.{name}"],
-            batch=config.deliver_batch,
+            batch=config.limits(name)[1],
             max_batch_bytes=max_batch_bytes,
             stopping=stopping,
         )
@@ -108,6 +108,8 @@ class DeliveryWorker(Stage):
         self.dead = dead
         self.config = config
         self.schedule = config.schedule(name)
+        # this channel's own pool: sends at once and the depth past which it sheds
+        self.concurrency, _batch, self.queue_depth_bound = config.limits(name)
         self.clock = clock
         self.log_end = log_end
         self.rand = rand
@@ -173,7 +175,7 @@ class DeliveryWorker(Stage):
             while queue:
                 await self._user(queue.pop(), lag)
 
-        n = min(self.config.deliver_concurrency, len(queue))
+        n = min(self.concurrency, len(queue))
         if n <= 1:
             await work()
         else:
@@ -359,7 +361,7 @@ class DeliveryWorker(Stage):
                     d, "deferred", reason="strict_order", detail=f"behind {blocker.delivery_id}"
                 )
                 return []
-        bound = self.config.queue_depth_bound
+        bound = self.queue_depth_bound
         if (d.priority == "low" and lag > bound) or (d.priority == "normal" and lag > 2 * bound):
             self._mark(d, final=FINAL)
             self._audit(d, "shed", reason="queue_depth", detail=f"{lag} waiting")

@@ -109,11 +109,28 @@ def test_segment_size_beyond_what_the_index_can_address_is_refused(tmp_path: Pat
 
 def test_notify_channels_must_be_built_in(tmp_path: Path) -> None:
     path = tmp_path / "herald.toml"
-    path.write_text('[notify]\nchannels = ["sms"]\n')
+    path.write_text('[notify]\nchannels = ["inapp"]\n')  # known, but no channel built for it
     with pytest.raises(ConfigError, match=r"notify\.channels"):
         load_config(path)
     path.write_text("[notify.retry]\ndelays-ms = [0]\n")
     with pytest.raises(ConfigError, match=r"notify\.retry"):
+        load_config(path)
+
+
+def test_a_channel_sizes_its_own_pool(tmp_path: Path) -> None:
+    path = tmp_path / "herald.toml"
+    path.write_text(
+        "[notify]\ndeliver-concurrency = 64\nqueue-depth-bound = 1000\n"
+        '[[notify.channel-limits]]\nchannel = "sms"\ndeliver-concurrency = 4\n'
+    )
+    n = load_config(path).notify
+    assert n.limits("sms") == (4, 2000, 1000)
+    assert n.limits("webhook") == (64, 2000, 1000)
+    path.write_text('[[notify.channel-limits]]\nchannel = "pager"\n')
+    with pytest.raises(ConfigError, match="pager"):
+        load_config(path)
+    path.write_text('[[notify.channel-limits]]\nchannel = "sms"\ndeliver-batch = 0\n')
+    with pytest.raises(ConfigError, match="channel-limits"):
         load_config(path)
 
 

@@ -80,5 +80,5 @@ def test_the_registry_makes_each_built_in_channel_by_name() -> None:
     cfg = ChannelsConfig(webhook=WebhookConfig(timeout_ms=9000))
     webhook = make_channel("webhook", cfg)
     assert isinstance(webhook, WebhookChannel) and webhook.config.timeout_ms == 9000
-    with pytest.raises(KeyError, match="sms"):
-        make_channel("sms")
+    with pytest.raises(KeyError, match="inapp"):
+        make_channel("inapp")

@@ -239,10 +239,8 @@ def node_config(
     **extra: Any,
 ) -> Config:
     cfg = Config()
-    retry = [
-        ChannelRetry(channel=ch, delays_ms=extra.pop("delays_ms", [200, 400]), jitter=0.0)
-        for ch in channels
-    ]
+    delays = extra.pop("delays_ms", [200, 400])
+    retry = [ChannelRetry(channel=ch, delays_ms=delays, jitter=0.0) for ch in channels]
     return msgspec.structs.replace(
         cfg,
         listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0),

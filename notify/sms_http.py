@@ -34,6 +34,7 @@ from typing import Final
 
 from aiohttp import web
 
+from broker.errors import InvalidRequest
 from broker.openapi import Route
 from channels.config import SmsConfig
 from channels.twilio import keyword, signature_ok, twiml_message
@@ -76,7 +77,7 @@ class SmsInbound:
                 raw.decode(), keep_blank_values=True, strict_parsing=bool(raw)
             )
         except (UnicodeDecodeError, ValueError):
-            return _refused(400, "not a form")
+            raise InvalidRequest("the body is not a form (application/x-www-form-urlencoded)")
         form = dict(params)
         token = self.tokens.get(form.get("AccountSid", ""))
         url = self.config.inbound_public_url or str(request.url)

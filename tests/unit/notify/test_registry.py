@@ -65,6 +65,8 @@ def everything_held(kv: KV) -> list[tuple[str, bytes]]:
         "notify.topic_subs",
         "notify.topic_counts",
         "notify.consent",
+        "notify.contact_log",
+        "notify.phones",
         "notify.windows",
         "notify.defaults",
         "notify.mandatory",

@@ -40,9 +40,11 @@ async def receiver() -> AsyncIterator[Receiver]:
         await r.stop()
 
 
-def p99(values: list[float]) -> float:
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """p50, p90, p99 in milliseconds."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    at = [ordered[min(len(ordered) - 1, int(len(ordered) * f))] for f in (0.5, 0.9, 0.99)]
+    return (round(at[0] * 1000, 1), round(at[1] * 1000, 1), round(at[2] * 1000, 1))
 
 
 async def test_a_hanging_sms_provider_does_not_slow_email_or_webhooks_and_loses_nothing(
@@ -53,7 +55,12 @@ async def test_a_hanging_sms_provider_does_not_slow_email_or_webhooks_and_loses_
     start_node: StartNode,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    await fault_run(tmp_path, twilio, sink, receiver, start_node, caplog, "hang", events=40)
+    # three rounds of 40 healthy then 40 faulty events (Twilio hanging for 2 s each time, long
+    # enough for the SMS breaker to open): the machine's own load (other suites on this shared
+    # box) drifts over seconds, and alternating spreads it over both conditions
+    await fault_run(
+        tmp_path, twilio, sink, receiver, start_node, caplog, "hang", events=40, rounds=3
+    )
 
 
 @pytest.mark.slow
@@ -83,9 +90,11 @@ async def fault_run(
     *,
     events: int,
     gap_s: float = 0.05,
+    rounds: int = 1,
 ) -> None:
-    """``events`` events with Twilio healthy, then ``events`` more with Twilio faulty
-    (``hang`` or ``down``: 503), one user each on email, webhook and SMS; then Twilio heals."""
+    """``rounds`` times: ``events`` events with Twilio healthy, then ``events`` more with
+    Twilio faulty (``hang`` or ``down``: 503), one user each on email, webhook and SMS; then
+    Twilio heals and every SMS must arrive."""
     caplog.set_level("WARNING", logger="herald.channels.failover")
     cfg = node_config(
         tmp_path,
@@ -101,7 +110,7 @@ async def fault_run(
         webhook=WebhookConfig(allow_networks=["127.0.0.1/32"]),
     )
     node = await start_node(cfg)
-    users = [f"u{i:04d}" for i in range(2 * events)]
+    users = [f"u{i:04d}" for i in range(2 * events * rounds)]
     for i, user in enumerate(users):
         await node.user(
             user,
@@ -131,21 +140,32 @@ async def fault_run(
             "webhook": [hooks[u] - sent[u] for u in batch],
         }
 
-    healthy = await phase(users[:events])
-    setattr(twilio, fault, True)
-    faulty = await phase(users[events:])
-    setattr(twilio, fault, False)
+    healthy: dict[str, list[float]] = {"email": [], "webhook": []}
+    faulty: dict[str, list[float]] = {"email": [], "webhook": []}
+    for r in range(rounds):
+        block = users[2 * r * events : 2 * (r + 1) * events]
+        for ch, values in (await phase(block[:events])).items():
+            healthy[ch] += values
+        setattr(twilio, fault, True)
+        for ch, values in (await phase(block[events:])).items():
+            faulty[ch] += values
+        setattr(twilio, fault, False)
 
-    report = {ch: (p99(healthy[ch]) * 1000, p99(faulty[ch]) * 1000) for ch in ("email", "webhook")}
-    print(
-        "\n".join(
-            f"{ch}: p99 {base:.1f} ms healthy, {fault_p99:.1f} ms with Twilio {fault}"
-            for ch, (base, fault_p99) in report.items()
-        )
-    )
-    for ch, (base, fault_p99) in report.items():
-        # within 20% (plus 20 ms: the loop's own jitter on a shared 2-core machine)
-        assert fault_p99 <= base * 1.2 + 20, (ch, base, fault_p99)
+    report = {
+        ch: {
+            name: quantiles(values[ch])
+            for name, values in (("healthy", healthy), ("faulty", faulty))
+        }
+        for ch in ("email", "webhook")
+    }
+    for ch, q in report.items():
+        print(f"{ch}: p50/p90/p99 ms healthy {q['healthy']}, with Twilio {fault} {q['faulty']}")
+    for ch, q in report.items():
+        (_h50, h90, h99), (_f50, f90, f99) = q["healthy"], q["faulty"]
+        # the bulk of the distribution: within 20% (+10 ms of timer granularity)
+        assert f90 <= h90 * 1.2 + 10, (ch, q)
+        # the tail: within 20% (+20 ms: one descheduling on this shared 2-core box)
+        assert f99 <= h99 * 1.2 + 20, (ch, q)
 
     # every SMS arrives once Twilio answers again: nothing lost, each number once
     deadline = time.monotonic() + 90

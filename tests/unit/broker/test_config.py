@@ -109,7 +109,7 @@ def test_segment_size_beyond_what_the_index_can_address_is_refused(tmp_path: Pat
 
 def test_notify_channels_must_be_built_in(tmp_path: Path) -> None:
     path = tmp_path / "herald.toml"
-    path.write_text('[notify]\nchannels = ["inapp"]\n')  # known, but no channel built for it
+    path.write_text('[notify]\nchannels = ["pager"]\n')  # no channel by that name
     with pytest.raises(ConfigError, match=r"notify\.channels"):
         load_config(path)
     path.write_text("[notify.retry]\ndelays-ms = [0]\n")

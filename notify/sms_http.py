@@ -132,6 +132,7 @@ class SmsInbound:
                 answer=bytes,
                 media_type=_XML,
                 errors=(403, 413),
+                body_types=("application/x-www-form-urlencoded",),
                 description="Form-encoded as Twilio posts it, signed with X-Twilio-Signature. "
                 "STOP (and the TCPA's revocation words) is a legal opt-out of SMS for every "
                 "user with the sender's number, recorded in the consent ledger before the "

@@ -60,7 +60,9 @@ from bench.scenarios.environment import check_disk, git_commit, machine
 from bench.scenarios.measure import ForeignLoad, Sample
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("limits", "produce", "consume", "latency", "http", "single")
+# http last: the events it posts keep the node's notifications engine busy for a while after
+# it ends, which would load the node under whichever scenario came next
+SCENARIOS = ("limits", "produce", "consume", "latency", "single", "http")
 INTRO = (
     "Herald against Redis Streams and NATS JetStream on one machine, all three started by"
     " `python -m bench.run` (`make bench`) on 127.0.0.1 with fresh data directories on the"

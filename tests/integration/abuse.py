@@ -27,6 +27,7 @@ from broker import protocol as p
 from broker.client import Client
 
 from .herald_process import HOST, HeraldProcess, Nodes
+from .raw_http import RawHttp
 from .raw_wire import RawConnection
 
 # keys of the tenants the tests play
@@ -355,3 +356,34 @@ def close_all(socks: list[socket.socket]) -> None:
 
 def start(factory: Nodes, toml: str) -> HeraldProcess:
     return factory(config=toml)
+
+
+def flood_with_cut_requests(
+    node: HeraldProcess, one: bytes, total_bytes: int, timeout: float
+) -> Victim:
+    """Pipeline copies of the request ``one`` over one connection, ``total_bytes`` in all,
+    every write ending mid-request (the old hand-off buffer kept every byte since the last
+    request boundary, so such a stream grew it byte for byte); check each complete request is
+    answered 400 and that a victim of another tenant is served meanwhile."""
+    stream = one * 4096
+    rounds = total_bytes // len(stream)
+    expected = rounds * 4096 - 1  # every write ends mid-request; the last one is never done
+    cut = len(stream) - len(one) // 2
+    with Victim(node) as victim, RawHttp(node.host, node.http_port, source=source(0)) as conn:
+        start = time.monotonic()
+        answers = 0
+
+        def read() -> None:
+            nonlocal answers
+            while answers < expected:
+                assert conn.response().status == 400
+                answers += 1
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        for i in range(rounds):
+            conn.send(stream[:cut] if i == 0 else stream[cut:] + stream[:cut])
+        reader.join(timeout)
+        assert answers == expected
+        victim.served(start, time.monotonic())
+    return victim

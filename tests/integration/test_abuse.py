@@ -12,7 +12,6 @@ import json
 import resource
 import socket
 import struct
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from .abuse import (
     closed_by_peer,
     config,
     connect_many,
+    flood_with_cut_requests,
     meter,
     source,
 )
@@ -93,28 +93,8 @@ def test_200_mib_of_requests_cut_mid_request_keep_memory_flat(
     one = request(
         "POST", "/events", b'{"topic": "t"}', headers={"Authorization": f"Bearer {MALLORY_KEY}"}
     )
-    stream = one * 4096
-    rounds = 200 * MiB // len(stream)
-    expected = rounds * 4096 - 1
-    cut = len(stream) - len(one) // 2
     rss = m.rss()
-    with Victim(node) as victim, RawHttp(node.host, node.http_port, source=source(0)) as conn:
-        start = time.monotonic()
-        answers = 0
-
-        def read() -> None:
-            nonlocal answers
-            while answers < expected:
-                assert conn.response().status == 400
-                answers += 1
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        for i in range(rounds):
-            conn.send(stream[:cut] if i == 0 else stream[cut:] + stream[:cut])
-        reader.join(300)
-        assert answers == expected
-        victim.served(start, time.monotonic())
+    victim = flood_with_cut_requests(node, one, 200 * MiB, timeout=300)
     measured("200 MiB cut pipelined", rss=m.rss() - rss, worst=victim)
     assert m.rss() - rss < 16 * MiB  # was byte for byte
 

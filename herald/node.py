@@ -507,7 +507,11 @@ class Node:
             )
             if gateway is not None:
                 listeners.routes.append(retract_route(gateway.retract, listeners.api.principal))
-            listeners.routes.extend(sms_routes(cfg.channels.sms, registry, engine.clock))
+            listeners.routes.extend(
+                sms_routes(
+                    cfg.channels.sms, registry, engine.clock, cfg.admission.auth_failures_per_minute
+                )
+            )
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             metrics = Metrics(
                 Stats(broker.service, listeners.tcp, listeners.api.stats, listeners.admission),

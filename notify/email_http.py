@@ -27,15 +27,17 @@ from __future__ import annotations
 import hmac
 import html
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import msgspec
 from aiohttp import web
 
+from broker.admission import AuthThrottle
 from broker.auth import Principal
 from broker.config import Config
-from broker.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
+from broker.errors import AuthThrottled, Forbidden, InvalidRequest, NotFound, Unauthenticated
 from broker.openapi import Route
 from channels.base import EmailContent, PushContent, SmsContent
 from notify import render
@@ -134,6 +136,8 @@ class EmailHttp:
         self.clock = clock
         self._enc = msgspec.json.Encoder()
         self.bounce_secret = config.channels.email.bounce_secret.encode()
+        # wrong secrets count per source address, as failed API keys do
+        self.throttle = AuthThrottle(config.admission.auth_failures_per_minute, time.monotonic)
 
     def json(self, body: Any, status: int = 200) -> web.Response:
         return web.Response(
@@ -194,10 +198,14 @@ class EmailHttp:
     async def bounce(self, request: web.Request) -> web.StreamResponse:
         if not self.bounce_secret:
             raise NotFound("the bounce hook is off ([channels.email] bounce-secret is empty)")
+        address = request.remote or "-"
+        if not self.throttle.allowed(address):
+            raise AuthThrottled("too many wrong bounce secrets from this address")
         given = request.headers.get("Authorization", "").encode()
         if not given.startswith(b"Bearer "):
             raise Unauthenticated("a bearer secret is required")
         if not hmac.compare_digest(given[7:].strip(), self.bounce_secret):
+            self.throttle.failed(address)
             raise Forbidden("the bounce secret does not match")
         body = msgspec.json.decode(await request.read(), type=BounceIn)
         if body.ref is not None:
@@ -390,10 +398,12 @@ class EmailHttp:
                   "any, is the RFC 8058 form (List-Unsubscribe=One-Click) as "
                   "application/x-www-form-urlencoded or multipart/form-data."),
             Route("POST", "/hooks/email/bounce", self.bounce, "Bounce and complaint intake",
-                  "consent", scopes=None, body=BounceIn, answer=BounceOut, errors=(401, 403, 404),
-                  own_auth=True,
+                  "consent", scopes=None, body=BounceIn, answer=BounceOut,
+                  errors=(401, 403, 404, 429), own_auth=True,
                   description="Authorization: Bearer <[channels.email] bounce-secret>. A hard "
-                  "bounce invalidates the address; a complaint opts the user out of email."),
+                  "bounce invalidates the address; a complaint opts the user out of email. An "
+                  "address that keeps giving wrong secrets is answered 429 without a check "
+                  "(admission.auth-failures-per-minute)."),
             Route("GET", "/templates", self.list_templates, "List your templates", "templates",
                   scopes=READ, answer=TemplatesOut),
             Route("PUT", "/templates/{topic}/{channel}", self.put_template,

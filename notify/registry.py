@@ -112,6 +112,15 @@ class _PhoneOwner(msgspec.Struct, array_like=True):
     since_ms: int
 
 
+class PhoneStop(msgspec.Struct, array_like=True):
+    """A standing STOP texted from a phone number (``notify.phone_stops``): kept by number,
+    not by user, so a user given that number later (or a number nobody had yet) starts
+    opted out of SMS. A START from the number removes it."""
+
+    at_ms: int
+    source: str
+
+
 class Subscriber(NamedTuple):
     """One entry of a topic's subscribers: the user, the channels they subscribed with, and
     their filter (None: every event of the topic)."""
@@ -187,6 +196,7 @@ class Registry:
         self._consent = kv.table("notify.consent", Consent)
         self._contact_log = kv.table("notify.contact_log", ContactEvent)
         self._phones = kv.table("notify.phones", _PhoneOwner)
+        self._phone_stops = kv.table("notify.phone_stops", PhoneStop)
         self._windows = kv.table("notify.windows", UserWindows)
         self._defaults = kv.table("notify.defaults", StoredPreferences)
         self._mandatory = kv.table("notify.mandatory", Mandatory)
@@ -244,12 +254,21 @@ class Registry:
                     phone_invalid_reason=was.phone_invalid_reason,
                 )
             old_phone = was.phone if was is not None else None
+            profile = msgspec.structs.replace(profile, contact=contact)
             if old_phone != contact.phone:
                 if old_phone:
                     self._phones.delete(_phone_key(old_phone, key), txn=txn)
                 if contact.phone:
                     self._phones.put(_phone_key(contact.phone, key), _PhoneOwner(now_ms), txn=txn)
-            self._profiles.put(key, msgspec.structs.replace(profile, contact=contact), txn=txn)
+                    stop = self._phone_stops.get(contact.phone.encode(), txn=txn)
+                    if stop is not None:
+                        # the number said STOP before this user had it: that still binds
+                        entry = Consent(
+                            channel="sms", opted_in=False, legal=True, at_ms=now_ms,
+                            source=stop.source,
+                        )  # fmt: skip
+                        profile = self._append_consent(key, profile, entry, txn)
+            self._profiles.put(key, profile, txn=txn)
         await self._kv.sync()
         return contact
 
@@ -760,17 +779,34 @@ class Registry:
         delivery worker, a batch of inbound STOPs). Checks nothing: the caller builds
         ``entry`` itself."""
         key = _user_key(tenant, user)
+        with self._kv.transaction() as txn:
+            profile = self._profiles.get(key, txn=txn) or Profile(created_ms=entry.at_ms)
+            profile = self._append_consent(key, profile, entry, txn)
+            self._profiles.put(key, profile, txn=txn)
+        return profile.consent[consent_key(entry.channel, entry.scope)]
+
+    def _append_consent(self, key: bytes, profile: Profile, entry: Consent, txn: Txn) -> Profile:
+        """Append ``entry`` to the ledger of user ``key`` and return ``profile`` with the
+        entry folded into its consent state (the caller puts the profile)."""
         state_key = consent_key(entry.channel, entry.scope)
         prefix = key + b"\0" + state_key.encode() + b"\0"
-        with self._kv.transaction() as txn:
-            last = self._consent.last(prefix, txn=txn)
-            seq = 1 if last is None else _SEQ.unpack(last[0][len(prefix) :])[0] + 1
-            self._consent.put(prefix + _SEQ.pack(seq), entry, txn=txn)
-            profile = self._profiles.get(key, txn=txn) or Profile(created_ms=entry.at_ms)
-            state = apply_consent(profile.consent.get(state_key), entry)
-            consent = {**profile.consent, state_key: state}
-            self._profiles.put(key, msgspec.structs.replace(profile, consent=consent), txn=txn)
-        return state
+        last = self._consent.last(prefix, txn=txn)
+        seq = 1 if last is None else _SEQ.unpack(last[0][len(prefix) :])[0] + 1
+        self._consent.put(prefix + _SEQ.pack(seq), entry, txn=txn)
+        state = apply_consent(profile.consent.get(state_key), entry)
+        return msgspec.structs.replace(profile, consent={**profile.consent, state_key: state})
+
+    # ------------------------------------------------------------------- phone STOPs
+    def note_phone_stop(self, phone: str, *, at_ms: int, source: str) -> None:
+        """Remember that ``phone`` texted STOP (no sync; see :class:`PhoneStop`)."""
+        self._phone_stops.put(phone.encode(), PhoneStop(at_ms, source))
+
+    def clear_phone_stop(self, phone: str) -> bool:
+        """``phone`` texted START: forget its STOP (no sync). Whether there was one."""
+        return bool(self._phone_stops.delete(phone.encode()))
+
+    def phone_stop(self, phone: str) -> PhoneStop | None:
+        return self._phone_stops.get(phone.encode())
 
     def consent_state(self, tenant: str, user: str) -> dict[str, ConsentState]:
         """The current consent per channel (one read: the state is kept folded)."""

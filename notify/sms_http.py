@@ -19,21 +19,27 @@ auth token over the URL and the sorted parameters). The hook finds the provider 
   the legal opt-out; answered ``start-text``.
 - **help** (``HELP``, ``INFO``): answered ``help-text`` (who sends, how often, rates, how to
   stop), nothing recorded.
+- A STOP is also kept by number (``notify.phone_stops``): a user who is given that number
+  later, or a number that had no user yet when it said STOP, starts opted out of SMS (a
+  legal opt-out in their ledger, source ``sms_stop``). START from the number removes it.
 - anything else: an empty TwiML answer (no reply).
 
 A request with no valid signature, or from an account that is not configured, is refused
-with 403 and changes nothing.
+with 403 and changes nothing; an address that keeps sending them is answered 429 without a
+check (``admission.auth-failures-per-minute``, as for API keys).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
 
+from broker.admission import AuthThrottle
 from broker.errors import InvalidRequest
 from broker.openapi import Route
 from channels.config import SmsConfig
@@ -60,11 +66,19 @@ def _refused(status: int, why: str) -> web.Response:
 class SmsInbound:
     """The hook; see the module docstring. ``clock`` is wall-clock Unix ms."""
 
-    def __init__(self, config: SmsConfig, registry: Registry, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        config: SmsConfig,
+        registry: Registry,
+        clock: Callable[[], int],
+        failures_per_minute: int = 30,
+    ) -> None:
         self.config = config
         self.registry = registry
         self.clock = clock
         self.tokens = {p.account_sid: p.auth_token for p in config.providers}
+        # forged signatures count per source address, as failed API keys do
+        self.throttle = AuthThrottle(failures_per_minute, time.monotonic)
 
     async def inbound(self, request: web.Request) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > MAX_INBOUND_BYTES:
@@ -82,7 +96,12 @@ class SmsInbound:
         token = self.tokens.get(form.get("AccountSid", ""))
         url = self.config.inbound_public_url or str(request.url)
         given = request.headers.get("X-Twilio-Signature")
+        address = request.remote or "-"
+        if not self.throttle.allowed(address):
+            log.warning("event=sms_inbound_refused why=throttled peer=%s", address)
+            return _refused(429, "too many requests with no valid signature")
         if token is None or not signature_ok(token, url, params, given):
+            self.throttle.failed(address)
             log.warning(
                 "event=sms_inbound_refused account=%s why=%s",
                 form.get("AccountSid", "")[:40] or "-",
@@ -92,8 +111,12 @@ class SmsInbound:
         phone, body = form.get("From", ""), form.get("Body", "")
         kind = keyword(body)
         owners = self.registry.phone_owners(phone) if phone and kind in ("stop", "start") else []
-        if kind in ("stop", "start"):
+        if kind in ("stop", "start") and phone:
             now = self.clock()
+            if kind == "stop":
+                self.registry.note_phone_stop(phone, at_ms=now, source="sms_stop")
+            else:
+                self.registry.clear_phone_stop(phone)
             for tenant, user in owners:
                 self.registry.note_consent(
                     tenant,
@@ -131,7 +154,7 @@ class SmsInbound:
                 scopes=None,
                 answer=bytes,
                 media_type=_XML,
-                errors=(403, 413),
+                errors=(403, 413, 429),
                 body_types=("application/x-www-form-urlencoded",),
                 description="Form-encoded as Twilio posts it, signed with X-Twilio-Signature. "
                 "STOP (and the TCPA's revocation words) is a legal opt-out of SMS for every "
@@ -141,6 +164,13 @@ class SmsInbound:
         ]
 
 
-def sms_routes(config: SmsConfig, registry: Registry, clock: Callable[[], int]) -> list[Route]:
-    """The routes of this module, for the node to add to its HTTP app."""
-    return SmsInbound(config, registry, clock).routes()
+def sms_routes(
+    config: SmsConfig,
+    registry: Registry,
+    clock: Callable[[], int],
+    failures_per_minute: int = 30,
+) -> list[Route]:
+    """The routes of this module, for the node to add to its HTTP app. ``failures_per_minute``:
+    requests with no valid signature an address may send in a burst, then one every
+    ``60 / failures_per_minute`` s (``admission.auth-failures-per-minute``); beyond it 429."""
+    return SmsInbound(config, registry, clock, failures_per_minute).routes()

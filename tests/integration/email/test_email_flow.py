@@ -8,9 +8,12 @@ from __future__ import annotations
 import email
 import email.policy
 from email.message import EmailMessage
+from pathlib import Path
+
+import msgspec
 
 from ..smtp_sink import SmtpSink
-from .conftest import BOUNCE_SECRET, PUBLIC_URL, StartNode
+from .conftest import BOUNCE_SECRET, PUBLIC_URL, StartNode, email_node_config
 
 UNSUB_TEXT = "{% if unsubscribe_url %}Unsubscribe: {{ unsubscribe_url }}{% endif %}"
 UNSUB_HTML = '{% if unsubscribe_url %}<a href="{{ unsubscribe_url }}">Unsubscribe</a>{% endif %}'
@@ -291,3 +294,27 @@ async def test_the_recipients_locale_falls_back_to_its_language_then_default(
         await node.settled(event, {"delivered"}, user=user)
     subjects = sorted(parse(r.data)["Subject"] for r in sink.received)
     assert subjects == ["Allô quebec", "Bonjour belgium", "Hello berlin"]
+
+
+async def test_wrong_bounce_secrets_from_one_address_are_throttled_then_refused_unchecked(
+    tmp_path: Path, email_node: StartNode, sink: SmtpSink
+) -> None:
+    """After admission.auth-failures-per-minute wrong secrets an address is answered 429
+    without a check, even with the right secret: the secret cannot be guessed at speed."""
+    cfg = email_node_config(tmp_path / "throttled", sink.port)
+    cfg = msgspec.structs.replace(
+        cfg, admission=msgspec.structs.replace(cfg.admission, auth_failures_per_minute=3)
+    )
+    node = await email_node(cfg)
+    await node.user("ada", "ada@example.org", "orders")
+    report = {"type": "hard", "tenant": "default", "user": "ada", "email": "ada@example.org"}
+    codes = []
+    for _ in range(5):
+        wrong = {"Authorization": "Bearer wrong"}
+        codes.append((await node.call("POST", "/hooks/email/bounce", report, headers=wrong))[0])
+    assert codes == [403, 403, 403, 429, 429]
+    right = {"Authorization": f"Bearer {BOUNCE_SECRET}"}
+    code, answer = await node.call("POST", "/hooks/email/bounce", report, headers=right)
+    assert code == 429 and answer["error"]["code"] == "auth_throttled"
+    contact = node.registry.contact("default", "ada")
+    assert contact is not None and contact.email_invalid_ms is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from channels.config import BreakerConfig, SmsConfig
@@ -212,3 +213,54 @@ async def test_failover_to_a_second_provider_and_back_after_a_probe(
         "event=breaker_half_open",
         "event=breaker_closed",
     ]
+
+
+async def test_a_stop_from_a_number_nobody_has_yet_binds_the_user_given_it_later(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    """A STOP is kept by number: the user who gets that number afterwards (new, or an old user
+    changing numbers) starts with a legal SMS opt-out; START from the number lifts it."""
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    code, twiml = await node.inbound("STOP", sender=PHONE)
+    assert code == 200 and "<Message>You are unsubscribed" in twiml
+    await node.user("ann", "orders.shipped", phone=PHONE)
+    await node.user("bob", "orders.shipped", phone="+14155550101")
+    state = (await node.ok("GET", "/users/ann/consent"))["channels"]["sms"]
+    assert state["opted_in"] is False and state["legal"] is True
+    first = await node.publish(topic="orders.shipped", payload={})
+    row = await node.settled(first, "sms", {"suppressed"}, user="ann")
+    assert row["reason"] == "legal_opt_out"
+    await node.settled(first, "sms", {"delivered"}, user="bob")
+    await node.user("bob", "orders.shipped", phone=PHONE)  # bob takes the stopped number
+    bob = (await node.ok("GET", "/users/bob/consent"))["channels"]["sms"]
+    assert bob["opted_in"] is False and bob["legal"] is True
+    assert twilio.sent_to(PHONE) == []
+
+    code, _ = await node.inbound("START", sender=PHONE)
+    assert code == 200
+    await node.user("cid", "orders.shipped", phone=PHONE)  # after START: starts clean
+    assert "sms" not in (await node.ok("GET", "/users/cid/consent"))["channels"]
+    second = await node.publish(topic="orders.shipped", payload={})
+    for user in ("ann", "bob", "cid"):
+        await node.settled(second, "sms", {"delivered"}, user=user)
+    assert len(twilio.sent_to(PHONE)) == 3
+
+
+async def test_forged_inbound_texts_from_one_address_are_throttled_then_refused_unchecked(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    """After admission.auth-failures-per-minute forged signatures an address is answered 429
+    without a check, even with a good signature: the HMAC cannot be guessed at speed."""
+    cfg = node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    cfg = msgspec.structs.replace(
+        cfg, admission=msgspec.structs.replace(cfg.admission, auth_failures_per_minute=3)
+    )
+    node = await start_node(cfg)
+    await node.user("ann", phone=PHONE)
+    codes = [(await node.inbound("STOP", sender=PHONE, signed_with="guess"))[0] for _ in range(5)]
+    assert codes == [403, 403, 403, 429, 429]
+    code, _ = await node.inbound("STOP", sender=PHONE)  # signed right, still throttled
+    assert code == 429
+    assert (await node.ok("GET", "/users/ann/consent"))["ledger"] == []

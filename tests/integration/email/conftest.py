@@ -102,7 +102,7 @@ def email_node_config(tmp: Path, smtp_port: int, **email: Any) -> Config:
     email.setdefault("breaker", BreakerConfig(open_ms=100, max_open_ms=200, failure_threshold=50))
     return msgspec.structs.replace(
         cfg,
-        listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0),
+        listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0, ws_port=0),
         storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp)),
         topics=msgspec.structs.replace(cfg.topics, events_partitions=2),
         notify=NotifyConfig(

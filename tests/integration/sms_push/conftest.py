@@ -243,7 +243,7 @@ def node_config(
     retry = [ChannelRetry(channel=ch, delays_ms=delays, jitter=0.0) for ch in channels]
     return msgspec.structs.replace(
         cfg,
-        listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0),
+        listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0, ws_port=0),
         storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp)),
         topics=msgspec.structs.replace(cfg.topics, events_partitions=2),
         notify=NotifyConfig(

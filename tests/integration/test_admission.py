@@ -503,7 +503,8 @@ def test_routes_that_prove_the_caller_themselves_pass_the_listener_on_a_keyed_no
     """Two routes take a body without an API key: RFC 8058's one-click unsubscribe (a mail
     provider posts a form; the signed token is the proof) and the bounce hook (its own
     secret in ``Authorization``, which is not an API key: not checked as one, not counted as
-    a failed guess). Every other route still needs a key before its body is read."""
+    a failed API key; wrong ones are throttled by the hook itself). Every other route still
+    needs a key before its body is read."""
     hook_secret = "hook-s3cret-for-the-admission-test"
     node = herald_factory(
         config=config(
@@ -534,8 +535,13 @@ def test_routes_that_prove_the_caller_themselves_pass_the_listener_on_a_keyed_no
             auth = {"Authorization": f"Bearer {hook_secret}"}
             resp = call("POST", "/hooks/email/bounce", bounce, **auth)
             assert (resp.status, resp.json()["error"]["code"]) == (404, "not_found"), resp
+        # wrong hook secrets: the handler's 403, throttled per address as keys are (its own
+        # allowance: 3 here), then 429 unchecked, the right secret too
+        for expected in [(403, "forbidden")] * 3 + [(429, "auth_throttled")]:
             resp = call("POST", "/hooks/email/bounce", bounce, Authorization="Bearer wrong")
-            assert (resp.status, resp.json()["error"]["code"]) == (403, "forbidden"), resp
+            assert (resp.status, resp.json()["error"]["code"]) == expected, resp
+        resp = call("POST", "/hooks/email/bounce", bounce, **auth)
+        assert (resp.status, resp.json()["error"]["code"]) == (429, "auth_throttled"), resp
         # none of that counted as a failed API key: this address may still use its key
         resp = call(
             "POST",

@@ -63,6 +63,15 @@ REPO = Path(__file__).resolve().parent.parent
 # http last: the events it posts keep the node's notifications engine busy for a while after
 # it ends, which would load the node under whichever scenario came next
 SCENARIOS = ("limits", "produce", "consume", "latency", "single", "http")
+
+
+def _utc(wall: float) -> str:
+    """A ``time.time()`` as the servers' logs print it (UTC, milliseconds)."""
+    if wall != wall:  # nan: no record measured
+        return "-"
+    return datetime.fromtimestamp(wall, UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
 INTRO = (
     "Herald against Redis Streams and NATS JetStream on one machine, all three started by"
     " `python -m bench.run` (`make bench`) on 127.0.0.1 with fresh data directories on the"
@@ -328,7 +337,9 @@ class Bench:
                 say(
                     f"   {rate:>6,} msg/s: p50 {row.spread(lambda x: x.p50_ms).fmt(digits=2)} ms,"
                     f" p99 {row.spread(lambda x: x.p99_ms).fmt(digits=2)} ms,"
-                    f" p99.9 {row.spread(lambda x: x.p999_ms).fmt(digits=2)} ms"
+                    f" p99.9 {row.spread(lambda x: x.p999_ms).fmt(digits=2)} ms; worst "
+                    + ", ".join(f"{r.max_ms:.1f} ms sent at {_utc(r.max_at_wall)}" for r in runs)
+                    + " (match with the server's log)"
                 )
         self.res.describe["latency"] = (
             f"Command `{self.command}`. Producer and consumer are two processes on this"

@@ -51,10 +51,16 @@ def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None)
 
     import uvloop
 
+    from herald.stalls import StallLog
+
     async def main() -> None:
         node = Node(cfg, **(node_options or {}))
         install_signal_handlers(node)
-        await node.run(lambda _node: freeze_startup())
+        stalls = StallLog().start()  # a loop late by 20 ms or more is logged, with whose fault
+        try:
+            await node.run(lambda _node: freeze_startup())
+        finally:
+            stalls.stop()
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

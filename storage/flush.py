@@ -7,8 +7,9 @@ Two stages then move them to disk in worker threads, each stage one job at a tim
   the new index entries. ``acks=1`` waiters are answered when it completes.
 - *sync*: ``fdatasync`` what completed writes put in the page cache, seal the rolled-away
   segments it completes, fsync the directory after a roll, drop old pages from the page
-  cache, write the recovery checkpoint if one is due. ``acks=all`` waiters are answered and
-  the high watermark advances when it completes.
+  cache. ``acks=all`` waiters are answered and the high watermark advances when it
+  completes. A recovery checkpoint due with it is written afterwards by a job of its own
+  (:meth:`Flusher._write_checkpoint`), never inside an acknowledged round.
 
 The stages overlap (batches that arrive while a sync runs are written meanwhile; the next
 sync starts as soon as this one ends); when nothing is syncing one job writes and then
@@ -58,6 +59,10 @@ FsyncFn = Callable[[int], None]
 # the largest lone append a job on the loop writes and syncs (when the I/O threads allow
 # inline jobs): a few records' worth, a write of microseconds; a larger one goes to a thread
 INLINE_MAX_BYTES: Final = 64 * 1024
+# a sync round (data fdatasync, seals, directory) that took at least this long is logged
+# (event=sync_slow): the latency budget of the node (no stall above 20 ms), so a slow round
+# in the latency figures can be told apart from the node's own pauses (event=gc_pause)
+SLOW_SYNC_MS: Final = 20.0
 Mark = tuple[int, int, int]  # offset, segment base offset, position in that segment
 
 
@@ -670,6 +675,11 @@ class Flusher:
         self.durable_waiters: Waiters = []
         self.written_waiters: Waiters = []
         self.closed = False  # no kick starts a job; running jobs still finish
+        # the checkpoint a completed sync hands on: written by a job of its own on a thread,
+        # after the acknowledgements of that sync went out; one at a time (one .tmp file)
+        self._checkpointing = False
+        self._next_checkpoint: Checkpoint | None = None
+        self.checkpoints = 0  # checkpoint jobs completed (written or failed and logged)
         self.syncs = 0  # sync rounds completed (counters for metrics)
         self.inline_syncs = 0  # of which run on the loop (:meth:`_run_inline`)
 
@@ -707,7 +717,7 @@ class Flusher:
 
     async def wait_idle(self) -> None:
         """Until no write or sync job runs and none is about to start."""
-        while not self.pipeline.idle or self._scheduled:
+        while not self.pipeline.idle or self._scheduled or self._checkpointing:
             fut: asyncio.Future[None] = self.loop.create_future()
             self._idle_waiters.append(fut)  # resolved by _pump once nothing runs
             await fut
@@ -740,17 +750,12 @@ class Flusher:
         threads = self.threads
         inline = pipeline.lone_append(INLINE_MAX_BYTES) and threads.may_run_inline()
         jobs = pipeline.start_jobs(self._clock(), self._checkpoint_of)
-        if (
-            inline
-            and len(jobs) == 1
-            and jobs[0].kind is Event.WRITE_THEN_SYNC
-            and jobs[0].checkpoint is None  # one with a checkpoint costs two fsyncs more
-        ):
+        if inline and len(jobs) == 1 and jobs[0].kind is Event.WRITE_THEN_SYNC:
             self._run_inline(jobs[0])
             return  # its outcome ran _pump again
         for job in jobs:
             threads.submit(self._run_job, job)
-        if pipeline.idle and self._idle_waiters:
+        if pipeline.idle and not self._checkpointing and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
                 if not fut.done():
@@ -795,7 +800,44 @@ class Flusher:
                 self._on_high_watermark()
             if self.durable_waiters:
                 self.durable_waiters = _resolve(self.durable_waiters, offset)
+            if job.checkpoint is not None:
+                self._write_checkpoint(job.checkpoint)
         self._pump()
+
+    # ------------------------------------------------------------------- checkpoints
+    def _write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Loop: write ``checkpoint`` (of a point the sync that just completed made durable)
+        on a thread, by a job of its own. Not in the sync's job: its two fsyncs (the file,
+        then the directory after the rename) would hold back the acknowledgements of that
+        round, ~0.5 ms once a second on an idle disk and tens of ms on a busy one. The
+        recovery point only moves later; what it names is synced already. One checkpoint
+        job at a time (they share one temporary file); a newer one due meanwhile replaces
+        the waiting one."""
+        if self._checkpointing:
+            self._next_checkpoint = checkpoint
+            return
+        self._checkpointing = True
+        self.threads.submit(self._run_checkpoint, checkpoint)
+
+    def _run_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """I/O thread: write the checkpoint (a failure is logged: the recovery point stays
+        at the previous one), then report."""
+        try:
+            write_checkpoint(self.directory, checkpoint)
+        except OSError as exc:
+            log.warning("event=checkpoint_failed partition=%s error=%r", self.name, exc)
+        except BaseException as exc:  # a bug: log it, and still report, or close would hang
+            log.error("event=checkpoint_crashed partition=%s error=%r", self.name, exc)
+        self.threads.report(self._checkpoint_done)
+
+    def _checkpoint_done(self) -> None:
+        self._checkpointing = False
+        self.checkpoints += 1
+        checkpoint, self._next_checkpoint = self._next_checkpoint, None
+        if checkpoint is not None and self.pipeline.failure is None:
+            self._write_checkpoint(checkpoint)
+        else:
+            self._pump()  # wakes wait_idle once nothing runs
 
     def go_offline(self, exc: BaseException) -> None:
         """Stop for good: no job starts again and every waiter fails with LogOffline."""
@@ -830,7 +872,7 @@ class Flusher:
         error: BaseException | None = None
         assert job.plan is not None
         try:
-            sync_files(job.plan, job.checkpoint, self._fsync, self.directory, self.name)
+            self._sync(job.plan, inline=True)
         except Exception as exc:
             error = exc
         self.threads.ran_inline(time.perf_counter() - started)
@@ -858,7 +900,23 @@ class Flusher:
         error: BaseException | None = None
         assert job.plan is not None
         try:
-            sync_files(job.plan, job.checkpoint, self._fsync, self.directory, self.name)
+            self._sync(job.plan, inline=False)
         except BaseException as exc:
             error = exc
         report(self._sync_done, job, error)
+
+    def _sync(self, plan: SyncPlan, *, inline: bool) -> None:
+        """Loop (inline) or I/O thread: :func:`sync_files` for ``plan``; a round slower than
+        :data:`SLOW_SYNC_MS` is logged with its length (the disk's share of a latency
+        outlier)."""
+        started = time.perf_counter()
+        sync_files(plan, None, self._fsync, self.directory, self.name)
+        ms = (time.perf_counter() - started) * 1000
+        if ms >= SLOW_SYNC_MS:
+            log.warning(
+                "event=sync_slow partition=%s ms=%.1f inline=%d files=%d",
+                self.name,
+                ms,
+                int(inline),
+                len(plan.segments) + int(plan.dir_dirty),
+            )

@@ -69,6 +69,8 @@ class StepResult:
     p999_ms: float = float("nan")
     max_ms: float = float("nan")
     max_at_s: float = float("nan")  # when the worst record was sent, seconds into the step
+    # the same as a wall-clock time (time.time()), to match it with the server's log lines
+    max_at_wall: float = float("nan")
     over_20ms: int = 0  # records measured with more than 20 ms
 
 
@@ -90,6 +92,7 @@ class Recorder:
         self.lat: list[list[float]] = [[] for _ in range(steps)]
         self.received = [0] * steps
         self.worst: list[tuple[float, int]] = [(-1.0, 0)] * steps  # (latency ms, sequence)
+        self.worst_sent_ns = [0] * steps  # its send time, time.monotonic_ns()
         self.done = asyncio.Event()
 
     def record(self, value: bytes, now_ns: int) -> None:
@@ -103,9 +106,11 @@ class Recorder:
             self.lat[step].append(ms)
             if ms > self.worst[step][0]:
                 self.worst[step] = (ms, seq)
+                self.worst_sent_ns[step] = sent
 
     def results(self, steps: list[Step]) -> list[StepResult]:
         out = []
+        wall_minus_mono = time.time() - time.monotonic_ns() / 1e9
         for i, st in enumerate(steps):
             p50, p99, p999 = percentiles(self.lat[i], QS)
             worst, seq = self.worst[i]
@@ -119,6 +124,11 @@ class Recorder:
                     p999_ms=p999,
                     max_ms=max(self.lat[i], default=float("nan")),
                     max_at_s=seq / st.rate if worst >= 0 else float("nan"),
+                    max_at_wall=(
+                        self.worst_sent_ns[i] / 1e9 + wall_minus_mono
+                        if worst >= 0
+                        else float("nan")
+                    ),
                     over_20ms=sum(1 for x in self.lat[i] if x > 20.0),
                 )
             )

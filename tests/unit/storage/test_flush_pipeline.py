@@ -339,7 +339,7 @@ class ThreadRecordingFsync:
         os.fdatasync(fd)
 
 
-# checkpoints only when asked: a job carrying one always goes to a thread
+# checkpoints only when asked (a due checkpoint is a job of its own on a thread)
 NO_TIMED_CHECKPOINT = PartitionConfig(checkpoint_interval_ms=3_600_000)
 
 
@@ -466,3 +466,116 @@ async def test_inline_jobs_are_off_unless_asked_for(tmp_path: Path) -> None:
         assert fsync.threads and threading.get_ident() not in fsync.threads
     finally:
         await part.close()
+
+
+class GatedCheckpoints:
+    """``write_checkpoint`` that, once armed, blocks its thread until released."""
+
+    def __init__(self, real: Callable[..., None]) -> None:
+        self.real = real
+        self.armed = True
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[int] = []
+
+    def __call__(self, directory: Path, checkpoint: Any) -> None:
+        self.threads.append(threading.get_ident())
+        if self.armed:
+            self.entered.set()
+            self.release.wait(10)
+        self.real(directory, checkpoint)
+
+
+EVERY_ROUND_CHECKPOINT = PartitionConfig(checkpoint_interval_ms=0)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-job", "inline-job"])
+async def test_a_due_checkpoint_is_written_after_the_round_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    import storage.flush
+    from storage.checkpoint import read_checkpoint, write_checkpoint
+
+    gate = GatedCheckpoints(write_checkpoint)
+    monkeypatch.setattr(storage.flush, "write_checkpoint", gate)
+    io = CountingIo(inline_max_ms=10_000 if inline else 0)
+    fsync = ThreadRecordingFsync()
+    part = open_partition(tmp_path / "p", io=io, fsync=fsync, config=EVERY_ROUND_CHECKPOINT)
+    loop_thread = threading.get_ident()
+    try:
+        # a checkpoint is due with every round; its write blocks: the append is still
+        # acknowledged (its data synced), and the recovery point has not moved yet
+        await asyncio.wait_for(part.append([batch(values_for(0, 3))]), 5)
+        assert part.high_watermark == 3
+        assert (fsync.threads[-1] == loop_thread) is inline  # the data sync ran where it did
+        assert await asyncio.to_thread(gate.entered.wait, 5), "no checkpoint job started"
+        assert all(t != loop_thread for t in gate.threads)  # never on the loop
+        before = read_checkpoint(tmp_path / "p")
+        assert before is None or before.next_offset < 3
+        # more rounds while it is stuck: acknowledged too; their checkpoints wait, the newest
+        # replacing the others (one checkpoint job at a time)
+        for i in range(1, 4):
+            await asyncio.wait_for(part.append([batch(values_for(i * 3, 3))]), 5)
+        assert part.high_watermark == 12
+        assert len(gate.threads) == 1
+        gate.armed = False
+        gate.release.set()
+        await asyncio.wait_for(part.flush(), 5)  # waits for the checkpoint jobs too
+        assert len(gate.threads) == 2  # the stuck one, then only the newest waiting one
+        after = read_checkpoint(tmp_path / "p")
+        assert after is not None and after.next_offset == 12
+        assert "_checkpoint_done" in io.reports
+    finally:
+        gate.release.set()
+        await part.close()
+        io.close()
+    assert read_all(open_partition(tmp_path / "p")) == {
+        o: v for o, v in enumerate(values_for(0, 12))
+    }
+
+
+async def test_inline_jobs_come_back_once_the_cool_down_after_a_slow_one_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import storage.io_threads
+
+    monkeypatch.setattr(storage.io_threads, "INLINE_COOLDOWN_S", 0.2)
+    io = IoThreads(2, inline_max_ms=5)
+    fsync = ThreadRecordingFsync(pause=0.03)  # slower than the 5 ms allowed
+    part = open_partition(tmp_path / "p", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    loop_thread = threading.get_ident()
+    try:
+        await part.append([batch(values_for(0, 1))])  # inline, and too slow
+        fsync.pause = 0.0
+        await part.append([batch(values_for(1, 1))])  # cooling down: a thread
+        assert fsync.threads[0] == loop_thread and fsync.threads[1] != loop_thread
+        await asyncio.sleep(0.25)  # the cool-down is over
+        await part.append([batch(values_for(2, 1))])
+        assert fsync.threads[2] == loop_thread  # on the loop again
+        assert io.slow_inline_jobs >= 1  # (the disk itself may add one more)
+        assert "event=inline_io_slow" in caplog.text
+    finally:
+        await part.close()
+        io.close()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["thread-job", "inline-job"])
+async def test_a_sync_round_slower_than_the_stall_budget_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, inline: bool
+) -> None:
+    from storage.flush import SLOW_SYNC_MS
+
+    io = IoThreads(2, inline_max_ms=10_000 if inline else 0)
+    fsync = ThreadRecordingFsync()
+    part = open_partition(tmp_path / "p", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    try:
+        await part.append([batch(values_for(0, 1))])
+        assert "event=sync_slow" not in caplog.text  # at the disk's own speed (tmpfs or not)
+        fsync.pause = SLOW_SYNC_MS / 1000 + 0.01  # a disk that stalls past the budget
+        await part.append([batch(values_for(1, 1))])
+        lines = [r.getMessage() for r in caplog.records if "event=sync_slow" in r.getMessage()]
+        assert len(lines) == 1
+        assert f"inline={int(inline)}" in lines[0] and "partition=" in lines[0]
+    finally:
+        await part.close()
+        io.close()

@@ -315,6 +315,10 @@ class GatewayConfig(_Section):
     close_timeout_ms: int = 2_000
     backfill_max: int = 500
     inbox_retention_ms: int = 7 * 24 * 3600 * 1000
+    # 0: the node serves ws-port itself; N: N worker processes share it (SO_REUSEPORT)
+    workers: int = 0
+    # bytes queued for one worker's link past which the worker is dropped and restarted
+    worker_buffer_bytes: int = 64 * 1024 * 1024
 
 
 class Config(_Section):
@@ -530,9 +534,12 @@ def _validate_gateway(g: GatewayConfig) -> None:
         "close_timeout_ms",
         "backfill_max",
         "inbox_retention_ms",
+        "worker_buffer_bytes",
     ):
         if getattr(g, name) < 1:
             raise ConfigError(f"gateway.{name.replace('_', '-')} must be >= 1")
+    if not 0 <= g.workers <= 64:
+        raise ConfigError("gateway.workers must be between 0 (in the node) and 64")
     if g.messages_per_second <= 0:
         raise ConfigError("gateway.messages-per-second must be positive")
     if g.ping_interval_ms < 0 or g.ping_timeout_ms < 0 or g.idle_timeout_ms < 0:

@@ -27,7 +27,7 @@ from broker.client import BrokerError, Consumer, ConsumerRecord
 from broker.local import LocalClient
 from channels.inapp import INAPP_TOPIC, InAppMessage
 from gateway.inbox import Inbox, StoredEvent
-from gateway.sessions import SessionTable
+from gateway.sessions import Recipients
 from storage.kv import KV
 
 log = logging.getLogger("herald.gateway")
@@ -47,7 +47,7 @@ class Reader:
         client: LocalClient,
         kv: KV,
         inbox: Inbox,
-        sessions: SessionTable,
+        sessions: Recipients,
         *,
         group: str,
         audience: Audience = everyone,

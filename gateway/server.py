@@ -1,67 +1,49 @@
 """The WebSocket gateway as one component of the node (``herald/node.py``): started after the
 notifications engine, before the listeners; stopped in reverse.
 
-A thin shell over the pieces: ``frames`` (the protocol), ``auth`` (tokens), ``inbox`` (what a
-client may still be sent), ``reader`` (the log -> inbox -> sessions), ``sessions`` (who is
-connected, bounded sends). Per connection (``_serve``):
+A thin shell over the pieces: ``edge`` (the websockets server and a connection's handshake,
+token and messages), ``frames`` (the protocol), ``auth`` (tokens), ``inbox`` (what a client
+may still be sent), ``reader`` (the log -> inbox -> sessions), ``sessions`` (who is
+connected, bounded sends). This class adds what needs the node's state: the backfill
+(``_backfill``: every message numbered above the cursor, or above the last the user marked
+seen, at most ``backfill-max``, the newest, paged, waiting for the client to read each page;
+then ``ready``, ``counts`` and the live stream), the marks (``_engage``: through
+``engagement``, the notifications core's marks: the audit, ``GET /events/{id}``,
+``wait_seen``; then fresh ``counts`` to every device of the user) and retraction.
 
-1. admission (``broker/listener.py``'s :class:`NodeAdmission`, the node's one policy for
-   every door): a connection is admitted the moment it is accepted, before a byte is read,
-   out of the node's descriptor budget, within the ``ws`` listener's cap
-   (``gateway.max-connections``) and the per-address caps; refused, it gets an HTTP 503 and
-   is closed. It is *pending* until its token checks out: its messages may be at most
-   ``admission.max-unauthenticated-frame-bytes``, it may be evicted for room, and it is
-   dropped past ``admission.handshake-timeout-ms``; failed tokens count against the source
-   address's ``admission.auth-failures-per-minute`` like failed API keys;
-2. the token, from ``?token=`` or the first message (within ``auth-timeout-ms``); refused
-   with a close code and reason (``frames.CLOSE``): missing, invalid, expired, a tenant this
-   node does not serve or not the one the URL names;
-3. the session is registered (live messages wait in it from here), then the backfill: every
-   message numbered above the cursor (``?cursor=``; without one, above the last the user
-   marked seen), at most ``backfill-max`` (the newest; ``ready.truncated`` says so), paged,
-   waiting for the client to read each page; then ``ready``, ``counts`` and the live stream;
-4. client messages: ``seen``/``read``/``archived`` recorded through ``engagement`` (the
-   notifications core's marks: the audit, ``GET /events/{id}``, ``wait_seen``), then fresh
-   ``counts`` to every device of the user; at most ``messages-per-second`` (else 4009).
-
-Keepalive pings and their timeout are websockets' own (``ping-interval-ms``,
-``ping-timeout-ms``); a connection that sends no message for ``idle-timeout-ms`` (if set) is
-closed 4011.
+With ``gateway.workers`` = N > 0 the connections live in N worker processes
+(``gateway/worker.py``, started by ``gateway/workers.py``) and this object serves none
+itself: its reader's messages, retractions and counts go to ``hub`` (``gateway/hub.py``),
+which routes them to the workers and answers their backfills and marks with the methods
+below (``plan_backfill``, ``engage``, ``send_counts``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, cast
-from urllib.parse import parse_qs, urlsplit
+from typing import Protocol
 
-import websockets
-from websockets.asyncio.server import Server, ServerConnection, serve
-
-from broker.admission import Ticket, address_key
 from broker.config import Config
 from broker.events import EventIntake
-from broker.listener import NodeAdmission, refusal_http
+from broker.listener import NodeAdmission
 from broker.local import LocalClient
 from broker.service import BrokerService
 from channels.inapp import INAPP_TOPIC
 from gateway import auth, frames
+from gateway.edge import AdmittedConnection, Edge, tenants_of, wall_ms
+from gateway.hub import Hub
 from gateway.inbox import BROADCAST_PREFIX, Inbox
 from gateway.reader import BROADCAST_TOPIC, Audience, Reader, everyone
-from gateway.sessions import Session, SessionTable
+from gateway.sessions import Recipients, Session
 from storage.kv import KV
 
+__all__ = ["AdmittedConnection", "Engagement", "Gateway", "NoEngagement", "tenants_of", "wall_ms"]
+
 log = logging.getLogger("herald.gateway")
-# websockets logs every connection's open and close at INFO: one line per connection is too
-# many at 50,000 of them; its warnings and errors still show
-_ws_log = logging.getLogger("herald.gateway.websockets")
-_ws_log.setLevel(logging.WARNING)
 
 PAGE = 200  # backfill messages per page (one LMDB snapshot, then wait for the client)
 
@@ -85,13 +67,10 @@ class NoEngagement:
         return (0, 0)
 
 
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-class Gateway:
-    """The gateway of one node. ``sessions`` exists from construction, so the in-app
-    channel and the fan-out can be given its presence before the gateway starts."""
+class Gateway(Edge):
+    """The gateway of one node. ``recipients`` (the session table, or the hub of the worker
+    processes) exists from construction, so the in-app channel and the fan-out can be given
+    its presence (:meth:`present`) before the gateway starts."""
 
     name = "gateway"
 
@@ -109,31 +88,23 @@ class Gateway:
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], int] = wall_ms,
     ) -> None:
-        self.config = config
-        self.gcfg = g = config.gateway
+        super().__init__(config, admission, tenants=tenants, ssl_context=ssl_context, clock=clock)
         self.service = service
         self.intake = intake
         self.kv = kv
-        self.tenants = tenants
         self.engagement: Engagement = engagement or NoEngagement()
         self.audience = audience
-        self.ssl_context = ssl_context
-        self.admission = admission
-        self.clock = clock
-        self.sessions = SessionTable(
-            send_buffer_bytes=g.send_buffer_bytes,
-            close_timeout=g.close_timeout_ms / 1000,
-            messages_per_second=g.messages_per_second,
-            message_burst=g.message_burst,
+        self.hub = (
+            Hub(self, max_buffer=self.gcfg.worker_buffer_bytes) if self.gcfg.workers else None
         )
+        self.recipients: Recipients = self.hub if self.hub is not None else self.sessions
         self.inbox: Inbox | None = None
         self.reader: Reader | None = None
         self.client: LocalClient | None = None
-        self.secret = b""
-        self._server: Server | None = None
-        self.port = 0
-        self.refused: dict[str, int] = {}
-        self.accepted = 0
+
+    def present(self, tenant: str, user: str) -> int:
+        """How many devices of the user are connected to this node (in any process)."""
+        return self.recipients.present(tenant, user)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -155,120 +126,34 @@ class Gateway:
             self.client,
             self.kv,
             self.inbox,
-            self.sessions,
+            self.recipients,
             group=f"gateway.{self.config.node_id}",
             audience=lambda t, users, topic, cat: self.audience(t, users, topic, cat),
             retention_ms=g.inbox_retention_ms,
             clock=self.clock,
         )
         await self.reader.start()
-        ping = g.ping_interval_ms / 1000 or None
-        tls: dict[str, object] = {}
-        if self.ssl_context is not None:
-            tls = {
-                "ssl": self.ssl_context,
-                "ssl_handshake_timeout": self.admission.config.handshake_timeout_ms / 1000,
-            }
-        self._server = await serve(
-            self._serve,
-            self.config.listen.host,
-            self.config.listen.ws_port,
-            create_connection=_admitted_connection(self.admission),
-            compression=None,
-            # until the token checks out; then max-frame-bytes (_serve)
-            max_size=min(g.max_frame_bytes, self.admission.config.max_unauthenticated_frame_bytes),
-            max_queue=4,
-            ping_interval=ping,
-            ping_timeout=(g.ping_timeout_ms / 1000 or None) if ping else None,
-            close_timeout=g.close_timeout_ms / 1000,
-            open_timeout=g.auth_timeout_ms / 1000,
-            server_header=None,
-            logger=_ws_log,
-            **tls,  # type: ignore[arg-type]
-        )
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
+        if self.hub is None:
+            await self.listen(self.config.listen.ws_port)
+        # else: the worker processes listen (gateway/workers.py, the next component)
         log.info(
-            "event=gateway_ready port=%d max_connections=%d inbox_head=%d",
+            "event=gateway_ready port=%d workers=%d max_connections=%d inbox_head=%d",
             self.port,
+            g.workers,
             g.max_connections,
             self.inbox.head,
         )
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.gcfg.close_timeout_ms / 1000 + 1):
-                    await self._server.wait_closed()
+        await self.close()
         if self.reader is not None:
             await self.reader.stop()
+        if self.hub is not None:
+            await self.hub.close()
         if self.client is not None:
             await self.client.close()
 
-    # ------------------------------------------------------------- the handshake
-    def _refuse(self, why: str) -> None:
-        self.refused[why] = self.refused.get(why, 0) + 1
-
-    # ---------------------------------------------------------------- a connection
-    async def _serve(self, conn: ServerConnection) -> None:
-        assert conn.request is not None
-        query = parse_qs(urlsplit(conn.request.path).query)
-        token = _one(query, "token")
-        ticket = conn.ticket if isinstance(conn, AdmittedConnection) else None
-        address = ticket.address if ticket is not None else "local"
-        try:
-            if token is None:
-                token = await self._auth_message(conn)
-            if not self.admission.key_allowed(address):
-                # too many bad tokens from this address: not even checked until it refills
-                raise auth.TokenInvalid("too many invalid tokens from this address")
-            claims = auth.verify(self.secret, token, now_s=self.clock() / 1000)
-            wanted = _one(query, "tenant")
-            if (wanted is not None and wanted != claims.tenant) or not self.tenants(claims.tenant):
-                raise auth.TenantRefused("tenant refused")
-            cursor = frames.parse_cursor(_one(query, "cursor"))
-        except auth.TokenError as exc:
-            self._refuse(exc.code)
-            if exc.code == "token_invalid":  # a forged or garbled token, as a wrong API key
-                self.admission.key_failed(address, str(conn.remote_address), "ws")
-            close = frames.CLOSE[exc.code]
-            await conn.close(close.code, close.reason)
-            return
-        except frames.ProtocolViolation as exc:
-            self._refuse("protocol_error")
-            await conn.close(frames.CLOSE["protocol_error"].code, str(exc)[:120])
-            return
-        except (TimeoutError, websockets.ConnectionClosed):
-            return
-        if ticket is not None:
-            self.admission.table.prove(ticket)  # never evicted for room from here on
-        conn.protocol.max_message_size = self.gcfg.max_frame_bytes
-        session = Session(self.sessions, conn, claims.tenant, claims.sub)
-        self.sessions.add(session)
-        self.accepted += 1
-        try:
-            await self._backfill(session, cursor)
-            await self._listen(session)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.sessions.remove(session)
-
-    async def _auth_message(self, conn: ServerConnection) -> str:
-        try:
-            async with asyncio.timeout(self.gcfg.auth_timeout_ms / 1000):
-                data = await conn.recv()
-        except TimeoutError:
-            raise auth.TokenMissing("no auth message in time") from None
-        try:
-            msg = frames.decode_client(data)
-        except frames.ProtocolViolation:
-            raise auth.TokenMissing("the first message is not an auth message") from None
-        if not isinstance(msg, frames.Auth):
-            raise auth.TokenMissing("the first message is not an auth message")
-        return msg.token
-
+    # ------------------------------------------------------------------ backfill
     async def _backfill(self, session: Session, cursor: int | None) -> None:
         inbox = self.inbox
         assert inbox is not None
@@ -278,16 +163,7 @@ class Gateway:
         floor = inbox.newest_floor(tenant, user, limit)
         truncated = floor > after
         after = max(after, floor)
-        allowed: dict[tuple[str, str | None], bool] = {}
-
-        def allows(topic: str, category: str | None) -> bool:
-            hit = allowed.get((topic, category))
-            if hit is None:
-                hit = allowed[(topic, category)] = user in self.audience(
-                    tenant, (user,), topic, category
-                )
-            return hit
-
+        allows = self._allows(tenant, user)
         sent = 0
         session.last_seq = after
         while sent < limit:
@@ -306,36 +182,59 @@ class Gateway:
         unseen, unread = self.engagement.counts(tenant, user)
         session.write(frames.counts(unseen, unread))
 
-    async def _listen(self, session: Session) -> None:
-        conn = session.conn
-        idle = self.gcfg.idle_timeout_ms / 1000 or None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                async with asyncio.timeout(idle):
-                    data = await conn.recv()
-            except TimeoutError:
-                session.cut("idle_timeout")
-                await conn.wait_closed()
-                return
-            if not session.allow_message(loop.time()):
-                session.cut("rate_limited")
-                await conn.wait_closed()
-                return
-            try:
-                msg = frames.decode_client(data)
-            except frames.ProtocolViolation as exc:
-                session.write(frames.error(exc.code, str(exc)))
-                continue
-            if isinstance(msg, frames.Auth):
-                session.write(frames.error("bad_message", "already authenticated"))
-                continue
-            await self._engage(session, frames.engagement_of(msg), msg.ids)
-
-    async def _engage(self, session: Session, what: str, ids: list[str]) -> None:
+    def plan_backfill(
+        self, tenant: str, user: str, cursor: int | None
+    ) -> tuple[int, list[tuple[int, bytes]], bool]:
+        """For a worker's session: (start, [(number, message)], truncated), the same
+        messages :meth:`_backfill` would send, read now in one go (at most
+        ``backfill-max``)."""
         inbox = self.inbox
         assert inbox is not None
-        tenant, user = session.tenant, session.user
+        after = cursor if cursor is not None else inbox.last_seen(tenant, user)
+        limit = self.gcfg.backfill_max
+        floor = inbox.newest_floor(tenant, user, limit)
+        truncated = floor > after
+        start = last = max(after, floor)
+        allows = self._allows(tenant, user)
+        out: list[tuple[int, bytes]] = []
+        while len(out) < limit:
+            page = inbox.backfill(tenant, user, last, min(PAGE, limit - len(out)), allows)
+            out.extend(page)
+            if page:
+                last = page[-1][0]
+            if len(page) < PAGE:
+                break
+        return start, out, truncated
+
+    def _allows(self, tenant: str, user: str) -> Callable[[str, str | None], bool]:
+        """The user's preferences at the edge, per (topic, category), asked once each."""
+        allowed: dict[tuple[str, str | None], bool] = {}
+
+        def allows(topic: str, category: str | None) -> bool:
+            hit = allowed.get((topic, category))
+            if hit is None:
+                hit = allowed[(topic, category)] = user in self.audience(
+                    tenant, (user,), topic, category
+                )
+            return hit
+
+        return allows
+
+    # -------------------------------------------------------------------- marks
+    async def _engage(self, session: Session, what: str, ids: list[str]) -> None:
+        unknown = await self.engage(session.tenant, session.user, what, ids)
+        if unknown:
+            session.write(
+                frames.error("unknown_ids", f"not in your inbox: {', '.join(unknown[:10])}")
+            )
+        self.send_counts(session.tenant, session.user)
+
+    async def engage(self, tenant: str, user: str, what: str, ids: list[str]) -> list[str]:
+        """Record ``what`` (seen/read/archived) of the user's messages ``ids`` through the
+        notifications core; a seen or read one moves where a connect without a cursor
+        starts. Returns the ids the inbox does not know."""
+        inbox = self.inbox
+        assert inbox is not None
         top = 0
         unknown = []
         marks = []
@@ -353,12 +252,14 @@ class Gateway:
             await asyncio.gather(*marks)
         if top and what in ("seen", "read"):
             inbox.mark_seen(tenant, user, top)
-        if unknown:
-            session.write(
-                frames.error("unknown_ids", f"not in your inbox: {', '.join(unknown[:10])}")
-            )
+        return unknown
+
+    def counts(self, tenant: str, user: str) -> tuple[int, int]:
+        return self.engagement.counts(tenant, user)
+
+    def send_counts(self, tenant: str, user: str) -> None:
         unseen, unread = self.engagement.counts(tenant, user)
-        self.sessions.write_user(tenant, user, frames.counts(unseen, unread))
+        self.recipients.write_user(tenant, user, frames.counts(unseen, unread))
 
     # ----------------------------------------------------------------- retraction
     async def retract(self, tenant: str, event_id: str) -> int:
@@ -370,7 +271,7 @@ class Gateway:
         assert inbox is not None
         gone = inbox.retract(tenant, event_id, self.clock())
         for r in gone:
-            self.sessions.write_user(r.tenant, r.user, frames.retract(r.id))
+            self.recipients.write_user(r.tenant, r.user, frames.retract(r.id))
         await self.kv.sync()
         log.info(
             "event=gateway_retract tenant=%s event_id=%s messages=%d", tenant, event_id, len(gone)
@@ -385,75 +286,10 @@ class Gateway:
     def stats(self) -> dict[str, object]:
         reader = self.reader
         return {
-            "connections": self.sessions.count,
+            "connections": self.hub.count if self.hub is not None else self.sessions.count,
             "accepted": self.accepted,
             "refused": dict(self.refused),
             "cut_off": dict(self.sessions.cut_offs),
             "indexed": reader.indexed if reader else 0,
             "pushed": reader.pushed if reader else 0,
         }
-
-
-class AdmittedConnection(ServerConnection):
-    """A websockets connection under the node's admission policy (made by
-    :func:`_admitted_connection` for one :class:`NodeAdmission`): admitted in
-    ``connection_made``, the moment the socket is accepted and before a byte is read (with TLS,
-    once its handshake is done: asyncio makes the protocol only then, so a stalled TLS
-    handshake is bounded by ``ssl_handshake_timeout`` rather than by the budget); refused
-    with an HTTP 503 and closed; released in ``connection_lost``."""
-
-    admission: NodeAdmission
-    ticket: Ticket | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        address = address_key(peer[0] if isinstance(peer, tuple) else "")
-        t = cast(asyncio.Transport, transport)
-        ticket, reason = self.admission.table.admit("ws", address, t.abort)
-        if ticket is None:
-            self.admission.note(
-                "connection_refused",
-                "event=connection_refused listener=ws address=%s reason=%s",
-                address,
-                reason,
-            )
-            t.write(_REFUSAL)
-            t.close()
-            return
-        self.ticket = ticket
-        super().connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.ticket is not None:
-            super().data_received(data)
-
-    def eof_received(self) -> None:
-        if self.ticket is not None:
-            super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.ticket is None:
-            return  # refused: websockets never saw it
-        self.admission.table.release(self.ticket)
-        super().connection_lost(exc)
-
-
-_REFUSAL = refusal_http(
-    b'{"error":{"code":"connection_limit","message":"connection limit reached: try again later",'
-    b'"field":null}}'
-)
-
-
-def _admitted_connection(admission: NodeAdmission) -> type[AdmittedConnection]:
-    return type("AdmittedConnection", (AdmittedConnection,), {"admission": admission})
-
-
-def _one(query: dict[str, list[str]], name: str) -> str | None:
-    values = query.get(name)
-    return values[0] if values else None
-
-
-def tenants_of(keys: Iterable[str]) -> Callable[[str], bool]:
-    """The tenants a node serves: those of its API keys (``default`` when it has none)."""
-    known = set(keys) - {"*"} or {"default"}
-    return known.__contains__

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -37,6 +37,26 @@ from websockets.protocol import State
 from gateway import frames
 
 log = logging.getLogger("herald.gateway")
+
+
+class Recipients(Protocol):
+    """Where the reader's numbered messages and the unnumbered frames go, and who is
+    present: this process's :class:`SessionTable`, or the node's :class:`gateway.hub.Hub`
+    routing to its worker processes (``gateway.workers``)."""
+
+    def present(self, tenant: str, user: str) -> int: ...
+
+    def offer_user(self, tenant: str, user: str, seq: int, frame: bytes) -> int: ...
+
+    def offer_tenant(
+        self,
+        tenant: str,
+        seq: int,
+        frame: bytes,
+        allows: Callable[[Iterable[str]], set[str]],
+    ) -> int: ...
+
+    def write_user(self, tenant: str, user: str | None, frame: bytes) -> None: ...
 
 
 class Session:

@@ -56,10 +56,12 @@ from broker.tcp import TcpServer
 from broker.tls import TlsError, server_context
 from channels.base import Channel
 from channels.inapp import InAppChannel
+from gateway.edge import served_tenants
 from gateway.http import retract_route
 from gateway.outlet import InAppOutlet
 from gateway.server import Gateway, tenants_of
 from gateway.server import wall_ms as gateway_clock
+from gateway.workers import GatewayWorkers
 from herald.metrics import Metrics, Stats
 from notify.api import notify_routes
 from notify.compose import Composer
@@ -384,6 +386,7 @@ class Node:
         self.clock = clock
         self.engine: Engine | None = None
         self.gateway: Gateway | None = None
+        self.gateway_workers: GatewayWorkers | None = None
         self.service: BrokerService | None = None
         self.tcp: TcpServer | None = None
         self.http_stats: HttpStats | None = None
@@ -455,7 +458,7 @@ class Node:
                 if cfg.gateway.enabled
                 else None
             )
-            presence = gateway.sessions.present if gateway is not None else None
+            presence = gateway.present if gateway is not None else None
             channels = dict(self.channels or {})
             if "inapp" in cfg.notify.channels and "inapp" not in channels:
                 outlet = InAppOutlet(broker.service, broker.intake, cfg.gateway.partitions)
@@ -490,6 +493,16 @@ class Node:
                 gateway.audience = EdgeAudience(registry)
                 await start(gateway)
                 self.ports["ws"] = gateway.port
+                if gateway.hub is not None:
+                    # connections in worker processes sharing ws-port (docs/GATEWAY.md)
+                    workers = self.gateway_workers = GatewayWorkers(
+                        cfg,
+                        gateway.hub,
+                        secret=gateway.secret,
+                        tenants=sorted(served_tenants(k.tenant for k in cfg.auth.keys)),
+                    )
+                    await start(workers)
+                    self.ports["ws"] = workers.port
             listeners = Listeners(cfg, broker, auth, self.shutdown_timeout, admission, ssl_context)
             listeners.routes.extend(
                 notify_routes(registry, engine, listeners.api.principal, engine.clock)

@@ -3,6 +3,9 @@
 
     python -m bench.gateway_bench idle --connections 1000,5000,10000
         # idle connections held by one node: its resident memory and open files per 1,000
+    python -m bench.gateway_bench idle --workers 3 --connections 25000,50000
+        # the same past one process's open files: gateway.workers = 3 worker processes
+        # sharing ws-port; memory summed over the node and its workers
     python -m bench.gateway_bench broadcast --clients 10000 --runs 20
         # one broadcast -> N connected clients: time to the first, p50, p99 and last receipt
     python -m bench.gateway_bench latency --rate 1000 --seconds 10 --clients 1000
@@ -19,8 +22,10 @@ process on the machine), taken in ``data_received``.
 
 A process here may hold at most 20,000 open files (hard limit): the node needs one per
 connection plus its own (~100), and each client process one per connection, so
-``--connections`` stays below ~19,500 and ``--procs`` is chosen so that no client process
-holds more than 19,000.
+``--connections`` stays below ~19,500 without ``--workers`` (with N workers, below N times
+that), and ``--procs`` is chosen so that no client process holds more than 19,000. The
+clients connect from 127.0.0.2-9 in turn (one source address has only ~28,000 ephemeral
+ports towards one port).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def free_port() -> int:
 
 
 def proc_status(pid: int, field: str) -> int:
-    """A ``/proc/PID/status`` field in KiB (VmRSS, RssAnon, RssFile)."""
+    """A numeric ``/proc/PID/status`` field (VmRSS, RssAnon, RssFile in KiB; PPid)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -187,11 +192,17 @@ async def _client_proc(
     tokens = _mint(users)
     clients: list[Client] = []
     host = f"127.0.0.1:{port}"
+    # source addresses 127.0.0.2-9 in turn: one address has ~28,000 ephemeral ports towards
+    # one port, and the client processes together may hold more connections than that
+    sources = [(f"127.0.0.{2 + k}", 0) for k in range(8)]
     for i in range(0, len(tokens), 200):  # in waves: the listen backlog is finite
         wave = []
-        for token in tokens[i : i + 200]:
+        for j, token in enumerate(tokens[i : i + 200], i):
             _, c = await loop.create_connection(
-                lambda t=token: Client(f"/?token={t}", host, seen), "127.0.0.1", port
+                lambda t=token: Client(f"/?token={t}", host, seen),
+                "127.0.0.1",
+                port,
+                local_addr=sources[j % len(sources)],
             )
             wave.append(c)
         await asyncio.wait_for(asyncio.gather(*(c.ready for c in wave)), 60)
@@ -276,7 +287,7 @@ class NodeProcess:
     """``herald serve`` on a fresh data directory, gateway pings off, the token secret
     known to the clients."""
 
-    def __init__(self, base: Path, extra: str = "") -> None:
+    def __init__(self, base: Path, extra: str = "", workers: int = 0) -> None:
         self.base = base
         self.http = free_port()
         self.ws = free_port()
@@ -284,7 +295,7 @@ class NodeProcess:
         config.write_text(
             '[notify]\nchannels = ["inapp", "null"]\ndefault-channels = ["inapp"]\n\n'
             f'[gateway]\ntoken-secret = "{SECRET}"\nping-interval-ms = 0\n'
-            "max-connections = 100000\n\n"
+            f"max-connections = 100000\nworkers = {workers}\n\n"
             # every client here comes from 127.0.0.1
             "[admission]\nmax-connections-per-address = 100000\n"
             "max-unauthenticated-per-address = 100000\n" + extra
@@ -329,6 +340,16 @@ class NodeProcess:
     def rss_kib(self) -> int:
         return proc_status(self.proc.pid, "VmRSS")
 
+    def workers(self) -> list[int]:
+        """The pids of the node's gateway worker processes (its children)."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if proc_status(int(entry), "PPid") == self.proc.pid:
+                        out.append(int(entry))
+        return sorted(out)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -370,6 +391,8 @@ def _header(command: str) -> str:
 
 # ---------------------------------------------------------------------------- idle
 async def scenario_idle(args: argparse.Namespace) -> str:
+    if args.workers:
+        return await scenario_idle_workers(args)
     counts = [int(c) for c in (args.connections or "1000,5000,10000").split(",")]
     rows = []
     for n in counts:
@@ -403,6 +426,62 @@ async def scenario_idle(args: argparse.Namespace) -> str:
         + "| idle connections | node RSS before (MiB) | after (MiB) | of which anonymous "
         "(MiB) | KiB per connection | MiB per 1,000 | node fds added | connect time (s) |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+async def scenario_idle_workers(args: argparse.Namespace) -> str:
+    """``idle --workers N``: the node with N gateway worker processes sharing ws-port; the
+    clients in as many processes as their own 19,000-descriptor share needs. Memory is the
+    resident set summed over the node and its workers."""
+    counts = [int(c) for c in (args.connections or "25000").split(",")]
+    rows = []
+    for n in counts:
+        base = _fresh_dir("gateway-idle-")
+        node = NodeProcess(base, workers=args.workers)
+        crowd: Crowd | None = None
+        try:
+            await node.ready()
+            await asyncio.sleep(1.0)
+            pids = [node.proc.pid, *node.workers()]
+            assert len(pids) == args.workers + 1, f"expected {args.workers} workers: {pids}"
+            rss0 = {p: proc_status(p, "VmRSS") for p in pids}
+            fds0 = {p: open_files(p) for p in pids}
+            t0 = time.perf_counter()
+            crowd = Crowd(node.ws, [f"u{i:06d}" for i in range(n)], _procs_for(n, args.procs))
+            held = crowd.wait_ready()
+            connect_s = time.perf_counter() - t0
+            await asyncio.sleep(3.0)  # let the connect bursts' garbage go
+            rss1 = {p: proc_status(p, "VmRSS") for p in pids}
+            fds1 = {p: open_files(p) for p in pids}
+            total0, total1 = sum(rss0.values()), sum(rss1.values())
+            per = (total1 - total0) / held
+            spread = [fds1[p] - fds0[p] for p in pids[1:]]
+            say(
+                f"{held} idle over {args.workers} workers {spread}: node+workers "
+                f"{total0 / 1024:.0f} -> {total1 / 1024:.0f} MiB, {per:.1f} KiB per connection"
+            )
+            rows.append(
+                f"| {held:,} | {args.workers} | {len(crowd.procs)} "
+                f"| {' / '.join(f'{c:,}' for c in spread)} "
+                f"| {rss0[node.proc.pid] / 1024:.0f} -> {rss1[node.proc.pid] / 1024:.0f} "
+                f"| {' / '.join(f'{rss1[p] / 1024:.0f}' for p in pids[1:])} "
+                f"| {total0 / 1024:.0f} | {total1 / 1024:.0f} | {per:.1f} "
+                f"| {max(fds1.values()):,} | {connect_s:.1f} |"
+            )
+        finally:
+            if crowd is not None:
+                crowd.stop()
+            node.stop()
+            shutil.rmtree(base, ignore_errors=True)
+    return (
+        _header(
+            f"python -m bench.gateway_bench idle --workers {args.workers} "
+            f"--connections {','.join(map(str, counts))}"
+        )
+        + "| idle connections | workers | client processes | connections per worker "
+        "| node RSS (MiB) | worker RSS after (MiB) | node + workers before (MiB) "
+        "| after (MiB) | KiB per connection | most fds in one process | connect time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -566,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, help="latency: events per second offered")
     parser.add_argument("--seconds", type=int, help="latency: measured seconds")
     parser.add_argument("--procs", type=int, help="client processes (default: 1 per 19,000)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="idle: gateway.workers of the node (default 0)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

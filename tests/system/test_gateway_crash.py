@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,47 @@ def _notifications(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_a_cursor_survives_a_sigkill_without_gap_or_duplicate(tmp_path: Path) -> None:
-    node = HeraldProcess(tmp_path / "data", tmp_path / "work", config=CONFIG)
+    await _cursor_survives_a_sigkill(tmp_path, workers=0)
+
+
+async def test_with_worker_processes_a_sigkilled_node_takes_its_workers_along(
+    tmp_path: Path,
+) -> None:
+    """``gateway.workers = 2``: the node's SIGKILL ends its workers too (their link ends),
+    nothing is left holding ws-port, and the restarted node's workers serve the cursor with
+    no gap and no duplicate."""
+    await _cursor_survives_a_sigkill(tmp_path, workers=2)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def _cursor_survives_a_sigkill(tmp_path: Path, *, workers: int) -> None:
+    config = CONFIG + f"workers = {workers}\n"
+    node = HeraldProcess(tmp_path / "data", tmp_path / "work", config=config)
     node.start()
+    assert node.proc is not None
+    workers_before = _children(node.proc.pid)
+    assert len(workers_before) == workers
     ws = f"ws://127.0.0.1:{node.ws_port}/"
     try:
         # a new connection per request: the pooled ones die with the killed node
@@ -85,6 +125,10 @@ async def test_a_cursor_survives_a_sigkill_without_gap_or_duplicate(tmp_path: Pa
                 for i in range(4)
             ]
             node.kill()
+            deadline = time.monotonic() + 10
+            while any(_alive(p) for p in workers_before):
+                assert time.monotonic() < deadline, "a worker outlived its node"
+                await asyncio.sleep(0.05)
             node.start()
             after = [
                 await _publish(http, node, topic="t", users=["alice"], payload={"k": i})

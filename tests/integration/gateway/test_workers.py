@@ -29,6 +29,7 @@ from tests.integration.notify.support import Receiver
 
 from .conftest import TENANT, Device, Running
 from .test_engagement import _webhook_user
+from .test_limits import _feed_has
 
 WORKERS = 3
 
@@ -105,7 +106,9 @@ async def test_every_device_of_a_user_gets_everything_across_two_workers(start_n
         await d.wait_for(lambda d: len(d.notifications) == 5)
     assert [n["event_id"] for n in phone.notifications] == sent
     assert [n["id"] for n in laptop.notifications] == phone.ids
-    # a mark from one device: fresh counts on both, on both workers
+    # a mark from one device: fresh counts on both, on both workers (once the feed holds the
+    # five: the counts come from it)
+    await _feed_has(node, "alice", 5)
     counts_before = len(laptop.of("counts"))
     await phone.send(type="read", ids=phone.ids[:2])
     await laptop.wait_for(lambda d: len(d.of("counts")) > counts_before, what="counts")

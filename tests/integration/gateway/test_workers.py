@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import pytest
+import websockets
 
 from gateway.hub import Hub
 from gateway.workers import GatewayWorkers
@@ -64,6 +65,20 @@ async def _connect_on(
         node.devices.remove(device)
         await _settle(lambda before=before: set(_where(node, user)) == before)
     raise AssertionError(f"no connection of {user} landed outside workers {avoid}")
+
+
+async def _reconnect(node: Running, user: str, cursor: str | None) -> Device:
+    """Reconnect as a client does after its worker died: a connection made in the instant the
+    worker's sockets are being closed may land on its listener and be reset (the kernel
+    spreads connections over the listeners that exist at the SYN); try again shortly."""
+    for attempt in range(20):
+        try:
+            return await node.connect(user, cursor=cursor)
+        except (websockets.InvalidHandshake, OSError):
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 async def _settle(check: Any, within: float = 10.0) -> None:
@@ -257,7 +272,7 @@ async def test_a_sigkilled_worker_is_restarted_and_its_clients_miss_nothing(
         await asyncio.wait_for(d.task, 10)
         got[u] = list(d.notifications)
         node.devices.remove(d)
-        devices[u] = await node.connect(u, cursor=d.cursor)
+        devices[u] = await _reconnect(node, u, d.cursor)
     await _settle(lambda: slot.pid != old_pid and victim in _hub(node).per_worker(), 15)
     assert slot.restarts == 1
     await asyncio.sleep(0.5)

@@ -26,7 +26,9 @@ run the job on the loop itself (Redis with ``appendfsync always`` does the same)
 no job is queued or running on a thread, none ran inline earlier in this loop turn (two
 partitions' lone appends in one turn still sync in parallel), and no inline job lately took
 longer than ``inline_max_ms``. After one that did (a slow disk: the loop stalled for it
-once), jobs go to the threads for :data:`INLINE_COOLDOWN_S`, then inline is tried again.
+once), jobs go to the threads for a cool-down, then inline is tried again: one second
+(:data:`INLINE_COOLDOWN_S`), doubled up to :data:`INLINE_COOLDOWN_MAX_S` each time the first
+inline job after a cool-down is slow again, back to one second after one within the limit.
 """
 
 from __future__ import annotations
@@ -46,12 +48,16 @@ _Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None
 
 # after an inline job slower than ``inline_max_ms``, how long jobs go to the threads only: a
 # disk that stalls once tends to stall again soon (writeback, another tenant's burst), and
-# each inline stall would stop every connection of the node for its length. One second: at
-# most one such stall a second, and a lone slow fdatasync does not cost the round trips of
-# the next ten seconds their inline job (on the idle VM an fdatasync over 5 ms came about
-# every 10 s, so a 10 s cool-down kept the threads on most of the time: ~50 us more node CPU
-# and ~45 us more round trip per one-at-a-time append)
+# each inline stall would stop every connection of the node for its length. One second
+# first: a lone slow fdatasync then does not cost the round trips of the next ten seconds
+# their inline job (on the idle VM an fdatasync over 5 ms came about every 10 s, so a fixed
+# 10 s cool-down kept the threads on most of the time: ~50 us more node CPU and ~45 us more
+# round trip per one-at-a-time append). Doubled, up to INLINE_COOLDOWN_MAX_S, each time the
+# first inline job after a cool-down is slow again (a disk that stays busy: under another
+# tenant's writes the first inline sync after each 1 s cool-down took 5-14 ms, a loop
+# stall a second); back to one second after an inline job within the limit.
 INLINE_COOLDOWN_S = 1.0
+INLINE_COOLDOWN_MAX_S = 32.0
 
 
 class _Worker(threading.Thread):
@@ -95,6 +101,7 @@ class IoThreads:
         self.inline_max_s = inline_max_ms / 1000
         self._inline_this_turn = False
         self._inline_off_until = 0.0  # time.monotonic(): after a slow inline job
+        self.inline_cooldown_s = INLINE_COOLDOWN_S  # the next cool-down's length
         self.inline_jobs = 0  # jobs run on the loop so far
         self.slow_inline_jobs = 0  # of which took longer than inline_max_ms
         self._jobs: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -138,7 +145,8 @@ class IoThreads:
 
     def ran_inline(self, seconds: float) -> None:
         """A job ran on the loop and took ``seconds``: none runs inline again in this loop
-        turn, and none for :data:`INLINE_COOLDOWN_S` if it was slower than allowed."""
+        turn, and none for a cool-down if it was slower than allowed (see
+        :data:`INLINE_COOLDOWN_S`: one second, doubled while the disk stays slow)."""
         self.inline_jobs += 1
         if not self._inline_this_turn:
             self._inline_this_turn = True
@@ -146,16 +154,20 @@ class IoThreads:
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._next_turn)
-        if seconds > self.inline_max_s:
-            self.slow_inline_jobs += 1
-            self._inline_off_until = time.monotonic() + INLINE_COOLDOWN_S
-            log.warning(
-                "event=inline_io_slow pool=%s ms=%.1f limit_ms=%g threads_only_s=%g",
-                self.name,
-                seconds * 1000,
-                self.inline_max_s * 1000,
-                INLINE_COOLDOWN_S,
-            )
+        if seconds <= self.inline_max_s:
+            self.inline_cooldown_s = INLINE_COOLDOWN_S
+            return
+        self.slow_inline_jobs += 1
+        cooldown = self.inline_cooldown_s
+        self._inline_off_until = time.monotonic() + cooldown
+        self.inline_cooldown_s = min(cooldown * 2, INLINE_COOLDOWN_MAX_S)
+        log.warning(
+            "event=inline_io_slow pool=%s ms=%.1f limit_ms=%g threads_only_s=%g",
+            self.name,
+            seconds * 1000,
+            self.inline_max_s * 1000,
+            cooldown,
+        )
 
     def _next_turn(self) -> None:
         self._inline_this_turn = False

@@ -146,3 +146,27 @@ def test_a_write_then_sync_jobs_write_outcome_is_taken_exactly_once() -> None:
             t.join()
         assert sorted(wins) == [False, True]
         assert not job.claim_written()
+
+
+async def test_the_inline_cool_down_doubles_while_the_disk_stays_slow_and_resets_after_a_fast_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from storage.io_threads import INLINE_COOLDOWN_MAX_S, INLINE_COOLDOWN_S
+
+    io = IoThreads(1, inline_max_ms=5)
+    try:
+        assert io.may_run_inline()
+        lengths = []
+        for _ in range(8):  # the first inline job after each cool-down is slow again
+            io.ran_inline(0.010)
+            await asyncio.sleep(0)  # the next loop turn
+            assert not io.may_run_inline()  # cooling down
+            lengths.append(float(caplog.records[-1].getMessage().rsplit("=", 1)[1]))
+        assert lengths == [min(INLINE_COOLDOWN_S * 2**i, INLINE_COOLDOWN_MAX_S) for i in range(8)]
+        assert lengths[0] == 1 and lengths[-1] == INLINE_COOLDOWN_MAX_S
+        io.ran_inline(0.001)  # one within the limit: the next cool-down is one second again
+        io.ran_inline(0.010)
+        assert caplog.records[-1].getMessage().endswith("threads_only_s=1")
+        assert io.slow_inline_jobs == 9
+    finally:
+        io.close()

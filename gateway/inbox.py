@@ -88,6 +88,7 @@ class Indexed:
     frame: bytes
     topic: str
     category: str | None
+    event_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +184,7 @@ class Inbox:
         self.items.put(f"u\0{t}\0{u}\0{_n(seq)}", Item(m.id, m.event_id, frame, m.ts), txn=txn)
         self.index.put(dkey, Seq(seq), txn=txn)
         self.index.put(f"e\0{t}\0{m.event_id}\0u\0{u}\0{_n(seq)}", Seq(seq), txn=txn)
-        return Indexed(t, u, seq, frame, m.topic, m.category)
+        return Indexed(t, u, seq, frame, m.topic, m.category, m.event_id)
 
     def _add_broadcast(self, txn: Txn, ev: StoredEvent) -> Indexed | None:
         t = ev.tenant
@@ -202,7 +203,7 @@ class Inbox:
         self.items.put(f"b\0{t}\0{_n(seq)}", item, txn=txn)
         self.index.put(dkey, Seq(seq), txn=txn)
         self.index.put(f"e\0{t}\0{ev.event_id}\0b\0\0{_n(seq)}", Seq(seq), txn=txn)
-        return Indexed(t, None, seq, frame, ev.topic, ev.category)
+        return Indexed(t, None, seq, frame, ev.topic, ev.category, ev.event_id)
 
     def retract(self, tenant: str, event_id: str, now_ms: int) -> list[Retracted]:
         """Remove every message of the event (in-app, of every user, and its broadcast) and

@@ -35,6 +35,9 @@ log = logging.getLogger("herald.gateway")
 BROADCAST_TOPIC = "__broadcast"
 # allows(tenant, users, topic, category) -> the users the broadcast may reach
 Audience = Callable[[str, Iterable[str], str, str | None], set[str]]
+# delivered({(tenant, user): [event ids]}): the in-app messages of one batch that reached a
+# connected device, by user (the gateway sends each user fresh counts once per batch)
+Delivered = Callable[[dict[tuple[str, str], list[str]]], None]
 
 
 def everyone(tenant: str, users: Iterable[str], topic: str, category: str | None) -> set[str]:
@@ -54,6 +57,7 @@ class Reader:
         retention_ms: int,
         clock: Callable[[], int],
         commit_interval: float = 0.2,
+        delivered: Delivered | None = None,
     ) -> None:
         self.client = client
         self.kv = kv
@@ -64,6 +68,7 @@ class Reader:
         self.retention_ms = retention_ms
         self.clock = clock
         self.commit_interval = commit_interval
+        self.delivered = delivered
         self.consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None
@@ -161,9 +166,13 @@ class Reader:
         self.indexed += len(indexed)
         self.duplicates += len(messages) - len(indexed)
         sessions = self.sessions
+        reached: dict[tuple[str, str], list[str]] = {}
         for item in indexed:
             if item.user is not None:
-                self.pushed += sessions.offer_user(item.tenant, item.user, item.seq, item.frame)
+                n = sessions.offer_user(item.tenant, item.user, item.seq, item.frame)
+                if n:
+                    self.pushed += n
+                    reached.setdefault((item.tenant, item.user), []).append(item.event_id)
             else:
                 self.pushed += sessions.offer_tenant(
                     item.tenant,
@@ -171,6 +180,8 @@ class Reader:
                     item.frame,
                     functools.partial(self._allowed, item.tenant, item.topic, item.category),
                 )
+        if reached and self.delivered is not None:
+            self.delivered(reached)
 
     def _allowed(
         self, tenant: str, topic: str, category: str | None, users: Iterable[str]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +47,9 @@ __all__ = ["AdmittedConnection", "Engagement", "Gateway", "NoEngagement", "tenan
 log = logging.getLogger("herald.gateway")
 
 PAGE = 200  # backfill messages per page (one LMDB snapshot, then wait for the client)
+# a message shown but not yet in the feed is counted for at most this long (the audit
+# indexer's lag is milliseconds; a notification the feed never gets must not count forever)
+UNFOLDED_S = 30.0
 
 
 class Engagement(Protocol):
@@ -58,10 +62,32 @@ class Engagement(Protocol):
     def counts(self, tenant: str, user: str) -> tuple[int, int]:
         """(unseen, unread) of the user's feed."""
 
+    def not_in_feed(self, tenant: str, user: str, event_ids: list[str]) -> list[str]:
+        """Those of ``event_ids`` whose notification to the user the feed does not hold yet
+        (it folds a notification in some ms after the fan-out, more under load; an in-app
+        message may be shown before that): each will count as unseen and unread once it
+        does."""
+
+    def counts_after(
+        self, tenant: str, user: str, before: tuple[int, int], missing: int
+    ) -> tuple[int, int]:
+        """(unseen, unread) cheaply (no feed scan) after new notifications reached the user,
+        given the counts sent ``before`` them and ``missing``, the ones shown that the feed
+        does not hold yet: unread as the feed holds it plus ``missing``; unseen grown by as
+        much as unread grew (a new notification is both), within what ``counts`` scans."""
+
 
 class NoEngagement:
     async def mark(self, tenant: str, user: str, event_id: str, what: str) -> bool:
         return False
+
+    def not_in_feed(self, tenant: str, user: str, event_ids: list[str]) -> list[str]:
+        return []
+
+    def counts_after(
+        self, tenant: str, user: str, before: tuple[int, int], missing: int
+    ) -> tuple[int, int]:
+        return (0, 0)
 
     def counts(self, tenant: str, user: str) -> tuple[int, int]:
         return (0, 0)
@@ -101,6 +127,10 @@ class Gateway(Edge):
         self.inbox: Inbox | None = None
         self.reader: Reader | None = None
         self.client: LocalClient | None = None
+        # (tenant, user) -> [(event id, when shown)]: shown, maybe not in the feed yet
+        self._unfolded: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        # (tenant, user) -> the last (unseen, unread) sent to the user's devices
+        self._counted: dict[tuple[str, str], tuple[int, int]] = {}
 
     def present(self, tenant: str, user: str) -> int:
         """How many devices of the user are connected to this node (in any process)."""
@@ -131,6 +161,7 @@ class Gateway(Edge):
             audience=lambda t, users, topic, cat: self.audience(t, users, topic, cat),
             retention_ms=g.inbox_retention_ms,
             clock=self.clock,
+            delivered=self._counts_after_delivery,
         )
         await self.reader.start()
         if self.hub is None:
@@ -179,8 +210,7 @@ class Gateway(Edge):
             await session.conn.drain()  # the client reads a page before the next one
         session.finish_backfill()
         session.write(frames.ready(frames.format_cursor(session.last_seq), sent, truncated))
-        unseen, unread = self.engagement.counts(tenant, user)
-        session.write(frames.counts(unseen, unread))
+        session.write(frames.counts(*self.counts(tenant, user)))
 
     def plan_backfill(
         self, tenant: str, user: str, cursor: int | None
@@ -255,11 +285,61 @@ class Gateway(Edge):
         return unknown
 
     def counts(self, tenant: str, user: str) -> tuple[int, int]:
-        return self.engagement.counts(tenant, user)
+        """(unseen, unread) from the feed, plus the in-app messages shown to the user that
+        the feed has not folded in yet (each will be unseen and unread there). Reads up to
+        200 feed items (~1 ms for a full feed): after the backfill and after marks only;
+        a delivery's counts are :meth:`_counts_after_delivery`'s."""
+        unseen, unread = self.engagement.counts(tenant, user)
+        missing = self._not_folded(tenant, user)
+        counted = self._counted[(tenant, user)] = (unseen + missing, unread + missing)
+        return counted
+
+    def _not_folded(self, tenant: str, user: str) -> int:
+        key = (tenant, user)
+        shown = self._unfolded.get(key)
+        if not shown:
+            return 0
+        floor = time.monotonic() - UNFOLDED_S
+        recent = {e: t for e, t in shown if t >= floor}
+        missing = set(self.engagement.not_in_feed(tenant, user, list(recent)))
+        if missing:
+            self._unfolded[key] = [(e, t) for e, t in recent.items() if e in missing]
+        else:
+            del self._unfolded[key]
+        return len(missing)
+
+    def _counts_after_delivery(self, reached: dict[tuple[str, str], list[str]]) -> None:
+        """Fresh counts to every device of each user whom a batch of the reader reached:
+        once per user per batch, right behind its messages. Cheap (no feed scan): unread is
+        the feed's count (one read) plus the messages it has not folded in yet; unseen is
+        the last counts sent to the user grown by as much as unread grew
+        (``Engagement.counts_after``)."""
+        now = time.monotonic()
+        if len(self._unfolded) > 10_000:  # users who left: forget what is past counting
+            floor = now - UNFOLDED_S
+            for key, shown in list(self._unfolded.items()):
+                if shown[-1][1] < floor:
+                    del self._unfolded[key]
+        if len(self._counted) > 2 * self.recipients_count() + 10_000:
+            for key in [k for k in self._counted if not self.recipients.present(*k)]:
+                del self._counted[key]
+        for (tenant, user), event_ids in reached.items():
+            key = (tenant, user)
+            self._unfolded.setdefault(key, []).extend((e, now) for e in event_ids)
+            last = self._counted.get(key)
+            if last is None:
+                unseen, unread = self.counts(tenant, user)
+            else:
+                missing = self._not_folded(tenant, user)
+                unseen, unread = self.engagement.counts_after(tenant, user, last, missing)
+                self._counted[key] = (unseen, unread)
+            self.recipients.write_user(tenant, user, frames.counts(unseen, unread))
+
+    def recipients_count(self) -> int:
+        return self.hub.count if self.hub is not None else self.sessions.count
 
     def send_counts(self, tenant: str, user: str) -> None:
-        unseen, unread = self.engagement.counts(tenant, user)
-        self.recipients.write_user(tenant, user, frames.counts(unseen, unread))
+        self.recipients.write_user(tenant, user, frames.counts(*self.counts(tenant, user)))
 
     # ----------------------------------------------------------------- retraction
     async def retract(self, tenant: str, event_id: str) -> int:

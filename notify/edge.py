@@ -56,6 +56,28 @@ class EngineEngagement:
         unseen = sum(1 for item in feed["items"] if not item["seen"])
         return unseen, int(feed["unread"])
 
+    def counts_after(
+        self, tenant: str, user: str, before: tuple[int, int], missing: int
+    ) -> tuple[int, int]:
+        """(unseen, unread) after new notifications reached the user, from the counts sent
+        ``before`` and ``missing`` (shown, not in the feed yet): one read of the unread count
+        instead of a feed scan; every notification new to the feed is unseen and unread,
+        so unseen grows by as much as unread did (read implies seen: never above unread)."""
+        n = self.engine.index.unread.get(f"{tenant}\0{user}")
+        unread = (n.count if n is not None else 0) + missing
+        unseen = before[0] + unread - before[1]
+        return max(0, min(unseen, unread, FEED_SCAN)), unread
+
+    def not_in_feed(self, tenant: str, user: str, event_ids: list[str]) -> list[str]:
+        """Those of ``event_ids`` whose notification to the user the audit indexer has not
+        folded into the feed yet (one state-store read each)."""
+        notes = self.engine.index.notes
+        return [
+            event_id
+            for event_id in event_ids
+            if notes.get(f"{tenant}\0{user}\0{ids.run_id(tenant, event_id, user)}") is None
+        ]
+
 
 class EdgeAudience:
     """``audience(tenant, users, topic, category)`` for the gateway's broadcasts."""

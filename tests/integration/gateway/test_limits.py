@@ -25,6 +25,22 @@ def _counts(device: Device) -> list[tuple[int, int]]:
     return [(f["unseen"], f["unread"]) for f in device.of("counts")]
 
 
+def _counts_as_delivered(device: Device, published: int) -> list[tuple[int, int]]:
+    """The counts frames that followed new notifications (nothing marked yet), each checked:
+    every notification shown before it counts (unseen and unread), and at most the ones
+    published (the feed may hold some before their in-app message is shown)."""
+    shown = 0
+    out = []
+    for f in device.frames:
+        if f["type"] == "notification":
+            shown += 1
+        elif f["type"] == "counts" and shown:
+            assert f["unseen"] == f["unread"], device.frames
+            assert shown <= f["unread"] <= published, device.frames
+            out.append((f["unseen"], f["unread"]))
+    return out
+
+
 async def _feed_has(node: Running, user: str, n: int) -> None:
     """The audit indexer folds a notification into the feed a few ms after the fan-out."""
     assert node.node.engine is not None
@@ -44,6 +60,9 @@ async def test_counts_follow_the_backfill_and_every_mark_on_every_device(
     for i in range(3):
         await node.publish(topic="t", users=["alice"], payload={"i": i})
     await phone.wait_for(lambda d: len(d.notifications) == 3)
+    await phone.wait_for(lambda d: (3, 3) in _counts(d), what="counts after the deliveries")
+    live = _counts_as_delivered(phone, 3)  # once per reader batch, up to (3, 3)
+    assert live[-1] == (3, 3)
     await _feed_has(node, "alice", 3)
 
     laptop = await node.connect("alice")  # a second device: its backfill, then the counts
@@ -59,13 +78,34 @@ async def test_counts_follow_the_backfill_and_every_mark_on_every_device(
     for d in (phone, laptop):
         await d.wait_for(lambda d: (1, 2) in _counts(d), what="counts after read")
     await asyncio.sleep(0.2)
-    assert _counts(phone) == [(0, 0), (2, 3), (1, 2)]
+    assert _counts(phone) == [(0, 0), *live, (2, 3), (1, 2)]
     assert _counts(laptop) == [(3, 3), (2, 3), (1, 2)]
     assert _counts(bob) == [(0, 0)]  # another user's marks are not his business
 
     tablet = await node.connect("alice")  # without a cursor: after the last seen
     assert tablet.ids == phone.ids[2:]
     assert _counts(tablet) == [(1, 2)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_every_new_notification_brings_fresh_counts_to_every_device(
+    start_node: Any, workers: int
+) -> None:
+    """After each batch of in-app messages reaching a user, every device of the user gets
+    the counts including them (even before the feed has folded them in); another user's
+    devices get nothing. With worker processes too."""
+    node: Running = await start_node(workers=workers)
+    phone = await node.connect("alice")
+    laptop = await node.connect("alice")
+    bob = await node.connect("bob")
+    for i in range(5):
+        await node.publish(topic="t", users=["alice"], payload={"i": i})
+    for d in (phone, laptop):
+        await d.wait_for(lambda d: len(d.notifications) == 5)
+        await d.wait_for(lambda d: (5, 5) in _counts(d), what="counts after the fifth")
+        assert _counts_as_delivered(d, 5)[-1] == (5, 5)
+    await asyncio.sleep(0.2)
+    assert _counts(bob) == [(0, 0)]
 
 
 async def test_keepalive_drops_a_client_that_stops_answering_pings(start_node: Any) -> None:

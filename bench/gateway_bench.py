@@ -658,7 +658,9 @@ def main(argv: list[str] | None = None) -> None:
         text = asyncio.run(run(args))
         print(f"## {title}\n\n{text}")
         if not args.no_write:
-            write_section(RESULTS, title, f"bench.gateway_bench {name}", text)
+            # with --workers, a block of its own in the section: both tables stay
+            owner = f"bench.gateway_bench {name}" + (" --workers" if args.workers else "")
+            write_section(RESULTS, title, owner, text)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ no job is queued or running on a thread, none ran inline earlier in this loop tu
 partitions' lone appends in one turn still sync in parallel), and no inline job lately took
 longer than ``inline_max_ms``. After one that did (a slow disk: the loop stalled for it
 once), jobs go to the threads for a cool-down, then inline is tried again: one second
-(:data:`INLINE_COOLDOWN_S`), doubled up to :data:`INLINE_COOLDOWN_MAX_S` each time the first
-inline job after a cool-down is slow again, back to one second after one within the limit.
+(:data:`INLINE_COOLDOWN_S`), doubled up to :data:`INLINE_COOLDOWN_MAX_S` each time an inline
+job is slow again within one cool-down's length of the last one ending.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ _Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None
 # first: a lone slow fdatasync then does not cost the round trips of the next ten seconds
 # their inline job (on the idle VM an fdatasync over 5 ms came about every 10 s, so a fixed
 # 10 s cool-down kept the threads on most of the time: ~50 us more node CPU and ~45 us more
-# round trip per one-at-a-time append). Doubled, up to INLINE_COOLDOWN_MAX_S, each time the
-# first inline job after a cool-down is slow again (a disk that stays busy: under another
-# tenant's writes the first inline sync after each 1 s cool-down took 5-14 ms, a loop
-# stall a second); back to one second after an inline job within the limit.
+# round trip per one-at-a-time append). Doubled, up to INLINE_COOLDOWN_MAX_S, when an inline
+# job is slow again within one cool-down's length of the last one ending (a disk that stays
+# busy: under another tenant's writes an inline sync over 5 ms came ~80 ms after each 1 s
+# cool-down ended, a loop stall a second and inline jobs 8% of the time); back to one
+# second when the slow one comes later than that.
 INLINE_COOLDOWN_S = 1.0
 INLINE_COOLDOWN_MAX_S = 32.0
 
@@ -87,10 +88,15 @@ class IoThreads:
     not raise (it reports its failures); one that does is logged. Cost: one thread (a few
     hundred KiB of stack in use, 8 MiB reserved) per concurrent job, at most ``max_threads``.
     ``inline_max_ms`` > 0 lets callers run a job on the loop when the threads are idle (see
-    the module docstring; 0, the default, never)."""
+    the module docstring; 0, the default, never); ``clock`` (seconds) times the cool-downs."""
 
     def __init__(
-        self, max_threads: int, name: str = "herald-io", *, inline_max_ms: float = 0
+        self,
+        max_threads: int,
+        name: str = "herald-io",
+        *,
+        inline_max_ms: float = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_threads < 1:
             raise ValueError("max_threads must be at least 1")
@@ -100,8 +106,9 @@ class IoThreads:
         self.name = name
         self.inline_max_s = inline_max_ms / 1000
         self._inline_this_turn = False
-        self._inline_off_until = 0.0  # time.monotonic(): after a slow inline job
-        self.inline_cooldown_s = INLINE_COOLDOWN_S  # the next cool-down's length
+        self._clock = clock
+        self._inline_off_until = 0.0  # clock(): the end of the last cool-down
+        self.inline_cooldown_s = 0.0  # the last cool-down's length
         self.inline_jobs = 0  # jobs run on the loop so far
         self.slow_inline_jobs = 0  # of which took longer than inline_max_ms
         self._jobs: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -141,12 +148,12 @@ class IoThreads:
             return False
         if self._submitted != sum(w.finished for w in self._workers):
             return False  # a job is queued or running: the disk is busy, do not wait on it
-        return not self._inline_off_until or time.monotonic() >= self._inline_off_until
+        return not self._inline_off_until or self._clock() >= self._inline_off_until
 
     def ran_inline(self, seconds: float) -> None:
         """A job ran on the loop and took ``seconds``: none runs inline again in this loop
         turn, and none for a cool-down if it was slower than allowed (see
-        :data:`INLINE_COOLDOWN_S`: one second, doubled while the disk stays slow)."""
+        :data:`INLINE_COOLDOWN_S`: one second, doubled while slow ones keep coming)."""
         self.inline_jobs += 1
         if not self._inline_this_turn:
             self._inline_this_turn = True
@@ -155,12 +162,18 @@ class IoThreads:
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._next_turn)
         if seconds <= self.inline_max_s:
-            self.inline_cooldown_s = INLINE_COOLDOWN_S
             return
         self.slow_inline_jobs += 1
-        cooldown = self.inline_cooldown_s
-        self._inline_off_until = time.monotonic() + cooldown
-        self.inline_cooldown_s = min(cooldown * 2, INLINE_COOLDOWN_MAX_S)
+        now = self._clock()
+        last = self.inline_cooldown_s
+        if self._inline_off_until and now - self._inline_off_until < last:
+            # slow again within one cool-down's length of the last one ending: the disk
+            # stays busy; a longer one
+            cooldown = min(last * 2, INLINE_COOLDOWN_MAX_S)
+        else:
+            cooldown = INLINE_COOLDOWN_S
+        self.inline_cooldown_s = cooldown
+        self._inline_off_until = now + cooldown
         log.warning(
             "event=inline_io_slow pool=%s ms=%.1f limit_ms=%g threads_only_s=%g",
             self.name,

@@ -148,25 +148,35 @@ def test_a_write_then_sync_jobs_write_outcome_is_taken_exactly_once() -> None:
         assert not job.claim_written()
 
 
-async def test_the_inline_cool_down_doubles_while_the_disk_stays_slow_and_resets_after_a_fast_job(
+async def test_the_inline_cool_down_doubles_while_slow_jobs_keep_coming(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from storage.io_threads import INLINE_COOLDOWN_MAX_S, INLINE_COOLDOWN_S
 
-    io = IoThreads(1, inline_max_ms=5)
+    now = [100.0]
+    io = IoThreads(1, inline_max_ms=5, clock=lambda: now[0])
+
+    def cool_down() -> float:
+        return float(caplog.records[-1].getMessage().rsplit("=", 1)[1])
+
     try:
         assert io.may_run_inline()
         lengths = []
-        for _ in range(8):  # the first inline job after each cool-down is slow again
+        for _ in range(8):  # each time, a slow job soon after the cool-down ended
             io.ran_inline(0.010)
+            lengths.append(cool_down())
             await asyncio.sleep(0)  # the next loop turn
             assert not io.may_run_inline()  # cooling down
-            lengths.append(float(caplog.records[-1].getMessage().rsplit("=", 1)[1]))
+            now[0] += lengths[-1]
+            assert io.may_run_inline()  # over
+            io.ran_inline(0.001)  # fast ones in between change nothing
+            now[0] += 0.08
         assert lengths == [min(INLINE_COOLDOWN_S * 2**i, INLINE_COOLDOWN_MAX_S) for i in range(8)]
         assert lengths[0] == 1 and lengths[-1] == INLINE_COOLDOWN_MAX_S
-        io.ran_inline(0.001)  # one within the limit: the next cool-down is one second again
+        # a slow one a whole cool-down after the last ended: the disk was fine meanwhile
+        now[0] += INLINE_COOLDOWN_MAX_S
         io.ran_inline(0.010)
-        assert caplog.records[-1].getMessage().endswith("threads_only_s=1")
+        assert cool_down() == INLINE_COOLDOWN_S
         assert io.slow_inline_jobs == 9
     finally:
         io.close()

@@ -150,6 +150,9 @@ class Admission:
         lst.pending[ticket] = None
         self.total += 1
         self.pending += 1
+        # read again: making room may have evicted this address's last connection (and
+        # dropped its entry), so the counts read above can be stale
+        counts = self._addresses.get(address)
         if counts is None:
             self._addresses[address] = [1, 1]
         else:

@@ -148,6 +148,26 @@ def test_pending_connections_expire_at_the_handshake_timeout() -> None:
     assert t.total == 1 and t.pending == 0
 
 
+def test_making_room_by_evicting_an_addresses_last_connection_keeps_its_new_one_counted() -> None:
+    """The node is full; the oldest pending connection is the only one of the address that
+    now connects again: it is evicted for room, and the new one must still be counted under
+    the address (found by the property test below: a KeyError at the next prove/release)."""
+    clock = Clock()
+    t = table(clock, capacity=2, unauthenticated_share=1.0)
+    old, old_conn = admit(t, address="10.0.0.2")
+    clock.now += 1
+    other, _ = admit(t, address="10.0.0.3")
+    t.prove(other)
+    clock.now += 1
+    new, _ = admit(t, address="10.0.0.2")
+    assert old_conn.closed and old.released
+    t.prove(new)
+    assert t.admit("tcp", "10.0.0.2", lambda: None)[0] is None  # full of proven ones
+    t.release(new)
+    assert t.total == 1 and t.pending == 0
+    assert t.admit("tcp", "10.0.0.2", lambda: None)[0] is not None
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("apre"), st.integers(0, 30)), max_size=80))
 def test_counts_stay_true_whatever_the_order_of_events(ops: list[tuple[str, int]]) -> None:

@@ -90,7 +90,9 @@ async def producer_ids_are_not_reused(node: PowerNode, cuts: int) -> None:
                 handed.add(producer.producer_id)
                 await producer.send(topic, b"before-cut-%d" % next(counter), partition=0)
 
-            await cut_after(node, cut, rng, one_producer)
+            # bounded: the node allows a tenant 10,000 live producer ids
+            # (quotas.producer-ids) and these stay live across the cuts
+            await cut_after(node, cut, rng, one_producer, limit=300)
         node.process.start()
         context = f"seed {seed}, cut point {cut}\n{node.diagnosis()}"
         async with await node.connect() as client:

@@ -56,3 +56,49 @@ class ForbiddenAddress(ChannelError, OSError):
         super().__init__(f"{address} is {why}")
         self.address = address
         self.why = why
+
+
+# ------------------------------------------------------------------- HTTP transport failures
+class RequestError(ChannelError):
+    """An HTTP request that got no (whole) answer; ``reason`` is the outcome's reason word.
+    Raised by :mod:`channels.http1`, turned into a ``retry`` outcome by the channel."""
+
+    code = "request_failed"
+    reason: ClassVar[str] = "request_failed"
+
+
+class DnsError(RequestError):
+    """The host name did not resolve. Nothing was sent."""
+
+    reason = "dns_error"
+
+
+class ConnectError(RequestError):
+    """No connection (refused, unreachable, TLS handshake or certificate refused). Nothing
+    was sent."""
+
+    reason = "connect_error"
+
+
+class ConnectTimeout(RequestError):
+    """No connection within the connect timeout. Nothing was sent."""
+
+    reason = "connect_timeout"
+
+
+class RequestTimeout(RequestError):
+    """No answer within the request's total timeout; the request may have been acted on."""
+
+    reason = "timeout"
+
+
+class ConnectionLost(RequestError):
+    """The connection closed or reset before the answer's head arrived."""
+
+    reason = "connection_lost"
+
+
+class BadResponse(RequestError):
+    """Bytes that are not an HTTP/1.x response, or a response head past the size limit."""
+
+    reason = "bad_response"

@@ -6,15 +6,16 @@ user points it: the cloud metadata service (169.254.169.254), the node's own adm
 127.0.0.1, a database on the private network. Checking the URL's host name is not enough: a
 name can resolve to a private address, and resolve differently between a check and the
 connect (DNS rebinding). So the check runs at connect time, on the resolved address, in two
-places of aiohttp's connector:
+places of the webhook channel's client (:mod:`channels.http1`):
 
 1. :class:`GuardedResolver` drops refused addresses from every resolution, and fails the
-   lookup with :class:`~channels.errors.ForbiddenAddress` when none is left; the connector
-   only ever connects to what its resolver returned, so a second, different answer cannot
-   slip in. Resolutions are cached after the check, never before.
-2. :func:`guarded_socket_factory` checks the exact address each socket is about to connect
-   to: the last word, and the only check for a URL with an IP literal (aiohttp does not
-   resolve those).
+   lookup with :class:`~channels.errors.ForbiddenAddress` when none is left; the client only
+   ever connects to what its resolver returned, so a second, different answer cannot slip
+   in. Resolutions are cached after the check, never before.
+2. :meth:`AddressPolicy.check` on the exact address each connection is about to be made to:
+   the last word, and the only check for a URL with an IP literal (which is not resolved).
+   :func:`guarded_socket_factory` is the same check for an aiohttp connector's
+   ``socket_factory``, for a client built on aiohttp.
 
 Refused unless on the allow-list: every address that is not global (private, loopback,
 link-local, shared, reserved, unspecified, documentation ranges) and every multicast address.

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -45,7 +45,7 @@ from broker.auth import NODE_PRINCIPAL, Principal
 from broker.config import Config
 from broker.errors import InvalidRequest, PayloadTooLarge, ShuttingDown
 from broker.idempotency import EventIds, SeenEvent, row_estimate
-from broker.quotas import delayed
+from broker.quotas import TenantUsage, delayed
 from broker.service import BrokerService
 from broker.topics import EVENTS_TOPIC, partition_for_key
 from storage import records
@@ -134,23 +134,26 @@ class Accepted:
 
 class EventIdGenerator:
     """Random (version 4) UUIDs as strings, drawing the randomness for many at once: one
-    ``os.urandom`` call per 4096 ids instead of one per id."""
+    ``os.urandom`` call per 4096 ids instead of one per id, hexed once per draw."""
 
     _BATCH = 4096
 
     def __init__(self) -> None:
-        self._pool = b""
+        self._hex = ""
         self._at = 0
 
     def next(self) -> str:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(16 * self._BATCH), 0
-        raw = bytearray(self._pool[self._at : self._at + 16])
-        self._at += 16
-        raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-        raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-        h = raw.hex()
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = os.urandom(16 * self._BATCH).hex(), 0
+        h = self._hex[at : at + 32]
+        self._at = at + 32
+        # the version nibble becomes 4; the variant's two high bits 10 (RFC 4122), keeping
+        # the two random low bits: 122 random bits, as uuid.uuid4()
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = "89ab"
 
 
 class _Prepared:
@@ -224,6 +227,8 @@ class EventIntake:
             )
         now = time.time_ns() // 1_000_000
         tenant = principal.tenant
+        if len(events) == 1:
+            return self._publish_one(tenant, events[0], now, batch)
         results: list[EventResult | None] = [None] * len(events)
         waits: list[asyncio.Future[None]] = []
         fresh: list[_Prepared] = []
@@ -262,19 +267,52 @@ class EventIntake:
             ack = waits[0]
         elif waits:
             ack = asyncio.ensure_future(_all(waits))
-        throttle_ms = 0
         size = 0
         for e in fresh:
             size += len(e.value)
+        ack, throttle_ms = self._charge(usage, size, ack)
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)
+        return Accepted(done, len(fresh), ack, throttle_ms)
+
+    def _publish_one(self, tenant: str, ev: EventIn, now: int, batch: bool) -> Accepted:
+        """:meth:`publish` of one event (``POST /events``), the same steps without the
+        bookkeeping a batch needs (placements per partition, repeats within the batch)."""
+        prepared = self._prepare(tenant, ev, now, 0, "events[0]." if batch else "")
+        if isinstance(prepared, tuple):  # a repeat of a stored or in-flight event
+            result, wait = prepared
+            return Accepted([result], 0, wait)
+        usage = self.quotas.tenants.get(tenant) or self.quotas.of(tenant)
+        chosen = ev.event_id is not None
+        if chosen and not usage.exempt:
+            self.quotas.admit(
+                usage,
+                "state_store_bytes",
+                self._reserved.get(tenant, 0) + row_estimate(tenant),
+                field="events" if batch else "event_id",
+            )
+        batches = self._batches([prepared], now)
+        self.service.check_batches(batches)
+        results: list[EventResult | None] = [None]
+        ids = (prepared.event_id,) if chosen else ()
+        ack = self._append_partition(
+            tenant, prepared.partition, [prepared], batches, ids, results, now
+        )
+        ack, throttle_ms = self._charge(usage, len(prepared.value), ack)
+        assert results[0] is not None
+        return Accepted([results[0]], 1, ack, throttle_ms)
+
+    def _charge(
+        self, usage: TenantUsage, size: int, ack: asyncio.Future[None] | None
+    ) -> tuple[asyncio.Future[None] | None, int]:
+        """Count ``size`` produced bytes; the ack, delayed by the produce quota's throttle,
+        and the throttle in ms."""
         usage.produced_bytes += size
         if usage.produce is not None and size:
             delay = self.quotas.throttle(usage, usage.produce, size, "produce")
             if delay:
-                ack = delayed(ack, delay)
-                throttle_ms = int(delay * 1000)
-        done = [r for r in results if r is not None]
-        assert len(done) == len(results)
-        return Accepted(done, len(fresh), ack, throttle_ms)
+                return delayed(ack, delay), int(delay * 1000)
+        return ack, 0
 
     def _prepare(
         self, tenant: str, ev: EventIn, now: int, index: int, where: str
@@ -360,25 +398,42 @@ class EventIntake:
             self.service.check_batches(bs)  # every limit before any append
         waits = []
         for part, items in by_partition.items():
-            appended = self.service.append(EVENTS_TOPIC, part, batches[part], -1)
-            rows: list[tuple[str, str, SeenEvent]] = []
-            for j, e in enumerate(items):
-                result = EventResult(e.event_id, part, appended.base_offset + j)
-                results[e.index] = result
-                if e.event_id in chosen:
-                    rows.append((tenant, e.event_id, SeenEvent(part, result.offset, now)))
-            end = appended.last_offset + 1
-            ack = appended.ack
-            if ack is None:  # already durable (cannot happen for a new append; be safe)
-                self._indexed_to(part, end, rows)
-                continue
-            for _t, eid, seen in rows:
-                self._inflight[(tenant, eid)] = (EventResult(eid, part, seen.offset), ack)
-            if rows:
-                self._reserve(tenant, len(rows) * row_estimate(tenant))
-            ack.add_done_callback(self._on_durable(part, end, rows))
-            waits.append(ack)
+            ack = self._append_partition(tenant, part, items, batches[part], chosen, results, now)
+            if ack is not None:
+                waits.append(ack)
         return waits
+
+    def _append_partition(
+        self,
+        tenant: str,
+        part: int,
+        items: list[_Prepared],
+        batches: list[bytes],
+        chosen: Collection[str],
+        results: list[EventResult | None],
+        now: int,
+    ) -> asyncio.Future[None] | None:
+        """Append ``items`` (already checked as ``batches``) to partition ``part`` of
+        ``__events``; fills their ``results``; keeps the producer-``chosen`` ids in flight
+        until durable, then indexed. The append's ack, None if it is already durable."""
+        appended = self.service.append(EVENTS_TOPIC, part, batches, -1)
+        rows: list[tuple[str, str, SeenEvent]] = []
+        for j, e in enumerate(items):
+            result = EventResult(e.event_id, part, appended.base_offset + j)
+            results[e.index] = result
+            if chosen and e.event_id in chosen:
+                rows.append((tenant, e.event_id, SeenEvent(part, result.offset, now)))
+        end = appended.last_offset + 1
+        ack = appended.ack
+        if ack is None:  # already durable (cannot happen for a new append; be safe)
+            self._indexed_to(part, end, rows)
+            return None
+        for _t, eid, seen in rows:
+            self._inflight[(tenant, eid)] = (EventResult(eid, part, seen.offset), ack)
+        if rows:
+            self._reserve(tenant, len(rows) * row_estimate(tenant))
+        ack.add_done_callback(self._on_durable(part, end, rows))
+        return ack
 
     def _batches(self, items: list[_Prepared], now: int) -> list[bytes]:
         """Records in batches of at most ``max_batch_bytes`` (an event is smaller)."""

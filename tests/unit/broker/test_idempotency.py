@@ -57,3 +57,17 @@ def test_generated_event_ids_are_distinct_version_4_uuids() -> None:
         parsed = uuid.UUID(text)
         assert parsed.version == 4
         assert str(parsed) == text
+
+
+def test_every_generated_event_id_has_the_rfc_4122_variant_and_random_variant_bits() -> None:
+    import uuid
+
+    from broker.events import EventIdGenerator
+
+    gen = EventIdGenerator()
+    ids = [gen.next() for _ in range(2 * EventIdGenerator._BATCH + 7)]
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
+    assert {text[19] for text in ids} == set("89ab")  # the variant's two low bits stay random

@@ -104,7 +104,7 @@ def node_config(data_dir: Path, channels: list[str], **notify: Any) -> Any:
     cfg = Config()
     return msgspec.structs.replace(
         cfg,
-        listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0),
+        listen=msgspec.structs.replace(cfg.listen, http_port=0, tcp_port=0, ws_port=0),
         storage=msgspec.structs.replace(cfg.storage, data_dir=str(data_dir)),
         notify=NotifyConfig(channels=channels, **notify),
         channels=ChannelsConfig(webhook=WebhookConfig(allow_networks=["127.0.0.1/32"])),
@@ -486,6 +486,8 @@ async def scenario_latency(args: argparse.Namespace) -> str:
             "--http-port",
             str(http_port),
             "--tcp-port",
+            str(free_port()),
+            "--ws-port",
             str(free_port()),
         ],
         log_file,

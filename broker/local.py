@@ -10,17 +10,25 @@ internal topics) and the same acknowledgements (``acks=all`` waits for the fsync
 
 Records are still encoded into batches (that is the log's format) and fetched as raw batch
 bytes, so a consumer decodes exactly what a remote one would.
+
+A request the SDK awaits (:meth:`LocalClient._request_now`: produce, fetch, commit, heartbeat
+...) runs its handler inline and awaits what it returns (the acknowledgement, or the
+handler's coroutine: a long poll, a commit's sync) in the caller's own task: no future per
+request, no task per coroutine handler, no callbacks chained. The node's stages make a fetch,
+an append or two and a commit per batch, so when events trickle in (a batch per event) this
+is a good part of their cost. Errors are raised as :class:`~broker.client.BrokerError` with
+the code, message and retriability a remote client would read from the ``Error`` reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import Any, cast
 
 from broker import protocol as p
 from broker.auth import NODE_PRINCIPAL, Principal
-from broker.client import Client, ConnectionLost, ReplyCallback
+from broker.client import BrokerError, Client, ConnectionLost, ReplyCallback
 from broker.dispatch import Pending, handler_table
 from broker.errors import describe
 from broker.events import EventIntake
@@ -52,6 +60,32 @@ class LocalClient(Client):
     async def _ensure_connected(self) -> None:
         if self._closed:
             raise ConnectionLost("client is closed")
+
+    async def _request_now(self, msg: Any) -> p.Response:
+        """Run ``msg``'s handler now and return its reply; raises :class:`BrokerError` as
+        :meth:`Client._request_now` does for an ``Error`` reply. Cancelling the caller
+        cancels a coroutine handler (a long poll stops waiting); an append's acknowledgement
+        is private to the append, so waiting on it directly is what ``Partition.append``
+        does too."""
+        if self._closed:
+            raise ConnectionLost("client is closed")
+        msg.id = next(self._local_ids)
+        try:
+            outcome = self._handlers[type(msg)](self.principal, msg)
+            if isinstance(outcome, Pending):
+                await outcome.ack  # a fresh future: the caller yields to the loop here
+                return cast(p.Response, outcome.reply)
+            reply = await outcome if asyncio.iscoroutine(outcome) else outcome
+        except BrokerError:
+            raise
+        except Exception as exc:
+            err = describe(exc)
+            raise BrokerError(err.code, err.message, err.retriable) from exc
+        # a handler may answer without waiting (a fetch with data, or of a stopping node):
+        # give the loop a turn as a remote reply would, or a consumer loop that is always
+        # answered at once would never let anything else run
+        await asyncio.sleep(0)
+        return cast(p.Response, reply)
 
     def send_nowait(self, msg: Any) -> asyncio.Future[p.Response]:
         """Hand ``msg`` to its handler now; the future resolves to the reply (an ``Error``

@@ -370,7 +370,9 @@ class BrokerService:
             error = None
             resume = -1
             try:
-                if budget > 0:
+                # a consumer that is caught up asks for the high watermark: nothing to read
+                # (a long poll's every pass asks so of each partition it waits on)
+                if budget > 0 and fp.offset != part.high_watermark:
                     data = await part.read_async(fp.offset, min(fp.max_bytes, budget))
             except CorruptData as exc:
                 error, resume = exc.code, exc.end_offset

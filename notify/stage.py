@@ -18,7 +18,7 @@ back to the batch's start and it is tried again after a pause, or by the next ow
 lets the batch in hand finish (bounded by ``stop_timeout``), else abandons it.
 
 Pipelining: batch N+1 is handled and its outputs appended while batch N's are still being
-synced; only its commit waits for N's. Neither an append's sync nor a commit (a sync of the
+synced; only its commit waits for N's outputs. Neither an append's sync nor a commit (a sync of the
 state store) is on the way of the next batch. Order per partition needs no wait: appends to a
 partition are placed in call order (one producer, handed to the log in the same loop turn it
 is called), a failed write fails every append queued after it on that partition (the log is
@@ -26,6 +26,14 @@ cut back there), and the idempotent producer's sequence numbers refuse a batch t
 overtake an earlier one being retried; a failed batch is redone with every batch behind it.
 Waiting for N's acknowledgement instead put the slowest of N's partitions' syncs (one a
 second per partition also writes the recovery checkpoint) in front of every later event.
+
+Commits: one at a time per stage. The batches whose outputs are acknowledged while a commit
+is in flight (a state-store sync) are committed together by the next one: offsets only grow,
+so it covers them all. When events trickle in, each batch is one event, and a commit per
+batch (an LMDB write transaction and a sync) was a good part of each event's cost; under
+load the commits now come at most one per sync, however many batches there are. A batch is
+finished once a commit covering it is answered; a failed commit fails every batch waiting
+on it (they are redone).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, Protocol
 
 from broker.client import BrokerError, Consumer, ConsumerRecord, Producer
@@ -235,6 +244,11 @@ class Stage:
         self._stop = False
         self._busy = False
         self._inflight: deque[_Finishing] = deque()
+        # offsets whose batches' outputs are acknowledged, for the next commit, and the
+        # future that commit answers; the task making commits, while there are any to make
+        self._to_commit: dict[TopicPartition, int] = {}
+        self._commit_next: asyncio.Future[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
         self.batches = 0
         self.records_in = 0
         self.records_out = 0
@@ -280,6 +294,11 @@ class Stage:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        committer = self._committer
+        if committer is not None:  # the loop was cancelled with a commit in flight
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
         if self.consumer is not None:
             with contextlib.suppress(BrokerError):
                 await self.consumer.close()
@@ -364,11 +383,12 @@ class Stage:
                     await self._give_up(starts, failure[1])
                     continue
                 taken = self.outbox.take()
-                before = inflight[-1].task if inflight else None
-                task = asyncio.get_running_loop().create_task(
-                    self._finish(taken, ends, len(recs), before)
-                )
-                inflight.append(_Finishing(task, starts))
+                loop = asyncio.get_running_loop()
+                before = inflight[-1].queued if inflight else None
+                queued: asyncio.Future[bool] = loop.create_future()
+                task = loop.create_task(self._finish(taken, ends, len(recs), before, queued))
+                task.add_done_callback(partial(_not_queued, queued))  # if cancelled unstarted
+                inflight.append(_Finishing(task, starts, queued))
                 if self.linger_s and self.trickle(recs) and not self._stop:
                     await asyncio.sleep(self.linger_s)
         finally:
@@ -424,18 +444,70 @@ class Stage:
         taken: Outbox,
         ends: dict[TopicPartition, int],
         count: int,
-        before: asyncio.Task[None] | None,
+        before: asyncio.Future[bool] | None,
+        queued: asyncio.Future[bool],
     ) -> None:
-        assert self.producer is not None and self.consumer is not None
-        self.records_out += await taken.send(self.producer)
-        if before is not None:
-            await asyncio.wait([before])
-            if not _succeeded(before):
+        """Append the batch's outputs; once they are acknowledged and the batch before it
+        is queued for a commit (``before``), queue its offsets (``queued`` says so, or that
+        the batch failed) and wait for the commit that covers them."""
+        assert self.producer is not None
+        ok = False
+        commit = None
+        try:
+            self.records_out += await taken.send(self.producer)
+            if before is not None and not await before:
                 raise _Behind("the batch before this one failed")
-        if ends:
-            await self.consumer.commit(ends)
+            if ends:
+                commit = self._queue_commit(ends)
+            ok = True
+        finally:
+            if not queued.done():
+                queued.set_result(ok)
+        if commit is not None:
+            await commit
         self.batches += 1
         self.records_in += count
+
+    def _queue_commit(self, ends: dict[TopicPartition, int]) -> asyncio.Future[None]:
+        """Offsets to commit (batches queue in order, so they only grow): the future of
+        the commit that will carry them, started now unless one is in flight."""
+        self._to_commit.update(ends)
+        fut = self._commit_next
+        if fut is None:
+            fut = self._commit_next = asyncio.get_running_loop().create_future()
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(self._commit_queued())
+        return fut
+
+    async def _commit_queued(self) -> None:
+        """Commit what is queued, again while more was queued meanwhile. A failure fails
+        the commit's batches and those queued behind them."""
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            while self._to_commit:
+                offsets, self._to_commit = self._to_commit, {}
+                fut, self._commit_next = self._commit_next, None
+                assert fut is not None
+                try:
+                    await consumer.commit(offsets)
+                except BaseException as exc:
+                    later, self._commit_next = self._commit_next, None
+                    self._to_commit = {}
+                    for f in (fut, later):
+                        if f is None or f.done():
+                            continue
+                        if isinstance(exc, Exception):
+                            f.set_exception(exc)
+                        else:
+                            f.cancel()
+                    if not isinstance(exc, Exception):
+                        raise
+                    return
+                if not fut.done():
+                    fut.set_result(None)
+        finally:
+            self._committer = None
 
     async def _abandon(self, starts: dict[TopicPartition, int], exc: BaseException | None) -> None:
         """Give up the open batches: positions go back to the oldest one's start."""
@@ -486,10 +558,16 @@ class _Behind(Exception):
 @dataclass(slots=True)
 class _Finishing:
     """A handled batch being finished: its outputs appended and acknowledged, then its
-    offsets committed after the batch before it (``task``)."""
+    offsets committed with or after the batch before it (``task``)."""
 
     task: asyncio.Task[None]
     starts: dict[TopicPartition, int]
+    queued: asyncio.Future[bool]  # True once its offsets are queued to commit; False: failed
+
+
+def _not_queued(queued: asyncio.Future[bool], _task: asyncio.Task[None]) -> None:
+    if not queued.done():
+        queued.set_result(False)
 
 
 def _succeeded(task: asyncio.Task[None]) -> bool:

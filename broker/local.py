@@ -49,6 +49,7 @@ class LocalClient(Client):
         super().__init__("in-process", 0, client_id=client_id)
         self.principal = principal
         self.tenant = principal.tenant
+        self._service = service
         self._handlers = handler_table(service, intake, service.config.node_id)
         self._local_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -86,6 +87,31 @@ class LocalClient(Client):
         # answered at once would never let anything else run
         await asyncio.sleep(0)
         return cast(p.Response, reply)
+
+    def store_offsets(
+        self,
+        group: str,
+        member_id: str | None,
+        generation: int,
+        offsets: dict[tuple[str, int], int],
+    ) -> None:
+        """Commit ``offsets`` of ``group`` without waiting for the state store's sync
+        (:meth:`BrokerService.store_offsets`: durable at the node's next sync, at the latest
+        its periodic one). Raises :class:`BrokerError` as a commit would."""
+        if self._closed:
+            raise ConnectionLost("client is closed")
+        req = p.CommitOffsets(
+            id=next(self._local_ids),
+            group=group,
+            member_id=member_id,
+            generation=generation,
+            offsets=[(t, i, o) for (t, i), o in offsets.items()],
+        )
+        try:
+            self._service.store_offsets(self.principal, req)
+        except Exception as exc:
+            err = describe(exc)
+            raise BrokerError(err.code, err.message, err.retriable) from exc
 
     def send_nowait(self, msg: Any) -> asyncio.Future[p.Response]:
         """Hand ``msg`` to its handler now; the future resolves to the reply (an ``Error``

@@ -526,6 +526,16 @@ class BrokerService:
         commit survives a power cut. Concurrent commits share one sync (group commit).
         Every partition must exist (once per commit), the metadata is bounded, and the
         rows count toward the tenant's groups and state-store quotas."""
+        n = self.store_offsets(principal, req)
+        await self.kv.sync()
+        return p.Committed(id=req.id, count=n)
+
+    def store_offsets(self, principal: Principal, req: p.CommitOffsets) -> int:
+        """:meth:`commit_offsets` without the sync: the offsets are in the state store (a
+        killed process keeps them), durable at its next sync (the node's periodic one at
+        the latest, ``storage.offsets-sync-interval-ms``). For the node's own stages, whose
+        outputs are durable before they commit: a power cut can only take back their last
+        commits, and what is redone carries the same ids. Returns the offsets stored."""
         principal.require("consume")
         validate_group(req.group)
         if req.member_id is not None:
@@ -556,14 +566,12 @@ class BrokerService:
                     f"{shown(topic)}/{partition} appears twice", field=f"offsets[{i}]"
                 )
             seen.add((topic, partition))
-        n = self.groups.commit(
+        return self.groups.commit(
             principal.qualify_group(req.group),
             req.offsets,
             member_id=req.member_id,
             metadata=req.metadata,
         )
-        await self.kv.sync()
-        return p.Committed(id=req.id, count=n)
 
     def fetch_offsets(self, principal: Principal, req: p.FetchOffsets) -> p.OffsetsFetched:
         principal.require("consume")

@@ -16,7 +16,7 @@ partition). The indexer, group ``notify.audit``, folds them into LMDB:
 Engagement marks (:meth:`AuditIndex.mark`) are written to LMDB at once (and synced) and also
 appended as audit records: ``wait_seen`` reads the mark at its deadline, so it must not wait
 for the indexer. Folding is idempotent (a redone batch changes nothing), so the indexer
-commits after its writes are synced like every other stage.
+commits after its writes like every other stage (``notify.stage``: durable in order).
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ call. For each delivery:
    channel found dead is invalidated through the directory.
 
 Every transition is an audit record. The batch's retry, DLQ and audit records are appended,
-the dedupe and DLQ rows synced, and only then the batch committed: a crash redoes it, and the
-dedupe set (plus the receiver's own, on ``webhook-id``) keeps the effect once.
+the dedupe and DLQ rows written (LMDB: durable no later than the commit that follows them),
+and only then the batch committed: a crash redoes it, and the dedupe set (plus the
+receiver's own, on ``webhook-id``) keeps the effect once.
 """
 
 from __future__ import annotations

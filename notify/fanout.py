@@ -10,10 +10,11 @@ Per event (in partition order, so one topic's events keep their order):
   (one send per channel the user subscribed with; ``default-channels`` for an explicit
   recipient who is not subscribed); with ``deliver_at`` in the future the run parks until then.
 
-Durability: outputs are appended (``acks=all``) and the LMDB rows they depend on synced before
-the batch's offsets are committed. A large fan-out flushes every ``fanout-flush-records``
-outputs and then records a mark (partition, offset, last recipient done): after a crash the
-event is resumed after that recipient rather than redone from the start; whatever is redone
+Durability: outputs are appended (``acks=all``) and the LMDB rows they depend on written
+(durable no later than the commit, ``notify.stage``) before the batch's offsets are committed.
+A large fan-out flushes every ``fanout-flush-records`` outputs and then records a mark
+(partition, offset, last recipient done): after a crash the event is resumed after that
+recipient rather than redone from the start; whatever is redone
 carries the same ids (``notify.ids``), so the workers and receivers see each delivery once.
 Memory stays bounded by one page plus one flush of outputs, whatever the audience.
 """

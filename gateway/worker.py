@@ -1,5 +1,6 @@
-"""A gateway worker process (``gateway.workers`` > 0): ``python -m gateway.worker FD``,
-started by the node (``gateway/workers.py``) with its end of a Unix socket pair as ``FD``.
+"""A gateway worker process (``gateway.workers`` > 0): :func:`run`, the body of
+``python -m herald.gateway_worker FD``, started by the node (``gateway/workers.py``) with its
+end of a Unix socket pair as ``FD``.
 
 It holds connections and nothing else: it shares ``listen.ws-port`` with its siblings
 (``SO_REUSEPORT``), admits connections under its own admission policy (its own open files;
@@ -12,8 +13,7 @@ numbered messages for the devices here, retractions and counts.
 
 It exits when the node tells it to (SIGTERM: every client gets 1001 "going away" and
 reconnects elsewhere with its cursor) and when its link ends (the node is gone, even by
-SIGKILL). SIGINT is ignored: a Ctrl-C in the node's terminal reaches the whole process
-group, and the node stops its workers itself.
+SIGKILL).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import resource
 import signal
 import socket
-import sys
+from collections.abc import Callable
 
 import msgspec
 
@@ -136,7 +136,9 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-async def run(fd: int) -> None:
+async def run(fd: int, on_config: Callable[[Config], None] | None = None) -> None:
+    """Serve as worker over the link ``fd`` until told to stop or the link ends;
+    ``on_config`` is called with the node's config as soon as it arrives (logging)."""
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     body = await link.read(reader)
@@ -146,6 +148,8 @@ async def run(fd: int) -> None:
     if not isinstance(hello, link.Hello):
         raise link.LinkError(f"expected hello, got {type(hello).__name__}")
     config = msgspec.msgpack.decode(hello.config, type=Config)
+    if on_config is not None:
+        on_config(config)
     nofile = raise_open_files_limit()
     admission = NodeAdmission(config, nofile, listeners=("ws",), caps={"ws": hello.max_connections})
     admission.start()
@@ -191,18 +195,3 @@ async def run(fd: int) -> None:
     admission.stop()
     writer.close()
     log.info("event=gateway_worker_stopped worker=%d accepted=%d", hello.index, edge.accepted)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    asyncio.run(run(int(args[0])))
-
-
-if __name__ == "__main__":
-    main()

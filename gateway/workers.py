@@ -1,5 +1,6 @@
 """The gateway's worker processes (``gateway.workers`` = N > 0), a component of the node
-after the gateway: it starts N ``python -m gateway.worker`` processes sharing
+after the gateway: it starts N worker processes (``command``: ``python -m
+herald.gateway_worker``, which runs ``gateway/worker.py``) sharing
 ``listen.ws-port``, each linked to the node's :class:`gateway.hub.Hub` by a Unix socket
 pair, and keeps them running.
 
@@ -26,7 +27,6 @@ import math
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import msgspec
@@ -63,8 +63,17 @@ class GatewayWorkers:
 
     name = "gateway-workers"
 
-    def __init__(self, config: Config, hub: Hub, *, secret: bytes, tenants: list[str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        *,
+        secret: bytes,
+        tenants: list[str],
+        command: list[str],
+    ) -> None:
         self.config = config
+        self.command = command  # the worker's program; its link's fd is appended
         self.hub = hub
         self.secret = secret
         self.tenants = tenants
@@ -101,9 +110,7 @@ class GatewayWorkers:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             w.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway.worker",
+                *self.command,
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,

@@ -35,6 +35,7 @@ import os
 import resource
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -500,6 +501,7 @@ class Node:
                         gateway.hub,
                         secret=gateway.secret,
                         tenants=sorted(served_tenants(k.tenant for k in cfg.auth.keys)),
+                        command=[sys.executable, "-m", "herald.gateway_worker"],
                     )
                     await start(workers)
                     self.ports["ws"] = workers.port

@@ -235,6 +235,10 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
             if acks.error is not None:
                 break
     await producer.flush()
+    if unacked:
+        # flush returns once every record is answered, but the futures' done callbacks
+        # (``acks``, which counts them) run in a later loop turn: wait for those too
+        await asyncio.wait([fut for fut, _ in unacked])
     if not args.quiet and (line := progress.finish()):
         sys.stderr.write(line)
     if acks.error is not None:

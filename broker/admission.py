@@ -29,7 +29,9 @@ an IPv6 one (one host commonly owns a whole /64).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import resource
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -58,6 +60,18 @@ def address_key(host: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
     return str(ip)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (as far as allowed);
+    returns the soft limit now in force, the figure :func:`connection_capacity` starts from.
+    The node and each gateway worker process call it once at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
 def connection_capacity(open_files_limit: int, reserve: int) -> int:

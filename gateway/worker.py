@@ -23,13 +23,13 @@ import contextlib
 import itertools
 import logging
 import os
-import resource
 import signal
 import socket
 from collections.abc import Callable
 
 import msgspec
 
+from broker.admission import raise_open_files_limit
 from broker.config import Config
 from broker.listener import NodeAdmission
 from broker.tls import server_context
@@ -125,15 +125,6 @@ class WorkerEdge(Edge):
             session = self.open.get(msg.sid)
             if session is not None:
                 session.write(msg.frame)
-
-
-def raise_open_files_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft
 
 
 async def run(fd: int, on_config: Callable[[Config], None] | None = None) -> None:

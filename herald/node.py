@@ -32,7 +32,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import resource
 import signal
 import ssl
 import sys
@@ -43,6 +42,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from broker.admission import raise_open_files_limit
 from broker.auth import Authenticator, is_loopback
 from broker.config import Config, ConfigError
 from broker.errors import StateStoreFailed
@@ -94,15 +94,6 @@ class Component(Protocol):
 
     async def stop(self) -> None:
         """Stop and release what ``start`` took; called once, after every dependent stopped."""
-
-
-def raise_open_files_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft
 
 
 # -------------------------------------------------------------------------- components

@@ -14,8 +14,6 @@ places of the webhook channel's client (:mod:`channels.http1`):
    in. Resolutions are cached after the check, never before.
 2. :meth:`AddressPolicy.check` on the exact address each connection is about to be made to:
    the last word, and the only check for a URL with an IP literal (which is not resolved).
-   :func:`guarded_socket_factory` is the same check for an aiohttp connector's
-   ``socket_factory``, for a client built on aiohttp.
 
 Refused unless on the allow-list: every address that is not global (private, loopback,
 link-local, shared, reserved, unspecified, documentation ranges) and every multicast address.
@@ -27,8 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
@@ -36,10 +33,6 @@ from channels.errors import ForbiddenAddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
-"""What ``getaddrinfo`` gives and aiohttp's ``socket_factory`` receives:
-(family, type, proto, canonname, sockaddr)."""
 
 
 def _unwrap(ip: IPAddress) -> IPAddress:
@@ -134,14 +127,3 @@ class GuardedResolver(AbstractResolver):
     async def close(self) -> None:
         if self._inner is not None:
             await self._inner.close()
-
-
-def guarded_socket_factory(policy: AddressPolicy) -> Callable[[AddrInfo], socket.socket]:
-    """An aiohttp ``socket_factory`` that refuses to make a socket for a refused address."""
-
-    def make_socket(addr_info: AddrInfo) -> socket.socket:
-        family, type_, proto, _, sockaddr = addr_info
-        policy.check(str(sockaddr[0]))
-        return socket.socket(family=family, type=type_, proto=proto)
-
-    return make_socket

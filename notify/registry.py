@@ -805,9 +805,6 @@ class Registry:
         """``phone`` texted START: forget its STOP (no sync). Whether there was one."""
         return bool(self._phone_stops.delete(phone.encode()))
 
-    def phone_stop(self, phone: str) -> PhoneStop | None:
-        return self._phone_stops.get(phone.encode())
-
     def consent_state(self, tenant: str, user: str) -> dict[str, ConsentState]:
         """The current consent per channel (one read: the state is kept folded)."""
         profile = self.profile(tenant, user)

@@ -191,7 +191,10 @@ async def test_failover_to_a_second_provider_and_back_after_a_probe(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("WARNING", logger="herald.channels.failover")
-    sms = sms_config(provider(twilio), provider(backup_twilio, "backup"))
+    # a cool-down long enough that the four sends while the primary is down end inside it
+    # even on a loaded machine (with 300 ms, a slow run saw a third probe of the primary)
+    breaker = BreakerConfig(failure_threshold=2, open_ms=1500, max_open_ms=3000)
+    sms = sms_config(provider(twilio), provider(backup_twilio, "backup"), breaker=breaker)
     node = await start_node(node_config(tmp_path, channels=["sms"], sms=sms))
     await node.user("ann", "orders.shipped", phone=PHONE)
     twilio.down = True
@@ -201,7 +204,7 @@ async def test_failover_to_a_second_provider_and_back_after_a_probe(
     assert len(backup_twilio.messages) == 4
     assert len(twilio.requests) == 2  # then its breaker opened: no more requests to it
     twilio.down = False
-    await asyncio.sleep(0.35)  # the primary's cool-down
+    await asyncio.sleep(1.55)  # the primary's cool-down
     for _ in range(3):
         event = await node.publish(topic="orders.shipped", payload={})
         await node.settled(event, "sms", {"delivered"})

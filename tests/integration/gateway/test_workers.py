@@ -15,18 +15,23 @@ cursors, miss nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
+from broker.config import TlsConfig
+from broker.tls import client_context
 from gateway.hub import Hub
 from gateway.workers import GatewayWorkers
 from notify.model import Preferences, Rule
 from tests.integration.notify.support import Receiver
+from tests.integration.tls_certs import make_tls_files
 
 from .conftest import TENANT, Device, Running
 from .test_engagement import _webhook_user
@@ -311,3 +316,46 @@ async def test_a_clean_stop_closes_every_worker_connection_going_away(
     assert device.conn.close_code == 1001
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_with_tls_each_worker_serves_wss(start_node: Any, tmp_path: Path) -> None:
+    """The worker processes load the node's certificate: clients on every worker speak wss,
+    get their notifications, and plain text on the port gets nowhere."""
+    files = make_tls_files(tmp_path / "tls")
+    node: Running = await start_node(
+        workers=2, tls=TlsConfig(cert_file=str(files.cert_file), key_file=str(files.key_file))
+    )
+    port = node.node.ports["ws"]
+    users = [f"s{i:02d}" for i in range(16)]
+    conns = []
+    try:
+        for user in users:
+            url = f"wss://127.0.0.1:{port}/?token={node.token(user)}"
+            conn = await websockets.connect(url, ssl=client_context(str(files.ca_file)))
+            conns.append(conn)
+            while json.loads(await asyncio.wait_for(conn.recv(), 5))["type"] != "ready":
+                pass
+        await _settle(lambda: sum(_hub(node).per_worker().values()) == len(users))
+        per_worker = _hub(node).per_worker()
+        assert sorted(per_worker) == [0, 1] and all(n > 0 for n in per_worker.values()), (
+            per_worker  # P(one worker gets all 16) ~ 3e-5
+        )
+        https = node.http_url.replace("http://", "https://")
+        ctx = client_context(str(files.ca_file))
+        for user, conn in zip(users, conns, strict=True):
+            event = {"topic": "t", "users": [user], "payload": {"to": user}}
+            async with node.session.post(f"{https}/events", json=event, ssl=ctx) as r:
+                assert r.status in (200, 201, 202), await r.text()
+                event_id = (await r.json())["event_id"]
+            got = json.loads(await asyncio.wait_for(conn.recv(), 5))
+            while got["type"] != "notification":
+                got = json.loads(await asyncio.wait_for(conn.recv(), 5))
+            assert got["event_id"] == event_id and got["payload"] == {"to": user}
+    finally:
+        for conn in conns:
+            await conn.close()
+    with pytest.raises((OSError, websockets.InvalidHandshake, websockets.InvalidMessage)):
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/?token={node.token('s00')}", open_timeout=3
+        ):
+            pass

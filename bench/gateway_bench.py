@@ -10,6 +10,8 @@
         # one broadcast -> N connected clients: time to the first, p50, p99 and last receipt
     python -m bench.gateway_bench latency --rate 1000 --seconds 10 --clients 1000
         # POST /events (one user each) at a fixed rate -> the notification on that user's socket
+    (broadcast and latency take --workers N too: the node with N gateway worker processes,
+    each result in a block of its own beside the in-process gateway's)
 
 The node is ``herald serve`` in a subprocess (its own process, so its memory and open files
 are its own), with gateway keepalive pings off (the clients here do not answer them; a ping
@@ -498,7 +500,7 @@ async def scenario_broadcast(args: argparse.Namespace) -> str:
     n = args.clients or 10_000
     runs = args.runs or 20
     base = _fresh_dir("gateway-broadcast-")
-    node = NodeProcess(base)
+    node = NodeProcess(base, workers=args.workers)
     crowd: Crowd | None = None
     firsts, p50s, p99s, lasts = [], [], [], []
     everything: list[float] = []
@@ -538,7 +540,10 @@ async def scenario_broadcast(args: argparse.Namespace) -> str:
         shutil.rmtree(base, ignore_errors=True)
     med = statistics.median
     return (
-        _header(f"python -m bench.gateway_bench broadcast --clients {n} --runs {runs}")
+        _header(
+            f"python -m bench.gateway_bench broadcast --clients {n} --runs {runs}"
+            + _workers_flag(args)
+        )
         + f"One broadcast (`POST /events` with `broadcast: true`) to {held:,} connected "
         f"clients, {runs} runs after a warm-up; latency from just before the POST to each "
         "client's receipt (ms).\n\n"
@@ -552,6 +557,11 @@ async def scenario_broadcast(args: argparse.Namespace) -> str:
     )
 
 
+def _workers_flag(args: argparse.Namespace) -> str:
+    """The command's ``--workers`` part, and what it means, for the results' header."""
+    return f" --workers {args.workers}" if args.workers else ""
+
+
 # -------------------------------------------------------------------------- latency
 async def scenario_latency(args: argparse.Namespace) -> str:
     import aiohttp
@@ -560,7 +570,7 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     seconds = args.seconds or 10
     n = args.clients or 1000
     base = _fresh_dir("gateway-latency-")
-    node = NodeProcess(base)
+    node = NodeProcess(base, workers=args.workers)
     crowd: Crowd | None = None
     users = [f"u{i:06d}" for i in range(n)]
     total = rate * seconds
@@ -618,6 +628,7 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     return (
         _header(
             f"python -m bench.gateway_bench latency --rate {rate} --seconds {seconds} --clients {n}"
+            + _workers_flag(args)
         )
         + f"`POST /events` for one user each (of {n:,} connected) at {rate:,}/s offered "
         f"({achieved:,.0f}/s achieved) for {seconds} s after a 1 s warm-up; latency from just "
@@ -646,7 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, help="latency: measured seconds")
     parser.add_argument("--procs", type=int, help="client processes (default: 1 per 19,000)")
     parser.add_argument(
-        "--workers", type=int, default=0, help="idle: gateway.workers of the node (default 0)"
+        "--workers",
+        type=int,
+        default=0,
+        help="gateway.workers of the node (default 0: in-process gateway)",
     )
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args(argv)

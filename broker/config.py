@@ -266,6 +266,8 @@ class NotifyConfig(_Section):
     queue_depth_bound: int = 1_000_000
     dedupe_ttl_ms: int = 24 * 3600 * 1000
     audit_retention_ms: int = 30 * 24 * 3600 * 1000
+    # how long the audit index may fall behind while it gives way to deliveries
+    audit_max_lag_ms: int = 1000
     timer_batch: int = 1000
     # the node's HTTP API as mail recipients reach it (https://...), for the links Herald puts
     # in mail (one-click unsubscribe); empty: mail carries no such link

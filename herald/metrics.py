@@ -19,7 +19,7 @@ topic or group name can forge a line. Labels are sorted and values formatted as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -63,6 +63,8 @@ class Stats:
     tcp: TcpServer
     http: HttpStats
     admission: NodeAdmission
+    # how far the notifications' audit index is behind (notify/audit.py), None: no engine
+    audit_lag_s: Callable[[], float] | None = None
 
 
 class NodeCollector(Collector):
@@ -97,6 +99,13 @@ class NodeCollector(Collector):
             "herald_http_request_errors", "HTTP requests answered 4xx/5xx", value=h.errors
         )
         yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
+        if self.stats.audit_lag_s is not None:
+            yield GaugeMetricFamily(
+                "herald_notify_audit_lag_seconds",
+                "How far GET /events/{id} and the feeds may be behind: 0 while the audit "
+                "index holds every transition, else the time since it last did",
+                value=self.stats.audit_lag_s(),
+            )
         yield from self._admission()
 
     def _admission(self) -> Iterator[Metric]:

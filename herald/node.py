@@ -520,7 +520,13 @@ class Node:
             )
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             metrics = Metrics(
-                Stats(broker.service, listeners.tcp, listeners.api.stats, listeners.admission),
+                Stats(
+                    broker.service,
+                    listeners.tcp,
+                    listeners.api.stats,
+                    listeners.admission,
+                    audit_lag_s=engine.audit_lag_s,
+                ),
                 state.kv.table("offsets", StoredOffset),
             )
             listeners.api.metrics_body = metrics.body

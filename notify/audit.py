@@ -21,7 +21,9 @@ commits after its writes like every other stage (``notify.stage``: durable in or
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -570,10 +572,28 @@ class AuditIndexer(Stage):
     status and feed readers, so it lingers ``linger_s`` (50 ms) after a batch of fewer than
     ``TRICKLE`` transitions: when events trickle in, one batch per linger rather than one
     per event (the index lags by that much more; ``wait_seen`` reads marks written at
-    once, not through the indexer). A burst (pages of many users) is folded at once."""
+    once, not through the indexer). A burst (pages of many users) is folded at once.
+
+    A batch is folded in slices of ``SLICE_ROWS`` transitions, one transaction each, with a
+    loop turn between them, so that no request waits behind a whole batch of pages. It also
+    gives way to deliveries: while ``deliveries_waiting()`` says the fan-out or a
+    delivery worker has work in hand or records to fetch, a batch in hand waits (the folding
+    of a 10,000-user fan-out was over half the loop's time while its deliveries were still
+    being made). The wait is bounded: once the index has been behind for ``max_lag_ms``
+    (since it last held everything in ``__audit``), it folds without giving way until it
+    has caught up, so under a sustained load it lags by about ``max_lag_ms`` plus the time
+    to fold what came meanwhile, never more and more. :meth:`lag_s` says how far behind it
+    is (``herald_notify_audit_lag_seconds``). Deferring changes only when the index shows a
+    transition, never what it shows: ``__audit`` holds every transition (appended with
+    acks=all before the batch that made it commits) and the indexer's offsets commit after
+    its folds."""
 
     linger_s = 0.05
     TRICKLE: Final = 500
+    # transitions folded per LMDB transaction before the loop gets a turn (a few ms of work)
+    SLICE_ROWS: Final = 1000
+    # how often a deferred batch looks again whether the deliveries are done
+    defer_poll_s: Final = 0.002
 
     def __init__(
         self,
@@ -585,6 +605,9 @@ class AuditIndexer(Stage):
         retention_ms: int,
         clock: Callable[[], int],
         stopping: Callable[[], bool] = lambda: False,
+        deliveries_waiting: Callable[[], bool] = lambda: False,
+        max_lag_ms: int = 1000,
+        log_end: Callable[[str, int], int] | None = None,
     ) -> None:
         super().__init__(
             client,
@@ -599,18 +622,40 @@ class AuditIndexer(Stage):
         self.index = index
         self.retention_ms = retention_ms
         self.clock = clock
+        self.deliveries_waiting = deliveries_waiting
+        self.max_lag_s = max_lag_ms / 1000
+        self.log_end = log_end
         self._decode = msgspec.msgpack.Decoder(AuditRecord).decode
         self._after: dict[str, bytes | None] = {"status": None, "notes": None}
         self.folded = 0
         self.forgotten = 0
+        self.deferred_s = 0.0  # time batches waited for the deliveries, all told
         self._last = 0  # transitions in the last batch
+        # when the index was last seen to hold every transition of __audit (monotonic), and
+        # whether nothing has been fetched since: any transition not folded yet was appended
+        # after ``_current_at``
+        self._current_at = time.monotonic()
+        self._current = True
+        self._catching_up = False  # behind for max_lag_ms: fold without giving way
+
+    def lag_s(self) -> float:
+        """How far behind the index may be: 0 while it holds every transition appended so
+        far, else the time since it was last seen to (an upper bound on the age of the
+        oldest transition not folded yet)."""
+        if self._current and self._behind() == 0:
+            self._current_at = time.monotonic()
+            return 0.0
+        return time.monotonic() - self._current_at
 
     async def idle(self) -> None:
         """Forget what is older than ``audit-retention-ms`` (statuses by their last change,
         notifications by their creation, with their feed entries), a slice at a time."""
+        self._caught_up()
         self.forgotten += self.index.sweep(self.clock() - self.retention_ms, self._after)
 
     async def handle(self, recs: list[ConsumerRecord]) -> None:
+        self._current = False  # behind since _current_at, at most
+        await self._give_way()
         records: list[AuditRecord | AuditPage] = []
         for rec in recs:
             try:
@@ -622,10 +667,57 @@ class AuditIndexer(Stage):
                 log.error(
                     "event=audit_bad_record partition=%d offset=%d", rec.partition, rec.offset
                 )
-        self.index.fold_many(records)
-        # transitions folded: a page counts its rows
-        self._last = sum(len(r.users) if isinstance(r, AuditPage) else 1 for r in records)
-        self.folded += self._last
+        # folded a slice at a time, the loop free between slices: a batch of pages is tens
+        # of thousands of transitions (tens of ms to fold), which nothing else on the loop
+        # (requests, the deliveries the index gives way to) should wait behind
+        self._last = 0
+        part: list[AuditRecord | AuditPage] = []
+        rows = 0
+        for i, r in enumerate(records):
+            part.append(r)
+            rows += len(r.users) if isinstance(r, AuditPage) else 1
+            if rows >= self.SLICE_ROWS or i == len(records) - 1:
+                self.index.fold_many(part)
+                self._last += rows  # transitions folded: a page counts its rows
+                self.folded += rows
+                part, rows = [], 0
+                if i < len(records) - 1:
+                    await asyncio.sleep(0)
+                    await self._give_way()
+        if self._behind() == 0:
+            self._caught_up()
+
+    async def _give_way(self) -> None:
+        """Wait while deliveries are being made, unless the index has been behind for
+        ``max_lag_ms`` (then it catches up first) or the stage is stopping."""
+        if self._catching_up or self.max_lag_s <= 0:
+            return
+        waited = time.monotonic()
+        while self.deliveries_waiting() and not (self._stop or self.stopping_node()):
+            if time.monotonic() - self._current_at >= self.max_lag_s:
+                self._catching_up = True
+                log.info("event=audit_catching_up lag_s=%.3f", self.lag_s())
+                break
+            await asyncio.sleep(self.defer_poll_s)
+        self.deferred_s += time.monotonic() - waited
+
+    def _behind(self) -> int:
+        """Records of ``__audit`` past this member's positions (1 without ``log_end``:
+        then only an empty fetch says the index is current)."""
+        consumer, log_end = self.consumer, self.log_end
+        if consumer is None or log_end is None:
+            return 1
+        behind = 0
+        for t, p in consumer.assignment:
+            pos = consumer.positions.get((t, p))
+            if pos is not None:
+                behind += max(0, log_end(t, p) - pos)
+        return behind
+
+    def _caught_up(self) -> None:
+        self._current = True
+        self._current_at = time.monotonic()
+        self._catching_up = False
 
     def trickle(self, recs: list[ConsumerRecord]) -> bool:
         return self._last < self.TRICKLE

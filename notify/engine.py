@@ -132,6 +132,9 @@ class Engine:
             self.index,
             retention_ms=self.ncfg.audit_retention_ms,
             clock=self.clock,
+            deliveries_waiting=self._deliveries_waiting,
+            max_lag_ms=self.ncfg.audit_max_lag_ms,
+            log_end=self._log_end,
             **common,
         )
         stages: list[Stage] = [self.audit]
@@ -150,7 +153,7 @@ class Engine:
                 dead=self.dead,
                 config=self.ncfg,
                 clock=self.clock,
-                log_end=lambda t, p: self.service.log.partition(t, p).high_watermark,
+                log_end=self._log_end,
                 composer=self.composer,
                 **common,
             )
@@ -187,6 +190,32 @@ class Engine:
             self.timers.next_due(),
             time.perf_counter() - started,
         )
+
+    def audit_lag_s(self) -> float:
+        """How far behind the audit index is (``AuditIndexer.lag_s``; 0 before it starts)."""
+        return self.audit.lag_s() if self.audit is not None else 0.0
+
+    def _log_end(self, topic: str, partition: int) -> int:
+        return self.service.log.partition(topic, partition).high_watermark
+
+    def _deliveries_waiting(self) -> bool:
+        """Whether the fan-out or a delivery worker has a batch in hand, one finishing, or
+        records it has not fetched yet: what the audit indexer gives way to."""
+        stages: list[Stage] = list(self.workers.values())
+        if self.fanout is not None:
+            stages.append(self.fanout)
+        log_end = self._log_end
+        for stage in stages:
+            if not stage.settled:
+                return True
+            consumer = stage.consumer
+            if consumer is None:
+                continue
+            for t, p in consumer.assignment:
+                pos = consumer.positions.get((t, p))
+                if pos is not None and log_end(t, p) > pos:
+                    return True
+        return False
 
     async def stop(self) -> None:
         if self.fanout is not None:

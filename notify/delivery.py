@@ -8,7 +8,12 @@ call. For each delivery:
 1. **dedupe** on its delivery id (``notify_dedupe``): one already finished (delivered, dead,
    suppressed, shed), or already handed to a retry tier at this attempt, is skipped. A DLQ
    replay carries a higher replay generation and passes once. Rows older than
-   ``dedupe-ttl-ms`` are swept in slices while the worker is idle.
+   ``dedupe-ttl-ms`` are swept in slices while the worker is idle. A row's key is the
+   event's id then the delivery id (:func:`dedupe_key`), so one event's rows are side by
+   side in LMDB: a fan-out to 10,000 users writes ~150 new pages, not one page each among
+   all the rows of the last day (a delivery id alone is a hash, so its rows landed all over
+   the table: ~2.7 us per row once it held ~40 such fan-outs, against ~0.5). Rows of the
+   older form (the delivery id alone) are still read while any are left.
 2. **strict order**: when its workflow asks for it and an earlier delivery of the same (user,
    channel) waits in retry, it is held (``notify_held``) behind that one, and sent, in order,
    once the blocker is delivered or dead.
@@ -74,6 +79,12 @@ class Held(msgspec.Struct, array_like=True):
     record: bytes
 
 
+def dedupe_key(event_id: str, delivery_id: str) -> bytes:
+    """The ``notify_dedupe`` key of a delivery: ``\x01 event_id \0 delivery_id`` (the
+    first byte sets them apart from the rows of the older form, a delivery id alone)."""
+    return f"\x01{event_id}\0{delivery_id}".encode()
+
+
 class DeliveryWorker(Stage):
     def __init__(
         self,
@@ -118,9 +129,10 @@ class DeliveryWorker(Stage):
         self.blockers = kv.table("notify_blockers", Blocker)
         self.held = kv.table("notify_held", Held)
         self._decode = msgspec.json.Decoder(Delivery).decode
-        self._rows: dict[str, DedupeRow] = {}
-        self._known: dict[str, DedupeRow | None] = {}
+        self._rows: dict[bytes, DedupeRow] = {}  # by dedupe_key
+        self._known: dict[str, DedupeRow | None] = {}  # by delivery id
         self._sweep_after: bytes | None = None
+        self._legacy = self._has_legacy_rows()
         self.sent = 0
         self.delivered = 0
         self.skipped = 0
@@ -164,9 +176,13 @@ class DeliveryWorker(Stage):
         self._known = {}
         with self.kv.snapshot() as txn:  # every dedupe row of the batch in one read
             get = self.dedupe.get
+            legacy = self._legacy
             for ds in by_user.values():
                 for d in ds:
-                    self._known[d.delivery_id] = get(d.delivery_id, txn=txn)
+                    row = get(dedupe_key(d.event_id, d.delivery_id), txn=txn)
+                    if row is None and legacy:
+                        row = get(d.delivery_id, txn=txn)
+                    self._known[d.delivery_id] = row
         # a few workers take users from one queue (one user's deliveries in order, by one
         # worker): a task per worker, not per user
         queue = list(by_user.values())
@@ -191,8 +207,16 @@ class DeliveryWorker(Stage):
         call to the channel, one audit page per page. What :meth:`_one` does per delivery,
         minus the view and the await. Returns False (nothing done) if the channel refused
         the call: the batch then goes the general way."""
-        keys = [did.encode() for page in pages for did in page.delivery_ids]
+        keys = [
+            f"\x01{page.event_id}\0{did}".encode()  # dedupe_key, inlined
+            for page in pages
+            for did in page.delivery_ids
+        ]
         seen = self.dedupe.found_raw(keys)
+        if self._legacy:  # rows of the older form, by delivery id alone, seen alike
+            old = [did.encode() for page in pages for did in page.delivery_ids]
+            found = self.dedupe.found_raw(old)
+            seen.update((k, found[o]) for k, o in zip(keys, old, strict=True) if o in found)
         # a page's deliveries are at their first attempt, never replayed: any dedupe row
         # means already handled (see _seen); so does an earlier copy in this batch
         clean = not seen and len(set(keys)) == len(keys)
@@ -210,7 +234,7 @@ class DeliveryWorker(Stage):
             if not clean:
                 fresh = []
                 for i, did in enumerate(page.delivery_ids):
-                    k = did.encode()
+                    k = dedupe_key(page.event_id, did)
                     if k in seen or k in done:
                         self.skipped += 1
                         continue
@@ -239,7 +263,9 @@ class DeliveryWorker(Stage):
                     d = expand(_one_of(page, i))[0]
                     why = opt_out(tenant, users[i], name, **scope)
                     self._audit(d, "suppressed", reason="legal_opt_out", detail=why)
-                    self._rows[d.delivery_id] = DedupeRow(at_ms=now, final=FINAL)
+                    self._rows[dedupe_key(d.event_id, d.delivery_id)] = DedupeRow(
+                        at_ms=now, final=FINAL
+                    )
             n = len(users) if keep is None else len(keep)
             if n:
                 take.append((page, keep))
@@ -265,7 +291,7 @@ class DeliveryWorker(Stage):
             self._audit_page(page, which, "shed", "queue_depth", f"{lag} waiting", None, now)
         final = self.dedupe.encode(DedupeRow(at_ms=done_at, final=FINAL))
         if self._rows:  # the suppressed: their rows as the general path writes them
-            handled = [k for k in handled if k.decode() not in self._rows]
+            handled = [k for k in handled if k not in self._rows]
             self.dedupe.put_many(list(self._rows.items()))
             self._rows = {}
         if handled:
@@ -330,19 +356,20 @@ class DeliveryWorker(Stage):
 
     # ---------------------------------------------------------------- one delivery
     def _seen(self, d: Delivery) -> bool:
-        row = self._rows.get(d.delivery_id)
+        row = self._rows.get(dedupe_key(d.event_id, d.delivery_id))
         if row is None:
-            row = (
-                self._known[d.delivery_id]
-                if d.delivery_id in self._known
-                else self.dedupe.get(d.delivery_id)
-            )
+            if d.delivery_id in self._known:
+                row = self._known[d.delivery_id]
+            else:
+                row = self.dedupe.get(dedupe_key(d.event_id, d.delivery_id))
+                if row is None and self._legacy:
+                    row = self.dedupe.get(d.delivery_id)
         if row is None or d.replay > row.replay:
             return False
         return row.final or d.attempt <= row.attempt
 
     def _mark(self, d: Delivery, *, final: bool) -> None:
-        self._rows[d.delivery_id] = DedupeRow(
+        self._rows[dedupe_key(d.event_id, d.delivery_id)] = DedupeRow(
             at_ms=self.clock(), attempt=d.attempt, final=final, replay=d.replay
         )
 
@@ -525,12 +552,18 @@ class DeliveryWorker(Stage):
         rows = self.dedupe.scan_raw(b"", after=self._sweep_after, limit=2000)
         if not rows:
             self._sweep_after = None
+            self._legacy = self._legacy and self._has_legacy_rows()
             return
         self._sweep_after = rows[-1][0]
         dec = msgspec.msgpack.Decoder(DedupeRow).decode
         old: list[bytes | str] = [k for k, v in rows if dec(v).at_ms < cutoff]
         if old:
             self.dedupe.delete_many(old)
+
+    def _has_legacy_rows(self) -> bool:
+        """Whether rows keyed by a delivery id alone (before :func:`dedupe_key`) are left:
+        their keys begin with a hex digit, after every ``\x01`` key."""
+        return bool(self.dedupe.scan_raw(b"", after=b"\x02", limit=1))
 
 
 def _one_of(page: DeliveryPage, i: int) -> DeliveryPage:

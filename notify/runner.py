@@ -163,14 +163,57 @@ class Runner:
         pages: dict[tuple[str, int, bool], DeliveryRows] = {}
         counts: dict[str, int] = {}  # partitions of each channel's delivery topic
         rows_added = 0
+        key_prefix = f"{tenant}\0"
+        last_plan: object = None
+        sends: tuple[tuple[Send, str], ...] | None = None
         for user, ruling, plan in runs:
             ref, p, where = plan
-            sends = self._sends_only(ref, p)
+            if plan is not last_plan:  # a page's runs mostly share one plan
+                sends = self._sends_only(ref, p)
+                last_plan = plan
             run_id = _h((prefix + user).encode())
             if sends is None:
                 self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
                 continue
             who: Ruling = ruling if ruling is not None else _Anyone(user)
+            if len(sends) == 1:  # one channel step: no list of verdicts to walk
+                step, suffix = sends[0]
+                did = _h((run_id + suffix).encode())
+                verdict = decide(occasion, who, step, now, did)
+                if isinstance(verdict, Go):
+                    channel = step.channel
+                    if verdict.charges:
+                        record(tenant, user, verdict.charges, now, did)
+                    strict = p.strict_order
+                    key = (key_prefix + user).encode()
+                    n = counts.get(channel)
+                    if n is None:
+                        n = counts[channel] = outbox.partitions(deliver_topic(channel))
+                    at = (channel, _partition(key) % n, strict)
+                    rows = pages.get(at)
+                    if rows is None:
+                        rows = pages[at] = self._delivery_rows(
+                            outbox, pe, key, channel, strict, now, count=0
+                        )
+                    rows.users.append(user)
+                    rows.run_ids.append(run_id)
+                    rows.delivery_ids.append(did)
+                    rows.steps.append(step.index)
+                    audit = audits.get(channel)
+                    if audit is None:
+                        audit = audits[channel] = self._audit_rows(outbox, pe, channel, now, 0)
+                    audit.users.append(user)
+                    audit.run_ids.append(run_id)
+                    audit.delivery_ids.append(did)
+                    rows_added += 2
+                    continue
+                if pages:  # as below: the general way may add to the same pages
+                    outbox.count += rows_added
+                    rows_added = 0
+                    pages.clear()
+                    audits.clear()
+                self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
+                continue
             verdicts = []
             for step, suffix in sends:
                 did = _h((run_id + suffix).encode())

@@ -172,6 +172,12 @@ class Client:
     """One pipelined connection. Requests may be issued concurrently; replies are matched by
     correlation id. Reconnects on the next request after a loss."""
 
+    # whether fetched batches arrive already checked (checksums included) by the code that
+    # read them from the log: true only in process (``broker/local.py``), where the bytes
+    # are the node's own verified read (``storage/reads.py``); over a network, the consumer
+    # verifies every batch it decodes
+    fetches_verified = False
+
     def __init__(
         self,
         host: str,
@@ -1216,9 +1222,10 @@ class Consumer:
 
     def _decode(self, fetched: list[tuple[str, int, bytes, int]]) -> None:
         append = self._buffer.append
+        verify = not self.client.fetches_verified
         for topic, partition, data, start in fetched:
             view = memoryview(data)
-            for _pos, header in records.iter_batches(view, verify=True):
+            for _pos, header in records.iter_batches(view, verify=verify):
                 recs = records.decode_records(view[_pos : _pos + header.batch_length], header)
                 base, ts0 = header.base_offset, header.first_timestamp
                 skip = max(0, start - base)

@@ -230,3 +230,17 @@ class AcceptsAll(Protocol):
     after ``close``, like ``send``."""
 
     def accept(self, count: int) -> Outcome: ...
+
+
+@runtime_checkable
+class AppendsToLog(Protocol):
+    """A channel whose effect is a record of the node's own log (``inapp``: one record of
+    ``__inapp`` per delivery). A worker appends that record with its batch's other outputs
+    (``acks=all``, before the batch's commit: ``notify.stage``) rather than awaiting one
+    append of its own per delivery: :meth:`record` gives the record (``topic, key,
+    value``), :meth:`recorded` the outcome to record once it is appended. Both raise
+    :class:`~channels.errors.ChannelClosed` after ``close``, like ``send``."""
+
+    def record(self, delivery: Delivery) -> tuple[str, bytes, bytes]: ...
+
+    def recorded(self, delivery: Delivery) -> Outcome: ...

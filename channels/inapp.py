@@ -66,9 +66,35 @@ class InAppChannel:
         self._closed = False
         self.sent = 0
 
+    def record(self, delivery: Delivery) -> tuple[str, bytes, bytes]:
+        """The delivery's ``__inapp`` record (``topic, key, value``), for a worker that
+        appends it with its batch's outputs (:class:`~channels.base.AppendsToLog`)."""
+        if self._closed:
+            raise ChannelClosed("the in-app channel is closed")
+        self.sent += 1
+        return INAPP_TOPIC, user_key(delivery.tenant, delivery.user), self._value(delivery)
+
+    def recorded(self, delivery: Delivery) -> Outcome:
+        """The outcome of a delivery whose record is appended: ``delivered`` (the message is
+        in the inbox whether or not a device is connected; the detail says which)."""
+        if self._closed:
+            raise ChannelClosed("the in-app channel is closed")
+        return self._outcome(delivery)
+
     async def send(self, delivery: Delivery) -> Outcome:
         if self._closed:
             raise ChannelClosed("the in-app channel is closed")
+        try:
+            await self._append(user_key(delivery.tenant, delivery.user), self._value(delivery))
+        except ChannelClosed:
+            raise
+        except Exception as exc:  # the log refused (full disk, stopping): try again later
+            return Outcome.retry(None, "inapp_append_failed", detail=repr(exc)[:200])
+        self.sent += 1
+        return self._outcome(delivery)
+
+    @staticmethod
+    def _value(delivery: Delivery) -> bytes:
         message = InAppMessage(
             id=delivery.delivery_id,
             tenant=delivery.tenant,
@@ -80,13 +106,9 @@ class InAppChannel:
             priority=delivery.priority,
             payload=delivery.payload,
         )
-        try:
-            await self._append(user_key(delivery.tenant, delivery.user), _encode(message))
-        except ChannelClosed:
-            raise
-        except Exception as exc:  # the log refused (full disk, stopping): try again later
-            return Outcome.retry(None, "inapp_append_failed", detail=repr(exc)[:200])
-        self.sent += 1
+        return _encode(message)
+
+    def _outcome(self, delivery: Delivery) -> Outcome:
         devices = self._presence(delivery.tenant, delivery.user) if self._presence else 0
         if devices:
             return Outcome.delivered(detail=f"shown on {devices} connected device(s)")

@@ -33,10 +33,20 @@ call. For each delivery:
    dead-letter queue (``notify.dlq``) with the reason and every attempt, and contact data the
    channel found dead is invalidated through the directory.
 
-Every transition is an audit record. The batch's retry, DLQ and audit records are appended,
-the dedupe and DLQ rows written (LMDB: durable no later than the commit that follows them),
-and only then the batch committed: a crash redoes it, and the dedupe set (plus the
-receiver's own, on ``webhook-id``) keeps the effect once.
+Every transition is an audit record. The batch's retry, DLQ and audit records are appended
+(``acks=all``), then its dedupe rows written (LMDB: durable no later than the commit that
+follows them), and only then the batch committed: a crash redoes it, and the dedupe set (plus
+the receiver's own, on ``webhook-id``) keeps the effect once. The dedupe rows wait for the
+outputs (``Stage.after_sent``): a row written before them could outlive a crash that lost
+them, and the redo would skip a delivery whose retry record, audit record or in-app message
+was never durable.
+
+A channel whose effect is a record of the log (``inapp``, :class:`~channels.base.AppendsToLog`)
+is not awaited per delivery: its record (one ``__inapp`` message) is an output of the batch,
+appended with the audit records, and ``delivered`` is what the audit says once both are
+durable; a failed append fails the batch, which is redone after a pause (the stage's retry,
+not the delivery's backoff). One append round per batch instead of one append per delivery
+followed by the audit's.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import msgspec
@@ -52,7 +63,7 @@ import msgspec
 from broker.client import ConsumerRecord
 from broker.config import NotifyConfig
 from broker.local import LocalClient
-from channels.base import AcceptsAll, Channel, Delivered, Permanent, Retry
+from channels.base import AcceptsAll, AppendsToLog, Channel, Delivered, Permanent, Retry
 from channels.base import Delivery as ChannelDelivery
 from notify import ids
 from notify.compose import Composer, Refused
@@ -115,6 +126,8 @@ class DeliveryWorker(Stage):
         self.name = f"notify-deliver-{name}"
         self.channel = channel
         self.channel_name = name
+        # a channel whose effect is a record of the log: appended with the batch's outputs
+        self.to_log = channel if isinstance(channel, AppendsToLog) else None
         self.directory = directory
         self.composer = composer or Composer(directory)
         self.dead = dead
@@ -198,7 +211,8 @@ class DeliveryWorker(Stage):
         else:
             await asyncio.gather(*(work() for _ in range(n)))
         if self._rows:
-            self.dedupe.put_many(list(self._rows.items()))
+            # once the batch's outputs are durable (see the module's docstring)
+            self.after_sent(partial(self.dedupe.put_many, list(self._rows.items())))
         return None
 
     def _accept_all(self, pages: list[DeliveryPage], channel: AcceptsAll, lag: int) -> bool:
@@ -429,7 +443,12 @@ class DeliveryWorker(Stage):
             content=prepared.content,
         )
         try:
-            outcome: Any = await self.channel.send(view)
+            to_log = self.to_log
+            if to_log is not None:  # the effect is an output of this batch (in-app)
+                self.outbox.add(*to_log.record(view))
+                outcome: Any = to_log.recorded(view)
+            else:
+                outcome = await self.channel.send(view)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a channel must answer outcomes; be safe if one raises

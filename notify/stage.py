@@ -251,6 +251,8 @@ class Stage:
         # future that commit answers
         self._to_commit: dict[TopicPartition, int] = {}
         self._commit_next: asyncio.Future[None] | None = None
+        # what the batch in hand writes once its outputs are acknowledged (:meth:`after_sent`)
+        self._after_outputs: list[Callable[[], object]] = []
         self.batches = 0
         self.records_in = 0
         self.records_out = 0
@@ -380,10 +382,11 @@ class Stage:
                     await self._give_up(starts, failure[1])
                     continue
                 taken = self.outbox.take()
+                after, self._after_outputs = self._after_outputs, []
                 loop = asyncio.get_running_loop()
                 before = inflight[-1].queued if inflight else None
                 queued: asyncio.Future[bool] = loop.create_future()
-                task = loop.create_task(self._finish(taken, ends, len(recs), before, queued))
+                task = loop.create_task(self._finish(taken, after, ends, len(recs), before, queued))
                 task.add_done_callback(partial(_not_queued, queued))  # if cancelled unstarted
                 inflight.append(_Finishing(task, starts, queued))
                 if self.linger_s and self.trickle(recs) and not self._stop:
@@ -439,19 +442,23 @@ class Stage:
     async def _finish(
         self,
         taken: Outbox,
+        after: list[Callable[[], object]],
         ends: dict[TopicPartition, int],
         count: int,
         before: asyncio.Future[bool] | None,
         queued: asyncio.Future[bool],
     ) -> None:
-        """Append the batch's outputs; once they are acknowledged and the batch before it
-        is queued for a commit (``before``), queue its offsets (``queued`` says so, or that
-        the batch failed) and wait for the commit that covers them."""
+        """Append the batch's outputs; once they are acknowledged, write what waited for
+        them (``after``, :meth:`after_sent`), and once the batch before it is queued for a
+        commit (``before``), queue its offsets (``queued`` says so, or that the batch
+        failed) and wait for the commit that covers them."""
         assert self.producer is not None
         ok = False
         commit = None
         try:
             self.records_out += await taken.send(self.producer)
+            for write in after:
+                write()
             if before is not None and not await before:
                 raise _Behind("the batch before this one failed")
             if ends:
@@ -501,6 +508,7 @@ class Stage:
         consumer = self.consumer
         assert consumer is not None
         self.outbox.clear()
+        self._after_outputs = []
         for (t, p), off in starts.items():
             if (t, p) in consumer.positions:
                 consumer.seek(t, p, off)
@@ -508,6 +516,14 @@ class Stage:
             log.warning("event=stage_batch_abandoned stage=%s error=%r", self.name, exc)
             await asyncio.sleep(self.retry_pause_s)
         await self.abandoned()
+
+    def after_sent(self, write: Callable[[], object]) -> None:
+        """Run ``write`` (LMDB rows) once the outputs of the batch in hand are acknowledged,
+        before its commit: for rows that record an effect those outputs are (a delivery
+        worker's dedupe row of a message it appended rather than sent): written earlier,
+        a crash before the outputs are durable would leave the row saying done and no
+        effect. A failed write fails the batch (it is redone)."""
+        self._after_outputs.append(write)
 
     async def flush(self) -> None:
         """Append every queued output now (``acks=all``): what a progress mark written next

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from broker.client import ConsumerRecord
+from broker.client import BrokerError, ConsumerRecord
 from broker.config import Config
 from broker.events import EventIntake
 from broker.local import LocalClient
@@ -139,6 +139,75 @@ async def test_a_slow_sync_of_one_output_partition_holds_up_no_other_partitions_
     finally:
         release.set()
         await stage.stop()
+    await client.close()
+    await log.close()
+    kv.close()
+
+
+class Done(msgspec.Struct):
+    value: str
+
+
+class Recorder(Stage):
+    """Copies each record of ``in`` to ``out`` and records it as done in LMDB once the copy
+    is acknowledged (``after_sent``): what a delivery worker does with its dedupe rows."""
+
+    async def handle(self, recs: list[ConsumerRecord]) -> None:
+        done = self.kv.table("done", Done)
+        for rec in recs:
+            self.outbox.add("out", b"k", rec.value)
+            value = rec.value.decode()
+            self.after_sent(lambda value=value: done.put(value, Done(value)))
+
+
+async def test_rows_written_after_the_outputs_are_not_written_when_the_outputs_fail(
+    tmp_path: Path,
+) -> None:
+    """A row that records an output as done is written only once the output is acknowledged:
+    when the append fails, the batch is redone and the row is absent meanwhile (a crash then
+    would redo the effect, not skip it), and it is there after the redo succeeded."""
+    cfg = Config()
+    cfg = msgspec.structs.replace(
+        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
+    )
+    log = Log(tmp_path)
+    log.open()
+    kv = KV(tmp_path / "state")
+    service = BrokerService(cfg, log, kv)
+    intake = EventIntake(cfg, service)
+    intake.start()
+    for name in ("in", "out"):
+        service.topics.ensure_internal(name, 1)
+    client = LocalClient(service, intake)
+    producer = await client.producer(acks=-1)
+    await producer.send("in", b"a", key=b"k")
+    stage = Recorder(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
+    stage.retry_pause_s = 0.5
+    await stage.start()
+    assert stage.producer is not None
+    real = stage.producer.send_batch
+    failed = asyncio.Event()
+
+    async def flaky(*args: object, **kwargs: object) -> object:
+        if not failed.is_set():
+            failed.set()
+            raise BrokerError("storage_error", "the disk said no", True)
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    stage.producer.send_batch = flaky  # type: ignore[method-assign,assignment]
+    done = kv.table("done", Done)
+    try:
+        async with asyncio.timeout(10):
+            await failed.wait()
+            await asyncio.sleep(0.2)  # within the retry pause: the batch is given up
+            assert done.get("a") is None
+            while stage.records_in < 1:
+                await asyncio.sleep(0.01)
+    finally:
+        await stage.stop()
+    assert done.get("a") == Done("a")
+    committed = service.groups.committed("*/g", "in", 0)
+    assert committed is not None and committed.offset == 1
     await client.close()
     await log.close()
     kv.close()

@@ -349,23 +349,34 @@ class BrokerService:
 
     # ------------------------------------------------------------------------- fetch
     async def fetch_pass(
-        self, principal: Principal, req: p.Fetch
+        self,
+        principal: Principal,
+        req: p.Fetch,
+        found: dict[tuple[str, int], Partition] | None = None,
     ) -> tuple[list[p.FetchedPartition], int, list[Partition]]:
         """One pass over the requested partitions. Returns the results, the bytes found and
         the partitions that had nothing (for a long poll to wait on). Reads within the
         page-cache window are served at once; a read further back (a consumer catching up)
-        runs in a worker thread, so the loop never waits on the disk."""
+        runs in a worker thread, so the loop never waits on the disk. ``found``: the
+        partitions an earlier pass of the same request resolved (and authorized), kept
+        there for the next pass of a long poll."""
         principal.require("consume")
         budget = min(req.max_bytes, self.config.limits.max_fetch_bytes)
         results: list[p.FetchedPartition] = []
         total = 0
         empty: list[Partition] = []
         for fp in req.partitions:
-            try:
-                part = self.partition(principal, fp.topic, fp.partition)
-            except (UnknownTopic, UnknownPartition) as exc:
-                results.append(p.FetchedPartition(fp.topic, fp.partition, -1, -1, b"", exc.code))
-                continue
+            part = found.get((fp.topic, fp.partition)) if found is not None else None
+            if part is None:
+                try:
+                    part = self.partition(principal, fp.topic, fp.partition)
+                except (UnknownTopic, UnknownPartition) as exc:
+                    results.append(
+                        p.FetchedPartition(fp.topic, fp.partition, -1, -1, b"", exc.code)
+                    )
+                    continue
+                if found is not None:
+                    found[(fp.topic, fp.partition)] = part
             data: bytes | bytearray = b""
             error = None
             resume = -1
@@ -411,24 +422,31 @@ class BrokerService:
         max_wait = min(req.max_wait_ms, self.config.limits.max_wait_ms) / 1000
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
+        found: dict[tuple[str, int], Partition] = {}
         while True:
-            results, total, empty = await self.fetch_pass(principal, req)
+            results, total, empty = await self.fetch_pass(principal, req, found)
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
                 self.quotas.fetched(usage, total)
                 return results, int(delay * 1000)
-            stop: asyncio.Future[None] = loop.create_future()
-            self._stop_waiters.add(stop)
-            waits = [part.high_watermark_changed() for part in empty]
+            # one future for the whole wait, resolved by the first of: an empty partition's
+            # high watermark moving, the node stopping, the deadline (a long poll of a stage
+            # waits on every partition it owns: a future and a callback each, and
+            # asyncio.wait's bookkeeping, were a good part of a pass's cost)
+            woken: asyncio.Future[None] = loop.create_future()
+            self._stop_waiters.add(woken)
+            for part in empty:
+                part.high_watermark_changed(woken)
+            timer = loop.call_later(remaining, _wake, woken)
             try:
-                await asyncio.wait(
-                    [*waits, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
+                await woken
+            except Exception:  # a partition closing fails its waiters: the next pass says why
+                pass
             finally:
-                self._stop_waiters.discard(stop)
-                stop.cancel()
-                for w in waits:
-                    w.cancel()
+                timer.cancel()
+                self._stop_waiters.discard(woken)
+                if not woken.done():
+                    woken.cancel()
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but not past the node's shutdown."""
@@ -642,3 +660,8 @@ class BrokerService:
         if principal.operator:
             return names
         return [n[len(prefix) :] for n in names]
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -497,9 +497,14 @@ class Partition:
         served at once (it is in memory; a hand-off would cost more than the copy)."""
         return await self._reader.read_async(offset, max_bytes)
 
-    def high_watermark_changed(self) -> asyncio.Future[None]:
-        """A future resolved the next time the high watermark advances (for long polls)."""
-        fut: asyncio.Future[None] = self._flusher.loop.create_future()
+    def high_watermark_changed(
+        self, fut: asyncio.Future[None] | None = None
+    ) -> asyncio.Future[None]:
+        """A future resolved the next time the high watermark advances (for long polls):
+        ``fut`` if given (a long poll waiting on several partitions passes each the same
+        one, woken by the first that advances), else a new one."""
+        if fut is None:
+            fut = self._flusher.loop.create_future()
         waiters = self._hw_waiters
         if len(waiters) >= 64 and len(waiters) & (len(waiters) - 1) == 0:
             # long polls that timed out leave cancelled futures behind; on an idle partition

@@ -2,7 +2,9 @@
 
 Every transition of every (event, user, channel) is an :class:`~notify.model.AuditRecord` in
 ``__audit`` (keyed by ``tenant\\0event_id``, so one event's records are in order on one
-partition). The indexer, group ``notify.audit``, folds them into LMDB:
+partition), or a page of them (``notify.pages``), except the ``queued`` transition of
+deliveries the fan-out wrote as a page: the delivery page in ``__deliver.<channel>`` is that
+record. The indexer, group ``notify.audit``, folds them into LMDB:
 
 - ``notify_status``: ``tenant\\0event_id\\0user\\0channel`` -> :class:`StatusRow`: the delivery
   status (one, ordered: a later stage never goes back to an earlier one, except a DLQ replay,
@@ -24,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -32,8 +34,16 @@ import msgspec
 from broker.client import ConsumerRecord
 from broker.local import LocalClient
 from notify import ids
-from notify.model import Attempt, AuditPage, AuditRecord, Notification, StatusPage, StatusRow
-from notify.pages import decode_audit_page, is_page
+from notify.model import (
+    Attempt,
+    AuditPage,
+    AuditRecord,
+    DeliveryPage,
+    Notification,
+    StatusPage,
+    StatusRow,
+)
+from notify.pages import decode_audit_page, decode_delivery_page, is_page
 from notify.stage import Stage
 from storage.kv import KV, Txn
 
@@ -568,11 +578,20 @@ def feed_cursor(created_ms: int, run_id: str) -> str:
 
 
 class AuditIndexer(Stage):
-    """Folds ``__audit`` into the index (group ``notify.audit``). Nobody waits on it but
-    status and feed readers, so it lingers ``linger_s`` (50 ms) after a batch of fewer than
-    ``TRICKLE`` transitions: when events trickle in, one batch per linger rather than one
-    per event (the index lags by that much more; ``wait_seen`` reads marks written at
-    once, not through the indexer). A burst (pages of many users) is folded at once.
+    """Folds ``__audit`` into the index (group ``notify.audit``), and the ``queued``
+    transition of every delivery page of ``__deliver.<channel>`` (``deliver_topics``): the
+    fan-out appends a page of deliveries and nothing else for them, so the page is the
+    record of their being queued (the same fields, durable in the same append a ``queued``
+    audit page was, before the fan-out's commit; :func:`queued_page`). Single deliveries
+    (retries, replays, digests) keep their own ``queued`` audit record where they have one,
+    and are not read here. The page and the worker's ``delivered`` may be folded in either
+    order: statuses go by rank, and only ``queued`` makes the notification.
+
+    Nobody waits on it but status and feed readers, so it lingers ``linger_s`` (50 ms) after
+    a batch of fewer than ``TRICKLE`` transitions: when events trickle in, one batch per
+    linger rather than one per event (the index lags by that much more; ``wait_seen`` reads
+    marks written at once, not through the indexer). A burst (pages of many users) is folded
+    at once.
 
     A batch is folded in slices of ``SLICE_ROWS`` transitions, one transaction each, with a
     loop turn between them, so that no request waits behind a whole batch of pages. It also
@@ -580,13 +599,13 @@ class AuditIndexer(Stage):
     delivery worker has work in hand or records to fetch, a batch in hand waits (the folding
     of a 10,000-user fan-out was over half the loop's time while its deliveries were still
     being made). The wait is bounded: once the index has been behind for ``max_lag_ms``
-    (since it last held everything in ``__audit``), it folds without giving way until it
+    (since it last held everything in its topics), it folds without giving way until it
     has caught up, so under a sustained load it lags by about ``max_lag_ms`` plus the time
     to fold what came meanwhile, never more and more. :meth:`lag_s` says how far behind it
     is (``herald_notify_audit_lag_seconds``). Deferring changes only when the index shows a
-    transition, never what it shows: ``__audit`` holds every transition (appended with
-    acks=all before the batch that made it commits) and the indexer's offsets commit after
-    its folds."""
+    transition, never what it shows: ``__audit`` and the delivery pages hold every
+    transition (appended with acks=all before the batch that made it commits) and the
+    indexer's offsets commit after its folds."""
 
     linger_s = 0.05
     TRICKLE: Final = 500
@@ -604,6 +623,7 @@ class AuditIndexer(Stage):
         max_batch_bytes: int,
         retention_ms: int,
         clock: Callable[[], int],
+        deliver_topics: Sequence[str] = (),
         stopping: Callable[[], bool] = lambda: False,
         deliveries_waiting: Callable[[], bool] = lambda: False,
         max_lag_ms: int = 1000,
@@ -613,7 +633,7 @@ class AuditIndexer(Stage):
             client,
             kv,
             group=GROUP,
-            topics=[AUDIT_TOPIC],
+            topics=[AUDIT_TOPIC, *deliver_topics],
             batch=5000,
             max_batch_bytes=max_batch_bytes,
             stopping=stopping,
@@ -631,7 +651,7 @@ class AuditIndexer(Stage):
         self.forgotten = 0
         self.deferred_s = 0.0  # time batches waited for the deliveries, all told
         self._last = 0  # transitions in the last batch
-        # when the index was last seen to hold every transition of __audit (monotonic), and
+        # when the index was last seen to hold every transition of its topics (monotonic), and
         # whether nothing has been fetched since: any transition not folded yet was appended
         # after ``_current_at``
         self._current_at = time.monotonic()
@@ -659,7 +679,10 @@ class AuditIndexer(Stage):
         records: list[AuditRecord | AuditPage] = []
         for rec in recs:
             try:
-                if is_page(rec.value):
+                if rec.topic != AUDIT_TOPIC:  # __deliver.<channel>: a page is queued
+                    if is_page(rec.value):
+                        records.append(queued_page(decode_delivery_page(rec.value)))
+                elif is_page(rec.value):
                     records.append(decode_audit_page(rec.value))
                 else:
                     records.append(self._decode(rec.value))
@@ -702,7 +725,7 @@ class AuditIndexer(Stage):
         self.deferred_s += time.monotonic() - waited
 
     def _behind(self) -> int:
-        """Records of ``__audit`` past this member's positions (1 without ``log_end``:
+        """Records of its topics past this member's positions (1 without ``log_end``:
         then only an empty fetch says the index is current)."""
         consumer, log_end = self.consumer, self.log_end
         if consumer is None or log_end is None:
@@ -721,3 +744,23 @@ class AuditIndexer(Stage):
 
     def trickle(self, recs: list[ConsumerRecord]) -> bool:
         return self._last < self.TRICKLE
+
+
+def queued_page(page: DeliveryPage) -> AuditPage:
+    """The ``queued`` transition of a page of deliveries: the audit page the fan-out used to
+    append beside it (one per event and channel then, one per partition now: the index
+    keeps a status page per first delivery id and merges them when read)."""
+    return AuditPage(
+        tenant=page.tenant,
+        event_id=page.event_id,
+        topic=page.topic,
+        channel=page.channel,
+        status="queued",
+        reason=None,
+        detail=None,
+        attempt=None,
+        at_ms=page.created_ms,
+        users=page.users,
+        run_ids=page.run_ids,
+        delivery_ids=page.delivery_ids,
+    )

@@ -135,6 +135,8 @@ class Engine:
             deliveries_waiting=self._deliveries_waiting,
             max_lag_ms=self.ncfg.audit_max_lag_ms,
             log_end=self._log_end,
+            # the fan-out's delivery pages are their deliveries' `queued` transitions
+            deliver_topics=[deliver_topic(ch) for ch in self.ncfg.channels],
             **common,
         )
         stages: list[Stage] = [self.audit]

@@ -10,9 +10,11 @@ the shared part once and the per-user part as parallel lists, encoded with one m
   one channel to the users of one partition (a user's deliveries stay on the user's
   partition, so order per user holds exactly as with one record each). The worker expands a
   page into the :class:`~notify.model.Delivery` each user would have had (:func:`expand`).
+  The page is also the record of its deliveries' ``queued`` transition: the audit indexer
+  reads it as the ``queued`` audit page it stands for (``notify.audit.queued_page``).
 - :class:`~notify.model.AuditPage` in ``__audit``: one transition of one event on one
-  channel for many users (``queued`` at fan-out, ``delivered`` at the first attempt, ``shed``);
-  the audit indexer folds it as the records it stands for (``notify.audit``).
+  channel for many users (``delivered`` at the first attempt, ``shed``); the audit indexer
+  folds it as the records it stands for (``notify.audit``).
 
 Single forms stay for everything else (retries, replays, batch digests, suppressions,
 deferrals): a page is a msgpack array, a Delivery a JSON object and an AuditRecord a msgpack

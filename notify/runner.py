@@ -21,7 +21,7 @@ from notify import ids
 from notify.conditions import Scope
 from notify.digests import Digests
 from notify.model import AuditRecord, Delivery, ParkedEvent, TimerRow
-from notify.pages import AuditRows, DeliveryRows
+from notify.pages import DeliveryRows
 from notify.plans import Plans
 from notify.ports import Directory, Occasion, Ruling
 from notify.runs import Go, Layout, Progress, Skip, Verdict, advance
@@ -144,8 +144,10 @@ class Runner:
         """Start the runs of ``event`` for a page of recipients (``(user, ruling, plan)``),
         as :meth:`start` would one by one. A plan of channel steps only, whose every step the
         policy lets through, takes the page's fast path: ids, the policy's verdicts and
-        rows added to the page's delivery and ``queued`` audit pages, nothing else per
-        user. Anything else (a deferral, a suppression, a delay...) runs the general way."""
+        rows added to the page's delivery page, nothing else per user (the deliveries'
+        ``queued`` transition is not an audit record of its own: the indexer reads it off
+        the delivery page, ``notify.audit``). Anything else (a deferral, a suppression, a
+        delay...) runs the general way."""
         now = self.clock()
         if deliver_at_ms is not None and deliver_at_ms > now:
             for user, ruling, plan in runs:
@@ -157,7 +159,6 @@ class Runner:
         decide = self.directory.decide
         record = self.directory.record
         prefix = f"{tenant}\0{event_id}\0"
-        audits: dict[str, AuditRows] = {}
         # the open delivery pages by (channel, partition, strict), looked up here rather
         # than through the outbox per row; their rows are counted at the end
         pages: dict[tuple[str, int, bool], DeliveryRows] = {}
@@ -199,19 +200,12 @@ class Runner:
                     rows.run_ids.append(run_id)
                     rows.delivery_ids.append(did)
                     rows.steps.append(step.index)
-                    audit = audits.get(channel)
-                    if audit is None:
-                        audit = audits[channel] = self._audit_rows(outbox, pe, channel, now, 0)
-                    audit.users.append(user)
-                    audit.run_ids.append(run_id)
-                    audit.delivery_ids.append(did)
-                    rows_added += 2
+                    rows_added += 1
                     continue
                 if pages:  # as below: the general way may add to the same pages
                     outbox.count += rows_added
                     rows_added = 0
                     pages.clear()
-                    audits.clear()
                 self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
                 continue
             verdicts = []
@@ -241,19 +235,12 @@ class Runner:
                     rows.run_ids.append(run_id)
                     rows.delivery_ids.append(did)
                     rows.steps.append(step.index)
-                    audit = audits.get(channel)
-                    if audit is None:
-                        audit = audits[channel] = self._audit_rows(outbox, pe, channel, now, 0)
-                    audit.users.append(user)
-                    audit.run_ids.append(run_id)
-                    audit.delivery_ids.append(did)
-                    rows_added += 2
+                    rows_added += 1
                 continue
             if pages:  # the general way may add to the same pages: count what is added
                 outbox.count += rows_added
                 rows_added = 0
                 pages.clear()
-                audits.clear()
             self._run(outbox, event, user, ruling, ref, p, where, where.first, run_id, run_id)
         outbox.count += rows_added
 
@@ -309,31 +296,6 @@ class Runner:
             rows=count,
         )
         assert isinstance(rows, DeliveryRows)
-        return rows
-
-    def _audit_rows(
-        self, outbox: Outbox, pe: ParkedEvent, channel: str, now: int, count: int = 1
-    ) -> AuditRows:
-        """The open ``queued`` audit page of ``pe`` on ``channel`` (``count`` more rows
-        counted)."""
-        rows = outbox.group(
-            AUDIT_TOPIC,
-            f"{pe.tenant}\0{pe.event_id}".encode(),
-            ("a", pe.tenant, pe.event_id, channel, "queued"),
-            lambda: AuditRows(
-                tenant=pe.tenant,
-                event_id=pe.event_id,
-                topic=pe.topic,
-                channel=channel,
-                status="queued",
-                reason=None,
-                detail=None,
-                attempt=None,
-                at_ms=now,
-            ),
-            rows=count,
-        )
-        assert isinstance(rows, AuditRows)
         return rows
 
     def resume(
@@ -468,7 +430,6 @@ class Runner:
                 )
                 if emit.charges:
                     directory.record(tenant, user, emit.charges, now, emit.delivery_id)
-                self._audit_rows(outbox, pe, emit.channel, now).add(user, run_id, emit.delivery_id)
                 continue
             delivery = Delivery(
                 delivery_id=emit.delivery_id,

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from notify import ids
-from notify.audit import AuditIndex
-from notify.model import AuditPage, AuditRecord
+from notify.audit import AuditIndex, queued_page
+from notify.model import AuditPage, AuditRecord, DeliveryPage
 from storage.kv import KV
 
 
@@ -128,4 +128,48 @@ def test_pages_fold_as_the_records_they_stand_for(tmp_path: Path) -> None:
         "u2": "suppressed",
         "u3": "dead_lettered",
     }
+    kv.close()
+
+
+def test_a_delivery_page_is_its_deliveries_queued_transition_in_either_order(
+    tmp_path: Path,
+) -> None:
+    """The fan-out appends a page of deliveries per partition and no ``queued`` audit page:
+    the indexer folds each delivery page as one (``queued_page``). The worker's ``delivered``
+    page may be folded first (another topic): the status stays delivered and the page still
+    makes each user's notification, feed entry and unread count, once."""
+    kv = KV(tmp_path / "kv")
+    ix = AuditIndex(kv)
+
+    def deliveries(users: list[str]) -> DeliveryPage:
+        run_ids = [ids.run_id("t", "e1", u) for u in users]
+        return DeliveryPage(
+            tenant="t",
+            event_id="e1",
+            topic="news",
+            channel="webhook",
+            priority="normal",
+            category=None,
+            data=b"{}",
+            created_ms=10,
+            strict_order=False,
+            users=users,
+            run_ids=run_ids,
+            delivery_ids=[ids.delivery_id(r, "webhook", 0) for r in run_ids],
+            steps=[0] * len(users),
+        )
+
+    ix.fold_many([page("delivered", 20, ["u1"], attempt=1)])  # before its queued page
+    ix.fold_many([queued_page(deliveries(["u1", "u3"])), queued_page(deliveries(["u2"]))])
+    ix.fold_many([queued_page(deliveries(["u2"]))])  # a redone batch: nothing new
+    rows = {r["user"]: r for r in ix.status("t", "e1")}
+    assert {u: r["status"] for u, r in rows.items()} == {
+        "u1": "delivered",
+        "u2": "queued",
+        "u3": "queued",
+    }
+    assert rows["u2"]["delivery_id"] == ids.delivery_id(ids.run_id("t", "e1", "u2"), "webhook", 0)
+    for user in ("u1", "u2", "u3"):
+        feed = ix.feed("t", user)
+        assert [i["event_id"] for i in feed["items"]] == ["e1"] and feed["unread"] == 1
     kv.close()

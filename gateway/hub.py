@@ -167,6 +167,13 @@ class Hub:
                 n += sum(d for u, d in users.items() if u in allowed)
         return n
 
+    def hold(self) -> None:
+        """Nothing to hold: the node writes to its worker links (buffered streams), not to
+        the clients' sockets."""
+
+    def release(self) -> None:
+        return None
+
     def write_user(self, tenant: str, user: str | None, frame: bytes) -> None:
         msg = link.Write(tenant, user, frame)
         for wl in self.links.values():

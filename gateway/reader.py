@@ -26,7 +26,7 @@ import msgspec
 from broker.client import BrokerError, Consumer, ConsumerRecord
 from broker.local import LocalClient
 from channels.inapp import INAPP_TOPIC, InAppMessage
-from gateway.inbox import Inbox, StoredEvent
+from gateway.inbox import Inbox, Indexed, StoredEvent
 from gateway.sessions import Recipients
 from storage.kv import KV
 
@@ -167,6 +167,17 @@ class Reader:
         self.duplicates += len(messages) - len(indexed)
         sessions = self.sessions
         reached: dict[tuple[str, str], list[str]] = {}
+        # each connection's frames of this batch (messages, then counts) in one write
+        sessions.hold()
+        try:
+            self._push(indexed, reached)
+            if reached and self.delivered is not None:
+                self.delivered(reached)
+        finally:
+            sessions.release()
+
+    def _push(self, indexed: list[Indexed], reached: dict[tuple[str, str], list[str]]) -> None:
+        sessions = self.sessions
         for item in indexed:
             if item.user is not None:
                 n = sessions.offer_user(item.tenant, item.user, item.seq, item.frame)
@@ -180,8 +191,6 @@ class Reader:
                     item.frame,
                     functools.partial(self._allowed, item.tenant, item.topic, item.category),
                 )
-        if reached and self.delivered is not None:
-            self.delivered(reached)
 
     def _allowed(
         self, tenant: str, topic: str, category: str | None, users: Iterable[str]

@@ -44,6 +44,7 @@ class StorageConfig(_Section):
     kv_map_size: int = 1 << 30
     offsets_sync_interval_ms: int = 1000
     cache_window_bytes: int = 256 * 1024 * 1024
+    preallocate_bytes: int = 1024 * 1024
     min_free_bytes: int = 64 * 1024 * 1024
     io_threads: int = 8
     inline_sync_max_ms: float = 5.0
@@ -351,6 +352,7 @@ class Config(_Section):
             segment_ms=s.segment_ms,
             index_interval_bytes=s.index_interval_bytes,
             cache_window_bytes=s.cache_window_bytes,
+            preallocate_bytes=s.preallocate_bytes,
             retention_ms=self.topics.retention_ms if retention_ms == "default" else retention_ms,
             retention_bytes=(
                 self.topics.retention_bytes if retention_bytes == "default" else retention_bytes
@@ -373,6 +375,8 @@ def _validate(cfg: Config) -> Config:
     if not 1 << 20 <= cfg.storage.segment_bytes < 1 << 32:
         # index entries hold 32-bit positions
         raise ConfigError("storage.segment-bytes must be at least 1 MiB and below 4 GiB")
+    if not 0 <= cfg.storage.preallocate_bytes < 1 << 32:
+        raise ConfigError("storage.preallocate-bytes must be >= 0 (0: off) and below 4 GiB")
     if cfg.storage.io_threads < 1:
         raise ConfigError("storage.io-threads must be >= 1")
     if cfg.storage.inline_sync_max_ms < 0:

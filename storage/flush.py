@@ -210,8 +210,9 @@ class WriteRun:
 
 
 class SyncPlan:
-    """What one sync does, in order: fsync ``segments``, seal those in ``seal`` (rolled
-    away and complete), fsync the directory if a roll created a file, drop cached pages."""
+    """What one sync does, in order: for each of ``segments``, cut it to its batches if it
+    is in ``seal`` (rolled away and complete: its preallocated fill goes), fsync it, seal
+    it; then fsync the directory if a roll created a file, and drop cached pages."""
 
     __slots__ = ("dir_dirty", "drop", "seal", "segments")
 
@@ -242,6 +243,7 @@ class Job:
         "_unclaimed",
         "checkpoint",
         "end",
+        "grow",
         "handed_checkpoint",
         "kind",
         "plan",
@@ -269,6 +271,8 @@ class Job:
         self.checkpoint = checkpoint  # written by this job's sync
         # a write-only job's checkpoint of ``end``, handed to the sync that will cover it
         self.handed_checkpoint = handed_checkpoint
+        # (segment, start, end): the fill its write puts after its runs (Pipeline._growth)
+        self.grow: tuple[Segment, int, int] | None = None
         self.report_written = False  # set by the loop: report the write before the sync
         self.write_finished = False  # set by the thread: the write succeeded
         self._unclaimed = [True]  # the WRITTEN outcome, until one side takes it
@@ -298,10 +302,16 @@ class Pipeline:
         checkpoint_interval_ms: int,
         cache_window_bytes: int,
         now_ms: int,
+        preallocate_bytes: int = 0,
+        segment_bytes: int = 0,
     ) -> None:
         self.segments = segments
         self.checkpoint_interval_ms = checkpoint_interval_ms
         self.cache_window_bytes = cache_window_bytes
+        # the active segment's file is kept up to this far ahead of its batches (0: off),
+        # never past ``segment_bytes`` (the segment rolls there)
+        self.preallocate_bytes = preallocate_bytes
+        self.segment_bytes = segment_bytes
         self.state = FlushState()
         active = segments[-1]
         self.flushed_offset = active.next_offset
@@ -418,6 +428,7 @@ class Pipeline:
                 job = Job(Event.WRITE, runs, end, handed_checkpoint=checkpoint)
                 self.state.process(Event.WRITE)
                 self.writer = job
+            job.grow = self._growth(runs)
             started.append(job)
         if self.syncer is None and self.sync_wanted():
             checkpoint, self.ready_checkpoint = self.ready_checkpoint, None
@@ -489,6 +500,38 @@ class Pipeline:
         drop = self._cache_drops(target[1], target[2])
         self.syncing = [*segments, *(seg for seg, _pos in drop)]
         return SyncPlan(segments, seal, dir_dirty, drop)
+
+    def _growth(self, runs: list[WriteRun]) -> tuple[Segment, int, int] | None:
+        """The fill a write job writes after its runs, if it writes a small round to the
+        active segment and that segment's batches come within half of
+        ``preallocate_bytes`` of its filled end: ``(segment, start, end)``, up to
+        ``preallocate_bytes`` past its batches, capped at ``segment_bytes``. Why: on ext4
+        an fdatasync after a write that grows the file commits the journal every round
+        (~40 us of round trip and ~20 us of CPU more per lone append on the VM than one
+        that overwrites bytes the file already has). Only for small rounds (at most a
+        sixteenth of ``preallocate_bytes``): a large round amortises its journal commit,
+        and filling ahead of it would double what the disk writes. In the write job, after
+        its runs: the batches accounted later are written by later write jobs, so they
+        land over the fill, never under it. The segment remembers the planned end
+        (``prealloc_end``), so each range is written once."""
+        chunk = self.preallocate_bytes
+        if chunk <= 0 or not runs:
+            return None
+        active = self.segments[-1]
+        run = runs[-1]
+        if run.segment is not active:
+            return None
+        size = active.size
+        if size + chunk // 2 <= active.prealloc_end or size - run.position > chunk // 16:
+            return None
+        end = size + chunk
+        if self.segment_bytes > 0:
+            end = min(end, self.segment_bytes)
+        start = max(active.prealloc_end, size)
+        if end <= start:
+            return None
+        active.prealloc_end = end
+        return active, start, end
 
     def _restore_sync_plan(self, plan: SyncPlan) -> None:
         self.unsynced = [*plan.segments, *(s for s in self.unsynced if s not in plan.segments)]
@@ -586,14 +629,20 @@ class Pipeline:
 
 
 # -------------------------------------------------------------------------- the I/O
-def write_runs(runs: list[WriteRun]) -> tuple[int, OSError] | None:
-    """Worker thread: write the runs, then their index entries. A failed write returns
-    ``(index of the failed run, error)``; the runs before it are written."""
+def write_runs(
+    runs: list[WriteRun], grow: tuple[Segment, int, int] | None = None
+) -> tuple[int, OSError] | None:
+    """Worker thread: write the runs, then the fill ahead of them (``grow``, see
+    :meth:`Pipeline._growth`), then their index entries. A failed write returns ``(index of
+    the failed run, error)``; the runs before it are written."""
     for i, run in enumerate(runs):
         try:
             run.segment.write_at(run.position, run.iov)
         except OSError as exc:
             return i, exc
+    if grow is not None:
+        seg, start, end = grow
+        seg.preallocate(start, end)
     for run in runs:
         run.segment.flush_index()
     return None
@@ -602,14 +651,20 @@ def write_runs(runs: list[WriteRun]) -> tuple[int, OSError] | None:
 def sync_files(
     plan: SyncPlan, checkpoint: Checkpoint | None, fsync: FsyncFn, directory: Path, name: str
 ) -> None:
-    """Worker thread. Order: data, then seals, then the directory, then the checkpoint.
+    """Worker thread. Order: data (a segment being sealed cut to its batches first), then
+    seals, then the directory, then the checkpoint.
     Raises ``OSError`` if a sync fails; a failed checkpoint write is only logged (the data
     is synced; only the recovery point did not move)."""
     for seg in plan.segments:
         if seg.closed:
             continue
+        sealing = seg in plan.seal
+        if sealing:
+            # before its fsync, which then makes the cut durable with the data: a checkpoint
+            # naming a later segment never follows a sealed segment still holding zeros
+            seg.trim()
         fsync(seg.fd)
-        if seg in plan.seal:
+        if sealing:
             seg.seal()
     if plan.dir_dirty:
         fsync_dir(directory)
@@ -869,7 +924,7 @@ class Flusher:
         started = time.perf_counter()
         failed: tuple[int, OSError] | BaseException | None
         try:
-            failed = write_runs(job.runs)
+            failed = write_runs(job.runs, job.grow)
         except Exception as exc:  # a bug, as on a thread; anything else ends the process
             failed = exc
         if failed is not None:
@@ -896,7 +951,7 @@ class Flusher:
         if job.kind is not Event.SYNC:
             failed: tuple[int, OSError] | BaseException | None
             try:
-                failed = write_runs(job.runs)
+                failed = write_runs(job.runs, job.grow)
             except BaseException as exc:
                 failed = exc
             if job.kind is Event.WRITE or failed is not None:

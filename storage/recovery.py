@@ -15,6 +15,18 @@ The rules (as Kafka and PostgreSQL with checksums keep them):
   its bytes are quarantined, the batches around it are kept, later segments are never
   deleted. Offsets missing between segments, or below the checkpoint, are quarantined as a
   range of no bytes.
+- **Fill right after the last valid batch, to the end of the file, is the end of the
+  log**: space preallocated ahead of the appends (:meth:`Segment.preallocate`, a
+  pseudo-random pattern tiled by file position, :func:`~storage.segment.fill_bytes`) that
+  no batch reached. It is cut without a warning (``preallocated_bytes``): in the last
+  segment, and in a segment before it where every offset up to the next segment's base is
+  accounted for (a crash came between its roll and its seal, which cuts the fill). Anything
+  else is judged as before: bytes that are not fill after the last valid batch (a torn
+  write, a zeroed block: zeros are never fill) are a torn tail if nothing valid follows
+  in the log, else corruption; damage below the checkpoint is corruption, found by the
+  walk of the trusted prefix, whatever follows it. The fill changes only what is
+  reported, never what is kept: a segment's end past its last valid batch was cut before
+  the fill existed, and still is.
 
 :func:`recover` is blocking (it reads, truncates and syncs files): at start-up call it
 before serving, or from a thread. It returns the segments and the idempotent-producer table
@@ -47,7 +59,7 @@ from storage.quarantine import (
     next_valid_batch,
     read_quarantine,
 )
-from storage.segment import Segment, list_segments, remove_segment_files
+from storage.segment import Segment, fill_start, list_segments, remove_segment_files
 
 log = logging.getLogger("herald.storage")
 
@@ -66,7 +78,11 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     ranges found by this recovery (corruption, kept on disk, never served);
     ``quarantined_total``: every range the partition now knows. ``tail_read``: how the
     tail was read: ``"direct"`` (O_DIRECT), ``"fadvise"`` (page cache dropped, then read:
-    where O_DIRECT is refused), or ``""`` (nothing past the checkpoint)."""
+    where O_DIRECT is refused), or ``""`` (nothing past the checkpoint).
+    ``preallocated_bytes``: fill found at the end of a segment's file, after its last valid
+    batch or after a torn tail (space preallocated ahead of appends that never came), cut;
+    not counted in ``truncated_bytes``, which counts the torn tail itself (from the first
+    byte that is not a valid batch to where that fill begins)."""
 
     partition: str
     checkpoint_found: bool
@@ -78,6 +94,7 @@ class RecoveryReport(msgspec.Struct, frozen=True):
     quarantined: list[QuarantinedRange] = []
     quarantined_total: int = 0
     tail_read: str = ""
+    preallocated_bytes: int = 0
 
 
 class Recovered(NamedTuple):
@@ -181,14 +198,17 @@ class DeviceReader:
 class _Scan:
     """The outcome of one segment's walk: ``open_damage`` is damage at the end of the
     walk with nothing valid after it in this file (``(position, offset expected there,
-    why)``); ``good`` whether the segment holds anything valid."""
+    why)``); ``good`` whether the segment holds anything valid; ``fill_from``: with open
+    damage, where the preallocation fill that runs to the end of the file begins (no batch
+    was written there; the end of the file when there is none)."""
 
-    __slots__ = ("good", "open_damage", "seg")
+    __slots__ = ("fill_from", "good", "open_damage", "seg")
 
     def __init__(self, seg: Segment) -> None:
         self.seg = seg
         self.good = False
         self.open_damage: tuple[int, int, str] | None = None
+        self.fill_from = -1
 
 
 def _quarantine(
@@ -285,11 +305,27 @@ def _scan_tail(
         nxt = next_valid_batch(reader.read, pos, file_size, expected)
         if nxt is None:
             scan.open_damage = (pos, expected, why)
+            scan.fill_from = _fill_from(reader, pos, file_size)
             return found
         rng = _quarantine(seg, quarantine, pos, nxt[0] - pos, expected, nxt[1].base_offset, why)
         found.append(rng)
         _log_damage(name, rng, "recovery")
         pos, expected = seg.size, seg.next_offset
+    return found
+
+
+def _fill_from(reader: DeviceReader, start: int, end: int) -> int:
+    """Where the run of preallocation fill that ends ``[start, end)`` begins (``end`` when
+    the range does not end with fill; read from the device, in windows)."""
+    pos, found = start, start
+    while pos < end:
+        chunk = reader.read(pos, min(_WINDOW, end - pos))
+        if not chunk:
+            break  # the file ends early: nothing there
+        at = fill_start(chunk, pos)
+        if at:  # this window does not start with fill to its end: the run starts later
+            found = pos + at
+        pos += len(chunk)
     return found
 
 
@@ -352,7 +388,7 @@ def recover(
     scans: list[_Scan] = []
     removed: list[int] = []
     found: list[QuarantinedRange] = []
-    scanned = truncated = 0
+    scanned = truncated = preallocated = 0
     tail_read = ""
     cut: list[Segment] = []
     for i, base in enumerate(bases):
@@ -438,8 +474,18 @@ def recover(
             continue
         if scan.open_damage is not None:
             pos, first, why = scan.open_damage
-            if i == last_good:  # nothing valid after it in the log: a torn tail
-                truncated += seg.file_size() - pos
+            nxt_base = scans[i + 1].seg.base_offset if i < last_good else None
+            fill_from, file_end = scan.fill_from, seg.file_size()
+            if fill_from == pos and (i == last_good or first == nxt_base):
+                # fill from the last valid batch to the end of the file: preallocated space
+                # no append reached (in an earlier segment, with no offset missing before
+                # the next one: a crash came between its roll and its seal)
+                preallocated += file_end - pos
+                seg.cut_tail()
+                cut.append(seg)
+            elif i == last_good:  # nothing valid after it in the log: a torn tail
+                truncated += fill_from - pos  # what was torn; the fill after it is counted
+                preallocated += file_end - fill_from  # as fill
                 seg.cut_tail()
                 cut.append(seg)
             else:
@@ -477,6 +523,7 @@ def recover(
         quarantined=found,
         quarantined_total=len(quarantine),
         tail_read=tail_read,
+        preallocated_bytes=preallocated,
     )
     if truncated or removed:
         log.warning(

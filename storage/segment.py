@@ -9,6 +9,15 @@ Damage: ``damaged`` holds this segment's quarantined ranges (see :mod:`storage.q
 Every walk over the file steps over them whole, and stops, never spins, at a header that
 fails its checks: every step advances by a checksummed length of more than 64 bytes.
 
+Preallocation: the partition may make the active segment's file longer than its batches
+(:meth:`Segment.preallocate`: a fill pattern written ahead), so that an append overwrites
+bytes the file already has instead of growing it: on ext4 an ``fdatasync`` after a write
+that changes the file's size commits the journal each time. ``size`` (the end of the
+batches, the *logical* end) is then below the file's size, and the bytes between hold the
+fill (:func:`fill_bytes`). A sealed segment and a closed one are cut back to ``size``
+(:meth:`trim`); recovery reads fill right after the last valid batch as the end of the log
+(:mod:`storage.recovery`).
+
 The index is a hint, never the truth. Entries are 16 bytes: relative offset (u32), file
 position (u32) and the largest timestamp seen up to and including that batch (i64). An index
 may be short (a crash lost its tail): lookups then scan a little further. An index that
@@ -20,6 +29,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
+import hashlib
 import os
 import struct
 from array import array
@@ -37,9 +48,58 @@ if TYPE_CHECKING:
 LOG_SUFFIX: Final = ".log"
 INDEX_SUFFIX: Final = ".index"
 _PAGE = 4096
+_MAX_FOLIO: Final = 2 * 1024 * 1024  # the largest page-cache folio (a PMD) on x86-64
 _ENTRY = struct.Struct("<IIq")
 _SCAN_CHUNK: Final = 64 * 1024
 _NO_TIMESTAMP: Final = -(2**63)
+
+
+# Preallocated space is filled with this 4 KiB pattern, tiled by file position (the byte at
+# position p is _fill_source()[p % 4096]): pseudo-random, so no run of it is mistaken for zeros (a
+# zeroed block is damage, never "space nobody wrote") or for a batch, and recognisable at
+# any position, since the last batch ends anywhere in a block.
+_TILE_SIZE: Final = 4096
+_FILL_SPAN: Final = 1 << 20
+
+
+@functools.cache
+def _fill_source() -> bytes:
+    tile = b"".join(
+        hashlib.blake2b(b"herald preallocated %d" % i, digest_size=64).digest()
+        for i in range(_TILE_SIZE // 64)
+    )
+    return tile * (_FILL_SPAN // _TILE_SIZE + 1)
+
+
+def fill_bytes(position: int, length: int) -> bytes:
+    """The fill as it lies at ``[position, position + length)`` of a segment file."""
+    source = _fill_source()
+    parts = []
+    while length > 0:
+        at = position % _TILE_SIZE
+        n = min(length, _FILL_SPAN)
+        parts.append(source[at : at + n])
+        position += n
+        length -= n
+    return b"".join(parts)
+
+
+def fill_start(data: bytes | bytearray | memoryview, position: int = 0) -> int:
+    """Where a trailing run of fill begins in ``data`` (the bytes of a segment file from
+    ``position`` on), relative to ``data``: ``len(data)`` when it does not end with fill.
+    For tools and tests that read segment files whole."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - _TILE_SIZE)
+        block = bytes(data[start:end])
+        want = fill_bytes(position + start, end - start)
+        if block != want:
+            i = len(block)
+            while block[i - 1] == want[i - 1]:
+                i -= 1
+            return start + i
+        end = start
+    return 0
 
 
 def segment_name(base_offset: int) -> str:
@@ -90,6 +150,8 @@ class Segment:
         self._index_pending: list[bytes] = []
         self._index_pending_at = 0
         self._damaged: dict[int, QuarantinedRange] = {}  # position -> quarantined range
+        # preallocation: the end of the fill the loop planned (Pipeline)
+        self.prealloc_end = 0
         self.closed = False
 
     # ----------------------------------------------------------------- paths / lifecycle
@@ -403,14 +465,16 @@ class Segment:
 
     def cut_tail(self) -> None:
         """Cut the file (and its index) to ``size``: recovery accounted the batches it kept
-        and cuts a torn tail after them."""
+        and cuts a torn tail (or preallocated zeros) after them."""
         os.ftruncate(self._fd, self.size)
+        self.prealloc_end = self.size
         self._truncate_index(self.size)
 
     def truncate_to(self, size: int) -> None:
         """Cut the log to ``size`` bytes (which must be a batch boundary) and the index with
         it. Used by recovery and, later, by followers truncating a divergent tail."""
         os.ftruncate(self._fd, size)
+        self.prealloc_end = size
         self._truncate_index(size)
         self.max_timestamp, self.first_timestamp = _NO_TIMESTAMP, None
         if self._idx_positions:
@@ -480,6 +544,29 @@ class Segment:
         """fdatasync the log file. Blocks: call it from a worker thread."""
         os.fdatasync(self._fd)
 
+    def preallocate(self, start: int, end: int) -> None:
+        """Write the fill (:func:`fill_bytes`) over ``[start, end)``, past every batch
+        accounted so far, so that the appends to come overwrite bytes the file already has
+        instead of growing it. Durable with the next ``fdatasync`` of the file, like any
+        write. Only the write stage calls it, after its runs: batches accounted later are
+        written by later write jobs, over the fill, never under it. Advice: a failure (a
+        full disk) is ignored, the appends then grow the file themselves. Blocking."""
+        if self.closed or end <= start:
+            return
+        with contextlib.suppress(OSError):
+            self.write_at(start, [fill_bytes(start, end - start)])
+
+    def trim(self) -> bool:
+        """Cut the file to ``size`` if it is longer (space preallocated past the last
+        batch); returns whether it was. For a segment no append reaches any more: sealed,
+        or being closed. The caller syncs the file afterwards. Blocking; raises
+        ``OSError``."""
+        self.prealloc_end = self.size
+        if os.fstat(self._fd).st_size <= self.size:
+            return False
+        os.ftruncate(self._fd, self.size)
+        return True
+
     @property
     def cache_dropped(self) -> int:
         """Bytes at the start of the file already advised out of the page cache."""
@@ -495,9 +582,13 @@ class Segment:
             upto -= upto % _PAGE
         if upto <= self._cache_dropped:
             return
+        # from a little before the last range: the kernel drops only folios wholly inside
+        # the range, and a large folio (one large write makes them, up to 2 MiB) that
+        # straddled the last range's end would otherwise never be wholly inside one
+        start = max(0, self._cache_dropped - _MAX_FOLIO)
         with contextlib.suppress(OSError):  # advice only
-            length = 0 if whole else upto - self._cache_dropped  # 0: to the end of the file
-            os.posix_fadvise(self._fd, self._cache_dropped, length, os.POSIX_FADV_DONTNEED)
+            length = 0 if whole else upto - start  # 0: to the end of the file
+            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
         self._cache_dropped = upto
 
     def prefetch(self, position: int, length: int) -> None:

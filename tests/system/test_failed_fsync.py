@@ -122,7 +122,10 @@ async def test_records_whose_fsync_failed_are_not_served_after_a_restart(
     acked = await part.append([_batch(0, 10, 100)])
     end = acked.last_offset + 1
     disk.fill()
-    lost = _batch(end, 50, 4000)  # ~200 KiB: new blocks, which writeback cannot store
+    # ~1.6 MiB: past the space the segment preallocated after the first batch
+    # (preallocate_bytes, 1 MiB), so new blocks, which writeback cannot store
+    lost = _batch(end, 400, 4000)
+    assert len(lost) > config.preallocate_bytes
     with pytest.raises(LogOffline):
         await asyncio.wait_for(part.append([lost]), 10)
     assert part.offline and part.high_watermark == end

@@ -60,6 +60,7 @@ def layout(directory: Path) -> list[Stored]:
     out = []
     for base in segment.list_segments(directory):
         data = (directory / f"{base:020d}.log").read_bytes()
+        data = data[: segment.fill_start(data)]  # an active segment's preallocated fill
         for pos, h in records.iter_batches(data, verify=True):
             out.append(Stored(base, pos, h.batch_length, h.base_offset, h.record_count))
     return out

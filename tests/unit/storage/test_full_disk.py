@@ -217,6 +217,20 @@ async def test_on_a_real_full_disk_appends_fail_cleanly_and_resume_with_the_same
         first = await part.append([pbatch(0, 4, size=1000)])
         disk.fill()
         seq, end = 4, part.log_end_offset
+        last_stored, last_batch = first, pbatch(0, 4, size=1000)
+        # the space the segment holds ahead of its batches (preallocated fill, at most
+        # preallocate_bytes) takes appends until the disk is full for them too
+        for _ in range(100):
+            candidate = pbatch(seq, 64, first=end, size=1000)
+            try:
+                last_stored = await part.append([candidate])
+            except StorageFull:
+                break
+            last_batch = candidate
+            seq, end = seq + 64, part.log_end_offset
+        else:
+            pytest.fail("the disk never filled")
+        assert end - 4 <= 64 * (PartitionConfig().preallocate_bytes // 64_000 + 1)
         for _attempt in range(3):  # a retry while the disk is still full fails the same way
             with pytest.raises(StorageFull):
                 await part.append([pbatch(seq, 64, first=end, size=1000)])
@@ -225,7 +239,10 @@ async def test_on_a_real_full_disk_appends_fail_cleanly_and_resume_with_the_same
         disk.free()  # space returns: nothing to restart, the same sequence goes in
         retry = await part.append([pbatch(seq, 64, first=end, size=1000)])
         assert (retry.base_offset, retry.duplicate) == (end, False)
-        assert (await part.append([pbatch(0, 4, size=1000)])).base_offset == first.base_offset
+        # the dedupe window is intact: the last batch stored before the disk filled is
+        # still known as a duplicate
+        again = await part.append([last_batch])
+        assert (again.base_offset, again.duplicate) == (last_stored.base_offset, True)
         found = read_all(part)
         assert sorted(found) == list(range(end + 64))
         assert_values_match_offsets(found)

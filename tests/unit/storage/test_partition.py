@@ -306,7 +306,7 @@ async def test_read_never_returns_data_past_the_high_watermark(tmp_path: Path) -
         pending = asyncio.create_task(part.append([batch(values_for(3, 3))]))
         await asyncio.to_thread(entered.wait, 10)
         # the second batch is in the file, its sync has not returned: not visible yet
-        assert os.path.getsize(part.segments[-1].log_path) == part.size_bytes
+        assert batch_end(part.segments[-1].log_path) == part.size_bytes
         assert (part.log_end_offset, part.high_watermark) == (6, 3)
         for max_bytes in (1, 1 << 20):
             data = part.read(0, max_bytes)
@@ -658,6 +658,25 @@ async def test_retention_during_a_sync_neither_breaks_the_sync_nor_the_log(
 # ------------------------------------------------------------------------------ recovery
 
 
+def batch_bytes(log_file: Path) -> bytes:
+    """A segment file's bytes before the fill preallocated after its batches, if any."""
+    data = log_file.read_bytes()
+    return data[: segment.fill_start(data)]
+
+
+def batch_end(log_file: Path) -> int:
+    """Where a segment file's batches end (its preallocated fill, if any, begins)."""
+    return len(batch_bytes(log_file))
+
+
+def write_after_batches(log_file: Path, data: bytes) -> None:
+    """Write ``data`` where a segment file's batches end, over its preallocated fill if it
+    has some, as a write the crash tore would have: a torn tail."""
+    with open(log_file, "r+b") as f:
+        f.seek(batch_end(log_file))
+        f.write(data)
+
+
 def crash_image(src: Path, dst: Path) -> Path:
     """What a SIGKILL leaves on disk: the files as they are now, no close, no checkpoint.
     A file that goes while the directory is copied (a checkpoint's temporary file, renamed
@@ -731,12 +750,11 @@ async def test_recovery_truncates_a_torn_tail(tmp_path: Path, tail: bytes) -> No
     crash = crash_image(tmp_path / "p", tmp_path / "crash")
     await part.close()
     log_file = crash / "00000000000000000000.log"
-    good = log_file.stat().st_size
+    good = batch_end(log_file)
     if tail == b"partial":
         whole = records.stamp_header(batch(values_for(100, 5)), 100, 0)
         tail = whole + batch(values_for(100, 5))[records.HEADER_SIZE :][:-10]
-    with open(log_file, "ab") as f:
-        f.write(tail)
+    write_after_batches(log_file, tail)  # where the next append would have gone
     again, report = Partition.open(crash)
     try:
         assert report.truncated_bytes == len(tail)
@@ -815,8 +833,7 @@ async def test_damage_or_a_gap_before_later_segments_is_quarantined_and_only_the
     else:  # the last batch is missing: the next segment starts past a gap
         victim.write_bytes(data[:last_batch])
     for base in bases[2:]:
-        with open(crash / f"{base:020d}.log", "ab") as f:
-            f.write(b"torn" * 5)
+        write_after_batches(crash / f"{base:020d}.log", b"torn" * 5)
     again, report = Partition.open(crash, cfg)
     try:
         assert report.removed_segments == []
@@ -1095,7 +1112,7 @@ async def test_disk_full_rolls_back_and_appends_resume_when_space_returns(
 ) -> None:
     await fill(part, 3)
     active = part.segments[-1]
-    size, end, hw = os.path.getsize(active.log_path), part.log_end_offset, part.high_watermark
+    stored, end, hw = batch_bytes(active.log_path), part.log_end_offset, part.high_watermark
 
     def full(fd: int, buffers: list[bytes], offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1104,7 +1121,7 @@ async def test_disk_full_rolls_back_and_appends_resume_when_space_returns(
     for batches in ([batch(values_for(end, 2))], [batch([b"a"]), batch([b"b"])]):
         with pytest.raises(StorageFull):
             await part.append(batches)
-        assert os.path.getsize(active.log_path) == size
+        assert batch_bytes(active.log_path) == stored
         assert (part.log_end_offset, part.high_watermark) == (end, hw)
     assert not part.offline
     monkeypatch.undo()

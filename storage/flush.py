@@ -527,7 +527,8 @@ class Pipeline:
         end = size + chunk
         if self.segment_bytes > 0:
             end = min(end, self.segment_bytes)
-        start = max(active.prealloc_end, size)
+        # on from the fill written so far, or from the batches: never a hole between
+        start = max(active.filled_end, size)
         if end <= start:
             return None
         active.prealloc_end = end

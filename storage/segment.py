@@ -60,6 +60,8 @@ _NO_TIMESTAMP: Final = -(2**63)
 # any position, since the last batch ends anywhere in a block.
 _TILE_SIZE: Final = 4096
 _FILL_SPAN: Final = 1 << 20
+# a fill is written only while the file system has at least this many times its size free
+_FILL_FREE_FACTOR: Final = 64
 
 
 @functools.cache
@@ -150,8 +152,10 @@ class Segment:
         self._index_pending: list[bytes] = []
         self._index_pending_at = 0
         self._damaged: dict[int, QuarantinedRange] = {}  # position -> quarantined range
-        # preallocation: the end of the fill the loop planned (Pipeline)
+        # preallocation: the end of the fill the loop planned (Pipeline), and the end of
+        # the fill actually written (by the write stage's thread)
         self.prealloc_end = 0
+        self.filled_end = 0
         self.closed = False
 
     # ----------------------------------------------------------------- paths / lifecycle
@@ -467,14 +471,14 @@ class Segment:
         """Cut the file (and its index) to ``size``: recovery accounted the batches it kept
         and cuts a torn tail (or preallocated zeros) after them."""
         os.ftruncate(self._fd, self.size)
-        self.prealloc_end = self.size
+        self.prealloc_end = self.filled_end = self.size
         self._truncate_index(self.size)
 
     def truncate_to(self, size: int) -> None:
         """Cut the log to ``size`` bytes (which must be a batch boundary) and the index with
         it. Used by recovery and, later, by followers truncating a divergent tail."""
         os.ftruncate(self._fd, size)
-        self.prealloc_end = size
+        self.prealloc_end = self.filled_end = size
         self._truncate_index(size)
         self.max_timestamp, self.first_timestamp = _NO_TIMESTAMP, None
         if self._idx_positions:
@@ -549,19 +553,27 @@ class Segment:
         accounted so far, so that the appends to come overwrite bytes the file already has
         instead of growing it. Durable with the next ``fdatasync`` of the file, like any
         write. Only the write stage calls it, after its runs: batches accounted later are
-        written by later write jobs, over the fill, never under it. Advice: a failure (a
-        full disk) is ignored, the appends then grow the file themselves. Blocking."""
+        written by later write jobs, over the fill, never under it. Advice: skipped while
+        the file system has less than :data:`_FILL_FREE_FACTOR` times the fill free (the
+        last free space is for data: the state store, other partitions), and a failure (a
+        full disk) is ignored; the appends then grow the file themselves. Blocking."""
         if self.closed or end <= start:
             return
-        with contextlib.suppress(OSError):
+        try:
+            st = os.fstatvfs(self._fd)
+            if st.f_bavail * st.f_frsize < _FILL_FREE_FACTOR * (end - start):
+                return  # a nearly full disk: its last bytes are for data, not for a hint
             self.write_at(start, [fill_bytes(start, end - start)])
+        except OSError:
+            return
+        self.filled_end = max(self.filled_end, end)
 
     def trim(self) -> bool:
         """Cut the file to ``size`` if it is longer (space preallocated past the last
         batch); returns whether it was. For a segment no append reaches any more: sealed,
         or being closed. The caller syncs the file afterwards. Blocking; raises
         ``OSError``."""
-        self.prealloc_end = self.size
+        self.prealloc_end = self.filled_end = self.size
         if os.fstat(self._fd).st_size <= self.size:
             return False
         os.ftruncate(self._fd, self.size)

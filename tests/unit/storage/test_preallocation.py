@@ -302,3 +302,33 @@ def test_fill_start_finds_where_a_trailing_run_of_fill_begins() -> None:
                 )
     # fill at the wrong position is not fill
     assert segment.fill_start(segment.fill_bytes(1, 5000), 0) > 0
+
+
+async def test_no_fill_while_the_disk_is_nearly_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the last free space is for data (the state store, other partitions), not for a hint
+    real = os.fstatvfs
+    free = {"bytes": 10 * CHUNK}
+
+    class Vfs:
+        def __init__(self, fd: int) -> None:
+            st = real(fd)
+            self.f_frsize = st.f_frsize
+            self.f_bavail = free["bytes"] // st.f_frsize
+
+    monkeypatch.setattr(segment.os, "fstatvfs", Vfs)
+    part = open_partition(tmp_path / "p", config=config())
+    try:
+        await fill(part, 3)
+        active = part.segments[-1]
+        assert file_size(active) == active.size  # under 64 x the fill free: none
+        free["bytes"] = 1 << 40
+        while active.size + CHUNK // 2 <= active.prealloc_end:
+            await fill(part, 1, size=550)  # the skipped range counts as planned until passed
+        await fill(part, 1, size=550)
+        assert file_size(active) > active.size
+        assert segment.fill_start(active.log_path.read_bytes()) == active.size  # no hole
+        assert sorted(read_all(part)) == list(range(part.log_end_offset))
+    finally:
+        await part.close()

@@ -200,11 +200,16 @@ class BrokerProtocol(asyncio.Protocol):
             self.transport.abort()
 
     # -------------------------------------------------------------------- output
-    def send(self, msg: Any) -> None:
+    def send(self, msg: Any, *, now: bool = False) -> None:
+        """Queue ``msg``; it leaves with the replies of this loop turn, or at once with
+        ``now`` (the last reply the connection waits for: nothing could share the write,
+        and a lone request saves the loop turn and the scheduled callback)."""
         if self.closed:
             return
         self._out.append(p.encode_message(msg))
-        if not self._flush_scheduled:
+        if now:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
@@ -226,12 +231,14 @@ class BrokerProtocol(asyncio.Protocol):
                     if self._held:
                         self._handle_held()
 
-    def send_error(self, rid: int, exc: BaseException) -> None:
+    def send_error(self, rid: int, exc: BaseException, *, now: bool = False) -> None:
         err = describe(exc)
         self.server.stats.errors += 1
         if err.http_status >= 500 and err.code == "internal_error":
             log.error("event=request_failed peer=%s id=%d", self.peer, rid, exc_info=exc)
-        self.send(p.Error(id=rid, code=err.code, message=err.message, retriable=err.retriable))
+        self.send(
+            p.Error(id=rid, code=err.code, message=err.message, retriable=err.retriable), now=now
+        )
 
     def close_with(self, rid: int, exc: BaseException) -> None:
         self.send_error(rid, exc)
@@ -456,14 +463,12 @@ class BrokerProtocol(asyncio.Protocol):
         def finished(fut: asyncio.Future[Any]) -> None:
             self.inflight -= 1
             exc = fut.exception() if not fut.cancelled() else ShuttingDown("cancelled")
+            # the last reply this connection waits for leaves now (see send)
+            last = not self.inflight
             if exc is not None:
-                self.send_error(rid, exc)
+                self.send_error(rid, exc, now=last)
             else:
-                self.send(reply)
-            if not self.inflight:
-                # the last reply this connection waits for: nothing else could share the
-                # write, so it leaves now rather than one loop turn later
-                self._flush()
+                self.send(reply, now=last)
             self._update_reading()
 
         ack.add_done_callback(finished)
@@ -483,12 +488,11 @@ class BrokerProtocol(asyncio.Protocol):
                 self._unflushed += reserved
             if not t.cancelled():
                 exc = t.exception()
+                last = not self.inflight  # nothing else could share the write (see send)
                 if exc is not None:
-                    self.send_error(rid, exc)
+                    self.send_error(rid, exc, now=last)
                 else:
-                    self.send(t.result())
-                if not self.inflight:
-                    self._flush()  # nothing else could share the write (see _track)
+                    self.send(t.result(), now=last)
             self._update_reading()
 
         task.add_done_callback(finished)

@@ -119,8 +119,11 @@ class DataDirLock:
                 f"data directory {self.path} is in use by pid {holder}; "
                 "stop that node or choose another --data-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        # the pid is only for the message above: a disk with no byte free (where start-up
+        # must still work, docs/STORAGE.md) must not stop the node here
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
 
     async def stop(self) -> None:

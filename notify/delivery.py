@@ -221,11 +221,10 @@ class DeliveryWorker(Stage):
         call to the channel, one audit page per page. What :meth:`_one` does per delivery,
         minus the view and the await. Returns False (nothing done) if the channel refused
         the call: the batch then goes the general way."""
-        keys = [
-            f"\x01{page.event_id}\0{did}".encode()  # dedupe_key, inlined
-            for page in pages
-            for did in page.delivery_ids
-        ]
+        keys: list[bytes] = []
+        for page in pages:  # dedupe_key, its head made once per page
+            head = f"\x01{page.event_id}\0"
+            keys += [(head + did).encode() for did in page.delivery_ids]
         seen = self.dedupe.found_raw(keys)
         if self._legacy:  # rows of the older form, by delivery id alone, seen alike
             old = [did.encode() for page in pages for did in page.delivery_ids]
@@ -263,11 +262,11 @@ class DeliveryWorker(Stage):
                 shed.append((page, fresh))
                 continue
             tenant, users = page.tenant, page.users
-            scope = {"topic": page.topic, "category": page.category}  # a scoped opt-out too
+            topic, category = page.topic, page.category  # a scoped opt-out too
             out = [
                 i
                 for i in (range(len(users)) if fresh is None else fresh)
-                if opt_out(tenant, users[i], name, **scope) is not None
+                if opt_out(tenant, users[i], name, topic=topic, category=category) is not None
             ]
             keep = fresh
             if out:
@@ -275,7 +274,7 @@ class DeliveryWorker(Stage):
                 keep = [i for i in (range(len(users)) if fresh is None else fresh) if i not in gone]
                 for i in out:
                     d = expand(_one_of(page, i))[0]
-                    why = opt_out(tenant, users[i], name, **scope)
+                    why = opt_out(tenant, users[i], name, topic=topic, category=category)
                     self._audit(d, "suppressed", reason="legal_opt_out", detail=why)
                     self._rows[dedupe_key(d.event_id, d.delivery_id)] = DedupeRow(
                         at_ms=now, final=FINAL

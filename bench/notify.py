@@ -252,7 +252,11 @@ async def scenario_fanout(args: argparse.Namespace) -> str:
             f"{len(runs)} runs after one warm-up, (min-max) in brackets. A delivery counts once "
             "it is appended with acks=all (fsynced) to `__deliver.null`, consumed by the null "
             "channel's worker and its batch committed; each also writes two audit records "
-            "(queued, delivered) that the audit indexer folds into LMDB.\n\n"
+            "(queued, delivered) that the audit indexer folds into LMDB; it gives way while "
+            "deliveries are being made (for at most `notify.audit-max-lag-ms`), so the "
+            "index is complete later than the deliveries (third row). The end-to-end time is "
+            "that of the worker's last commit, taken when it is stored; the CPU is the whole "
+            "process's until every audit record is indexed.\n\n"
             + machine_table(data)
             + "\n\n| Measure | Result |\n|---|---|\n"
             f"| fan-out: deliveries appended (acks=all) | {med(fan):,.0f} "

@@ -600,11 +600,12 @@ class AuditIndexer(Stage):
     of a 10,000-user fan-out was over half the loop's time while its deliveries were still
     being made). The wait is bounded: once the index has been behind for ``max_lag_ms``
     (since it last held everything in its topics), it folds without giving way until it
-    has caught up, so under a sustained load it lags by about ``max_lag_ms`` plus the time
-    to fold what came meanwhile, never more and more. :meth:`lag_s` says how far behind it
-    is (``herald_notify_audit_lag_seconds``). Deferring changes only when the index shows a
-    transition, never what it shows: ``__audit`` and the delivery pages hold every
-    transition (appended with acks=all before the batch that made it commits) and the
+    has caught up: under a load the node keeps up with, it lags by about ``max_lag_ms`` plus
+    the time to fold what came meanwhile; past that load it shares the loop with the
+    deliveries as if it never gave way (and lags, as they do). :meth:`lag_s` says how far
+    behind it is (``herald_notify_audit_lag_seconds``). Deferring changes only when the
+    index shows a transition, never what it shows: ``__audit`` and the delivery pages hold
+    every transition (appended with acks=all before the batch that made it commits) and the
     indexer's offsets commit after its folds."""
 
     linger_s = 0.05

@@ -303,13 +303,17 @@ class DeliveryWorker(Stage):
         for page, which in shed:
             self._audit_page(page, which, "shed", "queue_depth", f"{lag} waiting", None, now)
         final = self.dedupe.encode(DedupeRow(at_ms=done_at, final=FINAL))
+        # the rows once the batch's outputs (its delivered, shed and suppressed audit) are
+        # acknowledged, as the general path writes them (:meth:`Stage.after_sent`): written
+        # now, a crash before those outputs are durable would leave the deliveries marked
+        # done and their statuses at queued for good (the redo would skip them)
         if self._rows:  # the suppressed: their rows as the general path writes them
             handled = [k for k in handled if k not in self._rows]
-            self.dedupe.put_many(list(self._rows.items()))
+            self.after_sent(partial(self.dedupe.put_many, list(self._rows.items())))
             self._rows = {}
         if handled:
             handled.sort()
-            self.dedupe.put_raw_many([(k, final) for k in handled])
+            self.after_sent(partial(self.dedupe.put_raw_many, [(k, final) for k in handled]))
         return True
 
     def _audit_page(

@@ -545,7 +545,10 @@ class _Batch:
         ix, txn = self.index, self.txn
         if self.statuses:
             ix.statuses.put_many(list(self.statuses.items()), txn=txn)
+        # rows in key order: a page of one __deliver partition holds users from all over
+        # the key range, and LMDB walks from the last key to a near one cheaper
         if self.notes_raw:  # first: a single record's change to one of them wins
+            self.notes_raw.sort()
             ix.notes.put_raw_many(self.notes_raw, txn=txn)
         if self.notes:
             ix.notes.put_many(list(self.notes.items()), txn=txn)
@@ -554,6 +557,7 @@ class _Batch:
         if self.feed:
             ix.feed_rows.put_many(self.feed, txn=txn)
         if self.feed_raw:
+            self.feed_raw.sort()
             ix.feed_rows.put_raw_many(self.feed_raw, txn=txn)
         if self.unread:
             counts: dict[int, bytes] = {}
@@ -564,6 +568,7 @@ class _Batch:
                 if raw_n is None:
                     raw_n = counts[n] = enc_u(Unread(n))
                 rows.append((k.encode(), raw_n))
+            rows.sort()
             ix.unread.put_raw_many(rows, txn=txn)
 
 

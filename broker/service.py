@@ -440,8 +440,8 @@ class BrokerService:
             timer = loop.call_later(remaining, _wake, woken)
             try:
                 await woken
-            except Exception:  # a partition closing fails its waiters: the next pass says why
-                pass
+            except Exception:  # a partition closing fails its waiters: the next pass looks
+                found.clear()  # every partition up again and says why
             finally:
                 timer.cancel()
                 self._stop_waiters.discard(woken)

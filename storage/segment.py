@@ -60,8 +60,12 @@ _NO_TIMESTAMP: Final = -(2**63)
 # any position, since the last batch ends anywhere in a block.
 _TILE_SIZE: Final = 4096
 _FILL_SPAN: Final = 1 << 20
-# a fill is written only while the file system has at least this many times its size free
+# a fill is written only while the file system has at least this many times its reach
+# (``preallocate_bytes``) free
 _FILL_FREE_FACTOR: Final = 64
+# the most fill one write adds (storage.flush.Pipeline._growth): the reach is built up and
+# kept in steps this small, so that no round's fdatasync carries a large write
+FILL_STEP: Final = 64 * 1024
 
 
 @functools.cache
@@ -548,20 +552,21 @@ class Segment:
         """fdatasync the log file. Blocks: call it from a worker thread."""
         os.fdatasync(self._fd)
 
-    def preallocate(self, start: int, end: int) -> None:
+    def preallocate(self, start: int, end: int, reach: int = 0) -> None:
         """Write the fill (:func:`fill_bytes`) over ``[start, end)``, past every batch
         accounted so far, so that the appends to come overwrite bytes the file already has
         instead of growing it. Durable with the next ``fdatasync`` of the file, like any
         write. Only the write stage calls it, after its runs: batches accounted later are
         written by later write jobs, over the fill, never under it. Advice: skipped while
-        the file system has less than :data:`_FILL_FREE_FACTOR` times the fill free (the
+        the file system has less than :data:`_FILL_FREE_FACTOR` times the fill's ``reach``
+        (``preallocate_bytes``; at least ``end - start``) free (the
         last free space is for data: the state store, other partitions), and a failure (a
         full disk) is ignored; the appends then grow the file themselves. Blocking."""
         if self.closed or end <= start:
             return
         try:
             st = os.fstatvfs(self._fd)
-            if st.f_bavail * st.f_frsize < _FILL_FREE_FACTOR * (end - start):
+            if st.f_bavail * st.f_frsize < _FILL_FREE_FACTOR * max(end - start, reach):
                 return  # a nearly full disk: its last bytes are for data, not for a hint
             self.write_at(start, [fill_bytes(start, end - start)])
         except OSError:

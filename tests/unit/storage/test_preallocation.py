@@ -95,6 +95,30 @@ async def test_the_fill_moves_ahead_as_the_batches_reach_it(tmp_path: Path) -> N
         await part.close()
 
 
+async def test_each_round_writes_at_most_one_step_of_fill(tmp_path: Path) -> None:
+    # a round's fill write is part of its fdatasync: a large reach is built up and kept in
+    # steps of at most FILL_STEP, so no single round carries a large write
+    reach = 1024 * 1024
+    part = open_partition(tmp_path / "p", config=PartitionConfig(preallocate_bytes=reach))
+    try:
+        await fill(part, 1, size=1000)
+        active = part.segments[-1]
+        before = file_size(active)
+        assert 0 < before - active.size <= segment.FILL_STEP
+        growth = []
+        for _ in range(150):  # ~150 KB of small appends: the reach is built, then kept
+            await fill(part, 1, size=1000)
+            size = file_size(active)
+            growth.append(size - before)
+            before = size
+        assert max(growth) <= segment.FILL_STEP
+        assert reach - segment.FILL_STEP <= file_size(active) - active.size <= reach
+        assert segment.fill_start(active.log_path.read_bytes()) == active.size  # no hole
+        assert sorted(read_all(part)) == list(range(part.log_end_offset))
+    finally:
+        await part.close()
+
+
 async def test_a_sealed_segment_and_a_closed_one_end_at_their_last_batch(tmp_path: Path) -> None:
     cfg = config(segment_bytes=16 * 1024)
     part = open_partition(tmp_path / "p", config=cfg, clock=Clock())

@@ -598,9 +598,10 @@ class AuditIndexer(Stage):
     marks written at once, not through the indexer). A burst (pages of many users) is folded
     at once.
 
-    A batch is folded in slices of ``SLICE_ROWS`` transitions, one transaction each, with a
-    loop turn between them, so that no request waits behind a whole batch of pages (a
-    batch can hold several fan-outs). It also
+    A batch is folded in slices of whole events (up to ``SLICE_ROWS_SOFT`` transitions of
+    small events, or one event's up to ``SLICE_ROWS``), one transaction each, with a loop
+    turn between them, so that no request waits behind a whole batch (a batch can hold
+    several fan-outs, or a second's worth of small events). It also
     gives way to deliveries: while ``deliveries_waiting()`` says the fan-out or a
     delivery worker has work in hand or records to fetch, a batch in hand waits (the folding
     of a 10,000-user fan-out was over half the loop's time while its deliveries were still
@@ -616,12 +617,16 @@ class AuditIndexer(Stage):
 
     linger_s = 0.05
     TRICKLE: Final = 500
-    # transitions folded per LMDB transaction before the loop gets a turn: ~10-25 ms of work
-    # here early on. Not fewer: the queued pages of one event come one per partition of
-    # __deliver (each a random eighth of its users), so a slice smaller than the event's
+    # transitions folded per LMDB transaction before the loop gets a turn (:func:`fold_slices`).
+    # A slice holds whole events: the queued pages of one event come one per partition of
+    # __deliver (each a random eighth of its users), and a slice smaller than the event's
     # audience writes the same LMDB pages (notes, feed, unread of neighbouring users) once
-    # per slice: at 1,000 a 10,000-user fan-out cost ~40% more CPU per delivery
+    # per slice: at 1,000 a 10,000-user fan-out cost ~40% more CPU per delivery. Small
+    # events end a slice at SLICE_ROWS_SOFT (~5 ms of work): folded 10,000 at a time, the
+    # second of single-user events a node at 1,000 events/s had deferred held its loop for
+    # 30-90 ms once a second, the webhook latency's p99.
     SLICE_ROWS: Final = 10_000
+    SLICE_ROWS_SOFT: Final = 200
     # how often a deferred batch looks again whether the deliveries are done
     defer_poll_s: Final = 0.002
 
@@ -705,19 +710,14 @@ class AuditIndexer(Stage):
         # of thousands of transitions (tens of ms to fold), which nothing else on the loop
         # (requests, the deliveries the index gives way to) should wait behind
         self._last = 0
-        part: list[AuditRecord | AuditPage] = []
-        rows = 0
-        for i, r in enumerate(records):
-            part.append(r)
-            rows += len(r.users) if isinstance(r, AuditPage) else 1
-            if rows >= self.SLICE_ROWS or i == len(records) - 1:
-                self.index.fold_many(part)
-                self._last += rows  # transitions folded: a page counts its rows
-                self.folded += rows
-                part, rows = [], 0
-                if i < len(records) - 1:
-                    await asyncio.sleep(0)
-                    await self._give_way()
+        slices = fold_slices(records, self.SLICE_ROWS_SOFT, self.SLICE_ROWS)
+        for i, (part, rows) in enumerate(slices):
+            self.index.fold_many(part)
+            self._last += rows  # transitions folded: a page counts its rows
+            self.folded += rows
+            if i < len(slices) - 1:
+                await asyncio.sleep(0)
+                await self._give_way()
         if self._behind() == 0:
             self._caught_up()
 
@@ -755,6 +755,36 @@ class AuditIndexer(Stage):
 
     def trickle(self, recs: list[ConsumerRecord]) -> bool:
         return self._last < self.TRICKLE
+
+
+def fold_slices(
+    records: Sequence[AuditRecord | AuditPage], soft_rows: int, max_rows: int
+) -> list[tuple[list[AuditRecord | AuditPage], int]]:
+    """``records`` grouped by event (stably: one event's records keep their order; the index
+    does not depend on the order between events) and cut into slices, each with its count of
+    transitions (a page counts its users): a slice ends at the first event boundary at or past
+    ``soft_rows`` transitions, or anywhere at ``max_rows``. So one event's pages (one per
+    partition of ``__deliver``, apart in a fetch) fold together, and a batch of many small
+    events is folded a few ms at a time."""
+    by_event: dict[tuple[str, str], list[AuditRecord | AuditPage]] = {}
+    for r in records:
+        by_event.setdefault((r.tenant, r.event_id), []).append(r)
+    slices: list[tuple[list[AuditRecord | AuditPage], int]] = []
+    part: list[AuditRecord | AuditPage] = []
+    rows = 0
+    for group in by_event.values():
+        if rows >= soft_rows:
+            slices.append((part, rows))
+            part, rows = [], 0
+        for r in group:
+            part.append(r)
+            rows += len(r.users) if isinstance(r, AuditPage) else 1
+            if rows >= max_rows:
+                slices.append((part, rows))
+                part, rows = [], 0
+    if part:
+        slices.append((part, rows))
+    return slices
 
 
 def queued_page(page: DeliveryPage) -> AuditPage:

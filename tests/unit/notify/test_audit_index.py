@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from notify import ids
-from notify.audit import AuditIndex, queued_page
+from notify.audit import AuditIndex, fold_slices, queued_page
 from notify.model import AuditPage, AuditRecord, DeliveryPage
 from storage.kv import KV
 
@@ -173,3 +173,54 @@ def test_a_delivery_page_is_its_deliveries_queued_transition_in_either_order(
         feed = ix.feed("t", user)
         assert [i["event_id"] for i in feed["items"]] == ["e1"] and feed["unread"] == 1
     kv.close()
+
+
+def fanout_page(event: str, users: int, at: int = 1) -> AuditPage:
+    return page("queued", at, [f"u{i}" for i in range(users)], event=event)
+
+
+def test_fold_slices_keep_events_whole_and_small_events_in_small_slices() -> None:
+    # one fan-out's pages come one per partition, apart in a fetch: they fold in one slice
+    fetched: list[AuditRecord | AuditPage] = [
+        fanout_page("big", 300),
+        rec("delivered", 2, event="a"),
+        fanout_page("big", 300),
+    ]
+    fetched += [fanout_page("big", 300), rec("delivered", 3, event="b")]
+    slices = fold_slices(fetched, soft_rows=200, max_rows=10_000)
+    assert [(len(part), rows) for part, rows in slices] == [(3, 900), (2, 2)]
+    assert [r.event_id for r in slices[0][0]] == ["big"] * 3
+    assert [r.event_id for r in slices[1][0]] == ["a", "b"]
+    # a second of single-user events: slices of soft_rows, each event's records in order
+    many = [rec(s, t, event=f"e{i}") for i in range(500) for s, t in (("queued", 1),)]
+    many += [rec("delivered", 2, event=f"e{i}") for i in range(500)]
+    slices = fold_slices(many, soft_rows=200, max_rows=10_000)
+    assert [rows for _, rows in slices] == [200, 200, 200, 200, 200]
+    for part, _ in slices:
+        statuses: dict[str, list[str]] = {}
+        for r in part:
+            statuses.setdefault(r.event_id, []).append(r.status)
+        assert all(s == ["queued", "delivered"] for s in statuses.values())
+    assert sum(len(p) for p, _ in slices) == len(many)
+    # one event larger than max_rows is cut inside it
+    huge = [fanout_page("h", 4000) for _ in range(5)]
+    assert [rows for _, rows in fold_slices(huge, 200, 10_000)] == [12_000, 8_000]
+
+
+def test_folding_in_slices_gives_the_index_folding_it_whole_gives(tmp_path: Path) -> None:
+    fetched: list[AuditRecord | AuditPage] = []
+    for i in range(300):
+        fetched += [rec("queued", 1, event=f"e{i}", user=f"u{i % 7}")]
+    fetched += [fanout_page("big", 50, at=5), fanout_page("big", 50, at=5)]
+    for i in range(300):
+        fetched += [rec("delivered", 2, event=f"e{i}", user=f"u{i % 7}", attempt=1)]
+    whole = AuditIndex(KV(tmp_path / "whole"))
+    whole.fold_many(fetched)
+    sliced = AuditIndex(KV(tmp_path / "sliced"))
+    for part, _ in fold_slices(fetched, soft_rows=64, max_rows=10_000):
+        sliced.fold_many(part)
+    for i in [*range(0, 300, 37), 299]:
+        assert sliced.status("t", f"e{i}") == whole.status("t", f"e{i}")
+    assert sliced.status("t", "big") == whole.status("t", "big")
+    for u in ("u0", "u3", "u6"):
+        assert sliced.feed("t", u, limit=100) == whole.feed("t", u, limit=100)

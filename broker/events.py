@@ -191,6 +191,10 @@ class EventIntake:
         self._inflight: dict[tuple[str, str], tuple[EventResult, asyncio.Future[None]]] = {}
         # per partition: every event below this offset is indexed (or needs no index)
         self._indexed: dict[int, int] = {}
+        # durable appends whose ids are not written yet: (partition, end, rows)
+        self._to_index: list[tuple[int, int, list[tuple[str, str, SeenEvent]]]] = []
+        # partitions with ids whose write failed: their marks stay put until a restart
+        self._unindexed: set[int] = set()
 
     @property
     def partitions(self) -> int:
@@ -333,6 +337,9 @@ class EventIntake:
             inflight = self._inflight.get((tenant, event_id))
             if inflight is not None:
                 first, ack = inflight
+                if ack.done() and not ack.cancelled() and ack.exception() is None:
+                    # durable, its id not written yet (_index_durable)
+                    return EventResult(event_id, first.partition, first.offset, True), None
                 return EventResult(event_id, first.partition, first.offset, True), ack
         else:
             event_id = self._gen.next()
@@ -426,7 +433,8 @@ class EventIntake:
         end = appended.last_offset + 1
         ack = appended.ack
         if ack is None:  # already durable (cannot happen for a new append; be safe)
-            self._indexed_to(part, end, rows)
+            self._to_index.append((part, end, rows))
+            self._index_durable()
             return None
         for _t, eid, seen in rows:
             self._inflight[(tenant, eid)] = (EventResult(eid, part, seen.offset), ack)
@@ -455,14 +463,43 @@ class EventIntake:
         self, partition: int, end: int, rows: list[tuple[str, str, SeenEvent]]
     ) -> Callable[[asyncio.Future[None]], None]:
         def done(fut: asyncio.Future[None]) -> None:
-            for tenant, eid, _seen in rows:
-                self._inflight.pop((tenant, eid), None)
-            if rows:
-                self._reserve(rows[0][0], -len(rows) * row_estimate(rows[0][0]))
-            if not fut.cancelled() and fut.exception() is None:
-                self._indexed_to(partition, end, rows)
+            if fut.cancelled() or fut.exception() is not None:
+                # not stored: forget the ids, so that a retry of the same id stores it
+                for tenant, eid, _seen in rows:
+                    self._inflight.pop((tenant, eid), None)
+                if rows:
+                    self._reserve(rows[0][0], -len(rows) * row_estimate(rows[0][0]))
+                return
+            # durable: indexed with every other append of this loop turn in one LMDB
+            # transaction (a flush round resolves many appends' acks at once); until
+            # then they stay in flight, so a repeat is still answered as a duplicate
+            if not self._to_index:
+                asyncio.get_running_loop().call_soon(self._index_durable)
+            self._to_index.append((partition, end, rows))
 
         return done
+
+    def _index_durable(self) -> None:
+        """Loop: write the ids of the appends made durable since the last call."""
+        done, self._to_index = self._to_index, []
+        rows = [row for _p, _e, part_rows in done for row in part_rows]
+        if rows:
+            try:
+                self.ids.put_many(rows)
+            except Exception:
+                # the events are stored and acknowledged; only their index entries are
+                # missing. The marks stay behind them: the next start re-indexes them
+                log.exception("event=event_index_failed appends=%d", len(done))
+                # and no mark moves past them before that start, not even by later appends
+                self._unindexed.update(p for p, _e, _r in done)
+            finally:
+                for tenant, eid, _seen in rows:
+                    self._inflight.pop((tenant, eid), None)
+                for tenant, nbytes in _reservations(rows).items():
+                    self._reserve(tenant, -nbytes)
+        for partition, end, _rows in done:
+            if partition not in self._unindexed and end > self._indexed.get(partition, 0):
+                self._indexed[partition] = end
 
     def _reserve(self, tenant: str, nbytes: int) -> None:
         left = self._reserved.get(tenant, 0) + nbytes
@@ -470,18 +507,6 @@ class EventIntake:
             self._reserved[tenant] = left
         else:
             self._reserved.pop(tenant, None)
-
-    def _indexed_to(self, partition: int, end: int, rows: list[tuple[str, str, SeenEvent]]) -> None:
-        if rows:
-            try:
-                self.ids.put_many(rows)
-            except Exception:
-                # the events are stored and acknowledged; only their index entry is missing.
-                # The mark stays behind them, so the next start re-indexes them from the log.
-                log.exception("event=event_index_failed partition=%d end=%d", partition, end)
-                return
-        if end > self._indexed.get(partition, 0):
-            self._indexed[partition] = end
 
     # ---------------------------------------------------------------- index upkeep
     def save_marks(self) -> None:
@@ -547,6 +572,14 @@ class EventIntake:
 
     def sweep(self, now_ms: int) -> int:
         return self.ids.sweep(now_ms)
+
+
+def _reservations(rows: list[tuple[str, str, SeenEvent]]) -> dict[str, int]:
+    """Per tenant, the state-store bytes reserved for ``rows`` while they were in flight."""
+    count: dict[str, int] = {}
+    for tenant, _eid, _seen in rows:
+        count[tenant] = count.get(tenant, 0) + 1
+    return {tenant: n * row_estimate(tenant) for tenant, n in count.items()}
 
 
 def _rfc3339_ms(text: str) -> int | None:

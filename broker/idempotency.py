@@ -48,6 +48,7 @@ class EventIds:
     def __init__(self, kv: KV, window_ms: int, quotas: Quotas | None = None) -> None:
         self.window_ms = window_ms
         self.quotas = quotas
+        self._kv = kv
         self._by_id = kv.table("event_ids", SeenEvent)
         self._by_time = kv.table("event_ids_by_time", _Nothing)
         self._marks = kv.table("event_ids_marks", _Mark)
@@ -94,16 +95,21 @@ class EventIds:
         return None
 
     def put_many(self, rows: list[tuple[str, str, SeenEvent]]) -> None:
-        """Remember ``(tenant, event_id, placement)`` rows, each table in one transaction
-        per tenant (usually one: a publish is one tenant's). Raises
-        :class:`~storage.errors.StorageFull` when the state store is full."""
-        for tenant, mine in _by_tenant(rows):
-            a = self._by_id.put_many([(self._key(t, e), seen) for t, e, seen in mine])
-            self._account(tenant, a.bytes)
-            b = self._by_time.put_many(
-                [(f"{seen.received_ms:016d}\x00{t}\x00{e}", _Nothing()) for t, e, seen in mine]
-            )
-            self._account(tenant, b.bytes)
+        """Remember ``(tenant, event_id, placement)`` rows, of any tenants, in one
+        transaction (both tables: the rows of every publish made durable by one flush
+        round cost one LMDB commit). Raises :class:`~storage.errors.StorageFull` when the
+        state store is full (then none of them is written)."""
+        grew: list[tuple[str, int]] = []
+        with self._kv.transaction() as txn:
+            for tenant, mine in _by_tenant(rows):
+                a = self._by_id.put_many([(self._key(t, e), seen) for t, e, seen in mine], txn=txn)
+                b = self._by_time.put_many(
+                    [(f"{seen.received_ms:016d}\x00{t}\x00{e}", _Nothing()) for t, e, seen in mine],
+                    txn=txn,
+                )
+                grew.append((tenant, a.bytes + b.bytes))
+        for tenant, nbytes in grew:  # accounted once committed
+            self._account(tenant, nbytes)
 
     def sweep(self, now_ms: int, limit: int = 10_000) -> int:
         """Forget up to ``limit`` ids older than the window, oldest first. Returns how many.

@@ -58,6 +58,7 @@ from broker.errors import (
 from broker.events import EventIntake
 from broker.listener import Listener, NodeAdmission
 from broker.service import BrokerService
+from storage.ack import Ack
 
 log = logging.getLogger("herald.tcp")
 
@@ -455,7 +456,9 @@ class BrokerProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ waiting requests
     def _track(self, ack: asyncio.Future[Any], rid: int, reply: Any) -> None:
         """Send ``reply`` once ``ack`` resolves (or the error it fails with). A callback,
-        not a task: a produce costs no task per request."""
+        not a task: a produce costs no task per request. A partition's own acknowledgement
+        (an :class:`~storage.ack.Ack`) calls it directly when it resolves, so the reply
+        leaves in the loop turn of the sync rather than in the next one."""
         self.inflight += 1
         if self.inflight >= self.max_inflight:
             self._update_reading()
@@ -471,7 +474,10 @@ class BrokerProtocol(asyncio.Protocol):
                 self.send(reply, now=last)
             self._update_reading()
 
-        ack.add_done_callback(finished)
+        if isinstance(ack, Ack):
+            ack.when_done(finished)
+        else:
+            ack.add_done_callback(finished)
 
     def _spawn(self, rid: int, coro: Coroutine[Any, Any, Any], reserved: int = 0) -> None:
         task = self.loop.create_task(coro)

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
+from storage.ack import Ack
 from storage.checkpoint import Checkpoint, write_checkpoint
 from storage.errors import IllegalTransition, LogOffline, StorageError
 from storage.io_threads import IoThreads
@@ -762,14 +763,18 @@ class Flusher:
         return loop
 
     # -------------------------------------------------------------------------- waiting
-    def durable_future(self, offset: int) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = self.loop.create_future()
+    def durable_future(self, offset: int) -> Ack:
+        """An :class:`~storage.ack.Ack` resolved once every record below ``offset`` is
+        synced (failed with :class:`~storage.errors.LogOffline` or the write's error). Its
+        direct callback runs in the loop turn that resolves it."""
+        fut = Ack(loop=self.loop)
         self.durable_waiters.append((offset, fut))
         self.kick()
         return fut
 
-    def written_future(self, offset: int) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = self.loop.create_future()
+    def written_future(self, offset: int) -> Ack:
+        """As :meth:`durable_future`, once every record below ``offset`` is written."""
+        fut = Ack(loop=self.loop)
         self.written_waiters.append((offset, fut))
         self.kick()
         return fut

@@ -43,6 +43,7 @@ from pathlib import Path
 import msgspec
 
 from storage import records
+from storage.ack import Ack
 from storage.checkpoint import Checkpoint, new_checkpoint, write_checkpoint
 from storage.errors import (
     CorruptBatch,
@@ -367,16 +368,17 @@ class Partition:
                 await fut
         return result
 
-    def durable_future(self, offset: int) -> asyncio.Future[None] | None:
+    def durable_future(self, offset: int) -> Ack | None:
         """A future resolved once every record below ``offset`` is synced (or failed with
         :class:`LogOffline`), or None if that is already so. For callers that answer from a
-        callback rather than a task (the TCP server's pipelined produce path)."""
+        callback rather than a task (the TCP server's pipelined produce path: an
+        :class:`~storage.ack.Ack`, whose direct callback answers in the sync's own turn)."""
         if self._pipeline.flushed_offset >= offset:
             return None
         self._check_writable()
         return self._flusher.durable_future(offset)
 
-    def written_future(self, offset: int) -> asyncio.Future[None] | None:
+    def written_future(self, offset: int) -> Ack | None:
         """Like :meth:`durable_future` but resolved once the records are written to the file
         (the page cache), before the sync: ``acks=1``."""
         if self._pipeline.written_offset >= offset:

@@ -365,6 +365,38 @@ async def test_a_lone_append_is_written_and_synced_on_the_loop_with_no_hand_off(
         io.close()
 
 
+async def test_a_lone_appends_acknowledgement_is_answered_inside_the_turn_of_its_sync(
+    tmp_path: Path,
+) -> None:
+    io = CountingIo(inline_max_ms=10_000)
+    part = open_partition(tmp_path / "p", io=io, config=NO_TIMED_CHECKPOINT)
+    loop = asyncio.get_running_loop()
+    try:
+        await part.append([batch(values_for(0, 1))])  # the segment exists, the fill is on
+        events: list[str] = []
+        appended = part.append_nowait([batch(values_for(1, 2))])
+        ack = part.durable_future(appended.last_offset + 1)
+        assert ack is not None
+        # the direct callback (the TCP server's reply) sees the record durable and
+        # visible: the high watermark moved first, so a fetch sent after the reply finds it
+        ack.when_done(lambda f: events.append(f"answered, high watermark {part.high_watermark}"))
+        ack.add_done_callback(lambda f: events.append("loop callback"))
+        # the sync runs in the next turn, on the loop (a lone append), queued there by the
+        # append; a callback queued behind it runs in that same turn, after it: the answer
+        # is given by then (a future's done-callback would come a turn later)
+        loop.call_soon(lambda: events.append("rest of the sync's turn"))
+        await asyncio.wait_for(ack, 5)
+        await asyncio.sleep(0)
+        assert events == [
+            "answered, high watermark 3",
+            "rest of the sync's turn",
+            "loop callback",
+        ]
+    finally:
+        await part.close()
+        io.close()
+
+
 async def test_appends_made_together_share_one_fdatasync_on_a_thread(tmp_path: Path) -> None:
     io = CountingIo(inline_max_ms=10_000)
     fsync = ThreadRecordingFsync()

@@ -804,11 +804,14 @@ class Flusher:
         loop turn (once however many appends the turn makes, so they share one job)."""
         if not self._scheduled and not self.closed:
             self._scheduled = True
+            self.threads.starts_due += 1
             self.loop.call_soon(self._pump)
 
     def _pump(self) -> None:
         """Start whatever job may start now; wake :meth:`wait_idle` once nothing runs."""
-        self._scheduled = False
+        if self._scheduled:
+            self._scheduled = False
+            self.threads.starts_due -= 1
         pipeline = self.pipeline
         if pipeline.shut:
             return

@@ -24,7 +24,10 @@ for two wake-ups (the loop wakes a thread, the thread wakes the loop) around an 
 run the job on the loop itself (Redis with ``appendfsync always`` does the same), when
 :meth:`IoThreads.may_run_inline` says so: inline jobs are enabled (``inline_max_ms`` > 0),
 no job is queued or running on a thread, none ran inline earlier in this loop turn (two
-partitions' lone appends in one turn still sync in parallel), and no inline job lately took
+partitions' lone appends in one turn still sync in parallel: after an inline job, the
+partitions whose job start is already queued on the loop, :attr:`IoThreads.starts_due`,
+send theirs to the threads until the loop's next turn; when there are none, as for a
+lone client, nothing needs marking and no callback is scheduled), and no inline job lately took
 longer than ``inline_max_ms``. After one that did (a slow disk: the loop stalled for it
 once), jobs go to the threads for a cool-down, then inline is tried again: one second
 (:data:`INLINE_COOLDOWN_S`), doubled up to :data:`INLINE_COOLDOWN_MAX_S` each time an inline
@@ -106,6 +109,9 @@ class IoThreads:
         self.name = name
         self.inline_max_s = inline_max_ms / 1000
         self._inline_this_turn = False
+        # callers (partitions' flushers) whose job start is queued on the loop: kept by them
+        # (Flusher.kick / _pump); an inline job only has to hold back those
+        self.starts_due = 0
         self._clock = clock
         self._inline_off_until = 0.0  # clock(): the end of the last cool-down
         self.inline_cooldown_s = 0.0  # the last cool-down's length
@@ -153,9 +159,11 @@ class IoThreads:
     def ran_inline(self, seconds: float) -> None:
         """A job ran on the loop and took ``seconds``: none runs inline again in this loop
         turn, and none for a cool-down if it was slower than allowed (see
-        :data:`INLINE_COOLDOWN_S`: one second, doubled while slow ones keep coming)."""
+        :data:`INLINE_COOLDOWN_S`: one second, doubled while slow ones keep coming). Only
+        the job starts already queued (:attr:`starts_due`) can come in this turn: with none,
+        the turn is not marked (a lone client's round schedules no callback for it)."""
         self.inline_jobs += 1
-        if not self._inline_this_turn:
+        if not self._inline_this_turn and self.starts_due > 0:
             self._inline_this_turn = True
             loop = self._loop
             if loop is None:

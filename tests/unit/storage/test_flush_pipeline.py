@@ -491,6 +491,44 @@ async def test_lone_appends_to_two_partitions_in_one_turn_do_not_wait_for_each_o
         io.close()
 
 
+async def test_a_lone_inline_round_queues_no_turn_marker_but_two_partitions_in_a_turn_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    io = IoThreads(2, inline_max_ms=10_000)
+    fsync = ThreadRecordingFsync()
+    a = open_partition(tmp_path / "a", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    b = open_partition(tmp_path / "b", io=io, fsync=fsync, config=NO_TIMED_CHECKPOINT)
+    loop = asyncio.get_running_loop()
+    queued: list[str] = []
+    call_soon = loop.call_soon
+
+    def recording_call_soon(callback: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        queued.append(getattr(callback, "__qualname__", repr(callback)))
+        return call_soon(callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_soon", recording_call_soon)
+    try:
+        # a lone client: each round is inline, and nothing else can start in its turn, so
+        # no callback is queued to end "the turn of an inline job" (one loop pass less)
+        for i in range(3):
+            await a.append([batch(values_for(i, 1))])
+        assert io.inline_jobs == 3
+        assert "IoThreads._next_turn" not in queued
+        # two partitions' lone appends in one turn: the second is held back from the loop
+        # until the next turn, so it syncs on a thread meanwhile
+        ra = a.append_nowait([batch(values_for(3, 1))])
+        rb = b.append_nowait([batch(values_for(0, 1))])
+        await asyncio.gather(a.wait_durable(ra.last_offset + 1), b.wait_durable(rb.last_offset + 1))
+        assert queued.count("IoThreads._next_turn") == 1
+        assert io.inline_jobs == 4
+        assert io.starts_due == 0
+    finally:
+        monkeypatch.undo()
+        await a.close()
+        await b.close()
+        io.close()
+
+
 async def test_inline_jobs_are_off_unless_asked_for(tmp_path: Path) -> None:
     fsync = ThreadRecordingFsync()
     part = open_partition(tmp_path / "p", fsync=fsync, config=NO_TIMED_CHECKPOINT)

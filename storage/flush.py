@@ -399,11 +399,13 @@ class Pipeline:
         return size <= max_bytes
 
     def sync_wanted(self) -> bool:
+        # asked two or three times per lone append: no generator unless a segment is sealing
+        sealing = self.sealing
         return (
             self.written_offset > self.flushed_offset
             or bool(self.unsynced)
             or self.dir_dirty
-            or any(s.next_offset <= self.written_offset for s in self.sealing)
+            or (bool(sealing) and any(s.next_offset <= self.written_offset for s in sealing))
         )
 
     # ----------------------------------------------------------------------- decisions
@@ -494,13 +496,13 @@ class Pipeline:
         for seg in written_now:
             if seg not in segments:
                 segments.append(seg)
-        seal = [s for s in self.sealing if s.next_offset <= target[0]]
+        seal = [s for s in self.sealing if s.next_offset <= target[0]] if self.sealing else []
         if seal:
             self.sealing = [s for s in self.sealing if s not in seal]
             segments.extend(s for s in seal if s not in segments)
         dir_dirty, self.dir_dirty = self.dir_dirty, False
         drop = self._cache_drops(target[1], target[2])
-        self.syncing = [*segments, *(seg for seg, _pos in drop)]
+        self.syncing = [*segments, *(seg for seg, _pos in drop)] if drop else segments[:]
         return SyncPlan(segments, seal, dir_dirty, drop)
 
     def _growth(self, runs: list[WriteRun]) -> tuple[Segment, int, int, int] | None:

@@ -44,8 +44,13 @@ fmt: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two passes: the suite on TEST_WORKERS processes (pytest-xdist), then the tests marked
+# `serial` (they bound CPU time or latency, which other tests running beside them would skew)
+# alone. Exit status 5 is "no test selected" (PYTEST_ARGS may pick tests of one pass only).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m 'not slow and not serial' $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/pytest -q -m 'serial and not slow' $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'

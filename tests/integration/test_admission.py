@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from broker import protocol as p
 from broker.client import Client
 from storage import records
@@ -39,6 +41,9 @@ from .abuse import (
 from .herald_process import HeraldProcess
 from .raw_http import RawHttp, request
 from .raw_wire import RawConnection
+
+# bounds on the node's CPU time or latency: run alone, after the parallel pass (make test)
+pytestmark = pytest.mark.serial
 
 NodeFactory = Callable[..., HeraldProcess]
 MiB = 1024 * 1024

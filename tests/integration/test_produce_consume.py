@@ -7,6 +7,8 @@ import asyncio
 import time
 from collections import defaultdict
 
+import pytest
+
 from broker import protocol as p
 from broker.client import Client, RecordMetadata
 from broker.topics import partition_for_key
@@ -91,6 +93,7 @@ async def _produce_one(client: Client, topic: str, value: bytes) -> p.Produced:
     return resp
 
 
+@pytest.mark.serial  # bounds elapsed time: run alone (make test)
 async def test_long_poll_at_high_watermark_returns_empty_after_max_wait(
     herald: HeraldProcess,
 ) -> None:
@@ -109,6 +112,7 @@ async def test_long_poll_at_high_watermark_returns_empty_after_max_wait(
         assert 0.4 <= elapsed < 0.5 + 2.5, elapsed
 
 
+@pytest.mark.serial  # bounds elapsed time: run alone (make test)
 async def test_long_poll_returns_early_when_a_record_arrives(herald: HeraldProcess) -> None:
     async with (
         await Client.connect(herald.host, herald.tcp_port) as consumer,

@@ -8,12 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from broker import protocol as p
 from broker.client import Client
 from storage import records
 
 from .conftest import NodeFactory
 from .tenants import ACME, BETA, Bystander, config, connect, http_json, metrics
+
+# bounds on the node's CPU time or latency: run alone, after the parallel pass (make test)
+pytestmark = pytest.mark.serial
 
 RATE = 400_000  # bytes per second
 CHUNK = 50_000

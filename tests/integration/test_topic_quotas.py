@@ -103,6 +103,7 @@ async def test_topics_and_partitions_are_bounded_per_tenant_and_per_node(
         await acme.create_topic("t4", 4)
 
 
+@pytest.mark.serial  # bounds elapsed time: run alone (make test)
 async def test_a_large_create_does_not_stall_the_loop(herald_factory: NodeFactory) -> None:
     node = herald_factory(config=config("[quotas]\nnode-partitions = 10000\n"))
     async with await connect(node, OPERATOR) as op, Bystander(node) as beta:

@@ -12,12 +12,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from herald_process import HeraldProcess
 
 from broker import protocol as p
 from broker.client import BrokerError, Client
 from storage import records
+
+# bounds on the node's CPU time or latency: run alone, after the parallel pass (make test)
+pytestmark = pytest.mark.serial
 
 TOPIC = "ledger"
 IDLE_TOPIC = "quiet"

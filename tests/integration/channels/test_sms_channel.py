@@ -176,6 +176,7 @@ async def test_no_phone_number_is_permanent_without_a_request(twilio: FakeTwilio
 
 
 # ------------------------------------------------------------------------- rate limit
+@pytest.mark.serial  # bounds elapsed time: run alone (make test)
 async def test_each_sender_is_held_to_its_rate(twilio: FakeTwilio) -> None:
     ch = channel(provider(twilio, rate_per_s=10.0, burst=1))
     started = time.monotonic()
@@ -193,6 +194,7 @@ async def test_each_sender_is_held_to_its_rate(twilio: FakeTwilio) -> None:
     assert not early, (early, arrivals)
 
 
+@pytest.mark.serial  # bounds elapsed time: run alone (make test)
 async def test_a_send_that_would_wait_too_long_for_its_sender_is_a_retry(
     twilio: FakeTwilio,
 ) -> None:

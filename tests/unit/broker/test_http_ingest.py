@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import httptools
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -270,6 +271,7 @@ def test_garbage_is_answered_400_after_the_good_requests_and_closed() -> None:
 
 
 # ------------------------------------------------------------------------ the gate
+@pytest.mark.serial  # bounds elapsed time: run alone (make test)
 def test_a_header_that_never_ends_is_cut_at_the_head_limit_in_linear_time() -> None:
     server = FakeServer()
     try:

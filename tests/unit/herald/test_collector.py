@@ -10,6 +10,9 @@ import pytest
 
 from herald.collector import PauseLog, freeze_startup
 
+# bounds on the node's CPU time or latency: run alone, after the parallel pass (make test)
+pytestmark = pytest.mark.serial
+
 
 class Node:
     """A start-up object in a reference cycle (as most classes and modules are)."""

@@ -12,6 +12,9 @@ import pytest
 
 from herald.stalls import StallLog
 
+# bounds on the node's CPU time or latency: run alone, after the parallel pass (make test)
+pytestmark = pytest.mark.serial
+
 
 def stall_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[float, float]]:
     out = []

@@ -1,6 +1,7 @@
 """The link between a node and one of its gateway worker processes (``gateway.workers``):
 one Unix socket pair per worker, made by the node when it starts the worker, carrying
-length-prefixed msgpack messages both ways. Sans I/O but for :func:`read`.
+length-prefixed msgpack messages both ways. Sans I/O but for :func:`read`
+(:class:`Splitter` cuts a stream into messages without it).
 
 Node -> worker: :class:`Hello` (once, first), then the numbered stream (:class:`Push`,
 :class:`Broadcast`), unnumbered frames for devices (:class:`Write`, :class:`Tell`) and
@@ -141,6 +142,35 @@ def decode_to_worker(body: bytes) -> ToWorker:
 
 def decode_to_node(body: bytes) -> ToNode:
     return _to_node.decode(body)
+
+
+class Splitter:
+    """Cuts a stream of bytes into the bodies of the messages it carries (sans I/O): a worker
+    reads what the link has, then handles every whole message in it at once (one write per
+    connection for all of them: ``SessionTable.hold``)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The bodies of the messages ``data`` completes, in order (the rest is kept).
+        Raises :class:`LinkError` for a length past :data:`MAX_MESSAGE_BYTES`."""
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        pos = 0
+        size = _LEN.size
+        while len(buf) - pos >= size:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > MAX_MESSAGE_BYTES:
+                raise LinkError(f"link message of {n} bytes")
+            if len(buf) - pos - size < n:
+                break
+            out.append(bytes(buf[pos + size : pos + size + n]))
+            pos += size + n
+        if pos:
+            del buf[:pos]
+        return out
 
 
 async def read(reader: asyncio.StreamReader) -> bytes | None:

@@ -41,6 +41,7 @@ from gateway.sessions import Session
 log = logging.getLogger("herald.gateway")
 
 PAGE = 200  # backfill messages written before waiting for the client to read them
+LINK_READ_BYTES = 256 * 1024  # one read of the link: many messages, handled at once
 
 
 class WorkerEdge(Edge):
@@ -168,12 +169,27 @@ async def run(fd: int, on_config: Callable[[Config], None] | None = None) -> Non
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def follow() -> None:
+        # every whole message of a read at once, each connection's frames held and written
+        # in one send (a Push and the counts behind it are two frames to the same device)
+        splitter = link.Splitter()
+        sessions = edge.sessions
         while True:
-            body = await link.read(reader)
-            if body is None:
+            try:
+                data = await reader.read(LINK_READ_BYTES)
+            except ConnectionError:
+                data = b""
+            if not data:
                 log.warning("event=gateway_worker_orphaned worker=%d", hello.index)
                 return
-            edge.dispatch(link.decode_to_worker(body))
+            bodies = splitter.feed(data)
+            if not bodies:
+                continue
+            sessions.hold()
+            try:
+                for body in bodies:
+                    edge.dispatch(link.decode_to_worker(body))
+            finally:
+                sessions.release()
 
     following = loop.create_task(follow(), name="gateway-worker-link")
     stopping = loop.create_task(stop.wait())

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,11 +28,41 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 
 
+def _port_slice() -> range:
+    """The ports this test process hands out: below the kernel's ephemeral range (32768 up,
+    where outgoing connections and port-0 binds come from) and a slice of its own per
+    pytest-xdist worker. A port is chosen, then bound by a node moments later: chosen by the
+    kernel, the same free port could go to two test processes in that gap (seen: one node's
+    health check answered by the other's TCP listener)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    index = int(worker) if worker.isdigit() else 0
+    size = (_PORTS_TO - _PORTS_FROM) // count
+    return range(_PORTS_FROM + index * size, _PORTS_FROM + (index + 1) * size)
+
+
+_PORTS_FROM, _PORTS_TO = 15000, 32000
+_SLICE = _port_slice()
+# one turn per process: this module is imported under up to three names (integration.,
+# tests.integration., and herald_process from tests/system), each its own copy
+_turn = sys.modules.setdefault("_herald_test_ports", types.ModuleType("_herald_test_ports"))
+if not hasattr(_turn, "next"):
+    _turn.next = random.randrange(len(_SLICE))  # a rerun does not start on the last ports
+
+
 def free_port() -> int:
-    """A port nothing listens on right now (bind to port 0 and let the kernel choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on right now, from this test process's own slice, in turn (a
+    port handed out is not handed out again before the whole slice has been)."""
+    for _ in range(len(_SLICE)):
+        port = _SLICE[_turn.next % len(_SLICE)]
+        _turn.next += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_SLICE}")
 
 
 def herald_command() -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from herald import cli_format as fmt
 from herald.cli import build_parser
+from tests.integration.herald_process import free_port
 
 HERALD = [sys.executable, "-m", "herald.cli"]
 _READY = re.compile(rb"event=ready .*tcp_port=(\d+)")
@@ -61,9 +61,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # the test process's own ports (tests/integration/herald_process.py)
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:

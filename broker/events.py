@@ -470,12 +470,19 @@ class EventIntake:
                 if rows:
                     self._reserve(rows[0][0], -len(rows) * row_estimate(rows[0][0]))
                 return
+            to_index = self._to_index
+            if not rows and not to_index:
+                # no producer-chosen id and none waiting to be written: only the mark moves
+                # (queued behind waiting ids, it must not pass them: _index_durable moves it)
+                if partition not in self._unindexed and end > self._indexed.get(partition, 0):
+                    self._indexed[partition] = end
+                return
             # durable: indexed with every other append of this loop turn in one LMDB
             # transaction (a flush round resolves many appends' acks at once); until
             # then they stay in flight, so a repeat is still answered as a duplicate
-            if not self._to_index:
+            if not to_index:
                 asyncio.get_running_loop().call_soon(self._index_durable)
-            self._to_index.append((partition, end, rows))
+            to_index.append((partition, end, rows))
 
         return done
 

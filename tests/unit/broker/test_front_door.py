@@ -336,6 +336,25 @@ async def test_a_failed_index_write_holds_the_partition_marks_until_a_restart(
         await close_door(door)
 
 
+async def test_a_keyless_append_does_not_move_the_mark_past_ids_not_yet_written(
+    door: Door, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(rows: list[Any]) -> None:
+        raise StorageFull("the state store is full")
+
+    monkeypatch.setattr(door.intake.ids, "put_many", full)
+    keyed = door.intake.publish(
+        OPEN_PRINCIPAL, [event(event_id="0c0c0c0c-0000-4000-8000-000000000001")], batch=False
+    )
+    keyless = door.intake.publish(OPEN_PRINCIPAL, [event()], batch=False)  # same topic
+    part = keyed.results[0].partition
+    assert keyless.results[0].partition == part
+    await asyncio.gather(*(a.ack for a in (keyed, keyless) if a.ack is not None))
+    await asyncio.sleep(0)
+    door.intake.save_marks()
+    assert door.intake.ids.marks().get(part, 0) <= keyed.results[0].offset
+
+
 # ---------------------------------------------------------------------- local client
 async def test_engines_produce_and_consume_in_process_with_a_group(door: Door) -> None:
     door.service.topics.ensure_internal("__deliver.email", 3)  # as an engine's start does

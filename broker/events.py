@@ -432,14 +432,14 @@ class EventIntake:
                 rows.append((tenant, e.event_id, SeenEvent(part, result.offset, now)))
         end = appended.last_offset + 1
         ack = appended.ack
+        if rows:  # released by _index_durable, or by a failed append's done-callback
+            self._reserve(tenant, len(rows) * row_estimate(tenant))
         if ack is None:  # already durable (cannot happen for a new append; be safe)
             self._to_index.append((part, end, rows))
             self._index_durable()
             return None
         for _t, eid, seen in rows:
             self._inflight[(tenant, eid)] = (EventResult(eid, part, seen.offset), ack)
-        if rows:
-            self._reserve(tenant, len(rows) * row_estimate(tenant))
         ack.add_done_callback(self._on_durable(part, end, rows))
         return ack
 

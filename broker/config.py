@@ -48,6 +48,7 @@ class StorageConfig(_Section):
     min_free_bytes: int = 64 * 1024 * 1024
     io_threads: int = 8
     inline_sync_max_ms: float = 5.0
+    sync_engine: str = "aio"
 
 
 class TopicDefaults(_Section):
@@ -381,6 +382,8 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("storage.io-threads must be >= 1")
     if cfg.storage.inline_sync_max_ms < 0:
         raise ConfigError("storage.inline-sync-max-ms must be >= 0 (0: never inline)")
+    if cfg.storage.sync_engine not in ("aio", "threads"):
+        raise ConfigError('storage.sync-engine must be "aio" or "threads"')
     if cfg.limits.max_batch_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max-batch-bytes must not exceed limits.max-frame-bytes")
     from channels.registry import BUILT_IN, WIRED_BY_NODE  # here: it imports the channels

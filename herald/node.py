@@ -159,8 +159,15 @@ class LogComponent:
 
     name = "log"
 
-    def __init__(self, data_dir: Path, io_threads: int, inline_sync_max_ms: float) -> None:
-        self.log = Log(data_dir, io_threads=io_threads, inline_sync_max_ms=inline_sync_max_ms)
+    def __init__(
+        self, data_dir: Path, io_threads: int, inline_sync_max_ms: float, sync_engine: str
+    ) -> None:
+        self.log = Log(
+            data_dir,
+            io_threads=io_threads,
+            inline_sync_max_ms=inline_sync_max_ms,
+            sync_engine=sync_engine,
+        )
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -420,7 +427,12 @@ class Node:
             state = StateStore(data_dir / "state", cfg.storage.kv_map_size)
             await start(state)
             assert state.kv is not None
-            the_log = LogComponent(data_dir, cfg.storage.io_threads, cfg.storage.inline_sync_max_ms)
+            the_log = LogComponent(
+                data_dir,
+                cfg.storage.io_threads,
+                cfg.storage.inline_sync_max_ms,
+                cfg.storage.sync_engine,
+            )
             await start(the_log)
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -689,6 +691,17 @@ def sync_files(
             log.warning("event=checkpoint_failed partition=%s error=%r", name, exc)
 
 
+def _at_most(runs: list[WriteRun], limit: int) -> bool:
+    """Whether ``runs`` hold at most ``limit`` bytes (stops counting past it)."""
+    size = 0
+    for run in runs:
+        for buf in run.iov:
+            size += len(buf)
+            if size > limit:
+                return False
+    return True
+
+
 Waiters = list[tuple[int, asyncio.Future[None]]]
 
 
@@ -756,6 +769,10 @@ class Flusher:
         self.checkpoints = 0  # checkpoint jobs completed (written or failed and logged)
         self.syncs = 0  # sync rounds completed (counters for metrics)
         self.inline_syncs = 0  # of which run on the loop (:meth:`_run_inline`)
+        self.aio_syncs = 0  # of which the kernel ran as AIO (:meth:`_run_aio`)
+        # plain fdatasyncs as kernel AIO: only with the real fdatasync (tests that inject
+        # an fsync to count or fail it get the threads, which call theirs)
+        self._aio_allowed = fsync is os.fdatasync
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -835,7 +852,8 @@ class Flusher:
             self._run_inline(jobs[0])
             return  # its outcome ran _pump again
         for job in jobs:
-            threads.submit(self._run_job, job)
+            if not self._run_aio(job):
+                threads.submit(self._run_job, job)
         if pipeline.idle and not self._checkpointing and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
@@ -958,6 +976,89 @@ class Flusher:
             error = exc
         self.threads.ran_inline(time.perf_counter() - started)
         self.inline_syncs += 1
+        self._sync_done(job, error)
+
+    # ----------------------------------------------------------------------- kernel AIO
+    def _run_aio(self, job: Job) -> bool:
+        """Loop: run ``job`` without a thread if it is a plain one (True), else leave it to
+        the threads (False). Plain: a sync, or a write-then-sync (which starts only while
+        nothing syncs) whose writes are small (at most :data:`INLINE_MAX_BYTES`, written
+        here: a copy into the page cache, microseconds), and whose sync is only fdatasyncs
+        (no seal, no directory, no cache drop), which the kernel runs as AIO
+        (:mod:`storage.aio`) while the loop goes on. The outcomes arrive as a thread's
+        would, through :meth:`_write_done` (a failed write) and :meth:`_sync_done` (the
+        write's ``written`` outcome with the sync's), in a later callback."""
+        if not self._aio_allowed or job.kind is Event.WRITE:
+            # a write-only job runs while this partition's sync does: the loop never writes
+            # to a file a sync is in flight on (section 7 of docs/STORAGE.md), a thread does
+            return False
+        plan = job.plan
+        if plan is not None and (plan.seal or plan.dir_dirty or plan.drop):
+            return False
+        if job.runs and not _at_most(job.runs, INLINE_MAX_BYTES):
+            return False
+        aio = self.threads.aio()
+        if aio is None:
+            return False
+        loop = self.loop
+        if job.kind is not Event.SYNC:
+            failed: tuple[int, OSError] | BaseException | None
+            try:
+                failed = write_runs(job.runs, job.grow)
+            except Exception as exc:  # a bug, as on a thread
+                failed = exc
+            if failed is not None:
+                loop.call_soon(self._write_done, job, failed)
+                return True
+            job.write_finished = True
+        assert plan is not None
+        segments = [seg for seg in plan.segments if not seg.closed]
+        if not segments:
+            loop.call_soon(self._sync_done, job, None)
+            return True
+        started = time.perf_counter()
+        pending = [len(segments)]
+        errors: list[int] = []
+
+        def done(err: int) -> None:
+            if err:
+                errors.append(err)
+            pending[0] -= 1
+            if pending[0] == 0:
+                self._aio_synced(job, errors, started)
+
+        for seg in segments:
+            try:
+                aio.fdatasync(seg.fd, done)
+            except OSError:  # refused (e.g. the kernel's AIO limit): this one on a thread
+                self.threads.submit(self._fsync_one, (seg, done))
+        return True
+
+    def _fsync_one(self, arg: tuple[Segment, Callable[[int], None]]) -> None:
+        """I/O thread: one fdatasync the kernel's AIO refused; reported like an AIO one."""
+        seg, done = arg
+        err = 0
+        try:
+            self._fsync(seg.fd)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        self.threads.report(done, err)
+
+    def _aio_synced(self, job: Job, errors: list[int], started: float) -> None:
+        """Loop: every fdatasync of ``job`` completed: its outcome, as :meth:`_run_job`'s."""
+        ms = (time.perf_counter() - started) * 1000
+        if ms >= SLOW_SYNC_MS:
+            log.warning(
+                "event=sync_slow partition=%s ms=%.1f inline=0 aio=1 files=%d",
+                self.name,
+                ms,
+                len(job.plan.segments) if job.plan is not None else 0,
+            )
+        error: OSError | None = None
+        if errors:
+            error = OSError(errors[0], f"fdatasync failed: {os.strerror(errors[0])}")
+        else:
+            self.aio_syncs += 1
         self._sync_done(job, error)
 
     # ---------------------------------------------------------------------- I/O threads

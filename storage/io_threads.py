@@ -43,7 +43,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
+
+from storage.aio import AioSync
 
 log = logging.getLogger("herald.storage")
 
@@ -60,6 +62,8 @@ _Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None
 # busy: under another tenant's writes an inline sync over 5 ms came ~80 ms after each 1 s
 # cool-down ended, a loop stall a second and inline jobs 8% of the time); back to one
 # second when the slow one comes later than that.
+# how plain fdatasyncs run: on the kernel's AIO (storage/aio.py), or on these threads
+SYNC_ENGINES: Final = ("aio", "threads")
 INLINE_COOLDOWN_S = 1.0
 INLINE_COOLDOWN_MAX_S = 32.0
 
@@ -99,15 +103,23 @@ class IoThreads:
         name: str = "herald-io",
         *,
         inline_max_ms: float = 0,
+        sync_engine: str = "threads",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_threads < 1:
             raise ValueError("max_threads must be at least 1")
+        if sync_engine not in SYNC_ENGINES:
+            raise ValueError(f"sync_engine must be one of {', '.join(SYNC_ENGINES)}")
         if inline_max_ms < 0:
             raise ValueError("inline_max_ms must not be negative")
         self.max_threads = max_threads
         self.name = name
         self.inline_max_s = inline_max_ms / 1000
+        # "aio": an fdatasync of the plain kind runs as kernel AIO with its completion read
+        # on the loop (storage/aio.py), not on a thread; opened on first use, on the loop
+        self.sync_engine = sync_engine
+        self._aio: AioSync | None = None
+        self._aio_tried = False
         self._inline_this_turn = False
         # callers (partitions' flushers) whose job start is queued on the loop: kept by them
         # (Flusher.kick / _pump); an inline job only has to hold back those
@@ -147,6 +159,18 @@ class IoThreads:
             workers.append(worker)
             worker.start()
 
+    def aio(self) -> AioSync | None:
+        """The kernel AIO context that runs plain fdatasyncs (loop only), or None: the
+        engine is "threads", or the kernel refused it (logged once; threads then)."""
+        if self._aio_tried:
+            return self._aio
+        self._aio_tried = True
+        if self.sync_engine == "aio" and not self.closed:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._aio = AioSync.open(self._loop)
+        return self._aio
+
     def may_run_inline(self) -> bool:
         """Whether a job may run on the loop now instead of on a thread (loop only; see
         the module docstring). A caller that does so calls :meth:`ran_inline` after it."""
@@ -154,6 +178,8 @@ class IoThreads:
             return False
         if self._submitted != sum(w.finished for w in self._workers):
             return False  # a job is queued or running: the disk is busy, do not wait on it
+        if self._aio is not None and self._aio.in_flight:
+            return False  # so is a sync the kernel runs for us
         return not self._inline_off_until or self._clock() >= self._inline_off_until
 
     def ran_inline(self, seconds: float) -> None:
@@ -223,6 +249,8 @@ class IoThreads:
         if self.closed:
             return
         self.closed = True
+        if self._aio is not None:
+            self._aio.close()
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:

@@ -70,12 +70,23 @@ class Log:
     """All partitions of one node. Topic names are validated by the broker, not here."""
 
     def __init__(
-        self, data_dir: Path, *, io_threads: int = 8, inline_sync_max_ms: float = 0
+        self,
+        data_dir: Path,
+        *,
+        io_threads: int = 8,
+        inline_sync_max_ms: float = 0,
+        sync_engine: str = "aio",
     ) -> None:
         self.root = data_dir / "log"
         # the threads every partition's write and sync jobs run on (storage/io_threads.py)
         # (and, with inline_sync_max_ms > 0, a lone append's on the loop when they are idle)
-        self.io = IoThreads(io_threads, name="herald-io", inline_max_ms=inline_sync_max_ms)
+        # (and, with sync_engine "aio", plain fdatasyncs go to the kernel's AIO instead)
+        self.io = IoThreads(
+            io_threads,
+            name="herald-io",
+            inline_max_ms=inline_sync_max_ms,
+            sync_engine=sync_engine,
+        )
         self.root.mkdir(parents=True, exist_ok=True)
         # a new directory's name is durable only once its parent is fsynced: without this a
         # power cut soon after a fresh node's first start could take the whole log with it

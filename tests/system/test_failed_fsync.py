@@ -24,6 +24,7 @@ import pytest
 
 from storage import records, recovery
 from storage.errors import LogOffline, OffsetOutOfRange
+from storage.io_threads import IoThreads
 from storage.partition import Partition, PartitionConfig
 
 BLOCK = 4096
@@ -167,3 +168,44 @@ async def test_records_whose_fsync_failed_are_not_served_after_a_restart(
         assert (await again.append([_batch(end, 1, 10)])).base_offset == end
     finally:
         await again.close()
+
+
+async def test_a_failed_fdatasync_run_as_kernel_aio_takes_the_partition_offline(
+    disk: FlakyDisk,
+) -> None:
+    """The same failure through the AIO engine (storage/aio.py): small rounds, no fill ahead
+    of them (``preallocate_bytes`` 0), so each new block's writeback fails once the backing
+    store is full, and the error comes back as the AIO completion's errno."""
+    directory = disk.mount / "p"
+    config = PartitionConfig(checkpoint_interval_ms=10**9, preallocate_bytes=0)
+    io = IoThreads(2, sync_engine="aio")
+    part, _report = Partition.open(directory, config, clock=lambda: 0, io=io)
+    try:
+        acked = await part.append([_batch(0, 10, 100)])
+        if io.aio() is None:
+            pytest.skip("this kernel offers no native AIO")
+        synced_by_aio = part._flusher.aio_syncs
+        assert synced_by_aio + part.inline_syncs == part.syncs == 1
+        end = acked.last_offset + 1
+        disk.fill()
+        offline = None
+        for i in range(64):  # 16 KiB rounds, each past the file's last block
+            try:
+                await asyncio.wait_for(part.append([_batch(end + i * 4, 4, 4000)]), 10)
+            except LogOffline as exc:
+                offline = exc
+                break
+        assert offline is not None, "no fdatasync failed: the filler did not take the space"
+        assert part.offline
+        # the error is the AIO completion's (Flusher._aio_synced), and every round that
+        # succeeded before it ran as AIO too
+        assert "fdatasync failed" in str(offline)
+        assert part._flusher.aio_syncs == part.syncs
+        # nothing whose sync failed was acknowledged: the high watermark is the last good one
+        assert part.high_watermark == end + i * 4
+        with pytest.raises(LogOffline):
+            await part.append([_batch(0, 1, 10)])
+    finally:
+        await part.close()
+        io.close()
+        disk.free()

@@ -1,0 +1,144 @@
+"""fdatasync as kernel AIO (storage/aio.py), and the partition's syncs running on it."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from storage.aio import AioSync
+from storage.io_threads import IoThreads
+from storage.partition import Acks, Partition, PartitionConfig
+from tests.unit.storage.test_partition import batch, open_partition, read_all, values_for
+
+
+@pytest.fixture
+async def aio() -> AsyncIterator[AioSync]:
+    ctx = AioSync.open(asyncio.get_running_loop())
+    if ctx is None:
+        pytest.skip("this kernel offers no native AIO")
+    yield ctx
+    ctx.close()
+
+
+async def _sync(ctx: AioSync, fd: int) -> int:
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    ctx.fdatasync(fd, done.set_result)
+    return await asyncio.wait_for(done, 10)
+
+
+async def test_an_fdatasync_completes_on_the_loop_with_no_error(
+    aio: AioSync, tmp_path: Path
+) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)
+        assert await _sync(aio, fd) == 0
+        assert aio.in_flight == 0
+    finally:
+        os.close(fd)
+
+
+async def test_many_files_synced_at_once_all_complete(aio: AioSync, tmp_path: Path) -> None:
+    fds = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(100)]
+    try:
+        for i, fd in enumerate(fds):
+            os.pwrite(fd, b"%d" % i, 0)
+        results = await asyncio.gather(*(_sync(aio, fd) for fd in fds))
+        assert results == [0] * 100
+        assert aio.in_flight == 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def test_a_sync_the_kernel_refuses_raises_and_queues_nothing(aio: AioSync) -> None:
+    fd = os.open("/dev/null", os.O_RDONLY)
+    os.close(fd)  # a closed descriptor: io_submit answers EBADF
+    with pytest.raises(OSError) as info:
+        aio.fdatasync(fd, lambda _err: None)
+    assert info.value.errno == errno.EBADF
+    assert aio.in_flight == 0
+
+
+async def test_a_closed_context_refuses_syncs(tmp_path: Path) -> None:
+    ctx = AioSync.open(asyncio.get_running_loop())
+    if ctx is None:
+        pytest.skip("this kernel offers no native AIO")
+    ctx.close()
+    ctx.close()  # idempotent
+    with pytest.raises(OSError):
+        ctx.fdatasync(0, lambda _err: None)
+
+
+def _aio_partition(directory: Path, **config: int) -> tuple[Partition, IoThreads]:
+    io = IoThreads(2, sync_engine="aio")
+    part = open_partition(directory, config=PartitionConfig(**config), io=io)
+    return part, io
+
+
+async def test_small_appends_are_synced_as_aio_and_survive_a_reopen(tmp_path: Path) -> None:
+    part, io = _aio_partition(tmp_path / "p")
+    try:
+        for i in range(20):
+            result = await part.append([batch(values_for(i * 5, 5))])
+            assert part.high_watermark == result.last_offset + 1
+        # and several partitions' worth at once: one sync in flight, the next behind it
+        await asyncio.gather(*(part.append([batch(values_for(0, 5))]) for _ in range(30)))
+        if io.aio() is None:
+            pytest.skip("this kernel offers no native AIO")
+        assert part._flusher.aio_syncs > 0
+        assert part._flusher.aio_syncs + part.inline_syncs == part.syncs
+        end = part.log_end_offset
+    finally:
+        await part.close()
+        io.close()
+    again = open_partition(tmp_path / "p")
+    try:
+        assert again.log_end_offset == again.high_watermark == end == 250
+        assert sorted(read_all(again)) == list(range(250))
+    finally:
+        await again.close()
+
+
+async def test_large_writes_and_rolls_go_to_the_threads_and_stay_correct(
+    tmp_path: Path,
+) -> None:
+    # 1 MiB segments: 80 KiB appends (past what the loop writes itself) roll every 13th
+    part, io = _aio_partition(tmp_path / "p", segment_bytes=1 << 20)
+    big = b"y" * (80 * 1024)
+    try:
+        for i in range(30):
+            await part.append([batch([big])])
+            await part.append([batch([b"small %d" % i])])
+        assert len(part.segments) > 1  # rolled: its seals ran on a thread
+        assert part.syncs > part._flusher.aio_syncs  # the large rounds did too
+        end = part.log_end_offset
+    finally:
+        await part.close()
+        io.close()
+    again = open_partition(tmp_path / "p", config=PartitionConfig(segment_bytes=1 << 20))
+    try:
+        assert again.log_end_offset == again.high_watermark == end == 60
+        values = read_all(again, max_bytes=1 << 22)
+        assert sorted(values) == list(range(60))
+        assert values[1] == b"small 0" and values[59] == b"small 29"
+    finally:
+        await again.close()
+
+
+async def test_acks_leader_and_none_complete_over_aio_too(tmp_path: Path) -> None:
+    part, io = _aio_partition(tmp_path / "p")
+    try:
+        leader = await part.append([batch(values_for(0, 3))], Acks.LEADER)
+        none = await part.append([batch(values_for(3, 3))], Acks.NONE)
+        assert (leader.base_offset, none.base_offset) == (0, 3)
+        await part.flush()
+        assert part.high_watermark == 6
+    finally:
+        await part.close()
+        io.close()

@@ -702,6 +702,18 @@ def _at_most(runs: list[WriteRun], limit: int) -> bool:
     return True
 
 
+def _within_fill(runs: list[WriteRun]) -> bool:
+    """Whether every run lands inside its segment's file as it is (over the fill written
+    ahead of the batches), so that writing it does not grow the file."""
+    for run in runs:
+        end = run.position
+        for buf in run.iov:
+            end += len(buf)
+        if end > run.segment.filled_end:
+            return False
+    return True
+
+
 Waiters = list[tuple[int, asyncio.Future[None]]]
 
 
@@ -981,33 +993,36 @@ class Flusher:
     # ----------------------------------------------------------------------- kernel AIO
     def _run_aio(self, job: Job) -> bool:
         """Loop: run ``job`` without a thread if it is a plain one (True), else leave it to
-        the threads (False). Plain: a sync, or a write-then-sync (which starts only while
-        nothing syncs) whose writes are small (at most :data:`INLINE_MAX_BYTES`, written
-        here: a copy into the page cache, microseconds), and whose sync is only fdatasyncs
-        (no seal, no directory, no cache drop), which the kernel runs as AIO
-        (:mod:`storage.aio`) while the loop goes on. The outcomes arrive as a thread's
-        would, through :meth:`_write_done` (a failed write) and :meth:`_sync_done` (the
-        write's ``written`` outcome with the sync's), in a later callback."""
-        if not self._aio_allowed or job.kind is Event.WRITE:
-            # a write-only job runs while this partition's sync does: the loop never writes
-            # to a file a sync is in flight on (section 7 of docs/STORAGE.md), a thread does
+        the threads (False). Plain: its writes are small (at most :data:`INLINE_MAX_BYTES`,
+        written here: a copy into the page cache, microseconds), a write-only job's (one
+        made while this partition syncs) only over the fill the file already has, and its
+        sync, if any, only fdatasyncs (no seal, no directory, no cache drop), which the
+        kernel runs as AIO (:mod:`storage.aio`) while the loop goes on. The outcomes arrive
+        as a thread's would, through :meth:`_write_done` and :meth:`_sync_done`, in a later
+        callback."""
+        if not self._aio_allowed:
             return False
+        kind = job.kind
         plan = job.plan
         if plan is not None and (plan.seal or plan.dir_dirty or plan.drop):
             return False
         if job.runs and not _at_most(job.runs, INLINE_MAX_BYTES):
             return False
+        if kind is Event.WRITE and (job.grow is not None or not _within_fill(job.runs)):
+            # a write-only job runs while this partition's sync does: one that would grow
+            # the file (on ext4 that can wait for the sync, milliseconds) goes to a thread
+            return False
         aio = self.threads.aio()
         if aio is None:
             return False
         loop = self.loop
-        if job.kind is not Event.SYNC:
+        if kind is not Event.SYNC:
             failed: tuple[int, OSError] | BaseException | None
             try:
                 failed = write_runs(job.runs, job.grow)
             except Exception as exc:  # a bug, as on a thread
                 failed = exc
-            if failed is not None:
+            if kind is Event.WRITE or failed is not None:
                 loop.call_soon(self._write_done, job, failed)
                 return True
             job.write_finished = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -139,6 +139,80 @@ async def test_acks_leader_and_none_complete_over_aio_too(tmp_path: Path) -> Non
         assert (leader.base_offset, none.base_offset) == (0, 3)
         await part.flush()
         assert part.high_watermark == 6
+    finally:
+        await part.close()
+        io.close()
+
+
+class HeldCompletions:
+    """Wraps the partition's AIO context so that completed fdatasyncs are held back (the
+    sync stays in flight for the pipeline) until :meth:`release`: appends made meanwhile
+    are written by write-only jobs, deterministically."""
+
+    def __init__(self, aio: AioSync, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held: list[tuple[Callable[[int], None], int]] = []
+        real = aio.fdatasync
+
+        def fdatasync(fd: int, done: Callable[[int], None]) -> None:
+            real(fd, lambda err: self.held.append((done, err)))
+
+        monkeypatch.setattr(aio, "fdatasync", fdatasync)
+
+    async def release(self) -> None:
+        while not self.held:
+            await asyncio.sleep(0.001)
+        held, self.held = self.held, []
+        for done, err in held:
+            done(err)
+
+
+async def _writes_during_syncs(
+    part: Partition, io: IoThreads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(20):  # lone rounds: each writes a step of the fill ahead (1 MiB in all)
+        await part.append([batch(values_for(0, 5))])
+    aio = io.aio()
+    if aio is None:
+        pytest.skip("this kernel offers no native AIO")
+    held = HeldCompletions(aio, monkeypatch)
+    for _ in range(5):
+        first = asyncio.ensure_future(part.append([batch(values_for(0, 5))]))
+        while not held.held:  # its write-then-sync job is in flight
+            await asyncio.sleep(0.001)
+        # these come while it syncs: a write-only job, then a sync of their own
+        rest = [asyncio.ensure_future(part.append([batch(values_for(0, 5))])) for _ in range(5)]
+        await asyncio.sleep(0.01)  # the write-only job runs (and the writes are done)
+        await held.release()
+        await first
+        await held.release()
+        await asyncio.gather(*rest)
+
+
+async def test_writes_made_during_a_sync_over_the_fill_need_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part, io = _aio_partition(tmp_path / "p")
+    try:
+        await _writes_during_syncs(part, io, monkeypatch)
+        assert part.high_watermark == part.log_end_offset == 250
+        # every thread job was a checkpoint's: writes and syncs ran on the loop and the kernel
+        assert io._submitted == part._flusher.checkpoints
+        assert part._flusher.aio_syncs == part.syncs == 30
+    finally:
+        await part.close()
+        io.close()
+
+
+async def test_writes_that_would_grow_the_file_during_a_sync_go_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part, io = _aio_partition(tmp_path / "p", preallocate_bytes=0)  # no fill: every write grows
+    try:
+        await _writes_during_syncs(part, io, monkeypatch)
+        assert part.high_watermark == part.log_end_offset == 250
+        # the five write-only jobs went to a thread; every sync still ran as AIO
+        assert io._submitted == part._flusher.checkpoints + 5
+        assert part._flusher.aio_syncs == part.syncs == 30
     finally:
         await part.close()
         io.close()

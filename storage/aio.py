@@ -17,11 +17,12 @@ loop watches (``add_reader``): no Python thread, no GIL, no ``call_soon_threadsa
 the same ``vfs_fsync_range`` as ``fdatasync(2)``, with the same error reporting (a writeback
 error comes back as the completion's negative errno).
 
-Only ``fdatasync`` goes this way; the flusher's small writes are made by the loop itself with
-``pwritev`` (native AIO on a buffered file would be synchronous anyway). Linux only (x86-64 and arm64 system call numbers); :meth:`AioSync.open`
-answers None where the kernel refuses (no AIO, ``fs.aio-max-nr`` exhausted), and the caller
-uses its threads. ctypes calls release the GIL; these never block (``io_submit`` of an fsync
-only queues it, ``io_getevents`` is called with a zero timeout)."""
+Only ``fdatasync`` goes this way; the flusher's small writes are made by the loop itself
+with ``pwritev`` (native AIO on a buffered file would be synchronous anyway). Linux only
+(x86-64 and arm64 system call numbers); :meth:`AioSync.open` answers None where the kernel
+refuses (no AIO, ``fs.aio-max-nr`` exhausted), and the caller uses its threads. ctypes calls
+release the GIL; these never block (``io_submit`` of an fsync only queues it,
+``io_getevents`` is called with a zero timeout)."""
 
 from __future__ import annotations
 

@@ -782,9 +782,6 @@ class Flusher:
         self.syncs = 0  # sync rounds completed (counters for metrics)
         self.inline_syncs = 0  # of which run on the loop (:meth:`_run_inline`)
         self.aio_syncs = 0  # of which the kernel ran as AIO (:meth:`_run_aio`)
-        # plain fdatasyncs as kernel AIO: only with the real fdatasync (tests that inject
-        # an fsync to count or fail it get the threads, which call theirs)
-        self._aio_allowed = fsync is os.fdatasync
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -1000,7 +997,9 @@ class Flusher:
         kernel runs as AIO (:mod:`storage.aio`) while the loop goes on. The outcomes arrive
         as a thread's would, through :meth:`_write_done` and :meth:`_sync_done`, in a later
         callback."""
-        if not self._aio_allowed:
+        if self._fsync is not os.fdatasync:
+            # only the real fdatasync: a test that injects one, to count, fail or hold
+            # syncs, gets the threads, which call it
             return False
         kind = job.kind
         plan = job.plan

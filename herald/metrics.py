@@ -309,6 +309,12 @@ def _render_scaled(snap: _Snapshot, offsets: Table[StoredOffset]) -> bytes:
             "Of those rounds, the lone appends written and synced on the event loop",
             7,
         ),
+        (
+            "herald_partition_aio_syncs",
+            "counter",
+            "Of those rounds, the ones whose fdatasyncs the kernel ran as AIO (no I/O thread)",
+            8,
+        ),
     ):
         # a counter's samples end in _total (what prometheus_client wrote before)
         sample = f"{name}_total" if kind == "counter" else name
@@ -399,6 +405,7 @@ class Metrics:
                         int(part.offline),
                         part.syncs,
                         part.inline_syncs,
+                        part.aio_syncs,
                     )
                 )
         prefix = "" if operator else f"{principal.tenant}/"

@@ -1033,18 +1033,20 @@ class Flusher:
         started = time.perf_counter()
         pending = [len(segments)]
         errors: list[int] = []
+        on_threads = [False]
 
         def done(err: int) -> None:
             if err:
                 errors.append(err)
             pending[0] -= 1
             if pending[0] == 0:
-                self._aio_synced(job, errors, started)
+                self._aio_synced(job, errors, started, all_aio=not on_threads[0])
 
         for seg in segments:
             try:
                 aio.fdatasync(seg.fd, done)
             except OSError:  # refused (e.g. the kernel's AIO limit): this one on a thread
+                on_threads[0] = True
                 self.threads.submit(self._fsync_one, (seg, done))
         return True
 
@@ -1058,7 +1060,7 @@ class Flusher:
             err = exc.errno or errno.EIO
         self.threads.report(done, err)
 
-    def _aio_synced(self, job: Job, errors: list[int], started: float) -> None:
+    def _aio_synced(self, job: Job, errors: list[int], started: float, *, all_aio: bool) -> None:
         """Loop: every fdatasync of ``job`` completed: its outcome, as :meth:`_run_job`'s."""
         ms = (time.perf_counter() - started) * 1000
         if ms >= SLOW_SYNC_MS:
@@ -1071,7 +1073,7 @@ class Flusher:
         error: OSError | None = None
         if errors:
             error = OSError(errors[0], f"fdatasync failed: {os.strerror(errors[0])}")
-        else:
+        elif all_aio:
             self.aio_syncs += 1
         self._sync_done(job, error)
 

@@ -277,6 +277,11 @@ class Partition:
     def inline_syncs(self) -> int:
         return self._flusher.inline_syncs
 
+    @property
+    def aio_syncs(self) -> int:
+        """Rounds whose fdatasyncs all ran as kernel AIO (:mod:`storage.aio`)."""
+        return self._flusher.aio_syncs
+
     # ------------------------------------------------------------------------- append
     def _check_writable(self) -> None:
         if self._closed:

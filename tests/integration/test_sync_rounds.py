@@ -17,15 +17,17 @@ from .raw_wire import RawConnection
 from .tenants import metrics
 
 
-def syncs(node: HeraldProcess, topic: str) -> float:
-    """The node's count of fdatasync rounds of ``topic``'s partition 0."""
+def syncs(node: HeraldProcess, topic: str, kind: str = "") -> float:
+    """The node's count of fdatasync rounds of ``topic``'s partition 0 (``kind`` "inline_"
+    or "aio_": of those, the ones run on the loop or as kernel AIO)."""
+    wanted = f"herald_partition_{kind}syncs_total"
     for (name, labels), value in metrics(node).items():
-        if name != "herald_partition_syncs_total":
+        if name != wanted:
             continue
         where = dict(labels)
         if where["topic"] == topic and where["partition"] == "0":
             return value
-    raise AssertionError(f"no herald_partition_syncs_total for {topic}")
+    raise AssertionError(f"no {wanted} for {topic}")
 
 
 @pytest.fixture
@@ -58,6 +60,7 @@ def test_requests_that_arrive_together_share_one_sync(shared_herald: HeraldProce
         warm = conn.request(p.Produce(id=2, topic="rounds-shared", partition=0, batches=[first]))
         assert isinstance(warm, p.Produced), warm
         before = syncs(shared_herald, "rounds-shared")
+        before_loop = sum(syncs(shared_herald, "rounds-shared", k) for k in ("inline_", "aio_"))
         frames = b"".join(
             p.encode_message(
                 p.Produce(
@@ -80,3 +83,7 @@ def test_requests_that_arrive_together_share_one_sync(shared_herald: HeraldProce
     # one per request
     rounds = syncs(shared_herald, "rounds-shared") - before
     assert 1 <= rounds <= 3
+    # and none of them on an I/O thread: small rounds are written by the loop and synced
+    # there (inline) or by the kernel (AIO, storage.sync-engine's default)
+    on_loop = sum(syncs(shared_herald, "rounds-shared", k) for k in ("inline_", "aio_"))
+    assert on_loop - before_loop == rounds

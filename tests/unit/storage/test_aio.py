@@ -216,3 +216,28 @@ async def test_writes_that_would_grow_the_file_during_a_sync_go_to_a_thread(
     finally:
         await part.close()
         io.close()
+
+
+async def test_a_sync_the_kernel_refuses_runs_on_a_thread_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part, io = _aio_partition(tmp_path / "p")
+    try:
+        await part.append([batch(values_for(0, 5))])
+        aio = io.aio()
+        if aio is None:
+            pytest.skip("this kernel offers no native AIO")
+
+        def refuse(fd: int, done: Callable[[int], None]) -> None:
+            raise OSError(errno.EAGAIN, "io_submit refused")
+
+        monkeypatch.setattr(aio, "fdatasync", refuse)
+        before = (part.syncs, part.aio_syncs, io._submitted)
+        result = await asyncio.wait_for(part.append([batch(values_for(5, 5))]), 10)
+        assert part.high_watermark == result.last_offset + 1 == 10
+        # synced all the same, by a thread: a round, not an AIO one
+        assert (part.syncs, part.aio_syncs) == (before[0] + 1, before[1])
+        assert io._submitted > before[2]
+    finally:
+        await part.close()
+        io.close()

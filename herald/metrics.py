@@ -263,7 +263,7 @@ class _Snapshot:
 
     # tenant, the tenant's name for the topic, index, high watermark, log start, size,
     # corruptions detected, quarantined ranges, offline (0/1), fdatasync rounds, inline ones
-    partitions: list[tuple[str, str, int, int, int, int, int, int, int, int, int]]
+    partitions: list[tuple[str, str, int, int, int, int, int, int, int, int, int, int]]
     members: list[tuple[str, int]]  # group label, live members
     group_prefix: str  # "" for the operator, "tenant/" for a tenant
 

@@ -262,7 +262,8 @@ class _Snapshot:
     """What the loop owns, copied for the worker thread."""
 
     # tenant, the tenant's name for the topic, index, high watermark, log start, size,
-    # corruptions detected, quarantined ranges, offline (0/1), fdatasync rounds, inline ones
+    # corruptions detected, quarantined ranges, offline (0/1), fdatasync rounds, of those
+    # the inline ones and the AIO ones
     partitions: list[tuple[str, str, int, int, int, int, int, int, int, int, int, int]]
     members: list[tuple[str, int]]  # group label, live members
     group_prefix: str  # "" for the operator, "tenant/" for a tenant

@@ -102,7 +102,14 @@ class AioSync:
         self._efd = efd
         self._destroy, self._getevents, self._submit = calls[1], calls[2], calls[3]
         self._waiting: dict[int, tuple[_Iocb, Done]] = {}
+        self._free: list[_Iocb] = []  # iocbs whose syncs completed, reused
         self._next = 1
+        # built once: the system call's arguments that do not change (ctypes objects cost
+        # microseconds each to make), and the one-pointer array io_submit reads
+        self._syscall = _libc().syscall
+        self._ctx_arg = ctypes.c_ulong(ctx)
+        self._one = ctypes.c_long(1)
+        self._ptrs = (ctypes.c_void_p * 1)()
         self._events = (_IoEvent * _EVENTS)()
         self._zero = _Timespec(0, 0)
         self.closed = False
@@ -138,15 +145,18 @@ class AioSync:
             raise OSError(errno.EBADF, "the AIO context is closed")
         token = self._next
         self._next = token + 1
-        iocb = _Iocb()
+        free = self._free
+        iocb = free.pop() if free else _Iocb()
         iocb.aio_data = token
         iocb.aio_lio_opcode = IOCB_CMD_FDSYNC
         iocb.aio_fildes = fd
         iocb.aio_flags = IOCB_FLAG_RESFD
         iocb.aio_resfd = self._efd
-        ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb))
-        n = _libc().syscall(self._submit, ctypes.c_ulong(self._ctx), ctypes.c_long(1), ptrs)
+        ptrs = self._ptrs
+        ptrs[0] = ctypes.addressof(iocb)
+        n = self._syscall(self._submit, self._ctx_arg, self._one, ptrs)
         if n != 1:
+            free.append(iocb)
             err = ctypes.get_errno() if n < 0 else errno.EAGAIN
             raise OSError(err, f"io_submit of fdatasync refused: {os.strerror(err)}")
         self._waiting[token] = (iocb, done)
@@ -179,6 +189,7 @@ class AioSync:
                 entry = self._waiting.pop(ev.data, None)
                 if entry is None:
                     continue
+                self._free.append(entry[0])
                 try:
                     entry[1](0 if ev.res >= 0 else -ev.res)
                 except Exception:

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from storage.aio import AioSync
+from storage.aio import KernelSync, open_kernel_sync
 
 log = logging.getLogger("herald.storage")
 
@@ -118,7 +118,7 @@ class IoThreads:
         # "aio": an fdatasync of the plain kind runs as kernel AIO with its completion read
         # on the loop (storage/aio.py), not on a thread; opened on first use, on the loop
         self.sync_engine = sync_engine
-        self._aio: AioSync | None = None
+        self._aio: KernelSync | None = None
         self._aio_tried = False
         self._inline_this_turn = False
         # callers (partitions' flushers) whose job start is queued on the loop: kept by them
@@ -159,16 +159,17 @@ class IoThreads:
             workers.append(worker)
             worker.start()
 
-    def aio(self) -> AioSync | None:
-        """The kernel AIO context that runs plain fdatasyncs (loop only), or None: the
-        engine is "threads", or the kernel refused it (logged once; threads then)."""
+    def aio(self) -> KernelSync | None:
+        """The kernel-side engine that runs plain fdatasyncs (loop only: io_uring, else
+        native AIO, :mod:`storage.aio`), or None: the engine is "threads", or the kernel
+        offers neither (logged once; threads then)."""
         if self._aio_tried:
             return self._aio
         self._aio_tried = True
         if self.sync_engine == "aio" and not self.closed:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            self._aio = AioSync.open(self._loop)
+            self._aio = open_kernel_sync(self._loop)
         return self._aio
 
     def may_run_inline(self) -> bool:

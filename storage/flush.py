@@ -1062,14 +1062,8 @@ class Flusher:
 
     def _aio_synced(self, job: Job, errors: list[int], started: float, *, all_aio: bool) -> None:
         """Loop: every fdatasync of ``job`` completed: its outcome, as :meth:`_run_job`'s."""
-        ms = (time.perf_counter() - started) * 1000
-        if ms >= SLOW_SYNC_MS:
-            log.warning(
-                "event=sync_slow partition=%s ms=%.1f inline=0 aio=1 files=%d",
-                self.name,
-                ms,
-                len(job.plan.segments) if job.plan is not None else 0,
-            )
+        files = len(job.plan.segments) if job.plan is not None else 0
+        self._timed_sync(started, files, inline=False, aio=True)
         error: OSError | None = None
         if errors:
             error = OSError(errors[0], f"fdatasync failed: {os.strerror(errors[0])}")
@@ -1109,12 +1103,18 @@ class Flusher:
         outlier)."""
         started = time.perf_counter()
         sync_files(plan, None, self._fsync, self.directory, self.name)
+        self._timed_sync(started, len(plan.segments) + int(plan.dir_dirty), inline=inline)
+
+    def _timed_sync(self, started: float, files: int, *, inline: bool, aio: bool = False) -> None:
+        """Log a sync round that took :data:`SLOW_SYNC_MS` or more since ``started``
+        (``event=sync_slow``: the disk's share of a latency outlier)."""
         ms = (time.perf_counter() - started) * 1000
         if ms >= SLOW_SYNC_MS:
             log.warning(
-                "event=sync_slow partition=%s ms=%.1f inline=%d files=%d",
+                "event=sync_slow partition=%s ms=%.1f inline=%d aio=%d files=%d",
                 self.name,
                 ms,
                 int(inline),
-                len(plan.segments) + int(plan.dir_dirty),
+                int(aio),
+                files,
             )

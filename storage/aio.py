@@ -365,6 +365,7 @@ class UringSync:
         self._next = 1
         self._unsubmitted = 0  # queued in the ring, not yet entered (a transient failure)
         self._retry_scheduled = False
+        self._last_error_log = 0.0
         self.closed = False
         loop.add_reader(self._efd, self._completed)
 
@@ -413,8 +414,9 @@ class UringSync:
         self._submit()
 
     def _submit(self) -> None:
-        """Enter what the ring holds; a transient failure is retried at the end of the turn
-        (the entries stay queued: they are never given up once in the ring)."""
+        """Enter what the ring holds; a transient failure is retried at the end of the turn,
+        any other every 10 ms (the entries stay queued: they are never given up once in the
+        ring)."""
         self._retry_scheduled = False
         if not self._unsubmitted or self.closed:
             return
@@ -426,10 +428,17 @@ class UringSync:
             self._unsubmitted -= n
         if self._unsubmitted and not self._retry_scheduled:
             err = ctypes.get_errno() if n < 0 else errno.EAGAIN
-            if n < 0 and err not in _TRANSIENT:
-                log.error("event=io_uring_enter_failed error=%s", errno.errorcode.get(err, err))
             self._retry_scheduled = True
-            self._loop.call_soon(self._submit)
+            if err in _TRANSIENT:
+                self._loop.call_soon(self._submit)
+                return
+            # should not happen (the ring itself refused): no spinning, and one line a
+            # second at most; the entries stay queued and their syncs wait
+            now = self._loop.time()
+            if now - self._last_error_log >= 1.0:
+                self._last_error_log = now
+                log.error("event=io_uring_enter_failed error=%s", errno.errorcode.get(err, err))
+            self._loop.call_later(0.01, self._submit)
 
     def _completed(self) -> None:
         """Loop (the eventfd is readable): hand every finished sync to its caller."""

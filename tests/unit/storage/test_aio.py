@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -264,3 +266,33 @@ async def test_a_sync_the_kernel_refuses_runs_on_a_thread_instead(
     finally:
         await part.close()
         io.close()
+
+
+async def test_a_refused_io_uring_enter_keeps_the_entry_and_retries_without_spinning(
+    tmp_path: Path,
+) -> None:
+    ring = UringSync.open(asyncio.get_running_loop())
+    if ring is None:
+        pytest.skip("this kernel offers no io_uring")
+    real = ring._syscall
+    calls = []
+    refuse_until = time.monotonic() + 0.05
+
+    def flaky(*args: object) -> int:
+        calls.append(args[0])
+        if time.monotonic() < refuse_until:  # the ring refuses entries for 50 ms
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return int(real(*args))
+
+    ring._syscall = flaky  # type: ignore[assignment]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x", 0)
+        assert await _sync(ring, fd) == 0  # entered once the ring took it, then synced
+        # retried every 10 ms (about 6 tries in 50 ms), not once per loop turn (thousands)
+        assert 2 <= len(calls) <= 10
+        assert ring.in_flight == 0
+    finally:
+        os.close(fd)
+        ring.close()

@@ -28,8 +28,9 @@ Three layers, h11 style:
   an argument); segments are only handles here.
 - :class:`Flusher` is the shell: it runs the pipeline's jobs on dedicated I/O threads
   (:class:`~storage.io_threads.IoThreads`; :func:`write_runs`, :func:`sync_files` do the
-  I/O), hears back through their reports, and resolves the futures of ``acks=1`` and
-  ``acks=all`` waiters.
+  I/O), or, for a small round whose sync is only fdatasyncs, writes on the loop and has the
+  kernel sync (:mod:`storage.aio`, :meth:`Flusher._run_aio`); it hears back through their
+  reports and resolves the futures of ``acks=1`` and ``acks=all`` waiters.
 
 Failure model: a failed *write* (ENOSPC, EIO) is reported to the partition, which cuts the
 log back (:meth:`Flusher.fail_waiters_past`). A failed *sync* cannot be retried and trusted
@@ -1031,22 +1032,23 @@ class Flusher:
             loop.call_soon(self._sync_done, job, None)
             return True
         started = time.perf_counter()
-        pending = [len(segments)]
+        pending = len(segments)
         errors: list[int] = []
-        on_threads = [False]
+        on_threads = False
 
         def done(err: int) -> None:
+            nonlocal pending
             if err:
                 errors.append(err)
-            pending[0] -= 1
-            if pending[0] == 0:
-                self._aio_synced(job, errors, started, all_aio=not on_threads[0])
+            pending -= 1
+            if pending == 0:
+                self._aio_synced(job, errors, started, len(segments), all_aio=not on_threads)
 
         for seg in segments:
             try:
                 aio.fdatasync(seg.fd, done)
             except OSError:  # refused (e.g. the kernel's AIO limit): this one on a thread
-                on_threads[0] = True
+                on_threads = True
                 self.threads.submit(self._fsync_one, (seg, done))
         return True
 
@@ -1060,9 +1062,11 @@ class Flusher:
             err = exc.errno or errno.EIO
         self.threads.report(done, err)
 
-    def _aio_synced(self, job: Job, errors: list[int], started: float, *, all_aio: bool) -> None:
-        """Loop: every fdatasync of ``job`` completed: its outcome, as :meth:`_run_job`'s."""
-        files = len(job.plan.segments) if job.plan is not None else 0
+    def _aio_synced(
+        self, job: Job, errors: list[int], started: float, files: int, *, all_aio: bool
+    ) -> None:
+        """Loop: every fdatasync of ``job`` (``files`` of them) completed: its outcome, as
+        :meth:`_run_job`'s."""
         self._timed_sync(started, files, inline=False, aio=True)
         error: OSError | None = None
         if errors:

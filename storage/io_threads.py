@@ -51,6 +51,10 @@ log = logging.getLogger("herald.storage")
 
 _Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None stops a thread
 
+# how plain fdatasyncs run: by the kernel (io_uring or native AIO, storage/aio.py), or on
+# these threads
+SYNC_ENGINES: Final = ("aio", "threads")
+
 # after an inline job slower than ``inline_max_ms``, how long jobs go to the threads only: a
 # disk that stalls once tends to stall again soon (writeback, another tenant's burst), and
 # each inline stall would stop every connection of the node for its length. One second
@@ -62,8 +66,6 @@ _Item = tuple[Callable[[Any], None], Any] | None  # a job and its argument; None
 # busy: under another tenant's writes an inline sync over 5 ms came ~80 ms after each 1 s
 # cool-down ended, a loop stall a second and inline jobs 8% of the time); back to one
 # second when the slow one comes later than that.
-# how plain fdatasyncs run: on the kernel's AIO (storage/aio.py), or on these threads
-SYNC_ENGINES: Final = ("aio", "threads")
 INLINE_COOLDOWN_S = 1.0
 INLINE_COOLDOWN_MAX_S = 32.0
 

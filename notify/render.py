@@ -34,7 +34,8 @@ the content says ``truncated``. Push title and body are cut at 200 and 2,000 cha
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -115,9 +116,13 @@ _HTML_ENV: Final = _env(True)
 
 @dataclass(frozen=True, slots=True)
 class Compiled:
-    """One locale's parts of a template, compiled once."""
+    """One locale's parts of a template, compiled once. ``native``: for the built-in
+    defaults only, each part as a plain function giving exactly what its Jinja2 source
+    gives (see :func:`default_templates`), so the common case skips Jinja2's per-render
+    machinery."""
 
     parts: Mapping[str, jinja2.Template]
+    native: Mapping[str, Callable[[Mapping[str, Any]], str]] | None = None
 
 
 def compile_part(channel: str, part: str, source: str, field: str) -> jinja2.Template:
@@ -208,10 +213,17 @@ def render(
     sms_max_segments: int,
 ) -> Content:
     """The channel's content from one locale's compiled parts. Raises :class:`RenderError`."""
-    done = {
-        name: render_part(t, context, f"{where}.{name}", max_output_chars)
-        for name, t in compiled.parts.items()
-    }
+    native = compiled.native
+    if native is not None:
+        done = {
+            name: _native_part(f, context, f"{where}.{name}", max_output_chars)
+            for name, f in native.items()
+        }
+    else:
+        done = {
+            name: render_part(t, context, f"{where}.{name}", max_output_chars)
+            for name, t in compiled.parts.items()
+        }
     if channel == "email":
         return EmailContent(subject=done["subject"], text=done["text"], html=done.get("html"))
     if channel in ("push", "inapp"):
@@ -279,23 +291,77 @@ def _prefix_within(text: str, units: int, gsm: bool) -> str:
     return text
 
 
+def _native_part(
+    part: Callable[[Mapping[str, Any]], str], context: Mapping[str, Any], where: str, cap: int
+) -> str:
+    """One built-in part rendered natively, with :func:`render_part`'s bound and errors."""
+    try:
+        text = part(context)
+    except Exception as exc:  # data json cannot encode (not from a decoded event)
+        raise RenderError(where, f"{type(exc).__name__}: {exc}") from None
+    if len(text) > cap:
+        raise RenderError(where, f"output longer than {cap} characters")
+    return text
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    """Jinja2's ``tojson`` filter with its default policies: :func:`json.dumps` with sorted
+    keys, then ``<``, ``>``, ``&`` and ``'`` escaped as ``\\u00XX``."""
+    return (
+        json.dumps(value, sort_keys=True, indent=indent)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("'", "\\u0027")
+    )
+
+
+def _topic(c: Mapping[str, Any]) -> str:  # {{ event.topic }}
+    return str(c["event"]["topic"])
+
+
+def _data_json(c: Mapping[str, Any]) -> str:  # {{ data | tojson }}
+    return _tojson(c["data"])
+
+
+def _email_text(c: Mapping[str, Any]) -> str:
+    body = _tojson(c["data"], indent=2)
+    url = c["unsubscribe_url"]
+    return f"{body}\n\n\nUnsubscribe: {url}\n" if url else f"{body}\n\n"
+
+
+def _sms_text(c: Mapping[str, Any]) -> str:  # {{ event.topic }}: {{ data | tojson }}
+    return f"{_topic(c)}: {_data_json(c)}"
+
+
 @functools.lru_cache(maxsize=1)
 def default_templates() -> dict[str, Compiled]:
     """Used when a tenant has no template for a (topic, channel): the topic as the subject
-    or title, the event's data as indented JSON, and the unsubscribe link when there is one."""
+    or title, the event's data as indented JSON, and the unsubscribe link when there is one.
+    Each is rendered by its ``native`` functions (the same text as its Jinja2 source, which
+    ``tests/unit/notify/test_render.py`` checks on a range of data; Jinja2's sandbox and
+    context cost more than the rest of an in-app delivery)."""
     json_block = "{{ data | tojson(indent=2) }}"
     unsub = "{% if unsubscribe_url %}\n\nUnsubscribe: {{ unsubscribe_url }}{% endif %}"
-    return {
-        "email": compile_locale(
-            "email",
-            "default",
-            {"subject": "{{ event.topic }}", "text": f"{json_block}\n{unsub}\n"},
-        ),
-        "push": compile_locale(
-            "push", "default", {"title": "{{ event.topic }}", "body": "{{ data | tojson }}"}
-        ),
-        "inapp": compile_locale(
-            "inapp", "default", {"title": "{{ event.topic }}", "body": "{{ data | tojson }}"}
-        ),
-        "sms": compile_locale("sms", "default", {"text": "{{ event.topic }}: {{ data | tojson }}"}),
+    sources = {
+        "email": {"subject": "{{ event.topic }}", "text": f"{json_block}\n{unsub}\n"},
+        "push": {"title": "{{ event.topic }}", "body": "{{ data | tojson }}"},
+        "inapp": {"title": "{{ event.topic }}", "body": "{{ data | tojson }}"},
+        "sms": {"text": "{{ event.topic }}: {{ data | tojson }}"},
     }
+    natives: dict[str, dict[str, Callable[[Mapping[str, Any]], str]]] = {
+        "email": {"subject": _topic, "text": _email_text},
+        "push": {"title": _topic, "body": _data_json},
+        "inapp": {"title": _topic, "body": _data_json},
+        "sms": {"text": _sms_text},
+    }
+    out = {}
+    for channel, parts in sources.items():
+        compiled = compile_locale(channel, "default", parts)
+        out[channel] = Compiled(compiled.parts, natives[channel])
+    return out
+
+
+def jinja_only(compiled: Compiled) -> Compiled:
+    """``compiled`` rendered by its Jinja2 parts (tests compare the two ways)."""
+    return Compiled(compiled.parts)

@@ -128,3 +128,64 @@ def test_truncation_never_splits_a_surrogate_pair() -> None:
     out = sms_content("😀" * 200, 2)  # 400 units; 2 segments hold 134
     assert out.truncated and out.segments == 2 and out.encoding == "ucs2"
     assert out.text == "😀" * 66 + "…"
+
+
+_SAMPLES = [
+    {},
+    {"b": 1, "a": [1, 2.5, None, True, False], "c": {"z": "y", "x": {}}},
+    {"html": "<script>alert('x') & \"y\"</script>", "quote": "it's"},
+    {"unicode": "héllo wörld ✓ 😀 \u2028 \x00 \t\n", "emoji": "👩\u200d💻"},
+    [1, "two", {"three": 3}],
+    "just a string with <b> & '",
+    12345678901234567890123,
+    -0.0,
+    1e300,
+    None,
+    {"deep": {"er": {"est": [[[{"k": "v"}]]]}}},
+]
+
+
+@pytest.mark.parametrize("channel", ["email", "push", "inapp", "sms"])
+@pytest.mark.parametrize("unsubscribe_url", [None, "https://h.example/unsubscribe/t<&>'"])
+def test_the_built_in_templates_render_natively_as_jinja_would(
+    channel: str, unsubscribe_url: str | None
+) -> None:
+    """The built-in defaults skip Jinja2 (a plain function per part): the same content as
+    their Jinja2 source, for data of every JSON shape, escapes included."""
+    built_in = render.default_templates()[channel]
+    assert built_in.native is not None
+    for data in _SAMPLES:
+        context = {
+            "data": data,
+            "event": {
+                "topic": "orders/Ünïcode <x>",
+                "event_id": "e1",
+                "category": None,
+                "priority": "normal",
+            },
+            "recipient": {"id": "u1"},
+            "activities": [],
+            "unsubscribe_url": unsubscribe_url,
+        }
+        native, jinja = (
+            render.render(
+                channel, c, context, where="b", max_output_chars=100_000, sms_max_segments=10
+            )
+            for c in (built_in, render.jinja_only(built_in))
+        )
+        assert native == jinja, data
+
+
+def test_the_built_in_templates_keep_the_output_bound() -> None:
+    built_in = render.default_templates()["inapp"]
+    context = {"data": {"x": "y" * 500}, "event": {"topic": "t"}, "unsubscribe_url": None}
+    for compiled in (built_in, render.jinja_only(built_in)):
+        with pytest.raises(RenderError, match=r"built-in/inapp\.body: output longer than 100"):
+            render.render(
+                "inapp",
+                compiled,
+                context,
+                where="built-in/inapp",
+                max_output_chars=100,
+                sms_max_segments=10,
+            )

@@ -128,6 +128,8 @@ class DeliveryWorker(Stage):
         self.channel_name = name
         # a channel whose effect is a record of the log: appended with the batch's outputs
         self.to_log = channel if isinstance(channel, AppendsToLog) else None
+        # asked once: isinstance of a runtime-checkable Protocol walks its members each time
+        self.accepts_all = channel if isinstance(channel, AcceptsAll) else None
         self.directory = directory
         self.composer = composer or Composer(directory)
         self.dead = dead
@@ -178,9 +180,9 @@ class DeliveryWorker(Stage):
         # deliveries waiting: this batch's (a page is many) and, estimated from the record
         # lag by this batch's mix of pages and single deliveries, those behind it
         lag = count + self._lag(recs) * count // max(1, len(recs))
-        if pages_only and isinstance(self.channel, AcceptsAll):
+        if pages_only and self.accepts_all is not None:
             pages = [i for i in items if isinstance(i, DeliveryPage)]
-            if self._accept_all(pages, self.channel, lag):
+            if self._accept_all(pages, self.accepts_all, lag):
                 return None
         by_user: dict[bytes, list[Delivery]] = {}
         for item in items:

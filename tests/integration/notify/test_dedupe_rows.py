@@ -6,6 +6,7 @@ upgrade is not sent again when its batch is redone after it."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from notify import ids
 from notify.delivery import dedupe_key
@@ -63,3 +64,64 @@ async def test_dedupe_rows_sit_by_event_and_older_rows_still_stop_a_repeat(
             await asyncio.sleep(0.02)
     await node.drained()
     assert (null.delivered, console.delivered) == sent
+
+
+async def test_dedupe_rows_past_the_ttl_are_swept_and_an_idle_worker_does_not_rescan(
+    start_node: NodeFactory,
+) -> None:
+    """Rows older than ``dedupe-ttl-ms`` go, a slice at a time on the worker's idle turns,
+    the fresh ones stay; slices that find nothing to forget, and whole passes, are paced
+    (an idle turn comes between most batches: walking a slice at each was CPU for nothing)."""
+    node = await start_node(channels=["null"])
+    worker = node.engine.workers["null"]
+    await node.drained()
+    real_clock = worker.clock
+    now = real_clock()
+    ttl = worker.config.dedupe_ttl_ms
+    old = [f"0123abcd-0000-4000-8000-{i:012d}" for i in range(5000)]
+    fresh = [f"4567abcd-0000-4000-8000-{i:012d}" for i in range(3000)]
+    for eid in old:
+        worker.dedupe.put(dedupe_key(eid, f"{eid}-d"), DedupeRow(at_ms=now - ttl - 1, final=True))
+    for eid in fresh:
+        worker.dedupe.put(dedupe_key(eid, f"{eid}-d"), DedupeRow(at_ms=now, final=True))
+    walked: list[int] = []
+    scan_raw = worker.dedupe.scan_raw
+
+    def counting_scan(*args: Any, **kwargs: Any) -> Any:
+        rows = scan_raw(*args, **kwargs)
+        walked.append(len(rows))
+        return rows
+
+    clock = [now]
+    worker.clock = lambda: clock[0]
+    worker.dedupe.scan_raw = counting_scan
+    try:
+        worker._sweep_after, worker._sweep_due = None, 0
+        # the slices holding old rows follow one another at each idle turn
+        for _ in range(3):
+            await worker.idle()
+        assert walked == [2000, 2000, 2000]
+        # the next slice (the last 2,000 fresh rows) found nothing to forget: paced
+        await worker.idle()
+        assert walked == [2000, 2000, 2000, 2000]
+        for _ in range(5):
+            await worker.idle()
+        assert len(walked) == 4, "a slice that forgot nothing is followed by a pause"
+        clock[0] += 100
+        await worker.idle()  # the end of the pass: nothing left to walk
+        assert walked[-1] == 0
+        n = len(walked)
+        for _ in range(5):
+            await worker.idle()
+        clock[0] += 999
+        await worker.idle()
+        assert len(walked) == n, "a new pass waits a second"
+        clock[0] += 1
+        await worker.idle()
+        assert len(walked) == n + 1
+    finally:
+        worker.clock = real_clock
+        del worker.dedupe.scan_raw
+    left = {k for k, _v in worker.dedupe.scan_raw(b"")}
+    assert not any(dedupe_key(eid, f"{eid}-d") in left for eid in old)
+    assert all(dedupe_key(eid, f"{eid}-d") in left for eid in fresh)

@@ -82,10 +82,13 @@ FINAL: Final = True
 _encode = msgspec.json.Encoder().encode
 _decode_dedupe: Final = msgspec.msgpack.Decoder(DedupeRow).decode
 # the dedupe sweep (DeliveryWorker.idle): rows per slice; the least gap after a slice that
-# found nothing past the TTL, and after a whole pass over the table
+# found nothing past the TTL, and after a whole pass over the table. Where rows are due to
+# go, slices follow one another at once (with rows of random keys living a day, every slice
+# holds some); where none are, a slice a second costs ~0.1% of the loop (a slice of 2,000
+# rows is ~0.75 ms: at 100 ms it was still 1.5% at 1,000 in-app events/s).
 SWEEP_ROWS: Final = 2000
-SWEEP_GAP_MS: Final = 100
-SWEEP_PASS_GAP_MS: Final = 1000
+SWEEP_GAP_MS: Final = 1000
+SWEEP_PASS_GAP_MS: Final = 10_000
 
 
 class Blocker(msgspec.Struct, array_like=True):
@@ -582,7 +585,8 @@ class DeliveryWorker(Stage):
         next slice at the next idle turn while slices find rows to forget, else not before
         :data:`SWEEP_GAP_MS`, and a new pass over the table not before
         :data:`SWEEP_PASS_GAP_MS` (a worker goes idle between most batches: at 1,000
-        deliveries/s walking a slice at every turn was 2.3% of the loop, for nothing)."""
+        in-app deliveries/s walking a slice at every turn was 2.3% of the loop, for
+        nothing)."""
         now = self.clock()
         if now < self._sweep_due:
             return

@@ -107,15 +107,18 @@ async def test_dedupe_rows_past_the_ttl_are_swept_and_an_idle_worker_does_not_re
         for _ in range(5):
             await worker.idle()
         assert len(walked) == 4, "a slice that forgot nothing is followed by a pause"
-        clock[0] += 100
+        clock[0] += 999
+        await worker.idle()
+        assert len(walked) == 4
+        clock[0] += 1
         await worker.idle()  # the end of the pass: nothing left to walk
         assert walked[-1] == 0
         n = len(walked)
         for _ in range(5):
             await worker.idle()
-        clock[0] += 999
+        clock[0] += 9_999
         await worker.idle()
-        assert len(walked) == n, "a new pass waits a second"
+        assert len(walked) == n, "a new pass waits ten seconds"
         clock[0] += 1
         await worker.idle()
         assert len(walked) == n + 1

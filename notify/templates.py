@@ -14,6 +14,12 @@ Bounds (``[notify.templates]``): ``max-bytes`` of source per template (all local
 parts), ``max-locales`` per template, ``max-per-tenant`` templates, and the render bounds of
 ``notify/render.py``. Compiled templates are cached by (tenant, topic, channel) and version,
 ``cache-size`` entries at most (least recently used go first).
+
+Lookups are remembered too, found or not (``cache-size`` entries, least recently used go
+first): a delivery asks for its topic's template and the tenant's ``*`` one, and most find
+neither, so without this each in-app, push, SMS or email delivery read the table twice. The
+node's one :class:`Templates` is the table's only writer (:meth:`put`, :meth:`delete`), and
+every write forgets what was remembered.
 """
 
 from __future__ import annotations
@@ -92,6 +98,8 @@ class Templates:
         self.config = config or TemplatesConfig()
         self.table = kv.table("notify.templates", StoredTemplate)
         self._cache: OrderedDict[bytes, tuple[int, dict[str, Compiled]]] = OrderedDict()
+        # what compiled() answered per key, None included, until the next put or delete
+        self._looked: OrderedDict[bytes, dict[str, Compiled] | None] = OrderedDict()
         self.compiles = 0  # templates compiled (one per stored version used), for tests
 
     # ----------------------------------------------------------------------- storing
@@ -153,6 +161,7 @@ class Templates:
                 updated_ms=now_ms,
             )
             self.table.put(key, row, txn=txn)
+        self._looked.clear()
         await self.kv.sync()
         self._remember(key, row.version, compiled)
         return row
@@ -164,6 +173,7 @@ class Templates:
         key = template_key(tenant, topic, channel)
         found = self.table.delete(key)
         self._cache.pop(key, None)
+        self._looked.clear()
         if found:
             await self.kv.sync()
         return found
@@ -182,6 +192,17 @@ class Templates:
         """The (tenant, topic, channel) template compiled (from the cache when its version
         is), None when there is none."""
         key = template_key(tenant, topic, channel)
+        looked = self._looked
+        if key in looked:
+            looked.move_to_end(key)
+            return looked[key]
+        found = self._compiled(key, topic, channel)
+        looked[key] = found
+        if len(looked) > self.config.cache_size:
+            looked.popitem(last=False)
+        return found
+
+    def _compiled(self, key: bytes, topic: str, channel: str) -> dict[str, Compiled] | None:
         row = self.table.get(key)
         if row is None:
             self._cache.pop(key, None)

@@ -601,23 +601,24 @@ class AuditIndexer(Stage):
     A batch is folded in slices of whole events (up to ``SLICE_ROWS_SOFT`` transitions of
     small events, or one event's up to ``SLICE_ROWS``), one transaction each, with a loop
     turn between them, so that no request waits behind a whole batch (a batch can hold
-    several fan-outs, or a second's worth of small events). A batch of ``TRICKLE``
-    transitions or more (a fan-out's pages) also gives way to deliveries: while
-    ``deliveries_waiting()`` says the fan-out or a delivery worker has work in hand or
-    records to fetch, it waits before each slice (the folding of a 10,000-user fan-out was
-    over half the loop's time while its deliveries were still being made). A smaller batch
-    (at most ~12 ms of folding, in slices of ~5 ms) is folded at once: under a steady load
-    the workers always have work in hand, and deferring small batches only gathered them
-    into one catch-up a second that held the loop for ~100 ms (ingest -> webhook p99 at
-    1,000 events/s 102-111 ms with it, 44-51 ms without). The wait is bounded: once the
-    index has been behind for ``max_lag_ms`` (since it last held everything in its topics),
-    it folds without giving way until it has caught up: under a load the node keeps up
-    with, it lags by about ``max_lag_ms`` plus the time to fold what came meanwhile; past
-    that load it shares the loop with the deliveries as if it never gave way (and lags, as
-    they do). :meth:`lag_s` says how far behind it is (``herald_notify_audit_lag_seconds``).
-    Deferring changes only when the index shows a transition, never what it shows:
-    ``__audit`` and the delivery pages hold every transition (appended with acks=all before
-    the batch that made it commits) and the indexer's offsets commit after its folds."""
+    several fan-outs, or a second's worth of small events). A slice of ``TRICKLE``
+    transitions or more (it holds a fan-out's pages: slices of small events end at
+    ``SLICE_ROWS_SOFT``) also gives way to deliveries: while ``deliveries_waiting()`` says
+    the fan-out or a delivery worker has work in hand or records to fetch, it waits (the
+    folding of a 10,000-user fan-out was over half the loop's time while its deliveries
+    were still being made). A slice of small events (~5 ms of folding) is folded at once:
+    under a steady load the workers always have work in hand, and deferring small events
+    only gathered them into one catch-up a second that held the loop for ~100 ms (ingest ->
+    webhook p99 at 1,000 events/s 102-111 ms with it, 40-75 ms without). The wait is
+    bounded: once the index has been behind for ``max_lag_ms`` (since it last held
+    everything in its topics), it folds without giving way until it has caught up: under a
+    load the node keeps up with, it lags by about ``max_lag_ms`` plus the time to fold what
+    came meanwhile; past that load it shares the loop with the deliveries as if it never
+    gave way (and lags, as they do). :meth:`lag_s` says how far behind it is
+    (``herald_notify_audit_lag_seconds``). Deferring changes only when the index shows a
+    transition, never what it shows: ``__audit`` and the delivery pages hold every
+    transition (appended with acks=all before the batch that made it commits) and the
+    indexer's offsets commit after its folds."""
 
     linger_s = 0.05
     TRICKLE: Final = 500
@@ -714,11 +715,10 @@ class AuditIndexer(Stage):
         # (requests, the deliveries the index gives way to) should wait behind
         self._last = 0
         slices = fold_slices(records, self.SLICE_ROWS_SOFT, self.SLICE_ROWS)
-        # a large batch gives way to the deliveries before each slice; a small one is
-        # folded at once (see the class's docstring)
-        polite = sum(rows for _part, rows in slices) >= self.TRICKLE
+        # a slice holding a fan-out's transitions gives way to the deliveries first; a
+        # slice of small events is folded at once (see the class's docstring)
         for i, (part, rows) in enumerate(slices):
-            if polite:
+            if rows >= self.TRICKLE:
                 await self._give_way()
             self.index.fold_many(part)
             self._last += rows  # transitions folded: a page counts its rows

@@ -360,8 +360,3 @@ def default_templates() -> dict[str, Compiled]:
         compiled = compile_locale(channel, "default", parts)
         out[channel] = Compiled(compiled.parts, natives[channel])
     return out
-
-
-def jinja_only(compiled: Compiled) -> Compiled:
-    """``compiled`` rendered by its Jinja2 parts (tests compare the two ways)."""
-    return Compiled(compiled.parts)

@@ -30,6 +30,7 @@ from tests.unit.storage.test_partition import (
     Clock,
     assert_values_match_offsets,
     batch,
+    crash_image,
     open_partition,
     read_around,
     values_for,
@@ -80,7 +81,7 @@ async def build(directory: Path, checkpoint: str) -> list[Stored]:
         await part.close()
         shutil.copytree(directory / "live", directory / "p")
     else:
-        shutil.copytree(directory / "live", directory / "p")  # what kill -9 leaves
+        crash_image(directory / "live", directory / "p")  # what kill -9 leaves
         await part.close()
         if checkpoint == "none":
             (directory / "p" / CHECKPOINT_FILE).unlink()

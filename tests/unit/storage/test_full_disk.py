@@ -28,6 +28,7 @@ from tests.unit.storage.test_partition import (
     Clock,
     assert_values_match_offsets,
     batch,
+    crash_image,
     open_partition,
     read_all,
     values_for,
@@ -128,7 +129,7 @@ async def test_a_partition_opens_on_a_full_disk(
     part = open_partition(tmp_path / "p", clock=Clock())
     await part.append([batch(values_for(0, 5))])
     crash = tmp_path / "crash"
-    shutil.copytree(tmp_path / "p", crash)  # killed: the tail is past the checkpoint
+    crash_image(tmp_path / "p", crash)  # killed: the tail is past the checkpoint
     await part.close()
     monkeypatch.setattr(partition_module, "write_checkpoint", no_space)
     with caplog.at_level(logging.WARNING, logger="herald.storage"):

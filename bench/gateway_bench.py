@@ -10,6 +10,7 @@
         # one broadcast -> N connected clients: time to the first, p50, p99 and last receipt
     python -m bench.gateway_bench latency --rate 1000 --seconds 10 --clients 1000
         # POST /events (one user each) at a fixed rate -> the notification on that user's socket
+        # (--trace: and where the time goes, per stage of the node: bench/notify_trace.py)
     (broadcast and latency take --workers N too: the node with N gateway worker processes,
     each result in a block of its own beside the in-process gateway's)
 
@@ -289,7 +290,9 @@ class NodeProcess:
     """``herald serve`` on a fresh data directory, gateway pings off, the token secret
     known to the clients."""
 
-    def __init__(self, base: Path, extra: str = "", workers: int = 0) -> None:
+    def __init__(
+        self, base: Path, extra: str = "", workers: int = 0, trace: Path | None = None
+    ) -> None:
         self.base = base
         self.http = free_port()
         self.ws = free_port()
@@ -304,9 +307,11 @@ class NodeProcess:
         )
         self.log = open(base / "serve.log", "w")  # noqa: SIM115 - closed in stop()
         herald = shutil.which("herald", path=str(Path(sys.executable).parent)) or "herald"
+        # with a trace: the same node, with the stage marks of bench/notify_trace.py
+        command = [sys.executable, "-m", "bench.notify_trace", str(trace)] if trace else [herald]
         self.proc = subprocess.Popen(
             [
-                herald,
+                *command,
                 "serve",
                 "--config",
                 str(config),
@@ -570,9 +575,12 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     seconds = args.seconds or 10
     n = args.clients or 1000
     base = _fresh_dir("gateway-latency-")
-    node = NodeProcess(base, workers=args.workers)
+    trace = base / "trace.jsonl" if args.trace else None
+    node = NodeProcess(base, workers=args.workers, trace=trace)
     crowd: Crowd | None = None
     users = [f"u{i:06d}" for i in range(n)]
+    traced: dict[str, tuple[int, int]] = {}  # with --trace: event id -> (POST, arrival) ns
+    breakdown = ""
     total = rate * seconds
     warm = rate  # the first second is a warm-up
     procs = _procs_for(n, args.procs)
@@ -581,20 +589,25 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         crowd = Crowd(node.ws, users, procs)
         crowd.wait_ready()
         sent: dict[int, float] = {}
+        failed: set[int] = set()
         errors = 0
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
 
             async def post(i: int) -> None:
                 nonlocal errors
                 sent[i] = time.perf_counter()
+                body: dict[str, object] = {
+                    "topic": "orders",
+                    "users": [users[i % n]],
+                    "payload": {"bench": i},
+                }
+                if trace is not None:  # known ids, to join the node's marks
+                    body["event_id"] = _trace_id(i)
                 try:
-                    await _post(
-                        session,
-                        node.url,
-                        {"topic": "orders", "users": [users[i % n]], "payload": {"bench": i}},
-                    )
+                    await _post(session, node.url, body)
                 except (aiohttp.ClientError, RuntimeError):
                     errors += 1
+                    failed.add(i)  # nothing to wait for
 
             tasks = set()
             start = time.perf_counter()
@@ -613,22 +626,33 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         missing = 0
         # user i % n is in client process (i % n) % procs
         for i in range(warm, total + warm):
+            if i in failed:
+                continue
             share = [0] * procs
             share[(i % n) % procs] = 1
             got = await loop.run_in_executor(None, crowd.collect, i, share)
             if got:
                 lat.append((got[0] - sent[i]) * 1000)
+                traced[_trace_id(i)] = (int(sent[i] * 1e9), int(got[0] * 1e9))
             else:
                 missing += 1
     finally:
         if crowd is not None:
             crowd.stop()
-        node.stop()
+        node.stop()  # a traced node writes its marks as it exits
+        if trace is not None:
+            from bench.notify_trace import breakdown as trace_breakdown
+
+            steps = ["post", "intake", "durable", "fanout", "out_acked:handled"]
+            steps += ["out_acked:sending", "out_acked", "worker", "inapp_acked:handled"]
+            steps += ["inapp_acked:sending", "inapp_acked", "reader", "pushed", "arrived"]
+            breakdown = "\n" + trace_breakdown(trace, {rate: traced}, steps)
         shutil.rmtree(base, ignore_errors=True)
     return (
         _header(
             f"python -m bench.gateway_bench latency --rate {rate} --seconds {seconds} --clients {n}"
             + _workers_flag(args)
+            + (" --trace" if trace is not None else "")
         )
         + f"`POST /events` for one user each (of {n:,} connected) at {rate:,}/s offered "
         f"({achieved:,.0f}/s achieved) for {seconds} s after a 1 s warm-up; latency from just "
@@ -636,8 +660,14 @@ async def scenario_latency(args: argparse.Namespace) -> str:
         f"HTTP errors: {errors}; never received: {missing}.\n\n"
         "| p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|\n"
         f"| {pct(lat, 0.5):.1f} | {pct(lat, 0.9):.1f} | {pct(lat, 0.99):.1f} "
-        f"| {pct(lat, 0.999):.1f} | {max(lat):.1f} |\n"
+        f"| {pct(lat, 0.999):.1f} | {max(lat):.1f} |\n" + breakdown
     )
+
+
+def _trace_id(i: int) -> str:
+    """The event id of the ``i``-th event of a traced latency run (a UUID, as the API
+    wants)."""
+    return f"00000000-0000-4000-8000-{i:012x}"
 
 
 SCENARIOS = {
@@ -661,6 +691,11 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="gateway.workers of the node (default 0: in-process gateway)",
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="latency: also time each event's stages in the node (bench/notify_trace.py)",
     )
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = parser.parse_args(argv)

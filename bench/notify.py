@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import os
 import resource
 import shutil
@@ -620,41 +619,11 @@ async def scenario_latency(args: argparse.Namespace) -> str:
 
 
 def trace_breakdown(path: Path, traced: dict[int, dict[str, tuple[int, int]]]) -> str:
-    """Per rate, p50 / p99 (ms) of each segment of an event's way, from the node's stage
-    marks (``bench/notify_trace.py``) and this process's POST and arrival times."""
-    marks: dict[str, dict[str, int]] = {}
-    if path.exists():
-        for line in path.read_bytes().splitlines():
-            m = msgspec.json.decode(line)
-            marks[m.pop("event_id")] = m
+    """Per rate, p50 / p99 (ms) of each segment of an event's way to the webhook."""
+    from bench.notify_trace import breakdown
+
     steps = ["post", "intake", "durable", "fanout", "out_acked", "worker", "send", "arrived"]
-    out = [
-        "Segments of an event's way (ms, p50 / p99; `--trace`): " + " -> ".join(steps),
-        "",
-        "| Rate | events | " + " | ".join(f"{a}->{b}" for a, b in itertools.pairwise(steps)) + " |",
-        "|---|---|" + "---|" * (len(steps) - 1),
-    ]
-    for rate, events in traced.items():
-        seg: list[list[float]] = [[] for _ in steps[1:]]
-        n = 0
-        for eid, (t0, arrived) in events.items():
-            m = marks.get(eid)
-            if m is None or any(k not in m for k in steps[1:-1]):
-                continue
-            n += 1
-            ts = [t0, *(m[k] for k in steps[1:-1]), arrived]
-            for i in range(len(seg)):
-                seg[i].append((ts[i + 1] - ts[i]) / 1e6)
-        cells = []
-        for values in seg:
-            values.sort()
-            if not values:
-                cells.append("-")
-                continue
-            p99 = values[min(len(values) - 1, int(0.99 * len(values)))]
-            cells.append(f"{values[len(values) // 2]:.1f} / {p99:.1f}")
-        out.append(f"| {rate:,}/s | {n:,} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    return breakdown(path, traced, steps)
 
 
 # ---------------------------------------------------------------------- a million

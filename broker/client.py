@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import msgspec
@@ -448,6 +449,10 @@ class BatchMetadata:
 
     def record(self, index: int) -> RecordMetadata:
         return RecordMetadata(self.topic, self.partition, self.base_offset + index)
+
+
+def _batch_metadata(r: p.Produced) -> BatchMetadata:
+    return BatchMetadata(r.topic, r.partition, r.base_offset, r.last_offset, r.duplicate)
 
 
 @dataclass
@@ -959,6 +964,113 @@ class Producer:
             batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
             r = await self._produce_with_retries(topic, partition, batch, key)
         return BatchMetadata(r.topic, r.partition, r.base_offset, r.last_offset, r.duplicate)
+
+    def send_batches(
+        self, batches: Sequence[tuple[str, int, Sequence[bytes | None] | None, Sequence[bytes]]]
+    ) -> asyncio.Future[list[BatchMetadata]]:
+        """Send each ``(topic, partition, keys, values)`` as one batch now (``keys`` None:
+        keyless records), and return one future of all their acknowledgements, in order.
+        :meth:`send_batch` for several partitions at once, without a task per batch: each
+        first attempt is answered by a callback (in process, from the turn that makes the
+        append durable), and the future resolves when the last one is in, so the caller
+        wakes once. A batch whose first attempt fails, or that finds no free in-flight
+        slot, goes on as :meth:`send_batch` would (retries, a new producer id) in a task;
+        the future fails with the first batch that fails for good."""
+        out: asyncio.Future[list[BatchMetadata]] = self.loop.create_future()
+        if not batches:
+            out.set_result([])
+            return out
+        results: list[BatchMetadata | None] = [None] * len(batches)
+        left = len(batches)
+
+        def finish(i: int, result: BatchMetadata | BaseException) -> None:
+            nonlocal left
+            if out.done():
+                return
+            if isinstance(result, BaseException):
+                out.set_exception(result)
+                return
+            results[i] = result
+            left -= 1
+            if not left:
+                out.set_result([r for r in results if r is not None])
+
+        ts = time.time_ns() // 1_000_000
+        for i, (topic, partition, keys, values) in enumerate(batches):
+            if keys is not None and len(keys) != len(values):
+                raise ValueError("keys needs one key per value")
+            ks = keys if keys is not None else [None] * len(values)
+            rows: list[records.RecordInput] = [(0, k, v) for k, v in zip(ks, values, strict=True)]
+            tp = (topic, partition)
+            if self.idempotent:
+                batch = self._encode(tp, rows, ts)
+            else:
+                batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
+            self._send_batch_now(tp, batch, rows, ts, partial(finish, i))
+        return out
+
+    def _send_batch_now(
+        self,
+        tp: TopicPartition,
+        batch: bytes,
+        rows: list[records.RecordInput],
+        ts: int,
+        finish: Callable[[BatchMetadata | BaseException], None],
+    ) -> None:
+        """One batch of :meth:`send_batches`: its first attempt now if an in-flight slot is
+        free and the client is connected, answered through ``finish``; otherwise, and
+        after a failed first attempt, the rest of :meth:`send_batch`'s way in a task."""
+        pid = self.producer_id
+
+        def later(first_failure: BrokerError | None) -> None:
+            async def attempts() -> p.Produced:
+                if self.idempotent:
+                    return await self._produce_renewing(
+                        tp, batch, rows, ts, pid=pid, first_failure=first_failure
+                    )
+                if first_failure is None:
+                    return await self._produce_with_retries(tp[0], tp[1], batch)
+                if not first_failure.retriable or self.retries == 0:
+                    raise first_failure
+                return await self._produce_with_retries(tp[0], tp[1], batch, first_attempt=1)
+
+            task = self.loop.create_task(attempts())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+            def done(t: asyncio.Task[p.Produced]) -> None:
+                if t.cancelled():
+                    finish(ConnectionLost("send cancelled"))
+                elif (exc := t.exception()) is not None:
+                    finish(exc)
+                else:
+                    finish(_batch_metadata(t.result()))
+
+            task.add_done_callback(done)
+
+        if not self.client.connected or not self._inflight.take():
+            later(None)
+            return
+        msg = p.Produce(
+            id=0, topic=tp[0], partition=tp[1], key=None, batches=[batch], acks=self.acks
+        )
+
+        def answered(reply: p.Response | BrokerError) -> None:
+            self._inflight.release()
+            if isinstance(reply, p.Produced):
+                finish(_batch_metadata(reply))
+            elif isinstance(reply, p.Error):
+                later(BrokerError(reply.code, reply.message, reply.retriable))
+            elif isinstance(reply, BrokerError):
+                later(reply)
+            else:
+                later(BrokerError(errors.InvalidRequest.code, f"unexpected reply {reply!r}"))
+
+        try:
+            self.client.send_callback(msg, answered)
+        except ConnectionLost as exc:
+            self._inflight.release()
+            later(exc)
 
     async def flush(self) -> None:
         """Send everything queued and wait for every acknowledgement."""

@@ -35,6 +35,7 @@ from broker.dispatch import Pending, handler_table
 from broker.errors import describe
 from broker.events import EventIntake
 from broker.service import BrokerService
+from storage.ack import Ack
 
 
 class LocalClient(Client):
@@ -83,15 +84,20 @@ class LocalClient(Client):
             if isinstance(outcome, Pending):
                 await outcome.ack  # a fresh future: the caller yields to the loop here
                 return cast(p.Response, outcome.reply)
-            reply = await outcome if asyncio.iscoroutine(outcome) else outcome
+            if asyncio.iscoroutine(outcome):
+                # a coroutine handler yields to the loop itself if it answers at once (a
+                # fetch with data: BrokerService.fetch): a long poll that waited was woken
+                # by the loop already, and a turn more here was a turn more on the way of
+                # every record the engines hand on
+                return cast(p.Response, await outcome)
+            reply = outcome
         except BrokerError:
             raise
         except Exception as exc:
             err = describe(exc)
             raise BrokerError(err.code, err.message, err.retriable) from exc
-        # a handler may answer without waiting (a fetch with data, or of a stopping node):
-        # give the loop a turn as a remote reply would, or a consumer loop that is always
-        # answered at once would never let anything else run
+        # a plain handler answers without waiting: give the loop a turn as a remote reply
+        # would, or a loop of such requests would never let anything else run
         await asyncio.sleep(0)
         return cast(p.Response, reply)
 
@@ -168,13 +174,47 @@ class LocalClient(Client):
         return fut
 
     def send_callback(self, msg: Any, callback: ReplyCallback) -> None:
-        """:meth:`send_nowait`, answered through ``callback`` (see :meth:`Client.send_callback`)."""
-        fut = self.send_nowait(msg)
+        """:meth:`send_nowait`, answered through ``callback`` (see :meth:`Client.send_callback`).
+        An append's acknowledgement calls it directly, in the loop turn that made the append
+        durable (the partition's :class:`~storage.ack.Ack`), as the TCP server answers: a
+        callback through a future would run a turn later, and a turn of a busy node's loop
+        is on the way of every notification whose stages append with it. Never called
+        before this returns."""
+        if self._closed:
+            raise ConnectionLost("client is closed")
+        if type(msg) is not p.Produce:
+            fut = self.send_nowait(msg)
 
-        def done(f: asyncio.Future[p.Response]) -> None:
-            callback(ConnectionLost("request cancelled") if f.cancelled() else f.result())
+            def done(f: asyncio.Future[p.Response]) -> None:
+                callback(ConnectionLost("request cancelled") if f.cancelled() else f.result())
 
-        fut.add_done_callback(done)
+            fut.add_done_callback(done)
+            return
+        msg.id = rid = next(self._local_ids)
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = self._handlers[p.Produce](self.principal, msg)
+        except Exception as exc:
+            loop.call_soon(callback, _error(rid, exc))
+            return
+        if not isinstance(outcome, Pending):
+            loop.call_soon(callback, outcome)
+            return
+        reply = outcome.reply
+
+        def acked(ack: asyncio.Future[Any]) -> None:
+            if ack.cancelled():
+                callback(ConnectionLost("request cancelled"))
+            elif (exc := ack.exception()) is not None:
+                callback(_error(rid, exc))
+            else:
+                callback(reply)
+
+        ack = outcome.ack
+        if isinstance(ack, Ack) and not ack.done():
+            ack.when_done(acked)
+        else:  # a throttled append's delayed acknowledgement, or one resolved already
+            ack.add_done_callback(acked)
 
     def flush(self) -> None:
         return None

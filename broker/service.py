@@ -423,11 +423,17 @@ class BrokerService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
         found: dict[tuple[str, int], Partition] = {}
+        waited = False
         while True:
             results, total, empty = await self.fetch_pass(principal, req, found)
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
                 self.quotas.fetched(usage, total)
+                if not waited and not delay:
+                    # answered at once: yield a turn, as a reply over a socket would, or an
+                    # in-process consumer that always finds data (catching up) would never
+                    # let anything else run (broker/local.py awaits this in its own task)
+                    await asyncio.sleep(0)
                 return results, int(delay * 1000)
             # one future for the whole wait, resolved by the first of: an empty partition's
             # high watermark moving, the node stopping, the deadline (a long poll of a stage
@@ -438,6 +444,7 @@ class BrokerService:
             for part in empty:
                 part.high_watermark_changed(woken)
             timer = loop.call_later(remaining, _wake, woken)
+            waited = True
             try:
                 await woken
             except Exception:  # a partition closing fails its waiters: the next pass looks

@@ -171,23 +171,19 @@ class Outbox:
         if not self._rows:
             sent, self.count = self.count, 0
             return sent
-        sends = []
+        batches: list[tuple[str, int, list[bytes | None], list[bytes]]] = []
         for (topic, partition), (keys, values) in self._rows.items():
             start = size = 0
             for i, v in enumerate(values):
                 need = len(v) + len(keys[i] or b"") + _RECORD_OVERHEAD
                 if i > start and size + need > self._max_bytes:
-                    sends.append(
-                        producer.send_batch(
-                            topic, values[start:i], partition=partition, keys=keys[start:i]
-                        )
-                    )
+                    batches.append((topic, partition, keys[start:i], values[start:i]))
                     start, size = i, 0
                 size += need
-            sends.append(
-                producer.send_batch(topic, values[start:], partition=partition, keys=keys[start:])
-            )
-        await asyncio.gather(*sends)
+            batches.append((topic, partition, keys[start:], values[start:]))
+        # appended now, one wake-up once all are acknowledged (no task per batch: a loop
+        # turn of a busy node is on every notification's way, twice per batch here)
+        await producer.send_batches(batches)
         sent = self.count
         self._rows.clear()
         self.count = 0

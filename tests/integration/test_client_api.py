@@ -175,3 +175,55 @@ async def test_an_auto_commit_goes_out_with_the_next_fetch_and_is_not_awaited(
     await consumer.close()
     assert await consumer.committed() == {("api-autocommit", 0): 20}
     await producer.close()
+
+
+async def test_send_batches_answers_for_every_batch_in_order_with_one_future(
+    client: Client,
+) -> None:
+    await client.create_topic("api-batches", 3)
+    producer = await client.producer()
+    fut = producer.send_batches(
+        [
+            ("api-batches", 2, None, [b"a", b"b"]),
+            ("api-batches", 0, [b"k1", None, b"k3"], [b"c", b"d", b"e"]),
+            ("api-batches", 2, None, [b"f"]),
+        ]
+    )
+    assert isinstance(fut, asyncio.Future)  # a plain call: sent before anything is awaited
+    metas = await fut
+    assert [(m.partition, m.base_offset, m.last_offset) for m in metas] == [
+        (2, 0, 1),
+        (0, 0, 2),
+        (2, 2, 2),
+    ]
+    consumer = await client.consumer("api-batches", group="api-batches-g", auto_commit=False)
+    got: dict[int, list[tuple[bytes | None, bytes]]] = {}
+    async with asyncio.timeout(10):
+        while sum(len(v) for v in got.values()) < 6:
+            for r in await consumer.getmany(timeout_ms=200):
+                got.setdefault(r.partition, []).append((r.key, r.value))
+    assert got == {
+        2: [(None, b"a"), (None, b"b"), (None, b"f")],
+        0: [(b"k1", b"c"), (None, b"d"), (b"k3", b"e")],
+    }
+    assert await producer.send_batches([]) == []
+    await consumer.close()
+    await producer.close()
+
+
+async def test_send_batches_fails_with_the_batch_refused_for_good_and_frees_its_slot(
+    client: Client,
+) -> None:
+    await client.create_topic("api-batches-bad", 1)
+    producer = await client.producer(max_inflight=1)
+    with pytest.raises(BrokerError) as err:
+        await producer.send_batches(
+            [("api-batches-bad", 0, None, [b"ok"]), ("api-batches-bad", 5, None, [b"no"])]
+        )
+    assert err.value.code == "unknown_partition"
+    # the in-flight slots the first attempts held are free again: the next send goes out
+    metas = await asyncio.wait_for(
+        producer.send_batches([("api-batches-bad", 0, None, [b"again"])]), 10
+    )
+    assert metas[0].partition == 0
+    await producer.close()

@@ -185,16 +185,18 @@ async def test_rows_written_after_the_outputs_are_not_written_when_the_outputs_f
     stage.retry_pause_s = 0.5
     await stage.start()
     assert stage.producer is not None
-    real = stage.producer.send_batch
+    real = stage.producer.send_batches
     failed = asyncio.Event()
 
-    async def flaky(*args: object, **kwargs: object) -> object:
+    def flaky(*args: object, **kwargs: object) -> object:
         if not failed.is_set():
             failed.set()
-            raise BrokerError("storage_error", "the disk said no", True)
-        return await real(*args, **kwargs)  # type: ignore[arg-type]
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(BrokerError("storage_error", "the disk said no", True))
+            return fut
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    stage.producer.send_batch = flaky  # type: ignore[method-assign,assignment]
+    stage.producer.send_batches = flaky  # type: ignore[method-assign,assignment]
     done = kv.table("done", Done)
     try:
         async with asyncio.timeout(10):

@@ -1,0 +1,100 @@
+"""The engines' appends in process: ``Producer.send_batches`` over a :class:`LocalClient`,
+whose produce callbacks come straight from the append's acknowledgement."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker import protocol as p
+from broker.auth import NODE_PRINCIPAL
+from broker.client import BrokerError
+from broker.local import LocalClient
+from storage import records
+from tests.unit.broker.test_front_door import Door, close_door, open_door
+
+
+@pytest.fixture
+async def door(tmp_path: Path) -> AsyncIterator[Door]:
+    d = await open_door(tmp_path / "data")
+    for name in ("a", "b"):
+        d.service.topics.ensure_internal(name, 2)
+    try:
+        yield d
+    finally:
+        await close_door(d)
+
+
+def produce(topic: str, partition: int, *values: bytes) -> p.Produce:
+    batch = records.encode_batch([(0, None, v) for v in values], first_timestamp=1)
+    return p.Produce(id=0, topic=topic, partition=partition, key=None, batches=[batch], acks=-1)
+
+
+async def test_send_batches_appends_every_partition_and_answers_once(door: Door) -> None:
+    client = LocalClient(door.service, door.intake, principal=NODE_PRINCIPAL)
+    producer = await client.producer(acks=-1, linger_ms=0)
+    fut = producer.send_batches(
+        [("a", 1, None, [b"x", b"y"]), ("b", 0, [b"k", None], [b"z", b"w"]), ("a", 1, None, [b"v"])]
+    )
+    # appended before anything was awaited: the log ends are past them already
+    assert door.log.partition("a", 1).log_end_offset == 3
+    assert door.log.partition("b", 0).log_end_offset == 2
+    metas = await asyncio.wait_for(fut, 10)
+    assert [(m.topic, m.partition, m.base_offset, m.last_offset) for m in metas] == [
+        ("a", 1, 0, 1),
+        ("b", 0, 0, 1),
+        ("a", 1, 2, 2),
+    ]
+    # acknowledged means durable: the high watermarks cover them
+    assert door.log.partition("a", 1).high_watermark == 3
+    assert door.log.partition("b", 0).high_watermark == 2
+    await producer.close()
+    await client.close()
+
+
+async def test_a_refused_batch_fails_the_future_and_the_rest_still_land(door: Door) -> None:
+    client = LocalClient(door.service, door.intake, principal=NODE_PRINCIPAL)
+    producer = await client.producer(acks=-1, linger_ms=0)
+    with pytest.raises(BrokerError) as err:
+        await asyncio.wait_for(
+            producer.send_batches([("a", 0, None, [b"ok"]), ("a", 9, None, [b"no"])]), 10
+        )
+    assert err.value.code == "unknown_partition"
+    assert door.log.partition("a", 0).log_end_offset == 1
+    metas = await asyncio.wait_for(producer.send_batches([("a", 0, None, [b"next"])]), 10)
+    assert metas[0].base_offset == 1
+    await producer.close()
+    await client.close()
+
+
+async def test_a_produce_callback_comes_after_the_call_returns_with_the_reply(
+    door: Door,
+) -> None:
+    """Never inside ``send_callback`` (a refusal found at once comes a turn later), and an
+    append's reply only once the append is durable."""
+    client = LocalClient(door.service, door.intake, principal=NODE_PRINCIPAL)
+    replies: list[object] = []
+    returned = False
+
+    def callback(reply: object) -> None:
+        assert returned, "called before send_callback returned"
+        replies.append(reply)
+
+    client.send_callback(produce("a", 7, b"x"), callback)  # no such partition
+    returned = True
+    await asyncio.sleep(0)
+    assert len(replies) == 1
+    assert isinstance(replies[0], p.Error) and replies[0].code == "unknown_partition"
+
+    done = asyncio.get_running_loop().create_future()
+    returned = False
+    client.send_callback(produce("b", 1, b"y"), lambda r: (callback(r), done.set_result(None)))
+    returned = True
+    assert door.log.partition("b", 1).high_watermark == 0
+    await asyncio.wait_for(done, 10)
+    assert isinstance(replies[1], p.Produced) and replies[1].base_offset == 0
+    assert door.log.partition("b", 1).high_watermark == 1
+    await client.close()

@@ -167,6 +167,9 @@ class Consent(_Row, kw_only=True):
     source: str  # "api", "unsubscribe_link", "complaint", "sms_stop", "sms_start", ...
     legal: bool = False  # a legal opt-out (TCPA revocation, one-click unsubscribe)
     scope: str | None = None
+    # the entry's place in the user's whole ledger (1, 2, ...), set when it is recorded: it
+    # orders entries of one millisecond across channels; 0 in rows older than it
+    order: int = 0
 
 
 def consent_key(channel: str, scope: str | None) -> str:
@@ -237,6 +240,7 @@ class Profile(_Row, kw_only=True):
     preferences: StoredPreferences | None = None
     consent: dict[str, ConsentState] = {}
     created_ms: int = 0
+    consent_entries: int = 0  # consent ledger entries recorded (the last one's ``order``)
 
 
 class SendLog(msgspec.Struct, array_like=True):

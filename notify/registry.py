@@ -151,9 +151,10 @@ class UserExport(msgspec.Struct, kw_only=True):
 
 
 def by_time(entries: list[Consent]) -> list[Consent]:
-    """A ledger read by key (channel, scope, then sequence) in the order it happened; the
-    sort is stable, so one key's entries of the same millisecond keep their order."""
-    return sorted(entries, key=lambda e: e.at_ms)
+    """A ledger read by key (channel, scope, then sequence) in the order it happened: by
+    time, then by the order the entries were recorded in (entries of one millisecond on
+    two channels; the sort is stable for rows older than ``Consent.order``)."""
+    return sorted(entries, key=lambda e: (e.at_ms, e.order))
 
 
 def apply_consent(current: ConsentState | None, entry: Consent) -> ConsentState:
@@ -792,9 +793,13 @@ class Registry:
         prefix = key + b"\0" + state_key.encode() + b"\0"
         last = self._consent.last(prefix, txn=txn)
         seq = 1 if last is None else _SEQ.unpack(last[0][len(prefix) :])[0] + 1
+        order = profile.consent_entries + 1
+        entry = msgspec.structs.replace(entry, order=order)
         self._consent.put(prefix + _SEQ.pack(seq), entry, txn=txn)
         state = apply_consent(profile.consent.get(state_key), entry)
-        return msgspec.structs.replace(profile, consent={**profile.consent, state_key: state})
+        return msgspec.structs.replace(
+            profile, consent={**profile.consent, state_key: state}, consent_entries=order
+        )
 
     # ------------------------------------------------------------------- phone STOPs
     def note_phone_stop(self, phone: str, *, at_ms: int, source: str) -> None:

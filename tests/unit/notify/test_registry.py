@@ -327,11 +327,13 @@ async def test_the_consent_ledger_is_append_only_and_its_state_folded(reg: Regis
     ]
     states = [await reg.record_consent("acme", "u1", e) for e in entries]
     assert [s.legal for s in states] == [False, True, True, True]
+    # recorded with their place in the user's whole ledger
+    entries = [msgspec.structs.replace(e, order=i) for i, e in enumerate(entries, 1)]
     assert reg.consent_ledger("acme", "u1", "sms") == [entries[0], entries[1], entries[3]]
     assert reg.consent_ledger("acme", "u1") == entries  # oldest first, whatever the channel
     scoped = Consent(channel="sms", opted_in=False, at_ms=T + 4, source="api", scope="topic:deals")
     await reg.record_consent("acme", "u1", scoped)
-    assert reg.consent_ledger("acme", "u1", "sms")[-1] == scoped
+    assert reg.consent_ledger("acme", "u1", "sms")[-1] == msgspec.structs.replace(scoped, order=5)
     state = reg.consent_state("acme", "u1")
     assert state["sms"] == ConsentState(opted_in=False, legal=True, at_ms=T + 3, source="api")
     back = await reg.record_consent(
@@ -342,6 +344,23 @@ async def test_the_consent_ledger_is_append_only_and_its_state_folded(reg: Regis
         await reg.record_consent(
             "acme", "u1", Consent(channel="fax", opted_in=True, at_ms=T, source="x")
         )
+
+
+async def test_entries_of_one_millisecond_come_back_in_the_order_recorded(
+    reg: Registry,
+) -> None:
+    """Whatever their channels' order as keys: an opt-out of sms, then an opt-in to email,
+    in one millisecond, are listed sms first (the ledger is read channel by channel)."""
+    for channel, opted_in in [("sms", False), ("email", True), ("push", False), ("email", False)]:
+        await reg.record_consent(
+            "acme", "u2", Consent(channel=channel, opted_in=opted_in, at_ms=T, source="api")
+        )
+    assert [(e.channel, e.opted_in) for e in reg.consent_ledger("acme", "u2")] == [
+        ("sms", False),
+        ("email", True),
+        ("push", False),
+        ("email", False),
+    ]
 
 
 @settings(max_examples=200, deadline=None)

@@ -38,9 +38,13 @@ class Pending(NamedTuple):
 Handler = Callable[[Principal, Any], Any]
 
 
-def handler_table(service: BrokerService, intake: EventIntake, node_id: int) -> dict[type, Handler]:
+def handler_table(
+    service: BrokerService, intake: EventIntake, node_id: int, *, in_process: bool = False
+) -> dict[type, Handler]:
     """One handler per op: each calls the front door and returns the reply, a
-    :class:`Pending` reply or a coroutine that returns the reply."""
+    :class:`Pending` reply or a coroutine that returns the reply. ``in_process``: for a
+    client whose requests run in its caller's task (``broker/local.py``): a fetch answered
+    without waiting then yields a turn of the loop, as a reply over a socket would."""
 
     def produce_now(pr: Principal, req: p.Produce) -> Any:
         a = service.produce(
@@ -61,7 +65,7 @@ def handler_table(service: BrokerService, intake: EventIntake, node_id: int) -> 
         return when_created(lambda: produce_now(pr, req))
 
     async def fetch(pr: Principal, req: p.Fetch) -> p.Fetched:
-        partitions, throttle_ms = await service.fetch(pr, req)
+        partitions, throttle_ms = await service.fetch(pr, req, yield_at_once=in_process)
         return p.Fetched(id=req.id, partitions=partitions, throttle_ms=throttle_ms)
 
     def list_offsets(pr: Principal, req: p.ListOffsets) -> p.Offsets:

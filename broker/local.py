@@ -58,7 +58,7 @@ class LocalClient(Client):
         self.principal = principal
         self.tenant = principal.tenant
         self._service = service
-        self._handlers = handler_table(service, intake, service.config.node_id)
+        self._handlers = handler_table(service, intake, service.config.node_id, in_process=True)
         self._local_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
 

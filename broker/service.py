@@ -408,12 +408,15 @@ class BrokerService:
         return results, total, empty
 
     async def fetch(
-        self, principal: Principal, req: p.Fetch
+        self, principal: Principal, req: p.Fetch, *, yield_at_once: bool = False
     ) -> tuple[list[p.FetchedPartition], int]:
         """Fetch with long poll: if fewer than ``min_bytes`` are available, wait until a
         partition's high watermark moves or ``max_wait_ms`` passes. Returns the results and
         the throttle time (ms): over its fetch rate, a tenant's fetch first waits out the
-        debt of its earlier fetches, before it reads anything."""
+        debt of its earlier fetches, before it reads anything. ``yield_at_once``: give the
+        loop a turn before answering a fetch that did not wait (an in-process consumer
+        that always finds data, catching up, would otherwise never let anything else run;
+        one that waited was woken by the loop already)."""
         principal.require("consume")
         usage = self.quotas.of(principal.tenant)
         delay = self.quotas.throttle_fetch(usage)
@@ -429,10 +432,7 @@ class BrokerService:
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
                 self.quotas.fetched(usage, total)
-                if not waited and not delay:
-                    # answered at once: yield a turn, as a reply over a socket would, or an
-                    # in-process consumer that always finds data (catching up) would never
-                    # let anything else run (broker/local.py awaits this in its own task)
+                if yield_at_once and not waited and not delay:
                     await asyncio.sleep(0)
                 return results, int(delay * 1000)
             # one future for the whole wait, resolved by the first of: an empty partition's

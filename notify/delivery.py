@@ -220,7 +220,10 @@ class DeliveryWorker(Stage):
             while queue:
                 await self._user(queue.pop(), lag)
 
-        n = min(self.concurrency, len(queue))
+        # a channel whose effect is a record of this batch (in-app) waits on nothing per
+        # delivery: its users go one after another in this task, not in tasks of their own
+        # (a loop turn to start them and one as each ends, on every in-app message's way)
+        n = 1 if self.to_log is not None else min(self.concurrency, len(queue))
         if n <= 1:
             await work()
         else:

@@ -98,3 +98,28 @@ async def test_a_produce_callback_comes_after_the_call_returns_with_the_reply(
     assert isinstance(replies[1], p.Produced) and replies[1].base_offset == 0
     assert door.log.partition("b", 1).high_watermark == 1
     await client.close()
+
+
+async def test_an_in_process_fetch_answered_at_once_yields_a_turn(door: Door) -> None:
+    """A consumer in the node's own loop that always finds data must still let the loop run:
+    its fetch yields a turn when it answers without waiting. Over TCP (the connection's own
+    task) the service does not add that turn."""
+    client = LocalClient(door.service, door.intake, principal=NODE_PRINCIPAL)
+    producer = await client.producer(acks=-1, linger_ms=0)
+    await producer.send_batches([("a", 0, None, [b"x"])])
+    loop = asyncio.get_running_loop()
+    req = p.Fetch(id=0, partitions=[p.FetchPartition("a", 0, 0)], max_wait_ms=0)
+
+    ran: list[str] = []
+    loop.call_soon(ran.append, "other")
+    reply = await client._request_now(req)  # data at once
+    assert isinstance(reply, p.Fetched) and reply.partitions[0].records
+    assert ran == ["other"], "an in-process fetch answered at once did not yield"
+
+    ran.clear()
+    loop.call_soon(ran.append, "other")
+    parts, _throttle = await door.service.fetch(NODE_PRINCIPAL, req)
+    assert parts[0].records and ran == [], "a fetch for a transport yielded a turn"
+    await asyncio.sleep(0)
+    await producer.close()
+    await client.close()

@@ -291,15 +291,25 @@ class NodeProcess:
     known to the clients."""
 
     def __init__(
-        self, base: Path, extra: str = "", workers: int = 0, trace: Path | None = None
+        self,
+        base: Path,
+        extra: str = "",
+        workers: int = 0,
+        trace: Path | None = None,
+        partitions: int = 0,
     ) -> None:
         self.base = base
         self.http = free_port()
         self.ws = free_port()
         config = base / "herald.toml"
+        # partitions > 0: of every internal topic on this path (__events, __deliver.*,
+        # __audit, __inapp) instead of the node's defaults
+        per_topic = f"partitions = {partitions}\n" if partitions else ""
+        events = f"[topics]\nevents-partitions = {partitions}\n\n" if partitions else ""
         config.write_text(
-            '[notify]\nchannels = ["inapp", "null"]\ndefault-channels = ["inapp"]\n\n'
-            f'[gateway]\ntoken-secret = "{SECRET}"\nping-interval-ms = 0\n'
+            '[notify]\nchannels = ["inapp", "null"]\ndefault-channels = ["inapp"]\n'
+            f"{per_topic}\n{events}"
+            f'[gateway]\ntoken-secret = "{SECRET}"\nping-interval-ms = 0\n{per_topic}'
             f"max-connections = 100000\nworkers = {workers}\n\n"
             # every client here comes from 127.0.0.1
             "[admission]\nmax-connections-per-address = 100000\n"
@@ -563,8 +573,9 @@ async def scenario_broadcast(args: argparse.Namespace) -> str:
 
 
 def _workers_flag(args: argparse.Namespace) -> str:
-    """The command's ``--workers`` part, and what it means, for the results' header."""
-    return f" --workers {args.workers}" if args.workers else ""
+    """The command's ``--workers`` and ``--partitions`` parts, for the results' header."""
+    flags = f" --workers {args.workers}" if args.workers else ""
+    return flags + (f" --partitions {args.partitions}" if args.partitions else "")
 
 
 # -------------------------------------------------------------------------- latency
@@ -576,7 +587,7 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     n = args.clients or 1000
     base = _fresh_dir("gateway-latency-")
     trace = base / "trace.jsonl" if args.trace else None
-    node = NodeProcess(base, workers=args.workers, trace=trace)
+    node = NodeProcess(base, workers=args.workers, trace=trace, partitions=args.partitions)
     crowd: Crowd | None = None
     users = [f"u{i:06d}" for i in range(n)]
     traced: dict[str, tuple[int, int]] = {}  # with --trace: event id -> (POST, arrival) ns
@@ -693,6 +704,13 @@ def main(argv: list[str] | None = None) -> None:
         help="gateway.workers of the node (default 0: in-process gateway)",
     )
     parser.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="latency: partitions of the internal topics on the way (__events, __deliver.*, "
+        "__audit, __inapp; default: the node's, 8 each)",
+    )
+    parser.add_argument(
         "--trace",
         action="store_true",
         help="latency: also time each event's stages in the node (bench/notify_trace.py)",
@@ -707,8 +725,10 @@ def main(argv: list[str] | None = None) -> None:
         text = asyncio.run(run(args))
         print(f"## {title}\n\n{text}")
         if not args.no_write:
-            # with --workers, a block of its own in the section: both tables stay
+            # with --workers, a block of its own in the section: both tables stay; with
+            # --partitions, one per count
             owner = f"bench.gateway_bench {name}" + (" --workers" if args.workers else "")
+            owner += f" --partitions {args.partitions}" if args.partitions else ""
             write_section(RESULTS, title, owner, text)
 
 

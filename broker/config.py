@@ -261,6 +261,9 @@ class NotifyConfig(_Section):
     default_channels: list[str] = msgspec.field(default_factory=lambda: ["console"])
     partitions: int = 8
     retry_partitions: int = 2
+    # __audit: read only by this node's audit indexer, so partitions buy it nothing but a
+    # write-and-sync round per partition a stage's batch touches (docs/NOTIFY.md)
+    audit_partitions: int = 1
     fanout_page: int = 1000
     fanout_flush_records: int = 20_000
     deliver_batch: int = 2000
@@ -410,6 +413,7 @@ def _validate(cfg: Config) -> Config:
     for name, value in (
         ("partitions", n.partitions),
         ("retry-partitions", n.retry_partitions),
+        ("audit-partitions", n.audit_partitions),
         ("fanout-page", n.fanout_page),
         ("fanout-flush-records", n.fanout_flush_records),
         ("deliver-batch", n.deliver_batch),

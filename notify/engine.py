@@ -105,7 +105,7 @@ class Engine:
     # ----------------------------------------------------------------- lifecycle
     def topics(self) -> list[tuple[str, int]]:
         n = self.ncfg
-        out = [(BROADCAST_TOPIC, n.partitions), (AUDIT_TOPIC, n.partitions)]
+        out = [(BROADCAST_TOPIC, n.partitions), (AUDIT_TOPIC, n.audit_partitions)]
         for ch in n.channels:
             out.append((deliver_topic(ch), n.partitions))
             out.append((dlq_topic(ch), n.partitions))

@@ -40,6 +40,13 @@ class RunningNode:
     http_url: str
     session: aiohttp.ClientSession
     clock: FakeClock | None
+    task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Stop the node cleanly (its data directory can then be started again)."""
+        self.node.stop()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 20)
 
     @property
     def api(self) -> ApiClient:
@@ -186,7 +193,7 @@ async def start_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
             task.result()
         assert node.engine is not None
         return RunningNode(
-            node, node.engine, f"http://127.0.0.1:{node.ports['http']}", session, clock
+            node, node.engine, f"http://127.0.0.1:{node.ports['http']}", session, clock, task
         )
 
     try:

@@ -22,7 +22,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import uvloop
 
 from bench.results import write_section
+from bench.storage import code_version
 from storage.log import Log
 from storage.partition import PartitionConfig
 from storage.records import encode_batch
@@ -89,16 +89,6 @@ async def one_case(base: Path, partitions: int, per_turn: int, turns: int) -> di
     }
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.sync_rounds",
@@ -129,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     text = (
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}, "
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {code_version()}, "
         f"{os.cpu_count()} CPUs, load average before the run {load:.2f}. Command: "
         f"`python -m bench.sync_rounds --turns {args.turns} --repeats {args.repeats}`\n\n"
         "Each turn appends one 300-byte record to each of *appends per turn* partitions "

@@ -956,14 +956,23 @@ class Producer:
         if self.idempotent and partition is None:
             n = await self._partitions(topic)
             partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
+        batch = self._encode_direct(topic, partition, rows, ts)
         if self.idempotent:
             assert partition is not None
-            batch = self._encode((topic, partition), rows, ts)
             r = await self._produce_renewing((topic, partition), batch, rows, ts)
         else:
-            batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
             r = await self._produce_with_retries(topic, partition, batch, key)
-        return BatchMetadata(r.topic, r.partition, r.base_offset, r.last_offset, r.duplicate)
+        return _batch_metadata(r)
+
+    def _encode_direct(
+        self, topic: str, partition: int | None, rows: list[records.RecordInput], ts: int
+    ) -> bytes:
+        """A batch sent as it is (:meth:`send_batch`, :meth:`send_batches`): sequenced when
+        the producer is idempotent (``partition`` is then known), else plain."""
+        if self.idempotent:
+            assert partition is not None
+            return self._encode((topic, partition), rows, ts)
+        return records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
 
     def send_batches(
         self, batches: Sequence[tuple[str, int, Sequence[bytes | None] | None, Sequence[bytes]]]
@@ -1001,12 +1010,8 @@ class Producer:
                 raise ValueError("keys needs one key per value")
             ks = keys if keys is not None else [None] * len(values)
             rows: list[records.RecordInput] = [(0, k, v) for k, v in zip(ks, values, strict=True)]
-            tp = (topic, partition)
-            if self.idempotent:
-                batch = self._encode(tp, rows, ts)
-            else:
-                batch = records.encode_batch(rows, first_timestamp=ts, max_timestamp=ts)
-            self._send_batch_now(tp, batch, rows, ts, partial(finish, i))
+            batch = self._encode_direct(topic, partition, rows, ts)
+            self._send_batch_now((topic, partition), batch, rows, ts, partial(finish, i))
         return out
 
     def _send_batch_now(

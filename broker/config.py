@@ -273,6 +273,9 @@ class NotifyConfig(_Section):
     audit_retention_ms: int = 30 * 24 * 3600 * 1000
     # how long the audit index may fall behind while it gives way to deliveries
     audit_max_lag_ms: int = 1000
+    # after a batch smaller than its batch size, the fan-out and the delivery workers wait
+    # this long before they fetch again (docs/NOTIFY.md, *Linger*); 0: fetch at once
+    linger_ms: float = 1.0
     timer_batch: int = 1000
     # the node's HTTP API as mail recipients reach it (https://...), for the links Herald puts
     # in mail (one-click unsubscribe); empty: mail carries no such link
@@ -422,6 +425,8 @@ def _validate(cfg: Config) -> Config:
     ):
         if value < 1:
             raise ConfigError(f"notify.{name} must be >= 1")
+    if not 0 <= n.linger_ms <= 1000:
+        raise ConfigError("notify.linger-ms must be between 0 and 1000")
     for o in n.channel_limits:
         for limit in (o.deliver_concurrency, o.deliver_batch, o.queue_depth_bound):
             if limit is not None and limit < 1:

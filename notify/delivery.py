@@ -136,6 +136,7 @@ class DeliveryWorker(Stage):
             stopping=stopping,
         )
         self.name = f"notify-deliver-{name}"
+        self.linger_s = config.linger_ms / 1000  # Stage's linger: see docs/NOTIFY.md
         self.channel = channel
         self.channel_name = name
         # a channel whose effect is a record of the log: appended with the batch's outputs

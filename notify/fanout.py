@@ -71,6 +71,7 @@ class Fanout(Stage):
             max_batch_bytes=max_batch_bytes,
             stopping=stopping,
         )
+        self.linger_s = config.linger_ms / 1000  # Stage's linger: see docs/NOTIFY.md
         self.directory = directory
         self.plans = plans
         self.runner = runner

@@ -212,9 +212,11 @@ class Stage:
 
     name = "stage"
     retry_pause_s = 1.0
-    # after a batch smaller than ``batch``, wait this long before the next fetch, so that a
-    # stage nobody waits on (the audit indexer) takes its records in fewer, larger batches:
-    # fewer fetches, commits and syncs per record when records trickle in
+    # after a batch smaller than ``batch``, wait this long before the next fetch: the audit
+    # indexer (nobody waits on it) 50 ms, to take its records in fewer, larger batches; the
+    # fan-out and the delivery workers ``notify.linger-ms`` (1 ms), which lowered the in-app
+    # path's latency under load (docs/NOTIFY.md, *Linger*). A record that finds the stage
+    # waiting in its fetch is taken at once: only those arriving during a linger wait.
     linger_s = 0.0
 
     def __init__(

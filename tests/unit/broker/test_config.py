@@ -117,6 +117,13 @@ def test_notify_channels_must_be_built_in(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_notify_linger_is_bounded(tmp_path: Path) -> None:
+    assert load(tmp_path, "[notify]\nlinger-ms = 0\n").notify.linger_ms == 0
+    assert load(tmp_path, "").notify.linger_ms == 1.0
+    assert "notify.linger-ms" in error(tmp_path, "[notify]\nlinger-ms = -1\n")
+    assert "notify.linger-ms" in error(tmp_path, "[notify]\nlinger-ms = 5000\n")
+
+
 def test_a_channel_sizes_its_own_pool(tmp_path: Path) -> None:
     path = tmp_path / "herald.toml"
     path.write_text(

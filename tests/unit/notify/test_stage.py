@@ -213,3 +213,54 @@ async def test_rows_written_after_the_outputs_are_not_written_when_the_outputs_f
     await client.close()
     await log.close()
     kv.close()
+
+
+class Counter(Stage):
+    """Keeps the size of every batch it handles."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sizes: list[int] = []
+
+    async def handle(self, recs: list[ConsumerRecord]) -> None:
+        self.sizes.append(len(recs))
+
+
+async def test_a_lingering_stage_takes_what_arrives_meanwhile_in_one_batch(
+    tmp_path: Path,
+) -> None:
+    """After a batch smaller than its batch size a stage with ``linger_s`` waits before its
+    next fetch (the fan-out and the delivery workers, ``notify.linger-ms``): records
+    appended one by one during the wait come as one batch, while a record that finds the
+    stage waiting in its fetch is taken at once, alone."""
+    cfg = Config()
+    cfg = msgspec.structs.replace(
+        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
+    )
+    log = Log(tmp_path)
+    log.open()
+    kv = KV(tmp_path / "state")
+    service = BrokerService(cfg, log, kv)
+    intake = EventIntake(cfg, service)
+    intake.start()
+    service.topics.ensure_internal("in", 1)
+    client = LocalClient(service, intake)
+    producer = await client.producer(acks=-1)
+    stage = Counter(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
+    stage.linger_s = 1.0  # far longer than three appends take
+    await stage.start()
+    try:
+        async with asyncio.timeout(10):
+            await producer.send("in", b"first", key=b"k")
+            while not stage.sizes:
+                await asyncio.sleep(0.005)
+            for value in (b"a", b"b", b"c"):  # each acknowledged (durable) before the next
+                await producer.send("in", value, key=b"k")
+            while sum(stage.sizes) < 4:
+                await asyncio.sleep(0.005)
+    finally:
+        await stage.stop()
+    assert stage.sizes == [1, 3]
+    await client.close()
+    await log.close()
+    kv.close()

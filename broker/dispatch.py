@@ -64,8 +64,14 @@ def handler_table(
     def produce(pr: Principal, req: p.Produce) -> Any:
         return when_created(lambda: produce_now(pr, req))
 
+    # in process: the partitions this client's fetches resolved, kept across fetches (one
+    # principal; a closed partition is looked up again)
+    resolved: dict[tuple[str, int], Any] | None = {} if in_process else None
+
     async def fetch(pr: Principal, req: p.Fetch) -> p.Fetched:
-        partitions, throttle_ms = await service.fetch(pr, req, yield_at_once=in_process)
+        partitions, throttle_ms = await service.fetch(
+            pr, req, yield_at_once=in_process, only_data=in_process, resolved=resolved
+        )
         return p.Fetched(id=req.id, partitions=partitions, throttle_ms=throttle_ms)
 
     def list_offsets(pr: Principal, req: p.ListOffsets) -> p.Offsets:

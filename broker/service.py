@@ -353,13 +353,17 @@ class BrokerService:
         principal: Principal,
         req: p.Fetch,
         found: dict[tuple[str, int], Partition] | None = None,
+        *,
+        only_data: bool = False,
     ) -> tuple[list[p.FetchedPartition], int, list[Partition]]:
         """One pass over the requested partitions. Returns the results, the bytes found and
         the partitions that had nothing (for a long poll to wait on). Reads within the
         page-cache window are served at once; a read further back (a consumer catching up)
         runs in a worker thread, so the loop never waits on the disk. ``found``: the
-        partitions an earlier pass of the same request resolved (and authorized), kept
-        there for the next pass of a long poll."""
+        partitions an earlier pass resolved (and authorized), kept there for the next pass
+        of a long poll (a closed one is looked up again). ``only_data``: no result for a
+        partition with nothing to read and no error (an in-process consumer, which skips
+        those anyway: a stage waits on 8-17 partitions and gets one or two)."""
         principal.require("consume")
         budget = min(req.max_bytes, self.config.limits.max_fetch_bytes)
         results: list[p.FetchedPartition] = []
@@ -367,7 +371,7 @@ class BrokerService:
         empty: list[Partition] = []
         for fp in req.partitions:
             part = found.get((fp.topic, fp.partition)) if found is not None else None
-            if part is None:
+            if part is None or part.closed:
                 try:
                     part = self.partition(principal, fp.topic, fp.partition)
                 except (UnknownTopic, UnknownPartition) as exc:
@@ -393,6 +397,8 @@ class BrokerService:
             total += len(data)
             if not data and error is None:
                 empty.append(part)
+                if only_data:
+                    continue
             # msgspec encodes any bytes-like object as bin: pass the read buffer as it is
             results.append(
                 p.FetchedPartition(
@@ -408,7 +414,13 @@ class BrokerService:
         return results, total, empty
 
     async def fetch(
-        self, principal: Principal, req: p.Fetch, *, yield_at_once: bool = False
+        self,
+        principal: Principal,
+        req: p.Fetch,
+        *,
+        yield_at_once: bool = False,
+        only_data: bool = False,
+        resolved: dict[tuple[str, int], Partition] | None = None,
     ) -> tuple[list[p.FetchedPartition], int]:
         """Fetch with long poll: if fewer than ``min_bytes`` are available, wait until a
         partition's high watermark moves or ``max_wait_ms`` passes. Returns the results and
@@ -416,7 +428,11 @@ class BrokerService:
         debt of its earlier fetches, before it reads anything. ``yield_at_once``: give the
         loop a turn before answering a fetch that did not wait (an in-process consumer
         that always finds data, catching up, would otherwise never let anything else run;
-        one that waited was woken by the loop already)."""
+        one that waited was woken by the loop already). ``only_data``: as for
+        :meth:`fetch_pass`. ``resolved``: the caller's own map of the partitions it
+        fetched before (one principal's, kept across its fetches: an in-process client),
+        filled and used instead of a fresh one per request; for a transport, whose
+        principal may lose its rights between requests, None."""
         principal.require("consume")
         usage = self.quotas.of(principal.tenant)
         delay = self.quotas.throttle_fetch(usage)
@@ -425,10 +441,12 @@ class BrokerService:
         max_wait = min(req.max_wait_ms, self.config.limits.max_wait_ms) / 1000
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
-        found: dict[tuple[str, int], Partition] = {}
+        found: dict[tuple[str, int], Partition] = {} if resolved is None else resolved
         waited = False
         while True:
-            results, total, empty = await self.fetch_pass(principal, req, found)
+            results, total, empty = await self.fetch_pass(
+                principal, req, found, only_data=only_data
+            )
             remaining = deadline - loop.time()
             if total >= req.min_bytes or remaining <= 0 or not empty or self.stopping:
                 self.quotas.fetched(usage, total)

@@ -169,6 +169,12 @@ class Partition:
         self._closed = False
         self.on_high_watermark: Callable[[Partition], None] | None = None
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` began: a caller holding this object looks the partition up
+        again (its topic may be gone, or made anew)."""
+        return self._closed
+
     # ------------------------------------------------------------------------ opening
     @classmethod
     def open(

@@ -123,3 +123,60 @@ async def test_an_in_process_fetch_answered_at_once_yields_a_turn(door: Door) ->
     await asyncio.sleep(0)
     await producer.close()
     await client.close()
+
+
+async def test_an_in_process_fetch_answers_only_partitions_with_something_to_say(
+    door: Door,
+) -> None:
+    """A stage waits on many partitions and gets one or two: its fetches leave out those
+    with nothing to read and no error (a transport's fetch still answers every partition),
+    and an error still comes back."""
+    client = LocalClient(door.service, door.intake, principal=NODE_PRINCIPAL)
+    producer = await client.producer(acks=-1, linger_ms=0)
+    await producer.send_batches([("a", 1, None, [b"x"])])
+    parts = [p.FetchPartition("a", 0, 0), p.FetchPartition("a", 1, 0)]
+    reply = await client._request_now(p.Fetch(id=0, partitions=parts, max_wait_ms=0))
+    assert isinstance(reply, p.Fetched)
+    assert [(r.topic, r.partition) for r in reply.partitions] == [("a", 1)]
+    assert reply.partitions[0].records
+    served, _throttle = await door.service.fetch(
+        NODE_PRINCIPAL, p.Fetch(id=0, partitions=parts, max_wait_ms=0)
+    )
+    assert [(r.partition, bool(r.records)) for r in served] == [(0, False), (1, True)]
+    missing = [p.FetchPartition("nope", 0, 0)]
+    reply = await client._request_now(p.Fetch(id=0, partitions=missing, max_wait_ms=0))
+    assert isinstance(reply, p.Fetched)
+    assert [r.error for r in reply.partitions] == ["unknown_topic"]
+    await producer.close()
+    await client.close()
+
+
+async def test_an_in_process_client_reads_a_topic_made_anew_not_the_closed_one(
+    door: Door,
+) -> None:
+    """The partitions an in-process client fetched are remembered across its fetches; a
+    topic deleted and made again under the same name is looked up again (its old partitions
+    are closed), so the client reads the new records, never the old files."""
+    client = LocalClient(door.service, door.intake, principal=NODE_PRINCIPAL)
+    producer = await client.producer(acks=-1, linger_ms=0)
+    await producer.send_batches([("b", 0, None, [b"old-0", b"old-1"])])
+    want = [p.FetchPartition("b", 0, 0)]
+    reply = await client._request_now(p.Fetch(id=0, partitions=want, max_wait_ms=0))
+    assert isinstance(reply, p.Fetched) and reply.partitions[0].high_watermark == 2
+    await door.service.delete_topic(NODE_PRINCIPAL, "b")
+    door.service.topics.ensure_internal("b", 2)
+    fresh = await client.producer(acks=-1, linger_ms=0)
+    await fresh.send_batches([("b", 0, None, [b"new-0"])])
+    reply = await client._request_now(p.Fetch(id=0, partitions=want, max_wait_ms=0))
+    assert isinstance(reply, p.Fetched)
+    got = reply.partitions[0]
+    assert got.high_watermark == 1
+    values = [
+        r.value
+        for pos, header in records.iter_batches(got.records)
+        for r in records.decode_records(got.records[pos : pos + header.batch_length], header)
+    ]
+    assert values == [b"new-0"]
+    await fresh.close()
+    await producer.close()
+    await client.close()

@@ -161,7 +161,10 @@ class Bench:
         self.profile_dir = REPO / "bench" / "out"
         now = datetime.now(UTC)
         self.commit = git_commit()  # once: others may commit while this runs
-        self.res = report.Results(stamp=f"{now:%Y-%m-%d %H:%M} UTC, commit {self.commit}")
+        self.res = report.Results(
+            stamp=f"{now:%Y-%m-%d %H:%M} UTC, commit {self.commit}",
+            partial=args.scenario != "all" or args.systems is not None,
+        )
 
     # ------------------------------------------------------------------ scenarios
     def limits(self) -> None:
@@ -633,10 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    blocks = ["setup", *scenarios]
-    if args.scenario == "all":
-        blocks.append("targets")
-    rendered = report.render(bench.res, blocks)
+    rendered = report.render(bench.res, report.blocks_of(bench.res, scenarios))
     if str(args.out) == "-":
         print("\n\n".join(rendered.values()))
     else:

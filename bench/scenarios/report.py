@@ -89,6 +89,9 @@ class Results:
     foreign: dict[str, ForeignLoad] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
     describe: dict[str, str] = field(default_factory=dict)  # scenario -> how it was run
+    # a run of some scenarios (or systems) only: it writes its scenarios' blocks and leaves
+    # the setup and the targets, which describe the last full run, as they are
+    partial: bool = False
 
     def note(self, scenario: str, text: str) -> None:
         self.notes.setdefault(scenario, []).append(text)
@@ -118,6 +121,12 @@ def _ratio(a: float, b: float) -> str:
 
 def _header(res: Results, block: str) -> list[str]:
     lines = [f"_Measured {res.stamp}._", ""]
+    if res.partial:
+        lines = [
+            f"_Measured {res.stamp}, in a run of part of the benchmark: the setup above and"
+            " the targets below are those of the last full run._",
+            "",
+        ]
     if block in res.describe:
         lines += [res.describe[block], ""]
     fl = res.foreign.get(block)
@@ -543,6 +552,13 @@ RENDER: dict[str, Callable[[Results], list[str]]] = {
     "single": render_single,
     "targets": render_targets,
 }
+
+
+def blocks_of(res: Results, scenarios: list[str]) -> list[str]:
+    """The blocks a run writes: a full run its scenarios with the setup and the targets; a
+    partial one (some scenarios, or some systems) only its scenarios' blocks, each saying
+    so, so the section never pairs one run's setup or targets with another's tables."""
+    return [*scenarios] if res.partial else ["setup", *scenarios, "targets"]
 
 
 def render(res: Results, blocks: list[str]) -> dict[str, str]:

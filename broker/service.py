@@ -375,6 +375,8 @@ class BrokerService:
                 try:
                     part = self.partition(principal, fp.topic, fp.partition)
                 except (UnknownTopic, UnknownPartition) as exc:
+                    if found is not None:  # a deleted topic's partition is not kept
+                        found.pop((fp.topic, fp.partition), None)
                     results.append(
                         p.FetchedPartition(fp.topic, fp.partition, -1, -1, b"", exc.code)
                     )

@@ -164,6 +164,9 @@ async def test_an_in_process_client_reads_a_topic_made_anew_not_the_closed_one(
     reply = await client._request_now(p.Fetch(id=0, partitions=want, max_wait_ms=0))
     assert isinstance(reply, p.Fetched) and reply.partitions[0].high_watermark == 2
     await door.service.delete_topic(NODE_PRINCIPAL, "b")
+    reply = await client._request_now(p.Fetch(id=0, partitions=want, max_wait_ms=0))
+    assert isinstance(reply, p.Fetched)
+    assert [r.error for r in reply.partitions] == ["unknown_topic"]  # not the closed files
     door.service.topics.ensure_internal("b", 2)
     fresh = await client.producer(acks=-1, linger_ms=0)
     await fresh.send_batches([("b", 0, None, [b"new-0"])])

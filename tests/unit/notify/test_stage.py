@@ -23,6 +23,24 @@ from storage.kv import KV
 from storage.log import Log
 
 
+def in_process(tmp_path: Path, *topics: str) -> tuple[Log, KV, BrokerService, LocalClient]:
+    """A broker in this process (log, state store, service, in-process client) with
+    ``topics`` made, one partition each."""
+    cfg = Config()
+    cfg = msgspec.structs.replace(
+        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
+    )
+    log = Log(tmp_path)
+    log.open()
+    kv = KV(tmp_path / "state")
+    service = BrokerService(cfg, log, kv)
+    intake = EventIntake(cfg, service)
+    intake.start()
+    for name in topics:
+        service.topics.ensure_internal(name, 1)
+    return log, kv, service, LocalClient(service, intake)
+
+
 class Doubler(Stage):
     """Copies every record of ``in`` to ``out``; fails the first time it sees ``boom``."""
 
@@ -39,19 +57,7 @@ class Doubler(Stage):
 async def test_a_failed_batch_is_redone_and_nothing_is_lost_or_committed_early(
     tmp_path: Path,
 ) -> None:
-    cfg = Config()
-    cfg = msgspec.structs.replace(
-        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
-    )
-    log = Log(tmp_path)
-    log.open()
-    kv = KV(tmp_path / "state")
-    service = BrokerService(cfg, log, kv)
-    intake = EventIntake(cfg, service)
-    intake.start()
-    for name in ("in", "out"):
-        service.topics.ensure_internal(name, 1)
-    client = LocalClient(service, intake)
+    log, kv, service, client = in_process(tmp_path, "in", "out")
     producer = await client.producer(acks=-1)
     for value in (b"a", b"boom", b"c"):
         await producer.send("in", value, key=b"k")
@@ -92,19 +98,7 @@ async def test_a_slow_sync_of_one_output_partition_holds_up_no_other_partitions_
     """Batch N's outputs to a partition whose sync is stuck do not keep batch N+1's outputs
     to another partition from being appended and synced (a user's order is per partition,
     which the log keeps), while N+1 still commits only after N."""
-    cfg = Config()
-    cfg = msgspec.structs.replace(
-        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
-    )
-    log = Log(tmp_path)
-    log.open()
-    kv = KV(tmp_path / "state")
-    service = BrokerService(cfg, log, kv)
-    intake = EventIntake(cfg, service)
-    intake.start()
-    for name in ("in", "slow", "fast"):
-        service.topics.ensure_internal(name, 1)
-    client = LocalClient(service, intake)
+    log, kv, service, client = in_process(tmp_path, "in", "slow", "fast")
     release = threading.Event()
     flusher = log.partition("slow", 0)._flusher  # its syncs wait until released
 
@@ -166,19 +160,7 @@ async def test_rows_written_after_the_outputs_are_not_written_when_the_outputs_f
     """A row that records an output as done is written only once the output is acknowledged:
     when the append fails, the batch is redone and the row is absent meanwhile (a crash then
     would redo the effect, not skip it), and it is there after the redo succeeded."""
-    cfg = Config()
-    cfg = msgspec.structs.replace(
-        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
-    )
-    log = Log(tmp_path)
-    log.open()
-    kv = KV(tmp_path / "state")
-    service = BrokerService(cfg, log, kv)
-    intake = EventIntake(cfg, service)
-    intake.start()
-    for name in ("in", "out"):
-        service.topics.ensure_internal(name, 1)
-    client = LocalClient(service, intake)
+    log, kv, service, client = in_process(tmp_path, "in", "out")
     producer = await client.producer(acks=-1)
     await producer.send("in", b"a", key=b"k")
     stage = Recorder(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
@@ -233,18 +215,7 @@ async def test_a_lingering_stage_takes_what_arrives_meanwhile_in_one_batch(
     next fetch (the fan-out and the delivery workers, ``notify.linger-ms``): records
     appended one by one during the wait come as one batch, while a record that finds the
     stage waiting in its fetch is taken at once, alone."""
-    cfg = Config()
-    cfg = msgspec.structs.replace(
-        cfg, storage=msgspec.structs.replace(cfg.storage, data_dir=str(tmp_path))
-    )
-    log = Log(tmp_path)
-    log.open()
-    kv = KV(tmp_path / "state")
-    service = BrokerService(cfg, log, kv)
-    intake = EventIntake(cfg, service)
-    intake.start()
-    service.topics.ensure_internal("in", 1)
-    client = LocalClient(service, intake)
+    log, kv, _service, client = in_process(tmp_path, "in")
     producer = await client.producer(acks=-1)
     stage = Counter(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
     stage.linger_s = 1.0  # far longer than three appends take

@@ -7,6 +7,10 @@ This module knows no gateway and no broker: the node gives it two callables.
   user's messages keep their order on one partition) and return once it is durable. The
   gateway's reader indexes it into the user's inbox (backfill) and pushes it to the user's
   sessions; a retried or redone delivery is appended again and dropped there by its id.
+- ``show(messages)`` (optional): hand messages to the gateway as their records are handed
+  to the log, so a connected device gets them without waiting for ``__inapp``'s sync; the
+  gateway's reader drops each again by its id when it reads the durable record. Called once
+  per loop turn with that turn's messages.
 - ``presence(tenant, user)``: how many devices of the user are connected to this node now.
   It only shapes the outcome's detail (``shown on 2 devices`` / ``offline: kept for
   backfill``): the message is in the inbox either way, so the delivery is ``delivered``.
@@ -18,6 +22,8 @@ A failed append (the log full or stopping) is a retry: the core's backoff applie
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -28,8 +34,11 @@ from channels.errors import ChannelClosed
 
 INAPP_TOPIC: Final = "__inapp"
 
+log = logging.getLogger("herald.channels.inapp")
+
 Append = Callable[[bytes, bytes], Awaitable[None]]
 Presence = Callable[[str, str], int]
+Show = Callable[[list["InAppMessage"]], None]
 
 
 class InAppMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -60,19 +69,38 @@ class InAppChannel:
 
     name = "inapp"
 
-    def __init__(self, append: Append, presence: Presence | None = None) -> None:
+    def __init__(
+        self, append: Append, presence: Presence | None = None, show: Show | None = None
+    ) -> None:
         self._append = append
         self._presence = presence
+        self._show = show
+        self._shown: list[InAppMessage] = []  # this loop turn's, for ``show``
         self._closed = False
         self.sent = 0
 
     def record(self, delivery: Delivery) -> tuple[str, bytes, bytes]:
         """The delivery's ``__inapp`` record (``topic, key, value``), for a worker that
-        appends it with its batch's outputs (:class:`~channels.base.AppendsToLog`)."""
+        appends it with its batch's outputs (:class:`~channels.base.AppendsToLog`); the
+        message goes to ``show`` at the end of this loop turn, with the turn's others."""
         if self._closed:
             raise ChannelClosed("the in-app channel is closed")
         self.sent += 1
-        return INAPP_TOPIC, user_key(delivery.tenant, delivery.user), self._value(delivery)
+        message = self._message(delivery)
+        if self._show is not None:
+            if not self._shown:
+                asyncio.get_running_loop().call_soon(self._show_turn)
+            self._shown.append(message)
+        return INAPP_TOPIC, user_key(delivery.tenant, delivery.user), _encode(message)
+
+    def _show_turn(self) -> None:
+        shown, self._shown = self._shown, []
+        if self._show is None or self._closed:
+            return
+        try:
+            self._show(shown)
+        except Exception:  # the reader shows them once their records are durable
+            log.exception("event=inapp_show_failed messages=%d", len(shown))
 
     def recorded(self, delivery: Delivery) -> Outcome:
         """The outcome of a delivery whose record is appended: ``delivered`` (the message is
@@ -95,7 +123,11 @@ class InAppChannel:
 
     @staticmethod
     def _value(delivery: Delivery) -> bytes:
-        message = InAppMessage(
+        return _encode(InAppChannel._message(delivery))
+
+    @staticmethod
+    def _message(delivery: Delivery) -> InAppMessage:
+        return InAppMessage(
             id=delivery.delivery_id,
             tenant=delivery.tenant,
             user=delivery.user,
@@ -106,7 +138,6 @@ class InAppChannel:
             priority=delivery.priority,
             payload=delivery.payload,
         )
-        return _encode(message)
 
     def _outcome(self, delivery: Delivery) -> Outcome:
         devices = self._presence(delivery.tenant, delivery.user) if self._presence else 0

@@ -77,6 +77,13 @@ class Reader:
         self.indexed = 0
         self.pushed = 0
         self.duplicates = 0
+        # in-app messages handed over by the in-app worker as it appends their records
+        # (:meth:`show`), waiting for a reservation of inbox numbers to be durable
+        self._early: list[InAppMessage] = []
+        self._early_task: asyncio.Task[None] | None = None
+        # the reservation being synced: no number of its block goes out before it is done
+        self._reservation: asyncio.Future[None] | None = None
+        self.shown_early = 0
         # a test or benchmark waits for the index to reach an offset
         self.on_batch: Callable[[], None] | None = None
 
@@ -92,10 +99,11 @@ class Reader:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-reader")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._early_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._commit is not None:
             with contextlib.suppress(Exception):
                 await self._commit
@@ -158,10 +166,63 @@ class Reader:
                     rec.offset,
                     exc,
                 )
-        if self.inbox.needs_reservation(len(messages)):
-            self.inbox.reserve(len(messages))
+        await self._reserved_for(len(messages))
+        self._index_and_push(messages)
+
+    async def _reserved_for(self, count: int) -> None:
+        """Until ``count`` inbox numbers are reserved durably: a new block is synced before
+        any number of it goes out, and one reservation is synced at a time (the reader and
+        :meth:`show` both number messages)."""
+        while self._reservation is not None:
+            await asyncio.shield(self._reservation)
+        if not self.inbox.needs_reservation(count):
+            return
+        done = self._reservation = asyncio.get_running_loop().create_future()
+        try:
+            self.inbox.reserve(count)
             await self.kv.sync()  # no number of the new block goes out before it is durable
-        # index and push in one loop step: a backfill never sees half of it
+        finally:
+            self._reservation = None
+            done.set_result(None)
+
+    def show(self, messages: Sequence[InAppMessage]) -> None:
+        """Store and push in-app messages now, as the in-app worker appends their records to
+        ``__inapp`` (before they are durable): the third durable hop is then off the way of
+        a connected device. When this reader later reads a record it finds the message in
+        the inbox and drops it by id. A redone batch, or a power cut before the record is
+        durable, shows a message again with the same id (docs/GATEWAY.md). Messages wait,
+        in order, for inbox numbers whose reservation is not durable yet."""
+        if self._task is None or self._task.done():
+            return  # not reading: the records are shown when they are read
+        self._early.extend(messages)
+        if self._early_task is None:
+            self._show_early()
+
+    def _show_early(self) -> None:
+        early = self._early
+        if not early:
+            return
+        if self._reservation is not None or self.inbox.needs_reservation(len(early)):
+            self._early_task = asyncio.get_running_loop().create_task(self._reserve_early())
+            return
+        self._early = []
+        self.shown_early += len(early)
+        self._index_and_push(list(early))
+
+    async def _reserve_early(self) -> None:
+        try:
+            await self._reserved_for(len(self._early))
+        except Exception as exc:  # the sync failed: the reader shows them once durable
+            log.warning("event=gateway_early_show_failed error=%r", exc)
+            self._early = []
+            return
+        finally:
+            self._early_task = None
+        self._show_early()
+
+    def _index_and_push(self, messages: list[InAppMessage | StoredEvent]) -> None:
+        """Store ``messages`` in the inbox (one transaction) and push the new ones, in one
+        loop step: a backfill never sees half of it. The numbers are reserved."""
         indexed = self.inbox.add(messages)
         self.indexed += len(indexed)
         self.duplicates += len(messages) - len(indexed)

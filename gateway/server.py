@@ -33,7 +33,7 @@ from broker.events import EventIntake
 from broker.listener import NodeAdmission
 from broker.local import LocalClient
 from broker.service import BrokerService
-from channels.inapp import INAPP_TOPIC
+from channels.inapp import INAPP_TOPIC, InAppMessage
 from gateway import auth, frames
 from gateway.edge import AdmittedConnection, Edge, tenants_of, wall_ms
 from gateway.hub import Hub
@@ -135,6 +135,12 @@ class Gateway(Edge):
     def present(self, tenant: str, user: str) -> int:
         """How many devices of the user are connected to this node (in any process)."""
         return self.recipients.present(tenant, user)
+
+    def show(self, messages: list[InAppMessage]) -> None:
+        """In-app messages whose records the in-app worker is appending: stored and pushed
+        now (:meth:`Reader.show`); before the reader runs, they wait for their records."""
+        if self.reader is not None:
+            self.reader.show(messages)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -470,7 +470,8 @@ class Node:
             if "inapp" in cfg.notify.channels and "inapp" not in channels:
                 outlet = InAppOutlet(broker.service, broker.intake, cfg.gateway.partitions)
                 stack.push_async_callback(outlet.close)  # after the engine's workers stop
-                channels["inapp"] = InAppChannel(outlet.append, presence)
+                show = gateway.show if gateway is not None else None
+                channels["inapp"] = InAppChannel(outlet.append, presence, show)
             registry = Registry(
                 state.kv, webhook_secret_overlap_ms=cfg.channels.webhook.secret_overlap_ms
             )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +218,50 @@ async def test_a_client_sending_too_fast_is_cut_off(start_node: Any) -> None:
             await alice.send(type="seen", ids=["nothing"])
     await alice.wait_for(lambda d: d.conn.close_code is not None, what="close")
     assert alice.conn.close_code == 4009
+
+
+async def test_a_connected_device_is_shown_a_message_before_its_feed_record_is_durable(
+    start_node: Any,
+) -> None:
+    """The in-app worker hands each message to the gateway as it appends the ``__inapp``
+    record, so a connected device gets it while that record's sync is still held; once the
+    record is durable the reader finds the message in the inbox and drops it by id: the
+    device gets it once, and so does a device that connects afterwards (backfill)."""
+    node: Running = await start_node()
+    alice = await node.connect("alice")
+    assert node.node.service is not None
+    log = node.node.service.log
+    parts = [p for (topic, _i), p in log.partitions.items() if topic == "__inapp"]
+    assert parts
+    release = threading.Event()
+
+    def held_fsync(fd: int) -> None:
+        release.wait(10)
+        os.fdatasync(fd)
+
+    for part in parts:
+        part._flusher.threads.inline_max_s = 0  # no sync on the loop: it would hold it
+        part._flusher._fsync = held_fsync  # (threads only: the kernel's AIO is for the real one)
+    before = {id(p): p.high_watermark for p in parts}
+    try:
+        event_id = await node.publish(topic="orders", users=["alice"], payload={"n": 1})
+        await alice.wait_for(lambda d: len(d.notifications) == 1)
+        assert alice.notifications[0]["event_id"] == event_id
+        # shown, and no __inapp record durable yet
+        assert all(p.high_watermark == before[id(p)] for p in parts)
+        assert any(p.log_end_offset > before[id(p)] for p in parts)
+    finally:
+        release.set()
+    gateway = node.node.gateway
+    assert gateway is not None and gateway.reader is not None
+    reader = gateway.reader
+    async with asyncio.timeout(10):  # the reader read the durable record and dropped it
+        while reader.duplicates < 1:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    assert [n["event_id"] for n in alice.notifications] == [event_id]
+    later = await node.connect("alice")
+    await later.wait_for(lambda d: len(d.notifications) == 1)
+    await asyncio.sleep(0.2)
+    assert [n["event_id"] for n in later.notifications] == [event_id]
+    assert later.notifications[0]["id"] == alice.notifications[0]["id"]

@@ -113,17 +113,15 @@ class InAppChannel:
         if self._closed:
             raise ChannelClosed("the in-app channel is closed")
         try:
-            await self._append(user_key(delivery.tenant, delivery.user), self._value(delivery))
+            await self._append(
+                user_key(delivery.tenant, delivery.user), _encode(self._message(delivery))
+            )
         except ChannelClosed:
             raise
         except Exception as exc:  # the log refused (full disk, stopping): try again later
             return Outcome.retry(None, "inapp_append_failed", detail=repr(exc)[:200])
         self.sent += 1
         return self._outcome(delivery)
-
-    @staticmethod
-    def _value(delivery: Delivery) -> bytes:
-        return _encode(InAppChannel._message(delivery))
 
     @staticmethod
     def _message(delivery: Delivery) -> InAppMessage:

@@ -83,7 +83,6 @@ class Reader:
         self._early_task: asyncio.Task[None] | None = None
         # the reservation being synced: no number of its block goes out before it is done
         self._reservation: asyncio.Future[None] | None = None
-        self.shown_early = 0
         # a test or benchmark waits for the index to reach an offset
         self.on_batch: Callable[[], None] | None = None
 
@@ -206,7 +205,6 @@ class Reader:
             self._early_task = asyncio.get_running_loop().create_task(self._reserve_early())
             return
         self._early = []
-        self.shown_early += len(early)
         self._index_and_push(list(early))
 
     async def _reserve_early(self) -> None:

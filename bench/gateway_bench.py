@@ -201,8 +201,12 @@ async def _client_proc(
     for i in range(0, len(tokens), 200):  # in waves: the listen backlog is finite
         wave = []
         for j, token in enumerate(tokens[i : i + 200], i):
+
+            def factory(t: str = token) -> Client:
+                return Client(f"/?token={t}", host, seen)
+
             _, c = await loop.create_connection(
-                lambda t=token: Client(f"/?token={t}", host, seen),
+                factory,
                 "127.0.0.1",
                 port,
                 local_addr=sources[j % len(sources)],

@@ -37,7 +37,8 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from locust import HttpUser, constant, events, task
@@ -108,7 +109,10 @@ class GatewayUser(HttpUser):
             raise RuntimeError("set HERALD_TOKEN_SECRET to the node's gateway.token-secret")
         self.user_id = f"u-{next(_user_numbers)}"
         token = _token(secret.encode(), self.user_id)
-        ws = os.environ.get("HERALD_WS_URL") or f"ws://{urlsplit(self.host).hostname}:8765/"
+        ws = (
+            os.environ.get("HERALD_WS_URL")
+            or f"ws://{urlsplit(cast(str, self.host)).hostname}:8765/"
+        )
         self._held = contextlib.ExitStack()
         self.ws: ClientConnection = self._held.enter_context(
             connect(f"{ws}?token={token}", compression=None)
@@ -142,7 +146,7 @@ class GatewayUser(HttpUser):
                     break
         except (TimeoutError, ConnectionClosed) as e:
             exc = e
-        events.request.fire(
+        cast("Callable[..., object]", events.request.fire)(
             request_type="WS",
             name="receipt",
             response_time=(time.perf_counter() - started) * 1000,

@@ -406,8 +406,8 @@ async def scenario_startup(args: argparse.Namespace) -> str:
         runs = [start_and_time(data, config) for _ in range(args.runs)]
         for ready, comp, _t in runs:
             say(f"with {count:,} parked: ready in {ready:.3f} s (notify {comp:.3f} s)")
-        ready = [r[0] for r in runs]
-        comp = [r[1] for r in runs]
+        readies = [r[0] for r in runs]
+        comps = [r[1] for r in runs]
         text = (
             f"Command: `python -m bench.notify startup --runs {args.runs}`, "
             f"on commit {commit()}  \n"
@@ -422,10 +422,11 @@ async def scenario_startup(args: argparse.Namespace) -> str:
             + machine_table(data)
             + "\n\n| Start | To /healthz ok | notify component |\n|---|---|---|\n"
             f"| empty node (no timers) | {empty[0][0]:.3f} s | {empty[0][1]:.3f} s |\n"
-            f"| {count:,} parked timers | {med(ready):.3f} ({min(ready):.3f}-{max(ready):.3f}) s "
-            f"| {med(comp):.3f} ({min(comp):.3f}-{max(comp):.3f}) s |\n\n"
+            f"| {count:,} parked timers | {med(readies):.3f} "
+            f"({min(readies):.3f}-{max(readies):.3f}) s "
+            f"| {med(comps):.3f} ({min(comps):.3f}-{max(comps):.3f}) s |\n\n"
             f"Target: start-up < 2 s with 1,000,000 parked: "
-            f"{'met' if med(ready) < 2 else 'not met'}. The timers are not read at start: the "
+            f"{'met' if med(readies) < 2 else 'not met'}. The timers are not read at start: the "
             "loop seeks the first key of the due-ordered index when it first runs.\n"
         )
         write_section(

@@ -34,6 +34,7 @@ import itertools
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def install(path: str) -> None:
     decode_inapp = msgspec.json.Decoder(InAppMessage).decode
     read_handle = Reader.handle
 
-    async def traced_read_handle(self: Any, recs: list[Any]) -> Any:
+    async def traced_read_handle(self: Any, recs: Sequence[Any]) -> Any:
         ids = []
         for r in recs:
             try:

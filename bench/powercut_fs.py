@@ -37,9 +37,12 @@ def file_ops(root: Path) -> dict[str, float]:
     fd = os.open(root / "f", os.O_CREAT | os.O_RDWR, 0o644)
     data = b"x" * 200
     out["pwrite 200 B (append)"] = rate(5000, lambda i: os.pwrite(fd, data, i * 200))
-    out["pwrite 200 B + fdatasync"] = rate(
-        1000, lambda i: (os.pwrite(fd, data, (5000 + i) * 200), os.fdatasync(fd))
-    )
+
+    def pwrite_sync(i: int) -> None:
+        os.pwrite(fd, data, (5000 + i) * 200)
+        os.fdatasync(fd)
+
+    out["pwrite 200 B + fdatasync"] = rate(1000, pwrite_sync)
     out["pread 4 KiB (cached)"] = rate(5000, lambda i: os.pread(fd, 4096, (i * 4096) % 1_000_000))
     os.close(fd)
     env = lmdb.open(
@@ -51,7 +54,12 @@ def file_ops(root: Path) -> dict[str, float]:
             txn.put(b"k%06d" % i, b"v" * 100)
 
     out["LMDB put + commit (NOSYNC)"] = rate(3000, put)
-    out["LMDB put + commit + env.sync"] = rate(300, lambda i: (put(10_000 + i), env.sync(True)))
+
+    def put_sync(i: int) -> None:
+        put(10_000 + i)
+        env.sync(True)
+
+    out["LMDB put + commit + env.sync"] = rate(300, put_sync)
     with env.begin() as txn:
         out["LMDB get (mmap)"] = rate(50_000, lambda i: txn.get(b"k%06d" % (i % 3000)))
     env.close()
@@ -70,9 +78,7 @@ async def herald_ops(node: HeraldProcess, seconds: float) -> dict[str, float]:
         out["herald: one acks=all record at a time"] = n / (time.perf_counter() - started)
         n, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
-            futs = [
-                await producer.send_nowait("bench", b"v" * 200, partition=0) for _ in range(500)
-            ]
+            futs = [producer.send_nowait("bench", b"v" * 200, partition=0) for _ in range(500)]
             await asyncio.gather(*futs)
             n += 500
         out["herald: acks=all, 500 in flight"] = n / (time.perf_counter() - started)

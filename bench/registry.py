@@ -398,9 +398,10 @@ def render(
     }
     for key, values in res.per_recipient_us.items():
         wall = [w for w, _c in values]
-        cpu = [c for _w, c in values]
+        cpus = [c for _w, c in values]
         lines.append(
-            f"| {labels[key]} | **{statistics.median(cpu):.2f}** ({min(cpu):.2f}-{max(cpu):.2f}) "
+            f"| {labels[key]} | **{statistics.median(cpus):.2f}** "
+            f"({min(cpus):.2f}-{max(cpus):.2f}) "
             f"| {statistics.median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) |"
         )
     one = sorted(res.api_one_ms)

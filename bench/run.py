@@ -36,7 +36,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,7 +177,7 @@ class Bench:
 
     def produce(self) -> None:
         p = self.plan
-        fns = {
+        fns: dict[str, Callable[..., Any]] = {
             "herald": produce.herald,
             "redis": produce.redis,
             "redis-benchmark": produce.redis_benchmark,
@@ -232,7 +232,11 @@ class Bench:
 
     def consume(self) -> None:
         p = self.plan
-        fns = {"herald": consume.herald, "redis": consume.redis, "nats": consume.nats}
+        fns: dict[str, Callable[..., Any]] = {
+            "herald": consume.herald,
+            "redis": consume.redis,
+            "nats": consume.nats,
+        }
         for i, case in enumerate(consume.CASES):
             if not self._wanted(case.system):
                 continue
@@ -289,7 +293,7 @@ class Bench:
 
     def latency(self) -> None:
         p = self.plan
-        fns = {
+        fns: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
             "herald": (latency.herald_consumer, latency.herald_producer),
             "redis": (latency.redis_consumer, latency.redis_producer),
             "redis-always": (latency.redis_consumer, latency.redis_producer),

@@ -115,7 +115,7 @@ async def redis(
     r = aioredis.Redis(host=HOST, port=port, max_connections=8)
     try:
         await r.delete(stream)
-        fields = {b"v": _value()}
+        fields: dict[Any, Any] = {b"v": _value()}
         for _ in range(count // 1000):
             pipe = r.pipeline(transaction=False)
             for _ in range(1000):

@@ -51,7 +51,7 @@ def machine(base: Path, servers: Servers, commit: str) -> list[tuple[str, str]]:
         mem_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:"))
     dev, mnt, fstype = mount_of(base)
     same = os.stat(base).st_dev == os.stat(REPO).st_dev
-    clients = [f"uvloop {uvloop.__version__}", f"msgspec {msgspec.__version__}"]
+    clients = [f"uvloop {getattr(uvloop, '__version__', '?')}", f"msgspec {msgspec.__version__}"]
     clients.append(f"aiohttp {aiohttp.__version__}")
     try:
         import redis

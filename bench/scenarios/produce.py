@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from bench.scenarios.measure import CpuMeter, Sample
 
@@ -109,7 +110,7 @@ async def redis(
     import redis.asyncio as aioredis
 
     loop = asyncio.get_running_loop()
-    fields = {b"v": payload()}
+    fields: dict[Any, Any] = {b"v": payload()}
     r = aioredis.Redis(host=HOST, port=port, max_connections=case.inflight + 2)
     try:
         await r.delete(stream)
@@ -215,7 +216,7 @@ async def nats(
             deadline = loop.time() + length
             acked = errors = 0
 
-            def done(fut: asyncio.Future[object]) -> None:
+            def done(fut: asyncio.Future[Any]) -> None:
                 nonlocal acked, errors
                 if fut.cancelled() or fut.exception() is not None:
                     errors += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench.scenarios.measure import CpuMeter, Sample, percentiles
 from bench.scenarios.produce import HOST, payload
@@ -120,7 +121,7 @@ async def redis(
 ) -> list[SingleSample]:
     import redis.asyncio as aioredis
 
-    fields = {b"v": payload()}
+    fields: dict[Any, Any] = {b"v": payload()}
     r = aioredis.Redis(host=HOST, port=port)
     try:
         await r.delete(stream)

@@ -22,6 +22,7 @@ import types
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -45,7 +46,7 @@ _PORTS_FROM, _PORTS_TO = 15000, 32000
 _SLICE = _port_slice()
 # one turn per process: this module is imported under up to three names (integration.,
 # tests.integration., and herald_process from tests/system), each its own copy
-_turn = sys.modules.setdefault("_herald_test_ports", types.ModuleType("_herald_test_ports"))
+_turn: Any = sys.modules.setdefault("_herald_test_ports", types.ModuleType("_herald_test_ports"))
 if not hasattr(_turn, "next"):
     _turn.next = random.randrange(len(_SLICE))  # a rerun does not start on the last ports
 
@@ -54,7 +55,7 @@ def free_port() -> int:
     """A port nothing listens on right now, from this test process's own slice, in turn (a
     port handed out is not handed out again before the whole slice has been)."""
     for _ in range(len(_SLICE)):
-        port = _SLICE[_turn.next % len(_SLICE)]
+        port: int = _SLICE[_turn.next % len(_SLICE)]
         _turn.next += 1
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
@@ -187,7 +188,7 @@ class HeraldProcess:
             with urllib.request.urlopen(
                 f"{self.http_url}/healthz", timeout=2, context=context
             ) as resp:
-                body = json.loads(resp.read())
+                body: dict[str, object] = json.loads(resp.read())
                 return resp.status == 200 and body.get("status") == "ok"
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
             return False

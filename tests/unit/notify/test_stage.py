@@ -70,7 +70,7 @@ async def test_a_failed_batch_is_redone_and_nothing_is_lost_or_committed_early(
                 await asyncio.sleep(0.01)
     finally:
         await stage.stop()
-    got = []
+    got: list[bytes] = []
     for part in await client.fetch([("out", 0, 0)]):
         for pos, header in records.iter_batches(part.records):
             batch = part.records[pos : pos + header.batch_length]
@@ -151,7 +151,11 @@ class Recorder(Stage):
         for rec in recs:
             self.outbox.add("out", b"k", rec.value)
             value = rec.value.decode()
-            self.after_sent(lambda value=value: done.put(value, Done(value)))
+
+            def write(value: str = value) -> None:
+                done.put(value, Done(value))
+
+            self.after_sent(write)
 
 
 async def test_rows_written_after_the_outputs_are_not_written_when_the_outputs_fail(

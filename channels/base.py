@@ -93,9 +93,13 @@ Content = EmailContent | PushContent | SmsContent
 
 
 class SmsAddress(msgspec.Struct, frozen=True, kw_only=True, tag="sms"):
-    """Where a text message goes: the user's phone number (E.164, ``+14155550100``)."""
+    """Where a text message goes: the user's phone number (E.164, ``+14155550100``). ``ref``
+    is an opaque signed reference to the recipient, which the channel adds to the message's
+    ``StatusCallback`` URL so that the delivery receipt names them (``POST
+    /hooks/sms/status``)."""
 
     to: str
+    ref: str | None = None
 
 
 class PushDevice(msgspec.Struct, frozen=True, kw_only=True):

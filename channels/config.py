@@ -297,7 +297,10 @@ class SmsConfig(_Section):
     """Cap on a provider's Retry-After."""
 
     status_callback: str = ""
-    """``StatusCallback`` URL sent with each message (delivery receipts); empty: none."""
+    """``StatusCallback`` URL sent with each message, for its delivery receipts: this node's
+    ``/hooks/sms/status`` as Twilio reaches it (``https://herald.example.com/hooks/sms/status``;
+    the signature covers it), with the recipient's signed ``ref`` added to its query; empty:
+    no receipts."""
 
     help_text: str = (
         "Herald notifications. Msg frequency varies. Msg & data rates may apply. "

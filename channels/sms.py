@@ -31,7 +31,7 @@ from channels.config import SmsConfig, TwilioProvider
 from channels.errors import ChannelClosed
 from channels.failover import Attempt, ProviderChain
 from channels.ratelimit import TokenBucket
-from channels.twilio import basic_auth, classify, message_form, messages_path
+from channels.twilio import basic_auth, classify, message_form, messages_path, with_ref
 
 _MAX_ANSWER = 65_536
 
@@ -114,12 +114,14 @@ class SmsChannel:
             return Outcome.permanent("no_phone", None, detail="the user has no phone number")
         text = sms_text(delivery)
 
+        callback = with_ref(self.config.status_callback, address.ref)
+
         async def attempt(sender: _Sender) -> Attempt:
-            return await self._post(sender, address.to, text)
+            return await self._post(sender, address.to, text, callback)
 
         return await self.chain.send(attempt)
 
-    async def _post(self, sender: _Sender, to: str, text: str) -> Attempt:
+    async def _post(self, sender: _Sender, to: str, text: str, callback: str) -> Attempt:
         wait = sender.bucket.reserve()
         if wait > self.config.rate_wait_ms / 1000:
             sender.bucket.refund()
@@ -140,7 +142,7 @@ class SmsChannel:
             text,
             sender=p.sender,
             messaging_service_sid=p.messaging_service_sid,
-            status_callback=self.config.status_callback,
+            status_callback=callback,
         )
         try:
             async with session.post(

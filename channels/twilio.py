@@ -41,6 +41,7 @@ import base64
 import hashlib
 import hmac
 import re
+import urllib.parse
 from collections.abc import Iterable
 from typing import Literal
 
@@ -76,6 +77,13 @@ def messages_path(account_sid: str) -> str:
 def basic_auth(user: str, password: str) -> str:
     """The ``Authorization`` value for HTTP basic auth (RFC 7617)."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def with_ref(url: str, ref: str | None) -> str:
+    """``url`` with ``ref`` added to its query (the recipient a status callback is about)."""
+    if not url or not ref:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}ref={urllib.parse.quote(ref, safe='')}"
 
 
 def message_form(

@@ -531,7 +531,11 @@ class Node:
                 listeners.routes.append(retract_route(gateway.retract, listeners.api.principal))
             listeners.routes.extend(
                 sms_routes(
-                    cfg.channels.sms, registry, engine.clock, cfg.admission.auth_failures_per_minute
+                    cfg.channels.sms,
+                    registry,
+                    engine.clock,
+                    cfg.admission.auth_failures_per_minute,
+                    signer,
                 )
             )
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from broker.config import Config
-from channels.base import Content, EmailAddress
+from channels.base import Content, EmailAddress, SmsAddress
 from notify import render
 from notify.links import Signer, unsubscribe_scope
 from notify.model import Delivery
@@ -111,6 +111,9 @@ class Composer:
             )
         else:
             address = self.directory.address(d.tenant, d.user, channel)
+            if isinstance(address, SmsAddress) and self.signer is not None:
+                # the receipt's StatusCallback names the recipient (POST /hooks/sms/status)
+                address = msgspec.structs.replace(address, ref=self.signer.ref(d.tenant, d.user))
             if address is None and channel in ("sms", "push"):
                 # no number or device, or only dead ones: nothing to send to (the policy's
                 # reason, as at the fan-out: no_channel_data or address_invalid)

@@ -399,10 +399,13 @@ class Registry:
         await self._kv.sync()
         return True
 
-    def invalidate_phone(self, tenant: str, user: str, *, at_ms: int, reason: str) -> bool:
-        """Mark the user's phone number dead (the SMS provider refused it as invalid) and log
-        it in the contact log, in one transaction; False if the user has no number. No sync
-        (the delivery worker syncs before it commits)."""
+    def invalidate_phone(
+        self, tenant: str, user: str, *, at_ms: int, reason: str, source: str = "delivery"
+    ) -> bool:
+        """Mark the user's phone number dead (the SMS provider refused it as invalid, at the
+        send, ``delivery``, or in a receipt, ``status_callback``) and log it in the contact
+        log, in one transaction; False if the user has no number. No sync (the delivery
+        worker syncs before it commits)."""
         key = _user_key(tenant, user)
         with self._kv.transaction() as txn:
             profile = self._profiles.get(key, txn=txn)
@@ -420,7 +423,7 @@ class Registry:
                     at_ms=at_ms,
                     channel="sms",
                     kind="invalidated",
-                    source="delivery",
+                    source=source,
                     address=contact.phone,
                     detail=reason[:200],
                 ),

@@ -123,17 +123,54 @@ class SmsPushNode:
             "From": sender,
             "ApiVersion": "2010-04-01",
         }
-        sig = signature(signed_with or account[1], url, list(form.items()))
-        async with self.session.post(
-            url,
+        async with self._twilio_post(url, url, form, signed_with or account[1]) as resp:
+            return resp.status, await resp.text()
+
+    def _twilio_post(self, target: str, signed_url: str, form: dict[str, str], token: str) -> Any:
+        """POST ``form`` to ``target`` as Twilio does, signed over ``signed_url``."""
+        return self.session.post(
+            target,
             data=urllib.parse.urlencode(form),
             headers={
                 "Content-Type": "application/x-www-form-urlencoded",
-                "X-Twilio-Signature": sig,
+                "X-Twilio-Signature": signature(token, signed_url, list(form.items())),
                 "User-Agent": "TwilioProxy/1.1",
             },
-        ) as resp:
-            return resp.status, await resp.text()
+        )
+
+    async def receipt(
+        self,
+        callback: str,
+        status: str,
+        *,
+        code: str = "",
+        to: str = "+14155550100",
+        account: tuple[str, str] = PRIMARY,
+        signed_with: str | None = None,
+    ) -> tuple[int, Any]:
+        """POST a delivery receipt as Twilio posts it to a message's ``StatusCallback``
+        (``callback``, the public URL the node gave Twilio): signed over that URL, sent to
+        this node's loopback address with the same path and query (a proxy in between)."""
+        parts = urllib.parse.urlsplit(callback)
+        sid = "SM" + "7" * 32
+        form = {
+            "SmsSid": sid,
+            "SmsStatus": status,
+            "MessageStatus": status,
+            "To": to,
+            "MessageSid": sid,
+            "AccountSid": account[0],
+            "From": SENDER,
+            "ApiVersion": "2010-04-01",
+        }
+        if code:
+            form["ErrorCode"] = code
+        target = f"{self.url}{parts.path}?{parts.query}"
+        async with self._twilio_post(target, callback, form, signed_with or account[1]) as resp:
+            raw = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, msgspec.json.decode(raw)
+            return resp.status, raw.decode()
 
     def rows(self, event_id: str, channel: str) -> list[dict[str, Any]]:
         return [r for r in self.engine.event_status("default", event_id) if r["channel"] == channel]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -267,3 +268,113 @@ async def test_forged_inbound_texts_from_one_address_are_throttled_then_refused_
     code, _ = await node.inbound("STOP", sender=PHONE)  # signed right, still throttled
     assert code == 429
     assert (await node.ok("GET", "/users/ann/consent"))["ledger"] == []
+
+
+# ------------------------------------------------------------------ delivery receipts
+PUBLIC = "https://herald.example.com/hooks/sms/status"
+
+
+async def _receipts_node(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> tuple[Any, str]:
+    """A node asking for receipts at :data:`PUBLIC`, user ann (with :data:`PHONE`) sent one
+    SMS; and the StatusCallback URL Twilio was given with it."""
+    sms = sms_config(provider(twilio), status_callback=PUBLIC)
+    node = await start_node(node_config(tmp_path, channels=["sms"], sms=sms))
+    await node.user("ann", "orders.shipped", phone=PHONE)
+    event = await node.publish(topic="orders.shipped", users=["ann"], payload={})
+    await node.settled(event, "sms", {"delivered"})
+    callback = twilio.messages[-1].form["StatusCallback"]
+    assert callback.startswith(PUBLIC + "?ref=")
+    return node, callback
+
+
+async def test_a_receipt_that_says_the_number_is_dead_invalidates_it(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node, callback = await _receipts_node(tmp_path, start_node, twilio)
+
+    code, answer = await node.receipt(callback, "sent")
+    assert (code, answer) == (200, {"status": "sent", "action": "none"})
+    code, answer = await node.receipt(callback, "undelivered", code="30006")
+    assert (code, answer) == (200, {"status": "undelivered", "action": "invalidated"})
+    log = (await node.ok("GET", "/users/ann/consent"))["contact_log"][-1]
+    assert (log["kind"], log["source"], log["address"]) == (
+        "invalidated",
+        "status_callback",
+        PHONE,
+    )
+    assert "30006" in log["detail"]
+
+    later = await node.publish(topic="orders.shipped", users=["ann"], payload={})
+    row = await node.settled(later, "sms", {"suppressed"})
+    assert row["reason"] == "address_invalid"
+    assert len(twilio.messages) == 1
+
+
+async def test_carrier_filtering_is_noted_and_an_unsubscribed_receipt_is_a_legal_opt_out(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node, callback = await _receipts_node(tmp_path, start_node, twilio)
+
+    code, answer = await node.receipt(callback, "failed", code="30007")
+    assert (code, answer) == (200, {"status": "failed", "action": "noted"})
+    consent = await node.ok("GET", "/users/ann/consent")
+    assert consent["contact_log"][-1]["kind"] == "carrier_filtered"
+    # a note only: the next message is still sent
+    second = await node.publish(topic="orders.shipped", users=["ann"], payload={})
+    await node.settled(second, "sms", {"delivered"})
+
+    code, answer = await node.receipt(callback, "undelivered", code="21610")
+    assert (code, answer) == (200, {"status": "undelivered", "action": "opted_out"})
+    entry = (await node.ok("GET", "/users/ann/consent"))["ledger"][-1]
+    assert (entry["channel"], entry["opted_in"], entry["legal"], entry["source"]) == (
+        "sms",
+        False,
+        True,
+        "provider_unsubscribed",
+    )
+    third = await node.publish(topic="orders.shipped", users=["ann"], payload={})
+    row = await node.settled(third, "sms", {"suppressed"})
+    assert row["reason"] == "legal_opt_out"
+    assert len(twilio.messages) == 2
+
+
+async def test_forged_foreign_or_stale_receipts_change_nothing(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node, callback = await _receipts_node(tmp_path, start_node, twilio)
+
+    code, _ = await node.receipt(callback, "undelivered", code="30006", signed_with="wrong")
+    assert code == 403
+    code, _ = await node.receipt(callback, "undelivered", code="30006", account=BACKUP)
+    assert code == 403  # an account this node does not send with
+    forged = callback.replace("ref=", "ref=x", 1)
+    code, answer = await node.receipt(forged, "undelivered", code="30006")
+    assert code == 400 and answer["error"]["field"] == "ref"
+    code, answer = await node.receipt(callback, "", code="30006")
+    assert code == 400 and answer["error"]["field"] == "MessageStatus"
+
+    # the user's number changed after the message went out: the old one's receipt is stale
+    await node.ok("PUT", "/users/ann", {"phone": "+14155550177"})
+    code, answer = await node.receipt(callback, "undelivered", code="30005")
+    assert (code, answer) == (200, {"status": "undelivered", "action": "ignored"})
+    later = await node.publish(topic="orders.shipped", users=["ann"], payload={})
+    await node.settled(later, "sms", {"delivered"})
+    assert twilio.messages[-1].form["To"] == "+14155550177"
+    consent = await node.ok("GET", "/users/ann/consent")
+    assert all(e["kind"] != "invalidated" for e in consent["contact_log"])
+
+
+async def test_without_a_status_callback_no_receipts_are_asked_for_or_taken(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node = await start_node(
+        node_config(tmp_path, channels=["sms"], sms=sms_config(provider(twilio)))
+    )
+    await node.user("ann", "orders.shipped", phone=PHONE)
+    event = await node.publish(topic="orders.shipped", users=["ann"], payload={})
+    await node.settled(event, "sms", {"delivered"})
+    assert "StatusCallback" not in twilio.messages[-1].form
+    code, _ = await node.receipt(f"{PUBLIC}?ref=abc", "undelivered", code="30006")
+    assert code == 404

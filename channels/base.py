@@ -94,9 +94,8 @@ Content = EmailContent | PushContent | SmsContent
 
 class SmsAddress(msgspec.Struct, frozen=True, kw_only=True, tag="sms"):
     """Where a text message goes: the user's phone number (E.164, ``+14155550100``). ``ref``
-    is an opaque signed reference to the recipient, which the channel adds to the message's
-    ``StatusCallback`` URL so that the delivery receipt names them (``POST
-    /hooks/sms/status``)."""
+    is an opaque signed reference to the delivery, which the channel adds to the message's
+    ``StatusCallback`` URL so that its receipts name it (``POST /hooks/sms/status``)."""
 
     to: str
     ref: str | None = None

@@ -536,6 +536,7 @@ class Node:
                     engine.clock,
                     cfg.admission.auth_failures_per_minute,
                     signer,
+                    engine.record,
                 )
             )
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats

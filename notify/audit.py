@@ -59,6 +59,7 @@ RANK: Final = {
     "undelivered": 1,
     "sent": 2,
     "delivered": 3,
+    "bounced": 3,  # a provider's receipt after it took the message: the carrier did not
     "dead_lettered": 3,
     "suppressed": 3,
     "cancelled": 3,
@@ -222,7 +223,10 @@ class AuditIndex:
                 ),
             ]
         replay = rec.status == "queued" and rec.reason == "replay"
-        if row is not None and not replay and RANK.get(row.status, 0) > rank:
+        # a bounce (a receipt after the provider took the message) is later than the
+        # delivery it takes back, whichever of the two is folded first
+        bounced = row is not None and row.status == "bounced" and rec.at_ms < row.updated_ms
+        if row is not None and not replay and (RANK.get(row.status, 0) > rank or bounced):
             if len(attempts) != len(row.attempts):
                 row.attempts = attempts
                 b.statuses[key] = row

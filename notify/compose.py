@@ -112,8 +112,11 @@ class Composer:
         else:
             address = self.directory.address(d.tenant, d.user, channel)
             if isinstance(address, SmsAddress) and self.signer is not None:
-                # the receipt's StatusCallback names the recipient (POST /hooks/sms/status)
-                address = msgspec.structs.replace(address, ref=self.signer.ref(d.tenant, d.user))
+                # the StatusCallback names the delivery its receipts are about
+                ref = self.signer.receipt(
+                    d.tenant, d.user, d.event_id, d.run_id, d.delivery_id, d.topic
+                )
+                address = msgspec.structs.replace(address, ref=ref)
             if address is None and channel in ("sms", "push"):
                 # no number or device, or only dead ones: nothing to send to (the policy's
                 # reason, as at the fan-out: no_channel_data or address_invalid)

@@ -364,6 +364,16 @@ class Engine:
     ) -> dict[str, Any]:
         return self.index.feed(tenant, user, before=before, limit=limit)
 
+    async def record(self, record: AuditRecord) -> None:
+        """Append one transition to ``__audit`` (a provider's receipt: ``bounced``), durable
+        before it returns; the audit indexer folds it into the event's status."""
+        producer = await self._producer()
+        await producer.send_nowait(
+            AUDIT_TOPIC,
+            _audit_bytes(record),
+            key=f"{record.tenant}\0{record.event_id}".encode(),
+        )
+
     async def mark(self, tenant: str, user: str, notification_id: str, what: str) -> bool:
         """Record an engagement (seen, read, clicked, archived) of a notification (the id
         in the feed). Durable before it returns; ``wait_seen`` reacts to ``seen``."""

@@ -13,6 +13,8 @@ the mail is in a mailbox. Changing the secret voids every link sent before.
   (``category:<name>``, ``topic:<name>``, or None for the whole channel).
 - **ref** (the ``X-Herald-Ref`` header, handed back to ``POST /hooks/email/bounce``): tenant
   and user.
+- **receipt** (in an SMS's ``StatusCallback`` URL, handed back to ``POST /hooks/sms/status``):
+  the delivery it is about: tenant, user, event, run, delivery and topic.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -32,6 +34,7 @@ MAX_TOKEN_CHARS: Final = 2048
 SIG_BYTES: Final = 16  # 128 bits: forging one costs 2^128 guesses, and the links stay short
 SECRET_BYTES: Final = 32
 _VERSION: Final = 1
+_T = TypeVar("_T", bound=msgspec.Struct)
 
 
 class BadToken(ValueError):
@@ -55,6 +58,18 @@ class Ref(msgspec.Struct, frozen=True, array_like=True):
     version: int
     tenant: str
     user: str
+
+
+class Receipt(msgspec.Struct, frozen=True, array_like=True):
+    """The delivery a provider's receipt is about (it hands the reference back)."""
+
+    version: int
+    tenant: str
+    user: str
+    event_id: str
+    run_id: str
+    delivery_id: str
+    topic: str
 
 
 def _b64(raw: bytes) -> str:
@@ -100,23 +115,33 @@ class Signer:
     ) -> str:
         return self._make("unsubscribe", Unsubscribe(_VERSION, tenant, user, channel, scope))
 
+    def _claim(self, kind: str, token: str, type: type[_T], what: str) -> _T:
+        """The claim of a valid token of ``kind``; raises :class:`BadToken` otherwise."""
+        raw = self._open(kind, token)
+        try:
+            return msgspec.json.decode(raw, type=type)
+        except msgspec.DecodeError:
+            raise BadToken(f"not {what}") from None
+
     def open_unsubscribe(self, token: str) -> Unsubscribe:
         """The claim of a valid token; raises :class:`BadToken` otherwise."""
-        raw = self._open("unsubscribe", token)
-        try:
-            return msgspec.json.decode(raw, type=Unsubscribe)
-        except msgspec.DecodeError:
-            raise BadToken("not an unsubscribe token") from None
+        return self._claim("unsubscribe", token, Unsubscribe, "an unsubscribe token")
 
     def ref(self, tenant: str, user: str) -> str:
         return self._make("ref", Ref(_VERSION, tenant, user))
 
     def open_ref(self, token: str) -> Ref:
-        raw = self._open("ref", token)
-        try:
-            return msgspec.json.decode(raw, type=Ref)
-        except msgspec.DecodeError:
-            raise BadToken("not a Herald reference") from None
+        return self._claim("ref", token, Ref, "a Herald reference")
+
+    def receipt(
+        self, tenant: str, user: str, event_id: str, run_id: str, delivery_id: str, topic: str
+    ) -> str:
+        return self._make(
+            "receipt", Receipt(_VERSION, tenant, user, event_id, run_id, delivery_id, topic)
+        )
+
+    def open_receipt(self, token: str) -> Receipt:
+        return self._claim("receipt", token, Receipt, "a Herald receipt reference")
 
 
 def unsubscribe_scope(category: str | None, topic: str) -> str:

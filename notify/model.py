@@ -374,6 +374,7 @@ DeliveryStatus = Literal[
     "deferred",
     "sent",
     "delivered",
+    "bounced",
     "undelivered",
     "suppressed",
     "cancelled",

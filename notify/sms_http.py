@@ -26,11 +26,14 @@ auth token over the URL and the sorted parameters). The hook finds the provider 
 - anything else: an empty TwiML answer (no reply).
 
 Delivery receipts. With ``[channels.sms] status-callback`` set, each message carries it as
-its ``StatusCallback``, with a signed reference to the recipient added to the query
-(``ref``, :meth:`notify.links.Signer.ref`); Twilio then posts the message's later statuses
-there, signed as above (over ``status-callback``'s scheme and host and the path and query it
-was posted to). Acceptance by Twilio is what the delivery's audited status records
-(``delivered``, with the message sid); a receipt adds what the carrier said after it:
+its ``StatusCallback``, with a signed reference to the delivery added to the query (``ref``,
+:meth:`notify.links.Signer.receipt`); Twilio then posts the message's later statuses there,
+signed as above (over ``status-callback``'s scheme and host and the path and query it was
+posted to). Acceptance by Twilio is what the delivery's audited status records
+(``delivered``, with the message sid). A receipt that the carrier did not deliver it
+(``undelivered`` or ``failed``) turns that status to ``bounced`` (``GET /events/{id}``; the
+reason ``invalid_number``, ``recipient_unsubscribed``, ``carrier_filtered`` or
+``twilio_<code>``), and acts on the contact:
 
 - ``undelivered`` or ``failed`` with a code that says the number is no good (30005 unknown
   handset, 30006 landline or unreachable carrier, 21211, 21614): the number is invalidated,
@@ -51,10 +54,11 @@ check (``admission.auth-failures-per-minute``, as for API keys).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Literal
 
 import msgspec
@@ -66,7 +70,7 @@ from broker.openapi import Route
 from channels.config import SmsConfig
 from channels.twilio import keyword, signature_ok, twiml_message
 from notify.links import BadToken, Signer
-from notify.model import Consent, ContactEvent
+from notify.model import AuditRecord, Consent, ContactEvent
 from notify.registry import Registry
 
 log = logging.getLogger("herald.notify.sms")
@@ -99,7 +103,8 @@ class ReceiptOut(msgspec.Struct, kw_only=True):
 
 class SmsInbound:
     """The hooks; see the module docstring. ``clock`` is wall-clock Unix ms; ``signer``
-    opens the receipts' ``ref`` (None: the receipt hook answers 404)."""
+    opens the receipts' ``ref`` and ``record`` appends a transition to the audit, durably
+    (without both the receipt hook answers 404)."""
 
     def __init__(
         self,
@@ -108,11 +113,13 @@ class SmsInbound:
         clock: Callable[[], int],
         failures_per_minute: int = 30,
         signer: Signer | None = None,
+        record: Callable[[AuditRecord], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.clock = clock
         self.signer = signer
+        self.record = record
         self.tokens = {p.account_sid: p.auth_token for p in config.providers}
         # forged signatures count per source address, as failed API keys do
         self.throttle = AuthThrottle(failures_per_minute, time.monotonic)
@@ -201,7 +208,7 @@ class SmsInbound:
         return f"{public.scheme}://{public.netloc}{request.path_qs}"
 
     async def status(self, request: web.Request) -> web.StreamResponse:
-        if self.signer is None or not self.config.status_callback:
+        if self.signer is None or self.record is None or not self.config.status_callback:
             raise NotFound("delivery receipts are off ([channels.sms] status-callback is empty)")
         form = await self._signed_form(request, self._receipt_url(request), "status")
         if isinstance(form, web.Response):
@@ -210,7 +217,7 @@ class SmsInbound:
         if not status:
             raise InvalidRequest("MessageStatus: missing", field="MessageStatus")
         try:
-            ref = self.signer.open_ref(request.query.get("ref", ""))
+            ref = self.signer.open_receipt(request.query.get("ref", ""))
         except BadToken:
             raise InvalidRequest("ref: not a reference this node made", field="ref") from None
         tenant, user = ref.tenant, ref.user
@@ -225,7 +232,9 @@ class SmsInbound:
             now = self.clock()
             phone = profile.contact.phone if profile.contact is not None else None
             detail = f"twilio {status} {code or '-'} (message {sid})"
+            reason = f"twilio_{code}" if code else f"twilio_{status}"
             if code in DEAD_NUMBER_CODES:
+                reason = "invalid_number"
                 if phone and phone == to:
                     done = self.registry.invalidate_phone(
                         tenant, user, at_ms=now, reason=detail, source="status_callback"
@@ -234,6 +243,7 @@ class SmsInbound:
                 else:
                     action = "ignored"  # the user's number changed since: the new one is fine
             elif code == UNSUBSCRIBED_CODE:
+                reason = "recipient_unsubscribed"
                 self.registry.note_consent(
                     tenant,
                     user,
@@ -248,6 +258,8 @@ class SmsInbound:
                 action = "opted_out"
             else:
                 kind = "carrier_filtered" if code == CARRIER_FILTERED_CODE else "sms_undelivered"
+                if code == CARRIER_FILTERED_CODE:
+                    reason = "carrier_filtered"
                 self.registry.note_contact(
                     tenant,
                     user,
@@ -261,7 +273,21 @@ class SmsInbound:
                     ),
                 )
                 action = "noted"
-            await self.registry.sync()  # durable before Twilio hears back
+            bounce = AuditRecord(
+                tenant=tenant,
+                event_id=ref.event_id,
+                user=user,
+                run_id=ref.run_id,
+                channel="sms",
+                delivery_id=ref.delivery_id,
+                status="bounced",
+                reason=reason,
+                detail=detail,
+                topic=ref.topic,
+                at_ms=now,
+            )
+            # both durable before Twilio hears back
+            await asyncio.gather(self.registry.sync(), self.record(bounce))
         level = logging.WARNING if status in _FAILED else logging.INFO
         log.log(
             level,
@@ -308,10 +334,10 @@ class SmsInbound:
                 body_types=("application/x-www-form-urlencoded",),
                 description="Form-encoded as Twilio posts it, signed with X-Twilio-Signature, "
                 "to [channels.sms] status-callback with the recipient's signed ref in the "
-                "query. undelivered or failed with 30005, 30006, 21211 or 21614 invalidates "
-                "the number; with 21610 it is a legal opt-out of SMS; other failures (30007 "
-                "carrier filtering...) are noted in the contact log. Recorded before the "
-                "answer.",
+                "query. undelivered or failed turns the delivery's status to bounced; with "
+                "30005, 30006, 21211 or 21614 it also invalidates the number, with 21610 it "
+                "is a legal opt-out of SMS, and other failures (30007 carrier filtering...) "
+                "are noted in the contact log. Recorded before the answer.",
             ),
         ]
 
@@ -322,8 +348,9 @@ def sms_routes(
     clock: Callable[[], int],
     failures_per_minute: int = 30,
     signer: Signer | None = None,
+    record: Callable[[AuditRecord], Awaitable[None]] | None = None,
 ) -> list[Route]:
     """The routes of this module, for the node to add to its HTTP app. ``failures_per_minute``:
     requests with no valid signature an address may send in a burst, then one every
     ``60 / failures_per_minute`` s (``admission.auth-failures-per-minute``); beyond it 429."""
-    return SmsInbound(config, registry, clock, failures_per_minute, signer).routes()
+    return SmsInbound(config, registry, clock, failures_per_minute, signer, record).routes()

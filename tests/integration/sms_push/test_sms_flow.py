@@ -276,9 +276,9 @@ PUBLIC = "https://herald.example.com/hooks/sms/status"
 
 async def _receipts_node(
     tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
-) -> tuple[Any, str]:
+) -> tuple[Any, str, str]:
     """A node asking for receipts at :data:`PUBLIC`, user ann (with :data:`PHONE`) sent one
-    SMS; and the StatusCallback URL Twilio was given with it."""
+    SMS; the event, and the StatusCallback URL Twilio was given with it."""
     sms = sms_config(provider(twilio), status_callback=PUBLIC)
     node = await start_node(node_config(tmp_path, channels=["sms"], sms=sms))
     await node.user("ann", "orders.shipped", phone=PHONE)
@@ -286,18 +286,22 @@ async def _receipts_node(
     await node.settled(event, "sms", {"delivered"})
     callback = twilio.messages[-1].form["StatusCallback"]
     assert callback.startswith(PUBLIC + "?ref=")
-    return node, callback
+    return node, event, callback
 
 
 async def test_a_receipt_that_says_the_number_is_dead_invalidates_it(
     tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
 ) -> None:
-    node, callback = await _receipts_node(tmp_path, start_node, twilio)
+    node, event, callback = await _receipts_node(tmp_path, start_node, twilio)
 
     code, answer = await node.receipt(callback, "sent")
     assert (code, answer) == (200, {"status": "sent", "action": "none"})
+    assert (await node.settled(event, "sms", {"delivered"}))["status"] == "delivered"
     code, answer = await node.receipt(callback, "undelivered", code="30006")
     assert (code, answer) == (200, {"status": "undelivered", "action": "invalidated"})
+    row = await node.settled(event, "sms", {"bounced"})
+    assert row["reason"] == "invalid_number" and "30006" in row["detail"]
+    assert [a["outcome"] for a in row["attempts"]] == ["delivered"]
     log = (await node.ok("GET", "/users/ann/consent"))["contact_log"][-1]
     assert (log["kind"], log["source"], log["address"]) == (
         "invalidated",
@@ -315,10 +319,11 @@ async def test_a_receipt_that_says_the_number_is_dead_invalidates_it(
 async def test_carrier_filtering_is_noted_and_an_unsubscribed_receipt_is_a_legal_opt_out(
     tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
 ) -> None:
-    node, callback = await _receipts_node(tmp_path, start_node, twilio)
+    node, event, callback = await _receipts_node(tmp_path, start_node, twilio)
 
     code, answer = await node.receipt(callback, "failed", code="30007")
     assert (code, answer) == (200, {"status": "failed", "action": "noted"})
+    assert (await node.settled(event, "sms", {"bounced"}))["reason"] == "carrier_filtered"
     consent = await node.ok("GET", "/users/ann/consent")
     assert consent["contact_log"][-1]["kind"] == "carrier_filtered"
     # a note only: the next message is still sent
@@ -327,6 +332,11 @@ async def test_carrier_filtering_is_noted_and_an_unsubscribed_receipt_is_a_legal
 
     code, answer = await node.receipt(callback, "undelivered", code="21610")
     assert (code, answer) == (200, {"status": "undelivered", "action": "opted_out"})
+    for _ in range(300):  # the second bounce replaces the first once folded
+        if node.rows(event, "sms")[0]["reason"] == "recipient_unsubscribed":
+            break
+        await asyncio.sleep(0.05)
+    assert node.rows(event, "sms")[0]["reason"] == "recipient_unsubscribed"
     entry = (await node.ok("GET", "/users/ann/consent"))["ledger"][-1]
     assert (entry["channel"], entry["opted_in"], entry["legal"], entry["source"]) == (
         "sms",
@@ -343,7 +353,7 @@ async def test_carrier_filtering_is_noted_and_an_unsubscribed_receipt_is_a_legal
 async def test_forged_foreign_or_stale_receipts_change_nothing(
     tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
 ) -> None:
-    node, callback = await _receipts_node(tmp_path, start_node, twilio)
+    node, event, callback = await _receipts_node(tmp_path, start_node, twilio)
 
     code, _ = await node.receipt(callback, "undelivered", code="30006", signed_with="wrong")
     assert code == 403
@@ -359,6 +369,7 @@ async def test_forged_foreign_or_stale_receipts_change_nothing(
     await node.ok("PUT", "/users/ann", {"phone": "+14155550177"})
     code, answer = await node.receipt(callback, "undelivered", code="30005")
     assert (code, answer) == (200, {"status": "undelivered", "action": "ignored"})
+    assert (await node.settled(event, "sms", {"bounced"}))["reason"] == "invalid_number"
     later = await node.publish(topic="orders.shipped", users=["ann"], payload={})
     await node.settled(later, "sms", {"delivered"})
     assert twilio.messages[-1].form["To"] == "+14155550177"

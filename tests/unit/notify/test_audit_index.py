@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from notify import ids
 from notify.audit import AuditIndex, fold_slices, queued_page
 from notify.model import AuditPage, AuditRecord, DeliveryPage
@@ -224,3 +226,31 @@ def test_folding_in_slices_gives_the_index_folding_it_whole_gives(tmp_path: Path
     assert sliced.status("t", "big") == whole.status("t", "big")
     for u in ("u0", "u3", "u6"):
         assert sliced.feed("t", u, limit=100) == whole.feed("t", u, limit=100)
+
+
+def test_a_bounce_takes_a_delivery_back_whichever_is_folded_first(tmp_path: Path) -> None:
+    """A provider's receipt (``bounced``) comes after the ``delivered`` of the send it is
+    about; the two may be folded in either order (a page or a single record), and the bounce
+    stands either way, with the delivered attempt kept."""
+    kv = KV(tmp_path / "kv")
+    ix = AuditIndex(kv)
+    bounce = {"reason": "carrier_filtered", "detail": "twilio failed 30007", "channel": "sms"}
+    # in order: delivered, then the bounce
+    ix.fold_many([rec("queued", 1, channel="sms"), rec("delivered", 2, attempt=1, channel="sms")])
+    ix.fold_many([rec("bounced", 9, **bounce)])
+    (row,) = ix.status("t", "e1")
+    assert (row["status"], row["reason"]) == ("bounced", "carrier_filtered")
+    assert [a["outcome"] for a in row["attempts"]] == ["delivered"]
+    # out of order: the bounce first, then the delivered single record, then as a page
+    ix.fold_many([rec("bounced", 9, event="e2", **bounce)])
+    ix.fold_many([rec("delivered", 2, event="e2", attempt=1, channel="sms")])
+    ix.fold_many([rec("bounced", 9, event="e3", **bounce)])
+    p = page("delivered", 2, ["u1"], event="e3", attempt=1)
+    ix.fold_many([msgspec.structs.replace(p, channel="sms")])
+    for event in ("e2", "e3"):
+        (row,) = ix.status("t", event)
+        assert row["status"] == "bounced", event
+    # a later bounce of equal rank replaces an earlier one (a second receipt)
+    ix.fold_many([rec("bounced", 12, reason="recipient_unsubscribed", channel="sms")])
+    assert ix.status("t", "e1")[0]["reason"] == "recipient_unsubscribed"
+    kv.close()

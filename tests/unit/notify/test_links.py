@@ -44,6 +44,26 @@ def test_a_bounce_reference_is_not_an_unsubscribe_token() -> None:
         signer.open_unsubscribe(ref)
 
 
+def test_a_receipt_reference_names_its_delivery_and_no_other_kind_passes_for_it() -> None:
+    signer = Signer(b"k" * 32)
+    token = signer.receipt("acme", "u-1", "ev-1", "run-1", "dl-1", "orders.shipped")
+    claim = signer.open_receipt(token)
+    assert (claim.tenant, claim.user, claim.event_id, claim.run_id) == (
+        "acme",
+        "u-1",
+        "ev-1",
+        "run-1",
+    )
+    assert (claim.delivery_id, claim.topic) == ("dl-1", "orders.shipped")
+    for other in (signer.ref("acme", "u-1"), signer.unsubscribe_token("acme", "u-1", "sms")):
+        with pytest.raises(BadToken):
+            signer.open_receipt(other)
+    with pytest.raises(BadToken):
+        signer.open_ref(token)
+    with pytest.raises(BadToken):  # another node's secret
+        Signer(b"z" * 32).open_receipt(token)
+
+
 def test_the_scope_is_the_category_else_the_topic() -> None:
     assert unsubscribe_scope("marketing", "news") == "category:marketing"
     assert unsubscribe_scope(None, "news") == "topic:news"

@@ -10,8 +10,10 @@ the committed offsets in LMDB and formats the text, so a scrape never holds the 
 the length of the answer. Concurrent scrapes of the same view share one rendering.
 
 Tenancy: topics are labelled by their tenant and the tenant's name for them. The operator
-(tenant ``*``) sees every topic, group (named ``tenant/group``) and tenant's quotas; a
-tenant's key with the ``metrics`` scope sees only its own. Label values are escaped, so no
+(tenant ``*``) sees every topic, group (named ``tenant/group``) and tenant's quotas, and the
+notification families (:class:`ProductCollector`: fan-out, sends, transitions by channel and
+status, the gateway, SMS receipts; counts over every tenant); a tenant's key with the
+``metrics`` scope sees only its own topics, groups and quotas. Label values are escaped, so no
 topic or group name can forge a line. Labels are sorted and values formatted as
 ``prometheus_client`` writes them.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -347,14 +349,102 @@ def _render_scaled(snap: _Snapshot, offsets: Table[StoredOffset]) -> bytes:
     return "".join(out).encode()
 
 
+class ProductCollector(Collector):
+    """The notification families, read from counters the engine, the gateway and the SMS
+    hooks keep as plain integers (operator only: they count over every tenant). Each part
+    may be absent (a node without it); with gateway worker processes the sessions and
+    cut-offs are the workers' and not counted here."""
+
+    def __init__(self, engine: Any = None, gateway: Any = None, sms: Any = None) -> None:
+        self.engine = engine  # notify.engine.Engine
+        self.gateway = gateway  # gateway.server.Gateway
+        self.sms = sms  # notify.sms_http.SmsInbound
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        if engine is not None:
+            fanout = engine.fanout
+            if fanout is not None:
+                yield CounterMetricFamily(
+                    "herald_notify_events", "Events the fan-out handled", value=fanout.events
+                )
+                yield CounterMetricFamily(
+                    "herald_notify_recipients",
+                    "Recipients the fan-out resolved (one run each)",
+                    value=fanout.recipients,
+                )
+            sends = CounterMetricFamily(
+                "herald_notify_sends",
+                "Sends a channel's worker made, by outcome: delivered (the provider took it), "
+                "failed (a retry or a permanent failure); skipped: deliveries not sent "
+                "(a repeat, a legal opt-out found at the send)",
+                labels=["channel", "outcome"],
+            )
+            for name, worker in sorted(engine.workers.items()):
+                sends.add_metric([name, "delivered"], worker.delivered)
+                sends.add_metric([name, "failed"], worker.sent - worker.delivered)
+                sends.add_metric([name, "skipped"], worker.skipped)
+            yield sends
+            transitions = CounterMetricFamily(
+                "herald_notify_transitions",
+                "Delivery transitions (and engagements) the audit index folded, by channel "
+                "(* for a run-level transition or an engagement) and status",
+                labels=["channel", "status"],
+            )
+            for (channel, status), n in sorted(engine.index.transitions.items()):
+                transitions.add_metric([label(channel), label(status)], n)
+            yield transitions
+        gateway = self.gateway
+        if gateway is not None:
+            table = gateway.sessions
+            yield GaugeMetricFamily(
+                "herald_gateway_sessions", "Devices connected to this process", value=table.count
+            )
+            cut = CounterMetricFamily(
+                "herald_gateway_cut_offs",
+                "Sessions the gateway closed on its own, by reason (slow_consumer: a full send "
+                "buffer; too_fast: over messages-per-second...)",
+                labels=["reason"],
+            )
+            for why, n in sorted(table.cut_offs.items()):
+                cut.add_metric([label(why)], n)
+            yield cut
+            reader = gateway.reader
+            if reader is not None:
+                yield CounterMetricFamily(
+                    "herald_gateway_messages_pushed",
+                    "In-app messages and broadcasts written to sessions",
+                    value=reader.pushed,
+                )
+        sms = self.sms
+        if sms is not None:
+            receipts = CounterMetricFamily(
+                "herald_sms_receipts",
+                "Delivery receipts taken at POST /hooks/sms/status, by MessageStatus and what "
+                "they did (invalidated, opted_out, noted, none, ignored)",
+                labels=["status", "action"],
+            )
+            for (status, action), n in sorted(sms.receipts.items()):
+                receipts.add_metric([label(status), action], n)
+            yield receipts
+
+
 class Metrics:
     """Renders ``/metrics`` for a principal (see the module docstring)."""
 
-    def __init__(self, stats: Stats, offsets: Table[StoredOffset]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        offsets: Table[StoredOffset],
+        product: ProductCollector | None = None,
+    ) -> None:
         self.stats = stats
         self.offsets = offsets
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(stats))
+        self.product = CollectorRegistry(auto_describe=False)
+        if product is not None:
+            self.product.register(product)
         self._rendering: dict[str, asyncio.Future[bytes]] = {}
 
     async def body(self, principal: Principal) -> bytes:
@@ -370,6 +460,8 @@ class Metrics:
             quotas = CollectorRegistry(auto_describe=False)
             quotas.register(QuotaCollector(self.stats, None if principal.operator else view))
             head = generate_latest(self.registry) + generate_latest(quotas)
+            if principal.operator:
+                head += generate_latest(self.product)
             scaled = await loop.run_in_executor(None, _render_scaled, snap, self.offsets)
             body = head + scaled
             fut.set_result(body)

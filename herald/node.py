@@ -63,7 +63,7 @@ from gateway.outlet import InAppOutlet
 from gateway.server import Gateway, tenants_of
 from gateway.server import wall_ms as gateway_clock
 from gateway.workers import GatewayWorkers
-from herald.metrics import Metrics, Stats
+from herald.metrics import Metrics, ProductCollector, Stats
 from notify.api import notify_routes
 from notify.compose import Composer
 from notify.directory import RegistryDirectory
@@ -73,7 +73,7 @@ from notify.engine import Engine, wall_ms
 from notify.links import Signer, node_secret
 from notify.ports import Directory
 from notify.registry import Registry
-from notify.sms_http import sms_routes
+from notify.sms_http import sms_hooks
 from notify.templates import Templates
 from storage.errors import StorageError
 from storage.kv import KV
@@ -529,16 +529,15 @@ class Node:
             )
             if gateway is not None:
                 listeners.routes.append(retract_route(gateway.retract, listeners.api.principal))
-            listeners.routes.extend(
-                sms_routes(
-                    cfg.channels.sms,
-                    registry,
-                    engine.clock,
-                    cfg.admission.auth_failures_per_minute,
-                    signer,
-                    engine.record,
-                )
+            sms = sms_hooks(
+                cfg.channels.sms,
+                registry,
+                engine.clock,
+                cfg.admission.auth_failures_per_minute,
+                signer,
+                engine.record,
             )
+            listeners.routes.extend(sms.routes())
             self.tcp, self.http_stats = listeners.tcp, listeners.api.stats
             metrics = Metrics(
                 Stats(
@@ -549,6 +548,7 @@ class Node:
                     audit_lag_s=engine.audit_lag_s,
                 ),
                 state.kv.table("offsets", StoredOffset),
+                ProductCollector(engine, gateway, sms),
             )
             listeners.api.metrics_body = metrics.body
             await start(listeners)

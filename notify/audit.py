@@ -101,6 +101,10 @@ class AuditIndex:
         self.notes = kv.table("notify_notes", Notification)
         self.feed_rows = kv.table("notify_feed", FeedRef)
         self.unread = kv.table("notify_unread", Unread)
+        # (channel, status) -> transitions folded by this process (``*``: a run-level one or
+        # an engagement), for herald_notify_transitions_total; a batch redone after a
+        # restart counts again there, as the new process folds it
+        self.transitions: dict[tuple[str, str], int] = {}
 
     # --------------------------------------------------------------------- folding
     def fold_many(self, records: list[AuditRecord | AuditPage]) -> None:
@@ -125,6 +129,10 @@ class AuditIndex:
                 else:
                     self._fold(batch, rec)
             batch.write()
+        counts = self.transitions
+        for rec in records:
+            key = (rec.channel or "*", rec.status)
+            counts[key] = counts.get(key, 0) + (len(rec.users) if isinstance(rec, AuditPage) else 1)
 
     def _fold_page(self, b: _Batch, page: AuditPage) -> None:
         if not page.users or RANK.get(page.status) is None:

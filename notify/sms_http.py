@@ -120,6 +120,8 @@ class SmsInbound:
         self.clock = clock
         self.signer = signer
         self.record = record
+        # (MessageStatus, action) -> receipts taken, for herald_sms_receipts_total
+        self.receipts: dict[tuple[str, str], int] = {}
         self.tokens = {p.account_sid: p.auth_token for p in config.providers}
         # forged signatures count per source address, as failed API keys do
         self.throttle = AuthThrottle(failures_per_minute, time.monotonic)
@@ -288,6 +290,8 @@ class SmsInbound:
             )
             # both durable before Twilio hears back
             await asyncio.gather(self.registry.sync(), self.record(bounce))
+        counted = (status[:20], action)
+        self.receipts[counted] = self.receipts.get(counted, 0) + 1
         level = logging.WARNING if status in _FAILED else logging.INFO
         log.log(
             level,
@@ -342,15 +346,16 @@ class SmsInbound:
         ]
 
 
-def sms_routes(
+def sms_hooks(
     config: SmsConfig,
     registry: Registry,
     clock: Callable[[], int],
     failures_per_minute: int = 30,
     signer: Signer | None = None,
     record: Callable[[AuditRecord], Awaitable[None]] | None = None,
-) -> list[Route]:
-    """The routes of this module, for the node to add to its HTTP app. ``failures_per_minute``:
-    requests with no valid signature an address may send in a burst, then one every
-    ``60 / failures_per_minute`` s (``admission.auth-failures-per-minute``); beyond it 429."""
-    return SmsInbound(config, registry, clock, failures_per_minute, signer, record).routes()
+) -> SmsInbound:
+    """The hooks, for the node to add their :meth:`SmsInbound.routes` to its HTTP app (and
+    read their counters). ``failures_per_minute``: requests with no valid signature an
+    address may send in a burst, then one every ``60 / failures_per_minute`` s
+    (``admission.auth-failures-per-minute``); beyond it 429."""
+    return SmsInbound(config, registry, clock, failures_per_minute, signer, record)

@@ -309,6 +309,10 @@ async def test_a_receipt_that_says_the_number_is_dead_invalidates_it(
         PHONE,
     )
     assert "30006" in log["detail"]
+    code, text = await node.call("GET", "/metrics")
+    assert code == 200
+    assert 'herald_sms_receipts_total{action="invalidated",status="undelivered"} 1.0' in text
+    assert 'herald_sms_receipts_total{action="none",status="sent"} 1.0' in text
 
     later = await node.publish(topic="orders.shipped", users=["ann"], payload={})
     row = await node.settled(later, "sms", {"suppressed"})

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -385,6 +390,16 @@ class ProductCollector(Collector):
                 sends.add_metric([name, "failed"], worker.sent - worker.delivered)
                 sends.add_metric([name, "skipped"], worker.skipped)
             yield sends
+            latency = HistogramMetricFamily(
+                "herald_notify_delivery_seconds",
+                "From the fan-out making a delivery to the channel delivering it (the provider "
+                "took it; in-app: appended and shown), retries included",
+                labels=["channel"],
+            )
+            for name, worker in sorted(engine.workers.items()):
+                lat = worker.latency
+                latency.add_metric([name], lat.cumulative(), lat.sum_s)
+            yield latency
             transitions = CounterMetricFamily(
                 "herald_notify_transitions",
                 "Delivery transitions (and engagements) the audit index folded, by channel "

@@ -68,6 +68,7 @@ from channels.base import Delivery as ChannelDelivery
 from notify import ids
 from notify.compose import Composer, Refused
 from notify.dlq import DeadLetters, dlq_topic, letter_of
+from notify.latency import Latency
 from notify.model import Attempt, AuditRecord, DedupeRow, Delivery, DeliveryPage
 from notify.pages import AuditRows, decode_delivery_page, expand, is_page
 from notify.ports import Directory
@@ -165,6 +166,8 @@ class DeliveryWorker(Stage):
         self.sent = 0
         self.delivered = 0
         self.skipped = 0
+        # fan-out to delivery, first attempts and retries alike (herald_notify_delivery_seconds)
+        self.latency = Latency()
 
     # ---------------------------------------------------------------------- a batch
     async def handle(self, recs: list[ConsumerRecord]) -> dict[TopicPartition, int] | None:
@@ -316,6 +319,9 @@ class DeliveryWorker(Stage):
         self.sent += accepted
         self.delivered += accepted
         done_at = self.clock()
+        for page, which in take:
+            n = len(page.users) if which is None else len(which)
+            self.latency.observe((done_at - page.created_ms) / 1000, n)
         detail = outcome.detail or None if outcome is not None else None
         for page, which in take:
             self._audit_page(page, which, "delivered", None, detail, 1, done_at)
@@ -490,6 +496,7 @@ class DeliveryWorker(Stage):
             self._invalidate(d, "token", "dead_tokens", outcome.detail, dead_tokens)
         if isinstance(outcome, Delivered):
             self.delivered += 1
+            self.latency.observe((done - d.created_ms) / 1000)
             self._mark(d, final=FINAL)
             detail = outcome.detail
             if outcome.provider_message_id:  # the provider's id: how its support finds it

@@ -1,8 +1,8 @@
 """The notification families of ``/metrics`` on a real node (a separate process): after an
 event reaches a user on the console channel, the operator sees the fan-out's events and
-recipients, the channel's sends and the audit's transitions by channel and status, and the
-gateway's sessions; a tenant's key with the metrics scope sees none of these node-wide
-counts (they add up every tenant's traffic)."""
+recipients, the channel's sends, their latency histogram and the audit's transitions by
+channel and status, and the gateway's sessions; a tenant's key with the metrics scope sees
+none of these node-wide counts (they add up every tenant's traffic)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def test_the_operator_sees_the_notification_counts_and_a_tenant_does_not(
     assert _sample(node, "herald_notify_sends_total", channel="console", outcome="failed") == 0
     queued = _sample(node, "herald_notify_transitions_total", channel="console", status="queued")
     assert queued == 3
+    assert _sample(node, "herald_notify_delivery_seconds_count", channel="console") == 3
+    within = _sample(node, "herald_notify_delivery_seconds_bucket", channel="console", le="5.0")
+    assert within == 3  # fan-out to console in under 5 s, on any machine this runs on
     assert _sample(node, "herald_gateway_sessions") == 0
     assert "herald_gateway_messages_pushed_total 0.0" in _text(node, OPERATOR)
 

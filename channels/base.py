@@ -226,6 +226,14 @@ class Channel(Protocol):
 
 
 @runtime_checkable
+class HasBreakers(Protocol):
+    """A channel whose providers or endpoints have circuit breakers: their states, read by
+    ``/metrics`` (``herald_channel_breakers{channel,state}``)."""
+
+    def breaker_states(self) -> list[str]: ...
+
+
+@runtime_checkable
 class AcceptsAll(Protocol):
     """A channel that keeps nothing and answers every delivery alike (``null``): a worker
     may hand it a whole batch at once with :meth:`accept`, without a :class:`Delivery`

@@ -325,6 +325,9 @@ class EmailChannel:
         self._closed = False
         self.sent = 0
 
+    def breaker_states(self) -> list[str]:
+        return self.endpoints.breaker_states()
+
     async def close(self) -> None:
         if self._closed:
             return

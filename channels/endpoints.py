@@ -126,6 +126,10 @@ class Endpoints:
         """The endpoint if known, without creating it or touching its recency."""
         return self._map.get(key)
 
+    def breaker_states(self) -> list[str]:
+        """The breaker state of each endpoint known now (at most ``capacity``)."""
+        return [ep.breaker.state.value for ep in self._map.values()]
+
     def __len__(self) -> int:
         return len(self._map)
 

@@ -68,6 +68,10 @@ class ProviderChain(Generic[P]):
                 Member(name, provider, CircuitBreaker(breaker, monotonic, self._logger(name)))
             )
 
+    def breaker_states(self) -> list[str]:
+        """Each provider's breaker state (``closed``, ``open``, ``half_open``), in order."""
+        return [m.breaker.state.value for m in self.members]
+
     def _logger(self, name: str) -> Callable[[BreakerState, BreakerState, str], None]:
         def on_transition(old: BreakerState, new: BreakerState, why: str) -> None:
             log.warning(

@@ -113,6 +113,9 @@ class PushChannel:
         )
         self._closed = False
 
+    def breaker_states(self) -> list[str]:
+        return self.apns_chain.breaker_states() + self.fcm_chain.breaker_states()
+
     async def close(self) -> None:
         self._closed = True
         for client in (self.apns, self.fcm):

@@ -100,6 +100,9 @@ class SmsChannel:
             trust_env=False,
         )
 
+    def breaker_states(self) -> list[str]:
+        return self.chain.breaker_states()
+
     async def close(self) -> None:
         self._closed = True
         if self._session is not None:

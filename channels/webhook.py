@@ -187,6 +187,10 @@ class WebhookChannel:
         """The HTTP client, once the first send has made it (tests, metrics)."""
         return self._client
 
+    def breaker_states(self) -> list[str]:
+        """One per endpoint known now (``endpoint-capacity`` at most)."""
+        return self.endpoints.breaker_states()
+
     async def close(self) -> None:
         """Close every pooled connection; later sends raise ``ChannelClosed``. Idempotent."""
         self._closed = True

@@ -43,6 +43,7 @@ from broker.quotas import COUNTS, UNLIMITED, quota_key
 from broker.service import BrokerService
 from broker.tcp import TcpServer
 from broker.topics import local_name
+from channels.base import HasBreakers
 from storage.kv import Table
 
 _ESCAPES: Final = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n"} | {
@@ -400,6 +401,19 @@ class ProductCollector(Collector):
                 lat = worker.latency
                 latency.add_metric([name], lat.cumulative(), lat.sum_s)
             yield latency
+            breakers = GaugeMetricFamily(
+                "herald_channel_breakers",
+                "Circuit breakers of a channel's providers or endpoints, by state (closed, "
+                "open: not tried until its cool-down ends, half_open: probing)",
+                labels=["channel", "state"],
+            )
+            for name, worker in sorted(engine.workers.items()):
+                channel = worker.channel
+                if isinstance(channel, HasBreakers):
+                    states = channel.breaker_states()
+                    for state in ("closed", "open", "half_open"):
+                        breakers.add_metric([name, state], states.count(state))
+            yield breakers
             transitions = CounterMetricFamily(
                 "herald_notify_transitions",
                 "Delivery transitions (and engagements) the audit index folded, by channel "

@@ -63,6 +63,8 @@ def test_the_operator_sees_the_notification_counts_and_a_tenant_does_not(
     assert _sample(node, "herald_notify_delivery_seconds_count", channel="console") == 3
     within = _sample(node, "herald_notify_delivery_seconds_bucket", channel="console", le="5.0")
     assert within == 3  # fan-out to console in under 5 s, on any machine this runs on
+    # console has no breakers; webhook has none until it has sent to an endpoint
+    assert _sample(node, "herald_channel_breakers", channel="webhook", state="open") == 0
     assert _sample(node, "herald_gateway_sessions") == 0
     assert "herald_gateway_messages_pushed_total 0.0" in _text(node, OPERATOR)
 

@@ -204,6 +204,9 @@ async def test_failover_to_a_second_provider_and_back_after_a_probe(
         await node.settled(event, "sms", {"delivered"})
     assert len(backup_twilio.messages) == 4
     assert len(twilio.requests) == 2  # then its breaker opened: no more requests to it
+    _, text = await node.call("GET", "/metrics")  # inside the cool-down: still open
+    assert 'herald_channel_breakers{channel="sms",state="open"} 1.0' in text
+    assert 'herald_channel_breakers{channel="sms",state="closed"} 1.0' in text
     twilio.down = False
     await asyncio.sleep(1.55)  # the primary's cool-down
     for _ in range(3):
@@ -313,6 +316,8 @@ async def test_a_receipt_that_says_the_number_is_dead_invalidates_it(
     assert code == 200
     assert 'herald_sms_receipts_total{action="invalidated",status="undelivered"} 1.0' in text
     assert 'herald_sms_receipts_total{action="none",status="sent"} 1.0' in text
+    assert 'herald_channel_breakers{channel="sms",state="closed"} 1.0' in text
+    assert 'herald_notify_delivery_seconds_count{channel="sms"} 1.0' in text
 
     later = await node.publish(topic="orders.shipped", users=["ann"], payload={})
     row = await node.settled(later, "sms", {"suppressed"})

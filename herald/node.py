@@ -525,6 +525,7 @@ class Node:
                     composer,
                     listeners.api.principal,
                     engine.clock,
+                    engine.record,
                 )
             )
             if gateway is not None:

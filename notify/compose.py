@@ -107,16 +107,13 @@ class Composer:
             address: Any = EmailAddress(
                 to=contact.email,
                 unsubscribe_url=unsubscribe_url,
-                ref=self.signer.ref(d.tenant, d.user) if self.signer is not None else None,
+                ref=self._receipt(d),
             )
         else:
             address = self.directory.address(d.tenant, d.user, channel)
             if isinstance(address, SmsAddress) and self.signer is not None:
                 # the StatusCallback names the delivery its receipts are about
-                ref = self.signer.receipt(
-                    d.tenant, d.user, d.event_id, d.run_id, d.delivery_id, d.topic
-                )
-                address = msgspec.structs.replace(address, ref=ref)
+                address = msgspec.structs.replace(address, ref=self._receipt(d))
             if address is None and channel in ("sms", "push"):
                 # no number or device, or only dead ones: nothing to send to (the policy's
                 # reason, as at the fan-out: no_channel_data or address_invalid)
@@ -160,6 +157,13 @@ class Composer:
             )
             return Refused("dead_lettered", "render_error", str(exc)[:300])
         return Prepared(address, content)
+
+    def _receipt(self, d: Delivery) -> str | None:
+        """The signed reference to ``d`` a provider hands back with a bounce or a receipt
+        (``X-Herald-Ref``, an SMS's ``StatusCallback``): tenant, user and the delivery."""
+        if self.signer is None:
+            return None
+        return self.signer.receipt(d.tenant, d.user, d.event_id, d.run_id, d.delivery_id, d.topic)
 
     def unsubscribe_url(self, d: Delivery) -> str | None:
         """The one-click link for this delivery, None when its category needs none or the

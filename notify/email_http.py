@@ -14,6 +14,9 @@
   says when and why; the contact log keeps it), a soft bounce is noted in the contact log, a
   complaint is a legal opt-out of email (source ``complaint``). The recipient is named by
   ``ref`` (the ``X-Herald-Ref`` header of the bounced mail) or by ``tenant`` and ``user``.
+  The ref names the delivery too (a ``receipt`` token, ``notify/links.py``; an older mail's
+  ref names only the recipient and is still taken): a hard bounce then also turns that
+  delivery's status to ``bounced`` (reason ``hard_bounce``), durable with the address change.
 - ``GET /templates``, ``PUT|GET|DELETE /templates/{topic}/{channel}``, ``POST
   /templates/{topic}/{channel}/preview``: the key's tenant's templates (``notify/templates.py``);
   reads need ``consume`` or ``admin``, writes ``admin``.
@@ -24,11 +27,12 @@ errors, except the unsubscribe pages, which answer text/html for a person.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
 
 import msgspec
@@ -43,8 +47,8 @@ from channels.base import EmailContent, PushContent, SmsContent
 from notify import render
 from notify.api import checked_id
 from notify.compose import Composer
-from notify.links import BadToken, Signer
-from notify.model import Consent, ContactEvent
+from notify.links import BadToken, Receipt, Signer
+from notify.model import AuditRecord, Consent, ContactEvent
 from notify.registry import Registry
 from notify.render import RenderError
 from notify.templates import (
@@ -77,10 +81,13 @@ class BounceIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     detail: str = ""  # the provider's diagnostic, e.g. "550 5.1.1 user unknown"
 
 
-class BounceOut(msgspec.Struct, kw_only=True):
+class BounceOut(msgspec.Struct, kw_only=True, omit_defaults=True):
     tenant: str
     user: str
     action: Literal["invalidated", "noted", "opted_out", "ignored"]
+    # a hard bounce whose ref names the delivery (mail sent since 2026-12-07): its event,
+    # whose status for this user on email is now "bounced"
+    event_id: str | None = None
 
 
 class TemplatesOut(msgspec.Struct, kw_only=True):
@@ -126,6 +133,7 @@ class EmailHttp:
         composer: Composer,
         principal: Callable[[web.Request], Principal],
         clock: Callable[[], int],
+        record: Callable[[AuditRecord], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -134,6 +142,7 @@ class EmailHttp:
         self.composer = composer
         self.principal = principal
         self.clock = clock
+        self.record = record  # appends a transition to the audit, durably (Engine.record)
         self._enc = msgspec.json.Encoder()
         self.bounce_secret = config.channels.email.bounce_secret.encode()
         # wrong secrets count per source address, as failed API keys do
@@ -208,12 +217,19 @@ class EmailHttp:
             self.throttle.failed(address)
             raise Forbidden("the bounce secret does not match")
         body = msgspec.json.decode(await request.read(), type=BounceIn)
+        receipt: Receipt | None = None
         if body.ref is not None:
             try:
-                ref = self.signer.open_ref(body.ref)
+                receipt = self.signer.open_receipt(body.ref)
+                tenant, user = receipt.tenant, receipt.user
             except BadToken:
-                raise InvalidRequest("ref: not a reference this node made", field="ref") from None
-            tenant, user = ref.tenant, ref.user
+                try:  # mail sent before the refs named the delivery
+                    ref = self.signer.open_ref(body.ref)
+                except BadToken:
+                    raise InvalidRequest(
+                        "ref: not a reference this node made", field="ref"
+                    ) from None
+                tenant, user = ref.tenant, ref.user
         elif body.tenant is not None and body.user is not None:
             tenant, user = body.tenant, body.user
         else:
@@ -222,6 +238,7 @@ class EmailHttp:
             raise NotFound(f"no user {user!r}")
         now = self.clock()
         detail = " ".join(body.detail.split())[:200]
+        bounced: str | None = None
         action: Literal["invalidated", "noted", "opted_out", "ignored"]
         if body.type == "hard":
             done = self.registry.invalidate_email(
@@ -233,7 +250,25 @@ class EmailHttp:
                 address=body.email,
             )
             action = "invalidated" if done else "ignored"
-            await self.registry.sync()
+            if receipt is not None and self.record is not None:
+                # the delivery's status too, with the address change: both durable first
+                bounce = AuditRecord(
+                    tenant=tenant,
+                    event_id=receipt.event_id,
+                    user=user,
+                    run_id=receipt.run_id,
+                    channel="email",
+                    delivery_id=receipt.delivery_id,
+                    status="bounced",
+                    reason="hard_bounce",
+                    detail=detail or None,
+                    topic=receipt.topic,
+                    at_ms=now,
+                )
+                await asyncio.gather(self.registry.sync(), self.record(bounce))
+                bounced = receipt.event_id
+            else:
+                await self.registry.sync()
         elif body.type == "soft":
             self.registry.note_contact(
                 tenant,
@@ -275,7 +310,7 @@ class EmailHttp:
             action,
             msgspec.json.encode(detail).decode(),
         )
-        return self.json(BounceOut(tenant=tenant, user=user, action=action))
+        return self.json(BounceOut(tenant=tenant, user=user, action=action, event_id=bounced))
 
     # ---------------------------------------------------------------------- templates
     def _caller(self, request: web.Request, scopes: tuple[str, ...]) -> Principal:
@@ -432,6 +467,9 @@ def email_routes(
     composer: Composer,
     principal: Callable[[web.Request], Principal],
     clock: Callable[[], int],
+    record: Callable[[AuditRecord], Awaitable[None]] | None = None,
 ) -> list[Route]:
     """The routes of this module, for the node to add to its HTTP app."""
-    return EmailHttp(config, registry, templates, signer, composer, principal, clock).routes()
+    return EmailHttp(
+        config, registry, templates, signer, composer, principal, clock, record
+    ).routes()

@@ -207,7 +207,14 @@ async def test_a_hard_bounce_reported_to_the_hook_invalidates_the_address(
     code, answer = await node.call("POST", "/hooks/email/bounce", forged, headers=auth)
     assert code == 400 and answer["error"]["field"] == "ref"
     code, answer = await node.call("POST", "/hooks/email/bounce", report, headers=auth)
-    assert code == 200 and answer == {"tenant": "default", "user": "ada", "action": "invalidated"}
+    assert code == 200 and answer == {
+        "tenant": "default",
+        "user": "ada",
+        "action": "invalidated",
+        "event_id": first,
+    }
+    row = await node.settled(first, {"bounced"})  # the delivery's status too
+    assert (row["reason"], row["detail"]) == ("hard_bounce", "550 5.1.1 unknown")
     contact = node.registry.contact("default", "ada")
     assert contact is not None and contact.email_invalid_reason == "hard_bounce: 550 5.1.1 unknown"
     (logged,) = node.registry.contact_log("default", "ada")
@@ -223,6 +230,13 @@ async def test_a_hard_bounce_reported_to_the_hook_invalidates_the_address(
     await node.user("ada", "ada@new.example.org")
     contact = node.registry.contact("default", "ada")
     assert contact is not None and contact.email_invalid_ms is None
+
+    # a ref from mail sent before refs named the delivery: the address alone
+    signer = node.engine.composer.signer
+    assert signer is not None
+    old = {**report, "ref": signer.ref("default", "ada"), "email": "ada@new.example.org"}
+    code, answer = await node.call("POST", "/hooks/email/bounce", old, headers=auth)
+    assert code == 200 and answer == {"tenant": "default", "user": "ada", "action": "invalidated"}
 
 
 async def test_soft_bounces_are_noted_and_a_complaint_is_a_legal_opt_out(

@@ -47,7 +47,7 @@ from channels.base import EmailContent, PushContent, SmsContent
 from notify import render
 from notify.api import checked_id
 from notify.compose import Composer
-from notify.links import BadToken, Receipt, Signer
+from notify.links import BadToken, Receipt, Signer, bounced
 from notify.model import AuditRecord, Consent, ContactEvent
 from notify.registry import Registry
 from notify.render import RenderError
@@ -238,7 +238,7 @@ class EmailHttp:
             raise NotFound(f"no user {user!r}")
         now = self.clock()
         detail = " ".join(body.detail.split())[:200]
-        bounced: str | None = None
+        bounced_event: str | None = None
         action: Literal["invalidated", "noted", "opted_out", "ignored"]
         if body.type == "hard":
             done = self.registry.invalidate_email(
@@ -252,21 +252,9 @@ class EmailHttp:
             action = "invalidated" if done else "ignored"
             if receipt is not None and self.record is not None:
                 # the delivery's status too, with the address change: both durable first
-                bounce = AuditRecord(
-                    tenant=tenant,
-                    event_id=receipt.event_id,
-                    user=user,
-                    run_id=receipt.run_id,
-                    channel="email",
-                    delivery_id=receipt.delivery_id,
-                    status="bounced",
-                    reason="hard_bounce",
-                    detail=detail or None,
-                    topic=receipt.topic,
-                    at_ms=now,
-                )
+                bounce = bounced(receipt, "email", "hard_bounce", detail or None, now)
                 await asyncio.gather(self.registry.sync(), self.record(bounce))
-                bounced = receipt.event_id
+                bounced_event = receipt.event_id
             else:
                 await self.registry.sync()
         elif body.type == "soft":
@@ -310,7 +298,7 @@ class EmailHttp:
             action,
             msgspec.json.encode(detail).decode(),
         )
-        return self.json(BounceOut(tenant=tenant, user=user, action=action, event_id=bounced))
+        return self.json(BounceOut(tenant=tenant, user=user, action=action, event_id=bounced_event))
 
     # ---------------------------------------------------------------------- templates
     def _caller(self, request: web.Request, scopes: tuple[str, ...]) -> Principal:

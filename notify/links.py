@@ -28,6 +28,7 @@ from typing import Final, TypeVar
 
 import msgspec
 
+from notify.model import AuditRecord
 from storage.kv import KV
 
 MAX_TOKEN_CHARS: Final = 2048
@@ -70,6 +71,26 @@ class Receipt(msgspec.Struct, frozen=True, array_like=True):
     run_id: str
     delivery_id: str
     topic: str
+
+
+def bounced(
+    receipt: Receipt, channel: str, reason: str, detail: str | None, at_ms: int
+) -> AuditRecord:
+    """The ``bounced`` transition of the delivery ``receipt`` names: the provider took it,
+    and a later report (a bounce, a receipt) says it did not reach the recipient."""
+    return AuditRecord(
+        tenant=receipt.tenant,
+        event_id=receipt.event_id,
+        user=receipt.user,
+        run_id=receipt.run_id,
+        channel=channel,
+        delivery_id=receipt.delivery_id,
+        status="bounced",
+        reason=reason,
+        detail=detail,
+        topic=receipt.topic,
+        at_ms=at_ms,
+    )
 
 
 def _b64(raw: bytes) -> str:

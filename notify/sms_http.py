@@ -69,7 +69,7 @@ from broker.errors import InvalidRequest, NotFound
 from broker.openapi import Route
 from channels.config import SmsConfig
 from channels.twilio import keyword, signature_ok, twiml_message
-from notify.links import BadToken, Signer
+from notify.links import BadToken, Signer, bounced
 from notify.model import AuditRecord, Consent, ContactEvent
 from notify.registry import Registry
 
@@ -275,20 +275,8 @@ class SmsInbound:
                     ),
                 )
                 action = "noted"
-            bounce = AuditRecord(
-                tenant=tenant,
-                event_id=ref.event_id,
-                user=user,
-                run_id=ref.run_id,
-                channel="sms",
-                delivery_id=ref.delivery_id,
-                status="bounced",
-                reason=reason,
-                detail=detail,
-                topic=ref.topic,
-                at_ms=now,
-            )
             # both durable before Twilio hears back
+            bounce = bounced(ref, "sms", reason, detail, now)
             await asyncio.gather(self.registry.sync(), self.record(bounce))
         counted = (status[:20], action)
         self.receipts[counted] = self.receipts.get(counted, 0) + 1

@@ -82,6 +82,14 @@ DEAD_NUMBER_CODES: Final = frozenset({"30005", "30006", "21211", "21614"})
 UNSUBSCRIBED_CODE: Final = "21610"
 CARRIER_FILTERED_CODE: Final = "30007"
 _FAILED: Final = ("undelivered", "failed")
+# Twilio's message statuses: the label values of herald_sms_receipts_total (another is
+# counted as "other", so a signed sender cannot grow the counters without bound)
+STATUSES: Final = frozenset(
+    {
+        "accepted", "scheduled", "queued", "sending", "sent", "delivered", "undelivered",
+        "failed", "read", "receiving", "received", "canceled", "partially_delivered",
+    }
+)  # fmt: skip
 
 
 def _xml(body: bytes, status: int = 200) -> web.Response:
@@ -278,7 +286,7 @@ class SmsInbound:
             # both durable before Twilio hears back
             bounce = bounced(ref, "sms", reason, detail, now)
             await asyncio.gather(self.registry.sync(), self.record(bounce))
-        counted = (status[:20], action)
+        counted = (status if status in STATUSES else "other", action)
         self.receipts[counted] = self.receipts.get(counted, 0) + 1
         level = logging.WARNING if status in _FAILED else logging.INFO
         log.log(

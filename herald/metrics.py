@@ -358,8 +358,9 @@ def _render_scaled(snap: _Snapshot, offsets: Table[StoredOffset]) -> bytes:
 class ProductCollector(Collector):
     """The notification families, read from counters the engine, the gateway and the SMS
     hooks keep as plain integers (operator only: they count over every tenant). Each part
-    may be absent (a node without it); with gateway worker processes the sessions and
-    cut-offs are the workers' and not counted here."""
+    may be absent (a node without it); with gateway worker processes the sessions are the
+    hub's count of the workers' devices, and the cut-offs (made in the workers) are not
+    counted here."""
 
     def __init__(self, engine: Any = None, gateway: Any = None, sms: Any = None) -> None:
         self.engine = engine  # notify.engine.Engine
@@ -426,9 +427,21 @@ class ProductCollector(Collector):
         gateway = self.gateway
         if gateway is not None:
             table = gateway.sessions
+            hub = gateway.hub
             yield GaugeMetricFamily(
-                "herald_gateway_sessions", "Devices connected to this process", value=table.count
+                "herald_gateway_sessions",
+                "Devices connected (with gateway.workers: to every worker process)",
+                value=hub.count if hub is not None else table.count,
             )
+            if hub is not None:
+                per_worker = GaugeMetricFamily(
+                    "herald_gateway_worker_sessions",
+                    "Devices connected to each gateway worker process",
+                    labels=["worker"],
+                )
+                for index, n in sorted(hub.per_worker().items()):
+                    per_worker.add_metric([str(index)], n)
+                yield per_worker
             cut = CounterMetricFamily(
                 "herald_gateway_cut_offs",
                 "Sessions the gateway closed on its own, by reason (slow_consumer: a full send "

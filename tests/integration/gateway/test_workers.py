@@ -105,6 +105,11 @@ async def test_connections_spread_over_the_worker_processes_and_one_to_one_deliv
     assert sorted(per_worker) == list(range(WORKERS))
     assert sum(per_worker.values()) == len(users)
     assert all(n > 0 for n in per_worker.values()), per_worker  # P(a worker gets none) ~ 1e-10
+    async with node.session.get(f"{node.http_url}/metrics") as resp:
+        text = await resp.text()
+    assert f"herald_gateway_sessions {float(len(users))}" in text
+    for index, n in per_worker.items():
+        assert f'herald_gateway_worker_sessions{{worker="{index}"}} {float(n)}' in text
     assert node.node.gateway is not None
     assert node.node.gateway.present(TENANT, "u007") == 1
     event_id = await node.publish(topic="orders", users=["u007"], payload={"order": 7})

@@ -15,7 +15,9 @@ Tables (``\\0`` separates the parts of a key; ids cannot contain it):
                                                   bytes big-endian, 1, 2, ...); a scoped
                                                   entry's channel part is ``email/category:x``
 ``notify.contact_log`` tenant, user, seq          :class:`ContactEvent`, append-only: an
-                                                  address invalidated, a bounce, a complaint
+                                                  address invalidated, a bounce, a complaint,
+                                                  an SMS receipt; the newest
+                                                  :data:`CONTACT_LOG_MAX` per user
 ``notify.phones``    phone, tenant, user          who has this phone number (an inbound text
                                                   from it: STOP, START, HELP)
 ``notify.windows``   tenant, user                 :class:`UserWindows` (cap counters)
@@ -95,6 +97,10 @@ MAX_RETIRED_SECRETS: Final = (
     4  # per webhook: rotations within one overlap beyond this drop the oldest
 )
 FILTER_CACHE: Final = 4_096  # distinct subscription filters kept compiled
+# entries of a user's contact log kept (the oldest go): soft bounces and SMS receipts come
+# with every message to a full mailbox or a filtered number, so it must not grow for ever;
+# the consent ledger, the legal record, is not capped
+CONTACT_LOG_MAX: Final = 200
 
 _PHONE: Final = re.compile(r"\+[1-9]\d{6,14}")
 _SCOPE: Final = re.compile(r"(?:category|topic):[^\x00/]{1,190}")
@@ -493,6 +499,8 @@ class Registry:
         last = self._contact_log.last(prefix, txn=txn)
         seq = 1 if last is None else _SEQ.unpack(last[0][len(prefix) :])[0] + 1
         self._contact_log.put(prefix + _SEQ.pack(seq), event, txn=txn)
+        if seq > CONTACT_LOG_MAX:  # one in, one out: the log stays at the cap
+            self._contact_log.delete(prefix + _SEQ.pack(seq - CONTACT_LOG_MAX), txn=txn)
 
     def _check_user(self, body: User, now_ms: int) -> Contact:
         try:

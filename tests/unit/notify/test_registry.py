@@ -24,6 +24,7 @@ from notify.conditions import Scope
 from notify.model import (
     Consent,
     ConsentState,
+    ContactEvent,
     Device,
     Preferences,
     QuietHours,
@@ -32,7 +33,7 @@ from notify.model import (
     User,
     WebhookEndpoint,
 )
-from notify.registry import MAX_DEVICES, Registry, apply_consent
+from notify.registry import CONTACT_LOG_MAX, MAX_DEVICES, Registry, apply_consent
 from notify.windows import Charge, tag_of
 from storage.kv import KV
 
@@ -590,3 +591,17 @@ SubscriptionsMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None
 )
 test_subscriptions_state_machine = SubscriptionsMachine.TestCase
+
+
+async def test_a_users_contact_log_keeps_its_newest_entries_only(reg: Registry) -> None:
+    """Soft bounces come with every mail to a full mailbox: the log is capped, oldest out."""
+    await reg.put_user("t", "ann", User(email="ann@example.com"), now_ms=1)
+    for i in range(CONTACT_LOG_MAX + 5):
+        reg.note_contact(
+            "t",
+            "ann",
+            ContactEvent(at_ms=i, channel="email", kind="soft_bounce", source="bounce_hook"),
+        )
+    log = reg.contact_log("t", "ann")
+    assert len(log) == CONTACT_LOG_MAX
+    assert [e.at_ms for e in log] == list(range(5, CONTACT_LOG_MAX + 5))

@@ -200,18 +200,25 @@ class Partition:
         config = config or PartitionConfig()
         label = name or directory.name
         recovered = recover(directory, index_interval_bytes=config.index_interval_bytes, name=label)
-        part = cls(
-            directory,
-            config,
-            recovered.segments,
-            recovered.producers,
-            fsync=fsync,
-            clock=clock,
-            name=label,
-            quarantine=recovered.quarantine,
-            io=io,
-        )
-        part._write_checkpoint_now()
+        try:
+            part = cls(
+                directory,
+                config,
+                recovered.segments,
+                recovered.producers,
+                fsync=fsync,
+                clock=clock,
+                name=label,
+                quarantine=recovered.quarantine,
+                io=io,
+            )
+            part._write_checkpoint_now()
+        except BaseException:
+            # e.g. out of descriptors for the checkpoint's file (a topic created past the
+            # open-files limit): the segments' two each must not outlive the failed open
+            for seg in recovered.segments:
+                seg.abandon()
+            raise
         return part, recovered.report
 
     def expire_producers(self, older_than_ms: int) -> int:

@@ -374,7 +374,24 @@ def recover(
 ) -> Recovered:
     """Recover the partition in ``directory`` (created if missing), as the module
     docstring says. Every segment whose tail was read is synced before this returns, so
-    what it kept is on disk. Blocking."""
+    what it kept is on disk. Blocking. On a failure (out of descriptors, a full disk) every
+    segment it opened is closed before the error propagates: nothing leaks."""
+    opened: list[Segment] = []
+    try:
+        return _recover(directory, index_interval_bytes, name, fsync, opened)
+    except BaseException:
+        for seg in opened:
+            seg.abandon()
+        raise
+
+
+def _recover(
+    directory: Path,
+    index_interval_bytes: int,
+    name: str,
+    fsync: FsyncFn,
+    opened: list[Segment],
+) -> Recovered:
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint: Checkpoint | None = read_checkpoint(directory)
@@ -406,6 +423,7 @@ def recover(
                 removed.append(later)
             break
         seg = Segment.open_files(directory, base, index_interval_bytes=index_interval_bytes)
+        opened.append(seg)
         scan = _Scan(seg)
         scans.append(scan)
         file_size = seg.file_size()
@@ -433,6 +451,7 @@ def recover(
             # the checkpoint does not fall on a batch boundary: verify the segment whole
             seg.close()
             seg = Segment.open_files(directory, base, index_interval_bytes=index_interval_bytes)
+            opened.append(seg)
             scan.seg = seg
             trusted = 0
         if (
@@ -506,9 +525,9 @@ def recover(
         fsync_dir(directory)
     if not segments:
         start_offset = checkpoint.next_offset if checkpoint else 0
-        segments.append(
-            Segment.create(directory, start_offset, index_interval_bytes=index_interval_bytes)
-        )
+        created = Segment.create(directory, start_offset, index_interval_bytes=index_interval_bytes)
+        opened.append(created)
+        segments.append(created)
         fsync_dir(directory)
     if truncated or removed:
         producers.truncate(segments[-1].next_offset)

@@ -264,6 +264,15 @@ class Segment:
             os.close(self._fd)
             os.close(self._index_fd)
 
+    def abandon(self) -> None:
+        """Close the files without writing anything (an open that failed: nothing of it is
+        kept, and a close that wrote could fail the same way and leak the descriptors)."""
+        if not self.closed:
+            self.closed = True
+            for fd in (self._fd, self._index_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def delete(self) -> None:
         self.close()
         for path in (self.log_path, self.index_path):

@@ -98,6 +98,16 @@ def open_fds(node: HeraldProcess) -> int:
     return len(os.listdir(f"/proc/{node.proc.pid}/fd"))
 
 
+def fd_targets(node: HeraldProcess) -> list[str]:
+    """What the node's open descriptors point at (paths, ``socket:[...]``...)."""
+    assert node.proc is not None
+    out = []
+    for fd in os.listdir(f"/proc/{node.proc.pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            out.append(os.readlink(f"/proc/{node.proc.pid}/fd/{fd}"))
+    return out
+
+
 def rss_bytes(node: HeraldProcess) -> int:
     assert node.proc is not None
     for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():

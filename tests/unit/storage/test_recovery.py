@@ -3,14 +3,16 @@ quarantined, and the tail past the checkpoint is read from the device."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from storage import records, recovery
+from storage import partition, records, recovery
 from storage.checkpoint import FILE_NAME as CHECKPOINT_FILE
+from storage.partition import Partition
 from storage.quarantine import read_quarantine
 from storage.recovery import recover
 from storage.segment import Segment, list_segments
@@ -211,3 +213,41 @@ def test_nothing_past_the_checkpoint_means_no_device_read(tmp_path: Path) -> Non
     finally:
         _close(found)
     assert (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def _open_files() -> set[str]:
+    fds = Path("/proc/self/fd")
+    out = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(fd))
+    return out
+
+
+def test_a_failed_open_of_a_new_partition_leaves_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors right after the first segment's two files (a topic created past
+    the open-files limit): recovery, or the partition built on it, fails, and neither
+    keeps the segment's files open (they leaked, two per failed create, before)."""
+    before = _open_files()
+
+    def no_more_files(_directory: Path) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as m:
+        m.setattr(recovery, "fsync_dir", no_more_files)
+        with pytest.raises(OSError):
+            Partition.open(tmp_path / "a")
+    assert {f for f in _open_files() - before if str(tmp_path) in f} == set()
+
+    def no_flusher(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as m:
+        m.setattr(partition, "Flusher", no_flusher)
+        with pytest.raises(OSError):
+            Partition.open(tmp_path / "b")
+    assert {f for f in _open_files() - before if str(tmp_path) in f} == set()
+    part, _ = Partition.open(tmp_path / "b")  # the same directory opens once it can
+    part.close_sync()

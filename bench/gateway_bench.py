@@ -8,8 +8,9 @@
         # sharing ws-port; memory summed over the node and its workers
     python -m bench.gateway_bench broadcast --clients 10000 --runs 20
         # one broadcast -> N connected clients: time to the first, p50, p99 and last receipt
-    python -m bench.gateway_bench latency --rate 1000 --seconds 10 --clients 1000
-        # POST /events (one user each) at a fixed rate -> the notification on that user's socket
+    python -m bench.gateway_bench latency --rate 1000 --seconds 10 --clients 1000 --repeats 3
+        # POST /events (one user each) at a fixed rate -> the notification on that user's socket,
+        # a fresh node per repeat, the median of each percentile and the host's speed per run
         # (--trace: and where the time goes, per stage of the node: bench/notify_trace.py)
     (broadcast and latency take --workers N too: the node with N gateway worker processes,
     each result in a block of its own beside the in-process gateway's)
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -583,12 +585,86 @@ def _workers_flag(args: argparse.Namespace) -> str:
 
 
 # -------------------------------------------------------------------------- latency
-async def scenario_latency(args: argparse.Namespace) -> str:
-    import aiohttp
+def host_speed_s() -> float:
+    """Seconds a bare Python loop of 10M additions takes here, now: the host's speed drifts
+    (0.65-1.30 s on this VM over two days), and a latency at a saturated loop moves with it,
+    so each run says which stretch it ran on."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(10_000_000):
+        total += i
+    return time.perf_counter() - started
 
+
+@dataclass
+class LatencyRun:
+    lat: list[float]
+    achieved: float
+    errors: int
+    missing: int
+    speed_s: float
+    directory: Path  # the node's data, deleted once every run is done
+    breakdown: str = ""
+
+
+async def scenario_latency(args: argparse.Namespace) -> str:
+    """``--repeats`` runs (a fresh node and clients each), one row each, and the median of
+    each percentile over them: one run's p99 moves by tens of per cent from run to run."""
     rate = args.rate or 1000
     seconds = args.seconds or 10
     n = args.clients or 1000
+    repeats = max(1, args.repeats or 1)
+    runs: list[LatencyRun] = []
+    dirs: list[Path] = []
+    try:
+        for _ in range(repeats):
+            # the disk settled first: the previous run's writeback drained, and its data
+            # directory not deleted until every run is done (on a filesystem mounted with
+            # `discard`, freeing a run's gigabyte made the next run's syncs slower: in
+            # alternated pairs whichever ran second had the worse p99, either way round)
+            os.sync()
+            await asyncio.sleep(2)
+            run = await _latency_run(args, rate, seconds, n)
+            runs.append(run)
+            dirs.append(run.directory)
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    qs = (0.5, 0.9, 0.99, 0.999)
+    rows = []
+    for i, r in enumerate(runs, 1):
+        cells = " | ".join(f"{pct(r.lat, q):.1f}" for q in qs)
+        rows.append(
+            f"| {i} | {r.speed_s:.2f} | {r.achieved:,.0f} | {cells} | {max(r.lat):.1f} "
+            f"| {r.errors} | {r.missing} |\n"
+        )
+    if repeats > 1:
+        cells = " | ".join(f"**{statistics.median(pct(r.lat, q) for r in runs):.1f}**" for q in qs)
+        worst = statistics.median(max(r.lat) for r in runs)
+        rows.append(f"| median | | | {cells} | {worst:.1f} | | |\n")
+    return (
+        _header(
+            f"python -m bench.gateway_bench latency --rate {rate} --seconds {seconds} --clients {n}"
+            + (f" --repeats {repeats}" if repeats > 1 else "")
+            + _workers_flag(args)
+            + (" --trace" if args.trace else "")
+        )
+        + f"`POST /events` for one user each (of {n:,} connected) at {rate:,}/s offered for "
+        f"{seconds} s after a 1 s warm-up, {repeats} run(s), each with a fresh node and "
+        "clients; latency from just before the POST to the notification's receipt on the "
+        "user's socket (ms). Host speed: a bare Python loop of 10M additions, timed just "
+        "before each run (s; lower is faster).\n\n"
+        "| run | host speed (s) | achieved/s | p50 | p90 | p99 | p99.9 | max | HTTP errors "
+        "| never received |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        + "".join(rows)
+        + "".join(r.breakdown for r in runs)
+    )
+
+
+async def _latency_run(args: argparse.Namespace, rate: int, seconds: int, n: int) -> LatencyRun:
+    import aiohttp
+
+    speed_s = host_speed_s()
     base = _fresh_dir("gateway-latency-")
     trace = base / "trace.jsonl" if args.trace else None
     node = NodeProcess(base, workers=args.workers, trace=trace, partitions=args.partitions)
@@ -662,21 +738,10 @@ async def scenario_latency(args: argparse.Namespace) -> str:
             steps += ["out_acked:sending", "out_acked", "worker", "inapp_acked:handled"]
             steps += ["inapp_acked:sending", "inapp_acked", "reader", "pushed", "arrived"]
             breakdown = "\n" + trace_breakdown(trace, {rate: traced}, steps)
-        shutil.rmtree(base, ignore_errors=True)
-    return (
-        _header(
-            f"python -m bench.gateway_bench latency --rate {rate} --seconds {seconds} --clients {n}"
-            + _workers_flag(args)
-            + (" --trace" if trace is not None else "")
-        )
-        + f"`POST /events` for one user each (of {n:,} connected) at {rate:,}/s offered "
-        f"({achieved:,.0f}/s achieved) for {seconds} s after a 1 s warm-up; latency from just "
-        "before the POST to the notification's receipt on the user's socket (ms). "
-        f"HTTP errors: {errors}; never received: {missing}.\n\n"
-        "| p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|\n"
-        f"| {pct(lat, 0.5):.1f} | {pct(lat, 0.9):.1f} | {pct(lat, 0.99):.1f} "
-        f"| {pct(lat, 0.999):.1f} | {max(lat):.1f} |\n" + breakdown
-    )
+        if sys.exc_info()[1] is not None:  # a failed run: nobody else will delete it
+            shutil.rmtree(base, ignore_errors=True)
+        # else scenario_latency deletes it, once every run is done
+    return LatencyRun(lat, achieved, errors, missing, speed_s, base, breakdown)
 
 
 def _trace_id(i: int) -> str:
@@ -700,6 +765,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, help="broadcast: measured broadcasts")
     parser.add_argument("--rate", type=int, help="latency: events per second offered")
     parser.add_argument("--seconds", type=int, help="latency: measured seconds")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="latency: runs, each with a fresh node (default 3; the median is reported)",
+    )
     parser.add_argument("--procs", type=int, help="client processes (default: 1 per 19,000)")
     parser.add_argument(
         "--workers",

@@ -451,6 +451,11 @@ async def scenario_latency(args: argparse.Namespace) -> str:
     rates = [int(r) for r in (args.rates or "100,300,1000").split(",")]
     seconds = args.seconds or 20
     rows: list[str] = []
+    # the disk settled first (what an earlier run wrote, and freed, is not synced and
+    # discarded under this one: bench.gateway_bench found whichever of two back-to-back
+    # runs came second had the worse p99)
+    os.sync()
+    await asyncio.sleep(2)
     base = Path(tempfile.mkdtemp(prefix="notify-latency-", dir=OUT))
     data = base / "data"
     config = base / "herald.toml"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shlex
 import shutil
 import signal
@@ -78,6 +79,14 @@ INTRO = (
     " repository's disk. Generated blocks are replaced by the next run; the text between"
     " them is written by hand."
 )
+
+
+def settle() -> None:
+    """Before each system's latency-bound run: what the earlier ones wrote is synced and
+    the disk left alone for 2 s, so no system's figures carry another's writeback (in
+    back-to-back gateway runs the second had the worse p99, whichever it was)."""
+    os.sync()
+    time.sleep(2)
 
 
 @dataclass(frozen=True)
@@ -312,6 +321,7 @@ class Bench:
                 self.res.note("latency", f"{DISPLAY[system]} unavailable: skipped")
                 continue
             say(f"latency: {DISPLAY[system]}, rates {list(p.latency_rates)} x {p.repeats}")
+            settle()
             cons_fn, prod_fn = fns[system]
             ready = worker.Event()
             name = f"bench-latency-{system}"
@@ -420,6 +430,7 @@ class Bench:
                 self.res.note("single", f"{DISPLAY[case.system]} unavailable: skipped")
                 continue
             say(f"single: {DISPLAY[case.system]}, {case.label}")
+            settle()
             samples = worker.run(
                 fns[case.system],
                 *target,

@@ -10,6 +10,7 @@ milliseconds (``*-ms``) like the rest of the node's configuration.
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from typing import Annotated, Literal
 
 import msgspec
@@ -323,6 +324,22 @@ class SmsConfig(_Section):
 
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     """Each provider's circuit breaker."""
+
+    def __post_init__(self) -> None:
+        # a StatusCallback Twilio refuses fails every send: refused at start-up instead
+        for name, url in (
+            ("status-callback", self.status_callback),
+            ("inbound-public-url", self.inbound_public_url),
+        ):
+            if url and not _absolute_http_url(url):
+                raise ValueError(
+                    f"{name}: an absolute http(s) URL, e.g. https://herald.example.com/..."
+                )
+
+
+def _absolute_http_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in url
 
 
 class ApnsConfig(_Section):

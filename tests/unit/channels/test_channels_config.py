@@ -48,6 +48,9 @@ def test_keys_are_kebab_case_and_nest() -> None:
         ("[webhook]\nallow-networks = ['10.0.0.0/33']\n", "allow-networks"),
         ("[webhook]\nconnect-timeout-ms = 20000\n", "connect-timeout-ms"),
         ("[webhok]\n", "webhok"),
+        ("[sms]\nstatus-callback = '/hooks/sms/status'\n", "status-callback"),
+        ("[sms]\nstatus-callback = 'herald.example.com/hooks'\n", "status-callback"),
+        ("[sms]\ninbound-public-url = 'ftp://herald.example.com/x'\n", "inbound-public-url"),
     ],
 )
 def test_a_bad_key_or_value_is_an_error_naming_it(toml: str, named: str) -> None:

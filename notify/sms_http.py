@@ -92,6 +92,11 @@ STATUSES: Final = frozenset(
 )  # fmt: skip
 
 
+def _token(value: str, limit: int, extra: str = "") -> str:
+    """``value`` cut to ``limit`` and to letters, digits, ``_``, ``-`` (and ``extra``)."""
+    return "".join(c for c in value[:limit] if c.isascii() and (c.isalnum() or c in "_-" + extra))
+
+
 def _xml(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=_XML, charset="utf-8")
 
@@ -234,9 +239,11 @@ class SmsInbound:
         profile = self.registry.profile(tenant, user)
         if profile is None:
             raise NotFound(f"no user {user!r}")
-        code = form.get("ErrorCode", "")[:16]
-        to = form.get("To", "")[:32]
-        sid = form.get("MessageSid", "-")[:40]
+        # what goes into logs, the contact log and the audit: Twilio's shapes, nothing else
+        # (a code of digits, a sid of letters and digits, a number E.164)
+        code = _token(form.get("ErrorCode", ""), 16)
+        to = _token(form.get("To", ""), 32, extra="+")
+        sid = _token(form.get("MessageSid", ""), 40) or "-"
         action: Literal["invalidated", "opted_out", "noted", "none", "ignored"] = "none"
         if status in _FAILED:
             now = self.clock()
@@ -286,7 +293,8 @@ class SmsInbound:
             # both durable before Twilio hears back
             bounce = bounced(ref, "sms", reason, detail, now)
             await asyncio.gather(self.registry.sync(), self.record(bounce))
-        counted = (status if status in STATUSES else "other", action)
+        known = status if status in STATUSES else "other"
+        counted = (known, action)
         self.receipts[counted] = self.receipts.get(counted, 0) + 1
         level = logging.WARNING if status in _FAILED else logging.INFO
         log.log(
@@ -295,7 +303,7 @@ class SmsInbound:
             tenant,
             user,
             sid,
-            status[:20],
+            known,
             code or "-",
             action,
         )

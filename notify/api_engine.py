@@ -1,5 +1,5 @@
 """Routes over the engine: cancellation by key, event status, a user's feed and engagement
-marks, dead letters (``docs/API.md``). Plumbing in ``notify/api.py``."""
+marks, dead letters (``docs/API.md``). Plumbing in ``notify/api_base.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import msgspec
 
 from broker.errors import InvalidRequest
 from broker.openapi import Param, Route
-from notify.api import CANCEL, ENGAGE, READ, WRITE, Api, Call, checked_id
+from notify.api_base import CANCEL, ENGAGE, READ, WRITE, Api, Call, checked_id
 from notify.api_model import (
     AttemptOut,
     CancelIn,

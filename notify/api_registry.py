@@ -1,6 +1,6 @@
 """Routes over the registry: users (and their export and erasure), devices, subscriptions,
 subscribers, preferences, tenant defaults, mandatory topics, consent, workflows
-(``docs/API.md``). Plumbing in ``notify/api.py``."""
+(``docs/API.md``). Plumbing in ``notify/api_base.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 
 from broker.errors import InvalidRequest
 from broker.openapi import Param, Route
-from notify.api import READ, WRITE, Api, Call
+from notify.api_base import READ, WRITE, Api, Call
 from notify.api_engine import feed_item, letter_out
 from notify.api_model import (
     BatchOut,

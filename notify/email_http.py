@@ -45,7 +45,7 @@ from broker.errors import AuthThrottled, Forbidden, InvalidRequest, NotFound, Un
 from broker.openapi import Route
 from channels.base import EmailContent, PushContent, SmsContent
 from notify import render
-from notify.api import checked_id
+from notify.api_base import checked_id
 from notify.compose import Composer
 from notify.links import BadToken, Receipt, Signer, bounced
 from notify.model import AuditRecord, Consent, ContactEvent

@@ -190,6 +190,10 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome"):
 
 class Delivered(Outcome, frozen=True, kw_only=True, tag="delivered"):
     provider_message_id: str | None = None
+    # the provider took it and will say later whether it reached the recipient (an SMS
+    # whose StatusCallback comes back to POST /hooks/sms/status): the core records "sent",
+    # and the receipt "delivered" or "bounced"
+    awaiting_receipt: bool = False
 
 
 class Retry(Outcome, frozen=True, kw_only=True, tag="retry"):

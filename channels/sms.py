@@ -26,7 +26,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from channels.base import Delivery, Outcome, SmsAddress, SmsContent
+from channels.base import Delivered, Delivery, Outcome, SmsAddress, SmsContent
 from channels.config import SmsConfig, TwilioProvider
 from channels.errors import ChannelClosed
 from channels.failover import Attempt, ProviderChain
@@ -122,7 +122,11 @@ class SmsChannel:
         async def attempt(sender: _Sender) -> Attempt:
             return await self._post(sender, address.to, text, callback)
 
-        return await self.chain.send(attempt)
+        outcome = await self.chain.send(attempt)
+        if isinstance(outcome, Delivered) and address.ref and self.config.status_callback:
+            # its receipt will come back naming this delivery: "sent" until then
+            outcome = msgspec.structs.replace(outcome, awaiting_receipt=True)
+        return outcome
 
     async def _post(self, sender: _Sender, to: str, text: str, callback: str) -> Attempt:
         wait = sender.bucket.reserve()

@@ -69,7 +69,8 @@ _FAR: Final = 1 << 62
 _str_encode = msgspec.msgpack.Encoder().encode  # a FeedRef is [run_id]: b"\x91" + this
 
 
-_COUNTED: Final = ("delivered", "undelivered", "dead_lettered")  # statuses that are attempts
+# statuses that are attempts ("sent": the provider took it, a receipt to come)
+_COUNTED: Final = ("sent", "delivered", "undelivered", "dead_lettered")
 
 
 class _PageAge(msgspec.Struct, array_like=True):
@@ -220,7 +221,7 @@ class AuditIndex:
         key = f"{rec.tenant}\0{rec.event_id}\0{rec.user}\0{channel}"
         row = b.status(key)
         attempts = row.attempts if row is not None else []
-        counted = rec.status in ("delivered", "undelivered", "dead_lettered")
+        counted = rec.status in _COUNTED
         if rec.attempt is not None and counted and not any(a.at_ms == rec.at_ms for a in attempts):
             attempts = [
                 *attempts,

@@ -502,7 +502,8 @@ class DeliveryWorker(Stage):
             if outcome.provider_message_id:  # the provider's id: how its support finds it
                 pid = f"provider_message_id={outcome.provider_message_id}"
                 detail = f"{pid}; {detail}" if detail else pid
-            self._audit(d, "delivered", detail=detail[:300] or None, attempt=d.attempt)
+            status = "sent" if outcome.awaiting_receipt else "delivered"
+            self._audit(d, status, detail=detail[:300] or None, attempt=d.attempt)
             return self._settled(d, block_key)
         if isinstance(outcome, Retry):
             nxt = next_attempt(self.schedule, d.attempt, done, self.rand(), outcome.after_s)

@@ -47,7 +47,7 @@ from channels.base import EmailContent, PushContent, SmsContent
 from notify import render
 from notify.api_base import checked_id
 from notify.compose import Composer
-from notify.links import BadToken, Receipt, Signer, bounced
+from notify.links import BadToken, Receipt, Signer, reported
 from notify.model import AuditRecord, Consent, ContactEvent
 from notify.registry import Registry
 from notify.render import RenderError
@@ -252,7 +252,7 @@ class EmailHttp:
             action = "invalidated" if done else "ignored"
             if receipt is not None and self.record is not None:
                 # the delivery's status too, with the address change: both durable first
-                bounce = bounced(receipt, "email", "hard_bounce", detail or None, now)
+                bounce = reported(receipt, "email", "bounced", "hard_bounce", detail or None, now)
                 await asyncio.gather(self.registry.sync(), self.record(bounce))
                 bounced_event = receipt.event_id
             else:

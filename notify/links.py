@@ -73,11 +73,17 @@ class Receipt(msgspec.Struct, frozen=True, array_like=True):
     topic: str
 
 
-def bounced(
-    receipt: Receipt, channel: str, reason: str, detail: str | None, at_ms: int
+def reported(
+    receipt: Receipt,
+    channel: str,
+    status: str,
+    reason: str | None,
+    detail: str | None,
+    at_ms: int,
 ) -> AuditRecord:
-    """The ``bounced`` transition of the delivery ``receipt`` names: the provider took it,
-    and a later report (a bounce, a receipt) says it did not reach the recipient."""
+    """The transition a provider's later report makes of the delivery ``receipt`` names:
+    ``delivered`` (it reached the recipient) or ``bounced`` (it did not: a bounce, a
+    failed receipt)."""
     return AuditRecord(
         tenant=receipt.tenant,
         event_id=receipt.event_id,
@@ -85,7 +91,7 @@ def bounced(
         run_id=receipt.run_id,
         channel=channel,
         delivery_id=receipt.delivery_id,
-        status="bounced",
+        status=status,
         reason=reason,
         detail=detail,
         topic=receipt.topic,

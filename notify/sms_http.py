@@ -29,11 +29,11 @@ Delivery receipts. With ``[channels.sms] status-callback`` set, each message car
 its ``StatusCallback``, with a signed reference to the delivery added to the query (``ref``,
 :meth:`notify.links.Signer.receipt`); Twilio then posts the message's later statuses there,
 signed as above (over ``status-callback``'s scheme and host and the path and query it was
-posted to). Acceptance by Twilio is what the delivery's audited status records
-(``delivered``, with the message sid). A receipt that the carrier did not deliver it
-(``undelivered`` or ``failed``) turns that status to ``bounced`` (``GET /events/{id}``; the
-reason ``invalid_number``, ``recipient_unsubscribed``, ``carrier_filtered`` or
-``twilio_<code>``), and acts on the contact:
+posted to). With receipts on, Twilio taking a message is recorded as ``sent`` (with the
+message sid), not ``delivered``: a ``delivered`` receipt records ``delivered``, and one that
+the carrier did not deliver it (``undelivered`` or ``failed``) records ``bounced``
+(``GET /events/{id}``; the reason ``invalid_number``, ``recipient_unsubscribed``,
+``carrier_filtered`` or ``twilio_<code>``) and acts on the contact:
 
 - ``undelivered`` or ``failed`` with a code that says the number is no good (30005 unknown
   handset, 30006 landline or unreachable carrier, 21211, 21614): the number is invalidated,
@@ -45,7 +45,8 @@ reason ``invalid_number``, ``recipient_unsubscribed``, ``carrier_filtered`` or
   hard to detect; 30003 handset off; 30008 unknown...): noted in the contact log
   (``carrier_filtered`` or ``sms_undelivered``, with the code) and logged; nothing is
   suppressed.
-- ``delivered``, and the intermediate statuses: logged only.
+- ``delivered``: recorded as above (answer ``recorded``); the intermediate statuses
+  (``queued``, ``sending``, ``sent``...): logged only.
 
 A request with no valid signature, or from an account that is not configured, is refused
 with 403 and changes nothing; an address that keeps sending them is answered 429 without a
@@ -69,7 +70,7 @@ from broker.errors import InvalidRequest, NotFound
 from broker.openapi import Route
 from channels.config import SmsConfig
 from channels.twilio import keyword, signature_ok, twiml_message
-from notify.links import BadToken, Signer, bounced
+from notify.links import BadToken, Signer, reported
 from notify.model import AuditRecord, Consent, ContactEvent
 from notify.registry import Registry
 
@@ -111,7 +112,7 @@ class ReceiptOut(msgspec.Struct, kw_only=True):
     """The answer to a delivery receipt (Twilio reads only the status code)."""
 
     status: str
-    action: Literal["invalidated", "opted_out", "noted", "none", "ignored"]
+    action: Literal["invalidated", "opted_out", "noted", "recorded", "none", "ignored"]
 
 
 class SmsInbound:
@@ -244,7 +245,7 @@ class SmsInbound:
         code = _token(form.get("ErrorCode", ""), 16)
         to = _token(form.get("To", ""), 32, extra="+")
         sid = _token(form.get("MessageSid", ""), 40) or "-"
-        action: Literal["invalidated", "opted_out", "noted", "none", "ignored"] = "none"
+        action: Literal["invalidated", "opted_out", "noted", "recorded", "none", "ignored"] = "none"
         if status in _FAILED:
             now = self.clock()
             phone = profile.contact.phone if profile.contact is not None else None
@@ -291,8 +292,14 @@ class SmsInbound:
                 )
                 action = "noted"
             # both durable before Twilio hears back
-            bounce = bounced(ref, "sms", reason, detail, now)
+            bounce = reported(ref, "sms", "bounced", reason, detail, now)
             await asyncio.gather(self.registry.sync(), self.record(bounce))
+        elif status == "delivered":  # the carrier says it reached the handset
+            await self.record(
+                reported(ref, "sms", "delivered", None, f"twilio delivered (message {sid})",
+                         self.clock())
+            )  # fmt: skip
+            action = "recorded"
         known = status if status in STATUSES else "other"
         counted = (known, action)
         self.receipts[counted] = self.receipts.get(counted, 0) + 1

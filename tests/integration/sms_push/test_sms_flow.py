@@ -286,7 +286,8 @@ async def _receipts_node(
     node = await start_node(node_config(tmp_path, channels=["sms"], sms=sms))
     await node.user("ann", "orders.shipped", phone=PHONE)
     event = await node.publish(topic="orders.shipped", users=["ann"], payload={})
-    await node.settled(event, "sms", {"delivered"})
+    row = await node.settled(event, "sms", {"sent"})  # Twilio took it; a receipt will say
+    assert f"provider_message_id={twilio.messages[-1].sid}" in row["detail"]
     callback = twilio.messages[-1].form["StatusCallback"]
     assert callback.startswith(PUBLIC + "?ref=")
     return node, event, callback
@@ -299,12 +300,12 @@ async def test_a_receipt_that_says_the_number_is_dead_invalidates_it(
 
     code, answer = await node.receipt(callback, "sent")
     assert (code, answer) == (200, {"status": "sent", "action": "none"})
-    assert (await node.settled(event, "sms", {"delivered"}))["status"] == "delivered"
+    assert node.rows(event, "sms")[0]["status"] == "sent"  # an intermediate status: no change
     code, answer = await node.receipt(callback, "undelivered", code="30006")
     assert (code, answer) == (200, {"status": "undelivered", "action": "invalidated"})
     row = await node.settled(event, "sms", {"bounced"})
     assert row["reason"] == "invalid_number" and "30006" in row["detail"]
-    assert [a["outcome"] for a in row["attempts"]] == ["delivered"]
+    assert [a["outcome"] for a in row["attempts"]] == ["sent"]
     log = (await node.ok("GET", "/users/ann/consent"))["contact_log"][-1]
     assert (log["kind"], log["source"], log["address"]) == (
         "invalidated",
@@ -337,7 +338,7 @@ async def test_carrier_filtering_is_noted_and_an_unsubscribed_receipt_is_a_legal
     assert consent["contact_log"][-1]["kind"] == "carrier_filtered"
     # a note only: the next message is still sent
     second = await node.publish(topic="orders.shipped", users=["ann"], payload={})
-    await node.settled(second, "sms", {"delivered"})
+    await node.settled(second, "sms", {"sent"})
 
     code, answer = await node.receipt(callback, "undelivered", code="21610")
     assert (code, answer) == (200, {"status": "undelivered", "action": "opted_out"})
@@ -380,10 +381,21 @@ async def test_forged_foreign_or_stale_receipts_change_nothing(
     assert (code, answer) == (200, {"status": "undelivered", "action": "ignored"})
     assert (await node.settled(event, "sms", {"bounced"}))["reason"] == "invalid_number"
     later = await node.publish(topic="orders.shipped", users=["ann"], payload={})
-    await node.settled(later, "sms", {"delivered"})
+    await node.settled(later, "sms", {"sent"})
     assert twilio.messages[-1].form["To"] == "+14155550177"
     consent = await node.ok("GET", "/users/ann/consent")
     assert all(e["kind"] != "invalidated" for e in consent["contact_log"])
+
+
+async def test_a_delivered_receipt_turns_sent_into_delivered(
+    tmp_path: Path, start_node: StartNode, twilio: FakeTwilio
+) -> None:
+    node, event, callback = await _receipts_node(tmp_path, start_node, twilio)
+    code, answer = await node.receipt(callback, "delivered")
+    assert (code, answer) == (200, {"status": "delivered", "action": "recorded"})
+    row = await node.settled(event, "sms", {"delivered"})
+    assert "twilio delivered" in row["detail"]
+    assert [a["outcome"] for a in row["attempts"]] == ["sent"]  # the one send
 
 
 async def test_without_a_status_callback_no_receipts_are_asked_for_or_taken(

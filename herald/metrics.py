@@ -387,21 +387,12 @@ class ProductCollector(Collector):
                 "(a repeat, a legal opt-out found at the send)",
                 labels=["channel", "outcome"],
             )
-            for name, worker in sorted(engine.workers.items()):
-                sends.add_metric([name, "delivered"], worker.delivered)
-                sends.add_metric([name, "failed"], worker.sent - worker.delivered)
-                sends.add_metric([name, "skipped"], worker.skipped)
-            yield sends
             latency = HistogramMetricFamily(
                 "herald_notify_delivery_seconds",
                 "From the fan-out making a delivery to the channel delivering it (the provider "
                 "took it; in-app: appended and shown), retries included",
                 labels=["channel"],
             )
-            for name, worker in sorted(engine.workers.items()):
-                lat = worker.latency
-                latency.add_metric([name], lat.cumulative(), lat.sum_s)
-            yield latency
             breakers = GaugeMetricFamily(
                 "herald_channel_breakers",
                 "Circuit breakers of a channel's providers or endpoints, by state (closed, "
@@ -409,11 +400,17 @@ class ProductCollector(Collector):
                 labels=["channel", "state"],
             )
             for name, worker in sorted(engine.workers.items()):
-                channel = worker.channel
-                if isinstance(channel, HasBreakers):
-                    states = channel.breaker_states()
+                sends.add_metric([name, "delivered"], worker.delivered)
+                sends.add_metric([name, "failed"], worker.sent - worker.delivered)
+                sends.add_metric([name, "skipped"], worker.skipped)
+                lat = worker.latency
+                latency.add_metric([name], lat.cumulative(), lat.sum_s)
+                if isinstance(worker.channel, HasBreakers):
+                    states = worker.channel.breaker_states()
                     for state in ("closed", "open", "half_open"):
                         breakers.add_metric([name, state], states.count(state))
+            yield sends
+            yield latency
             yield breakers
             transitions = CounterMetricFamily(
                 "herald_notify_transitions",

@@ -365,8 +365,8 @@ class Engine:
         return self.index.feed(tenant, user, before=before, limit=limit)
 
     async def record(self, record: AuditRecord) -> None:
-        """Append one transition to ``__audit`` (a provider's receipt: ``bounced``), durable
-        before it returns; the audit indexer folds it into the event's status."""
+        """Append one transition to ``__audit`` (an engagement, a provider's receipt),
+        durable before it returns; the audit indexer folds it into the event's status."""
         producer = await self._producer()
         await producer.send_nowait(
             AUDIT_TOPIC,
@@ -382,22 +382,15 @@ class Engine:
             return False
         note = self.index.notes.get(f"{tenant}\0{user}\0{notification_id}")
         assert note is not None
-        producer = await self._producer()
-        ack = producer.send_nowait(
-            AUDIT_TOPIC,
-            _audit_bytes(
-                AuditRecord(
-                    tenant=tenant,
-                    event_id=note.event_id,
-                    user=user,
-                    run_id=notification_id,
-                    status=what,
-                    at_ms=now,
-                )
-            ),
-            key=f"{tenant}\0{note.event_id}".encode(),
+        engagement = AuditRecord(
+            tenant=tenant,
+            event_id=note.event_id,
+            user=user,
+            run_id=notification_id,
+            status=what,
+            at_ms=now,
         )
-        await asyncio.gather(ack, self.kv.sync())
+        await asyncio.gather(self.record(engagement), self.kv.sync())
         return True
 
 

@@ -246,8 +246,8 @@ class SmsInbound:
         to = _token(form.get("To", ""), 32, extra="+")
         sid = _token(form.get("MessageSid", ""), 40) or "-"
         action: Literal["invalidated", "opted_out", "noted", "recorded", "none", "ignored"] = "none"
+        now = self.clock()
         if status in _FAILED:
-            now = self.clock()
             phone = profile.contact.phone if profile.contact is not None else None
             detail = f"twilio {status} {code or '-'} (message {sid})"
             reason = f"twilio_{code}" if code else f"twilio_{status}"
@@ -296,9 +296,8 @@ class SmsInbound:
             await asyncio.gather(self.registry.sync(), self.record(bounce))
         elif status == "delivered":  # the carrier says it reached the handset
             await self.record(
-                reported(ref, "sms", "delivered", None, f"twilio delivered (message {sid})",
-                         self.clock())
-            )  # fmt: skip
+                reported(ref, "sms", "delivered", None, f"twilio delivered (message {sid})", now)
+            )
             action = "recorded"
         known = status if status in STATUSES else "other"
         counted = (known, action)

@@ -232,22 +232,15 @@ def test_a_failed_open_of_a_new_partition_leaves_no_descriptor(
     keeps the segment's files open (they leaked, two per failed create, before)."""
     before = _open_files()
 
-    def no_more_files(_directory: Path) -> None:
+    def no_more_files(*_args: object, **_kw: object) -> None:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    with monkeypatch.context() as m:
-        m.setattr(recovery, "fsync_dir", no_more_files)
-        with pytest.raises(OSError):
-            Partition.open(tmp_path / "a")
-    assert {f for f in _open_files() - before if str(tmp_path) in f} == set()
-
-    def no_flusher(*_args: object, **_kw: object) -> None:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    with monkeypatch.context() as m:
-        m.setattr(partition, "Flusher", no_flusher)
-        with pytest.raises(OSError):
-            Partition.open(tmp_path / "b")
-    assert {f for f in _open_files() - before if str(tmp_path) in f} == set()
+    # where it runs out: recovery's directory sync, then the partition's own construction
+    for module, name, directory in ((recovery, "fsync_dir", "a"), (partition, "Flusher", "b")):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, no_more_files)
+            with pytest.raises(OSError):
+                Partition.open(tmp_path / directory)
+        assert {f for f in _open_files() - before if str(tmp_path) in f} == set()
     part, _ = Partition.open(tmp_path / "b")  # the same directory opens once it can
     part.close_sync()

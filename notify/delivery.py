@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Final
 
@@ -74,7 +74,7 @@ from notify.pages import AuditRows, decode_delivery_page, expand, is_page
 from notify.ports import Directory
 from notify.retry import next_attempt, retried, tier_topic
 from notify.runner import AUDIT_TOPIC, emit_audit
-from notify.stage import Stage, TopicPartition
+from notify.stage import Outbox, Stage, TopicPartition
 from storage.kv import KV
 
 log = logging.getLogger("herald.notify.delivery")
@@ -122,6 +122,7 @@ class DeliveryWorker(Stage):
         clock: Callable[[], int],
         log_end: Callable[[str, int], int],
         max_batch_bytes: int,
+        log_tail: Callable[[str, int], int] | None = None,
         stopping: Callable[[], bool] = lambda: False,
         rand: Callable[[], float] = random.random,
         composer: Composer | None = None,
@@ -152,7 +153,8 @@ class DeliveryWorker(Stage):
         # this channel's own pool: sends at once and the depth past which it sheds
         self.concurrency, _batch, self.queue_depth_bound = config.limits(name)
         self.clock = clock
-        self.log_end = log_end
+        self.log_end = log_end  # the high watermark: what a fetch can have
+        self.log_tail = log_tail or log_end  # the log end offset: what is appended
         self.rand = rand
         self.dedupe = kv.table("notify_dedupe", DedupeRow)
         self.blockers = kv.table("notify_blockers", Blocker)
@@ -205,16 +207,7 @@ class DeliveryWorker(Stage):
         for item in items:
             for d in expand(item) if isinstance(item, DeliveryPage) else (item,):
                 by_user.setdefault(f"{d.tenant}\0{d.user}".encode(), []).append(d)
-        self._known = {}
-        with self.kv.snapshot() as txn:  # every dedupe row of the batch in one read
-            get = self.dedupe.get
-            legacy = self._legacy
-            for ds in by_user.values():
-                for d in ds:
-                    row = get(dedupe_key(d.event_id, d.delivery_id), txn=txn)
-                    if row is None and legacy:
-                        row = get(d.delivery_id, txn=txn)
-                    self._known[d.delivery_id] = row
+        self._known = self._load_known(by_user.values())
         # a few workers take users from one queue (one user's deliveries in order, by one
         # worker): a task per worker, not per user
         queue = list(by_user.values())
@@ -236,6 +229,75 @@ class DeliveryWorker(Stage):
             # once the batch's outputs are durable (see the module's docstring)
             self.after_sent(partial(self.dedupe.put_many, list(self._rows.items())))
         return None
+
+    def _load_known(self, groups: Iterable[list[Delivery]]) -> dict[str, DedupeRow | None]:
+        """The dedupe row of every delivery of ``groups``, in one read."""
+        known: dict[str, DedupeRow | None] = {}
+        with self.kv.snapshot() as txn:
+            get = self.dedupe.get
+            legacy = self._legacy
+            for ds in groups:
+                for d in ds:
+                    row = get(dedupe_key(d.event_id, d.delivery_id), txn=txn)
+                    if row is None and legacy:
+                        row = get(d.delivery_id, txn=txn)
+                    known[d.delivery_id] = row
+        return known
+
+    # ------------------------------------------------- deliveries handed over at once
+    def drained(self) -> bool:
+        """Whether no delivery of this channel's topic waits: this worker holds every
+        partition of it, has fetched up to the end of each (what is appended, synced or
+        not) and has no batch in hand. A delivery handed over now (:meth:`deliver_now`)
+        then overtakes none of the user's earlier ones."""
+        consumer = self.consumer
+        if consumer is None or self._busy or self._stop:
+            return False
+        assignment = consumer.assignment
+        if not assignment or len(assignment) != self.outbox.partitions(self.topics[0]):
+            return False
+        positions = consumer.positions
+        tail = self.log_tail
+        for t, p in assignment:
+            pos = positions.get((t, p))
+            if pos is None or pos < tail(t, p):
+                return False
+        return True
+
+    def deliver_now(
+        self,
+        pages: list[DeliveryPage],
+        outbox: Outbox,
+        after_sent: Callable[[Callable[[], object]], object],
+    ) -> None:
+        """Handle the deliveries of ``pages`` now, as if fetched from this channel's topic,
+        their outputs going to the caller's ``outbox`` and their dedupe rows to the
+        caller's ``after_sent`` (the fan-out's: they are then part of its batch, redone
+        with it after a crash, with the same ids). Only for a channel whose effect is a
+        record (in-app), where nothing is awaited: the worker's own batch, between two
+        awaits of its loop, never sees the swapped outbox. The caller checks
+        :meth:`drained` first."""
+        to_log = self.to_log
+        assert to_log is not None, "only a channel that appends to the log is handed over"
+        by_user: dict[tuple[str, str], list[Delivery]] = {}
+        for page in pages:
+            for d in expand(page):
+                by_user.setdefault((d.tenant, d.user), []).append(d)
+        own = self.outbox, self._rows, self._known
+        self.outbox, self._rows = outbox, {}
+        try:
+            self._known = self._load_known(by_user.values())
+            lag = sum(len(page.users) for page in pages)  # nothing waits behind them
+            for ds in by_user.values():
+                queue = ds
+                while queue:
+                    released = self._one_now(queue.pop(0), lag, to_log)
+                    if released:
+                        queue[0:0] = released
+            if self._rows:
+                after_sent(partial(self.dedupe.put_many, list(self._rows.items())))
+        finally:
+            self.outbox, self._rows, self._known = own
 
     def _accept_all(self, pages: list[DeliveryPage], channel: AcceptsAll, lag: int) -> bool:
         """A batch of pages to a channel that answers all alike (``null``), handled as a
@@ -417,10 +479,50 @@ class DeliveryWorker(Stage):
 
     async def _one(self, d: Delivery, lag: int) -> list[Delivery]:
         """Handle one delivery; returns deliveries released from behind it (strict order)."""
+        ready = self._prepare(d, lag)
+        if isinstance(ready, list):
+            return ready
+        view, now = ready
+        try:
+            to_log = self.to_log
+            if to_log is not None:  # the effect is an output of this batch (in-app)
+                self.outbox.add(*to_log.record(view))
+                outcome: Any = to_log.recorded(view)
+            else:
+                outcome = await self.channel.send(view)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a channel must answer outcomes; be safe if one raises
+            outcome = self._raised(d, exc)
+        return self._settle(d, outcome, now)
+
+    def _one_now(self, d: Delivery, lag: int, to_log: AppendsToLog) -> list[Delivery]:
+        """:meth:`_one` for a channel whose effect is a record: nothing awaited."""
+        ready = self._prepare(d, lag)
+        if isinstance(ready, list):
+            return ready
+        view, now = ready
+        try:
+            self.outbox.add(*to_log.record(view))
+            outcome: Any = to_log.recorded(view)
+        except Exception as exc:
+            outcome = self._raised(d, exc)
+        return self._settle(d, outcome, now)
+
+    def _raised(self, d: Delivery, exc: Exception) -> Retry:
+        log.exception(
+            "event=channel_raised channel=%s delivery_id=%s", self.channel_name, d.delivery_id
+        )
+        return Retry(after_s=None, reason="channel_error", detail=repr(exc)[:200])
+
+    def _prepare(self, d: Delivery, lag: int) -> tuple[ChannelDelivery, int] | list[Delivery]:
+        """Everything before the channel is called: the delivery as the channel sees it and
+        the time, or (it is settled here: a repeat, held, shed, opted out, refused by
+        compose) the deliveries it released."""
         if self._seen(d):
             self.skipped += 1
             return []
-        block_key = f"{d.tenant}\0{d.user}\0{self.channel_name}"
+        block_key = self._block_key(d)
         if d.strict_order:
             blocker = self.blockers.get(block_key)
             if blocker is not None and blocker.delivery_id != d.delivery_id:
@@ -470,20 +572,15 @@ class DeliveryWorker(Stage):
             address=prepared.address,
             content=prepared.content,
         )
-        try:
-            to_log = self.to_log
-            if to_log is not None:  # the effect is an output of this batch (in-app)
-                self.outbox.add(*to_log.record(view))
-                outcome: Any = to_log.recorded(view)
-            else:
-                outcome = await self.channel.send(view)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a channel must answer outcomes; be safe if one raises
-            log.exception(
-                "event=channel_raised channel=%s delivery_id=%s", self.channel_name, d.delivery_id
-            )
-            outcome = Retry(after_s=None, reason="channel_error", detail=repr(exc)[:200])
+        return view, now
+
+    def _block_key(self, d: Delivery) -> str:
+        return f"{d.tenant}\0{d.user}\0{self.channel_name}"
+
+    def _settle(self, d: Delivery, outcome: Any, now: int) -> list[Delivery]:
+        """Act on the channel's outcome: the audit, the dedupe row, a retry or a dead
+        letter; returns the deliveries released from behind ``d``."""
+        block_key = self._block_key(d)
         self.sent += 1
         done = self.clock()
         attempt = Attempt(at_ms=done, outcome=_kind(outcome), detail=_detail(outcome))

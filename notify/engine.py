@@ -156,6 +156,7 @@ class Engine:
                 config=self.ncfg,
                 clock=self.clock,
                 log_end=self._log_end,
+                log_tail=self._log_tail,
                 composer=self.composer,
                 **common,
             )
@@ -174,6 +175,7 @@ class Engine:
             self.timers, self._fire, self.clock, batch=self.ncfg.timer_batch
         )
         self.timer_loop.start()
+        inapp = self.workers.get("inapp")
         self.fanout = Fanout(
             client,
             self.kv,
@@ -181,6 +183,8 @@ class Engine:
             plans=self.plans,
             runner=self.runner,
             config=self.ncfg,
+            # in-app deliveries handed straight to the in-app worker (docs/NOTIFY.md)
+            inapp=inapp if inapp is not None and inapp.to_log is not None else None,
             **common,
         )
         await self.fanout.start()
@@ -199,6 +203,9 @@ class Engine:
 
     def _log_end(self, topic: str, partition: int) -> int:
         return self.service.log.partition(topic, partition).high_watermark
+
+    def _log_tail(self, topic: str, partition: int) -> int:
+        return self.service.log.partition(topic, partition).log_end_offset
 
     def _deliveries_waiting(self) -> bool:
         """Whether the fan-out or a delivery worker has a batch in hand, one finishing, or

@@ -17,6 +17,18 @@ A large fan-out flushes every ``fanout-flush-records`` outputs and then records 
 recipient rather than redone from the start; whatever is redone
 carries the same ids (``notify.ids``), so the workers and receivers see each delivery once.
 Memory stays bounded by one page plus one flush of outputs, whatever the audience.
+
+*In-app at once.* An in-app delivery's whole effect is a record (``__inapp``), so a batch's
+in-app deliveries (up to :data:`HAND_OVER_MAX`) are handed straight to the in-app worker
+(:meth:`DeliveryWorker.deliver_now`) instead of being appended to ``__deliver.inapp`` for
+it to fetch: their messages, audit records and the ``queued`` pages the delivery pages
+would have been go out in this batch's append, their dedupe rows are written once it is
+acknowledged, and a redone batch finds them done. That takes a durable hop, a fetch and
+a commit off every in-app notification's way (at 1,000 events/s the stage it saved was a
+third of the loop's rounds). Only when nothing on ``__deliver.inapp`` could be overtaken:
+the worker holds every partition of it, has fetched up to its end and has no batch in
+hand, and none of this stage's batches that went that way is still unacknowledged;
+otherwise the deliveries take the topic, in order behind the others.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Final
 
 import msgspec
 
@@ -32,11 +45,14 @@ from broker.config import NotifyConfig
 from broker.events import StoredEvent
 from broker.local import LocalClient
 from broker.topics import EVENTS_TOPIC
+from notify.audit import AUDIT_TOPIC, queued_page
 from notify.conditions import Scope
-from notify.model import FanoutMark, ParkedEvent
+from notify.delivery import DeliveryWorker
+from notify.model import DeliveryPage, FanoutMark, ParkedEvent
+from notify.pages import MAX_PAGE_ROWS, DeliveryRows, encode_audit_page
 from notify.plans import Plans
 from notify.ports import Directory, Ruling, Subscriber
-from notify.runner import BROADCAST_TOPIC, RunEvent, Runner
+from notify.runner import BROADCAST_TOPIC, RunEvent, Runner, deliver_topic
 from notify.runs import Layout
 from notify.stage import Stage
 from notify.workflows import Plan
@@ -45,6 +61,10 @@ from storage.kv import KV
 log = logging.getLogger("herald.notify.fanout")
 
 GROUP = "notify.fanout"
+INAPP_DELIVER: Final = deliver_topic("inapp")
+# in-app deliveries of one batch handed over at most (a page's worth): a larger fan-out's
+# go through __deliver.inapp, the worker taking them while the fan-out goes on
+HAND_OVER_MAX: Final = MAX_PAGE_ROWS
 
 
 class Fanout(Stage):
@@ -60,6 +80,7 @@ class Fanout(Stage):
         runner: Runner,
         config: NotifyConfig,
         max_batch_bytes: int,
+        inapp: DeliveryWorker | None = None,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__(
@@ -81,6 +102,12 @@ class Fanout(Stage):
         self._decode = msgspec.json.Decoder(StoredEvent).decode
         self.events = 0
         self.recipients = 0
+        # the in-app worker, when deliveries may be handed over to it (engine: the in-app
+        # channel enabled); batches whose in-app deliveries went to __deliver.inapp and
+        # are not yet acknowledged; deliveries handed over
+        self.inapp = inapp
+        self._inapp_queued = 0
+        self.handed_over = 0
 
     async def handle(self, recs: list[ConsumerRecord]) -> None:
         for rec in recs:
@@ -98,6 +125,46 @@ class Fanout(Stage):
             self.events += 1
             if len(self.outbox) >= self.config.fanout_flush_records:
                 await self.flush()
+        if self.inapp is not None:
+            self._hand_over_inapp(self.inapp)
+
+    def _hand_over_inapp(self, worker: DeliveryWorker) -> None:
+        """The batch's in-app deliveries, handled here rather than appended to
+        ``__deliver.inapp`` for the in-app worker, when nothing there waits that they could
+        overtake (module docstring, *In-app at once*). Otherwise they go the usual way,
+        and until those are acknowledged (so that the worker's fetch positions tell) the
+        next batches' go that way too."""
+        outbox = self.outbox
+        groups = outbox.groups_of(INAPP_DELIVER)
+        if not groups:
+            return
+        if (
+            self._inapp_queued
+            or outbox.has_records(INAPP_DELIVER)
+            or sum(len(g) for g in groups) > HAND_OVER_MAX
+            or not worker.drained()
+        ):
+            self._inapp_queued += 1
+            self.after_sent(self._inapp_acknowledged)
+            return
+        pages: list[DeliveryPage] = []
+        for g in outbox.take_groups(INAPP_DELIVER):
+            assert isinstance(g, DeliveryRows)
+            pages += g.pages()
+        for page in pages:  # the queued transitions the delivery pages would have been
+            outbox.add(
+                AUDIT_TOPIC,
+                f"{page.tenant}\0{page.event_id}".encode(),
+                encode_audit_page(queued_page(page)),
+            )
+        worker.deliver_now(pages, outbox, self.after_sent)
+        self.handed_over += sum(len(page.users) for page in pages)
+
+    def _inapp_acknowledged(self) -> None:
+        self._inapp_queued -= 1
+
+    async def abandoned(self) -> None:
+        self._inapp_queued = 0  # the batches that went the usual way are given up too
 
     async def _event(self, rec: ConsumerRecord, ev: StoredEvent) -> None:
         if ev.broadcast:

@@ -92,19 +92,24 @@ class DeliveryRows:
         self.delivery_ids.append(delivery_id)
         self.steps.append(step)
 
-    def seal(self) -> list[bytes]:
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def pages(self) -> list[DeliveryPage]:
+        """The pages (of at most :data:`MAX_PAGE_ROWS` rows) this group stands for."""
         return [
-            _encode(
-                DeliveryPage(
-                    *self.head,
-                    self.users[i : i + MAX_PAGE_ROWS],
-                    self.run_ids[i : i + MAX_PAGE_ROWS],
-                    self.delivery_ids[i : i + MAX_PAGE_ROWS],
-                    self.steps[i : i + MAX_PAGE_ROWS],
-                )
+            DeliveryPage(
+                *self.head,
+                self.users[i : i + MAX_PAGE_ROWS],
+                self.run_ids[i : i + MAX_PAGE_ROWS],
+                self.delivery_ids[i : i + MAX_PAGE_ROWS],
+                self.steps[i : i + MAX_PAGE_ROWS],
             )
             for i in _chunks(len(self.users))
         ]
+
+    def seal(self) -> list[bytes]:
+        return [_encode(page) for page in self.pages()]
 
 
 class AuditRows:
@@ -143,6 +148,9 @@ class AuditRows:
         self.run_ids.extend(run_ids)
         self.delivery_ids.extend(delivery_ids)
 
+    def __len__(self) -> int:
+        return len(self.users)
+
     def seal(self) -> list[bytes]:
         return [
             _encode(
@@ -155,6 +163,10 @@ class AuditRows:
             )
             for i in _chunks(len(self.users))
         ]
+
+
+def encode_audit_page(page: AuditPage) -> bytes:
+    return _encode(page)
 
 
 def expand(page: DeliveryPage) -> list[Delivery]:

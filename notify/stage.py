@@ -74,6 +74,8 @@ class Group(Protocol):
 
     strict: bool  # a single record added to its partition seals it first (order kept)
 
+    def __len__(self) -> int: ...  # rows
+
     def seal(self) -> list[bytes]: ...
 
 
@@ -143,18 +145,38 @@ class Outbox:
         self.count += rows
         return g
 
+    def groups_of(self, topic: str) -> list[Group]:
+        """The open groups of ``topic``, in the order they were opened."""
+        return [g for k, g in self._groups.items() if k[0] == topic]
+
+    def has_records(self, topic: str) -> bool:
+        """Whether records of ``topic`` (not open groups) are queued."""
+        return any(tp[0] == topic for tp in self._rows)
+
+    def take_groups(self, topic: str) -> list[Group]:
+        """The open groups of ``topic``, in the order they were opened, removed from the
+        outbox (their rows no longer counted in it: the caller handles them itself)."""
+        taken = [self._pop_group(k) for k in [k for k in self._groups if k[0] == topic]]
+        self.count -= sum(len(g) for g in taken)
+        return taken
+
+    def _pop_group(self, gk: tuple[str, int, Hashable]) -> Group:
+        g = self._groups.pop(gk)
+        if g.strict:
+            tp = (gk[0], gk[1])
+            left = self._open[tp] - 1
+            if left:
+                self._open[tp] = left
+            else:
+                del self._open[tp]
+        return g
+
     def _seal(self, only: TopicPartition | None = None) -> None:
         """Encode open groups (of partition ``only``, else all) into records, in the order
         the groups were opened."""
         for gk in [k for k in self._groups if only is None or (k[0], k[1]) == only]:
-            g = self._groups.pop(gk)
+            g = self._pop_group(gk)
             tp = (gk[0], gk[1])
-            if g.strict:
-                left = self._open[tp] - 1
-                if left:
-                    self._open[tp] = left
-                else:
-                    del self._open[tp]
             rows = self._rows.get(tp)
             if rows is None:
                 rows = self._rows[tp] = ([], [])

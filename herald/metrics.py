@@ -380,6 +380,12 @@ class ProductCollector(Collector):
                     "Recipients the fan-out resolved (one run each)",
                     value=fanout.recipients,
                 )
+                yield CounterMetricFamily(
+                    "herald_notify_inapp_handed_over",
+                    "In-app deliveries the fan-out handed straight to the in-app worker "
+                    "(the rest went through __deliver.inapp)",
+                    value=fanout.handed_over,
+                )
             sends = CounterMetricFamily(
                 "herald_notify_sends",
                 "Sends a channel's worker made, by outcome: delivered (the provider took it), "

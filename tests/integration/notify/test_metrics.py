@@ -15,6 +15,9 @@ from ..tenants import ACME, OPERATOR, config, http_json, metrics
 
 TENANT_METRICS = "acme-metrics-key-0000001"
 EXTRA = f"""
+[notify]
+channels = ["console", "webhook", "inapp"]
+
 [[auth.keys]]
 key = "{TENANT_METRICS}"
 tenant = "acme"
@@ -67,12 +70,27 @@ def test_the_operator_sees_the_notification_counts_and_a_tenant_does_not(
     assert _sample(node, "herald_channel_breakers", channel="webhook", state="open") == 0
     assert _sample(node, "herald_gateway_sessions") == 0
     assert "herald_gateway_messages_pushed_total 0.0" in _text(node, OPERATOR)
+    # an in-app delivery handed from the fan-out straight to the in-app worker
+    assert _sample(node, "herald_notify_inapp_handed_over_total") == 0
+    code, _ = http_json(
+        node, "PUT", "/users/ann/subscriptions/alerts", {"channels": ["inapp"]}, key=ACME
+    )
+    assert code in (200, 201)
+    code, _ = http_json(node, "POST", "/events", {"topic": "alerts", "payload": 1}, key=ACME)
+    assert code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _sample(node, "herald_notify_sends_total", channel="inapp", outcome="delivered"):
+            break
+        time.sleep(0.1)
+    assert _sample(node, "herald_notify_inapp_handed_over_total") == 1
 
     mine = _text(node, TENANT_METRICS)
     assert "herald_quota_usage" in mine  # its own view works
     for family in (
         "herald_notify_events",
         "herald_notify_sends",
+        "herald_notify_inapp_handed_over",
         "herald_notify_transitions",
         "herald_gateway_",
         "herald_sms_receipts",

@@ -89,3 +89,30 @@ def test_a_single_delivery_after_a_page_of_its_partition_is_appended_after_it() 
     assert is_page(first) and pages.decode_delivery_page(first).users == ["u0"]
     assert second == b'{"single":1}'
     assert values[("__audit", 0)][0] == b"\x80" and is_page(values[("__audit", 0)][1])
+
+
+def test_groups_taken_out_of_the_outbox_leave_its_count_and_order_as_if_never_added() -> None:
+    """What the fan-out hands over (its in-app pages) leaves the outbox: no longer counted,
+    no longer holding back a single record of its partition, the other topics untouched."""
+    outbox = Outbox(lambda topic: 2, 1 << 20)
+    inapp = outbox.group("__deliver.inapp", b"t\0u0", "p", lambda: rows(0), rows=2)
+    assert isinstance(inapp, DeliveryRows)
+    inapp.add("u0", "r0", "d0", 0)
+    inapp.add("u1", "r1", "d1", 0)
+    other = outbox.group("__deliver.null", b"t\0u0", "p", lambda: rows(0))
+    assert isinstance(other, DeliveryRows)
+    other.add("u0", "r0", "d2", 0)
+    assert outbox.groups_of("__deliver.inapp") == [inapp]
+    assert not outbox.has_records("__deliver.inapp")
+    assert len(outbox) == 3
+    assert outbox.take_groups("__deliver.inapp") == [inapp]
+    assert len(outbox) == 1 and outbox.groups_of("__deliver.inapp") == []
+    # a single record on the handed-over page's partition no longer seals a page there
+    outbox.add("__deliver.inapp", b"t\0u0", b'{"single":1}')
+    assert outbox.has_records("__deliver.inapp")
+    taken = outbox.take()
+    values = {tp: v for tp, (_k, v) in taken._rows.items()}
+    inapp_values = [v for (t, _p), vs in values.items() if t == "__deliver.inapp" for v in vs]
+    assert inapp_values == [b'{"single":1}']
+    (null_page,) = [v for (t, _p), vs in values.items() if t == "__deliver.null" for v in vs]
+    assert pages.decode_delivery_page(null_page).delivery_ids == ["d2"]

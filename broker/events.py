@@ -191,6 +191,7 @@ class EventIntake:
         self._inflight: dict[tuple[str, str], tuple[EventResult, asyncio.Future[None]]] = {}
         # per partition: every event below this offset is indexed (or needs no index)
         self._indexed: dict[int, int] = {}
+        self._saved_marks: dict[int, int] | None = None  # as last written (None: not yet)
         # durable appends whose ids are not written yet: (partition, end, rows)
         self._to_index: list[tuple[int, int, list[tuple[str, str, SeenEvent]]]] = []
         # partitions with ids whose write failed: their marks stay put until a restart
@@ -204,6 +205,7 @@ class EventIntake:
         """Create ``__events`` if needed and load the marks."""
         self.service.topics.ensure_internal(EVENTS_TOPIC, self.config.topics.events_partitions)
         self._indexed = self.ids.marks()
+        self._saved_marks = dict(self._indexed)
 
     # ------------------------------------------------------------------------ publish
     def decode_one(self, body: bytes) -> EventIn:
@@ -519,8 +521,12 @@ class EventIntake:
     def save_marks(self) -> None:
         """Write the marks; called before each periodic sync of the state store, so a synced
         mark never runs ahead of the index rows below it."""
+        if self._indexed == self._saved_marks:
+            return  # unchanged: no write (and so no sync) on an idle node
         try:
-            self.ids.put_marks(dict(self._indexed))
+            marks = dict(self._indexed)
+            self.ids.put_marks(marks)
+            self._saved_marks = marks
         except StorageError as exc:
             # a full state store: the marks stay where they were (a restart re-indexes a
             # little more); nothing acknowledged depends on them, so the node keeps serving

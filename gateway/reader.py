@@ -72,6 +72,9 @@ class Reader:
         self.consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None
+        # the positions the last commit carried: an idle reader commits nothing (each
+        # commit is a state-store write and sync)
+        self._committed: dict[tuple[str, int], int] = {}
         self._decode_inapp = msgspec.json.Decoder(InAppMessage).decode
         self._decode_event = msgspec.json.Decoder(StoredEvent).decode
         self.indexed = 0
@@ -136,10 +139,12 @@ class Reader:
                 now - last_commit >= self.commit_interval
                 and (self._commit is None or self._commit.done())
                 and consumer.positions
+                and consumer.positions != self._committed
             ):
                 last_commit = now
+                self._committed = dict(consumer.positions)
                 self._commit = asyncio.get_running_loop().create_task(
-                    self._commit_positions(dict(consumer.positions))
+                    self._commit_positions(self._committed)
                 )
 
     async def _commit_positions(self, positions: dict[tuple[str, int], int]) -> None:
@@ -147,6 +152,7 @@ class Reader:
         try:
             await self.consumer.commit(positions)
         except BrokerError as exc:
+            self._committed = {}  # tried again at the next interval
             log.warning("event=gateway_commit_failed error=%s", exc)
 
     async def handle(self, recs: Sequence[ConsumerRecord]) -> None:

@@ -93,6 +93,12 @@ class KV:
         self._syncing = False
         self._requested = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # the last write transaction a completed sync covered, and the one the sync
+        # running now covers: with nothing committed since, a sync has nothing to do (an
+        # idle node's periodic sync was an fdatasync a second, and commits of unchanged
+        # offsets more)
+        self._synced_txn = -1
+        self._syncing_txn = -1
         self.path = path
 
     def table(self, name: str, value_type: type[T]) -> Table[T]:
@@ -136,6 +142,8 @@ class KV:
     async def sync(self) -> None:
         """Make every write made before this call durable. Concurrent callers share one
         fsync (group commit). Raises :class:`StorageError` if the sync fails."""
+        if not self._syncing and self._last_txn() == self._synced_txn:
+            return  # nothing written since the last sync: already durable
         loop = self._loop
         if loop is None:  # kept: asyncio.get_running_loop() costs a getpid() system call
             loop = self._loop = asyncio.get_running_loop()
@@ -149,7 +157,12 @@ class KV:
     def _start_sync(self) -> None:
         """Loop: one fsync for every write made so far, on the store's own I/O thread."""
         self._syncing = True
+        self._syncing_txn = self._last_txn()  # committed before the fsync starts: covered
         self._io.submit(self._sync_job, self._requested)
+
+    def _last_txn(self) -> int:
+        """The id of the last committed write transaction."""
+        return int(self._env.info()["last_txnid"])
 
     def _sync_job(self, upto: int) -> None:
         """I/O thread: fsync, then report to the loop."""
@@ -165,6 +178,8 @@ class KV:
     def _synced(self, upto: int, error: StorageError | None) -> None:
         """Loop: answer the callers the sync covered; start the next one if others wait."""
         self._syncing = False
+        if error is None:
+            self._synced_txn = self._syncing_txn
         keep = []
         for ticket, fut in self._waiters:
             if ticket > upto:

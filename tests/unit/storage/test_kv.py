@@ -193,10 +193,49 @@ async def test_concurrent_syncs_all_complete_and_share_fsyncs(
         done = await asyncio.gather(*(write_then_sync(i) for i in range(20)))
     assert done == list(range(20))
     assert calls < 20  # callers that arrived together shared one fsync
-    # later callers get a sync of their own (not the one that already ran)
+    # a later caller with a write of its own gets a sync of its own (not the one that
+    # already ran); with nothing written since the last sync, there is nothing to sync
     before = calls
+    t.put("later", GroupOffset(99))
     await kv.sync()
     assert calls == before + 1
+    await kv.sync()
+    await kv.sync()
+    assert calls == before + 1
+
+
+async def test_an_idle_store_is_not_synced_again(kv: KV, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's periodic sync runs every second: with nothing committed since the last
+    sync it costs no fsync (an idle node wrote nothing to its disk); a failed sync is not
+    taken as done."""
+    calls = 0
+    fail = False
+    real = kv.sync_now
+
+    def counting() -> None:
+        nonlocal calls
+        calls += 1
+        if fail:
+            raise StorageError("the disk refused (test)")
+        real()
+
+    monkeypatch.setattr(kv, "sync_now", counting)
+    t = kv.table("t", GroupOffset)
+    t.put("a", GroupOffset(1))
+    await kv.sync()
+    assert calls == 1
+    for _ in range(5):
+        await kv.sync()
+    assert calls == 1
+    t.put("a", GroupOffset(1))  # a transaction, even one that changes nothing, is synced
+    fail = True
+    with pytest.raises(StorageError):
+        await kv.sync()
+    fail = False
+    await kv.sync()  # the failed sync covered nothing: tried again
+    assert calls == 3
+    await kv.sync()
+    assert calls == 3
 
 
 async def test_the_state_store_sync_never_runs_on_the_event_loop(

@@ -266,6 +266,7 @@ class Stage:
         self._task: asyncio.Task[None] | None = None
         self._stop = False
         self._busy = False
+        self._polling = False  # waiting in a fetch (what stop may cut short)
         self._inflight: deque[_Finishing] = deque()
         # offsets whose batches' outputs are acknowledged, for the next commit, and the
         # future that commit answers
@@ -311,13 +312,20 @@ class Stage:
 
     async def stop(self) -> None:
         self._stop = True
-        if self._task is not None:
+        task = self._task
+        if task is not None:
+            if self._polling:  # waiting in an empty fetch, nothing in hand: wake it now
+                task.cancel()
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), self.stop_timeout)
+                await asyncio.wait_for(asyncio.shield(task), self.stop_timeout)
             except TimeoutError:
-                self._task.cancel()
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                    await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not task.cancelled() or (current is not None and current.cancelling()):
+                    raise  # this stop itself was cancelled, not only the stage's fetch
         if self.consumer is not None:
             with contextlib.suppress(BrokerError):
                 await self.consumer.close()
@@ -359,11 +367,14 @@ class Stage:
                     await asyncio.sleep(0.05)
                     continue
                 try:
-                    recs = await consumer.getmany(timeout_ms=100, max_records=self.batch)
+                    self._polling = True
+                    recs = await consumer.getmany(timeout_ms=IDLE_POLL_MS, max_records=self.batch)
                 except BrokerError as exc:
                     log.warning("event=stage_fetch_failed stage=%s error=%s", self.name, exc)
                     await asyncio.sleep(self.retry_pause_s)
                     continue
+                finally:
+                    self._polling = False
                 if not recs:
                     if not inflight:
                         await self.idle()
@@ -567,6 +578,12 @@ class Stage:
     async def abandoned(self) -> None:
         """Called after a batch was given up (subclasses: drop in-memory state of it)."""
 
+
+# how long a stage's fetch waits for records when there are none: a record wakes it at
+# once, so this is only how often an idle stage turns round (for its idle() upkeep). At
+# 100 ms the node's 18 stages woke the loop ~180 times a second for nothing: 1.7% of a
+# core on an idle node, 0.8% at 1 s. Stopping cuts such a wait short (Stage.stop).
+IDLE_POLL_MS: Final = 1000
 
 # batches finishing (outputs being synced, offsets committing) at once: each holds its
 # outputs until they are acknowledged (a fan-out's at most ``fanout-flush-records``, larger

@@ -11,12 +11,14 @@ import threading
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from broker.client import BrokerError, ConsumerRecord
 from broker.config import Config
 from broker.events import EventIntake
 from broker.local import LocalClient
 from broker.service import BrokerService
+from notify import stage as stage_module
 from notify.stage import Stage
 from storage import records
 from storage.kv import KV
@@ -239,3 +241,35 @@ async def test_a_lingering_stage_takes_what_arrives_meanwhile_in_one_batch(
     await client.close()
     await log.close()
     kv.close()
+
+
+async def test_stopping_an_idle_stage_cuts_its_fetch_short_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle stage waits in its fetch (``IDLE_POLL_MS``, here a minute): ``stop`` does
+    not wait that out, and a record appended after it is handled by the next start."""
+    monkeypatch.setattr(stage_module, "IDLE_POLL_MS", 60_000)
+    _log, kv, service, client = in_process(tmp_path, "in", "out")
+    producer = await client.producer(acks=-1)
+    await producer.send("in", b"a", key=b"k")
+    stage = Doubler(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
+    await stage.start()
+    async with asyncio.timeout(10):
+        while stage.records_in < 1 or not stage._polling:
+            await asyncio.sleep(0.01)
+    # neither the minute the fetch would wait nor the stop timeout's fallback (a cancel)
+    async with asyncio.timeout(stage.stop_timeout / 2):
+        await stage.stop()
+    assert stage._task is not None and stage._task.done()
+    await producer.send("in", b"b", key=b"k")
+    again = Doubler(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
+    await again.start()
+    try:
+        async with asyncio.timeout(10):
+            while again.records_in < 1:
+                await asyncio.sleep(0.01)
+    finally:
+        async with asyncio.timeout(10):
+            await again.stop()
+    committed = service.groups.committed("*/g", "in", 0)
+    assert committed is not None and committed.offset == 2

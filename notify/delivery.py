@@ -479,17 +479,14 @@ class DeliveryWorker(Stage):
 
     async def _one(self, d: Delivery, lag: int) -> list[Delivery]:
         """Handle one delivery; returns deliveries released from behind it (strict order)."""
+        if self.to_log is not None:  # the effect is an output of this batch (in-app)
+            return self._one_now(d, lag, self.to_log)
         ready = self._prepare(d, lag)
         if isinstance(ready, list):
             return ready
         view, now = ready
         try:
-            to_log = self.to_log
-            if to_log is not None:  # the effect is an output of this batch (in-app)
-                self.outbox.add(*to_log.record(view))
-                outcome: Any = to_log.recorded(view)
-            else:
-                outcome = await self.channel.send(view)
+            outcome: Any = await self.channel.send(view)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a channel must answer outcomes; be safe if one raises
@@ -505,7 +502,7 @@ class DeliveryWorker(Stage):
         try:
             self.outbox.add(*to_log.record(view))
             outcome: Any = to_log.recorded(view)
-        except Exception as exc:
+        except Exception as exc:  # as a channel's send that raised
             outcome = self._raised(d, exc)
         return self._settle(d, outcome, now)
 

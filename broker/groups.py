@@ -372,6 +372,17 @@ class GroupCoordinator:
             self._after_removal(g)
         return gone
 
+    def next_expiry_ms(self) -> int:
+        """How long :meth:`expire` may wait before it runs again and still remove every
+        member on time: until the end of the earliest bucket holding a deadline, and never
+        longer than the shortest session a member may have (one that joins meanwhile is
+        due no sooner than that). An idle node's expiry then runs about once a second, not
+        at every 100 ms bucket."""
+        now = self._clock()
+        first = min((b for b, due in self._deadlines.items() if due), default=None)
+        wait = self._min_st if first is None else (first + 1) * _BUCKET_MS - now
+        return max(_BUCKET_MS, min(wait, self._min_st))
+
     def topics_changed(self, tenant: str, topic: str) -> None:
         """The tenant's ``topic`` was created, deleted or grew: recompute the targets of the
         tenant's groups that subscribe to it."""

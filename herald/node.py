@@ -304,7 +304,7 @@ class Housekeeping:
         cfg = self.config
         service = self.broker.service
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(0.1, service.groups.expire), name="groups")
+            tg.create_task(self._expire_members(), name="groups")
             tg.create_task(
                 self._every(
                     cfg.groups.offsets_retention_check_interval_ms / 1000,
@@ -339,6 +339,14 @@ class Housekeeping:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+    async def _expire_members(self) -> None:
+        """Group session expiry, as soon as the earliest deadline is due
+        (:meth:`~broker.groups.GroupCoordinator.next_expiry_ms`)."""
+        groups = self.broker.service.groups
+        while True:
+            await asyncio.sleep(groups.next_expiry_ms() / 1000)
+            groups.expire()
 
     @staticmethod
     async def _every(interval: float, fn: Callable[[], object]) -> None:

@@ -385,6 +385,28 @@ def test_expiry_removes_exactly_the_members_whose_session_ran_out(kv: KV) -> Non
     assert name not in coord.groups
 
 
+def test_expiry_waits_for_the_earliest_deadline_and_never_past_it(kv: KV) -> None:
+    """The node's expiry loop sleeps ``next_expiry_ms``: never past the end of the
+    earliest deadline's bucket (a member is removed as promptly as at every bucket), never
+    longer than the shortest session (a member joining meanwhile), never below a bucket."""
+    coord, clock, _wall = coordinator(kv, {"t": 4}, min_session_timeout_ms=1000)
+    assert coord.next_expiry_ms() == 1000  # no members: the shortest session
+    name = next(_group_names)
+    long_, _g, _a = coord.join(name, ["t"], session_timeout_ms=30_000)
+    assert coord.next_expiry_ms() == 1000
+    clock.now += 29_450
+    coord.expire()
+    # its deadline is 550 ms away, in a bucket that ends 650 ms from now
+    assert coord.next_expiry_ms() == 650
+    clock.now += 650
+    assert coord.expire() == [(name, long_.member_id)]
+    short, _g, _a = coord.join(name, ["t"], session_timeout_ms=1000)
+    clock.now += 1050  # its bucket ends 50 ms from now: at least a bucket's wait
+    assert coord.next_expiry_ms() == 100
+    clock.now += 100
+    assert coord.expire() == [(name, short.member_id)]
+
+
 def test_reported_partitions_outside_the_groups_topics_are_not_kept(kv: KV) -> None:
     coord, _clock, _wall = coordinator(kv, {"t": 2})
     name = next(_group_names)

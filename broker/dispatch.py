@@ -62,7 +62,10 @@ def handler_table(
         return reply if a.ack is None else Pending(a.ack, reply)
 
     def produce(pr: Principal, req: p.Produce) -> Any:
-        return when_created(lambda: produce_now(pr, req))
+        try:  # when_created's work, without a closure per produce
+            return produce_now(pr, req)
+        except TopicPending as pending:
+            return _after_create(pending, lambda: produce_now(pr, req))
 
     # in process: the partitions this client's fetches resolved, kept across fetches (one
     # principal; a closed partition is looked up again)

@@ -164,15 +164,13 @@ class FlushState:
         self.health = Health.OPEN
 
     def process(self, event: Event) -> None:
-        writer = _step(_WRITER, event, self.writer)
-        syncer = _step(_SYNCER, event, self.syncer)
-        health = _step(_HEALTH, event, self.health)
-        if writer is None or syncer is None or health is None:
+        moved = _MOVES.get((event, self.writer, self.syncer, self.health))
+        if moved is None:
             raise IllegalTransition(
                 f"flush: {event.value} is not allowed with writer={self.writer.value} "
                 f"syncer={self.syncer.value} health={self.health.value}"
             )
-        self.writer, self.syncer, self.health = writer, syncer, health
+        self.writer, self.syncer, self.health = moved
 
     @property
     def idle(self) -> bool:
@@ -192,6 +190,26 @@ def _step(table: dict[Event, dict[_S, _S]], event: Event, state: _S) -> _S | Non
     if row is None:
         return state  # this event does not concern that part
     return row.get(state)
+
+
+def _moves() -> dict[tuple[Event, Stage, Stage, Health], tuple[Stage, Stage, Health]]:
+    """The three tables joined: (event, writer, syncer, health) -> the states after, for
+    every allowed move. :meth:`FlushState.process` runs three times per lone append; one
+    lookup instead of six."""
+    moves = {}
+    for event in Event:
+        for writer in Stage:
+            for syncer in Stage:
+                for health in Health:
+                    w = _step(_WRITER, event, writer)
+                    s = _step(_SYNCER, event, syncer)
+                    h = _step(_HEALTH, event, health)
+                    if w is not None and s is not None and h is not None:
+                        moves[(event, writer, syncer, health)] = (w, s, h)
+    return moves
+
+
+_MOVES: Final = _moves()
 
 
 # ------------------------------------------------------------------------------- jobs
@@ -911,7 +929,16 @@ class Flusher:
                 self.durable_waiters = _resolve(self.durable_waiters, offset)
             if job.checkpoint is not None:
                 self._write_checkpoint(job.checkpoint)
-        self._pump()
+        if (
+            pipeline.queue
+            or pipeline.writer is not None
+            or self.written_waiters
+            or self._idle_waiters
+            or pipeline.sync_wanted()
+        ):
+            self._pump()
+        # else nothing may start and nobody waits for the pipeline to be idle: a lone
+        # append's round ends here without a pass that would find nothing to do
 
     # ------------------------------------------------------------------- checkpoints
     def _write_checkpoint(self, checkpoint: Checkpoint) -> None:

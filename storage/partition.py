@@ -325,40 +325,37 @@ class Partition:
         active = self._segments[-1]
         next_offset = active.next_offset
         limit = self.config.max_batch_bytes
-        items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]] = []
+        heads: list[bytes] = []
+        headers: list[records.BatchHeader] = []
         idempotent = False
         for batch in batches:
             size = len(batch)
             if size > limit:
                 raise CorruptBatch(f"batch of {size} bytes exceeds max_batch_bytes={limit}")
-            header = records.validate_batch(batch)
+            head, header = records.accept_batch(batch, next_offset, leader_epoch)
             if header.batch_length != size:
                 raise CorruptBatch(f"batch length {header.batch_length} != {size} bytes given")
             if header.producer_id >= 0:
                 idempotent = True
-            head = records.stamp_header(batch, next_offset, leader_epoch)
-            stamped = msgspec.structs.replace(
-                header, base_offset=next_offset, leader_epoch=leader_epoch
-            )
-            items.append((head, memoryview(batch)[records.HEADER_SIZE :], stamped))
+            heads.append(head)
+            headers.append(header)
             next_offset += header.record_count
         if idempotent:  # nothing is accounted yet: a refusal or a duplicate changes nothing
-            stamped_headers = [h for _head, _body, h in items]
-            original = self._producers.check_request(stamped_headers)
+            original = self._producers.check_request(headers)
             if original is not None:  # one batch, already in the log
-                count = stamped_headers[0].record_count
+                count = headers[0].record_count
                 return AppendResult(original, original + count - 1, True)
         base = active.next_offset
-        position = active.reserve(items)
+        position = active.reserve(headers)
         iov = self._pipeline.queue_run(active, position, next_offset)
-        for head, body, _header in items:
+        for head, batch in zip(heads, batches, strict=True):
             iov.append(head)
-            iov.append(body)
+            iov.append(memoryview(batch)[records.HEADER_SIZE :])
         if idempotent:
             producers = self._producers
             producers.settle(self._pipeline.written_offset)
             now = self._clock()  # last use, by the node's clock, not the batch's timestamps
-            for _head, _body, h in items:
+            for h in headers:
                 if h.producer_id >= 0:
                     producers.update(
                         h.producer_id,

@@ -51,6 +51,7 @@ NO_PRODUCER: Final = -1
 NO_SEQUENCE: Final = -1
 
 _HEADER = struct.Struct("<qIBBHIIqqqiQI")
+_HEAD_BEFORE_CRC = struct.Struct("<qIBBHIIqqqiQ")  # the bytes the header checksum covers
 _PREFIX = struct.Struct("<qI")  # base_offset, batch_length: enough to walk a log
 _STAMP = struct.Struct("<q")
 _EPOCH = struct.Struct("<I")
@@ -214,23 +215,29 @@ def parse_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> BatchHead
     """Decode the 64-byte header at ``pos`` and check it alone (length, magic, header
     checksum). Does not look at the body. Raises :class:`IncompleteBatch` if fewer than 64
     bytes remain, :class:`CorruptBatch` otherwise."""
+    fields = _header_fields(buf, pos)
+    return BatchHeader(*fields[:4], *fields[5:])
+
+
+def _header_fields(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, ...]:
+    """The 13 fields of the header at ``pos`` (``_HEADER``'s order: the reserved one fifth),
+    after :func:`parse_header`'s checks."""
     if len(buf) - pos < HEADER_SIZE:
         raise IncompleteBatch(f"need {HEADER_SIZE} header bytes at {pos}, have {len(buf) - pos}")
     fields = _HEADER.unpack_from(buf, pos)
-    header = BatchHeader(*fields[:4], *fields[5:])
-    if _xxh32(bytes(buf[pos : pos + _HEADER_CRC_AT])) != header.header_checksum:
+    if _xxh32(bytes(buf[pos : pos + _HEADER_CRC_AT])) != fields[12]:
         raise CorruptBatch(f"header checksum mismatch at {pos}")
-    if header.magic != MAGIC:
-        raise CorruptBatch(f"unknown batch magic {header.magic} at {pos}")
-    if fields[4] != 0 or header.attributes != 0:
-        raise CorruptBatch(f"unsupported attributes {header.attributes:#x} at {pos}")
-    if not HEADER_SIZE < header.batch_length <= MAX_BATCH_BYTES:
-        raise CorruptBatch(f"batch length {header.batch_length} out of range at {pos}")
-    if header.record_count < 1:
+    if fields[2] != MAGIC:
+        raise CorruptBatch(f"unknown batch magic {fields[2]} at {pos}")
+    if fields[4] != 0 or fields[3] != 0:
+        raise CorruptBatch(f"unsupported attributes {fields[3]:#x} at {pos}")
+    if not HEADER_SIZE < fields[1] <= MAX_BATCH_BYTES:
+        raise CorruptBatch(f"batch length {fields[1]} out of range at {pos}")
+    if fields[6] < 1:
         raise CorruptBatch(f"batch at {pos} holds no records")
-    if header.max_timestamp < header.first_timestamp:
+    if fields[8] < fields[7]:
         raise CorruptBatch(f"batch at {pos} has max_timestamp < first_timestamp")
-    return header
+    return fields
 
 
 def _array_length(body: bytes | bytearray | memoryview) -> int:
@@ -254,18 +261,20 @@ def validate_batch(buf: bytes | bytearray | memoryview, pos: int = 0) -> BatchHe
     This is what the broker runs on every produced batch and what recovery runs on every
     batch past the checkpoint. O(batch bytes) in C, O(1) in Python.
     """
-    header = parse_header(buf, pos)
-    end = pos + header.batch_length
+    fields = _header_fields(buf, pos)
+    _check_body(buf, pos, fields)
+    return BatchHeader(*fields[:4], *fields[5:])
+
+
+def _check_body(buf: bytes | bytearray | memoryview, pos: int, fields: tuple[int, ...]) -> None:
+    end = pos + fields[1]
     if end > len(buf):
-        raise IncompleteBatch(
-            f"batch at {pos} needs {header.batch_length} bytes, have {len(buf) - pos}"
-        )
+        raise IncompleteBatch(f"batch at {pos} needs {fields[1]} bytes, have {len(buf) - pos}")
     body = memoryview(buf)[pos + HEADER_SIZE : end]
-    if _xxh3(body) != header.body_checksum:
+    if _xxh3(body) != fields[11]:
         raise CorruptBatch(f"body checksum mismatch in batch at {pos}")
-    if _array_length(body[:5]) != header.record_count:
-        raise CorruptBatch(f"batch at {pos} does not open with {header.record_count} records")
-    return header
+    if _array_length(body[:5]) != fields[6]:
+        raise CorruptBatch(f"batch at {pos} does not open with {fields[6]} records")
 
 
 def stamp_header(
@@ -279,6 +288,26 @@ def stamp_header(
     _EPOCH.pack_into(head, _EPOCH_AT, leader_epoch)
     _CRC.pack_into(head, _HEADER_CRC_AT, _xxh32(bytes(head[:_HEADER_CRC_AT])))
     return bytes(head)
+
+
+def accept_batch(
+    batch: bytes | bytearray | memoryview, base_offset: int, leader_epoch: int
+) -> tuple[bytes, BatchHeader]:
+    """:func:`validate_batch` then :func:`stamp_header`, in one pass, for the append path:
+    the batch checked whole (the same checks and errors), and the 64-byte header it is
+    stored with (``base_offset``, ``leader_epoch``, the new header checksum) with its
+    header as stored. One unpack, one pack and no intermediate header object: this runs for
+    every produced batch, on the event loop."""
+    f = _header_fields(batch, 0)
+    _check_body(batch, 0, f)
+    head = _HEAD_BEFORE_CRC.pack(
+        base_offset, f[1], f[2], f[3], f[4], leader_epoch, f[6], f[7], f[8], f[9], f[10], f[11]
+    )
+    crc = _xxh32(head)
+    header = BatchHeader(
+        base_offset, f[1], f[2], f[3], leader_epoch, f[6], f[7], f[8], f[9], f[10], f[11], crc
+    )
+    return head + _CRC.pack(crc), header
 
 
 def decode_records(

@@ -528,22 +528,32 @@ class Segment:
             except OSError:
                 pass
             _raise_write_error(exc)
-        self.reserve(items)
+        self.reserve([header for _head, _body, header in items])
         self.flush_index()
 
-    def reserve(self, items: list[tuple[bytes, memoryview | bytes, records.BatchHeader]]) -> int:
-        """Account stamped batches at the end of the segment *without writing them* (the
-        partition's sync thread writes them with :meth:`write_at` before it syncs). Returns
-        the position of the first. The index may then name positions not yet in the file;
-        loading an index drops such entries."""
+    def reserve(self, headers: list[records.BatchHeader]) -> int:
+        """Account stamped batches (their ``headers``, as stored) at the end of the segment
+        *without writing them* (the partition's write stage writes them with
+        :meth:`write_at`). Returns the position of the first. The index may then name
+        positions not yet in the file; loading an index drops such entries."""
         pos = self.size
-        for _head, _body, header in items:
+        for header in headers:
             self.note_batch(self.size, header)
         return pos
 
     def write_at(self, position: int, iov: list[bytes | memoryview]) -> None:
         """Write ``iov`` at ``position`` completely (IOV_MAX slices, short writes resumed).
         Blocking; raises ``OSError``. For the sync thread."""
+        if len(iov) <= 1024:  # one slice: most rounds (a lone append's two buffers)
+            n = os.pwritev(self._fd, iov, position)
+            total = sum(map(len, iov))
+            if n < total:
+                rest = b"".join(bytes(c) for c in iov)[n:]
+                while rest:
+                    m = os.pwrite(self._fd, rest, position + n)
+                    n += m
+                    rest = rest[m:]
+            return
         written = 0
         for i in range(0, len(iov), 1024):
             chunk = iov[i : i + 1024]

@@ -172,7 +172,7 @@ def account(seg: Segment, pipeline: Pipeline, count: int = 1) -> int:
     batch = records.encode_values([b"v"] * count, timestamp=1)
     head = records.stamp_header(batch, seg.next_offset, 0)
     header = records.validate_batch(head + batch[records.HEADER_SIZE :])
-    position = seg.reserve([(head, batch[records.HEADER_SIZE :], header)])
+    position = seg.reserve([header])
     pipeline.queue_run(seg, position, seg.next_offset).extend([head, batch[records.HEADER_SIZE :]])
     return seg.next_offset
 

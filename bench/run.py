@@ -308,61 +308,80 @@ class Bench:
             "redis-always": (latency.redis_consumer, latency.redis_producer),
             "nats": (latency.nats_consumer, latency.nats_producer),
         }
-        steps = [
-            latency.Step(rate, p.latency_warmup_s, p.latency_s)
-            for _ in range(p.repeats)
-            for rate in p.latency_rates
-        ]
+        steps = [latency.Step(rate, p.latency_warmup_s, p.latency_s) for rate in p.latency_rates]
+        systems = []
         for system in ("redis-always", "redis", "nats", "herald"):
             if not self._wanted(system):
                 continue
-            target = self.servers.target(system)
-            if target is None:
+            if self.servers.target(system) is None:
                 self.res.note("latency", f"{DISPLAY[system]} unavailable: skipped")
                 continue
-            say(f"latency: {DISPLAY[system]}, rates {list(p.latency_rates)} x {p.repeats}")
-            settle()
-            cons_fn, prod_fn = fns[system]
-            ready = worker.Event()
-            name = f"bench-latency-{system}"
-            timeout = latency.timeout_for(steps) + 60
-            consumer = worker.Child(cons_fn, target[0], name, steps, ready, name="lat-consumer")
-            try:
-                if not ready.wait(60):
-                    consumer.result(1)  # raises with the consumer's error
-                producer = worker.Child(prod_fn, target[0], name, steps, name="lat-producer")
-                sent = producer.result(timeout)
-                got = consumer.result(timeout)
-            finally:
-                consumer.stop()
-            if got.consumer_timed_out:
-                self.res.note("latency", f"{DISPLAY[system]}: the consumer timed out")
-            if sent.producer_errors:
-                self.res.note("latency", f"{DISPLAY[system]}: {sent.producer_errors} failed sends")
+            systems.append(system)
+        # interleaved: repeat after repeat, each system once, in an order rotated by one
+        # each repeat, so that a drift of the host (a slower stretch of the VM's disk or
+        # CPU) falls on every system alike and not on whichever ran last
+        runs: dict[str, list[tuple[latency.Step, Any, Any]]] = {s: [] for s in systems}
+        for rep in range(p.repeats):
+            k = rep % len(systems) if systems else 0
+            for system in systems[k:] + systems[:k]:
+                target = self.servers.target(system)
+                assert target is not None
+                say(
+                    f"latency: {DISPLAY[system]}, rates {list(p.latency_rates)},"
+                    f" repeat {rep + 1} of {p.repeats}"
+                )
+                settle()
+                cons_fn, prod_fn = fns[system]
+                ready = worker.Event()
+                name = f"bench-latency-{system}-{rep}"
+                timeout = latency.timeout_for(steps) + 60
+                consumer = worker.Child(cons_fn, target[0], name, steps, ready, name="lat-consumer")
+                try:
+                    if not ready.wait(60):
+                        consumer.result(1)  # raises with the consumer's error
+                    producer = worker.Child(prod_fn, target[0], name, steps, name="lat-producer")
+                    sent = producer.result(timeout)
+                    got = consumer.result(timeout)
+                finally:
+                    consumer.stop()
+                if got.consumer_timed_out:
+                    self.res.note("latency", f"{DISPLAY[system]}: the consumer timed out")
+                if sent.producer_errors:
+                    self.res.note(
+                        "latency", f"{DISPLAY[system]}: {sent.producer_errors} failed sends"
+                    )
+                runs[system].extend(zip(steps, sent.steps, got.steps, strict=True))
+        for system in systems:
             for rate in p.latency_rates:
-                runs = []
-                for st, s, g in zip(steps, sent.steps, got.steps, strict=True):
+                got_runs = []
+                for st, s, g in runs[system]:
                     if st.rate == rate:
                         g.sent, g.achieved_rate, g.max_lag_ms = (
                             s.sent,
                             s.achieved_rate,
                             s.max_lag_ms,
                         )
-                        runs.append(g)
-                row = report.LatencyRow(DISPLAY[system], rate, runs)
+                        got_runs.append(g)
+                row = report.LatencyRow(DISPLAY[system], rate, got_runs)
                 self.res.latency.append(row)
                 say(
-                    f"   {rate:>6,} msg/s: p50 {row.spread(lambda x: x.p50_ms).fmt(digits=2)} ms,"
+                    f"   {DISPLAY[system]} {rate:>6,} msg/s: p50"
+                    f" {row.spread(lambda x: x.p50_ms).fmt(digits=2)} ms,"
                     f" p99 {row.spread(lambda x: x.p99_ms).fmt(digits=2)} ms,"
                     f" p99.9 {row.spread(lambda x: x.p999_ms).fmt(digits=2)} ms; worst "
-                    + ", ".join(f"{r.max_ms:.1f} ms sent at {_utc(r.max_at_wall)}" for r in runs)
+                    + ", ".join(
+                        f"{r.max_ms:.1f} ms sent at {_utc(r.max_at_wall)}" for r in got_runs
+                    )
                     + " (match with the server's log)"
                 )
         self.res.describe["latency"] = (
             f"Command `{self.command}`. Producer and consumer are two processes on this"
             f" machine (plus the server). Per rate: {p.latency_warmup_s:g} s warm-up, then"
-            f" {p.latency_s:g} s measured; the rates run in order 1k, 5k, 20k, {p.repeats}"
-            " times; figures are the median (min-max) of the per-repeat percentiles."
+            f" {p.latency_s:g} s measured; the rates run in order 1k, 5k, 20k; {p.repeats}"
+            " repeats, interleaved (each repeat runs every system once, fresh producer and"
+            " consumer processes, the order rotated by one each repeat, so a drift of the"
+            " host falls on all alike); figures are the median (min-max) of the per-repeat"
+            " percentiles."
             " Producer: Redis pipelines the XADDs due in each loop turn, NATS uses"
             " publish_async, Herald send_nowait with acks=all and linger_ms=0 (records due in"
             " a turn leave together; those sent while a request is in flight follow its"
@@ -422,42 +441,57 @@ class Bench:
     def single(self) -> None:
         p = self.plan
         fns = {"herald": single.herald, "redis": single.redis, "redis-always": single.redis}
-        for i, case in enumerate(single.CASES):
+        cases = []
+        for case in single.CASES:
             if not self._wanted(case.system):
                 continue
-            target = self.servers.target(case.system)
-            if target is None:
+            if self.servers.target(case.system) is None:
                 self.res.note("single", f"{DISPLAY[case.system]} unavailable: skipped")
                 continue
-            say(f"single: {DISPLAY[case.system]}, {case.label}")
-            settle()
-            samples = worker.run(
-                fns[case.system],
-                *target,
-                case,
-                f"bench-single-{i}",
-                p.single_s,
-                p.repeats,
-                p.single_warmup_s,
-                timeout=120 + p.repeats * p.single_s * 4,
-            )
-            say(
-                "   "
-                + ", ".join(
-                    f"{s.sample.rate:,.0f}/s (p50 {s.p50_ms:.3f} ms, p99 {s.p99_ms:.3f} ms,"
-                    f" max {s.max_ms:.1f} ms)"
-                    for s in samples
+            cases.append(case)
+        # interleaved as the latency scenario's repeats are: one window of each system per
+        # repeat, the order rotated by one each repeat (a drift of the host falls on all)
+        got: dict[str, list[single.SingleSample]] = {c.system: [] for c in cases}
+        for rep in range(p.repeats):
+            k = rep % len(cases) if cases else 0
+            for case in cases[k:] + cases[:k]:
+                target = self.servers.target(case.system)
+                assert target is not None
+                say(
+                    f"single: {DISPLAY[case.system]}, {case.label}, repeat {rep + 1} of {p.repeats}"
                 )
+                settle()
+                i = single.CASES.index(case)
+                samples = worker.run(
+                    fns[case.system],
+                    *target,
+                    case,
+                    f"bench-single-{i}-{rep}",
+                    p.single_s,
+                    1,
+                    p.single_warmup_s,
+                    timeout=120 + p.single_s * 4,
+                )
+                s0 = samples[0]
+                say(
+                    f"   {s0.sample.rate:,.0f}/s (p50 {s0.p50_ms:.3f} ms, p99 {s0.p99_ms:.3f} ms,"
+                    f" max {s0.max_ms:.1f} ms)"
+                )
+                got[case.system].extend(samples)
+        for case in cases:
+            self.res.single.append(
+                report.SingleRow(DISPLAY[case.system], case.label, got[case.system])
             )
-            self.res.single.append(report.SingleRow(DISPLAY[case.system], case.label, samples))
         self.res.describe["single"] = (
             f"Command `{self.command}`. One client process sends one 200-byte record, awaits"
             " its acknowledgement, then sends the next: one partition (stream), nothing"
             " pipelined, nothing batched. Herald: `Producer.send` with acks=all (answered"
             " after fdatasync) and linger_ms=0; Redis-always: XADD against `appendfsync"
             " always` (fsync before the reply); Redis: XADD against `appendfsync everysec`"
-            f" (reply from memory). A {p.single_warmup_s:g} s warm-up, then {p.repeats}"
-            f" windows of {p.single_s:g} s; the round trip is timed from the send call to the"
+            f" (reply from memory). {p.repeats} windows of {p.single_s:g} s per system,"
+            " interleaved (each repeat runs one window of every system, from a fresh client"
+            f" process after a {p.single_warmup_s:g} s warm-up, the order rotated by one each"
+            " repeat); the round trip is timed from the send call to the"
             " acknowledgement. CPU: cores used by the client process and by the server"
             " process (all its threads) during the window."
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,12 @@ def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None)
         return 2
     except StateStoreFailed as exc:
         print(f"herald: fatal: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # a listener's port is taken (another node, another program): say which, no trace
+        print(f"herald: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -423,7 +423,21 @@ class Node:
 
             async def start(component: Component) -> None:
                 started = time.perf_counter()
-                await component.start()
+                try:
+                    await component.start()
+                except BaseException:
+                    # half started (the gateway's reader runs, then its port is taken):
+                    # stop what it did start before the components it uses are stopped
+                    # under it (its reader would read a closed state store)
+                    try:
+                        await self._stop_component(component)
+                    except Exception as exc:
+                        log.warning(
+                            "event=component_stop_failed component=%s error=%r",
+                            component.name,
+                            exc,
+                        )
+                    raise
                 stack.push_async_callback(self._stop_component, component)
                 log.info(
                     "event=component_ready component=%s seconds=%.3f",

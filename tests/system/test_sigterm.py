@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,3 +176,29 @@ def test_second_node_on_a_data_dir_in_use_fails_fast_naming_it(tmp_path: Path) -
         assert node.healthy(), "the running node must not notice"
     finally:
         node.close()
+
+
+def test_a_node_whose_port_is_taken_fails_fast_in_one_line_and_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    """The WebSocket port is the last to be bound, after the engines and the gateway's
+    reader have started: the node stops what it started (no task left reading a closed
+    state store), says which address is taken, in one line, and exits 1."""
+    node = HeraldProcess(tmp_path / "data", tmp_path / "work")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((node.host, node.ws_port))
+        taken.listen()
+        proc = node.spawn()
+        try:
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = node.log_text()
+    assert code == 1, out
+    assert "herald: cannot listen: error while attempting to bind on address" in out, out
+    assert f"('{node.host}', {node.ws_port}): address already in use" in out, out
+    assert "component_stopped component=gateway" in out, out
+    assert "Traceback" not in out, out
+    assert "exception was never retrieved" not in out, out

@@ -456,6 +456,10 @@ class Node:
                 cfg.storage.sync_engine,
             )
             await start(the_log)
+            # one disk: a lone append's fdatasync runs on the loop only while the state
+            # store is not syncing (storage/io_threads.py, busy_elsewhere)
+            kv = state.kv
+            the_log.log.io.busy_elsewhere.append(lambda: kv.syncing)
             broker = Broker(cfg, the_log.log, state.kv)
             self.service = broker.service
             await start(broker)

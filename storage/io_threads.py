@@ -126,6 +126,11 @@ class IoThreads:
         # callers (partitions' flushers) whose job start is queued on the loop: kept by them
         # (Flusher.kick / _pump); an inline job only has to hold back those
         self.starts_due = 0
+        # other writers to the same disk (the state store's sync, wired by the node): while
+        # one of them says it is syncing, no job runs inline. An fdatasync issued then waits
+        # for the device to finish the other's flush first: on the loop, that wait (up to ms
+        # under load) would stop every connection, the consumers' fetches included
+        self.busy_elsewhere: list[Callable[[], bool]] = []
         self._clock = clock
         self._inline_off_until = 0.0  # clock(): the end of the last cool-down
         self.inline_cooldown_s = 0.0  # the last cool-down's length
@@ -183,6 +188,9 @@ class IoThreads:
             return False  # a job is queued or running: the disk is busy, do not wait on it
         if self._aio is not None and self._aio.in_flight:
             return False  # so is a sync the kernel runs for us
+        for busy in self.busy_elsewhere:
+            if busy():
+                return False  # another store syncs the same disk: ours would queue behind
         return not self._inline_off_until or self._clock() >= self._inline_off_until
 
     def ran_inline(self, seconds: float) -> None:

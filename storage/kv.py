@@ -154,6 +154,11 @@ class KV:
             self._start_sync()
         await fut
 
+    @property
+    def syncing(self) -> bool:
+        """Whether an fsync of the store is running (for :attr:`IoThreads.busy_elsewhere`)."""
+        return self._syncing
+
     def _start_sync(self) -> None:
         """Loop: one fsync for every write made so far, on the store's own I/O thread."""
         self._syncing = True

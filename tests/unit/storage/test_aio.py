@@ -296,3 +296,48 @@ async def test_a_refused_io_uring_enter_keeps_the_entry_and_retries_without_spin
     finally:
         os.close(fd)
         ring.close()
+
+
+async def test_a_lone_append_syncs_off_the_loop_while_the_state_store_syncs(
+    tmp_path: Path,
+) -> None:
+    """One disk: an fdatasync issued while the state store's is in flight waits for the
+    device to finish that one first, so while the store syncs a lone append's round goes to
+    the kernel (or a thread) instead of holding the loop; once it is done, rounds run on the
+    loop again."""
+    import threading
+
+    from storage.kv import KV
+
+    kv = KV(tmp_path / "state", map_size=1 << 20)
+    io = IoThreads(2, inline_max_ms=5, sync_engine="aio")
+    io.busy_elsewhere.append(lambda: kv.syncing)
+    part = open_partition(tmp_path / "p", io=io)
+    release = threading.Event()
+    real = kv.sync_now
+
+    def held_sync() -> None:  # the store's fsync, on its thread, until released
+        release.wait(10)
+        real()
+
+    kv.sync_now = held_sync  # type: ignore[method-assign]
+    try:
+        await part.append([batch(values_for(0, 1))])
+        assert part.inline_syncs == 1  # a lone append, nothing else on the disk: inline
+        kv.table("t", bytes).put(b"k", b"v")
+        store_sync = asyncio.create_task(kv.sync())
+        await asyncio.sleep(0)
+        assert kv.syncing
+        for i in range(3):
+            await part.append([batch(values_for(i + 1, 1))])
+        assert part.inline_syncs == 1 and part.syncs == 4  # not one more on the loop
+        release.set()
+        await asyncio.wait_for(store_sync, 10)
+        assert not kv.syncing
+        await part.append([batch(values_for(9, 1))])
+        assert part.inline_syncs == 2
+    finally:
+        release.set()
+        await part.close()
+        io.close()
+        kv.close()

@@ -315,7 +315,8 @@ class Client:
         delay = 0.05
         for attempt in range(retries + 1):
             try:
-                await self._ensure_connected()
+                if not self.connected:  # a coroutine less per request when connected
+                    await self._ensure_connected()
                 return await self._request_now(msg)
             except (ConnectionLost, ConnectionError, OSError, TimeoutError) as exc:
                 if attempt == retries:
@@ -1394,7 +1395,7 @@ class Consumer:
         ):
             self._auto_commit()
         if not self._buffer:
-            self._decode([f[:4] for f in await self._fetch(timeout_ms)])
+            self._decode(await self._fetch_data(timeout_ms))
         buffer = self._buffer
         if max_records is None or len(buffer) <= max_records:
             out = list(buffer)
@@ -1433,15 +1434,20 @@ class Consumer:
         assigned partitions, advancing positions past them. For callers that decode
         themselves; do not mix with :meth:`getmany`."""
         out = []
-        for topic, partition, data, start, nxt in await self._fetch(timeout_ms):
-            self.positions[(topic, partition)] = nxt
-            out.append((topic, partition, data, start))
+        for topic, partition, data, start in await self._fetch_data(timeout_ms):
+            nxt = start
+            for _pos, header in records.iter_batches(data, verify=False):
+                nxt = header.next_offset
+            if nxt > start:  # some data past the position
+                self.positions[(topic, partition)] = nxt
+                out.append((topic, partition, data, start))
         return out
 
-    async def _fetch(self, timeout_ms: int) -> list[tuple[str, int, bytes, int, int]]:
+    async def _fetch_data(self, timeout_ms: int) -> list[tuple[str, int, bytes, int]]:
         """One fetch from the positions of the assigned partitions: ``(topic, partition,
-        bytes, first wanted offset, offset after the last batch)`` per partition with data.
-        Positions do not move here."""
+        bytes, first wanted offset)`` per partition that answered records, not walked yet
+        (:meth:`_decode` walks them once, checking them as it goes). Positions do not move
+        here, except past an out-of-range position (``auto_offset_reset``)."""
         if not self.assignment:
             self._assignment_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -1483,11 +1489,7 @@ class Consumer:
                 raise CorruptData(res.topic, res.partition, start, res.resume_offset)
             if res.error is not None or not res.records:
                 continue
-            last_next = start
-            for _pos, header in records.iter_batches(res.records, verify=False):
-                last_next = header.next_offset
-            if last_next > start:
-                out.append((res.topic, res.partition, res.records, start, last_next))
+            out.append((res.topic, res.partition, res.records, start))
         return out
 
     async def committed(

@@ -114,6 +114,15 @@ class _Connection(asyncio.Protocol):
             out, self._out = self._out, []
             self.transport.writelines(out)
 
+    def write_now(self, frame: bytes | bytearray) -> None:
+        """Write ``frame`` at once, behind any frames queued before it (in the same write):
+        no flush scheduled for the end of the turn, which would find nothing left to do."""
+        if self._out:
+            self._out.append(frame)
+            self.flush()
+        else:
+            self.transport.write(frame)
+
     def pause_writing(self) -> None:
         self.paused = True
         self._resumed.clear()
@@ -140,7 +149,10 @@ class _Connection(asyncio.Protocol):
                     if not waiter.done():
                         waiter.set_result(msg)
                 else:
-                    _call(waiter, msg)
+                    try:  # _call, inline: a call less on every reply
+                        waiter(msg)
+                    except Exception:  # a callback's bug must not drop the other replies
+                        log.exception("event=reply_callback_failed")
         except p.ProtocolError as exc:
             self._error = BrokerError(exc.code, str(exc))
             self.transport.close()
@@ -264,19 +276,22 @@ class Client:
         conn.write(p.encode_message(msg))
         return fut
 
-    def send_callback(self, msg: Any, callback: ReplyCallback) -> None:
+    def send_callback(self, msg: Any, callback: ReplyCallback, *, flush: bool = False) -> None:
         """Queue a request and call ``callback`` with its reply, or with the
         :class:`BrokerError` that lost it (``ConnectionLost``), as soon as it is read: no
         future, no task, no loop turn in between. The request leaves at the next
-        :meth:`flush` (or at the end of this loop turn). ``callback`` runs inside the
-        connection's read and must not block. Raises :class:`ConnectionLost` if not
-        connected."""
+        :meth:`flush` (or at the end of this loop turn); with ``flush=True`` it leaves now,
+        with the requests queued before it. ``callback`` runs inside the connection's read
+        and must not block. Raises :class:`ConnectionLost` if not connected."""
         conn = self._conn
         if conn is None or conn.lost:
             raise ConnectionLost()
-        msg.id = next(self._ids)
-        self._pending[msg.id] = callback
-        conn.write(p.encode_message(msg))
+        msg.id = rid = next(self._ids)
+        self._pending[rid] = callback
+        if flush:
+            conn.write_now(p.encode_message(msg))
+        else:
+            conn.write(p.encode_message(msg))
 
     def flush(self) -> None:
         """Send the requests queued so far now, rather than at the end of this loop turn."""
@@ -300,7 +315,8 @@ class Client:
         delay = 0.05
         for attempt in range(retries + 1):
             try:
-                await self._ensure_connected()
+                if not self.connected:  # a coroutine less per request when connected
+                    await self._ensure_connected()
                 return await self._request_now(msg)
             except (ConnectionLost, ConnectionError, OSError, TimeoutError) as exc:
                 if attempt == retries:
@@ -518,7 +534,11 @@ class Producer:
     than ``partition_inflight`` requests unanswered; past that, they wait for a reply and
     then leave as one batch (Kafka's ``max.in.flight.requests.per.connection`` does the
     same). A record pays its own round trip and no timer; under load, batches grow with the
-    rate, so a fast sender does not turn into one request per record."""
+    rate, so a fast sender does not turn into one request per record. A record awaited with
+    :meth:`send` for a partition with nothing queued and nothing in flight does not wait
+    for the end of the turn: it leaves at once, alone (its sender waits for it anyway, and
+    one at a time this saves a loop turn per record); records queued after it in the same
+    turn leave together at the end of the turn, as above."""
 
     def __init__(
         self,
@@ -597,10 +617,10 @@ class Producer:
         headers: Sequence[tuple[str, bytes]] | None = None,
         timestamp_ms: int | None = None,
     ) -> RecordMetadata:
-        """Queue one record and wait for its acknowledgement."""
-        return await self.send_nowait(
-            topic, value, key=key, partition=partition, headers=headers, timestamp_ms=timestamp_ms
-        )
+        """Queue one record and wait for its acknowledgement. With ``linger_ms=0``, a
+        record for a partition with nothing queued and nothing in flight leaves at once
+        (see the class)."""
+        return await self._submit(topic, value, key, partition, headers, timestamp_ms, True)
 
     def send_nowait(
         self,
@@ -615,8 +635,25 @@ class Producer:
         """Queue one record and return the future of its acknowledgement; never waits. A
         record for a topic whose partition count is not known yet waits (in order, with the
         topic's later records) for one metadata request."""
+        return self._submit(topic, value, key, partition, headers, timestamp_ms, False)
+
+    def _submit(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]] | None,
+        timestamp_ms: int | None,
+        awaited: bool,
+    ) -> asyncio.Future[RecordMetadata]:
+        """:meth:`send_nowait`; ``awaited``: the caller waits for this record before it
+        queues another (:meth:`send`), so a lone record need not wait for company."""
         ts = timestamp_ms if timestamp_ms is not None else time.time_ns() // 1_000_000
-        fut: asyncio.Future[RecordMetadata] = self.loop.create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self.loop
+        fut: asyncio.Future[RecordMetadata] = loop.create_future()
         row: records.RecordInput = (ts, key, value, list(headers)) if headers else (ts, key, value)
         if partition is None:
             n = self._counts.get(topic)
@@ -630,7 +667,7 @@ class Producer:
                 waiting.append((row, fut))
                 return fut
             partition = p.partition_for_key(key, n) if key is not None else next(self._rr) % n
-        self._queue(topic, partition, row, fut)
+        self._queue(topic, partition, row, fut, awaited)
         return fut
 
     async def _learn_partitions(self, topic: str) -> None:
@@ -655,11 +692,20 @@ class Producer:
         partition: int,
         row: records.RecordInput,
         fut: asyncio.Future[RecordMetadata],
+        awaited: bool = False,
     ) -> None:
         ts, key, value = row[0], row[1], row[2]
         tp = (topic, partition)
         acc = self._acc.get(tp)
         if acc is None:
+            if awaited and tp not in self._busy and not self.linger_ms > 0:
+                # nothing queued or in flight for tp, so nothing to keep order with, and no
+                # company to wait for: the end of the turn would only cost a loop turn
+                rows: list[records.RecordInput] = [
+                    (0, key, value, row[3]) if len(row) == 4 else (0, key, value)
+                ]
+                self._dispatch(tp, rows, [fut], ts, ts, True)
+                return
             acc = self._acc[tp] = _Accumulator(topic, partition, first_ts=ts)
             if self.linger_ms > 0:
                 acc.timer = self.loop.call_later(self.linger_ms / 1000, self._linger_expired, tp)
@@ -699,17 +745,29 @@ class Producer:
         acc = self._acc.pop(tp)
         if acc.timer is not None:
             acc.timer.cancel()
-        batch = self._encode(tp, acc.rows, acc.first_ts)
+        self._dispatch(tp, acc.rows, acc.futures, acc.first_ts, None, False)
+
+    def _dispatch(
+        self,
+        tp: TopicPartition,
+        rows: list[records.RecordInput],
+        futures: list[asyncio.Future[RecordMetadata]],
+        first_ts: int,
+        max_ts: int | None,
+        now: bool,
+    ) -> None:
+        """Encode ``rows`` as the next batch of ``tp`` and send it: now if ``now``, else at
+        the next flush of the client (the end of the turn at the latest); through a task
+        when no in-flight slot is free or the client is not connected."""
+        batch = self._encode(tp, rows, first_ts, max_ts)
         self._busy[tp] = self._busy.get(tp, 0) + 1
-        if self.client.connected and self._inflight.take():
-            try:
-                self._send_first(tp, batch, acc.futures, acc.rows, acc.first_ts)
+        if self._inflight.take():
+            try:  # not connected: send_callback raises before anything is sent
+                self._send_first(tp, batch, futures, rows, first_ts, now)
                 return
             except ConnectionLost:
                 self._inflight.release()
-        task = self.loop.create_task(
-            self._send_batch(tp, batch, acc.futures, acc.rows, acc.first_ts)
-        )
+        task = self.loop.create_task(self._send_batch(tp, batch, futures, rows, first_ts))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -720,11 +778,13 @@ class Producer:
         futures: list[asyncio.Future[RecordMetadata]],
         rows: list[records.RecordInput],
         first_ts: int,
+        now: bool = False,
     ) -> None:
-        """The first attempt of a sealed batch, holding an in-flight slot already: sent at
-        once and answered by a callback, with no task. Any failure hands the batch to
-        :meth:`_send_batch`, which decides as for a failure of its own first attempt
-        (retry the same bytes, renew the producer id, or fail the records)."""
+        """The first attempt of a sealed batch, holding an in-flight slot already: queued
+        on the connection (written now if ``now``) and answered by a callback, with no
+        task. Any failure hands the batch to :meth:`_send_batch`, which decides as for a
+        failure of its own first attempt (retry the same bytes, renew the producer id, or
+        fail the records)."""
         pid = self.producer_id
         msg = p.Produce(
             id=0, topic=tp[0], partition=tp[1], key=None, batches=[batch], acks=self.acks
@@ -733,7 +793,15 @@ class Producer:
         def answered(reply: p.Response | BrokerError) -> None:
             self._inflight.release()
             try:
-                settle(reply)
+                if type(reply) is p.Produced:
+                    self._answered(tp)
+                    topic, partition, base = tp[0], reply.partition, reply.base_offset
+                    for f in futures:
+                        if not f.done():
+                            f.set_result(RecordMetadata(topic, partition, base))
+                        base += 1
+                else:
+                    failed(reply)
             finally:
                 # after the records' futures: their callbacks run before flush() returns
                 self._sending -= 1
@@ -742,14 +810,7 @@ class Producer:
                         self._sent.set_result(None)
                     self._sent = None
 
-        def settle(reply: p.Response | BrokerError) -> None:
-            if isinstance(reply, p.Produced):
-                self._answered(tp)
-                base = reply.base_offset
-                for i, f in enumerate(futures):
-                    if not f.done():
-                        f.set_result(RecordMetadata(tp[0], reply.partition, base + i))
-                return
+        def failed(reply: p.Response | BrokerError) -> None:
             if isinstance(reply, p.Error):
                 exc = BrokerError(reply.code, reply.message, reply.retriable)
             elif isinstance(reply, BrokerError):
@@ -764,7 +825,7 @@ class Producer:
 
         self._sending += 1
         try:
-            self.client.send_callback(msg, answered)
+            self.client.send_callback(msg, answered, flush=now)
         except BaseException:
             self._sending -= 1
             raise
@@ -779,19 +840,28 @@ class Producer:
         if send_next and acc is not None and acc.waiting:  # linger_ms=0: it waited
             self._seal(tp)
 
-    def _encode(self, tp: TopicPartition, rows: list[records.RecordInput], first_ts: int) -> bytes:
-        seq = records.NO_SEQUENCE
-        if self.idempotent:
-            seq = self._sequences.get(tp, 0)
-            self._sequences[tp] = seq + len(rows)
-        deltas = [r[0] for r in rows]
-        return records.encode_batch(
+    def _encode(
+        self,
+        tp: TopicPartition,
+        rows: list[records.RecordInput],
+        first_ts: int,
+        max_ts: int | None = None,
+    ) -> bytes:
+        """The next batch of ``tp`` (sequenced when idempotent); ``max_ts`` when the caller
+        knows it, else found from the rows' deltas."""
+        seq = self._sequences.get(tp, 0) if self.idempotent else records.NO_SEQUENCE
+        if max_ts is None:
+            max_ts = first_ts + max([r[0] for r in rows])
+        batch = records.encode_batch(
             rows,
             first_timestamp=first_ts,
-            max_timestamp=first_ts + max(deltas),
+            max_timestamp=max_ts,
             producer_id=self.producer_id,
             base_sequence=seq,
         )
+        if self.idempotent:  # only once encoded: a record that cannot be leaves no hole
+            self._sequences[tp] = seq + len(rows)
+        return batch
 
     async def _send_batch(
         self,
@@ -1325,7 +1395,7 @@ class Consumer:
         ):
             self._auto_commit()
         if not self._buffer:
-            self._decode([f[:4] for f in await self._fetch(timeout_ms)])
+            self._decode(await self._fetch_data(timeout_ms))
         buffer = self._buffer
         if max_records is None or len(buffer) <= max_records:
             out = list(buffer)
@@ -1364,15 +1434,20 @@ class Consumer:
         assigned partitions, advancing positions past them. For callers that decode
         themselves; do not mix with :meth:`getmany`."""
         out = []
-        for topic, partition, data, start, nxt in await self._fetch(timeout_ms):
-            self.positions[(topic, partition)] = nxt
-            out.append((topic, partition, data, start))
+        for topic, partition, data, start in await self._fetch_data(timeout_ms):
+            nxt = start
+            for _pos, header in records.iter_batches(data, verify=False):
+                nxt = header.next_offset
+            if nxt > start:  # some data past the position
+                self.positions[(topic, partition)] = nxt
+                out.append((topic, partition, data, start))
         return out
 
-    async def _fetch(self, timeout_ms: int) -> list[tuple[str, int, bytes, int, int]]:
+    async def _fetch_data(self, timeout_ms: int) -> list[tuple[str, int, bytes, int]]:
         """One fetch from the positions of the assigned partitions: ``(topic, partition,
-        bytes, first wanted offset, offset after the last batch)`` per partition with data.
-        Positions do not move here."""
+        bytes, first wanted offset)`` per partition that answered records, not walked yet
+        (:meth:`_decode` walks them once, checking them as it goes). Positions do not move
+        here, except past an out-of-range position (``auto_offset_reset``)."""
         if not self.assignment:
             self._assignment_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -1414,11 +1489,7 @@ class Consumer:
                 raise CorruptData(res.topic, res.partition, start, res.resume_offset)
             if res.error is not None or not res.records:
                 continue
-            last_next = start
-            for _pos, header in records.iter_batches(res.records, verify=False):
-                last_next = header.next_offset
-            if last_next > start:
-                out.append((res.topic, res.partition, res.records, start, last_next))
+            out.append((res.topic, res.partition, res.records, start))
         return out
 
     async def committed(

@@ -173,13 +173,14 @@ class LocalClient(Client):
             fut.set_result(outcome)
         return fut
 
-    def send_callback(self, msg: Any, callback: ReplyCallback) -> None:
+    def send_callback(self, msg: Any, callback: ReplyCallback, *, flush: bool = False) -> None:
         """:meth:`send_nowait`, answered through ``callback`` (see :meth:`Client.send_callback`).
         An append's acknowledgement calls it directly, in the loop turn that made the append
         durable (the partition's :class:`~storage.ack.Ack`), as the TCP server answers: a
         callback through a future would run a turn later, and a turn of a busy node's loop
         is on the way of every notification whose stages append with it. Never called
-        before this returns."""
+        before this returns. ``flush`` changes nothing: the request is handed over now
+        either way."""
         if self._closed:
             raise ConnectionLost("client is closed")
         if type(msg) is not p.Produce:

@@ -59,10 +59,15 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
-        if not buf and len(data) >= 4:
+        end = len(data)
+        if not buf and end >= 4:
             # fast path: no partial frame pending, parse straight from ``data``
+            (size,) = _LEN.unpack_from(data)
+            if size == end - 4 and size <= self.max_frame_bytes and type(data) is bytes:
+                # the commonest read, one whole frame (a request, a reply): no view, no loop
+                return [data[4:]]
             frames, pos = self._split(data)
-            if pos < len(data):
+            if pos < end:
                 buf += data[pos:]
             return frames
         buf += data

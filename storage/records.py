@@ -51,7 +51,7 @@ NO_PRODUCER: Final = -1
 NO_SEQUENCE: Final = -1
 
 _HEADER = struct.Struct("<qIBBHIIqqqiQI")
-_HEAD_BEFORE_CRC = struct.Struct("<qIBBHIIqqqiQ")  # the bytes the header checksum covers
+_HEADER_BEFORE_CRC = struct.Struct("<qIBBHIIqqqiQ")  # _HEADER less the header checksum
 _PREFIX = struct.Struct("<qI")  # base_offset, batch_length: enough to walk a log
 _STAMP = struct.Struct("<q")
 _EPOCH = struct.Struct("<I")
@@ -67,6 +67,7 @@ HEADER_MARK_AT: Final = 12
 _HEADER_CRC_AT: Final = 60
 _EPOCH_AT: Final = 16
 assert _HEADER.size == HEADER_SIZE
+assert _HEADER_BEFORE_CRC.size == _HEADER_CRC_AT
 
 # A batch larger than this is refused by every reader; the broker's own limit is lower
 # (``max_batch_bytes`` in the config) and is what producers see.
@@ -189,26 +190,23 @@ def _assemble(
     base_offset: int,
     leader_epoch: int,
 ) -> bytes:
-    length = HEADER_SIZE + len(body)
-    head = bytearray(
-        _HEADER.pack(
-            base_offset,
-            length,
-            MAGIC,
-            0,
-            0,
-            leader_epoch,
-            count,
-            first_timestamp,
-            max_timestamp,
-            producer_id,
-            base_sequence,
-            _xxh3(body),
-            0,
-        )
+    head = _HEADER_BEFORE_CRC.pack(
+        base_offset,
+        HEADER_SIZE + len(body),
+        MAGIC,
+        0,
+        0,
+        leader_epoch,
+        count,
+        first_timestamp,
+        max_timestamp,
+        producer_id,
+        base_sequence,
+        _xxh3(body),
     )
-    _CRC.pack_into(head, _HEADER_CRC_AT, _xxh32(bytes(head[:_HEADER_CRC_AT])))
-    return bytes(head) + body
+    # the 60 bytes the header checksum covers are ``head`` itself: hashed as packed, with
+    # no mutable copy to patch (a producer encodes a batch per request)
+    return b"".join((head, _CRC.pack(_xxh32(head)), body))
 
 
 def parse_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> BatchHeader:
@@ -300,7 +298,7 @@ def accept_batch(
     every produced batch, on the event loop."""
     f = _header_fields(batch, 0)
     _check_body(batch, 0, f)
-    head = _HEAD_BEFORE_CRC.pack(
+    head = _HEADER_BEFORE_CRC.pack(
         base_offset, f[1], f[2], f[3], f[4], leader_epoch, f[6], f[7], f[8], f[9], f[10], f[11]
     )
     crc = _xxh32(head)

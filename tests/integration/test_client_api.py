@@ -13,6 +13,7 @@ import pytest
 
 from broker import protocol as p
 from broker.client import BatchMetadata, BrokerError, Client, RecordMetadata
+from storage import records
 
 from .herald_process import HeraldProcess
 
@@ -226,4 +227,24 @@ async def test_send_batches_fails_with_the_batch_refused_for_good_and_frees_its_
         producer.send_batches([("api-batches-bad", 0, None, [b"again"])]), 10
     )
     assert metas[0].partition == 0
+    await producer.close()
+
+
+async def test_fetch_batches_hands_raw_batches_on_and_moves_positions_past_them(
+    client: Client,
+) -> None:
+    await client.create_topic("api-raw", 1)
+    producer = await client.producer()
+    await producer.send_batch("api-raw", [b"a", b"b", b"c"], partition=0)
+    await producer.send_batch("api-raw", [b"d", b"e"], partition=0)
+    consumer = await client.consumer("api-raw", auto_offset_reset="earliest")
+    consumer.seek("api-raw", 0, 1)  # inside the first batch: it comes whole, from offset 1 on
+    fetched = await consumer.fetch_batches(timeout_ms=1000)
+    assert [(t, i, start) for t, i, _data, start in fetched] == [("api-raw", 0, 1)]
+    batches = list(records.iter_batches(fetched[0][2]))
+    assert [h.base_offset for _pos, h in batches] == [0, 3]
+    assert consumer.positions[("api-raw", 0)] == 5
+    assert await consumer.fetch_batches(timeout_ms=50) == []  # nothing past the position
+    assert consumer.positions[("api-raw", 0)] == 5
+    await consumer.close()
     await producer.close()

@@ -75,6 +75,21 @@ def test_a_frame_declared_over_the_limit_is_fatal_before_its_body_arrives() -> N
     assert info.value.fatal
 
 
+def test_a_whole_oversized_frame_in_one_read_is_fatal() -> None:
+    dec = p.FrameDecoder(MAX)
+    with pytest.raises(p.ProtocolError) as info:
+        dec.feed(frame(b"x" * (MAX + 1)))  # exactly one frame: the one-frame shortcut
+    assert info.value.code == errors.FrameTooLarge.code
+
+
+def test_one_whole_frame_comes_back_as_bytes_whatever_buffer_it_was_read_into() -> None:
+    dec = p.FrameDecoder(MAX)
+    for data in (frame(b"abc"), bytearray(frame(b"abc")), memoryview(frame(b"abc"))):
+        (out,) = dec.feed(data)  # type: ignore[arg-type]
+        assert type(out) is bytes and out == b"abc"
+    assert dec.buffered == 0
+
+
 def test_an_oversized_frame_after_good_ones_is_fatal_even_when_fed_in_pieces() -> None:
     dec = p.FrameDecoder(MAX)
     assert dec.feed(frame(b"ok")[:3]) == []

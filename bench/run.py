@@ -657,6 +657,21 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _keep_node_log(bench: Bench, out_dir: Path) -> None:
+    """Copy the Herald node's log out of the data directory that is about to go, to
+    ``bench/out/broker-herald.log``: the worst latencies printed come with the wall-clock
+    time their record was sent, to be matched with the node's ``loop_stall``, ``gc_pause``
+    and ``sync_slow`` lines there."""
+    log_path = bench.servers.herald.dir / "herald.log"
+    if log_path.exists():
+        kept = out_dir / "broker-herald.log"
+        shutil.copyfile(log_path, kept)
+        lines = kept.read_text(errors="replace").splitlines()
+        marks = ("event=loop_stall", "event=gc_pause", "event=sync_slow", "event=inline_io_slow")
+        found = [line for line in lines if any(m in line for m in marks)]
+        say(f"the node's log: {kept} ({len(found)} stall, pause or slow-sync lines)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -681,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted: servers stopped, nothing written")
         return 130
     finally:
+        _keep_node_log(bench, out_dir)
         if args.keep:
             say(f"kept {base}")
         else:

@@ -107,6 +107,9 @@ class Plan:
     profile_s: float
     single_s: float
     single_warmup_s: float
+    # one-at-a-time windows are short and their ratio the noisiest of the targets: more of
+    # them (interleaved with the peers') unless --repeats says otherwise
+    single_repeats: int = 5
 
     @staticmethod
     def make(quick: bool, repeats: int | None, rates: tuple[int, ...] | None = None) -> Plan:
@@ -133,6 +136,7 @@ class Plan:
                 profile_s=0.0,
                 single_s=1.0,
                 single_warmup_s=0.3,
+                single_repeats=repeats or 2,
             )
         return Plan(
             repeats=repeats or 3,
@@ -149,6 +153,7 @@ class Plan:
             profile_s=8.0,
             single_s=3.0,
             single_warmup_s=1.0,
+            single_repeats=repeats or 5,
         )
 
 
@@ -452,13 +457,14 @@ class Bench:
         # interleaved as the latency scenario's repeats are: one window of each system per
         # repeat, the order rotated by one each repeat (a drift of the host falls on all)
         got: dict[str, list[single.SingleSample]] = {c.system: [] for c in cases}
-        for rep in range(p.repeats):
+        for rep in range(p.single_repeats):
             k = rep % len(cases) if cases else 0
             for case in cases[k:] + cases[:k]:
                 target = self.servers.target(case.system)
                 assert target is not None
                 say(
-                    f"single: {DISPLAY[case.system]}, {case.label}, repeat {rep + 1} of {p.repeats}"
+                    f"single: {DISPLAY[case.system]}, {case.label},"
+                    f" repeat {rep + 1} of {p.single_repeats}"
                 )
                 settle()
                 i = single.CASES.index(case)
@@ -488,7 +494,7 @@ class Bench:
             " pipelined, nothing batched. Herald: `Producer.send` with acks=all (answered"
             " after fdatasync) and linger_ms=0; Redis-always: XADD against `appendfsync"
             " always` (fsync before the reply); Redis: XADD against `appendfsync everysec`"
-            f" (reply from memory). {p.repeats} windows of {p.single_s:g} s per system,"
+            f" (reply from memory). {p.single_repeats} windows of {p.single_s:g} s per system,"
             " interleaved (each repeat runs one window of every system, from a fresh client"
             f" process after a {p.single_warmup_s:g} s warm-up, the order rotated by one each"
             " repeat); the round trip is timed from the send call to the"

@@ -156,18 +156,24 @@ async def test_sigterm_under_load_exits_0_in_time_and_keeps_every_acked_record(
         node.close()
 
 
+def exit_code_of(node: HeraldProcess, within_s: float) -> int:
+    """Start ``node``, which is expected to give up; its exit code (killed if it has not
+    exited within ``within_s``: the wait raises)."""
+    proc = node.spawn()
+    try:
+        return proc.wait(within_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_second_node_on_a_data_dir_in_use_fails_fast_naming_it(tmp_path: Path) -> None:
     node = HeraldProcess(tmp_path / "data", tmp_path / "first")
     try:
         node.start()
         intruder = HeraldProcess(tmp_path / "data", tmp_path / "second")
-        proc = intruder.spawn()
-        try:
-            code = proc.wait(15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        code = exit_code_of(intruder, 15)
         out = intruder.log_text()
         assert code != 0, out
         assert "data directory" in out, out
@@ -188,13 +194,7 @@ def test_a_node_whose_port_is_taken_fails_fast_in_one_line_and_stops_cleanly(
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind((node.host, node.ws_port))
         taken.listen()
-        proc = node.spawn()
-        try:
-            code = proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        code = exit_code_of(node, 30)
     out = node.log_text()
     assert code == 1, out
     assert "herald: cannot listen: error while attempting to bind on address" in out, out

@@ -161,7 +161,8 @@ def exit_code_of(node: HeraldProcess, within_s: float) -> int:
     exited within ``within_s``: the wait raises)."""
     proc = node.spawn()
     try:
-        return proc.wait(within_s)
+        code: int = proc.wait(within_s)
+        return code
     finally:
         if proc.poll() is None:
             proc.kill()

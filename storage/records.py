@@ -53,8 +53,6 @@ NO_SEQUENCE: Final = -1
 _HEADER = struct.Struct("<qIBBHIIqqqiQI")
 _HEADER_BEFORE_CRC = struct.Struct("<qIBBHIIqqqiQ")  # _HEADER less the header checksum
 _PREFIX = struct.Struct("<qI")  # base_offset, batch_length: enough to walk a log
-_STAMP = struct.Struct("<q")
-_EPOCH = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 _SUMS = struct.Struct("<QI")  # body_checksum, header_checksum, at byte 52
 _SUMS_AT: Final = 52
@@ -65,7 +63,6 @@ _COUNT_AT: Final = 20
 HEADER_MARK: Final = b"\x01\x00\x00\x00"
 HEADER_MARK_AT: Final = 12
 _HEADER_CRC_AT: Final = 60
-_EPOCH_AT: Final = 16
 assert _HEADER.size == HEADER_SIZE
 assert _HEADER_BEFORE_CRC.size == _HEADER_CRC_AT
 
@@ -281,11 +278,8 @@ def stamp_header(
     """Return a new 64-byte header for ``batch`` carrying ``base_offset`` and
     ``leader_epoch``, with its header checksum recomputed. The body is not touched; write
     ``stamped + batch[64:]`` (e.g. with ``os.writev``) to avoid copying it."""
-    head = bytearray(batch[:HEADER_SIZE])
-    _STAMP.pack_into(head, 0, base_offset)
-    _EPOCH.pack_into(head, _EPOCH_AT, leader_epoch)
-    _CRC.pack_into(head, _HEADER_CRC_AT, _xxh32(bytes(head[:_HEADER_CRC_AT])))
-    return bytes(head)
+    head, crc = _stamped(_HEADER.unpack_from(batch, 0), base_offset, leader_epoch)
+    return head + _CRC.pack(crc)
 
 
 def accept_batch(
@@ -298,14 +292,20 @@ def accept_batch(
     every produced batch, on the event loop."""
     f = _header_fields(batch, 0)
     _check_body(batch, 0, f)
-    head = _HEADER_BEFORE_CRC.pack(
-        base_offset, f[1], f[2], f[3], f[4], leader_epoch, f[6], f[7], f[8], f[9], f[10], f[11]
-    )
-    crc = _xxh32(head)
+    head, crc = _stamped(f, base_offset, leader_epoch)
     header = BatchHeader(
         base_offset, f[1], f[2], f[3], leader_epoch, f[6], f[7], f[8], f[9], f[10], f[11], crc
     )
     return head + _CRC.pack(crc), header
+
+
+def _stamped(f: tuple[int, ...], base_offset: int, leader_epoch: int) -> tuple[bytes, int]:
+    """The first 60 bytes of a header with fields ``f`` (``_HEADER``'s order) carrying
+    ``base_offset`` and ``leader_epoch``, and the header checksum over them."""
+    head = _HEADER_BEFORE_CRC.pack(
+        base_offset, f[1], f[2], f[3], f[4], leader_epoch, f[6], f[7], f[8], f[9], f[10], f[11]
+    )
+    return head, _xxh32(head)
 
 
 def decode_records(

@@ -224,6 +224,27 @@ def test_stamp_header_changes_only_offset_and_epoch(
     assert changed <= set(range(8)) | set(range(16, 20)) | set(range(60, 64))
 
 
+@settings(deadline=None)
+@given(batch_args(), st.integers(0, 2**62), st.integers(0, 2**32 - 1))
+def test_accept_batch_is_validate_then_stamp(
+    args: dict[str, object], offset: int, epoch: int
+) -> None:
+    batch = _encode(args)
+    head, header = records.accept_batch(batch, offset, epoch)
+    assert head == records.stamp_header(batch, offset, epoch)
+    assert header == records.validate_batch(head + batch[HEADER_SIZE:])
+
+
+def test_accept_batch_refuses_what_validate_batch_refuses() -> None:
+    batch = bytearray(_small_batch())
+    batch[-1] ^= 0xFF  # the body no longer matches its checksum
+    with pytest.raises(CorruptBatch) as expected:
+        records.validate_batch(batch)
+    with pytest.raises(CorruptBatch) as got:
+        records.accept_batch(batch, 7, 0)
+    assert str(got.value) == str(expected.value)
+
+
 def test_stamp_header_accepts_memoryview() -> None:
     batch = _small_batch()
     head = records.stamp_header(memoryview(batch), 7, 1)

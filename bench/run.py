@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.peers.process import say
 from bench.peers.servers import Servers
@@ -64,6 +64,16 @@ REPO = Path(__file__).resolve().parent.parent
 # http last: the events it posts keep the node's notifications engine busy for a while after
 # it ends, which would load the node under whichever scenario came next
 SCENARIOS = ("limits", "produce", "consume", "latency", "single", "http")
+
+
+T = TypeVar("T")
+
+
+def _rotated(items: list[T], by: int) -> list[T]:
+    """``items`` rotated left by ``by``: the order of an interleaved repeat (each repeat
+    starts one system later, so none always runs first or last)."""
+    k = by % len(items) if items else 0
+    return items[k:] + items[:k]
 
 
 def _utc(wall: float) -> str:
@@ -327,8 +337,7 @@ class Bench:
         # CPU) falls on every system alike and not on whichever ran last
         runs: dict[str, list[tuple[latency.Step, Any, Any]]] = {s: [] for s in systems}
         for rep in range(p.repeats):
-            k = rep % len(systems) if systems else 0
-            for system in systems[k:] + systems[:k]:
+            for system in _rotated(systems, rep):
                 target = self.servers.target(system)
                 assert target is not None
                 say(
@@ -458,8 +467,7 @@ class Bench:
         # repeat, the order rotated by one each repeat (a drift of the host falls on all)
         got: dict[str, list[single.SingleSample]] = {c.system: [] for c in cases}
         for rep in range(p.single_repeats):
-            k = rep % len(cases) if cases else 0
-            for case in cases[k:] + cases[:k]:
+            for case in _rotated(cases, rep):
                 target = self.servers.target(case.system)
                 assert target is not None
                 say(

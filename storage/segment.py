@@ -544,28 +544,24 @@ class Segment:
     def write_at(self, position: int, iov: list[bytes | memoryview]) -> None:
         """Write ``iov`` at ``position`` completely (IOV_MAX slices, short writes resumed).
         Blocking; raises ``OSError``. For the sync thread."""
-        if len(iov) <= 1024:  # one slice: most rounds (a lone append's two buffers)
-            n = os.pwritev(self._fd, iov, position)
-            total = sum(map(len, iov))
-            if n < total:
-                rest = b"".join(bytes(c) for c in iov)[n:]
-                while rest:
-                    m = os.pwrite(self._fd, rest, position + n)
-                    n += m
-                    rest = rest[m:]
+        if len(iov) <= 1024:  # one slice, not copied: most rounds (a lone append's two)
+            self._write_slice(position, iov)
             return
-        written = 0
         for i in range(0, len(iov), 1024):
-            chunk = iov[i : i + 1024]
-            n = os.pwritev(self._fd, chunk, position + written)
-            chunk_len = sum(len(c) for c in chunk)
-            if n < chunk_len:
-                rest = b"".join(bytes(c) for c in chunk)[n:]
-                while rest:
-                    m = os.pwrite(self._fd, rest, position + written + n)
-                    n += m
-                    rest = rest[m:]
-            written += n
+            position += self._write_slice(position, iov[i : i + 1024])
+
+    def _write_slice(self, position: int, iov: list[bytes | memoryview]) -> int:
+        """One ``pwritev`` of at most IOV_MAX buffers, its short write resumed. Returns the
+        bytes written (all of them)."""
+        n = os.pwritev(self._fd, iov, position)
+        total = sum(map(len, iov))
+        if n < total:
+            rest = b"".join(bytes(c) for c in iov)[n:]
+            while rest:
+                m = os.pwrite(self._fd, rest, position + n)
+                n += m
+                rest = rest[m:]
+        return total
 
     def sync(self) -> None:
         """fdatasync the log file. Blocks: call it from a worker thread."""

@@ -216,6 +216,7 @@ class DeliveryWorker(Stage):
         async def work() -> None:
             while queue:
                 await self._user(queue.pop(), lag)
+                await self.take_turn()
 
         # a channel whose effect is a record of this batch (in-app) waits on nothing per
         # delivery: its users go one after another in this task, not in tasks of their own

@@ -125,6 +125,7 @@ class Fanout(Stage):
             self.events += 1
             if len(self.outbox) >= self.config.fanout_flush_records:
                 await self.flush()
+            await self.take_turn()
         if self.inapp is not None:
             self._hand_over_inapp(self.inapp)
 
@@ -250,6 +251,7 @@ class Fanout(Stage):
                 self.marks.put(
                     mark_key, FanoutMark(offset=rec.offset, after=users[-1], pages=pages)
                 )
+            await self.take_turn()  # a large audience: the loop serves others between pages
         if pages > 1 or after is not None:
             self.marks.delete(mark_key)
             log.info(

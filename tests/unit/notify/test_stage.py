@@ -6,6 +6,7 @@ batch's outputs to other partitions."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -273,3 +274,68 @@ async def test_stopping_an_idle_stage_cuts_its_fetch_short_and_loses_nothing(
             await again.stop()
     committed = service.groups.committed("*/g", "in", 0)
     assert committed is not None and committed.offset == 2
+
+
+class Stepper(Stage):
+    """Handles a batch unit by unit (a record each), taking a turn between units as the
+    fan-out and the delivery workers do; notes, per unit, how often the loop ran a callback
+    of someone else's (``ticks``) while the batch was in hand."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.ticks = 0
+        self.seen: list[int] = []
+
+    async def handle(self, recs: list[ConsumerRecord]) -> None:
+        for _ in recs:
+            self.seen.append(self.ticks)
+            await self.take_turn()
+
+
+async def _stepped(tmp_path: Path, slice_s: float, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    monkeypatch.setattr(stage_module, "SLICE_S", slice_s)
+    log, kv, _service, client = in_process(tmp_path, "in")
+    producer = await client.producer(acks=-1)
+    for i in range(5):
+        producer.send_nowait("in", b"%d" % i, key=b"k")
+    await producer.flush()
+    stage = Stepper(client, kv, group="g", topics=["in"], batch=10, max_batch_bytes=1 << 20)
+    loop = asyncio.get_running_loop()
+    ticking = True
+
+    def tick() -> None:  # another user of the loop, ready at every turn
+        stage.ticks += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    await stage.start()
+    tick()
+    try:
+        async with asyncio.timeout(10):
+            while stage.records_in < 5:
+                await asyncio.sleep(0.01)
+    finally:
+        ticking = False
+        await stage.stop()
+        await client.close()
+        await log.close()
+        kv.close()
+    return stage.seen
+
+
+async def test_a_batch_whose_slice_is_used_up_gives_the_loop_a_turn_between_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the slice used up at once, the loop serves others between every two units."""
+    seen = await _stepped(tmp_path, 0.0, monkeypatch)
+    assert len(seen) == 5
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen
+
+
+async def test_a_batch_within_its_slice_keeps_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within its slice a batch runs on: a turn costs a loop pass, not taken for nothing."""
+    seen = await _stepped(tmp_path, 60.0, monkeypatch)
+    assert len(seen) == 5
+    assert len(set(seen)) == 1, seen

@@ -93,6 +93,9 @@ class HttpStats:
         self.requests = 0
         self.errors = 0
         self.events = 0
+        # times a large request waited a turn of the loop for the port's body budget
+        # (broker.http_ingest.TurnBudget)
+        self.deferred = 0
 
 
 @dataclass(slots=True)

@@ -50,7 +50,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Final, cast
 
@@ -74,7 +74,7 @@ from broker.errors import (
     Unauthenticated,
     describe,
 )
-from broker.http import Accepted, HttpApi
+from broker.http import Accepted, HttpApi, HttpStats
 from broker.http_policy import RouteRule, RouteRules, SitePolicy, check_json, rebuild_head
 from broker.listener import Listener, NodeAdmission, refusal_http
 from broker.openapi import Route
@@ -101,6 +101,12 @@ _SCAN_EVERY: Final = 5
 # requests one connection may have parsed in one turn of the event loop before the rest of
 # its input waits for the next turn (see IngestConnection._consume)
 TURN_REQUESTS: Final = 64
+# request body bytes the whole port serves in one turn of the event loop: a request that
+# would complete once they are spent waits for the next turn (IngestServer.turn_spent). A
+# batch of 1,000 events (~220 KB) is ~8-10 ms of loop; several completing in one turn held
+# the loop 20-35 ms (issue 12's stall budget is 20) and every other connection of the node
+# with it. A request larger than this alone is served when a turn starts.
+TURN_BODY_BYTES: Final = 128 * 1024
 
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -154,6 +160,7 @@ class IngestConnection(asyncio.Protocol):
         self.last_active = server.loop.time()
         self._read_paused = False
         self._yielding = False  # the rest of a read waits for the next turn of the loop
+        self._budget_wait = False  # ... and for the port's body budget (TurnBudget.wait)
         self._rest = b""
         self._turn = 0
         self._write_paused = False
@@ -317,10 +324,16 @@ class IngestConnection(asyncio.Protocol):
         if self._fwd:
             self._deliver()
         if rest is not None and (self.state == OPEN or self.state == FORWARDING):
-            self._rest = bytes(rest)
+            whole = rest.obj
+            # a read deferred again before anything of it was parsed is kept, not copied
+            self._rest = whole if type(whole) is bytes and len(whole) == len(rest) else bytes(rest)
             self._yielding = True
             self._update_reading()
-            self.server.loop.call_soon(self._next_turn)
+            if self._budget_wait:
+                self._budget_wait = False
+                self.server.turn.wait(self._next_turn)
+            else:
+                self.server.loop.call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
         data, self._rest = self._rest, b""
@@ -350,6 +363,16 @@ class IngestConnection(asyncio.Protocol):
             # the rest of a body of known length goes in one piece
             step = self._remaining if self._phase == BODY and self._remaining > 0 else SLICE
             piece = view[pos : pos + step]
+            if (
+                self._phase == BODY
+                and len(piece) == self._remaining
+                and self.server.turn.spent()
+                and self.state == OPEN
+                and self.handler is None
+            ):
+                # it would complete a request: served in a later turn (TURN_BODY_BYTES)
+                self._budget_wait = True
+                return view[pos:]
             pos += len(piece)
             if self._phase == BODY:
                 before = self._size
@@ -597,6 +620,8 @@ class IngestConnection(asyncio.Protocol):
 
     # -------------------------------------------------------------------- serving
     def _serve(self, reply: _Reply, body: bytes) -> None:
+        if len(body) > SLICE:
+            self.server.turn.charge(len(body))
         api = self.api
         route = self._route
         principal = self._principal
@@ -903,6 +928,58 @@ def route_rules(routes: Iterable[Route]) -> RouteRules:
     return RouteRules(rules)
 
 
+class TurnBudget:
+    """The request body bytes a port serves in one turn of the event loop (``limit``). Once
+    they are spent, a request that would complete waits (:meth:`wait`), its connection's
+    reading paused, and the waiting ones are resumed in arrival order at the start of the
+    following turns, as many as each turn's budget allows: between two large requests the
+    loop serves its timers and every other connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, stats: HttpStats) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.used = 0  # request body bytes served in this turn
+        self.stats = stats  # counts the requests that waited (``deferred``)
+        self.waiting: deque[Callable[[], None]] = deque()
+        self._turn_scheduled = False
+        self._resuming = False  # in _next_turn: the one resumed goes before those waiting
+
+    def charge(self, nbytes: int) -> None:
+        """A request body of ``nbytes`` is being served in this turn."""
+        self.used += nbytes
+        self._schedule()
+
+    def spent(self) -> bool:
+        """Whether a request that would complete now must wait for a later turn: this
+        turn's budget is spent, or others wait already (they go first)."""
+        return self.used >= self.limit or (bool(self.waiting) and not self._resuming)
+
+    def wait(self, resume: Callable[[], None]) -> None:
+        """Call ``resume`` at the start of a later turn, after those waiting already."""
+        self.stats.deferred += 1
+        self.waiting.append(resume)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            self.loop.call_soon(self._next_turn)  # runs at the start of the next turn
+
+    def _next_turn(self) -> None:
+        self._turn_scheduled = False
+        self.used = 0
+        waiting = self.waiting
+        while waiting and self.used < self.limit:
+            resume = waiting.popleft()
+            self._resuming = True
+            try:
+                resume()  # serves its request (or finds its connection gone)
+            finally:
+                self._resuming = False
+        if waiting:
+            self._schedule()
+
+
 class IngestServer:
     """The HTTP port: a :class:`~broker.listener.Listener` (admission, TLS) making an
     :class:`IngestConnection` per connection; keeps them, applies their deadlines, and drains
@@ -952,6 +1029,7 @@ class IngestServer:
         )
         self._sweeps = 0
         self._last_check = self.loop.time()
+        self.turn = TurnBudget(self.loop, TURN_BODY_BYTES, api.stats)
         self._date = b""
         self._date_second = -1
         admission.add_check(self.check)

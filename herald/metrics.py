@@ -107,6 +107,12 @@ class NodeCollector(Collector):
             "herald_http_request_errors", "HTTP requests answered 4xx/5xx", value=h.errors
         )
         yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
+        yield CounterMetricFamily(
+            "herald_http_requests_deferred",
+            "Turns of the event loop large HTTP requests waited for the port's per-turn body "
+            "budget (a request completing once it is spent is served in the next turn)",
+            value=h.deferred,
+        )
         if self.stats.audit_lag_s is not None:
             yield GaugeMetricFamily(
                 "herald_notify_audit_lag_seconds",

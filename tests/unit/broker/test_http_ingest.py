@@ -22,7 +22,7 @@ from broker.auth import Authenticator
 from broker.config import ApiKey
 from broker.errors import describe
 from broker.http import Accepted, HttpStats
-from broker.http_ingest import MAX_HEAD_BYTES, SLICE, IngestConnection
+from broker.http_ingest import MAX_HEAD_BYTES, SLICE, TURN_BODY_BYTES, IngestConnection, TurnBudget
 from broker.http_policy import RouteRules, SitePolicy
 
 KEY = "a-key-of-sixteen-chars"
@@ -158,6 +158,7 @@ class FakeServer:
         self.connections: set[Any] = set()
         self.watched: set[Any] = set()
         self.handlers: list[FakeHandler] = []
+        self.turn = TurnBudget(self.loop, TURN_BODY_BYTES, self.api.stats)
 
     def date(self) -> bytes:
         return b"Thu, 01 Jan 2026 00:00:00 GMT"
@@ -374,3 +375,81 @@ def test_a_body_that_is_not_json_is_415_before_it_is_read() -> None:
     assert transport.written[0].startswith(b"HTTP/1.1 415 ")
     assert answers[0]["error"]["code"] == "unsupported_media_type"
     assert server.api.bodies == []
+
+
+def big_post(n: int) -> bytes:
+    body = json.dumps({"topic": "t", "payload": n, "pad": "x" * (TURN_BODY_BYTES + 1)}).encode()
+    head = "POST /events HTTP/1.1\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def test_large_requests_completing_in_one_turn_are_served_one_turn_after_another() -> None:
+    """Once a turn's body bytes are spent, a request that would complete waits for the next
+    turn, its connection's reading paused; it is then served, in order, nothing lost."""
+    server = FakeServer()
+    try:
+        conns = [connect(server) for _ in range(3)]
+        for i, (conn, _transport) in enumerate(conns):
+            conn.data_received(big_post(i))
+        served = [len(t.written) for _c, t in conns]
+        assert served == [1, 0, 0]  # the first spent the turn
+        assert [t.reading for _c, t in conns] == [True, False, False]
+
+        def turn() -> None:  # one turn of the loop: what is ready now runs, then it stops
+            server.loop.call_soon(server.loop.stop)
+            server.loop.run_forever()
+
+        turn()
+        assert [len(t.written) for _c, t in conns] == [1, 1, 0]
+        turn()
+        assert [len(t.written) for _c, t in conns] == [1, 1, 1]
+        assert [t.reading for _c, t in conns] == [True, True, True]
+        answers = [json.loads(t.written[0].partition(b"\r\n\r\n")[2]) for _c, t in conns]
+        assert answers == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert server.api.stats.deferred >= 2
+    finally:
+        server.loop.close()
+
+
+def test_small_requests_are_not_held_by_the_turn_budget() -> None:
+    """Requests of a slice or less are served as they complete, however many in a turn."""
+    server = FakeServer()
+    try:
+        conns = [connect(server) for _ in range(50)]
+        for i, (conn, _transport) in enumerate(conns):
+            conn.data_received(post(i))
+        assert all(len(t.written) == 1 for _c, t in conns)
+        assert server.api.stats.deferred == 0
+    finally:
+        server.loop.close()
+
+
+def test_pipelined_large_requests_on_one_connection_are_answered_in_order() -> None:
+    server = FakeServer()
+    try:
+        conn, transport = connect(server)
+        conn.data_received(big_post(1) + big_post(2) + post(3))
+        assert len(transport.written) == 1 and not transport.reading
+        for _ in range(4):
+            server.loop.call_soon(server.loop.stop)
+            server.loop.run_forever()
+        answers = [json.loads(w.partition(b"\r\n\r\n")[2]) for w in transport.written]
+        assert answers == [{"n": 1}, {"n": 2}, {"n": 3}]
+        assert transport.reading and not transport.closed
+    finally:
+        server.loop.close()
+
+
+def test_a_waiting_connection_that_goes_away_gives_its_turn_to_the_next() -> None:
+    server = FakeServer()
+    try:
+        conns = [connect(server) for _ in range(3)]
+        for i, (conn, _transport) in enumerate(conns):
+            conn.data_received(big_post(i))
+        conns[1][0].connection_lost(None)  # waiting, then gone
+        server.loop.call_soon(server.loop.stop)
+        server.loop.run_forever()
+        assert [len(t.written) for _c, t in conns] == [1, 0, 1]
+        assert not server.turn.waiting
+    finally:
+        server.loop.close()

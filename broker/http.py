@@ -93,8 +93,8 @@ class HttpStats:
         self.requests = 0
         self.errors = 0
         self.events = 0
-        # times a large request waited a turn of the loop for the port's body budget
-        # (broker.http_ingest.TurnBudget)
+        # large requests that waited for a later turn of the loop (the port's per-turn body
+        # budget, broker.http_ingest.TurnBudget)
         self.deferred = 0
 
 

@@ -102,7 +102,7 @@ _SCAN_EVERY: Final = 5
 # its input waits for the next turn (see IngestConnection._consume)
 TURN_REQUESTS: Final = 64
 # request body bytes the whole port serves in one turn of the event loop: a request that
-# would complete once they are spent waits for the next turn (IngestServer.turn_spent). A
+# would complete once they are spent waits for a later turn (TurnBudget). A
 # batch of 1,000 events (~220 KB) is ~8-10 ms of loop; several completing in one turn held
 # the loop 20-35 ms (issue 12's stall budget is 20) and every other connection of the node
 # with it. A request larger than this alone is served when a turn starts.

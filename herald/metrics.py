@@ -109,8 +109,8 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("herald_events_ingested", "Events accepted", value=h.events)
         yield CounterMetricFamily(
             "herald_http_requests_deferred",
-            "Turns of the event loop large HTTP requests waited for the port's per-turn body "
-            "budget (a request completing once it is spent is served in the next turn)",
+            "Large HTTP requests that waited for a later turn of the event loop: the port's "
+            "per-turn body budget was spent (they are served in arrival order)",
             value=h.deferred,
         )
         if self.stats.audit_lag_s is not None:

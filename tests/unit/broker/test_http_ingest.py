@@ -377,6 +377,13 @@ def test_a_body_that_is_not_json_is_415_before_it_is_read() -> None:
     assert server.api.bodies == []
 
 
+def run_turns(server: FakeServer, n: int = 1) -> None:
+    """``n`` turns of the server's loop: what is ready at each runs, then it stops."""
+    for _ in range(n):
+        server.loop.call_soon(server.loop.stop)
+        server.loop.run_forever()
+
+
 def big_post(n: int) -> bytes:
     body = json.dumps({"topic": "t", "payload": n, "pad": "x" * (TURN_BODY_BYTES + 1)}).encode()
     head = "POST /events HTTP/1.1\r\nContent-Type: application/json\r\n"
@@ -394,14 +401,9 @@ def test_large_requests_completing_in_one_turn_are_served_one_turn_after_another
         served = [len(t.written) for _c, t in conns]
         assert served == [1, 0, 0]  # the first spent the turn
         assert [t.reading for _c, t in conns] == [True, False, False]
-
-        def turn() -> None:  # one turn of the loop: what is ready now runs, then it stops
-            server.loop.call_soon(server.loop.stop)
-            server.loop.run_forever()
-
-        turn()
+        run_turns(server)
         assert [len(t.written) for _c, t in conns] == [1, 1, 0]
-        turn()
+        run_turns(server)
         assert [len(t.written) for _c, t in conns] == [1, 1, 1]
         assert [t.reading for _c, t in conns] == [True, True, True]
         answers = [json.loads(t.written[0].partition(b"\r\n\r\n")[2]) for _c, t in conns]
@@ -430,9 +432,7 @@ def test_pipelined_large_requests_on_one_connection_are_answered_in_order() -> N
         conn, transport = connect(server)
         conn.data_received(big_post(1) + big_post(2) + post(3))
         assert len(transport.written) == 1 and not transport.reading
-        for _ in range(4):
-            server.loop.call_soon(server.loop.stop)
-            server.loop.run_forever()
+        run_turns(server, 4)
         answers = [json.loads(w.partition(b"\r\n\r\n")[2]) for w in transport.written]
         assert answers == [{"n": 1}, {"n": 2}, {"n": 3}]
         assert transport.reading and not transport.closed
@@ -447,8 +447,7 @@ def test_a_waiting_connection_that_goes_away_gives_its_turn_to_the_next() -> Non
         for i, (conn, _transport) in enumerate(conns):
             conn.data_received(big_post(i))
         conns[1][0].connection_lost(None)  # waiting, then gone
-        server.loop.call_soon(server.loop.stop)
-        server.loop.run_forever()
+        run_turns(server)
         assert [len(t.written) for _c, t in conns] == [1, 0, 1]
         assert not server.turn.waiting
     finally:

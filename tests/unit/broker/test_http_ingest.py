@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httptools
@@ -377,6 +378,21 @@ def test_a_body_that_is_not_json_is_415_before_it_is_read() -> None:
     assert server.api.bodies == []
 
 
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer()
+    yield fake
+    fake.loop.close()
+
+
+def connect_each(server: FakeServer, streams: list[bytes]) -> list[tuple[Any, FakeTransport]]:
+    """A connection per stream, each fed its stream in one read."""
+    conns = [connect(server) for _ in streams]
+    for (conn, _transport), stream in zip(conns, streams, strict=True):
+        conn.data_received(stream)
+    return conns
+
+
 def run_turns(server: FakeServer, n: int = 1) -> None:
     """``n`` turns of the server's loop: what is ready at each runs, then it stops."""
     for _ in range(n):
@@ -390,65 +406,48 @@ def big_post(n: int) -> bytes:
     return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
-def test_large_requests_completing_in_one_turn_are_served_one_turn_after_another() -> None:
+def test_large_requests_completing_in_one_turn_are_served_one_turn_after_another(
+    server: FakeServer,
+) -> None:
     """Once a turn's body bytes are spent, a request that would complete waits for the next
     turn, its connection's reading paused; it is then served, in order, nothing lost."""
-    server = FakeServer()
-    try:
-        conns = [connect(server) for _ in range(3)]
-        for i, (conn, _transport) in enumerate(conns):
-            conn.data_received(big_post(i))
-        served = [len(t.written) for _c, t in conns]
-        assert served == [1, 0, 0]  # the first spent the turn
-        assert [t.reading for _c, t in conns] == [True, False, False]
-        run_turns(server)
-        assert [len(t.written) for _c, t in conns] == [1, 1, 0]
-        run_turns(server)
-        assert [len(t.written) for _c, t in conns] == [1, 1, 1]
-        assert [t.reading for _c, t in conns] == [True, True, True]
-        answers = [json.loads(t.written[0].partition(b"\r\n\r\n")[2]) for _c, t in conns]
-        assert answers == [{"n": 0}, {"n": 1}, {"n": 2}]
-        assert server.api.stats.deferred >= 2
-    finally:
-        server.loop.close()
+    conns = connect_each(server, [big_post(i) for i in range(3)])
+    served = [len(t.written) for _c, t in conns]
+    assert served == [1, 0, 0]  # the first spent the turn
+    assert [t.reading for _c, t in conns] == [True, False, False]
+    run_turns(server)
+    assert [len(t.written) for _c, t in conns] == [1, 1, 0]
+    run_turns(server)
+    assert [len(t.written) for _c, t in conns] == [1, 1, 1]
+    assert [t.reading for _c, t in conns] == [True, True, True]
+    answers = [json.loads(t.written[0].partition(b"\r\n\r\n")[2]) for _c, t in conns]
+    assert answers == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert server.api.stats.deferred >= 2
 
 
-def test_small_requests_are_not_held_by_the_turn_budget() -> None:
+def test_small_requests_are_not_held_by_the_turn_budget(server: FakeServer) -> None:
     """Requests of a slice or less are served as they complete, however many in a turn."""
-    server = FakeServer()
-    try:
-        conns = [connect(server) for _ in range(50)]
-        for i, (conn, _transport) in enumerate(conns):
-            conn.data_received(post(i))
-        assert all(len(t.written) == 1 for _c, t in conns)
-        assert server.api.stats.deferred == 0
-    finally:
-        server.loop.close()
+    conns = connect_each(server, [post(i) for i in range(50)])
+    assert all(len(t.written) == 1 for _c, t in conns)
+    assert server.api.stats.deferred == 0
 
 
-def test_pipelined_large_requests_on_one_connection_are_answered_in_order() -> None:
-    server = FakeServer()
-    try:
-        conn, transport = connect(server)
-        conn.data_received(big_post(1) + big_post(2) + post(3))
-        assert len(transport.written) == 1 and not transport.reading
-        run_turns(server, 4)
-        answers = [json.loads(w.partition(b"\r\n\r\n")[2]) for w in transport.written]
-        assert answers == [{"n": 1}, {"n": 2}, {"n": 3}]
-        assert transport.reading and not transport.closed
-    finally:
-        server.loop.close()
+def test_pipelined_large_requests_on_one_connection_are_answered_in_order(
+    server: FakeServer,
+) -> None:
+    ((_conn, transport),) = connect_each(server, [big_post(1) + big_post(2) + post(3)])
+    assert len(transport.written) == 1 and not transport.reading
+    run_turns(server, 4)
+    answers = [json.loads(w.partition(b"\r\n\r\n")[2]) for w in transport.written]
+    assert answers == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert transport.reading and not transport.closed
 
 
-def test_a_waiting_connection_that_goes_away_gives_its_turn_to_the_next() -> None:
-    server = FakeServer()
-    try:
-        conns = [connect(server) for _ in range(3)]
-        for i, (conn, _transport) in enumerate(conns):
-            conn.data_received(big_post(i))
-        conns[1][0].connection_lost(None)  # waiting, then gone
-        run_turns(server)
-        assert [len(t.written) for _c, t in conns] == [1, 0, 1]
-        assert not server.turn.waiting
-    finally:
-        server.loop.close()
+def test_a_waiting_connection_that_goes_away_gives_its_turn_to_the_next(
+    server: FakeServer,
+) -> None:
+    conns = connect_each(server, [big_post(i) for i in range(3)])
+    conns[1][0].connection_lost(None)  # waiting, then gone
+    run_turns(server)
+    assert [len(t.written) for _c, t in conns] == [1, 0, 1]
+    assert not server.turn.waiting

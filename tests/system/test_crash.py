@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from crash_writer import CONFIG, encode, record_key, record_value
 
-from storage import records
+from storage import records, segment
 from storage.partition import Acks, Partition, RecoveryReport
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,6 +158,10 @@ def run_trials(base: Path, trials: int, seed: int) -> Stats:
             last = max(directory.glob("*.log"))
             torn_base = int(last.name[:20])
             with open(last, "ab") as f:
+                # a last byte equal to the fill at its position would read as fill: not torn
+                end = f.tell() + len(torn) - 1
+                if torn[-1:] == segment.fill_bytes(end, 1):
+                    torn = torn[:-1] + bytes([torn[-1] ^ 0xFF])
                 f.write(torn)
             context += f", {len(torn)} torn bytes in segment {torn_base}"
         try:

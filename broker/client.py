@@ -1232,6 +1232,9 @@ class Consumer:
         # starts there, as it happens only once what getmany buffered is all returned
         self.positions: dict[TopicPartition, int] = {}
         self._buffer: deque[ConsumerRecord] = deque()
+        # the buffer as runs of one partition's records, in its order: [partition, records,
+        # the offset after the run's last], so getmany moves positions once per run
+        self._runs: deque[list[Any]] = deque()
         self._committed: dict[TopicPartition, int] = {}
         self._heartbeat_interval = 1.0
         self._hb_task: asyncio.Task[None] | None = None
@@ -1380,6 +1383,7 @@ class Consumer:
     def _drop_buffered(self, tps: set[TopicPartition]) -> None:
         if self._buffer:
             self._buffer = deque(r for r in self._buffer if (r.topic, r.partition) not in tps)
+            self._runs = deque(run for run in self._runs if run[0] not in tps)
 
     async def getmany(
         self, timeout_ms: int = 1000, max_records: int | None = None
@@ -1396,38 +1400,68 @@ class Consumer:
             self._auto_commit()
         if not self._buffer:
             self._decode(await self._fetch_data(timeout_ms))
-        buffer = self._buffer
+        buffer, runs, positions = self._buffer, self._runs, self.positions
         if max_records is None or len(buffer) <= max_records:
             out = list(buffer)
             buffer.clear()
-        else:
-            out = [buffer.popleft() for _ in range(max_records)]
-        positions = self.positions
-        for rec in out:  # the last record of each partition sets its position
-            positions[(rec.topic, rec.partition)] = rec.offset + 1
+            for tp, _count, end in runs:
+                positions[tp] = end
+            runs.clear()
+            return out
+        out = [buffer.popleft() for _ in range(max_records)]
+        left = max_records
+        while left:
+            run = runs[0]
+            if run[1] <= left:
+                positions[run[0]] = run[2]
+                left -= run[1]
+                runs.popleft()
+            else:  # the records taken from this run end the list
+                run[1] -= left
+                positions[run[0]] = out[-1].offset + 1
+                left = 0
         return out
 
     def _decode(self, fetched: list[tuple[str, int, bytes, int]]) -> None:
-        append = self._buffer.append
+        buffer = self._buffer
+        append = buffer.append
         verify = not self.client.fetches_verified
         for topic, partition, data, start in fetched:
-            view = memoryview(data)
-            for _pos, header in records.iter_batches(view, verify=verify):
-                recs = records.decode_records(view[_pos : _pos + header.batch_length], header)
-                base, ts0 = header.base_offset, header.first_timestamp
-                skip = max(0, start - base)
-                for off, r in enumerate(recs[skip:] if skip else recs, base + skip):
-                    append(
-                        ConsumerRecord(
-                            topic,
-                            partition,
-                            off,
-                            ts0 + r.timestamp_delta,
-                            r.key,
-                            r.value,
-                            r.headers,
-                        )
+            held = len(buffer)
+            try:
+                self._decode_partition(topic, partition, data, start, append, verify)
+            finally:  # records decoded before a damaged batch are kept, and so is their run
+                if len(buffer) > held:
+                    run = [(topic, partition), len(buffer) - held, buffer[-1].offset + 1]
+                    self._runs.append(run)
+
+    @staticmethod
+    def _decode_partition(
+        topic: str,
+        partition: int,
+        data: bytes,
+        start: int,
+        append: Callable[[ConsumerRecord], None],
+        verify: bool,
+    ) -> None:
+        record = ConsumerRecord
+        view = memoryview(data)
+        for _pos, header in records.iter_batches(view, verify=verify):
+            recs = records.decode_records(view[_pos : _pos + header.batch_length], header)
+            base, ts0 = header.base_offset, header.first_timestamp
+            skip = max(0, start - base)
+            for off, r in enumerate(recs[skip:] if skip else recs, base + skip):
+                append(
+                    record(
+                        topic,
+                        partition,
+                        off,
+                        ts0 + r.timestamp_delta,
+                        r.key,
+                        r.value,
+                        r.headers,
                     )
+                )
 
     async def fetch_batches(self, timeout_ms: int = 1000) -> list[tuple[str, int, bytes, int]]:
         """Raw record batches (``topic, partition, bytes, first wanted offset``) from the

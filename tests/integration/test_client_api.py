@@ -75,6 +75,68 @@ async def test_getmany_with_max_records_keeps_the_rest_for_the_next_call(client:
     await producer.close()
 
 
+async def test_getmany_with_max_records_across_partitions_moves_each_position_to_its_last_record(
+    client: Client,
+) -> None:
+    await client.create_topic("api-runs", 2)
+    producer = await client.producer()
+    for partition in (0, 1):
+        await producer.send_batch(
+            "api-runs", [b"%d-%03d" % (partition, i) for i in range(300)], partition=partition
+        )
+    consumer = await client.consumer("api-runs", group="api-runs-g", auto_commit=False)
+    fetches = 0
+    real_fetch = client.fetch
+
+    async def counting_fetch(*args: Any, **kw: Any) -> Any:
+        nonlocal fetches
+        fetches += 1
+        return await real_fetch(*args, **kw)
+
+    client.fetch = counting_fetch  # type: ignore[method-assign]
+    returned = {("api-runs", 0): 0, ("api-runs", 1): 0}  # both start at the beginning
+    calls = []
+    for want in (250, 100, 1, 300):  # the second call crosses from one partition to the other
+        got = await consumer.getmany(timeout_ms=500, max_records=want)
+        assert len(got) == want or sum(len(c) for c in calls) + len(got) == 600
+        calls.append(got)
+        for r in got:
+            returned[(r.topic, r.partition)] = r.offset + 1
+        assert {tp: consumer.positions.get(tp, 0) for tp in returned} == returned
+    assert fetches == 1, "both partitions came in one fetch: the test must cross within it"
+    assert {r.partition for r in calls[1]} == {0, 1}
+    assert sorted(r.value for c in calls for r in c) == sorted(
+        b"%d-%03d" % (p, i) for p in (0, 1) for i in range(300)
+    )
+    await consumer.commit()
+    assert await consumer.committed() == {("api-runs", 0): 300, ("api-runs", 1): 300}
+    await consumer.close()
+    await producer.close()
+
+
+async def test_a_seek_drops_the_buffered_rest_of_that_partition_only(client: Client) -> None:
+    await client.create_topic("api-seek", 2)
+    producer = await client.producer()
+    for partition in (0, 1):
+        values = [b"%03d" % i for i in range(100)]
+        await producer.send_batch("api-seek", values, partition=partition)
+    consumer = await client.consumer("api-seek", group="api-seek-g", auto_commit=False)
+    first = await consumer.getmany(timeout_ms=500, max_records=10)
+    sought = first[0].partition
+    other = 1 - sought
+    consumer.seek("api-seek", sought, 90)
+    rest: list[Any] = []
+    for _ in range(10):  # until the other partition's 100 and the sought one's last 10
+        rest += await consumer.getmany(timeout_ms=200)
+        if len(rest) >= 110:
+            break
+    assert [r.offset for r in rest if r.partition == sought] == list(range(90, 100))
+    assert [r.offset for r in rest if r.partition == other] == list(range(100))
+    assert consumer.positions == {("api-seek", 0): 100, ("api-seek", 1): 100}
+    await consumer.close()
+    await producer.close()
+
+
 async def test_a_commit_covers_only_the_records_the_application_got(client: Client) -> None:
     await client.create_topic("api-partial", 1)
     producer = await client.producer()

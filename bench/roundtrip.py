@@ -1,6 +1,6 @@
 """Where a one-at-a-time durable round trip goes, Herald against Redis-always, in place.
 
-    python -m bench.roundtrip [--pairs 2] [--seconds 4] [--no-strace]
+    python -m bench.roundtrip [--pairs 2] [--seconds 4] [--no-strace] [--floor]
 
 Issue 12 asks one awaited ``acks=all`` record at a time to run at least at Redis-always's
 rate (``bench.run --scenario single``). This runs the same workload (one 200-byte record to
@@ -16,6 +16,11 @@ one partition or stream, awaited, then the next) against a fresh Herald node and
   of them in this pattern (a thread that sleeps between requests), as against a loop that
   only writes and syncs.
 
+With ``--floor``, each round also runs :mod:`bench.peers.bare_produce`, a bare server of
+Herald's protocol that checks, writes and syncs the batch and does nothing else, with the
+same client: the rate no Python server of this protocol on this machine could pass, so that
+Herald's gap to it is what its own layers cost.
+
 Markdown on stdout, for ``bench/RESULTS.md`` (readings there are written by hand).
 """
 
@@ -27,6 +32,7 @@ import os
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -34,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.peers.herald_node import HeraldNode
-from bench.peers.process import HOST, PeerUnavailable
+from bench.peers.herald_node import REPO, HeraldNode
+from bench.peers.process import HOST, PeerUnavailable, ServerProcess, free_port, port_open
 from bench.peers.redis_server import RedisServer
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -127,6 +133,35 @@ async def _herald(base: Path, seconds: float, trace: bool) -> Window:
         node.stop()
 
 
+async def _bare(base: Path, seconds: float, trace: bool) -> Window:
+    """The floor: :mod:`bench.peers.bare_produce` (Herald's protocol, the batch checked,
+    written and synced, nothing else), with Herald's client."""
+    from broker.client import Client
+
+    port = free_port()
+    server = ServerProcess(
+        "bare produce",
+        [sys.executable, "-m", "bench.peers.bare_produce", str(port), str(base / "bare.log")],
+        log_path=base / "bare.out",
+        cwd=REPO,
+    )
+    server.start(lambda: port_open(port))
+    try:
+        value = b"x" * 200
+        async with await Client.connect(HOST, port, client_id="roundtrip") as client:
+            await client.create_topic("roundtrip", 1, exist_ok=True)
+            producer = await client.producer(acks=-1, linger_ms=0.0)
+            return await _measure(
+                "Bare floor",
+                server.pid,
+                lambda: producer.send("roundtrip", value, partition=0),
+                seconds,
+                trace,
+            )
+    finally:
+        server.stop()
+
+
 async def _redis(base: Path, seconds: float, trace: bool) -> Window:
     import redis.asyncio as aioredis
 
@@ -162,7 +197,7 @@ async def main_async(args: argparse.Namespace) -> None:
     OUT.mkdir(exist_ok=True)
     windows: list[Window] = []
     for _ in range(args.pairs):
-        for run in (_redis, _herald):
+        for run in (_redis, _herald, _bare) if args.floor else (_redis, _herald):
             base = Path(tempfile.mkdtemp(prefix="roundtrip-", dir=OUT))
             try:
                 windows.append(await run(base, args.seconds, trace))
@@ -171,9 +206,11 @@ async def main_async(args: argparse.Namespace) -> None:
             finally:
                 shutil.rmtree(base, ignore_errors=True)
     cmd = "python -m bench.roundtrip " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_strace"
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k not in ("no_strace", "floor")
     )
-    flag = " --no-strace" if args.no_strace else ""
+    flag = (" --no-strace" if args.no_strace else "") + (" --floor" if args.floor else "")
     print(
         f"Command: `{cmd}{flag}`; {args.seconds} s windows after 1 s of warm-up, alternated "
         "(Redis-always first). CPU per request: the server's (every thread) user and "
@@ -186,7 +223,7 @@ async def main_async(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for w in windows:
         print(_row(w))
-    for system in ("Redis-always", "Herald"):
+    for system in ("Redis-always", "Herald", "Bare floor"):
         rates = [w.records / w.seconds for w in windows if w.system == system]
         if rates:
             print(f"\n{system}: median {statistics.median(rates):,.0f} records/s over {len(rates)}")
@@ -202,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="measured window (default 4)")
     ap.add_argument(
         "--no-strace", action="store_true", help="skip the traced window (fdatasync times)"
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench.peers.bare_produce (Herald's protocol, check, write, sync, "
+        "reply and nothing else) in each round: what no Python server of it can avoid",
     )
     args = ap.parse_args(argv)
     import uvloop

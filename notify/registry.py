@@ -97,6 +97,11 @@ MAX_RETIRED_SECRETS: Final = (
     4  # per webhook: rotations within one overlap beyond this drop the oldest
 )
 FILTER_CACHE: Final = 4_096  # distinct subscription filters kept compiled
+# what the fan-out reads for every event, kept while its table is unchanged (KV's
+# Table.changes): workflow rows (or their absence) and the whole subscriber list of small
+# topics (or their having none); emptied when full
+READ_CACHE: Final = 4_096
+SMALL_TOPIC: Final = 16  # subscribers at most, for a topic's list to be kept
 # entries of a user's contact log kept (the oldest go): soft bounces and SMS receipts come
 # with every message to a full mailbox or a filtered number, so it must not grow for ever;
 # the consent ledger, the legal record, is not capped
@@ -211,6 +216,8 @@ class Registry:
         self._entry = msgspec.msgpack.Decoder(SubscriberEntry)
         self._enc = msgspec.msgpack.Encoder()
         self._plans: dict[tuple[str, str], tuple[int, Plan]] = {}
+        self._workflow_rows: dict[bytes, tuple[int, StoredWorkflow | None]] = {}
+        self._small_topics: dict[tuple[bytes, int], tuple[int, SubscriberPage]] = {}
         self._filter = functools.lru_cache(maxsize=FILTER_CACHE)(_compile_filter)
 
     async def sync(self) -> None:
@@ -680,6 +687,11 @@ class Registry:
         memory for one page only, however many subscribers the topic has. A subscription
         changed between pages shows its state when its page is read."""
         prefix = _key(tenant, topic) + b"\0"
+        changes = self._topic_subs.changes  # before the read: see KV's Table.changes
+        if after is None:  # a small topic's whole list, kept while nobody subscribes
+            hit = self._small_topics.get((prefix, limit))
+            if hit is not None and hit[0] == changes:
+                return hit[1]
         start = None if after is None else prefix + _part(after, "after", MAX_USER_BYTES)
         rows = self._topic_subs.scan_raw(prefix, after=start, limit=_limit(limit))
         cut, decode, compiled = len(prefix), self._entry.decode, self._filter
@@ -689,7 +701,12 @@ class Registry:
             filt = compiled(entry.filter) if entry.filter else None
             out.append(Subscriber(key[cut:].decode(), _MASKS[entry.channels], filt))
         more = len(out) == _limit(limit)
-        return SubscriberPage(out, out[-1].user if more and out else None)
+        page = SubscriberPage(out, out[-1].user if more and out else None)
+        if after is None and not more and len(out) <= SMALL_TOPIC:
+            if len(self._small_topics) >= READ_CACHE:
+                self._small_topics.clear()
+            self._small_topics[(prefix, limit)] = (changes, page)
+        return page
 
     def subscriber_rows(
         self, tenant: str, topic: str, *, after: str | None = None, limit: int = 100
@@ -836,8 +853,18 @@ class Registry:
 
     # ----------------------------------------------------------------------- workflows
     def workflow(self, tenant: str, topic: str) -> StoredWorkflow | None:
-        """The topic's workflow as stored (body as accepted, version), if any."""
-        return self._workflows.get(_key(tenant, topic))
+        """The topic's workflow as stored (body as accepted, version), if any. Read once
+        per change of the workflows table (the fan-out asks for every event)."""
+        key = _key(tenant, topic)
+        changes = self._workflows.changes  # before the read: see KV's Table.changes
+        hit = self._workflow_rows.get(key)
+        if hit is not None and hit[0] == changes:
+            return hit[1]
+        row = self._workflows.get(key)
+        if len(self._workflow_rows) >= READ_CACHE:
+            self._workflow_rows.clear()
+        self._workflow_rows[key] = (changes, row)
+        return row
 
     def plan(self, tenant: str, topic: str) -> Plan | None:
         """The topic's workflow, checked and typed (``notify.workflows``); None when the

@@ -99,12 +99,15 @@ class KV:
         # offsets more)
         self._synced_txn = -1
         self._syncing_txn = -1
+        # per table name, how many write transactions touching it have ended (see
+        # Table.changes): one cell shared by every Table object of that name
+        self._changes: dict[str, list[int]] = {}
         self.path = path
 
     def table(self, name: str, value_type: type[T]) -> Table[T]:
         """The table ``name`` holding values of ``value_type`` (created on first use)."""
         db = self._env.open_db(name.encode())
-        return Table(self, db, value_type)
+        return Table(self, db, value_type, self._changes.setdefault(name, [0]))
 
     def write(self) -> lmdb.Transaction:
         return self._env.begin(write=True)
@@ -118,11 +121,17 @@ class KV:
         methods. Committed when the block ends, aborted if it raises (nothing of it lands).
         Raises :class:`StorageFull` when the map or the disk is full, :class:`StorageError`
         for other write failures. Never hold it across an ``await``: LMDB has one writer."""
+        t = None
         try:
             with self._env.begin(write=True) as txn:
-                yield Txn(txn, write=True)
+                t = Txn(txn, write=True)
+                yield t
         except lmdb.Error as exc:
             raise write_failed(exc) from exc
+        finally:  # committed or aborted, never before: see Table.changes
+            if t is not None:
+                for cell in t.touched:
+                    cell[0] += 1
 
     @contextmanager
     def snapshot(self) -> Iterator[Txn]:
@@ -224,20 +233,24 @@ class Txn:
     """A transaction handed to :class:`Table` methods (``txn=``) by :meth:`KV.transaction`
     (read-write) or :meth:`KV.snapshot` (read-only)."""
 
-    __slots__ = ("_txn", "write")
+    __slots__ = ("_txn", "touched", "write")
 
     def __init__(self, txn: lmdb.Transaction, *, write: bool) -> None:
         self._txn = txn
         self.write = write
+        self.touched: list[list[int]] = []  # the change counters of the tables written
 
 
 class Table(Generic[T]):
     """A typed key -> struct table. Keys are ``bytes`` or ``str`` (UTF-8). Every method takes
     an optional ``txn`` (see :class:`Txn`); without one it runs in a transaction of its own."""
 
-    def __init__(self, kv: KV, db: lmdb._Database, value_type: type[T]) -> None:
+    def __init__(
+        self, kv: KV, db: lmdb._Database, value_type: type[T], changes: list[int] | None = None
+    ) -> None:
         self._kv = kv
         self._db = db
+        self._changes = [0] if changes is None else changes
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(value_type)
 
@@ -253,11 +266,24 @@ class Table(Generic[T]):
             with self._kv.read() as own:
                 yield own
 
+    @property
+    def changes(self) -> int:
+        """How many write transactions that wrote to this table have ended (committed or
+        aborted), through any :class:`Table` of its name in this process: it moves only
+        after a transaction ends, so a value read after reading :attr:`changes` is current
+        for as long as :attr:`changes` stays the same. For caches of rows that are read far
+        more often than written (``notify.registry``). Every write goes through a
+        :class:`Table`; a writer that went around it would have to bump this itself."""
+        return self._changes[0]
+
     @contextmanager
     def _writing(self, txn: Txn | None) -> Iterator[lmdb.Transaction]:
         if txn is not None:
             if not txn.write:
                 raise StorageError("a write through a read-only snapshot")
+            cell = self._changes
+            if not any(c is cell for c in txn.touched):
+                txn.touched.append(cell)  # counted when the transaction ends
             yield txn._txn  # the owner of the transaction maps its errors
             return
         try:
@@ -265,6 +291,8 @@ class Table(Generic[T]):
                 yield own
         except lmdb.Error as exc:
             raise write_failed(exc) from exc
+        finally:
+            self._changes[0] += 1
 
     def stats(self) -> TableStats:
         """Entries and pages of this table (LMDB's own counts: cheap, no scan)."""

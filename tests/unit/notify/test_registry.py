@@ -33,7 +33,7 @@ from notify.model import (
     User,
     WebhookEndpoint,
 )
-from notify.registry import CONTACT_LOG_MAX, MAX_DEVICES, Registry, apply_consent
+from notify.registry import CONTACT_LOG_MAX, MAX_DEVICES, SMALL_TOPIC, Registry, apply_consent
 from notify.windows import Charge, tag_of
 from storage.kv import KV
 
@@ -605,3 +605,53 @@ async def test_a_users_contact_log_keeps_its_newest_entries_only(reg: Registry) 
     log = reg.contact_log("t", "ann")
     assert len(log) == CONTACT_LOG_MAX
     assert [e.at_ms for e in log] == list(range(5, CONTACT_LOG_MAX + 5))
+
+
+# ----------------------------------------------- the fan-out's reads, kept between changes
+def users_of(reg: Registry, topic: str) -> list[tuple[str, tuple[str, ...]]]:
+    return [(s.user, s.channels) for s in reg.subscribers("acme", topic).subscribers]
+
+
+async def test_a_topic_read_as_empty_shows_every_later_change_of_its_subscribers(
+    reg: Registry, kv: KV
+) -> None:
+    assert users_of(reg, "news") == []  # kept: the topic has no subscribers
+    assert users_of(reg, "news") == []
+    await reg.subscribe("acme", "u1", "news", sub("email"), now_ms=T)
+    assert users_of(reg, "news") == [("u1", ("email",))]
+    await reg.subscribe(
+        "acme", "u1", "news", sub("sms", filter={"data.region": "eu"}), now_ms=T + 1
+    )
+    [only] = reg.subscribers("acme", "news").subscribers
+    assert only.channels == ("sms",) and only.filter is not None
+    # written through another registry on the same store (another Table object)
+    other = Registry(kv)
+    await other.subscribe("acme", "u2", "news", sub("push"), now_ms=T + 2)
+    assert users_of(reg, "news") == [("u1", ("sms",)), ("u2", ("push",))]
+    assert await reg.unsubscribe("acme", "u1", "news")
+    assert users_of(reg, "news") == [("u2", ("push",))]
+    await reg.erase_user("acme", "u2")
+    assert users_of(reg, "news") == []
+
+
+async def test_a_large_topic_is_read_whole_each_time_and_stays_right(reg: Registry) -> None:
+    many = [(f"u{i:03d}", sub("email")) for i in range(SMALL_TOPIC + 4)]
+    reg.subscribe_many("acme", "big", many, now_ms=T)
+    assert len(users_of(reg, "big")) == SMALL_TOPIC + 4
+    await reg.subscribe("acme", "u999", "big", sub("sms"), now_ms=T + 1)
+    assert users_of(reg, "big")[-1] == ("u999", ("sms",))
+    assert len(users_of(reg, "big")) == SMALL_TOPIC + 5
+
+
+async def test_a_workflow_read_as_absent_shows_its_creation_change_and_removal(
+    reg: Registry,
+) -> None:
+    assert reg.workflow("acme", "orders") is None  # kept: no workflow
+    row = await reg.put_workflow("acme", "orders", {"steps": [{"channel": "email"}]}, now_ms=T)
+    assert reg.workflow("acme", "orders") == row
+    row2 = await reg.put_workflow("acme", "orders", {"steps": [{"channel": "sms"}]}, now_ms=T + 1)
+    seen = reg.workflow("acme", "orders")
+    assert seen is not None and seen.version == row2.version == 2
+    assert await reg.delete_workflow("acme", "orders")
+    assert reg.workflow("acme", "orders") is None
+    assert reg.plan("acme", "orders") is None

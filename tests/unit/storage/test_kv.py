@@ -446,3 +446,50 @@ def test_writes_report_how_the_table_grew(kv: KV) -> None:
     gone = t.remove_many(["a", "bb", "missing"])
     assert gone.rows == -2 and gone.bytes == -(first.bytes + again.bytes)
     assert list(t.sizes()) == []
+
+
+# ------------------------------------------------------------------ change counters
+def test_a_table_counts_the_write_transactions_that_touched_it_once_they_end(kv: KV) -> None:
+    offsets = kv.table("offsets", GroupOffset)
+    contacts = kv.table("contacts", Contact)
+    assert offsets.changes == contacts.changes == 0
+    offsets.put("a", GroupOffset(1))
+    assert (offsets.changes, contacts.changes) == (1, 0)
+    with kv.transaction() as txn:
+        offsets.put("b", GroupOffset(2), txn=txn)
+        offsets.put("c", GroupOffset(3), txn=txn)
+        contacts.put("x", Contact("x", []), txn=txn)
+        # not before the transaction ends: a reader that saw the old count and then read
+        # a row must not take a row from before this commit for a current one
+        assert (offsets.changes, contacts.changes) == (1, 0)
+    assert (offsets.changes, contacts.changes) == (2, 1)
+    offsets.delete("a")
+    offsets.delete_prefix("b")
+    assert offsets.changes == 4
+
+
+def test_every_table_object_of_a_name_shares_its_count(kv: KV) -> None:
+    first = kv.table("offsets", GroupOffset)
+    second = kv.table("offsets", GroupOffset)
+    second.put("a", GroupOffset(1))
+    assert first.changes == second.changes == 1
+
+
+def test_an_aborted_transaction_still_moves_the_count(kv: KV) -> None:
+    """Harmless (a cache reads again) and simpler than knowing what was kept."""
+    offsets = kv.table("offsets", GroupOffset)
+    with pytest.raises(RuntimeError), kv.transaction() as txn:
+        offsets.put("a", GroupOffset(1), txn=txn)
+        raise RuntimeError("abort")
+    assert offsets.get("a") is None
+    assert offsets.changes == 1
+
+
+def test_reads_do_not_move_the_count(kv: KV) -> None:
+    offsets = kv.table("offsets", GroupOffset)
+    offsets.put("a", GroupOffset(1))
+    with kv.snapshot() as snap:
+        offsets.get("a", txn=snap)
+    offsets.get("a")
+    list(offsets.scan())
+    assert offsets.changes == 1

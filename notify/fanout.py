@@ -33,6 +33,7 @@ otherwise the deliveries take the topic, in order behind the others.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -99,6 +100,7 @@ class Fanout(Stage):
         self.config = config
         self.enabled = frozenset(config.channels)
         self.marks = kv.table("notify_fanout_marks", FanoutMark)
+        self._marks_read: dict[str, tuple[int, FanoutMark | None]] = {}
         self._decode = msgspec.json.Decoder(StoredEvent).decode
         self.events = 0
         self.recipients = 0
@@ -171,6 +173,13 @@ class Fanout(Stage):
         if ev.broadcast:
             self.outbox.add(BROADCAST_TOPIC, ev.tenant.encode(), rec.value)
             return
+        mark_key = str(rec.partition)
+        mark = self._mark(mark_key)
+        after = mark.after if mark is not None and mark.offset == rec.offset else None
+        pages_left = self._pages(ev, after)
+        first = next(pages_left, None)
+        if first is None and after is None:
+            return  # nobody to reach (no subscribers, no users): nothing to plan or run
         data = bytes(ev.data) if ev.data is not None else bytes(ev.payload)
         parked = ParkedEvent(
             tenant=ev.tenant,
@@ -199,9 +208,6 @@ class Fanout(Stage):
             # the event's category, else its workflow's: what preferences and caps key on
             parked.category = plan[1].category
             run_event = RunEvent.of(parked, strict_order=plan[1].strict_order)
-        mark_key = str(rec.partition)
-        mark = self.marks.get(mark_key)
-        after = mark.after if mark is not None and mark.offset == rec.offset else None
         if after is not None:
             log.warning(
                 "event=fanout_resumed event_id=%s partition=%d offset=%d after=%s pages=%d",
@@ -216,7 +222,7 @@ class Fanout(Stage):
         pages = 0
         default = tuple(c for c in self.config.default_channels if c in self.enabled)
         plan_of: dict[tuple[str, ...], tuple[str, Plan, Layout]] = {}
-        for page in self._pages(ev, after):
+        for page in itertools.chain(() if first is None else (first,), pages_left):
             users = [s.user for s in page]
             rulings = self.directory.rulings(ev.tenant, users)
             runs: list[tuple[str, Ruling | None, tuple[str, Plan, Layout]]] = []
@@ -264,6 +270,17 @@ class Fanout(Stage):
                 pages,
                 time.perf_counter() - started,
             )
+
+    def _mark(self, key: str) -> FanoutMark | None:
+        """The resume mark of a partition's large fan-out, read once per change of the
+        marks table (asked for every event; written only by fan-outs of several pages)."""
+        changes = self.marks.changes  # before the read: see KV's Table.changes
+        hit = self._marks_read.get(key)
+        if hit is not None and hit[0] == changes:
+            return hit[1]
+        mark = self.marks.get(key)
+        self._marks_read[key] = (changes, mark)  # one key per partition of __events
+        return mark
 
     def _pages(self, ev: StoredEvent, after: str | None) -> Iterator[Sequence[Subscriber]]:
         size = self.config.fanout_page

@@ -216,8 +216,10 @@ class Registry:
         self._entry = msgspec.msgpack.Decoder(SubscriberEntry)
         self._enc = msgspec.msgpack.Encoder()
         self._plans: dict[tuple[str, str], tuple[int, Plan]] = {}
-        self._workflow_rows: dict[bytes, tuple[int, StoredWorkflow | None]] = {}
-        self._small_topics: dict[tuple[bytes, int], tuple[int, SubscriberPage]] = {}
+        # keyed by the names as given: a hit skips building (and checking) the key, and
+        # only names that passed the check are ever stored
+        self._workflow_rows: dict[tuple[str, str], tuple[int, StoredWorkflow | None]] = {}
+        self._small_topics: dict[tuple[str, str, int], tuple[int, SubscriberPage]] = {}
         self._filter = functools.lru_cache(maxsize=FILTER_CACHE)(_compile_filter)
 
     async def sync(self) -> None:
@@ -686,12 +688,12 @@ class Registry:
         ``after``; at most ``limit`` (<= :data:`MAX_PAGE`). One cursor seek per page, and
         memory for one page only, however many subscribers the topic has. A subscription
         changed between pages shows its state when its page is read."""
-        prefix = _key(tenant, topic) + b"\0"
         changes = self._topic_subs.changes  # before the read: see KV's Table.changes
         if after is None:  # a small topic's whole list, kept while nobody subscribes
-            hit = self._small_topics.get((prefix, limit))
+            hit = self._small_topics.get((tenant, topic, limit))
             if hit is not None and hit[0] == changes:
                 return hit[1]
+        prefix = _key(tenant, topic) + b"\0"
         start = None if after is None else prefix + _part(after, "after", MAX_USER_BYTES)
         rows = self._topic_subs.scan_raw(prefix, after=start, limit=_limit(limit))
         cut, decode, compiled = len(prefix), self._entry.decode, self._filter
@@ -705,7 +707,7 @@ class Registry:
         if after is None and not more and len(out) <= SMALL_TOPIC:
             if len(self._small_topics) >= READ_CACHE:
                 self._small_topics.clear()
-            self._small_topics[(prefix, limit)] = (changes, page)
+            self._small_topics[(tenant, topic, limit)] = (changes, page)
         return page
 
     def subscriber_rows(
@@ -855,15 +857,14 @@ class Registry:
     def workflow(self, tenant: str, topic: str) -> StoredWorkflow | None:
         """The topic's workflow as stored (body as accepted, version), if any. Read once
         per change of the workflows table (the fan-out asks for every event)."""
-        key = _key(tenant, topic)
         changes = self._workflows.changes  # before the read: see KV's Table.changes
-        hit = self._workflow_rows.get(key)
+        hit = self._workflow_rows.get((tenant, topic))
         if hit is not None and hit[0] == changes:
             return hit[1]
-        row = self._workflows.get(key)
+        row = self._workflows.get(_key(tenant, topic))
         if len(self._workflow_rows) >= READ_CACHE:
             self._workflow_rows.clear()
-        self._workflow_rows[key] = (changes, row)
+        self._workflow_rows[(tenant, topic)] = (changes, row)
         return row
 
     def plan(self, tenant: str, topic: str) -> Plan | None:

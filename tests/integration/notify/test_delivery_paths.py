@@ -222,3 +222,20 @@ async def test_a_broadcast_goes_once_to_the_broadcast_topic_and_fans_out_to_nobo
     assert len(found) == 1 and ack["event_id"].encode() in found[0]
     assert receiver.attempts == []
     assert await node.statuses(ack["event_id"]) == []
+
+
+async def test_a_topic_nobody_follows_reaches_nobody_until_someone_subscribes(
+    start_node: NodeFactory, receiver: Receiver
+) -> None:
+    """The fan-out keeps a small topic's subscriber list (and a topic's having none) between
+    changes of the subscriptions: a subscription made over the API is seen by the next
+    event."""
+    node = await start_node()
+    before = await node.publish(topic="quiet", payload={"n": 1})
+    await node.drained()
+    assert await node.statuses(before["event_id"]) == []
+    await node.user("alice", receiver, "quiet")
+    after = await node.publish(topic="quiet", payload={"n": 2})
+    await receiver.wait_for(lambda: len(receiver.hooks) == 1, what="one webhook")
+    assert receiver.hooks[0].body["data"]["event_id"] == after["event_id"]
+    assert receiver.hooks[0].user == "alice"

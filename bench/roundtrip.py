@@ -112,23 +112,25 @@ async def _measure(
     return Window(system, len(rtt), wall, rtt, u1 - u0, s1 - s0, c1 - c0, fsync)
 
 
-async def _herald(base: Path, seconds: float, trace: bool) -> Window:
+async def _one_at_a_time(system: str, port: int, pid: int, seconds: float, trace: bool) -> Window:
+    """Herald's client, one awaited ``acks=all`` 200-byte record at a time, against the
+    server on ``port`` (process ``pid``)."""
     from broker.client import Client
 
+    value = b"x" * 200
+    async with await Client.connect(HOST, port, client_id="roundtrip") as client:
+        await client.create_topic("roundtrip", 1, exist_ok=True)
+        producer = await client.producer(acks=-1, linger_ms=0.0)
+        return await _measure(
+            system, pid, lambda: producer.send("roundtrip", value, partition=0), seconds, trace
+        )
+
+
+async def _herald(base: Path, seconds: float, trace: bool) -> Window:
     node = HeraldNode(base)
     node.start()
     try:
-        value = b"x" * 200
-        async with await Client.connect(HOST, node.tcp_port, client_id="roundtrip") as client:
-            await client.create_topic("roundtrip", 1, exist_ok=True)
-            producer = await client.producer(acks=-1, linger_ms=0.0)
-            return await _measure(
-                "Herald",
-                node.pid,
-                lambda: producer.send("roundtrip", value, partition=0),
-                seconds,
-                trace,
-            )
+        return await _one_at_a_time("Herald", node.tcp_port, node.pid, seconds, trace)
     finally:
         node.stop()
 
@@ -136,8 +138,6 @@ async def _herald(base: Path, seconds: float, trace: bool) -> Window:
 async def _bare(base: Path, seconds: float, trace: bool) -> Window:
     """The floor: :mod:`bench.peers.bare_produce` (Herald's protocol, the batch checked,
     written and synced, nothing else), with Herald's client."""
-    from broker.client import Client
-
     port = free_port()
     server = ServerProcess(
         "bare produce",
@@ -147,17 +147,7 @@ async def _bare(base: Path, seconds: float, trace: bool) -> Window:
     )
     server.start(lambda: port_open(port))
     try:
-        value = b"x" * 200
-        async with await Client.connect(HOST, port, client_id="roundtrip") as client:
-            await client.create_topic("roundtrip", 1, exist_ok=True)
-            producer = await client.producer(acks=-1, linger_ms=0.0)
-            return await _measure(
-                "Bare floor",
-                server.pid,
-                lambda: producer.send("roundtrip", value, partition=0),
-                seconds,
-                trace,
-            )
+        return await _one_at_a_time("Bare floor", port, server.pid, seconds, trace)
     finally:
         server.stop()
 

@@ -24,6 +24,19 @@ async def client(shared_herald: HeraldProcess) -> AsyncIterator[Client]:
         yield c
 
 
+def count_fetches(client: Client) -> list[int]:
+    """Count the client's fetch requests from now on: ``[n]``, updated in place."""
+    fetches = [0]
+    real_fetch = client.fetch
+
+    async def counting_fetch(*args: Any, **kw: Any) -> Any:
+        fetches[0] += 1
+        return await real_fetch(*args, **kw)
+
+    client.fetch = counting_fetch  # type: ignore[method-assign]
+    return fetches
+
+
 async def test_send_nowait_is_a_plain_call_and_keeps_order_on_a_new_topic(client: Client) -> None:
     producer = await client.producer(linger_ms=0)
     # an unknown topic: the first records wait for one metadata request (auto-create)
@@ -54,20 +67,12 @@ async def test_getmany_with_max_records_keeps_the_rest_for_the_next_call(client:
     producer = await client.producer()
     await producer.send_batch("api-max", [b"%04d" % i for i in range(1000)], partition=0)
     consumer = await client.consumer("api-max", group="api-max-g", auto_commit=False)
-    fetches = 0
-    real_fetch = client.fetch
-
-    async def counting_fetch(*args: Any, **kw: Any) -> Any:
-        nonlocal fetches
-        fetches += 1
-        return await real_fetch(*args, **kw)
-
-    client.fetch = counting_fetch  # type: ignore[method-assign]
+    fetches = count_fetches(client)
     got: list[bytes] = []
     while len(got) < 1000:
         got += [r.value for r in await consumer.getmany(timeout_ms=500, max_records=100)]
     assert got == [b"%04d" % i for i in range(1000)]
-    assert fetches == 1, "records fetched once were fetched again"
+    assert fetches[0] == 1, "records fetched once were fetched again"
     # a position only covers records returned: commit after 100 of a fresh fetch
     await consumer.commit()
     assert await consumer.committed() == {("api-max", 0): 1000}
@@ -85,17 +90,9 @@ async def test_getmany_with_max_records_across_partitions_moves_each_position_to
             "api-runs", [b"%d-%03d" % (partition, i) for i in range(300)], partition=partition
         )
     consumer = await client.consumer("api-runs", group="api-runs-g", auto_commit=False)
-    fetches = 0
-    real_fetch = client.fetch
-
-    async def counting_fetch(*args: Any, **kw: Any) -> Any:
-        nonlocal fetches
-        fetches += 1
-        return await real_fetch(*args, **kw)
-
-    client.fetch = counting_fetch  # type: ignore[method-assign]
+    fetches = count_fetches(client)
     returned = {("api-runs", 0): 0, ("api-runs", 1): 0}  # both start at the beginning
-    calls = []
+    calls: list[list[Any]] = []
     for want in (250, 100, 1, 300):  # the second call crosses from one partition to the other
         got = await consumer.getmany(timeout_ms=500, max_records=want)
         assert len(got) == want or sum(len(c) for c in calls) + len(got) == 600
@@ -103,7 +100,7 @@ async def test_getmany_with_max_records_across_partitions_moves_each_position_to
         for r in got:
             returned[(r.topic, r.partition)] = r.offset + 1
         assert {tp: consumer.positions.get(tp, 0) for tp in returned} == returned
-    assert fetches == 1, "both partitions came in one fetch: the test must cross within it"
+    assert fetches[0] == 1, "both partitions came in one fetch: the test must cross within it"
     assert {r.partition for r in calls[1]} == {0, 1}
     assert sorted(r.value for c in calls for r in c) == sorted(
         b"%d-%03d" % (p, i) for p in (0, 1) for i in range(300)

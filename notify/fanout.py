@@ -57,7 +57,7 @@ from notify.runner import BROADCAST_TOPIC, RunEvent, Runner, deliver_topic
 from notify.runs import Layout
 from notify.stage import Stage
 from notify.workflows import Plan
-from storage.kv import KV
+from storage.kv import KV, ReadCache
 
 log = logging.getLogger("herald.notify.fanout")
 
@@ -100,7 +100,8 @@ class Fanout(Stage):
         self.config = config
         self.enabled = frozenset(config.channels)
         self.marks = kv.table("notify_fanout_marks", FanoutMark)
-        self._marks_read: dict[str, tuple[int, FanoutMark | None]] = {}
+        # one key per partition of __events
+        self._marks_read: ReadCache[str, FanoutMark | None] = ReadCache(self.marks)
         self._decode = msgspec.json.Decoder(StoredEvent).decode
         self.events = 0
         self.recipients = 0
@@ -274,13 +275,7 @@ class Fanout(Stage):
     def _mark(self, key: str) -> FanoutMark | None:
         """The resume mark of a partition's large fan-out, read once per change of the
         marks table (asked for every event; written only by fan-outs of several pages)."""
-        changes = self.marks.changes  # before the read: see KV's Table.changes
-        hit = self._marks_read.get(key)
-        if hit is not None and hit[0] == changes:
-            return hit[1]
-        mark = self.marks.get(key)
-        self._marks_read[key] = (changes, mark)  # one key per partition of __events
-        return mark
+        return self._marks_read.get(key, lambda: self.marks.get(key))
 
     def _pages(self, ev: StoredEvent, after: str | None) -> Iterator[Sequence[Subscriber]]:
         size = self.config.fanout_page

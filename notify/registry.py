@@ -84,7 +84,7 @@ from notify.policy import Recipient, ZoneLookup, system_zones
 from notify.preferences import check_preferences
 from notify.windows import Charge
 from notify.workflows import Plan, parse_workflow
-from storage.kv import KV, Txn
+from storage.kv import KV, ReadCache, Txn
 
 MAX_TENANT_BYTES: Final = 64
 MAX_TOPIC_BYTES: Final = 200
@@ -161,6 +161,11 @@ class UserExport(msgspec.Struct, kw_only=True):
     contact_log: list[ContactEvent] = []
 
 
+def _small_topic(page: SubscriberPage) -> bool:
+    """Whether a first page is a topic's whole list, small enough to keep."""
+    return page.next_after is None and len(page.subscribers) <= SMALL_TOPIC
+
+
 def by_time(entries: list[Consent]) -> list[Consent]:
     """A ledger read by key (channel, scope, then sequence) in the order it happened: by
     time, then by the order the entries were recorded in (entries of one millisecond on
@@ -218,8 +223,12 @@ class Registry:
         self._plans: dict[tuple[str, str], tuple[int, Plan]] = {}
         # keyed by the names as given: a hit skips building (and checking) the key, and
         # only names that passed the check are ever stored
-        self._workflow_rows: dict[tuple[str, str], tuple[int, StoredWorkflow | None]] = {}
-        self._small_topics: dict[tuple[str, str, int], tuple[int, SubscriberPage]] = {}
+        self._workflow_rows: ReadCache[tuple[str, str], StoredWorkflow | None] = ReadCache(
+            self._workflows, READ_CACHE
+        )
+        self._small_topics: ReadCache[tuple[str, str, int], SubscriberPage] = ReadCache(
+            self._topic_subs, READ_CACHE
+        )
         self._filter = functools.lru_cache(maxsize=FILTER_CACHE)(_compile_filter)
 
     async def sync(self) -> None:
@@ -688,11 +697,17 @@ class Registry:
         ``after``; at most ``limit`` (<= :data:`MAX_PAGE`). One cursor seek per page, and
         memory for one page only, however many subscribers the topic has. A subscription
         changed between pages shows its state when its page is read."""
-        changes = self._topic_subs.changes  # before the read: see KV's Table.changes
         if after is None:  # a small topic's whole list, kept while nobody subscribes
-            hit = self._small_topics.get((tenant, topic, limit))
-            if hit is not None and hit[0] == changes:
-                return hit[1]
+            return self._small_topics.get(
+                (tenant, topic, limit),
+                lambda: self._subscriber_page(tenant, topic, None, limit),
+                _small_topic,
+            )
+        return self._subscriber_page(tenant, topic, after, limit)
+
+    def _subscriber_page(
+        self, tenant: str, topic: str, after: str | None, limit: int
+    ) -> SubscriberPage:
         prefix = _key(tenant, topic) + b"\0"
         start = None if after is None else prefix + _part(after, "after", MAX_USER_BYTES)
         rows = self._topic_subs.scan_raw(prefix, after=start, limit=_limit(limit))
@@ -703,12 +718,7 @@ class Registry:
             filt = compiled(entry.filter) if entry.filter else None
             out.append(Subscriber(key[cut:].decode(), _MASKS[entry.channels], filt))
         more = len(out) == _limit(limit)
-        page = SubscriberPage(out, out[-1].user if more and out else None)
-        if after is None and not more and len(out) <= SMALL_TOPIC:
-            if len(self._small_topics) >= READ_CACHE:
-                self._small_topics.clear()
-            self._small_topics[(tenant, topic, limit)] = (changes, page)
-        return page
+        return SubscriberPage(out, out[-1].user if more and out else None)
 
     def subscriber_rows(
         self, tenant: str, topic: str, *, after: str | None = None, limit: int = 100
@@ -857,15 +867,9 @@ class Registry:
     def workflow(self, tenant: str, topic: str) -> StoredWorkflow | None:
         """The topic's workflow as stored (body as accepted, version), if any. Read once
         per change of the workflows table (the fan-out asks for every event)."""
-        changes = self._workflows.changes  # before the read: see KV's Table.changes
-        hit = self._workflow_rows.get((tenant, topic))
-        if hit is not None and hit[0] == changes:
-            return hit[1]
-        row = self._workflows.get(_key(tenant, topic))
-        if len(self._workflow_rows) >= READ_CACHE:
-            self._workflow_rows.clear()
-        self._workflow_rows[(tenant, topic)] = (changes, row)
-        return row
+        return self._workflow_rows.get(
+            (tenant, topic), lambda: self._workflows.get(_key(tenant, topic))
+        )
 
     def plan(self, tenant: str, topic: str) -> Plan | None:
         """The topic's workflow, checked and typed (``notify.workflows``); None when the

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import lmdb
 import msgspec
@@ -35,6 +35,8 @@ from storage.io_threads import IoThreads
 from storage.segment import fsync_dir
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 # What a row costs beyond its key and value bytes, for accounting: LMDB's leaf-node header
 # (8 bytes) and its slot in the page (2), rounded up for alignment and page fill.
@@ -220,6 +222,31 @@ class KV:
         self._env.close()
 
 
+class ReadCache(Generic[K, V]):
+    """Values read from one table, kept while its change count (:attr:`Table.changes`)
+    holds: for rows read far more often than written (the notification fan-out's per-event
+    reads). The count is taken before the read, so a value is never kept under a count
+    newer than itself. At most ``limit`` keys (emptied when full)."""
+
+    def __init__(self, table: Table[Any], limit: int = 4096) -> None:
+        self._changes = table.change_cell
+        self._kept: dict[K, tuple[int, V]] = {}
+        self._limit = limit
+
+    def get(self, key: K, read: Callable[[], V], keep: Callable[[V], bool] | None = None) -> V:
+        """The value of ``key``: kept, or ``read()`` (kept if ``keep`` allows it)."""
+        changes = self._changes[0]
+        hit = self._kept.get(key)
+        if hit is not None and hit[0] == changes:
+            return hit[1]
+        value = read()
+        if keep is None or keep(value):
+            if len(self._kept) >= self._limit:
+                self._kept.clear()
+            self._kept[key] = (changes, value)
+        return value
+
+
 class TableStats(NamedTuple):
     """What :meth:`Table.stats` answers: ``bytes`` is ``pages`` x the page size."""
 
@@ -271,10 +298,15 @@ class Table(Generic[T]):
         """How many write transactions that wrote to this table have ended (committed or
         aborted), through any :class:`Table` of its name in this process: it moves only
         after a transaction ends, so a value read after reading :attr:`changes` is current
-        for as long as :attr:`changes` stays the same. For caches of rows that are read far
-        more often than written (``notify.registry``). Every write goes through a
-        :class:`Table`; a writer that went around it would have to bump this itself."""
+        for as long as :attr:`changes` stays the same: :class:`ReadCache` keeps rows by it.
+        Every write goes through a :class:`Table`; a writer that went around it would have
+        to bump this itself."""
         return self._changes[0]
+
+    @property
+    def change_cell(self) -> list[int]:
+        """The shared cell :attr:`changes` reads (for :class:`ReadCache`)."""
+        return self._changes
 
     @contextmanager
     def _writing(self, txn: Txn | None) -> Iterator[lmdb.Transaction]:

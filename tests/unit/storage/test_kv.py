@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.errors import StorageError, StorageFull
-from storage.kv import KV
+from storage.kv import KV, ReadCache
 
 
 class GroupOffset(msgspec.Struct, frozen=True):
@@ -493,3 +493,28 @@ def test_reads_do_not_move_the_count(kv: KV) -> None:
     offsets.get("a")
     list(offsets.scan())
     assert offsets.changes == 1
+
+
+def test_a_read_cache_reads_again_only_after_a_write_to_its_table(kv: KV) -> None:
+    offsets = kv.table("offsets", GroupOffset)
+    other = kv.table("contacts", Contact)
+    cache: ReadCache[str, GroupOffset | None] = ReadCache(offsets)
+    reads = []
+
+    def read(key: str) -> GroupOffset | None:
+        reads.append(key)
+        return offsets.get(key)
+
+    assert cache.get("a", lambda: read("a")) is None
+    assert cache.get("a", lambda: read("a")) is None  # kept: absent
+    other.put("x", Contact("x", []))  # another table: still kept
+    assert cache.get("a", lambda: read("a")) is None
+    assert reads == ["a"]
+    kv.table("offsets", GroupOffset).put("a", GroupOffset(7))  # any Table of the name
+    assert cache.get("a", lambda: read("a")) == GroupOffset(7)
+    assert cache.get("a", lambda: read("a")) == GroupOffset(7)
+    assert reads == ["a", "a"]
+    # a value ``keep`` refuses is read every time
+    assert cache.get("b", lambda: read("b"), lambda v: v is not None) is None
+    assert cache.get("b", lambda: read("b"), lambda v: v is not None) is None
+    assert reads == ["a", "a", "b", "b"]

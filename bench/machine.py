@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 MiB = 1024 * 1024
@@ -79,12 +80,20 @@ def machine_description(data_dir: Path, libraries: str) -> list[tuple[str, str]]
         ),
         ("Memory", f"{mem_kb / 1024 / 1024:.1f} GiB"),
         ("Kernel", platform.release()),
-        (
-            "Python",
-            f"{platform.python_implementation()} {platform.python_version()}; {libraries}",
-        ),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}; {libraries}"),
+        ("Interpreter", interpreter_description()),
         ("Data dir", f"{data_dir} on {disk_description(data_dir)}"),
     ]
+
+
+def interpreter_description() -> str:
+    """The interpreter binary and how libpython is linked into it: the same version runs
+    Herald's loop ~1.5x faster as Debian's build (static, PGO and LTO) than as a pyenv
+    build without ``--enable-optimizations`` (a shared libpython), so a result names it."""
+    with open("/proc/self/maps") as f:
+        shared = any("libpython" in line for line in f)
+    how = "libpython shared" if shared else "libpython linked in"
+    return f"{os.path.realpath(sys.executable)} ({how})"
 
 
 def evict(directory: Path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.machine import interpreter_description
 from bench.peers.herald_node import REPO, HeraldNode
 from bench.peers.process import HOST, PeerUnavailable, ServerProcess, free_port, port_open
 from bench.peers.redis_server import RedisServer
@@ -204,7 +206,9 @@ async def main_async(args: argparse.Namespace) -> None:
     print(
         f"Command: `{cmd}{flag}`; {args.seconds} s windows after 1 s of warm-up, alternated "
         "(Redis-always first). CPU per request: the server's (every thread) user and "
-        "system, the client's (one process, uvloop).\n"
+        "system, the client's (one process, uvloop). Python "
+        f"{platform.python_version()}, {interpreter_description()}, for the servers in "
+        "Python and both clients.\n"
     )
     print(
         "| System | records/s | round trip p50 us | p99 us | server user us/req | "

@@ -8,6 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from bench.machine import interpreter_description
 from bench.peers import nats_server, redis_server
 from bench.peers.process import say
 from bench.peers.servers import Servers
@@ -84,7 +85,11 @@ def machine(base: Path, servers: Servers, commit: str) -> list[tuple[str, str]]:
         ("CPU", f"{cpu}, {os.cpu_count()} logical cores"),
         ("Memory", f"{mem_kb / 1024 / 1024:.1f} GiB"),
         ("Kernel", platform.release()),
-        ("Python", f"{platform.python_version()}; clients: {', '.join(clients)}"),
+        (
+            "Python",
+            f"{platform.python_version()}, {interpreter_description()} (the node and every"
+            f" client); clients: {', '.join(clients)}",
+        ),
         (
             "Client processes",
             "one per workload, each keeping freed memory instead of returning it to the kernel"

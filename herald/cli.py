@@ -108,6 +108,69 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def health_url(cfg: Any) -> str:
+    """The ``/healthz`` address of the node ``cfg`` configures, seen from its own host: a
+    wildcard listen address is reached on loopback; HTTPS when TLS is on."""
+    host = cfg.listen.host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if cfg.tls.enabled else "http"
+    return f"{scheme}://{host}:{cfg.listen.http_port}/healthz"
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Ask a node's ``/healthz`` (the address its config gives, or ``--url``) and print
+    the answer: exit 0 when it is ok, 1 when it is degraded or cannot be reached, 2 for a
+    bad config. For container health checks and probes that run beside the node."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from broker.config import ConfigError, load_config
+
+    url = args.url
+    own_cert: str | None = None
+    if url is None:
+        try:
+            cfg = load_config(Path(args.config) if args.config else None)
+        except ConfigError as exc:
+            print(f"herald: {exc}", file=sys.stderr)
+            return 2
+        url = health_url(cfg)
+        own_cert = cfg.tls.cert_file
+    context = None
+    if url.startswith("https:"):
+        # a probe beside the node reaches it on loopback, which its certificate need not
+        # name; the certificate is still verified: against --ca-file, else against the
+        # node's own certificate file from the config (the node must present exactly that
+        # one: it is trusted as an anchor, partial chain), else the system's CAs
+        context = ssl.create_default_context(cafile=args.ca_file)
+        if args.ca_file is None and own_cert is not None:
+            context.load_verify_locations(own_cert)
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.check_hostname = False
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout, context=context) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"herald: cannot reach {url}: {reason}", file=sys.stderr)
+        return 1
+    try:
+        shown = json.dumps(json.loads(body), sort_keys=True)
+    except ValueError:
+        shown = body.decode("utf-8", "replace")
+    print(shown)
+    return 0 if status == 200 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herald",
@@ -143,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", metavar="DIR", help="the node's data directory")
     where.add_argument("--config", metavar="FILE", help="the node's TOML config")
     token.set_defaults(func=_token)
+    health = sub.add_parser(
+        "health",
+        help="check a node's /healthz: exit 0 when ok, 1 when not",
+        description="Ask the node's /healthz and print its answer. The address comes from "
+        "the config (listen.host and listen.http-port; HTTPS when TLS is on; a wildcard "
+        "host is reached on loopback) or --url. Exit 0: ok; 1: degraded or unreachable; "
+        "2: a bad config. For container health checks: herald health --config FILE.",
+    )
+    health.add_argument("--config", metavar="FILE", help="the node's TOML config")
+    health.add_argument("--url", metavar="URL", help="the /healthz URL (instead of --config)")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="(default 3)")
+    health.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="CA to verify an HTTPS node by (default: the node's own certificate, from "
+        "--config; else the system's CAs)",
+    )
+    health.set_defaults(func=_health)
     try:
         from herald import cli_client, cli_http
     except ImportError:  # pragma: no cover - during bootstrap only

@@ -1,7 +1,7 @@
 # Herald: the two commands are `make serve` and `make test`; everything else is a helper.
 SHELL := /bin/bash
-# The distribution's Python 3.11 first: Debian builds it with PGO and LTO; a pyenv build
-# without --enable-optimizations runs the node's loop ~1.5x slower (bench/RESULTS.md).
+# The distribution's Python 3.11 first: Debian builds it with PGO and LTO; on a pyenv build
+# without --enable-optimizations the node spends 12-18% more CPU a request (bench/RESULTS.md).
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(shell command -v python3.11 || command -v python3))
 VENV := .venv
 BIN := $(VENV)/bin

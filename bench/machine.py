@@ -87,9 +87,9 @@ def machine_description(data_dir: Path, libraries: str) -> list[tuple[str, str]]
 
 
 def interpreter_description() -> str:
-    """The interpreter binary and how libpython is linked into it: the same version runs
-    Herald's loop ~1.5x faster as Debian's build (static, PGO and LTO) than as a pyenv
-    build without ``--enable-optimizations`` (a shared libpython), so a result names it."""
+    """The interpreter binary and how libpython is linked into it: the node spends 12-18%
+    less CPU a request on Debian's build of 3.11 (libpython linked in, PGO and LTO) than on
+    a pyenv build without ``--enable-optimizations`` (shared), so a result names it."""
     with open("/proc/self/maps") as f:
         shared = any("libpython" in line for line in f)
     how = "libpython shared" if shared else "libpython linked in"

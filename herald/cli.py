@@ -9,9 +9,12 @@ import asyncio
 import errno
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from broker.config import Config
 
 
 def _serve(args: argparse.Namespace, node_options: dict[str, Any] | None = None) -> int:
@@ -108,7 +111,7 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def health_url(cfg: Any) -> str:
+def health_url(cfg: Config) -> str:
     """The ``/healthz`` address of the node ``cfg`` configures, seen from its own host: a
     wildcard listen address is reached on loopback; HTTPS when TLS is on."""
     host = cfg.listen.host

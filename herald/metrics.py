@@ -101,6 +101,18 @@ class NodeCollector(Collector):
         yield CounterMetricFamily(
             "herald_tcp_request_errors", "TCP requests answered with an error", value=s.errors
         )
+        kv = self.stats.service.kv
+        yield CounterMetricFamily(
+            "herald_state_store_syncs",
+            "fsyncs of the state store (LMDB: offset commits, producer ids, topic and "
+            "notification rows), each shared by the writes waiting for it",
+            value=kv.syncs,
+        )
+        yield CounterMetricFamily(
+            "herald_state_store_sync_seconds",
+            "Time those fsyncs took (over 20 ms each: event=state_store_sync_slow)",
+            value=kv.sync_seconds,
+        )
         h = self.stats.http
         yield CounterMetricFamily("herald_http_requests", "HTTP requests", value=h.requests)
         yield CounterMetricFamily(

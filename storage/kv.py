@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +33,11 @@ import lmdb
 import msgspec
 
 from storage.errors import StorageError, StorageFull
+from storage.flush import SLOW_SYNC_MS
 from storage.io_threads import IoThreads
 from storage.segment import fsync_dir
+
+log = logging.getLogger("herald.storage")
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
@@ -95,6 +100,10 @@ class KV:
         self._syncing = False
         self._requested = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # fsyncs of the store completed, and their time (metrics: herald_state_store_*); one
+        # of SLOW_SYNC_MS or more is logged (event=state_store_sync_slow), as a log's is
+        self.syncs = 0
+        self.sync_seconds = 0.0
         # the last write transaction a completed sync covered, and the one the sync
         # running now covers: with nothing committed since, a sync has nothing to do (an
         # idle node's periodic sync was an fdatasync a second, and commits of unchanged
@@ -183,19 +192,24 @@ class KV:
     def _sync_job(self, upto: int) -> None:
         """I/O thread: fsync, then report to the loop."""
         error: StorageError | None = None
+        started = time.perf_counter()
         try:
             self.sync_now()
         except StorageError as exc:
             error = exc
         except BaseException as exc:  # a bug; the waiters must still hear of it
             error = StorageError(f"state store sync crashed: {exc!r}")
-        self._io.report(self._synced, upto, error)
+        self._io.report(self._synced, upto, error, time.perf_counter() - started)
 
-    def _synced(self, upto: int, error: StorageError | None) -> None:
+    def _synced(self, upto: int, error: StorageError | None, seconds: float) -> None:
         """Loop: answer the callers the sync covered; start the next one if others wait."""
         self._syncing = False
         if error is None:
             self._synced_txn = self._syncing_txn
+            self.syncs += 1
+            self.sync_seconds += seconds
+            if seconds * 1000 >= SLOW_SYNC_MS:
+                log.warning("event=state_store_sync_slow ms=%.1f", seconds * 1000)
         keep = []
         for ticket, fut in self._waiters:
             if ticket > upto:

@@ -362,6 +362,24 @@ async def test_metrics_are_prometheus_text_with_high_watermarks(
     assert samples[("metered", "0")] == 4
 
 
+async def test_metrics_count_the_state_store_syncs(http: aiohttp.ClientSession) -> None:
+    async def store_syncs() -> tuple[float, float]:
+        async with http.get("/metrics") as resp:
+            families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+        syncs = families["herald_state_store_syncs"]
+        seconds = families["herald_state_store_sync_seconds"]
+        assert syncs.type == seconds.type == "counter"
+        return syncs.samples[0].value, seconds.samples[0].value
+
+    before, before_s = await store_syncs()
+    # a user's row is synced before the write is answered
+    status, _ = await call(http, "PUT", "/users/synced-user", {"email": "u@example.com"})
+    assert status == 200
+    after, after_s = await store_syncs()
+    assert after >= before + 1, "the write was answered before a sync of the store"
+    assert after_s > before_s
+
+
 # ------------------------------------------------------------------------------ auth
 ACME_ADMIN = "acme-admin-key-000001"
 ACME_READER = "acme-reader-key-00001"

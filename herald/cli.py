@@ -128,7 +128,7 @@ def health_url(cfg: Config) -> str:
 def _health(args: argparse.Namespace) -> int:
     """Ask a node's ``/healthz`` (the address its config gives, or ``--url``) and print
     the answer: exit 0 when it is ok, 1 when it is degraded or cannot be reached, 2 for a
-    bad config. For container health checks and probes that run beside the node."""
+    bad config or certificate file. For container health checks and probes beside the node."""
     import json
     import ssl
     import urllib.error
@@ -152,10 +152,16 @@ def _health(args: argparse.Namespace) -> int:
         # name; the certificate is still verified: against --ca-file, else against the
         # node's own certificate file from the config (the node must present exactly that
         # one: it is trusted as an anchor, partial chain), else the system's CAs
-        context = ssl.create_default_context(cafile=args.ca_file)
-        if args.ca_file is None and own_cert is not None:
-            context.load_verify_locations(own_cert)
-            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        from broker.tls import client_context
+
+        try:
+            context = client_context(args.ca_file)
+            if args.ca_file is None and own_cert is not None:
+                context.load_verify_locations(own_cert)
+                context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        except (OSError, ssl.SSLError) as exc:
+            print(f"herald: cannot load {args.ca_file or own_cert}: {exc}", file=sys.stderr)
+            return 2
         context.check_hostname = False
     try:
         with urllib.request.urlopen(url, timeout=args.timeout, context=context) as resp:
@@ -215,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the node's /healthz and print its answer. The address comes from "
         "the config (listen.host and listen.http-port; HTTPS when TLS is on; a wildcard "
         "host is reached on loopback) or --url. Exit 0: ok; 1: degraded or unreachable; "
-        "2: a bad config. For container health checks: herald health --config FILE.",
+        "2: a bad config or certificate file. For container health checks: herald health "
+        "--config FILE.",
     )
     health.add_argument("--config", metavar="FILE", help="the node's TOML config")
     health.add_argument("--url", metavar="URL", help="the /healthz URL (instead of --config)")
